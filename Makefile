@@ -1,0 +1,59 @@
+# banger: build, install and test.
+#
+#   make install     build release binaries and install them (PREFIX=/usr/local)
+#   make test        install the host packages the tests need, then run the whole suite
+#   make uninstall   stop the daemon and remove what `make install` put in place
+
+PREFIX ?= /usr/local
+BINDIR ?= $(PREFIX)/bin
+CARGO  ?= cargo
+AGENT_TARGET := x86_64-unknown-linux-gnu
+# The agent runs inside guests of any userland, so it is linked statically.
+AGENT_RUSTFLAGS := -C target-feature=+crt-static
+
+# Host packages: runtime needs (qemu, nft, e2fsprogs, ssh, debootstrap) and test-only tools.
+APT_RUNTIME := debootstrap qemu-system-x86 nftables e2fsprogs openssh-client zstd iproute2 sudo ca-certificates
+APT_TEST    := openssh-server dnsutils python3 procps util-linux
+
+.PHONY: all build agent install uninstall test deps test-deps fmt lint bench
+
+all: build
+
+build:
+	$(CARGO) build --release --workspace --bins
+	$(MAKE) agent PROFILE=release
+
+agent:
+	RUSTFLAGS="$(AGENT_RUSTFLAGS)" $(CARGO) build $(if $(filter release,$(PROFILE)),--release) \
+		-p banger-agent --target $(AGENT_TARGET) --target-dir target/agent
+
+deps:
+	@./scripts/apt-ensure $(APT_RUNTIME)
+
+test-deps:
+	@./scripts/apt-ensure $(APT_RUNTIME) $(APT_TEST)
+
+install: deps build
+	install -d $(DESTDIR)$(BINDIR)
+	install -m 0755 target/release/banger target/release/bangerd $(DESTDIR)$(BINDIR)/
+	install -m 0755 target/agent/$(AGENT_TARGET)/release/banger-agent $(DESTDIR)$(BINDIR)/
+
+uninstall:
+	-$(BINDIR)/banger daemon stop 2>/dev/null
+	rm -f $(DESTDIR)$(BINDIR)/banger $(DESTDIR)$(BINDIR)/bangerd $(DESTDIR)$(BINDIR)/banger-agent
+	@echo "banger removed. Your data was left in place:"
+	@echo "  $${XDG_CONFIG_HOME:-$$HOME/.config}/banger   (config, ssh keys)"
+	@echo "  $${XDG_STATE_HOME:-$$HOME/.local/state}/banger   (images, kernels, VMs, database, log)"
+	@echo "  $${XDG_CACHE_HOME:-$$HOME/.cache}/banger   (download cache)"
+
+test: test-deps
+	$(CARGO) build --workspace --bins --tests
+	$(MAKE) agent
+	$(CARGO) test --workspace -- --test-threads=2
+
+fmt:
+	$(CARGO) fmt --all
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings

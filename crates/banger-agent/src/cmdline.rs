@@ -1,0 +1,241 @@
+//! The per-boot settings the host passes on the kernel command line, and their parsing.
+//!
+//! The daemon appends `banger.ip=172.16.0.2/24 banger.gw=172.16.0.1 banger.hostname=NAME
+//! banger.dns=172.16.0.1 banger.time=<unix seconds>` (each optional) to the guest's command
+//! line; the agent reads `/proc/cmdline` at start and applies them. Parsing is pure: values that
+//! do not parse are reported as warnings and left unset, never fatal, so one bad value cannot
+//! keep the agent (and with it `vm exec`) from starting.
+
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::str::FromStr;
+
+/// Where the kernel exposes its command line.
+pub const PROC_CMDLINE: &str = "/proc/cmdline";
+
+/// An IPv4 address with its prefix length, as in `172.16.0.2/24`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ipv4Cidr {
+    addr: Ipv4Addr,
+    prefix: u8,
+}
+
+impl Ipv4Cidr {
+    pub fn new(addr: Ipv4Addr, prefix: u8) -> Option<Self> {
+        (prefix <= 32).then_some(Ipv4Cidr { addr, prefix })
+    }
+
+    pub fn addr(&self) -> Ipv4Addr {
+        self.addr
+    }
+
+    pub fn prefix(&self) -> u8 {
+        self.prefix
+    }
+
+    /// The netmask for the prefix, e.g. 255.255.255.0 for /24.
+    pub fn netmask(&self) -> Ipv4Addr {
+        let bits = u32::MAX
+            .checked_shl(32 - u32::from(self.prefix))
+            .unwrap_or(0);
+        Ipv4Addr::from(bits)
+    }
+}
+
+impl fmt::Display for Ipv4Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl FromStr for Ipv4Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (addr, prefix) = s
+            .split_once('/')
+            .ok_or_else(|| format!("{s:?} is not ADDRESS/PREFIX"))?;
+        let addr: Ipv4Addr = addr
+            .parse()
+            .map_err(|_| format!("{addr:?} is not an IPv4 address"))?;
+        let prefix: u8 = prefix
+            .parse()
+            .ok()
+            .filter(|p| *p <= 32)
+            .ok_or_else(|| format!("prefix {prefix:?} is not a number from 0 to 32"))?;
+        Ok(Ipv4Cidr { addr, prefix })
+    }
+}
+
+/// A host name that is safe to hand to `sethostname` and to write into `/etc/hosts`:
+/// 1 to 63 characters of ASCII letters, digits and inner hyphens (one DNS label).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hostname(String);
+
+impl Hostname {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Hostname {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl FromStr for Hostname {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let valid_chars = s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        if s.is_empty() || s.len() > 63 || !valid_chars || s.starts_with('-') || s.ends_with('-')
+        {
+            return Err(format!(
+                "{s:?} is not a host name (1-63 letters, digits and inner hyphens)"
+            ));
+        }
+        Ok(Hostname(s.to_string()))
+    }
+}
+
+/// The settings found on a command line. Absent means "leave the guest as it is".
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BootSettings {
+    pub ip: Option<Ipv4Cidr>,
+    pub gateway: Option<Ipv4Addr>,
+    pub hostname: Option<Hostname>,
+    /// Name servers, in order (`banger.dns=` takes a comma-separated list).
+    pub dns: Vec<Ipv4Addr>,
+    /// The host's clock at VM start, in seconds since the Unix epoch.
+    pub time: Option<u64>,
+}
+
+/// The result of parsing: the settings plus one warning per ignored `banger.*` word.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Parsed {
+    pub settings: BootSettings,
+    pub warnings: Vec<String>,
+}
+
+/// Parses a kernel command line. Words that do not start with `banger.` are not ours and are
+/// skipped silently; a key given twice takes its last value, as the kernel does.
+pub fn parse(cmdline: &str) -> Parsed {
+    let mut parsed = Parsed::default();
+    for word in cmdline.split_ascii_whitespace() {
+        let Some(rest) = word.strip_prefix("banger.") else {
+            continue;
+        };
+        let (key, value) = rest.split_once('=').unwrap_or((rest, ""));
+        let value = value.trim_matches('"');
+        let s = &mut parsed.settings;
+        let result = match key {
+            "ip" => value.parse().map(|v| s.ip = Some(v)),
+            "gw" => value
+                .parse()
+                .map(|v| s.gateway = Some(v))
+                .map_err(|_| format!("{value:?} is not an IPv4 address")),
+            "hostname" => value.parse().map(|v| s.hostname = Some(v)),
+            "dns" => parse_dns(value).map(|v| s.dns = v),
+            "time" => value
+                .parse()
+                .map(|v| s.time = Some(v))
+                .map_err(|_| format!("{value:?} is not a number of seconds")),
+            _ => Err("unknown setting".to_string()),
+        };
+        if let Err(why) = result {
+            parsed.warnings.push(format!("ignoring {word}: {why}"));
+        }
+    }
+    parsed
+}
+
+fn parse_dns(value: &str) -> Result<Vec<Ipv4Addr>, String> {
+    value
+        .split(',')
+        .map(|a| {
+            a.parse()
+                .map_err(|_| format!("{a:?} is not an IPv4 address"))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_banger_command_line_is_parsed() {
+        let line = "console=ttyS0 root=/dev/vda rw banger.ip=172.16.0.2/24 banger.gw=172.16.0.1 \
+                    banger.hostname=dev-box banger.dns=172.16.0.1 banger.time=1700000000 quiet\n";
+        let parsed = parse(line);
+        assert_eq!(parsed.warnings, Vec::<String>::new());
+        let s = parsed.settings;
+        assert_eq!(
+            s.ip,
+            Ipv4Cidr::new(Ipv4Addr::new(172, 16, 0, 2), 24)
+        );
+        assert_eq!(s.gateway, Some(Ipv4Addr::new(172, 16, 0, 1)));
+        assert_eq!(s.hostname.as_ref().map(Hostname::as_str), Some("dev-box"));
+        assert_eq!(s.dns, vec![Ipv4Addr::new(172, 16, 0, 1)]);
+        assert_eq!(s.time, Some(1_700_000_000));
+    }
+
+    #[test]
+    fn a_command_line_without_banger_settings_changes_nothing() {
+        let parsed = parse("BOOT_IMAGE=/vmlinuz root=UUID=abc ro quiet");
+        assert_eq!(parsed, Parsed::default());
+    }
+
+    #[test]
+    fn bad_values_are_warnings_and_do_not_affect_the_others() {
+        let parsed = parse(
+            "banger.ip=172.16.0.2 banger.gw=nope banger.hostname=-bad banger.time=soon \
+             banger.color=red banger.dns=10.0.0.1",
+        );
+        assert_eq!(parsed.settings.ip, None);
+        assert_eq!(parsed.settings.gateway, None);
+        assert_eq!(parsed.settings.hostname, None);
+        assert_eq!(parsed.settings.time, None);
+        assert_eq!(parsed.settings.dns, vec![Ipv4Addr::new(10, 0, 0, 1)]);
+        assert_eq!(parsed.warnings.len(), 5, "{:?}", parsed.warnings);
+        assert!(parsed.warnings[0].contains("banger.ip=172.16.0.2"));
+        assert!(parsed.warnings[4].contains("unknown setting"));
+    }
+
+    #[test]
+    fn prefixes_outside_0_to_32_are_rejected() {
+        assert!("10.0.0.1/33".parse::<Ipv4Cidr>().is_err());
+        assert!("10.0.0.1/x".parse::<Ipv4Cidr>().is_err());
+        assert!("10.0.0.1/0".parse::<Ipv4Cidr>().is_ok());
+    }
+
+    #[test]
+    fn netmask_follows_the_prefix() {
+        let mask = |p| Ipv4Cidr::new(Ipv4Addr::UNSPECIFIED, p).unwrap().netmask();
+        assert_eq!(mask(24), Ipv4Addr::new(255, 255, 255, 0));
+        assert_eq!(mask(30), Ipv4Addr::new(255, 255, 255, 252));
+        assert_eq!(mask(32), Ipv4Addr::BROADCAST);
+        assert_eq!(mask(0), Ipv4Addr::UNSPECIFIED);
+    }
+
+    #[test]
+    fn several_name_servers_and_repeated_keys() {
+        let parsed = parse("banger.dns=1.1.1.1,9.9.9.9 banger.hostname=a banger.hostname=b");
+        assert_eq!(
+            parsed.settings.dns,
+            vec![Ipv4Addr::new(1, 1, 1, 1), Ipv4Addr::new(9, 9, 9, 9)]
+        );
+        assert_eq!(parsed.settings.hostname.unwrap().as_str(), "b");
+    }
+
+    #[test]
+    fn host_names_are_single_safe_labels() {
+        for bad in ["", "a.b", "a b", "x\n", "-a", "a-", &"a".repeat(64), "ü"] {
+            assert!(bad.parse::<Hostname>().is_err(), "{bad:?} accepted");
+        }
+        for good in ["a", "dev-1", "A9", &"a".repeat(63)] {
+            assert!(good.parse::<Hostname>().is_ok(), "{good:?} rejected");
+        }
+    }
+}

@@ -1,0 +1,148 @@
+//! The guest agent: what `banger-agent` does inside a VM.
+//!
+//! At start it applies the per-boot settings from the kernel command line, in order — host
+//! name, network, DNS, clock, work disk — then tells systemd it is ready and serves the host
+//! channel for the rest of the VM's life. Every setup step logs one line; a step that fails is
+//! logged and the others still run, because a half-configured guest that answers `vm exec` is
+//! far easier to debug than one whose agent gave up.
+//!
+//! Everything here is synchronous std code (threads, blocking I/O) so the binary stays small
+//! and links statically; the host side of the protocol lives in [`crate::host`].
+
+pub mod clock;
+pub mod dns;
+pub mod exec;
+mod fsutil;
+pub mod hostname;
+pub mod network;
+pub mod notify;
+pub mod power;
+pub mod serve;
+pub mod transport;
+pub mod workdisk;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::cmdline::{self, BootSettings, PROC_CMDLINE};
+use crate::protocol::AGENT_VERSION;
+use serve::{log, report};
+
+/// Where the setup steps act; the defaults are the real guest's.
+#[derive(Debug, Clone)]
+pub struct SetupConfig {
+    /// The guest's `/etc`.
+    pub etc: PathBuf,
+    /// The VM's network interface.
+    pub interface: String,
+    /// The work disk's block device.
+    pub work_device: PathBuf,
+    /// Where the work disk is mounted: root's home.
+    pub home: PathBuf,
+    /// How long to wait for the interface and the work disk to appear.
+    pub device_wait: Duration,
+}
+
+impl Default for SetupConfig {
+    fn default() -> Self {
+        SetupConfig {
+            etc: PathBuf::from("/etc"),
+            interface: "eth0".to_string(),
+            work_device: PathBuf::from("/dev/vdb"),
+            home: PathBuf::from("/root"),
+            device_wait: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The agent's main: set up, notify systemd, serve. Never returns.
+pub fn run() -> ! {
+    log(format_args!("starting, version {AGENT_VERSION}"));
+    let settings = match fs_err::read_to_string(PROC_CMDLINE) {
+        Ok(line) => {
+            let parsed = cmdline::parse(&line);
+            for w in &parsed.warnings {
+                log(format_args!("command line: {w}"));
+            }
+            parsed.settings
+        }
+        Err(e) => {
+            log(format_args!("command line: cannot read it, applying nothing: {e}"));
+            BootSettings::default()
+        }
+    };
+    setup(&settings, &SetupConfig::default());
+    match notify::notify_ready() {
+        Ok(true) => log(format_args!("systemd: notified ready")),
+        Ok(false) => log(format_args!("systemd: not started by systemd, nothing to notify")),
+        Err(e) => log(format_args!("systemd: {}", report(&e))),
+    }
+    transport::serve_forever(Arc::new(serve::ServeConfig::guest()))
+}
+
+/// Runs every setup step for `settings`, logging one line per step.
+pub fn setup(settings: &BootSettings, cfg: &SetupConfig) {
+    step("hostname", || match &settings.hostname {
+        None => Ok("none on the command line; left as is".into()),
+        Some(name) => hostname::apply(name, &cfg.etc).map(|()| format!("set to {name}")),
+    });
+    step("network", || setup_network(settings, cfg));
+    step("dns", || {
+        if settings.dns.is_empty() {
+            return Ok("none on the command line; left as is".into());
+        }
+        dns::write_resolv_conf(&cfg.etc, &settings.dns)?;
+        let list: Vec<String> = settings.dns.iter().map(ToString::to_string).collect();
+        Ok(format!("resolv.conf points at {}", list.join(", ")))
+    });
+    step("clock", || match settings.time {
+        None => Ok("no host time on the command line; left as is".into()),
+        Some(secs) => Ok(match clock::sync_forward(secs)? {
+            clock::ClockOutcome::Advanced(by) => format!("moved forward {by}s to the host's time"),
+            clock::ClockOutcome::AlreadyCurrent => "already current".into(),
+        }),
+    });
+    step("work disk", || {
+        let outcome = workdisk::mount_work_disk(&cfg.work_device, &cfg.home, cfg.device_wait)?;
+        workdisk::fix_home_permissions(&cfg.home)?;
+        Ok(match outcome {
+            workdisk::MountOutcome::Mounted => format!(
+                "{} mounted at {}; permissions fixed",
+                cfg.work_device.display(),
+                cfg.home.display()
+            ),
+            workdisk::MountOutcome::AlreadyMounted => format!(
+                "{} already mounted; permissions fixed",
+                cfg.home.display()
+            ),
+        })
+    });
+}
+
+fn setup_network(settings: &BootSettings, cfg: &SetupConfig) -> Result<String, StepError> {
+    network::set_link_up("lo")?;
+    let Some(cidr) = settings.ip else {
+        if settings.gateway.is_some() {
+            return Ok("lo up; banger.gw without banger.ip ignored".into());
+        }
+        return Ok("lo up; no address on the command line".into());
+    };
+    network::wait_for_interface(&cfg.interface, cfg.device_wait)?;
+    let route = network::configure(&cfg.interface, cidr, settings.gateway)?;
+    let route = match (route, settings.gateway) {
+        (network::RouteOutcome::Added, Some(gw)) => format!(", default route via {gw}"),
+        (network::RouteOutcome::AlreadyPresent, _) => ", default route already present".into(),
+        _ => ", no gateway".into(),
+    };
+    Ok(format!("lo up; {} has {cidr}{route}", cfg.interface))
+}
+
+type StepError = Box<dyn std::error::Error + Send + Sync>;
+
+fn step(name: &str, f: impl FnOnce() -> Result<String, StepError>) {
+    match f() {
+        Ok(done) => log(format_args!("{name}: {done}")),
+        Err(e) => log(format_args!("{name}: FAILED: {}", report(e.as_ref()))),
+    }
+}

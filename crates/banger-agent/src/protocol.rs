@@ -1,0 +1,412 @@
+//! The agent's wire protocol: the messages host and guest exchange and how they are framed.
+//!
+//! One byte stream joins the host and the guest agent (a virtio-serial port or a vsock
+//! connection). Each message is one line of JSON ended by `\n`; the `op` field names the message.
+//! Binary payloads (stdin, stdout, stderr) travel as standard base64 strings. Empty lines are
+//! ignored by both ends, which lets a host start with `\n` to end any half line a previous host
+//! left behind on a virtio-serial port.
+//!
+//! Every request carries a host-chosen [`RequestId`]; every guest message names the request it
+//! answers, so several commands share one stream. The exchanges are:
+//!
+//! - `hello` → `ready` (the host's readiness probe; a virtio-serial guest cannot tell whether a
+//!   host is connected, so readiness is a `ready` reply and nothing else);
+//! - `exec` → any number of `stdout`/`stderr` → one `exit`; meanwhile the host may send
+//!   `stdin`, `stdin_close` and `signal` for that id;
+//! - `poweroff` → `exit` (code 0 once the shutdown was started), after which the link drops.
+//!
+//! An `error` ends the request it names: it answers a request the agent could not carry out
+//! (e.g. a program that does not exist). Frames for ids a side does not know are ignored, since
+//! a virtio-serial port can deliver leftovers from an earlier host connection.
+//!
+//! Unknown fields are ignored so that a newer host can talk to an older agent and back; an
+//! unknown `op` with an id is answered with an `error`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use base64::Engine as _;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// The agent version a guest reports in `ready`.
+pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The longest line either side accepts. Payload chunks are far smaller
+/// ([`MAX_CHUNK`]); anything longer is garbage and is skipped.
+pub const MAX_LINE: usize = 4 * 1024 * 1024;
+
+/// The largest payload one `stdin`/`stdout`/`stderr` frame carries.
+pub const MAX_CHUNK: usize = 32 * 1024;
+
+/// Identifies one request and every frame that belongs to it. Chosen by the host, unique per
+/// connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct RequestId(pub u64);
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "#{}", self.0)
+    }
+}
+
+/// Bytes that travel as a base64 string.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct Data(pub Vec<u8>);
+
+impl fmt::Debug for Data {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Data({:?})", String::from_utf8_lossy(&self.0))
+    }
+}
+
+impl Serialize for Data {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(&self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for Data {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD
+            .decode(text.as_bytes())
+            .map(Data)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl From<&[u8]> for Data {
+    fn from(bytes: &[u8]) -> Self {
+        Data(bytes.to_vec())
+    }
+}
+
+/// A message from the host to the guest agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum HostMessage {
+    /// Are you there? Answered by [`GuestMessage::Ready`].
+    Hello { id: RequestId },
+    /// Run a command. `env` adds to (and overrides) the agent's base environment; `cwd`
+    /// defaults to `/root`. `tty` must be false: interactive sessions go through ssh.
+    Exec {
+        id: RequestId,
+        argv: Vec<String>,
+        #[serde(default)]
+        env: BTreeMap<String, String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cwd: Option<String>,
+        #[serde(default)]
+        tty: bool,
+    },
+    /// Bytes for the command's standard input.
+    Stdin { id: RequestId, data: Data },
+    /// End of the command's standard input.
+    StdinClose { id: RequestId },
+    /// Send a signal (by number) to the command's process group.
+    Signal { id: RequestId, signal: i32 },
+    /// Shut the guest down.
+    Poweroff { id: RequestId },
+}
+
+impl HostMessage {
+    pub fn id(&self) -> RequestId {
+        match self {
+            HostMessage::Hello { id }
+            | HostMessage::Exec { id, .. }
+            | HostMessage::Stdin { id, .. }
+            | HostMessage::StdinClose { id }
+            | HostMessage::Signal { id, .. }
+            | HostMessage::Poweroff { id } => *id,
+        }
+    }
+}
+
+/// A message from the guest agent to the host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum GuestMessage {
+    /// The agent is up and serving.
+    Ready {
+        id: RequestId,
+        hostname: String,
+        agent_version: String,
+        /// `/proc/sys/kernel/random/boot_id`: changes on every boot, so the host can tell a
+        /// rebooted guest from the one it talked to before.
+        boot_id: String,
+    },
+    Stdout {
+        id: RequestId,
+        data: Data,
+    },
+    Stderr {
+        id: RequestId,
+        data: Data,
+    },
+    /// The command ended: exactly one of `code` (it exited) and `signal` (it was killed) is set.
+    Exit {
+        id: RequestId,
+        #[serde(default)]
+        code: Option<i32>,
+        #[serde(default)]
+        signal: Option<i32>,
+    },
+    /// The request failed; nothing more follows for this id.
+    Error {
+        id: RequestId,
+        message: String,
+    },
+}
+
+impl GuestMessage {
+    pub fn id(&self) -> RequestId {
+        match self {
+            GuestMessage::Ready { id, .. }
+            | GuestMessage::Stdout { id, .. }
+            | GuestMessage::Stderr { id, .. }
+            | GuestMessage::Exit { id, .. }
+            | GuestMessage::Error { id, .. } => *id,
+        }
+    }
+}
+
+/// How a command ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitStatus {
+    /// It exited with this code.
+    Code(i32),
+    /// A signal (by number) killed it.
+    Signal(i32),
+}
+
+impl ExitStatus {
+    /// Reads the `code`/`signal` pair of an `exit` frame; a frame with neither counts as a
+    /// failure (code 255) rather than a success.
+    pub fn from_wire(code: Option<i32>, signal: Option<i32>) -> Self {
+        match (code, signal) {
+            (Some(c), _) => ExitStatus::Code(c),
+            (None, Some(s)) => ExitStatus::Signal(s),
+            (None, None) => ExitStatus::Code(255),
+        }
+    }
+
+    pub fn success(self) -> bool {
+        self == ExitStatus::Code(0)
+    }
+
+    /// The shell's convention: the code, or 128 + the signal number.
+    pub fn shell_code(self) -> i32 {
+        match self {
+            ExitStatus::Code(c) => c,
+            ExitStatus::Signal(s) => 128 + s,
+        }
+    }
+}
+
+impl fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExitStatus::Code(c) => write!(f, "exit code {c}"),
+            ExitStatus::Signal(s) => match signal_name(*s) {
+                Some(name) => write!(f, "killed by signal {s} ({name})"),
+                None => write!(f, "killed by signal {s}"),
+            },
+        }
+    }
+}
+
+fn signal_name(signal: i32) -> Option<&'static str> {
+    nix::sys::signal::Signal::try_from(signal)
+        .ok()
+        .map(|s| s.as_str())
+}
+
+/// A line that is not a message this side understands.
+#[derive(Debug, thiserror::Error)]
+#[error("malformed agent frame ({len} bytes)")]
+pub struct DecodeError {
+    /// The request id, when the line had a readable one: the receiver can answer with an
+    /// `error` for that request.
+    pub id: Option<RequestId>,
+    len: usize,
+    #[source]
+    source: serde_json::Error,
+}
+
+/// Serialises one message as a frame: JSON followed by `\n`.
+pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
+    // Serialising these types cannot fail: every map key is a string and no Serialize impl
+    // reports an error. Should that ever change, an empty line is ignored by the peer.
+    let mut line = serde_json::to_vec(msg).unwrap_or_default();
+    line.push(b'\n');
+    line
+}
+
+/// Parses one frame (without or with its trailing newline).
+pub fn decode<T: serde::de::DeserializeOwned>(line: &[u8]) -> Result<T, DecodeError> {
+    serde_json::from_slice(line).map_err(|source| DecodeError {
+        id: request_id_of(line),
+        len: line.len(),
+        source,
+    })
+}
+
+/// Whether a line carries nothing (blank lines are keep-alives and resynchronisation points).
+pub fn is_blank(line: &[u8]) -> bool {
+    line.iter().all(u8::is_ascii_whitespace)
+}
+
+fn request_id_of(line: &[u8]) -> Option<RequestId> {
+    #[derive(Deserialize)]
+    struct OnlyId {
+        id: RequestId,
+    }
+    serde_json::from_slice::<OnlyId>(line).ok().map(|o| o.id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn wire<T: Serialize>(msg: &T) -> serde_json::Value {
+        let line = encode(msg);
+        assert_eq!(line.last(), Some(&b'\n'));
+        assert_eq!(line.iter().filter(|b| **b == b'\n').count(), 1);
+        serde_json::from_slice(&line).unwrap()
+    }
+
+    #[test]
+    fn exec_request_has_the_documented_shape_and_round_trips() {
+        let msg = HostMessage::Exec {
+            id: RequestId(7),
+            argv: vec!["sh".into(), "-c".into(), "echo hi".into()],
+            env: BTreeMap::from([("A".to_string(), "1".to_string())]),
+            cwd: Some("/tmp".into()),
+            tty: false,
+        };
+        assert_eq!(
+            wire(&msg),
+            json!({"op": "exec", "id": 7, "argv": ["sh", "-c", "echo hi"],
+                   "env": {"A": "1"}, "cwd": "/tmp", "tty": false})
+        );
+        let back: HostMessage = decode(&encode(&msg)).unwrap();
+        assert_eq!(back, msg);
+    }
+
+    #[test]
+    fn exec_request_fields_other_than_id_and_argv_are_optional() {
+        let msg: HostMessage = decode(br#"{"op":"exec","id":1,"argv":["true"]}"#).unwrap();
+        assert_eq!(
+            msg,
+            HostMessage::Exec {
+                id: RequestId(1),
+                argv: vec!["true".into()],
+                env: BTreeMap::new(),
+                cwd: None,
+                tty: false
+            }
+        );
+    }
+
+    #[test]
+    fn binary_payloads_travel_as_base64() {
+        let msg = GuestMessage::Stdout {
+            id: RequestId(3),
+            data: Data(vec![0, 255, b'\n', b'h']),
+        };
+        assert_eq!(
+            wire(&msg),
+            json!({"op": "stdout", "id": 3, "data": "AP8KaA=="})
+        );
+        assert_eq!(decode::<GuestMessage>(&encode(&msg)).unwrap(), msg);
+    }
+
+    #[test]
+    fn every_host_message_round_trips() {
+        let all = [
+            HostMessage::Hello { id: RequestId(1) },
+            HostMessage::Stdin {
+                id: RequestId(2),
+                data: Data(b"abc".to_vec()),
+            },
+            HostMessage::StdinClose { id: RequestId(3) },
+            HostMessage::Signal {
+                id: RequestId(4),
+                signal: 15,
+            },
+            HostMessage::Poweroff { id: RequestId(5) },
+        ];
+        let ops = ["hello", "stdin", "stdin_close", "signal", "poweroff"];
+        for (msg, op) in all.iter().zip(ops) {
+            assert_eq!(wire(msg)["op"], op);
+            assert_eq!(&decode::<HostMessage>(&encode(msg)).unwrap(), msg);
+        }
+    }
+
+    #[test]
+    fn every_guest_message_round_trips() {
+        let all = [
+            GuestMessage::Ready {
+                id: RequestId(1),
+                hostname: "dev".into(),
+                agent_version: "0.1.0".into(),
+                boot_id: "b0".into(),
+            },
+            GuestMessage::Stderr {
+                id: RequestId(2),
+                data: Data(b"oops".to_vec()),
+            },
+            GuestMessage::Exit {
+                id: RequestId(3),
+                code: None,
+                signal: Some(9),
+            },
+            GuestMessage::Error {
+                id: RequestId(4),
+                message: "no".into(),
+            },
+        ];
+        for msg in &all {
+            assert_eq!(&decode::<GuestMessage>(&encode(msg)).unwrap(), msg);
+        }
+        assert_eq!(
+            wire(&all[2]),
+            json!({"op": "exit", "id": 3, "code": null, "signal": 9})
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored_for_compatibility() {
+        let msg: HostMessage = decode(br#"{"op":"hello","id":9,"future":true}"#).unwrap();
+        assert_eq!(msg, HostMessage::Hello { id: RequestId(9) });
+    }
+
+    #[test]
+    fn a_malformed_frame_still_yields_its_id_when_it_has_one() {
+        let err = decode::<HostMessage>(br#"{"op":"teleport","id":12}"#).unwrap_err();
+        assert_eq!(err.id, Some(RequestId(12)));
+        let err = decode::<HostMessage>(b"not json").unwrap_err();
+        assert_eq!(err.id, None);
+        let err = decode::<HostMessage>(br#"{"op":"stdin","id":1,"data":"!!"}"#).unwrap_err();
+        assert_eq!(err.id, Some(RequestId(1)));
+    }
+
+    #[test]
+    fn exit_status_reads_the_wire_pair_and_prints_for_people() {
+        assert_eq!(ExitStatus::from_wire(Some(7), None), ExitStatus::Code(7));
+        assert_eq!(ExitStatus::from_wire(None, Some(9)), ExitStatus::Signal(9));
+        assert!(!ExitStatus::from_wire(None, None).success());
+        assert_eq!(ExitStatus::Signal(9).to_string(), "killed by signal 9 (SIGKILL)");
+        assert_eq!(ExitStatus::Code(3).to_string(), "exit code 3");
+        assert_eq!(ExitStatus::Signal(15).shell_code(), 143);
+    }
+
+    #[test]
+    fn blank_lines_are_recognised() {
+        assert!(is_blank(b""));
+        assert!(is_blank(b" \r\n"));
+        assert!(!is_blank(b"{}"));
+    }
+}

@@ -1,0 +1,164 @@
+//! `banger`, the command-line interface. Parses commands with clap, talks to `bangerd` through
+//! [`client`], draws progress with [`render`], and maps failures to the documented exit
+//! statuses of [`exit`]. It never touches banger's state directly.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+mod client;
+mod cmd_daemon;
+mod cmd_image;
+mod exit;
+mod render;
+
+use exit::{CliError, Exit, EXIT_CODES_HELP};
+
+/// One-command development sandboxes on microVMs.
+#[derive(Parser)]
+#[command(name = "banger", version, about, after_long_help = EXIT_CODES_HELP)]
+pub struct Cli {
+    /// Show the output of tools the daemon runs (debootstrap, mkfs, ...).
+    #[arg(short, long, global = true)]
+    verbose: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Manage images (root filesystems) in the store.
+    #[command(subcommand)]
+    Image(ImageCmd),
+    /// Manage kernels in the store.
+    #[command(subcommand)]
+    Kernel(KernelCmd),
+    /// Manage the banger daemon (started automatically by any command).
+    #[command(subcommand)]
+    Daemon(DaemonCmd),
+}
+
+#[derive(Args)]
+pub struct JsonFlag {
+    /// Print machine-readable JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+pub enum ImageCmd {
+    /// List images: name, source, size, created.
+    List(JsonFlag),
+    /// Build an image locally from a recipe (debian-bookworm, debian-bookworm-slim).
+    Build {
+        /// Recipe to build.
+        recipe: String,
+        /// Store the image under this name (default: the recipe's name).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Pull an image from the catalog by name, or a bundle by manifest URL (http, https, file).
+    Pull {
+        /// Catalog name or manifest URL.
+        reference: String,
+        /// Store the image under this name.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Export an image with its kernel as a bundle (manifest + zstd files) into a directory.
+    Export {
+        name: String,
+        /// Output directory (created; must be empty if it exists).
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+    /// Register an existing root filesystem and kernel as an image.
+    Register {
+        name: String,
+        /// ext4 root filesystem image.
+        #[arg(long)]
+        rootfs: PathBuf,
+        /// Kernel (bzImage or vmlinux).
+        #[arg(long)]
+        kernel: PathBuf,
+        /// Initial ramdisk for the kernel.
+        #[arg(long)]
+        initrd: Option<PathBuf>,
+    },
+    /// Delete an image and its files.
+    Delete { name: String },
+}
+
+#[derive(Subcommand)]
+pub enum KernelCmd {
+    /// List kernels.
+    List(JsonFlag),
+    /// Register a kernel (and initrd) from files.
+    Register {
+        name: String,
+        #[arg(long)]
+        kernel: PathBuf,
+        #[arg(long)]
+        initrd: Option<PathBuf>,
+    },
+    /// Delete a kernel no image uses.
+    Delete { name: String },
+}
+
+#[derive(Subcommand)]
+pub enum DaemonCmd {
+    /// Show whether bangerd runs, its pid, socket and log.
+    Status(JsonFlag),
+    /// Stop bangerd (running VMs keep running and are re-adopted by the next daemon).
+    Stop,
+    /// Stop bangerd and start it again (e.g. after upgrading banger).
+    Restart,
+}
+
+/// Context every command gets.
+pub struct Ctx {
+    pub paths: banger_config::Paths,
+    pub verbose: bool,
+}
+
+/// Makes a user-supplied path absolute without requiring it to exist.
+pub fn absolute(p: &Path) -> Result<PathBuf, CliError> {
+    std::path::absolute(p).map_err(|e| {
+        CliError::new(Exit::Usage, format!("cannot resolve path {}: {e}", p.display()))
+    })
+}
+
+async fn run(cli: Cli) -> Result<ExitCode, CliError> {
+    let ctx = Ctx {
+        paths: banger_config::Paths::from_env()?,
+        verbose: cli.verbose,
+    };
+    match cli.command {
+        Command::Image(c) => cmd_image::image(&ctx, c).await,
+        Command::Kernel(c) => cmd_image::kernel(&ctx, c).await,
+        Command::Daemon(c) => cmd_daemon::daemon(&ctx, c).await,
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(e.exit as u8)
+        }
+    }
+}

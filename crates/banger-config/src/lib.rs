@@ -1,0 +1,358 @@
+//! Where banger keeps its files and what its config file may say.
+//!
+//! [`Paths`] resolves the XDG locations of the spec (config, state, cache, runtime) once, so the
+//! CLI and the daemon always agree on the socket and the store. [`Config`] is the parsed
+//! `~/.config/banger/config.toml`: every key optional, unknown keys and bad values rejected with
+//! the file, line and key named. Resolving defaults that depend on the host (vm_defaults) is left
+//! to the callers that know the host; this crate only parses and validates.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Deserializer};
+
+mod size;
+
+pub use size::ByteSize;
+
+/// File locations, from the XDG environment variables with the spec's fallbacks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Paths {
+    pub config_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub cache_dir: PathBuf,
+    /// Directory holding the daemon socket; private to the user (0700).
+    pub runtime_dir: PathBuf,
+}
+
+impl Paths {
+    /// Resolves paths from the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_vars(|k| std::env::var_os(k).filter(|v| !v.is_empty()))
+    }
+
+    /// Resolves paths from an arbitrary variable lookup (for tests).
+    pub fn from_vars(var: impl Fn(&str) -> Option<std::ffi::OsString>) -> Result<Self, ConfigError> {
+        let home = var("HOME").map(PathBuf::from).ok_or(ConfigError::NoHome)?;
+        let xdg = |key: &str, fallback: &str| {
+            var(key)
+                .map(PathBuf::from)
+                .filter(|p| p.is_absolute())
+                .unwrap_or_else(|| home.join(fallback))
+        };
+        let state_dir = xdg("XDG_STATE_HOME", ".local/state").join("banger");
+        let runtime_dir = match var("XDG_RUNTIME_DIR").map(PathBuf::from) {
+            Some(dir) if dir.is_absolute() => dir.join("banger"),
+            _ => state_dir.join("run"),
+        };
+        Ok(Self {
+            config_dir: xdg("XDG_CONFIG_HOME", ".config").join("banger"),
+            cache_dir: xdg("XDG_CACHE_HOME", ".cache").join("banger"),
+            state_dir,
+            runtime_dir,
+        })
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.runtime_dir.join("bangerd.sock")
+    }
+    pub fn config_file(&self) -> PathBuf {
+        self.config_dir.join("config.toml")
+    }
+    pub fn daemon_log(&self) -> PathBuf {
+        self.state_dir.join("bangerd.log")
+    }
+    pub fn daemon_lock(&self) -> PathBuf {
+        self.state_dir.join("bangerd.lock")
+    }
+    pub fn database(&self) -> PathBuf {
+        self.state_dir.join("banger.db")
+    }
+    pub fn ssh_dir(&self) -> PathBuf {
+        self.config_dir.join("ssh")
+    }
+    pub fn ssh_config(&self) -> PathBuf {
+        self.config_dir.join("ssh_config")
+    }
+    pub fn known_hosts(&self) -> PathBuf {
+        self.config_dir.join("known_hosts")
+    }
+}
+
+/// Which VMM backend to use.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmmChoice {
+    #[default]
+    Auto,
+    Firecracker,
+    Qemu,
+}
+
+/// `[vm_defaults]`
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmDefaults {
+    #[serde(default, deserialize_with = "positive_u32")]
+    pub vcpu: Option<u32>,
+    #[serde(default, deserialize_with = "positive_u32")]
+    pub memory_mib: Option<u32>,
+    pub disk_size: Option<ByteSize>,
+}
+
+/// One `[[file_sync]]` entry, as written; validated by the consumer that knows `~`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSync {
+    pub host: String,
+    pub guest: String,
+    #[serde(default, deserialize_with = "octal_mode")]
+    pub mode: Option<u32>,
+}
+
+/// The whole config file. Every key is optional.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub default_image_name: Option<String>,
+    pub ssh_key_path: Option<PathBuf>,
+    pub firecracker_bin: Option<PathBuf>,
+    #[serde(default)]
+    pub vmm: VmmChoice,
+    pub bridge_name: Option<String>,
+    pub bridge_subnet: Option<String>,
+    /// Catalog location overriding the compiled-in one (path, file://, http(s)://).
+    pub catalog_url: Option<String>,
+    /// Debian mirror for local image builds, overriding the host's apt sources.
+    pub debian_mirror: Option<String>,
+    #[serde(default)]
+    pub vm_defaults: VmDefaults,
+    #[serde(default)]
+    pub file_sync: Vec<FileSync>,
+}
+
+pub const DEFAULT_IMAGE: &str = "debian-bookworm";
+pub const DEFAULT_BRIDGE: &str = "banger0";
+pub const DEFAULT_SUBNET: &str = "172.16.0.1/24";
+
+impl Config {
+    /// Reads the config file; a missing file is an empty config.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Self::parse(&text, path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(source) => Err(ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            }),
+        }
+    }
+
+    /// Parses config text; errors carry the file, line and key.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| located_error(text, path, &e))
+    }
+
+    pub fn default_image(&self) -> &str {
+        self.default_image_name.as_deref().unwrap_or(DEFAULT_IMAGE)
+    }
+    pub fn bridge(&self) -> &str {
+        self.bridge_name.as_deref().unwrap_or(DEFAULT_BRIDGE)
+    }
+    pub fn subnet(&self) -> &str {
+        self.bridge_subnet.as_deref().unwrap_or(DEFAULT_SUBNET)
+    }
+}
+
+fn located_error(text: &str, path: &Path, e: &toml::de::Error) -> ConfigError {
+    let (line, key) = match e.span() {
+        Some(span) => {
+            let line_no = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            let line_text = text.lines().nth(line_no - 1).unwrap_or("");
+            let key = line_text
+                .split_once('=')
+                .map(|(k, _)| k.trim().trim_matches('"').to_owned())
+                .filter(|k| !k.is_empty() && !k.starts_with('['));
+            (Some(line_no), key)
+        }
+        None => (None, None),
+    };
+    ConfigError::Invalid {
+        path: path.to_owned(),
+        line,
+        key,
+        message: e.message().trim().to_owned(),
+    }
+}
+
+fn positive_u32<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    let v = i64::deserialize(d)?;
+    if v < 1 || v > i64::from(u32::MAX) {
+        return Err(serde::de::Error::custom(format!(
+            "must be a positive whole number, got {v}"
+        )));
+    }
+    Ok(u32::try_from(v).ok())
+}
+
+fn octal_mode<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Text(String),
+        Number(i64),
+    }
+    let bad = |what: &str| {
+        serde::de::Error::custom(format!(
+            "mode must be an octal permission like \"0644\", got {what}"
+        ))
+    };
+    let mode = match Raw::deserialize(d)? {
+        Raw::Text(s) => u32::from_str_radix(s.trim_start_matches("0o"), 8).map_err(|_| bad(&s))?,
+        // A bare number is read as the digits the user wrote (644 means 0644).
+        Raw::Number(n) => u32::from_str_radix(&n.to_string(), 8).map_err(|_| bad(&n.to_string()))?,
+    };
+    if mode > 0o7777 {
+        return Err(bad(&format!("{mode:o}")));
+    }
+    Ok(Some(mode))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("HOME is not set; banger needs it to find its config and state")]
+    NoHome,
+    #[error("cannot read config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}", describe_invalid(path, *line, key.as_deref(), message))]
+    Invalid {
+        path: PathBuf,
+        line: Option<usize>,
+        key: Option<String>,
+        message: String,
+    },
+}
+
+fn describe_invalid(path: &Path, line: Option<usize>, key: Option<&str>, message: &str) -> String {
+    let place = match line {
+        Some(l) => format!("{}:{l}", path.display()),
+        None => path.display().to_string(),
+    };
+    match key {
+        Some(k) => format!("invalid config at {place}: key `{k}`: {message}"),
+        None => format!("invalid config at {place}: {message}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/home/u/.config/banger/config.toml"))
+    }
+
+    #[test]
+    fn empty_config_is_all_defaults() {
+        let c = parse("").unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.default_image(), "debian-bookworm");
+        assert_eq!(c.bridge(), "banger0");
+        assert_eq!(c.subnet(), "172.16.0.1/24");
+    }
+
+    #[test]
+    fn every_key_parses() {
+        let c = parse(
+            r#"
+default_image_name = "mine"
+ssh_key_path = "/k"
+firecracker_bin = "/fc"
+vmm = "qemu"
+bridge_name = "br9"
+bridge_subnet = "10.9.0.1/24"
+catalog_url = "file:///c.toml"
+debian_mirror = "http://mirror.invalid/debian"
+
+[vm_defaults]
+vcpu = 2
+memory_mib = 2048
+disk_size = "16G"
+
+[[file_sync]]
+host = "~/.gitconfig"
+guest = "~/.gitconfig"
+mode = "0644"
+
+[[file_sync]]
+host = "~/.aws"
+guest = "/root/.aws"
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.vmm, VmmChoice::Qemu);
+        assert_eq!(c.vm_defaults.vcpu, Some(2));
+        assert_eq!(c.vm_defaults.disk_size, Some(ByteSize(16 << 30)));
+        assert_eq!(c.file_sync[0].mode, Some(0o644));
+        assert_eq!(c.file_sync[1].mode, None);
+    }
+
+    #[test]
+    fn typo_key_names_key_and_line() {
+        let err = parse("vmm = \"qemu\"\n[vm_defaults]\nvcpus = 2\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("config.toml:3"), "{err}");
+        assert!(err.contains("`vcpus`"), "{err}");
+        assert!(err.contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn bad_size_names_key_and_line() {
+        let err = parse("[vm_defaults]\n\ndisk_size = \"16Q\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("config.toml:3"), "{err}");
+        assert!(err.contains("`disk_size`"), "{err}");
+    }
+
+    #[test]
+    fn negative_vcpu_names_key_and_line() {
+        let err = parse("[vm_defaults]\nvcpu = -1\n").unwrap_err().to_string();
+        assert!(err.contains("config.toml:2"), "{err}");
+        assert!(err.contains("`vcpu`"), "{err}");
+        assert!(err.contains("positive"), "{err}");
+    }
+
+    #[test]
+    fn bad_vmm_value_is_refused() {
+        let err = parse("vmm = \"kvmtool\"\n").unwrap_err().to_string();
+        assert!(err.contains("`vmm`"), "{err}");
+    }
+
+    #[test]
+    fn xdg_paths_and_fallbacks() {
+        let p = Paths::from_vars(|k| match k {
+            "HOME" => Some("/h".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(p.config_dir, PathBuf::from("/h/.config/banger"));
+        assert_eq!(p.state_dir, PathBuf::from("/h/.local/state/banger"));
+        assert_eq!(p.cache_dir, PathBuf::from("/h/.cache/banger"));
+        assert_eq!(p.socket(), PathBuf::from("/h/.local/state/banger/run/bangerd.sock"));
+
+        let p = Paths::from_vars(|k| match k {
+            "HOME" => Some("/h".into()),
+            "XDG_RUNTIME_DIR" => Some("/run/user/7".into()),
+            "XDG_STATE_HOME" => Some("/s".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(p.socket(), PathBuf::from("/run/user/7/banger/bangerd.sock"));
+        assert_eq!(p.database(), PathBuf::from("/s/banger/banger.db"));
+    }
+}

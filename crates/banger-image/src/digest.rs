@@ -1,0 +1,111 @@
+//! The SHA-256 digest type used for bundle files, manifests and recipe cache keys.
+//!
+//! Digests are parsed once at the boundary (manifest, catalog, config) into [`Sha256Digest`], so
+//! comparisons inside the crate never depend on letter case or stray whitespace.
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use sha2::{Digest, Sha256};
+use std::fmt;
+use std::str::FromStr;
+
+/// A SHA-256 digest; displays and serialises as 64 lowercase hex digits.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Sha256Digest([u8; 32]);
+
+#[derive(Debug, thiserror::Error)]
+#[error("`{value}` is not a SHA-256 digest (expected 64 hex digits)")]
+pub struct BadDigest {
+    pub value: String,
+}
+
+impl Sha256Digest {
+    pub fn of_bytes(data: &[u8]) -> Self {
+        Self::from_hasher(Sha256::new_with_prefix(data))
+    }
+
+    pub(crate) fn from_hasher(h: Sha256) -> Self {
+        Self(h.finalize().into())
+    }
+
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+impl FromStr for Sha256Digest {
+    type Err = BadDigest;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || BadDigest {
+            value: s.to_owned(),
+        };
+        if s.len() != 64 {
+            return Err(bad());
+        }
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(s, &mut out).map_err(|_| bad())?;
+        Ok(Self(out))
+    }
+}
+
+impl fmt::Display for Sha256Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+impl fmt::Debug for Sha256Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sha256:{self}")
+    }
+}
+
+impl Serialize for Sha256Digest {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Sha256Digest {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EMPTY: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+    #[test]
+    fn digest_of_empty_input_is_the_well_known_value() {
+        assert_eq!(Sha256Digest::of_bytes(b"").to_string(), EMPTY);
+    }
+
+    #[test]
+    fn parsing_accepts_either_case_and_prints_lowercase() {
+        let d: Sha256Digest = EMPTY.to_uppercase().parse().unwrap();
+        assert_eq!(d.to_string(), EMPTY);
+        assert_eq!(format!("{d:?}"), format!("sha256:{EMPTY}"));
+    }
+
+    #[test]
+    fn parsing_rejects_wrong_length_and_non_hex() {
+        for bad in ["", "abc", &EMPTY[1..], &format!("{}zz", &EMPTY[2..])] {
+            let err = bad.parse::<Sha256Digest>().unwrap_err();
+            assert!(err.to_string().contains("64 hex digits"), "{err}");
+        }
+    }
+
+    #[test]
+    fn serde_round_trips_as_a_hex_string() {
+        let d = Sha256Digest::of_bytes(b"x");
+        let json = serde_json::to_string(&d).unwrap();
+        assert_eq!(json, format!("\"{d}\""));
+        let back: Sha256Digest = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, d);
+        assert!(serde_json::from_str::<Sha256Digest>("\"nothex\"").is_err());
+    }
+}

@@ -1,0 +1,708 @@
+//! Verified, resumable downloads over http://, https:// and file:// URLs.
+//!
+//! [`fetch`] streams a file of known size and SHA-256 into `DEST.part`, resuming an existing part
+//! with a `Range` request (a `206` answer is appended, a `200` restarts from zero), and renames it to
+//! `DEST` only after size and digest match. A digest mismatch deletes the part, since resuming bad
+//! bytes can never succeed; a truncated transfer keeps it so the next attempt resumes.
+//! [`fetch_small`] reads small documents (manifests, catalogs) into memory with a size cap.
+//! Retrying is the caller's decision; nothing here retries by itself.
+
+use crate::digest::Sha256Digest;
+use crate::progress::{ByteThrottle, Progress};
+use futures_util::StreamExt;
+use reqwest::header::{CONTENT_RANGE, RANGE};
+use reqwest::{StatusCode, Url};
+use sha2::{Digest, Sha256};
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+
+const PROGRESS_STEP: u64 = 1 << 20;
+const FILE_CHUNK: usize = 256 << 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DownloadError {
+    #[error("`{0}` is neither a URL nor an absolute path")]
+    BadUrl(String),
+    #[error("cannot fetch {url}: banger fetches http://, https:// and file:// URLs")]
+    UnsupportedScheme { url: String },
+    #[error("GET {url} returned HTTP {status}")]
+    HttpStatus { url: String, status: StatusCode },
+    #[error("GET {url} failed")]
+    Http {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("reading {url} failed")]
+    LocalSource {
+        url: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "download of {url} into {file} stopped at {got} of {expected} bytes\n\
+         hint: run the command again to resume from where it stopped"
+    )]
+    Truncated {
+        url: String,
+        file: PathBuf,
+        got: u64,
+        expected: u64,
+        #[source]
+        source: Option<reqwest::Error>,
+    },
+    #[error("{url} is longer than the expected {expected} bytes (got at least {got}); {file} was deleted")]
+    Oversized {
+        url: String,
+        file: PathBuf,
+        got: u64,
+        expected: u64,
+    },
+    #[error(
+        "download of {url} into {file} is corrupt: expected sha256 {expected}, got {actual}; \
+         the partial file was deleted\nhint: run the command again; if it keeps failing the source is bad"
+    )]
+    DigestMismatch {
+        url: String,
+        file: PathBuf,
+        expected: Sha256Digest,
+        actual: Sha256Digest,
+    },
+    #[error("{url} is larger than {max} bytes, which is too large for what it should be")]
+    TooLarge { url: String, max: u64 },
+    #[error("no space left on the disk holding {path}\nhint: free some space there and run the command again")]
+    DiskFull { path: PathBuf },
+    #[error(transparent)]
+    Io(std::io::Error),
+}
+
+impl DownloadError {
+    fn io(path: &Path, e: std::io::Error) -> Self {
+        if e.raw_os_error() == Some(libc::ENOSPC) {
+            DownloadError::DiskFull {
+                path: path.to_owned(),
+            }
+        } else {
+            DownloadError::Io(e)
+        }
+    }
+}
+
+/// Parses a URL, or turns an absolute path into a `file://` URL; only http, https and file pass.
+pub fn parse_location(s: &str) -> Result<Url, DownloadError> {
+    let url = if s.starts_with('/') {
+        Url::from_file_path(s).map_err(|()| DownloadError::BadUrl(s.to_owned()))?
+    } else {
+        Url::parse(s).map_err(|_| DownloadError::BadUrl(s.to_owned()))?
+    };
+    match url.scheme() {
+        "http" | "https" | "file" => Ok(url),
+        _ => Err(DownloadError::UnsupportedScheme { url: s.to_owned() }),
+    }
+}
+
+fn client(url: &Url) -> Result<reqwest::Client, DownloadError> {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(30))
+        // A stalled transfer fails (and can be resumed) instead of hanging forever.
+        .read_timeout(Duration::from_secs(60))
+        .user_agent(concat!("banger/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|source| DownloadError::Http {
+            url: url.to_string(),
+            source,
+        })
+}
+
+fn file_path(url: &Url) -> Result<PathBuf, DownloadError> {
+    url.to_file_path()
+        .map_err(|()| DownloadError::BadUrl(url.to_string()))
+}
+
+/// Reads a small document fully into memory, failing if it exceeds `max_bytes`.
+pub async fn fetch_small(url: &Url, max_bytes: u64) -> Result<Vec<u8>, DownloadError> {
+    let too_large = || DownloadError::TooLarge {
+        url: url.to_string(),
+        max: max_bytes,
+    };
+    if url.scheme() == "file" {
+        let path = file_path(url)?;
+        let local = |source| DownloadError::LocalSource {
+            url: url.to_string(),
+            source,
+        };
+        let len = fs_err::tokio::metadata(&path).await.map_err(local)?.len();
+        if len > max_bytes {
+            return Err(too_large());
+        }
+        return fs_err::tokio::read(&path).await.map_err(local);
+    }
+    let http = |source| DownloadError::Http {
+        url: url.to_string(),
+        source,
+    };
+    let resp = client(url)?.get(url.clone()).send().await.map_err(http)?;
+    if !resp.status().is_success() {
+        return Err(DownloadError::HttpStatus {
+            url: url.to_string(),
+            status: resp.status(),
+        });
+    }
+    let mut body = Vec::new();
+    let mut stream = resp.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        body.extend_from_slice(&chunk.map_err(http)?);
+        if body.len() as u64 > max_bytes {
+            return Err(too_large());
+        }
+    }
+    Ok(body)
+}
+
+/// Where [`fetch`] keeps an incomplete download of `dest`.
+pub fn part_path(dest: &Path) -> PathBuf {
+    let mut s = OsString::from(dest.as_os_str());
+    s.push(".part");
+    PathBuf::from(s)
+}
+
+enum Source {
+    Http(futures_util::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>),
+    File(tokio::fs::File),
+}
+
+enum Chunk {
+    Data(bytes::Bytes),
+    End,
+    /// The transfer broke off; what arrived so far is kept for resuming.
+    Broken(Option<reqwest::Error>),
+}
+
+impl Source {
+    async fn next(&mut self, url: &Url) -> Result<Chunk, DownloadError> {
+        match self {
+            Source::Http(stream) => Ok(match stream.next().await {
+                None => Chunk::End,
+                Some(Ok(b)) => Chunk::Data(b),
+                Some(Err(e)) => Chunk::Broken(Some(e)),
+            }),
+            Source::File(f) => {
+                let mut buf = vec![0u8; FILE_CHUNK];
+                let n = f
+                    .read(&mut buf)
+                    .await
+                    .map_err(|source| DownloadError::LocalSource {
+                        url: url.to_string(),
+                        source,
+                    })?;
+                buf.truncate(n);
+                Ok(if n == 0 {
+                    Chunk::End
+                } else {
+                    Chunk::Data(buf.into())
+                })
+            }
+        }
+    }
+}
+
+/// Opens `url` at byte `offset`; returns the source and the offset it really starts at (0 when
+/// the server ignored or could not honour the range).
+async fn open_at(url: &Url, offset: u64) -> Result<(Source, u64), DownloadError> {
+    if url.scheme() == "file" {
+        let path = file_path(url)?;
+        let local = |source| DownloadError::LocalSource {
+            url: url.to_string(),
+            source,
+        };
+        let mut f = tokio::fs::File::open(&path).await.map_err(local)?;
+        let len = f.metadata().await.map_err(local)?.len();
+        let start = if offset <= len { offset } else { 0 };
+        f.seek(std::io::SeekFrom::Start(start))
+            .await
+            .map_err(local)?;
+        return Ok((Source::File(f), start));
+    }
+    let http = |source| DownloadError::Http {
+        url: url.to_string(),
+        source,
+    };
+    let mut req = client(url)?.get(url.clone());
+    if offset > 0 {
+        req = req.header(RANGE, format!("bytes={offset}-"));
+    }
+    let resp = req.send().await.map_err(http)?;
+    let start = match resp.status() {
+        StatusCode::OK => 0,
+        StatusCode::PARTIAL_CONTENT => {
+            let start = resp
+                .headers()
+                .get(CONTENT_RANGE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(content_range_start);
+            if start != Some(offset) {
+                // A range we did not ask for cannot be appended safely; start over without one.
+                return Box::pin(open_at(url, 0)).await;
+            }
+            offset
+        }
+        // The part is longer than what the server has now: the file changed, start over.
+        StatusCode::RANGE_NOT_SATISFIABLE if offset > 0 => return Box::pin(open_at(url, 0)).await,
+        status => {
+            return Err(DownloadError::HttpStatus {
+                url: url.to_string(),
+                status,
+            })
+        }
+    };
+    Ok((Source::Http(resp.bytes_stream().boxed()), start))
+}
+
+/// `bytes START-END/TOTAL` -> START.
+fn content_range_start(v: &str) -> Option<u64> {
+    let range = v.trim().strip_prefix("bytes ")?;
+    range.split(['-', '/']).next()?.trim().parse().ok()
+}
+
+async fn hash_prefix(part: &Path) -> Result<(Sha256, u64), DownloadError> {
+    let part = part.to_owned();
+    let joined = tokio::task::spawn_blocking(move || -> std::io::Result<(Sha256, u64)> {
+        let mut f = fs_err::File::open(&part)?;
+        let mut h = Sha256::new();
+        let n = std::io::copy(&mut f, &mut h)?;
+        Ok((h, n))
+    })
+    .await;
+    match joined {
+        Ok(r) => r.map_err(DownloadError::Io),
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_) => Err(DownloadError::Io(std::io::Error::other(
+            "hashing task cancelled",
+        ))),
+    }
+}
+
+/// Downloads `url` to `dest`, resuming `dest.part` if present, and verifies it.
+///
+/// `dest` appears only with exactly `expected_size` bytes whose SHA-256 is `expected_sha256`.
+pub async fn fetch(
+    url: &str,
+    dest: &Path,
+    expected_size: u64,
+    expected_sha256: &Sha256Digest,
+    progress: &dyn Progress,
+) -> Result<(), DownloadError> {
+    let url = parse_location(url)?;
+    let part = part_path(dest);
+    let io = |e| DownloadError::io(&part, e);
+
+    let mut have = match fs_err::tokio::metadata(&part).await {
+        Ok(m) => m.len(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) => return Err(io(e)),
+    };
+    if have > expected_size {
+        have = 0;
+    }
+    let (mut hasher, mut got) = if have > 0 {
+        hash_prefix(&part).await?
+    } else {
+        (Sha256::new(), 0)
+    };
+
+    let mut throttle = ByteThrottle::new(PROGRESS_STEP);
+    if got < expected_size {
+        let (mut source, start) = open_at(&url, got).await?;
+        if start == 0 {
+            hasher = Sha256::new();
+            got = 0;
+        }
+        if start > 0 {
+            progress.log(&format!("resuming {url} at byte {start}"));
+        }
+        let file = fs_err::tokio::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(start == 0)
+            .open(&part)
+            .await
+            .map_err(io)?;
+        let mut file = tokio::io::BufWriter::with_capacity(1 << 20, file);
+        file.seek(std::io::SeekFrom::Start(start))
+            .await
+            .map_err(io)?;
+        throttle.report(progress, got, Some(expected_size));
+        let broken = loop {
+            match source.next(&url).await? {
+                Chunk::End => break None,
+                Chunk::Broken(e) => break Some(e),
+                Chunk::Data(data) => {
+                    let len = data.len() as u64;
+                    if got + len > expected_size {
+                        drop(file);
+                        let _ = fs_err::tokio::remove_file(&part).await;
+                        return Err(DownloadError::Oversized {
+                            url: url.to_string(),
+                            file: part,
+                            got: got + len,
+                            expected: expected_size,
+                        });
+                    }
+                    file.write_all(&data).await.map_err(io)?;
+                    hasher.update(&data);
+                    got += len;
+                    throttle.report(progress, got, Some(expected_size));
+                }
+            }
+        };
+        file.flush().await.map_err(io)?;
+        file.get_ref().sync_all().await.map_err(io)?;
+        if let Some(source) = broken {
+            return Err(DownloadError::Truncated {
+                url: url.to_string(),
+                file: part,
+                got,
+                expected: expected_size,
+                source,
+            });
+        }
+    }
+    if got < expected_size {
+        return Err(DownloadError::Truncated {
+            url: url.to_string(),
+            file: part,
+            got,
+            expected: expected_size,
+            source: None,
+        });
+    }
+    let actual = Sha256Digest::from_hasher(hasher);
+    if actual != *expected_sha256 {
+        fs_err::tokio::remove_file(&part).await.map_err(io)?;
+        return Err(DownloadError::DigestMismatch {
+            url: url.to_string(),
+            file: dest.to_owned(),
+            expected: *expected_sha256,
+            actual,
+        });
+    }
+    fs_err::tokio::rename(&part, dest).await.map_err(io)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::progress::{Event, RecordingProgress};
+    use crate::testutil::{Fault, TestServer};
+
+    fn data(n: usize) -> Vec<u8> {
+        (0..n).map(|i| (i * 31 % 251) as u8).collect()
+    }
+
+    #[test]
+    fn locations_parse_urls_and_absolute_paths_only() {
+        assert_eq!(
+            parse_location("/srv/b/manifest.json").unwrap().as_str(),
+            "file:///srv/b/manifest.json"
+        );
+        assert_eq!(
+            parse_location("https://h.example/m.json").unwrap().scheme(),
+            "https"
+        );
+        assert!(matches!(
+            parse_location("relative/m.json"),
+            Err(DownloadError::BadUrl(_))
+        ));
+        let err = parse_location("ftp://h.example/m.json").unwrap_err();
+        assert!(
+            err.to_string().contains("http://, https:// and file://"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn content_range_start_is_parsed() {
+        assert_eq!(content_range_start("bytes 100-199/200"), Some(100));
+        assert_eq!(content_range_start("bytes */200"), None);
+        assert_eq!(content_range_start("items 1-2/3"), None);
+    }
+
+    #[tokio::test]
+    async fn fetches_over_http_with_byte_progress() {
+        let body = data(3 << 20);
+        let server = TestServer::start().await;
+        server.serve("/f.bin", body.clone());
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("f.bin");
+        let rec = RecordingProgress::new();
+        fetch(
+            &server.url("/f.bin"),
+            &dest,
+            body.len() as u64,
+            &Sha256Digest::of_bytes(&body),
+            &rec,
+        )
+        .await
+        .unwrap();
+        assert_eq!(std::fs::read(&dest).unwrap(), body);
+        assert!(!part_path(&dest).exists());
+        let last = rec
+            .events()
+            .into_iter()
+            .rev()
+            .find(|e| matches!(e, Event::Bytes { .. }));
+        assert_eq!(
+            last,
+            Some(Event::Bytes {
+                done: body.len() as u64,
+                total: Some(body.len() as u64)
+            })
+        );
+    }
+
+    #[tokio::test]
+    async fn truncated_transfer_keeps_the_part_and_the_next_fetch_resumes_with_a_range() {
+        let body = data(1 << 20);
+        let server = TestServer::start().await;
+        server.serve("/f.bin", body.clone());
+        server.fault("/f.bin", Fault::Truncate { at: 300_000 });
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("f.bin");
+        let digest = Sha256Digest::of_bytes(&body);
+        let err = fetch(
+            &server.url("/f.bin"),
+            &dest,
+            body.len() as u64,
+            &digest,
+            &RecordingProgress::new(),
+        )
+        .await
+        .unwrap_err();
+        match &err {
+            DownloadError::Truncated {
+                got,
+                expected,
+                file,
+                ..
+            } => {
+                assert_eq!((*got, *expected), (300_000, body.len() as u64));
+                assert_eq!(file, &part_path(&dest));
+            }
+            other => panic!("expected Truncated, got {other}"),
+        }
+        let msg = err.to_string();
+        assert!(
+            msg.contains("300000 of 1048576 bytes") && msg.contains("f.bin"),
+            "{msg}"
+        );
+        assert_eq!(std::fs::metadata(part_path(&dest)).unwrap().len(), 300_000);
+
+        fetch(
+            &server.url("/f.bin"),
+            &dest,
+            body.len() as u64,
+            &digest,
+            &RecordingProgress::new(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(std::fs::read(&dest).unwrap(), body);
+        assert_eq!(
+            server.ranges("/f.bin"),
+            [None, Some("bytes=300000-".to_string())]
+        );
+    }
+
+    #[tokio::test]
+    async fn server_ignoring_the_range_restarts_the_part_from_zero() {
+        let body = data(200_000);
+        let server = TestServer::start().await;
+        server.serve("/f.bin", body.clone());
+        server.fault("/f.bin", Fault::IgnoreRange);
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("f.bin");
+        // A stale part with wrong bytes: appending to it would corrupt the result.
+        std::fs::write(part_path(&dest), vec![0xffu8; 50_000]).unwrap();
+        fetch(
+            &server.url("/f.bin"),
+            &dest,
+            body.len() as u64,
+            &Sha256Digest::of_bytes(&body),
+            &RecordingProgress::new(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(std::fs::read(&dest).unwrap(), body);
+        assert_eq!(server.ranges("/f.bin"), [Some("bytes=50000-".to_string())]);
+    }
+
+    #[tokio::test]
+    async fn flipped_byte_is_a_digest_mismatch_naming_file_and_both_digests() {
+        let body = data(100_000);
+        let server = TestServer::start().await;
+        server.serve("/f.bin", body.clone());
+        server.fault("/f.bin", Fault::FlipByte { at: 4242 });
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("f.bin");
+        let expected = Sha256Digest::of_bytes(&body);
+        let err = fetch(
+            &server.url("/f.bin"),
+            &dest,
+            body.len() as u64,
+            &expected,
+            &RecordingProgress::new(),
+        )
+        .await
+        .unwrap_err();
+        let mut bad = body.clone();
+        bad[4242] ^= 0xff;
+        let actual = Sha256Digest::of_bytes(&bad);
+        let msg = err.to_string();
+        assert!(matches!(err, DownloadError::DigestMismatch { .. }), "{msg}");
+        assert!(msg.contains(&dest.display().to_string()), "{msg}");
+        assert!(
+            msg.contains(&expected.to_string()) && msg.contains(&actual.to_string()),
+            "{msg}"
+        );
+        assert!(
+            !dest.exists() && !part_path(&dest).exists(),
+            "bad bytes must not stay around"
+        );
+    }
+
+    #[tokio::test]
+    async fn http_error_status_is_reported_with_url_and_reason() {
+        let server = TestServer::start().await;
+        server.serve("/f.bin", data(10));
+        server.fault("/f.bin", Fault::Status(500));
+        let dir = tempfile::tempdir().unwrap();
+        let url = server.url("/f.bin");
+        let err = fetch(
+            &url,
+            &dir.path().join("f"),
+            10,
+            &Sha256Digest::of_bytes(b""),
+            &RecordingProgress::new(),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("GET {url} returned HTTP 500 Internal Server Error")
+        );
+        let err = fetch(
+            &server.url("/missing"),
+            &dir.path().join("g"),
+            10,
+            &Sha256Digest::of_bytes(b""),
+            &RecordingProgress::new(),
+        )
+        .await
+        .unwrap_err();
+        assert!(err.to_string().ends_with("HTTP 404 Not Found"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn longer_body_than_expected_is_rejected_and_deleted() {
+        let body = data(5000);
+        let server = TestServer::start().await;
+        server.serve("/f.bin", body.clone());
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("f.bin");
+        let err = fetch(
+            &server.url("/f.bin"),
+            &dest,
+            4000,
+            &Sha256Digest::of_bytes(&body[..4000]),
+            &RecordingProgress::new(),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                DownloadError::Oversized {
+                    got: 5000,
+                    expected: 4000,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(!part_path(&dest).exists());
+    }
+
+    #[tokio::test]
+    async fn file_urls_fetch_and_resume() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src.bin");
+        let body = data(700_000);
+        std::fs::write(&src, &body).unwrap();
+        let dest = dir.path().join("dest.bin");
+        std::fs::write(part_path(&dest), &body[..123_456]).unwrap();
+        let url = Url::from_file_path(&src).unwrap().to_string();
+        fetch(
+            &url,
+            &dest,
+            body.len() as u64,
+            &Sha256Digest::of_bytes(&body),
+            &RecordingProgress::new(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(std::fs::read(&dest).unwrap(), body);
+        // A short source is a truncated download.
+        let short = dir.path().join("short.bin");
+        std::fs::write(&short, &body[..100]).unwrap();
+        let err = fetch(
+            short.to_str().unwrap(),
+            &dir.path().join("x"),
+            200,
+            &Sha256Digest::of_bytes(b""),
+            &RecordingProgress::new(),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                DownloadError::Truncated {
+                    got: 100,
+                    expected: 200,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn fetch_small_caps_the_size() {
+        let server = TestServer::start().await;
+        server.serve("/m.json", data(2000));
+        let url = parse_location(&server.url("/m.json")).unwrap();
+        assert_eq!(fetch_small(&url, 2000).await.unwrap().len(), 2000);
+        assert!(matches!(
+            fetch_small(&url, 1999).await,
+            Err(DownloadError::TooLarge { .. })
+        ));
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("m.json");
+        std::fs::write(&f, b"{}").unwrap();
+        assert_eq!(
+            fetch_small(&Url::from_file_path(&f).unwrap(), 10)
+                .await
+                .unwrap(),
+            b"{}"
+        );
+        let missing = Url::from_file_path(dir.path().join("nope")).unwrap();
+        let err = fetch_small(&missing, 10).await.unwrap_err();
+        assert!(
+            format!("{err}: {}", std::error::Error::source(&err).unwrap()).contains("nope"),
+            "{err}"
+        );
+    }
+}

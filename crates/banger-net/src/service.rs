@@ -1,0 +1,301 @@
+//! `Network`: the daemon's network service. It owns the order of host steps (bridge, forwarding, NAT,
+//! then the VM's tap), address allocation against the configured subnet, and reconciling taps against the
+//! VMs the daemon knows. It does not own the lease records (the daemon's store does) nor which VMs exist.
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+
+use nix::unistd::Uid;
+
+use crate::addr::{AllocError, Lease, Subnet, SubnetError};
+use crate::host::{Changes, HostNet, NetError};
+use crate::names::{BridgeName, NameError, TapName};
+use crate::nat::NatRuleset;
+
+/// The configured bridge and subnet (config keys `bridge_name`, `bridge_subnet`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NetConfig {
+    pub bridge: BridgeName,
+    pub subnet: Subnet,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetConfigError {
+    #[error(transparent)]
+    Bridge(#[from] NameError),
+    #[error(transparent)]
+    Subnet(#[from] SubnetError),
+}
+
+impl NetConfig {
+    /// Parses the two config values (as written in config.toml).
+    pub fn parse(bridge_name: &str, bridge_subnet: &str) -> Result<Self, NetConfigError> {
+        Ok(NetConfig {
+            bridge: BridgeName::parse(bridge_name)?,
+            subnet: bridge_subnet.parse()?,
+        })
+    }
+
+    pub fn ruleset(&self) -> NatRuleset {
+        NatRuleset::new(&self.bridge, &self.subnet)
+    }
+}
+
+/// A VM's tap, ready for the VMM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachedTap {
+    pub tap: TapName,
+    pub changes: Changes,
+}
+
+/// What `reconcile` found and did.
+#[derive(Debug, Default)]
+pub struct ReconcileReport {
+    /// banger taps no known VM owns, now deleted.
+    pub removed: Vec<TapName>,
+    /// banger taps that belong to known VMs, left alone.
+    pub kept: Vec<TapName>,
+    /// Known taps that do not exist on the host (their VMs need a new tap before they start).
+    pub missing: Vec<String>,
+    /// Orphans that could not be deleted; the rest were still processed.
+    pub failed: Vec<(TapName, NetError)>,
+}
+
+/// The network service over some `HostNet`.
+#[derive(Debug)]
+pub struct Network<H> {
+    host: H,
+    config: NetConfig,
+}
+
+impl<H: HostNet> Network<H> {
+    pub fn new(host: H, config: NetConfig) -> Self {
+        Network { host, config }
+    }
+
+    pub fn config(&self) -> &NetConfig {
+        &self.config
+    }
+
+    pub fn host(&self) -> &H {
+        &self.host
+    }
+
+    /// The lowest free guest address given the addresses already leased.
+    pub fn allocate(
+        &self,
+        leased: impl IntoIterator<Item = Ipv4Addr>,
+    ) -> Result<Lease, AllocError> {
+        self.config.subnet.allocate(leased)
+    }
+
+    /// Bridge, forwarding and NAT, in that order (NAT names the bridge; forwarding is useless without
+    /// NAT but harmless before it). Idempotent and cheap when everything is already in place.
+    pub fn ensure_host(&self) -> Result<Changes, NetError> {
+        let mut changes = self
+            .host
+            .ensure_bridge(&self.config.bridge, &self.config.subnet)?;
+        changes.extend(self.host.enable_ip_forwarding()?);
+        changes.extend(self.host.ensure_nat(&self.config.ruleset())?);
+        if changes.is_empty() {
+            tracing::debug!(bridge = %self.config.bridge, "host network already in place");
+        } else {
+            tracing::info!(bridge = %self.config.bridge, %changes, "host network set up");
+        }
+        Ok(changes)
+    }
+
+    /// Makes sure the host network is in place and the VM's tap exists, owned by `owner` (the user the
+    /// VMM runs as), on the bridge and up.
+    pub fn attach_vm(&self, vm_id: &str, owner: Uid) -> Result<AttachedTap, NetError> {
+        let mut changes = self.ensure_host()?;
+        let tap = TapName::for_vm(vm_id);
+        changes.extend(self.host.create_tap(&tap, owner, &self.config.bridge)?);
+        tracing::info!(vm_id, %tap, %changes, "VM tap ready");
+        Ok(AttachedTap { tap, changes })
+    }
+
+    /// Deletes the VM's tap if it exists.
+    pub fn detach_vm(&self, vm_id: &str) -> Result<Changes, NetError> {
+        let tap = TapName::for_vm(vm_id);
+        let changes = self.host.delete_tap(&tap)?;
+        tracing::info!(vm_id, %tap, %changes, "VM tap released");
+        Ok(changes)
+    }
+
+    /// Deletes every banger tap not in `known_taps` (the taps of the VMs the daemon has records for).
+    /// Non-banger interfaces are never considered. One failed deletion does not stop the others.
+    pub fn reconcile(&self, known_taps: &[String]) -> Result<ReconcileReport, NetError> {
+        let known: BTreeSet<&str> = known_taps.iter().map(String::as_str).collect();
+        let present = self.host.list_taps()?;
+        let mut report = ReconcileReport::default();
+        for tap in &present {
+            if known.contains(tap.as_str()) {
+                report.kept.push(tap.clone());
+                continue;
+            }
+            match self.host.delete_tap(tap) {
+                Ok(_) => {
+                    tracing::info!(%tap, "removed orphaned tap");
+                    report.removed.push(tap.clone());
+                }
+                Err(err) => {
+                    tracing::warn!(%tap, error = %err, "could not remove orphaned tap");
+                    report.failed.push((tap.clone(), err));
+                }
+            }
+        }
+        let present: BTreeSet<&str> = present.iter().map(TapName::as_str).collect();
+        report.missing = known
+            .into_iter()
+            .filter(|k| !present.contains(k))
+            .map(str::to_owned)
+            .collect();
+        Ok(report)
+    }
+
+    /// Removes banger's NAT table and bridge.
+    pub fn teardown(&self) -> Result<Changes, NetError> {
+        let changes = self.host.teardown(&self.config.bridge)?;
+        tracing::info!(bridge = %self.config.bridge, %changes, "host network torn down");
+        Ok(changes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fake::{Call, FakeHostNet};
+
+    fn network() -> Network<FakeHostNet> {
+        Network::new(FakeHostNet::new(), NetConfig::default())
+    }
+
+    fn tap(name: &str) -> TapName {
+        TapName::parse(name).unwrap()
+    }
+
+    #[test]
+    fn ensure_host_sets_up_bridge_then_forwarding_then_nat() {
+        let net = network();
+        let changes = net.ensure_host().unwrap();
+        assert_eq!(changes.as_slice().len(), 3, "{changes}");
+        let calls = net.host().calls();
+        assert_eq!(
+            calls,
+            vec![
+                Call::EnsureBridge {
+                    bridge: BridgeName::default(),
+                    subnet: Subnet::DEFAULT
+                },
+                Call::EnableIpForwarding,
+                Call::EnsureNat {
+                    table: NetConfig::default().ruleset().table().to_owned()
+                },
+            ]
+        );
+        let state = net.host().state();
+        assert!(state.forwarding);
+        assert!(state.bridges.contains_key(&BridgeName::default()));
+    }
+
+    #[test]
+    fn ensure_host_twice_changes_nothing_the_second_time() {
+        let net = network();
+        let _ = net.ensure_host().unwrap();
+        let before = net.host().state();
+        assert!(net.ensure_host().unwrap().is_empty());
+        assert_eq!(net.host().state(), before);
+    }
+
+    #[test]
+    fn attach_vm_ensures_host_first_and_creates_the_derived_tap() {
+        let net = network();
+        let attached = net.attach_vm("sandbox", Uid::from_raw(1000)).unwrap();
+        assert_eq!(attached.tap.as_str(), "bg-sandbox");
+        let calls = net.host().calls();
+        assert_eq!(
+            calls.last(),
+            Some(&Call::CreateTap {
+                tap: tap("bg-sandbox"),
+                owner: 1000,
+                bridge: BridgeName::default()
+            })
+        );
+        assert!(matches!(calls.first(), Some(Call::EnsureBridge { .. })));
+        let state = net.host().state();
+        assert_eq!(state.taps[&tap("bg-sandbox")].owner, 1000);
+
+        assert!(!net.detach_vm("sandbox").unwrap().is_empty());
+        assert!(
+            net.detach_vm("sandbox").unwrap().is_empty(),
+            "absent tap is fine"
+        );
+        assert!(net.host().state().taps.is_empty());
+    }
+
+    #[test]
+    fn reconcile_removes_only_unknown_banger_taps() {
+        let net = network();
+        let a = net.attach_vm("a", Uid::from_raw(1000)).unwrap().tap;
+        let b = net.attach_vm("b", Uid::from_raw(1000)).unwrap().tap;
+        net.host().add_tap(tap("bg-orphan"), 1000);
+
+        let report = net
+            .reconcile(&[a.to_string(), b.to_string(), "bg-gone".to_owned()])
+            .unwrap();
+        assert_eq!(report.removed, vec![tap("bg-orphan")]);
+        assert_eq!(report.kept, vec![a.clone(), b.clone()]);
+        assert_eq!(report.missing, vec!["bg-gone".to_owned()]);
+        assert!(report.failed.is_empty());
+        let left: Vec<_> = net.host().state().taps.into_keys().collect();
+        assert_eq!(left, vec![a, b]);
+    }
+
+    #[test]
+    fn reconcile_reports_failures_and_carries_on() {
+        let net = network();
+        net.host().add_tap(tap("bg-stuck"), 0);
+        net.host().add_tap(tap("bg-zombie"), 0);
+        net.host().fail_deleting(tap("bg-stuck"));
+        let report = net.reconcile(&[]).unwrap();
+        assert_eq!(report.removed, vec![tap("bg-zombie")]);
+        assert_eq!(report.failed.len(), 1);
+        assert_eq!(report.failed[0].0, tap("bg-stuck"));
+        assert!(report.failed[0].1.to_string().contains("delete tap"));
+    }
+
+    #[test]
+    fn teardown_removes_nat_and_bridge() {
+        let net = network();
+        let _ = net.ensure_host().unwrap();
+        let changes = net.teardown().unwrap();
+        assert_eq!(changes.as_slice().len(), 2, "{changes}");
+        let state = net.host().state();
+        assert!(state.nat.is_none());
+        assert!(state.bridges.is_empty());
+        assert!(net.teardown().unwrap().is_empty());
+    }
+
+    #[test]
+    fn config_parse_uses_the_config_keys_in_errors() {
+        let cfg = NetConfig::parse("br9", "10.9.0.1/24").unwrap();
+        assert_eq!(cfg.bridge.as_str(), "br9");
+        assert_eq!(cfg.subnet.to_string(), "10.9.0.1/24");
+        let err = NetConfig::parse("br9", "10.9.0.1").unwrap_err();
+        assert!(err.to_string().contains("bridge_subnet"), "{err}");
+        let err = NetConfig::parse("a-very-long-bridge-name", "10.9.0.1/24").unwrap_err();
+        assert!(err.to_string().contains("bridge_name"), "{err}");
+    }
+
+    #[test]
+    fn allocation_goes_through_the_configured_subnet() {
+        let net = Network::new(
+            FakeHostNet::new(),
+            NetConfig::parse("br9", "10.9.0.1/24").unwrap(),
+        );
+        let lease = net.allocate(["10.9.0.2".parse().unwrap()]).unwrap();
+        assert_eq!(lease.ip().to_string(), "10.9.0.3");
+        assert_eq!(lease.mac().to_string(), "02:ba:0a:09:00:03");
+    }
+}

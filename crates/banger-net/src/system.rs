@@ -1,0 +1,418 @@
+//! `SystemHostNet`: the real `HostNet`, built on iproute2 (`ip -j`) and `nft`.
+//!
+//! Link state is read with one unprivileged `ip -j -d addr show` (links, kinds, masters, flags and
+//! addresses in one JSON document) and every step first compares that state with what is wanted, so
+//! running a step twice changes nothing the second time. We shell out to `ip` rather than speak
+//! rtnetlink: the commands are exactly what an admin would type, they work unchanged through `sudo -n`,
+//! and they keep this crate free of an async netlink stack for a handful of calls. Changes go through
+//! [`Privileged`]; taps are created with ioctls when root (see `tun.rs`).
+//!
+//! Everything acts on the network namespace of the calling process, which is what lets the tests run it
+//! for real inside a throwaway namespace.
+
+use std::path::Path;
+
+use nix::unistd::Uid;
+use serde::Deserialize;
+
+use crate::addr::Subnet;
+use crate::host::{Changes, HostNet, NetError};
+use crate::names::{BridgeName, TapName, TAP_PREFIX};
+use crate::nat::{self, NatRuleset, NFT_FAMILY, NFT_TABLE};
+use crate::privileged::{query, Privileged};
+
+const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
+const LINKS_COMMAND: &str = "ip -j -d addr show";
+
+/// The real host network, acting on the current network namespace.
+#[derive(Debug, Clone)]
+pub struct SystemHostNet {
+    privileged: Privileged,
+}
+
+impl SystemHostNet {
+    pub fn new(privileged: Privileged) -> Self {
+        SystemHostNet { privileged }
+    }
+
+    pub fn privileged(&self) -> &Privileged {
+        &self.privileged
+    }
+
+    fn links(&self) -> Result<Vec<Link>, NetError> {
+        let out = query("list links", &["ip", "-j", "-d", "addr", "show"])?;
+        parse_links(&out)
+    }
+
+    fn nft_has_table(&self) -> Result<bool, NetError> {
+        let out = self
+            .privileged
+            .run("list nft tables", &["nft", "-j", "list", "tables"], None)?;
+        has_banger_table(&out)
+    }
+
+    fn ip(&self, op: &'static str, args: &[&str]) -> Result<(), NetError> {
+        let argv: Vec<&str> = std::iter::once("ip").chain(args.iter().copied()).collect();
+        self.privileged.run(op, &argv, None)?;
+        Ok(())
+    }
+}
+
+impl HostNet for SystemHostNet {
+    fn ensure_bridge(&self, bridge: &BridgeName, subnet: &Subnet) -> Result<Changes, NetError> {
+        let name = bridge.as_str();
+        let mut changes = Changes::none();
+        let links = self.links()?;
+        let link = match links.into_iter().find(|l| l.ifname == name) {
+            Some(link) if link.kind() == "bridge" => link,
+            Some(link) => {
+                return Err(NetError::NotABridge {
+                    name: name.to_owned(),
+                    kind: link.kind_description(),
+                })
+            }
+            None => {
+                self.ip(
+                    "create bridge",
+                    &["link", "add", "name", name, "type", "bridge"],
+                )?;
+                changes.push(format!("created bridge {name}"));
+                Link::named(name)
+            }
+        };
+
+        let gateway = subnet.gateway().to_string();
+        if !link.has_ipv4(&gateway, subnet.prefix_len()) {
+            let cidr = subnet.to_string();
+            self.ip("set bridge address", &["addr", "add", &cidr, "dev", name])?;
+            changes.push(format!("assigned {cidr} to {name}"));
+        }
+        if !link.is_up() {
+            self.ip("bring bridge up", &["link", "set", "dev", name, "up"])?;
+            changes.push(format!("brought {name} up"));
+        }
+        Ok(changes)
+    }
+
+    fn enable_ip_forwarding(&self) -> Result<Changes, NetError> {
+        let current = fs_err::read_to_string(IP_FORWARD).map_err(NetError::Forwarding)?;
+        if current.trim() == "1" {
+            return Ok(Changes::none());
+        }
+        self.privileged
+            .write_file("enable IPv4 forwarding", Path::new(IP_FORWARD), "1\n")?;
+        let mut changes = Changes::none();
+        changes.push("enabled IPv4 forwarding");
+        Ok(changes)
+    }
+
+    fn ensure_nat(&self, ruleset: &NatRuleset) -> Result<Changes, NetError> {
+        let mut changes = Changes::none();
+        let existed = self.nft_has_table()?;
+        if existed {
+            let listing = self.privileged.run(
+                "read banger nft table",
+                &["nft", "list", "table", NFT_FAMILY, NFT_TABLE],
+                None,
+            )?;
+            if ruleset.matches_listing(&listing) {
+                return Ok(changes);
+            }
+        }
+        let script = ruleset.install_script();
+        self.privileged.run(
+            "install banger nft table",
+            &["nft", "-f", "-"],
+            Some(script.as_bytes()),
+        )?;
+        changes.push(if existed {
+            format!("replaced nft table {NFT_FAMILY} {NFT_TABLE} (it differed from banger's)")
+        } else {
+            format!("created nft table {NFT_FAMILY} {NFT_TABLE}")
+        });
+        Ok(changes)
+    }
+
+    fn create_tap(
+        &self,
+        tap: &TapName,
+        owner: Uid,
+        bridge: &BridgeName,
+    ) -> Result<Changes, NetError> {
+        let name = tap.as_str();
+        let mut changes = Changes::none();
+        let link = self.links()?.into_iter().find(|l| l.ifname == name);
+        let link = match link {
+            Some(link) if link.is_tap() => link,
+            Some(link) => {
+                return Err(NetError::NotATap {
+                    name: name.to_owned(),
+                    kind: link.kind_description(),
+                })
+            }
+            None => {
+                self.privileged.create_tap("create tap", tap, owner)?;
+                changes.push(format!("created tap {name} owned by uid {owner}"));
+                Link::named(name)
+            }
+        };
+        if link.master.as_deref() != Some(bridge.as_str()) || !link.is_up() {
+            self.ip(
+                "attach tap to bridge",
+                &["link", "set", "dev", name, "master", bridge.as_str(), "up"],
+            )?;
+            changes.push(format!("attached {name} to {bridge} and brought it up"));
+        }
+        Ok(changes)
+    }
+
+    fn delete_tap(&self, tap: &TapName) -> Result<Changes, NetError> {
+        let name = tap.as_str();
+        let mut changes = Changes::none();
+        match self.links()?.into_iter().find(|l| l.ifname == name) {
+            None => {}
+            Some(link) if link.is_tap() => {
+                self.ip("delete tap", &["link", "del", "dev", name])?;
+                changes.push(format!("deleted tap {name}"));
+            }
+            Some(link) => {
+                return Err(NetError::NotATap {
+                    name: name.to_owned(),
+                    kind: link.kind_description(),
+                })
+            }
+        }
+        Ok(changes)
+    }
+
+    fn list_taps(&self) -> Result<Vec<TapName>, NetError> {
+        Ok(banger_taps(&self.links()?))
+    }
+
+    fn teardown(&self, bridge: &BridgeName) -> Result<Changes, NetError> {
+        let mut changes = Changes::none();
+        if self.nft_has_table()? {
+            self.privileged.run(
+                "delete banger nft table",
+                &["nft", "-f", "-"],
+                Some(nat::delete_script().as_bytes()),
+            )?;
+            changes.push(format!("deleted nft table {NFT_FAMILY} {NFT_TABLE}"));
+        }
+        let name = bridge.as_str();
+        match self.links()?.into_iter().find(|l| l.ifname == name) {
+            None => {}
+            Some(link) if link.kind() == "bridge" => {
+                self.ip("delete bridge", &["link", "del", "dev", name])?;
+                changes.push(format!("deleted bridge {name}"));
+            }
+            Some(link) => {
+                return Err(NetError::NotABridge {
+                    name: name.to_owned(),
+                    kind: link.kind_description(),
+                })
+            }
+        }
+        Ok(changes)
+    }
+}
+
+/// One entry of `ip -j -d addr show`; only the fields banger reads.
+#[derive(Debug, Deserialize)]
+struct Link {
+    ifname: String,
+    #[serde(default)]
+    flags: Vec<String>,
+    #[serde(default)]
+    master: Option<String>,
+    #[serde(default)]
+    linkinfo: Option<LinkInfo>,
+    #[serde(default)]
+    addr_info: Vec<AddrInfo>,
+}
+
+#[derive(Debug, Deserialize)]
+struct LinkInfo {
+    #[serde(default)]
+    info_kind: Option<String>,
+    #[serde(default)]
+    info_data: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+struct AddrInfo {
+    #[serde(default)]
+    family: Option<String>,
+    #[serde(default)]
+    local: Option<String>,
+    #[serde(default)]
+    prefixlen: Option<u8>,
+}
+
+impl Link {
+    /// A link we have just created: no address, down, no master.
+    fn named(name: &str) -> Link {
+        Link {
+            ifname: name.to_owned(),
+            flags: Vec::new(),
+            master: None,
+            linkinfo: None,
+            addr_info: Vec::new(),
+        }
+    }
+
+    /// The kernel's link kind (`bridge`, `tun`, `veth`, ...), empty for devices without one.
+    fn kind(&self) -> &str {
+        self.linkinfo
+            .as_ref()
+            .and_then(|i| i.info_kind.as_deref())
+            .unwrap_or("")
+    }
+
+    fn tun_type(&self) -> Option<&str> {
+        self.linkinfo
+            .as_ref()?
+            .info_data
+            .as_ref()?
+            .get("type")?
+            .as_str()
+    }
+
+    fn is_tap(&self) -> bool {
+        self.kind() == "tun" && self.tun_type() == Some("tap")
+    }
+
+    fn kind_description(&self) -> String {
+        match (self.kind(), self.tun_type()) {
+            ("", _) => "device without a link kind (physical or loopback)".to_owned(),
+            ("tun", Some(t)) => format!("{t} device"),
+            (kind, _) => format!("{kind} device"),
+        }
+    }
+
+    fn is_up(&self) -> bool {
+        self.flags.iter().any(|f| f == "UP")
+    }
+
+    fn has_ipv4(&self, local: &str, prefix_len: u8) -> bool {
+        self.addr_info.iter().any(|a| {
+            a.family.as_deref() == Some("inet")
+                && a.local.as_deref() == Some(local)
+                && a.prefixlen == Some(prefix_len)
+        })
+    }
+}
+
+fn parse_links(json: &str) -> Result<Vec<Link>, NetError> {
+    if json.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    serde_json::from_str(json).map_err(|source| NetError::Parse {
+        what: "links",
+        command: LINKS_COMMAND,
+        source,
+    })
+}
+
+fn banger_taps(links: &[Link]) -> Vec<TapName> {
+    let mut taps: Vec<TapName> = links
+        .iter()
+        .filter(|l| l.is_tap() && l.ifname.starts_with(TAP_PREFIX))
+        .filter_map(|l| match TapName::parse(&l.ifname) {
+            Ok(tap) => Some(tap),
+            Err(err) => {
+                tracing::warn!(%err, "ignoring tap with banger's prefix but an unusable name");
+                None
+            }
+        })
+        .collect();
+    taps.sort();
+    taps
+}
+
+#[derive(Debug, Deserialize)]
+struct NftDocument {
+    nftables: Vec<serde_json::Value>,
+}
+
+fn has_banger_table(json: &str) -> Result<bool, NetError> {
+    let doc: NftDocument = serde_json::from_str(json).map_err(|source| NetError::Parse {
+        what: "nft tables",
+        command: "nft -j list tables",
+        source,
+    })?;
+    Ok(doc.nftables.iter().any(|item| {
+        item.get("table").is_some_and(|t| {
+            t.get("family").and_then(|f| f.as_str()) == Some(NFT_FAMILY)
+                && t.get("name").and_then(|n| n.as_str()) == Some(NFT_TABLE)
+        })
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Trimmed from real `ip -j -d addr show` output (iproute2 6.1).
+    const LINKS: &str = r#"[
+      {"ifindex":1,"ifname":"lo","flags":["LOOPBACK","UP","LOWER_UP"],"addr_info":[
+        {"family":"inet","local":"127.0.0.1","prefixlen":8}]},
+      {"ifindex":2,"ifname":"banger0","flags":["NO-CARRIER","BROADCAST","MULTICAST","UP"],
+       "linkinfo":{"info_kind":"bridge","info_data":{"stp_state":0}},
+       "addr_info":[{"family":"inet","local":"172.16.0.1","prefixlen":24},
+                    {"family":"inet6","local":"fe80::1","prefixlen":64}]},
+      {"ifindex":3,"ifname":"bg-b","flags":["BROADCAST","UP"],"master":"banger0",
+       "linkinfo":{"info_kind":"tun","info_data":{"type":"tap","pi":false,"persist":true,"user":"1000"},
+                   "info_slave_kind":"bridge"},"addr_info":[]},
+      {"ifindex":4,"ifname":"bg-a","flags":["BROADCAST"],
+       "linkinfo":{"info_kind":"tun","info_data":{"type":"tap"}},"addr_info":[]},
+      {"ifindex":5,"ifname":"bg-tun","flags":[],
+       "linkinfo":{"info_kind":"tun","info_data":{"type":"tun"}},"addr_info":[]},
+      {"ifindex":6,"ifname":"bg-veth","flags":[],"linkinfo":{"info_kind":"veth"},"addr_info":[]},
+      {"ifindex":7,"ifname":"tap0","flags":[],
+       "linkinfo":{"info_kind":"tun","info_data":{"type":"tap"}},"addr_info":[]}
+    ]"#;
+
+    #[test]
+    fn parses_bridge_state_from_ip_json() {
+        let links = parse_links(LINKS).unwrap();
+        let br = links.iter().find(|l| l.ifname == "banger0").unwrap();
+        assert_eq!(br.kind(), "bridge");
+        assert!(br.is_up());
+        assert!(br.has_ipv4("172.16.0.1", 24));
+        assert!(!br.has_ipv4("172.16.0.1", 16));
+        assert!(!br.has_ipv4("fe80::1", 64));
+        let lo = links.iter().find(|l| l.ifname == "lo").unwrap();
+        assert_eq!(lo.kind(), "");
+        assert!(lo.kind_description().contains("physical or loopback"));
+    }
+
+    #[test]
+    fn only_banger_prefixed_taps_are_listed() {
+        let links = parse_links(LINKS).unwrap();
+        let taps: Vec<String> = banger_taps(&links).iter().map(|t| t.to_string()).collect();
+        assert_eq!(taps, ["bg-a", "bg-b"]);
+        let tun = links.iter().find(|l| l.ifname == "bg-tun").unwrap();
+        assert!(!tun.is_tap());
+        assert_eq!(tun.kind_description(), "tun device");
+    }
+
+    #[test]
+    fn bad_ip_output_is_a_parse_error_naming_the_command() {
+        let err = parse_links("not json").unwrap_err();
+        assert!(err.to_string().contains("ip -j -d addr show"), "{err}");
+        assert!(parse_links("").unwrap().is_empty());
+    }
+
+    #[test]
+    fn finds_bangers_table_among_others() {
+        let with = r#"{"nftables": [{"metainfo": {"version": "1.0.6"}},
+            {"table": {"family": "ip", "name": "banger", "handle": 1}},
+            {"table": {"family": "inet", "name": "banger", "handle": 3}}]}"#;
+        assert!(has_banger_table(with).unwrap());
+        let without = r#"{"nftables": [{"metainfo": {"version": "1.0.6"}},
+            {"table": {"family": "inet", "name": "filter", "handle": 1}}]}"#;
+        assert!(!has_banger_table(without).unwrap());
+        assert!(has_banger_table("garbage").is_err());
+    }
+}

@@ -1,0 +1,447 @@
+//! Real host-network tests: bridge, NAT table, taps, reconcile and teardown, run for real as root, each
+//! inside its own throwaway network namespace so the host's interfaces and firewall are never touched.
+//!
+//! How the isolation works (see `harness`): each test, when started normally by `cargo test`, is the
+//! *parent*. It creates a named namespace with `ip netns add banger-net-test-<pid>-<test>`, then re-runs
+//! this same test binary with `ip netns exec <ns> <this binary> <test> --exact` and an environment variable
+//! naming the namespace. In that *child* the same test function sees the variable, checks that its network
+//! namespace really differs from the parent's, and runs the body. The parent always deletes the namespace
+//! (a Drop guard, so also when the child fails, times out or the parent panics), then asserts it is gone.
+//! Everything the body created (bridge, taps, nft table, the forwarding sysctl) lives in that namespace
+//! and disappears with it.
+//!
+//! Why not `unshare(CLONE_NEWNET)` in the test process: the libtest process is multi-threaded and
+//! `unshare` only moves the calling thread, so other tests' threads would stay on the host; a separate
+//! process per test is simpler to reason about. A named namespace (over an anonymous one) makes "the
+//! namespace is gone afterwards" checkable, and lets a later run sweep namespaces left by a killed run.
+//!
+//! A child that matched no test would exit 0, so the parent also requires a marker line that the body
+//! prints when it finishes. Tests fail (never skip) when not root or when `ip`, `nft` or `sudo` is missing.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeSet;
+use std::process::Command;
+
+use banger_net::{
+    Elevation, HostNet, NetConfig, NetError, Network, Privileged, SystemHostNet, TapName,
+};
+use nix::unistd::Uid;
+use serde_json::Value;
+
+mod harness {
+    use std::path::{Path, PathBuf};
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    const CHILD_ENV: &str = "BANGER_NET_TEST_NETNS";
+    const HOST_NETNS_ENV: &str = "BANGER_NET_TEST_PARENT_NETNS";
+    const DONE_MARKER: &str = "banger-net-test-body-finished:";
+    const NETNS_PREFIX: &str = "banger-net-test-";
+    const NETNS_DIR: &str = "/run/netns";
+    const CHILD_TIMEOUT: Duration = Duration::from_secs(120);
+
+    fn own_netns() -> String {
+        std::fs::read_link("/proc/self/ns/net")
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|e| panic!("cannot read /proc/self/ns/net: {e}"))
+    }
+
+    /// Deletes the namespace when dropped, whatever happened in between.
+    struct NetnsGuard {
+        name: String,
+    }
+
+    impl NetnsGuard {
+        fn create(name: String) -> Self {
+            let out = Command::new("ip")
+                .args(["netns", "add", &name])
+                .output()
+                .unwrap_or_else(|e| panic!("cannot run `ip netns add`: {e} (install iproute2)"));
+            assert!(
+                out.status.success(),
+                "`ip netns add {name}` failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            NetnsGuard { name }
+        }
+    }
+
+    impl Drop for NetnsGuard {
+        fn drop(&mut self) {
+            let _ = Command::new("ip")
+                .args(["netns", "del", &self.name])
+                .status();
+        }
+    }
+
+    /// Removes namespaces left by earlier runs whose process no longer exists (e.g. killed by a timeout).
+    fn sweep_stale() {
+        let Ok(entries) = std::fs::read_dir(NETNS_DIR) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(rest) = name.strip_prefix(NETNS_PREFIX) else {
+                continue;
+            };
+            let Some(pid) = rest.split('-').next() else {
+                continue;
+            };
+            if !Path::new("/proc").join(pid).exists() {
+                let _ = Command::new("ip").args(["netns", "del", &name]).status();
+            }
+        }
+    }
+
+    fn require_root_and_tools() {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "these tests create network namespaces and must run as root (they never touch the host's \
+             own network); run `cargo test -p banger-net` as root"
+        );
+        for tool in ["ip", "nft"] {
+            let found = Command::new(tool)
+                .arg("-V")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok();
+            assert!(
+                found,
+                "`{tool}` is not installed; install iproute2 and nftables"
+            );
+        }
+    }
+
+    pub fn netns_gone(name: &str) -> bool {
+        let listed = Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        !PathBuf::from(NETNS_DIR).join(name).exists()
+            && !listed
+                .lines()
+                .any(|l| l.split_whitespace().next() == Some(name))
+    }
+
+    /// Runs `body` in a fresh network namespace (see the module header for how).
+    pub fn in_fresh_netns(test: &str, body: impl FnOnce()) {
+        if let Ok(ns) = std::env::var(CHILD_ENV) {
+            let parent = std::env::var(HOST_NETNS_ENV).unwrap_or_default();
+            let mine = own_netns();
+            assert!(
+                !parent.is_empty() && mine != parent,
+                "refusing to run {test}: not inside the test namespace {ns} ({mine} vs {parent})"
+            );
+            body();
+            // Leading newline: libtest has already printed "test NAME ... " on this line.
+            println!("\n{DONE_MARKER}{test}");
+            return;
+        }
+
+        require_root_and_tools();
+        sweep_stale();
+        let name = format!("{NETNS_PREFIX}{}-{test}", std::process::id());
+        let guard = NetnsGuard::create(name.clone());
+
+        let exe = std::env::current_exe().unwrap_or_else(|e| panic!("current_exe: {e}"));
+        let stdout = tempfile::NamedTempFile::new().unwrap();
+        let stderr = tempfile::NamedTempFile::new().unwrap();
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &name])
+            .arg(&exe)
+            .args([test, "--exact", "--nocapture", "--test-threads=1"])
+            .env(CHILD_ENV, &name)
+            .env(HOST_NETNS_ENV, own_netns())
+            .stdin(Stdio::null())
+            .stdout(stdout.reopen().unwrap())
+            .stderr(stderr.reopen().unwrap())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start the test child: {e}"));
+        let deadline = Instant::now() + CHILD_TIMEOUT;
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break Some(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+
+        drop(guard);
+        assert!(
+            netns_gone(&name),
+            "network namespace {name} still exists after the test"
+        );
+
+        let out = std::fs::read_to_string(stdout.path()).unwrap_or_default();
+        let err = std::fs::read_to_string(stderr.path()).unwrap_or_default();
+        println!("--- child stdout ---\n{out}\n--- child stderr ---\n{err}");
+        let status = status.unwrap_or_else(|| {
+            panic!("{test} timed out after {CHILD_TIMEOUT:?} in namespace {name}")
+        });
+        assert!(status.success(), "{test} failed inside namespace {name}");
+        assert!(
+            out.lines().any(|l| l == format!("{DONE_MARKER}{test}")),
+            "{test}: the child did not run the test body (test name mismatch?)"
+        );
+    }
+}
+
+/// A test whose body runs inside its own fresh network namespace.
+macro_rules! netns_test {
+    ($(#[$meta:meta])* fn $name:ident() $body:block) => {
+        $(#[$meta])*
+        #[test]
+        fn $name() {
+            harness::in_fresh_netns(stringify!($name), || $body);
+        }
+    };
+}
+
+// ---- observations made independently of the code under test ----
+
+fn sh(argv: &[&str]) -> String {
+    let out = Command::new(argv[0])
+        .args(&argv[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {argv:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{argv:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn links() -> Vec<Value> {
+    serde_json::from_str(&sh(&["ip", "-j", "-d", "addr", "show"])).unwrap()
+}
+
+fn link(name: &str) -> Option<Value> {
+    links().into_iter().find(|l| l["ifname"] == name)
+}
+
+fn kind(link: &Value) -> &str {
+    link["linkinfo"]["info_kind"].as_str().unwrap_or("")
+}
+
+fn is_up(link: &Value) -> bool {
+    link["flags"]
+        .as_array()
+        .is_some_and(|f| f.iter().any(|x| x == "UP"))
+}
+
+fn bridges() -> Vec<String> {
+    links()
+        .iter()
+        .filter(|l| kind(l) == "bridge")
+        .map(|l| l["ifname"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn nft_tables() -> Vec<String> {
+    let doc: Value = serde_json::from_str(&sh(&["nft", "-j", "list", "tables"])).unwrap();
+    doc["nftables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|i| i.get("table"))
+        .map(|t| {
+            format!(
+                "{} {}",
+                t["family"].as_str().unwrap(),
+                t["name"].as_str().unwrap()
+            )
+        })
+        .collect()
+}
+
+fn nft_banger_listing() -> String {
+    sh(&["nft", "list", "table", "inet", "banger"])
+}
+
+fn ip_forward() -> String {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward")
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
+fn sysfs(dev: &str, attr: &str) -> String {
+    std::fs::read_to_string(format!("/sys/class/net/{dev}/{attr}"))
+        .unwrap_or_else(|e| panic!("/sys/class/net/{dev}/{attr}: {e}"))
+        .trim()
+        .to_owned()
+}
+
+fn system_network(elevation: Elevation, config: NetConfig) -> Network<SystemHostNet> {
+    Network::new(
+        SystemHostNet::new(Privileged::with_elevation(elevation)),
+        config,
+    )
+}
+
+/// Asserts `tap` is a persistent, PI-less tap owned by `uid`, enslaved to `bridge` and up.
+fn assert_tap_ready(tap: &TapName, bridge: &str, uid: u32) {
+    let l = link(tap.as_str()).unwrap_or_else(|| panic!("tap {tap} does not exist"));
+    assert_eq!(kind(&l), "tun", "{tap}: {l}");
+    assert_eq!(l["linkinfo"]["info_data"]["type"], "tap", "{tap}");
+    assert_eq!(l["linkinfo"]["info_data"]["pi"], false, "{tap}");
+    assert_eq!(l["linkinfo"]["info_data"]["persist"], true, "{tap}");
+    assert_eq!(l["master"], bridge, "{tap} is attached to the bridge");
+    assert!(is_up(&l), "{tap} is up");
+    assert_eq!(sysfs(tap.as_str(), "owner"), uid.to_string(), "{tap} owner");
+}
+
+netns_test! {
+    fn bridge_and_nat_setup_is_idempotent() {
+        assert_eq!(ip_forward(), "0", "a fresh namespace starts with forwarding off");
+        let net = system_network(Elevation::Direct, NetConfig::default());
+
+        let first = net.ensure_host().unwrap();
+        assert_eq!(
+            first.as_slice(),
+            [
+                "created bridge banger0",
+                "assigned 172.16.0.1/24 to banger0",
+                "brought banger0 up",
+                "enabled IPv4 forwarding",
+                "created nft table inet banger",
+            ],
+            "{first}"
+        );
+        let listing = nft_banger_listing();
+        assert!(listing.contains("ip saddr 172.16.0.0/24 oifname != \"banger0\" masquerade"), "{listing}");
+        assert!(NetConfig::default().ruleset().matches_listing(&listing), "{listing}");
+
+        let second = net.ensure_host().unwrap();
+        assert!(second.is_empty(), "second run changed: {second}");
+        assert_eq!(nft_banger_listing(), listing, "table unchanged");
+        assert_eq!(nft_tables(), ["inet banger"], "exactly one banger table");
+        assert_eq!(bridges(), ["banger0"], "exactly one bridge");
+        let br = link("banger0").unwrap();
+        assert!(is_up(&br));
+        let v4: Vec<_> = br["addr_info"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|a| a["family"] == "inet")
+            .map(|a| format!("{}/{}", a["local"].as_str().unwrap(), a["prefixlen"]))
+            .collect();
+        assert_eq!(v4, ["172.16.0.1/24"]);
+        assert_eq!(ip_forward(), "1");
+
+        // Someone edits banger's table by hand: the next ensure puts it back, atomically and whole.
+        sh(&["nft", "flush", "chain", "inet", "banger", "forward"]);
+        assert_ne!(nft_banger_listing(), listing);
+        let repaired = net.ensure_host().unwrap();
+        assert_eq!(
+            repaired.as_slice(),
+            ["replaced nft table inet banger (it differed from banger's)"]
+        );
+        assert_eq!(nft_banger_listing(), listing);
+        assert_eq!(nft_tables(), ["inet banger"]);
+
+        let down = net.teardown().unwrap();
+        assert_eq!(down.as_slice(), ["deleted nft table inet banger", "deleted bridge banger0"]);
+        assert!(nft_tables().is_empty());
+        assert!(bridges().is_empty());
+    }
+}
+
+netns_test! {
+    fn taps_attach_detach_reconcile_and_teardown() {
+        let config = NetConfig::parse("bgtest0", "10.200.0.1/24").unwrap();
+        let net = system_network(Elevation::Direct, config);
+        let owner = Uid::from_raw(1000);
+
+        let vm1 = net.attach_vm("vm1", owner).unwrap();
+        let vm2 = net.attach_vm("01jq8x7k2m3n4p5q6r7s8t9v0w", owner).unwrap();
+        assert_eq!(vm1.tap.as_str(), "bg-vm1");
+        assert_eq!(vm2.tap.as_str().len(), 15);
+        assert_tap_ready(&vm1.tap, "bgtest0", 1000);
+        assert_tap_ready(&vm2.tap, "bgtest0", 1000);
+        let mut expected = vec![vm1.tap.clone(), vm2.tap.clone()];
+        expected.sort();
+        assert_eq!(net.host().list_taps().unwrap(), expected);
+
+        let again = net.attach_vm("vm1", owner).unwrap();
+        assert!(again.changes.is_empty(), "re-attach changed: {}", again.changes);
+
+        let removed = net.detach_vm("01jq8x7k2m3n4p5q6r7s8t9v0w").unwrap();
+        assert_eq!(removed.as_slice().len(), 1, "{removed}");
+        assert!(link(vm2.tap.as_str()).is_none(), "deleted tap is gone");
+        assert!(net.detach_vm("01jq8x7k2m3n4p5q6r7s8t9v0w").unwrap().is_empty());
+        assert_tap_ready(&vm1.tap, "bgtest0", 1000);
+
+        // Leftovers: a banger tap nobody owns, plus look-alikes reconcile must not touch.
+        sh(&["ip", "tuntap", "add", "dev", "bg-orphan", "mode", "tap", "user", "1000"]);
+        sh(&["ip", "tuntap", "add", "dev", "tap-other", "mode", "tap"]);
+        sh(&["ip", "link", "add", "bg-veth", "type", "veth", "peer", "name", "peer-veth"]);
+        let report = net.reconcile(&[vm1.tap.to_string(), "bg-gone".to_owned()]).unwrap();
+        assert_eq!(report.removed, [TapName::parse("bg-orphan").unwrap()]);
+        assert_eq!(report.kept, std::slice::from_ref(&vm1.tap));
+        assert_eq!(report.missing, ["bg-gone"]);
+        assert!(report.failed.is_empty(), "{:?}", report.failed);
+        assert!(link("bg-orphan").is_none());
+        assert!(link("tap-other").is_some(), "non-banger tap untouched");
+        assert!(link("bg-veth").is_some(), "non-tap with banger's prefix untouched");
+        assert_tap_ready(&vm1.tap, "bgtest0", 1000);
+
+        // A non-tap under a tap's name is refused, not deleted.
+        let err = net.host().delete_tap(&TapName::parse("bg-veth").unwrap()).unwrap_err();
+        assert!(matches!(err, NetError::NotATap { .. }), "{err}");
+
+        let down = net.teardown().unwrap();
+        assert_eq!(down.as_slice(), ["deleted nft table inet banger", "deleted bridge bgtest0"]);
+        assert!(nft_tables().is_empty(), "no nft table left");
+        assert!(link("bgtest0").is_none(), "no bridge left");
+        assert!(bridges().is_empty());
+        assert!(net.teardown().unwrap().is_empty(), "teardown is idempotent");
+    }
+}
+
+netns_test! {
+    fn existing_non_bridge_with_the_bridge_name_is_refused() {
+        sh(&["ip", "link", "add", "banger0", "type", "veth", "peer", "name", "peer-veth"]);
+        let net = system_network(Elevation::Direct, NetConfig::default());
+        let err = net.ensure_host().unwrap_err();
+        assert!(matches!(err, NetError::NotABridge { .. }), "{err}");
+        let msg = err.to_string();
+        assert!(msg.contains("veth device") && msg.contains("hint:"), "{msg}");
+        assert!(nft_tables().is_empty(), "nothing else was set up");
+        assert_eq!(kind(&link("banger0").unwrap()), "veth", "and the device was left alone");
+    }
+}
+
+netns_test! {
+    fn sudo_path_sets_up_the_same_network() {
+        let found = Command::new("sudo").arg("-V").output().is_ok();
+        assert!(found, "`sudo` is not installed; install it (apt-get install sudo)");
+        let net = system_network(Elevation::Sudo, NetConfig::default());
+
+        let changes = net.ensure_host().unwrap();
+        assert_eq!(changes.as_slice().len(), 5, "{changes}");
+        assert_eq!(ip_forward(), "1", "forwarding written through `sudo -n tee`");
+        assert!(net.ensure_host().unwrap().is_empty());
+        let vm = net.attach_vm("viasudo", Uid::from_raw(4242)).unwrap();
+        assert_tap_ready(&vm.tap, "banger0", 4242);
+        assert_eq!(
+            net.reconcile(&[]).unwrap().removed,
+            std::slice::from_ref(&vm.tap),
+        );
+        let down = net.teardown().unwrap();
+        assert_eq!(down.as_slice().len(), 2, "{down}");
+        let left: BTreeSet<String> = links()
+            .iter()
+            .map(|l| l["ifname"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(left, BTreeSet::from(["lo".to_owned()]));
+    }
+}

@@ -1,0 +1,315 @@
+//! The Firecracker backend: spawns `firecracker --api-sock`, configures the microVM through its
+//! API ([`api`]) and starts it; stops it with Ctrl-Alt-Del, then SIGKILL.
+//!
+//! Per-VM files in `run_dir`: `fc.sock` (API), `fc-vsock.sock` (vsock bridge; the agent is
+//! reached through it on port [`AGENT_PORT`]), `firecracker.log` (Firecracker's own log, set via
+//! `PUT /logger`) and `vmm.pid`. Firecracker writes the guest's serial console to its stdout,
+//! which is appended to the configured console log together with its stderr.
+
+mod api;
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub use api::*;
+
+use crate::process::{self, Launcher, LogMode, RealLauncher, SpawnSpec, Spawned};
+use crate::{
+    check_inputs, AgentEndpoint, BackendKind, BoxFuture, VmConfig, VmHandle, Vmm, VmmError,
+    AGENT_PORT, PID_FILE,
+};
+
+pub(crate) const API_SOCKET: &str = "fc.sock";
+pub(crate) const VSOCK_UDS: &str = "fc-vsock.sock";
+pub(crate) const FIRECRACKER_LOG: &str = "firecracker.log";
+/// Guest CID when the config has none: Firecracker's vsock is per-VM, so any CID >= 3 works.
+const DEFAULT_GUEST_CID: u32 = 3;
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Runs VMs with Firecracker.
+pub struct FirecrackerBackend {
+    binary: PathBuf,
+    launcher: Arc<dyn Launcher>,
+}
+
+/// The run-directory paths of one Firecracker VM.
+#[derive(Debug, Clone)]
+pub(crate) struct Files {
+    pub api_socket: PathBuf,
+    pub vsock_uds: PathBuf,
+    pub log: PathBuf,
+    pub pid_file: PathBuf,
+}
+
+impl Files {
+    pub(crate) fn new(run_dir: &Path) -> Files {
+        Files {
+            api_socket: run_dir.join(API_SOCKET),
+            vsock_uds: run_dir.join(VSOCK_UDS),
+            log: run_dir.join(FIRECRACKER_LOG),
+            pid_file: run_dir.join(PID_FILE),
+        }
+    }
+}
+
+impl FirecrackerBackend {
+    pub fn new(binary: PathBuf) -> FirecrackerBackend {
+        FirecrackerBackend {
+            binary,
+            launcher: Arc::new(RealLauncher),
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn with_launcher(binary: PathBuf, launcher: Arc<dyn Launcher>) -> Self {
+        FirecrackerBackend { binary, launcher }
+    }
+
+    async fn start_vm(&self, cfg: &VmConfig) -> Result<VmHandle, VmmError> {
+        check_inputs(cfg)?;
+        let files = Files::new(&cfg.run_dir);
+        let io = |action: &str| {
+            let vm = cfg.name.clone();
+            let action = action.to_string();
+            move |source| VmmError::Io { vm, action, source }
+        };
+        // Firecracker refuses to bind sockets that already exist.
+        for stale in [&files.api_socket, &files.vsock_uds, &files.pid_file] {
+            process::remove_stale(stale)
+                .map_err(io("cannot remove a stale file from the run directory"))?;
+        }
+        // The logger opens its file without creating it.
+        fs_err::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&files.log)
+            .map_err(io("cannot create Firecracker's log file"))?;
+
+        let mut args: Vec<OsString> = vec!["--api-sock".into(), files.api_socket.clone().into()];
+        if is_valid_instance_id(&cfg.name) {
+            args.extend(["--id".into(), cfg.name.clone().into()]);
+        }
+        let spec = SpawnSpec {
+            program: self.binary.clone(),
+            args,
+            log: cfg.console_log.clone(),
+            log_mode: LogMode::Append,
+            pid_file: files.pid_file.clone(),
+        };
+        tracing::info!(vm = %cfg.name, binary = %self.binary.display(), "starting firecracker");
+        let spawned = self
+            .launcher
+            .spawn(&spec)
+            .map_err(|source| VmmError::Spawn {
+                vm: cfg.name.clone(),
+                binary: self.binary.clone(),
+                source,
+            })?;
+
+        let client = FirecrackerClient::new(&files.api_socket);
+        let booted = async {
+            wait_ready(cfg, spawned, &client, &files).await?;
+            configure(&client, cfg, &files).await?;
+            client
+                .action(ActionType::InstanceStart)
+                .await
+                .map_err(|source| VmmError::Api {
+                    vm: cfg.name.clone(),
+                    step: "starting the instance",
+                    source,
+                })
+        }
+        .await;
+        if let Err(e) = booted {
+            // Never leave a half-configured Firecracker behind.
+            let _ = process::terminate(spawned.pid, spawned.start_time, Duration::ZERO).await;
+            return Err(e);
+        }
+        Ok(VmHandle {
+            name: cfg.name.clone(),
+            backend: BackendKind::Firecracker,
+            pid: spawned.pid,
+            pid_start_time: spawned.start_time,
+            agent: AgentEndpoint::FirecrackerVsock {
+                uds: files.vsock_uds,
+                port: AGENT_PORT,
+            },
+            api_socket: Some(files.api_socket),
+            run_dir: cfg.run_dir.clone(),
+        })
+    }
+}
+
+/// Firecracker's `--id`: 1 to 64 characters of `[A-Za-z0-9-]`.
+fn is_valid_instance_id(name: &str) -> bool {
+    (1..=64).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+/// Waits until the API answers `GET /`, or fails with the exit status and log tails.
+async fn wait_ready(
+    cfg: &VmConfig,
+    spawned: Spawned,
+    client: &FirecrackerClient,
+    files: &Files,
+) -> Result<(), VmmError> {
+    let started = Instant::now();
+    let quick = client.clone().with_timeout(Duration::from_secs(2));
+    let logs = || {
+        process::format_logs(&[
+            ("firecracker output and serial console", cfg.console_log.as_path()),
+            ("firecracker log", files.log.as_path()),
+        ])
+    };
+    loop {
+        if let Some(status) = process::exit_status_if_gone(spawned.pid, spawned.start_time) {
+            return Err(VmmError::ExitedDuringStart {
+                vm: cfg.name.clone(),
+                backend: BackendKind::Firecracker,
+                status,
+                logs: logs(),
+            });
+        }
+        if files.api_socket.exists() && quick.describe_instance().await.is_ok() {
+            return Ok(());
+        }
+        if started.elapsed() > READY_TIMEOUT {
+            return Err(VmmError::NotReady {
+                vm: cfg.name.clone(),
+                backend: BackendKind::Firecracker,
+                socket: files.api_socket.clone(),
+                waited: READY_TIMEOUT,
+                logs: logs(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Sends the whole pre-boot configuration, in the order Firecracker's docs use.
+pub(crate) async fn configure(
+    client: &FirecrackerClient,
+    cfg: &VmConfig,
+    files: &Files,
+) -> Result<(), VmmError> {
+    let step = |step: &'static str| {
+        let vm = cfg.name.clone();
+        move |source| VmmError::Api { vm, step, source }
+    };
+    client
+        .put_logger(&Logger {
+            log_path: Some(files.log.clone()),
+            level: Some(LogLevel::Info),
+            show_level: Some(true),
+            show_log_origin: None,
+            module: None,
+        })
+        .await
+        .map_err(step("configuring the logger"))?;
+    client
+        .put_machine_config(&MachineConfiguration {
+            vcpu_count: cfg.vcpus,
+            mem_size_mib: cfg.memory_mib,
+            smt: None,
+            track_dirty_pages: None,
+            huge_pages: None,
+        })
+        .await
+        .map_err(step("setting vCPUs and memory"))?;
+    client
+        .put_boot_source(&BootSource {
+            kernel_image_path: cfg.kernel.clone(),
+            initrd_path: cfg.initrd.clone(),
+            boot_args: Some(cfg.kernel_args.clone()),
+        })
+        .await
+        .map_err(step("setting the kernel and its command line"))?;
+    // The root device is always /dev/vda; Firecracker orders it first.
+    for (id, path, root) in [
+        ("rootfs", &cfg.root_disk, true),
+        ("work", &cfg.work_disk, false),
+    ] {
+        client
+            .put_drive(&Drive {
+                drive_id: id.to_string(),
+                path_on_host: path.clone(),
+                is_root_device: root,
+                is_read_only: Some(false),
+                partuuid: None,
+                cache_type: Some(CacheType::Writeback),
+                io_engine: None,
+            })
+            .await
+            .map_err(step("attaching a disk"))?;
+    }
+    if let Some(net) = &cfg.net {
+        client
+            .put_network_interface(&NetworkInterface {
+                iface_id: "eth0".to_string(),
+                host_dev_name: net.tap.clone(),
+                guest_mac: Some(net.mac.clone()),
+                mtu: None,
+            })
+            .await
+            .map_err(step("attaching the network interface"))?;
+    }
+    client
+        .put_vsock(&Vsock {
+            guest_cid: cfg.vsock_cid.unwrap_or(DEFAULT_GUEST_CID),
+            uds_path: files.vsock_uds.clone(),
+        })
+        .await
+        .map_err(step("attaching the vsock device"))?;
+    Ok(())
+}
+
+/// Stops a Firecracker VM: Ctrl-Alt-Del (the guest reboots, and Firecracker exits on a guest
+/// reboot), then SIGKILL after `graceful`.
+pub(crate) async fn stop(handle: &VmHandle, graceful: Duration) -> Result<(), VmmError> {
+    if !crate::is_alive(handle) {
+        crate::cleanup_run_dir(handle);
+        return Ok(());
+    }
+    let asked = match &handle.api_socket {
+        Some(socket) => {
+            let client = FirecrackerClient::new(socket).with_timeout(REQUEST_TIMEOUT);
+            match client.action(ActionType::SendCtrlAltDel).await {
+                Ok(()) => true,
+                Err(source) => {
+                    let e = VmmError::Api {
+                        vm: handle.name.clone(),
+                        step: "sending Ctrl-Alt-Del",
+                        source,
+                    };
+                    tracing::warn!(error = %e.report(), "killing Firecracker without a graceful shutdown");
+                    false
+                }
+            }
+        }
+        None => false,
+    };
+    crate::finish_stop(handle, if asked { graceful } else { Duration::ZERO }).await
+}
+
+impl Vmm for FirecrackerBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Firecracker
+    }
+
+    fn start<'a>(&'a self, cfg: &'a VmConfig) -> BoxFuture<'a, Result<VmHandle, VmmError>> {
+        Box::pin(self.start_vm(cfg))
+    }
+
+    fn stop<'a>(
+        &'a self,
+        handle: &'a VmHandle,
+        graceful: Duration,
+    ) -> BoxFuture<'a, Result<(), VmmError>> {
+        Box::pin(crate::stop(handle, graceful))
+    }
+}
+
+#[cfg(test)]
+mod contract_tests;

@@ -1,0 +1,227 @@
+//! The QEMU backend: `qemu-system-x86_64 -M microvm` with KVM when the host has hardware KVM and
+//! TCG otherwise. It owns QEMU's command line ([`args`]), the QMP client used to see that QEMU is
+//! up and to power the guest down ([`qmp`]), and QEMU's process lifecycle.
+//!
+//! Per-VM files in `run_dir`: `qmp.sock` (QMP), `agent.sock` (agent's virtio-serial port when
+//! there is no vhost-vsock), `qemu.log` (QEMU's own stdout/stderr, rewritten on each start) and
+//! `vmm.pid`. The serial console is appended to the configured console log.
+
+mod args;
+mod qmp;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub use args::Accel;
+pub use qmp::{Qmp, QmpError};
+
+use crate::kvm::KvmMode;
+use crate::process::{self, Launcher, LogMode, RealLauncher, SpawnSpec, Spawned};
+use crate::{
+    check_inputs, AgentEndpoint, BackendKind, BoxFuture, VmConfig, VmHandle, Vmm, VmmError,
+    AGENT_PORT, PID_FILE,
+};
+use args::{AgentChannel, Plan};
+
+pub(crate) const QMP_SOCKET: &str = "qmp.sock";
+pub(crate) const AGENT_SOCKET: &str = "agent.sock";
+pub(crate) const QEMU_LOG: &str = "qemu.log";
+
+/// How long QEMU gets to open its QMP socket. TCG on a loaded two-core host is slow to start.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bound on the graceful-stop request itself (not on the guest's shutdown).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Runs VMs with `qemu-system-x86_64`.
+pub struct QemuBackend {
+    binary: PathBuf,
+    accel: Accel,
+    launcher: Arc<dyn Launcher>,
+}
+
+impl QemuBackend {
+    /// `kvm` decides the accelerator: KVM only when it is hardware KVM.
+    pub fn new(binary: PathBuf, kvm: KvmMode) -> QemuBackend {
+        let accel = if kvm.is_hardware() {
+            Accel::Kvm
+        } else {
+            Accel::Tcg
+        };
+        QemuBackend {
+            binary,
+            accel,
+            launcher: Arc::new(RealLauncher),
+        }
+    }
+
+    pub fn accel(&self) -> Accel {
+        self.accel
+    }
+
+    async fn start_vm(&self, cfg: &VmConfig) -> Result<VmHandle, VmmError> {
+        check_inputs(cfg)?;
+        let qmp_socket = cfg.run_dir.join(QMP_SOCKET);
+        let agent_socket = cfg.run_dir.join(AGENT_SOCKET);
+        let pid_file = cfg.run_dir.join(PID_FILE);
+        for stale in [&qmp_socket, &agent_socket, &pid_file] {
+            process::remove_stale(stale).map_err(|source| VmmError::Io {
+                vm: cfg.name.clone(),
+                action: "cannot remove a stale file from the run directory".into(),
+                source,
+            })?;
+        }
+
+        let (channel, agent) = match cfg.vsock_cid {
+            Some(cid) if Path::new("/dev/vhost-vsock").exists() => (
+                AgentChannel::Vsock { cid },
+                AgentEndpoint::Vsock {
+                    cid,
+                    port: AGENT_PORT,
+                },
+            ),
+            _ => (
+                AgentChannel::VirtioSerial {
+                    socket: agent_socket.clone(),
+                },
+                AgentEndpoint::VirtioSerial {
+                    socket: agent_socket,
+                },
+            ),
+        };
+        let plan = Plan {
+            accel: self.accel,
+            agent: channel,
+            qmp_socket: qmp_socket.clone(),
+            vhost_net: Path::new("/dev/vhost-net").exists(),
+        };
+        let argv = args::build_args(cfg, &plan);
+        tracing::info!(vm = %cfg.name, command = %args::display(&self.binary, &argv), "starting qemu");
+
+        let log = cfg.run_dir.join(QEMU_LOG);
+        let spec = SpawnSpec {
+            program: self.binary.clone(),
+            args: argv,
+            log: log.clone(),
+            log_mode: LogMode::Truncate,
+            pid_file,
+        };
+        let spawned = self
+            .launcher
+            .spawn(&spec)
+            .map_err(|source| VmmError::Spawn {
+                vm: cfg.name.clone(),
+                binary: self.binary.clone(),
+                source,
+            })?;
+
+        if let Err(e) = wait_ready(cfg, spawned, &qmp_socket, &log).await {
+            // Never leave a half-started QEMU behind.
+            let _ = process::terminate(spawned.pid, spawned.start_time, Duration::ZERO).await;
+            return Err(e);
+        }
+        Ok(VmHandle {
+            name: cfg.name.clone(),
+            backend: BackendKind::Qemu,
+            pid: spawned.pid,
+            pid_start_time: spawned.start_time,
+            agent,
+            api_socket: Some(qmp_socket),
+            run_dir: cfg.run_dir.clone(),
+        })
+    }
+}
+
+/// Waits until QEMU answers QMP, or fails with its exit status and the tails of its logs.
+async fn wait_ready(
+    cfg: &VmConfig,
+    spawned: Spawned,
+    qmp_socket: &Path,
+    log: &Path,
+) -> Result<(), VmmError> {
+    let started = Instant::now();
+    let logs = || {
+        process::format_logs(&[
+            ("qemu output", log),
+            ("serial console", cfg.console_log.as_path()),
+        ])
+    };
+    loop {
+        if let Some(status) = process::exit_status_if_gone(spawned.pid, spawned.start_time) {
+            return Err(VmmError::ExitedDuringStart {
+                vm: cfg.name.clone(),
+                backend: BackendKind::Qemu,
+                status,
+                logs: logs(),
+            });
+        }
+        if qmp_socket.exists() && Qmp::connect(qmp_socket).await.is_ok() {
+            return Ok(());
+        }
+        if started.elapsed() > READY_TIMEOUT {
+            return Err(VmmError::NotReady {
+                vm: cfg.name.clone(),
+                backend: BackendKind::Qemu,
+                socket: qmp_socket.to_path_buf(),
+                waited: READY_TIMEOUT,
+                logs: logs(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn powerdown(socket: &Path) -> Result<(), QmpError> {
+    let request = async {
+        let mut qmp = Qmp::connect(socket).await?;
+        qmp.execute("system_powerdown", None).await.map(|_| ())
+    };
+    tokio::time::timeout(REQUEST_TIMEOUT, request)
+        .await
+        .unwrap_or(Err(QmpError::Timeout(REQUEST_TIMEOUT)))
+}
+
+/// Stops a QEMU VM: ACPI power button through QMP, then SIGKILL after `graceful`.
+pub(crate) async fn stop(handle: &VmHandle, graceful: Duration) -> Result<(), VmmError> {
+    if !crate::is_alive(handle) {
+        crate::cleanup_run_dir(handle);
+        return Ok(());
+    }
+    let asked = match &handle.api_socket {
+        Some(socket) => match powerdown(socket).await {
+            Ok(()) => true,
+            Err(e) => {
+                let e = VmmError::Qmp {
+                    vm: handle.name.clone(),
+                    step: "asking the guest to power down",
+                    source: e,
+                };
+                tracing::warn!(error = %e.report(), "killing QEMU without a graceful shutdown");
+                false
+            }
+        },
+        None => false,
+    };
+    crate::finish_stop(handle, if asked { graceful } else { Duration::ZERO }).await
+}
+
+impl Vmm for QemuBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Qemu
+    }
+
+    fn start<'a>(&'a self, cfg: &'a VmConfig) -> BoxFuture<'a, Result<VmHandle, VmmError>> {
+        Box::pin(self.start_vm(cfg))
+    }
+
+    fn stop<'a>(
+        &'a self,
+        handle: &'a VmHandle,
+        graceful: Duration,
+    ) -> BoxFuture<'a, Result<(), VmmError>> {
+        Box::pin(crate::stop(handle, graceful))
+    }
+}
+
+#[cfg(test)]
+mod tests;

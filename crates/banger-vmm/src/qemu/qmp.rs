@@ -1,0 +1,194 @@
+//! A minimal QMP (QEMU Machine Protocol) client: just enough to know QEMU is up and to ask the
+//! guest to power down.
+//!
+//! The protocol: on connect QEMU sends a greeting `{"QMP": {...}}`; the client must send
+//! `{"execute": "qmp_capabilities"}` and get `{"return": {}}` before any other command. Every
+//! message is one JSON object per line. Asynchronous events (`{"event": ...}`) may arrive at
+//! any time, including between a command and its reply, and are skipped here. A reply is
+//! either `{"return": ...}` or `{"error": {"class": ..., "desc": ...}}`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::UnixStream;
+
+#[derive(Debug, thiserror::Error)]
+pub enum QmpError {
+    #[error("cannot connect to QMP socket {path}")]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("QMP socket I/O failed")]
+    Io(#[from] std::io::Error),
+    #[error("QEMU closed the QMP connection")]
+    Closed,
+    #[error("no QMP reply within {0:?}")]
+    Timeout(Duration),
+    #[error("QEMU sent something that is not QMP: {0}")]
+    Protocol(String),
+    #[error("QEMU refused {command}: {class}: {desc}")]
+    Command {
+        command: String,
+        class: String,
+        desc: String,
+    },
+}
+
+const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A QMP session past the capabilities handshake.
+pub struct Qmp {
+    reader: BufReader<OwnedReadHalf>,
+    writer: OwnedWriteHalf,
+}
+
+impl Qmp {
+    /// Connects and completes the handshake.
+    pub async fn connect(path: &Path) -> Result<Qmp, QmpError> {
+        let stream = UnixStream::connect(path)
+            .await
+            .map_err(|source| QmpError::Connect {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        let (r, w) = stream.into_split();
+        let mut qmp = Qmp {
+            reader: BufReader::new(r),
+            writer: w,
+        };
+        let greeting = qmp.read_message().await?;
+        if greeting.get("QMP").is_none() {
+            return Err(QmpError::Protocol(format!("expected a greeting, got {greeting}")));
+        }
+        qmp.execute("qmp_capabilities", None).await?;
+        Ok(qmp)
+    }
+
+    /// Runs one command and returns its `return` value.
+    pub async fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value, QmpError> {
+        let mut msg = json!({ "execute": command });
+        if let Some(args) = arguments {
+            msg["arguments"] = args;
+        }
+        let mut line = msg.to_string();
+        line.push('\n');
+        self.writer.write_all(line.as_bytes()).await?;
+        loop {
+            let reply = self.read_message().await?;
+            if reply.get("event").is_some() {
+                continue;
+            }
+            if let Some(ret) = reply.get("return") {
+                return Ok(ret.clone());
+            }
+            if let Some(err) = reply.get("error") {
+                let field = |k: &str| err.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+                return Err(QmpError::Command {
+                    command: command.to_string(),
+                    class: field("class"),
+                    desc: field("desc"),
+                });
+            }
+            return Err(QmpError::Protocol(reply.to_string()));
+        }
+    }
+
+    async fn read_message(&mut self) -> Result<Value, QmpError> {
+        let mut line = String::new();
+        let n = tokio::time::timeout(REPLY_TIMEOUT, self.reader.read_line(&mut line))
+            .await
+            .map_err(|_| QmpError::Timeout(REPLY_TIMEOUT))??;
+        if n == 0 {
+            return Err(QmpError::Closed);
+        }
+        serde_json::from_str(line.trim_end()).map_err(|e| QmpError::Protocol(format!("{e}: {line:?}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::UnixListener;
+
+    /// A scripted QMP server: sends the greeting, then answers each received line with the next
+    /// scripted reply lines. Returns the lines it received.
+    fn serve(path: &Path, replies: Vec<Vec<&'static str>>) -> tokio::task::JoinHandle<Vec<String>> {
+        let listener = UnixListener::bind(path).unwrap();
+        tokio::spawn(async move {
+            let (s, _) = listener.accept().await.unwrap();
+            let (r, mut w) = s.into_split();
+            let mut r = BufReader::new(r);
+            w.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\r\n")
+                .await
+                .unwrap();
+            let mut got = Vec::new();
+            for reply in replies {
+                let mut line = String::new();
+                if r.read_line(&mut line).await.unwrap() == 0 {
+                    break;
+                }
+                got.push(line.trim_end().to_string());
+                for l in reply {
+                    w.write_all(format!("{l}\r\n").as_bytes()).await.unwrap();
+                }
+            }
+            got
+        })
+    }
+
+    #[tokio::test]
+    async fn handshake_then_command_skipping_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let server = serve(
+            &path,
+            vec![
+                vec![r#"{"return": {}}"#],
+                vec![
+                    r#"{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "POWERDOWN"}"#,
+                    r#"{"return": {}}"#,
+                ],
+            ],
+        );
+        let mut qmp = Qmp::connect(&path).await.unwrap();
+        assert_eq!(qmp.execute("system_powerdown", None).await.unwrap(), json!({}));
+        let got = server.await.unwrap();
+        assert_eq!(
+            got,
+            vec![
+                r#"{"execute":"qmp_capabilities"}"#,
+                r#"{"execute":"system_powerdown"}"#
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn command_error_carries_class_and_description() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let _server = serve(
+            &path,
+            vec![
+                vec![r#"{"return": {}}"#],
+                vec![r#"{"error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#],
+            ],
+        );
+        let mut qmp = Qmp::connect(&path).await.unwrap();
+        let err = qmp.execute("nope", None).await.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "QEMU refused nope: CommandNotFound: The command nope has not been found"
+        );
+    }
+
+    #[tokio::test]
+    async fn connect_to_missing_socket_names_it() {
+        let err = Qmp::connect(Path::new("/nonexistent/qmp.sock")).await.err().unwrap();
+        assert!(err.to_string().contains("/nonexistent/qmp.sock"), "{err}");
+    }
+}

@@ -1,0 +1,260 @@
+//! Tests of the QEMU backend against a real `qemu-system-x86_64` running a tiny test guest.
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::select::{find_in_path, QEMU_BIN};
+use crate::testkit::{eventually, write_test_kernel, ProcessGuard, TEST_KERNEL_GREETING};
+use crate::{connect_agent, NetConfig};
+
+fn qemu_binary() -> PathBuf {
+    find_in_path(OsStr::new(QEMU_BIN), std::env::var_os("PATH").as_deref()).unwrap_or_else(|| {
+        panic!("{QEMU_BIN} is required by this test: apt-get install qemu-system-x86")
+    })
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    cfg: VmConfig,
+}
+
+fn fixture(name: &str) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_test_kernel(&d.join("kernel.elf"));
+    for disk in ["root.img", "work.img"] {
+        let f = std::fs::File::create(d.join(disk)).unwrap();
+        f.set_len(1 << 20).unwrap();
+    }
+    std::fs::create_dir(d.join("run")).unwrap();
+    let cfg = VmConfig {
+        name: name.into(),
+        vcpus: 1,
+        memory_mib: 64,
+        kernel: d.join("kernel.elf"),
+        initrd: None,
+        kernel_args: "console=ttyS0".into(),
+        root_disk: d.join("root.img"),
+        work_disk: d.join("work.img"),
+        net: None,
+        vsock_cid: None,
+        run_dir: d.join("run"),
+        console_log: d.join("console.log"),
+    };
+    Fixture { _dir: dir, cfg }
+}
+
+fn backend() -> QemuBackend {
+    QemuBackend::new(qemu_binary(), crate::kvm_mode())
+}
+
+#[tokio::test]
+async fn qemu_boots_a_guest_and_stop_kills_it_after_the_grace_period() {
+    let fx = fixture("qemu-real");
+    let cfg = &fx.cfg;
+    std::fs::write(&cfg.console_log, "previous boot\n").unwrap();
+
+    let handle = backend().start(cfg).await.unwrap();
+    let _guard = ProcessGuard::new(handle.pid, handle.pid_start_time);
+
+    assert_eq!(handle.backend, BackendKind::Qemu);
+    assert!(crate::is_alive(&handle));
+    assert_eq!(handle.api_socket, Some(cfg.run_dir.join(QMP_SOCKET)));
+    assert_eq!(
+        handle.agent,
+        AgentEndpoint::VirtioSerial {
+            socket: cfg.run_dir.join(AGENT_SOCKET)
+        }
+    );
+    assert_eq!(
+        std::fs::read_to_string(cfg.run_dir.join(PID_FILE)).unwrap(),
+        format!("{}\n", handle.pid)
+    );
+
+    // The guest ran and its serial output was appended to the console log.
+    let console = cfg.console_log.clone();
+    let booted = eventually(20, || {
+        std::fs::read_to_string(&console)
+            .unwrap_or_default()
+            .contains(TEST_KERNEL_GREETING)
+    })
+    .await;
+    let text = std::fs::read_to_string(&console).unwrap();
+    assert!(booted, "guest output missing from console log: {text:?}");
+    assert!(text.starts_with("previous boot\n"), "console log was truncated: {text:?}");
+
+    // The agent's virtio-serial port is served on the host socket.
+    connect_agent(&handle.agent).await.unwrap();
+
+    // A daemon restart re-adopts the VM from the persisted handle.
+    let persisted = serde_json::to_string(&handle).unwrap();
+    let adopted: VmHandle = serde_json::from_str(&persisted).unwrap();
+    assert!(crate::is_alive(&adopted));
+
+    // The test guest ignores the ACPI power button: stop waits the grace period, then kills.
+    let grace = Duration::from_millis(800);
+    let t = Instant::now();
+    crate::stop(&adopted, grace).await.unwrap();
+    assert!(t.elapsed() >= grace, "did not wait for the guest: {:?}", t.elapsed());
+    assert!(!crate::is_alive(&adopted));
+    assert!(
+        crate::process::proc_stat(handle.pid).is_none(),
+        "QEMU was not reaped"
+    );
+    for f in [PID_FILE, QMP_SOCKET, AGENT_SOCKET] {
+        assert!(!cfg.run_dir.join(f).exists(), "{f} left behind");
+    }
+    // Stopping again is a no-op.
+    crate::stop(&adopted, grace).await.unwrap();
+}
+
+#[tokio::test]
+async fn qemu_can_start_again_in_the_same_run_dir() {
+    let fx = fixture("qemu-restart");
+    let b = backend();
+    for _ in 0..2 {
+        let handle = b.start(&fx.cfg).await.unwrap();
+        let _guard = ProcessGuard::new(handle.pid, handle.pid_start_time);
+        b.stop(&handle, Duration::ZERO).await.unwrap();
+        assert!(!crate::is_alive(&handle));
+    }
+}
+
+#[tokio::test]
+async fn qemu_exiting_during_start_reports_its_own_error_and_status() {
+    let fx = fixture("qemu-bad-kernel");
+    std::fs::write(&fx.cfg.kernel, b"this is not a kernel").unwrap();
+    let err = backend().start(&fx.cfg).await.unwrap_err();
+    let msg = err.report();
+    assert!(
+        matches!(err, VmmError::ExitedDuringStart { .. }),
+        "{msg}"
+    );
+    assert!(msg.contains("VM qemu-bad-kernel: qemu exited during start-up (exit status 1)"), "{msg}");
+    assert!(msg.contains("invalid kernel header"), "QEMU's stderr missing: {msg}");
+    assert!(msg.contains("hint:"), "{msg}");
+}
+
+#[tokio::test]
+async fn missing_inputs_are_reported_before_spawning() {
+    let fx = fixture("qemu-missing");
+    let mut cfg = fx.cfg.clone();
+    cfg.initrd = Some(cfg.run_dir.join("no-initrd.img"));
+    let err = backend().start(&cfg).await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "VM qemu-missing: initrd {} does not exist",
+            cfg.run_dir.join("no-initrd.img").display()
+        )
+    );
+    assert!(!cfg.run_dir.join(PID_FILE).exists());
+}
+
+#[tokio::test]
+async fn invalid_net_config_is_rejected() {
+    let fx = fixture("qemu-bad-mac");
+    let mut cfg = fx.cfg.clone();
+    cfg.net = Some(NetConfig {
+        tap: "tap0".into(),
+        mac: "06:00:zz:00:00:01".into(),
+    });
+    let err = backend().start(&cfg).await.unwrap_err();
+    assert!(err.to_string().contains("MAC \"06:00:zz:00:00:01\""), "{err}");
+    cfg.net = Some(NetConfig {
+        tap: "tap,0".into(),
+        mac: "06:00:00:00:00:01".into(),
+    });
+    let err = backend().start(&cfg).await.unwrap_err();
+    assert!(err.to_string().contains("tap name \"tap,0\""), "{err}");
+}
+
+#[tokio::test]
+async fn missing_qemu_binary_is_a_spawn_error_naming_it() {
+    let fx = fixture("qemu-no-binary");
+    let b = QemuBackend::new(PathBuf::from("/nonexistent/qemu-system-x86_64"), KvmMode::Absent);
+    let err = b.start(&fx.cfg).await.unwrap_err();
+    let msg = err.report();
+    assert!(msg.contains("cannot start /nonexistent/qemu-system-x86_64"), "{msg}");
+}
+
+/// QEMU attached to a tap inside a fresh network namespace, so the host's interfaces are never
+/// touched. Needs root (for `ip netns`).
+#[tokio::test]
+async fn qemu_attaches_the_tap_inside_a_private_netns() {
+    let ns = NetnsGuard::new("banger-vmm-test");
+    let fx = fixture("qemu-net");
+    let dir = fx.cfg.run_dir.parent().unwrap().to_path_buf();
+    ns.ip(&["tuntap", "add", "dev", "bgtest0", "mode", "tap"]);
+
+    // QEMU runs inside the namespace: `ip netns exec` execs it, keeping the pid.
+    let wrapper = dir.join("qemu-in-netns");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec ip netns exec {} {} \"$@\"\n",
+            ns.name,
+            qemu_binary().display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+
+    let mut cfg = fx.cfg.clone();
+    cfg.net = Some(NetConfig {
+        tap: "bgtest0".into(),
+        mac: "06:00:ac:10:00:02".into(),
+    });
+    let b = QemuBackend::new(wrapper, crate::kvm_mode());
+    let handle = b.start(&cfg).await.unwrap();
+    let _guard = ProcessGuard::new(handle.pid, handle.pid_start_time);
+
+    // QEMU holds the tap open: one of its tun fds is attached to our interface.
+    let attached = std::fs::read_dir(format!("/proc/{}/fd", handle.pid))
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| std::fs::read_link(e.path()).ok().as_deref() == Some(Path::new("/dev/net/tun")))
+        .any(|e| {
+            let info = format!("/proc/{}/fdinfo/{}", handle.pid, e.file_name().to_string_lossy());
+            std::fs::read_to_string(info).unwrap_or_default().contains("iff:\tbgtest0")
+        });
+    assert!(attached, "QEMU has no fd attached to tap bgtest0");
+    b.stop(&handle, Duration::ZERO).await.unwrap();
+}
+
+/// A named network namespace, deleted on drop.
+struct NetnsGuard {
+    name: String,
+}
+
+impl NetnsGuard {
+    fn new(prefix: &str) -> NetnsGuard {
+        let name = format!("{prefix}-{}", std::process::id());
+        let st = std::process::Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .expect("ip (iproute2) is required by this test");
+        assert!(st.success(), "ip netns add {name} failed (this test needs root)");
+        NetnsGuard { name }
+    }
+
+    fn ip(&self, args: &[&str]) {
+        let st = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.name, "ip"])
+            .args(args)
+            .status()
+            .unwrap();
+        assert!(st.success(), "ip {args:?} in netns {} failed", self.name);
+    }
+}
+
+impl Drop for NetnsGuard {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}

@@ -1,0 +1,118 @@
+//! Test helpers: Drop guards that kill processes a test started, and a tiny bootable "kernel"
+//! so QEMU can run a real guest on a host that has no Linux guest kernel.
+
+use std::path::Path;
+
+use crate::process;
+
+/// Kills (pid, start time) on drop if it still runs, and reaps it if it is our child.
+pub(crate) struct ProcessGuard {
+    pid: i32,
+    start_time: u64,
+}
+
+impl ProcessGuard {
+    pub(crate) fn new(pid: i32, start_time: u64) -> ProcessGuard {
+        ProcessGuard { pid, start_time }
+    }
+}
+
+impl Drop for ProcessGuard {
+    fn drop(&mut self) {
+        if process::is_alive(self.pid, self.start_time) {
+            let _ = process::signal(self.pid, self.start_time, libc::SIGKILL);
+            for _ in 0..200 {
+                if !process::is_alive(self.pid, self.start_time) {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
+        process::try_reap(self.pid);
+    }
+}
+
+/// The line the test kernel prints on the serial port.
+pub(crate) const TEST_KERNEL_GREETING: &str = "banger-test-kernel: hello";
+
+/// Writes a minimal x86 guest that QEMU's microvm boots as a PVH ELF: it prints
+/// [`TEST_KERNEL_GREETING`] on COM1 and halts. It does not answer ACPI, so a graceful stop
+/// of it always ends in SIGKILL.
+///
+/// Layout: ELF64 header, a PT_LOAD of the code at 1 MiB, and a PT_NOTE holding the Xen
+/// `PHYS32_ENTRY` note that marks the 32-bit, paging-off PVH entry point.
+pub(crate) fn write_test_kernel(path: &Path) {
+    const LOAD: u32 = 0x10_0000;
+    const CODE_OFFSET: usize = 0x1000;
+
+    let mut msg = TEST_KERNEL_GREETING.as_bytes().to_vec();
+    msg.extend_from_slice(b"\n\0");
+    let mut code: Vec<u8> = Vec::new();
+    code.push(0xBE); // mov esi, imm32 (message address, patched below)
+    code.extend_from_slice(&[0; 4]);
+    code.extend_from_slice(&[0x66, 0xBA, 0xF8, 0x03]); // mov dx, 0x3f8
+    let print = code.len();
+    code.push(0xAC); // lodsb
+    code.extend_from_slice(&[0x84, 0xC0]); // test al, al
+    code.extend_from_slice(&[0x74, 0x03]); // jz halt
+    code.push(0xEE); // out dx, al
+    let back = print as i64 - (code.len() as i64 + 2);
+    code.extend_from_slice(&[0xEB, back as i8 as u8]); // jmp print
+    let halt = code.len();
+    code.extend_from_slice(&[0xFA, 0xF4]); // cli; hlt
+    let back = halt as i64 - (code.len() as i64 + 2);
+    code.extend_from_slice(&[0xEB, back as i8 as u8]); // jmp halt
+    let msg_addr = LOAD + code.len() as u32;
+    code[1..5].copy_from_slice(&msg_addr.to_le_bytes());
+    code.extend_from_slice(&msg);
+
+    let mut note = Vec::new();
+    note.extend_from_slice(&4u32.to_le_bytes()); // namesz
+    note.extend_from_slice(&8u32.to_le_bytes()); // descsz
+    note.extend_from_slice(&18u32.to_le_bytes()); // XEN_ELFNOTE_PHYS32_ENTRY
+    note.extend_from_slice(b"Xen\0");
+    note.extend_from_slice(&u64::from(LOAD).to_le_bytes());
+
+    let (ehsize, phentsize, phnum) = (64u16, 56u16, 2u16);
+    let note_offset = u64::from(ehsize) + u64::from(phentsize) * u64::from(phnum);
+    let mut f = Vec::new();
+    f.extend_from_slice(b"\x7fELF");
+    f.extend_from_slice(&[2, 1, 1, 0]); // 64-bit, little endian, version 1, SysV ABI
+    f.extend_from_slice(&[0; 8]);
+    f.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    f.extend_from_slice(&62u16.to_le_bytes()); // EM_X86_64
+    f.extend_from_slice(&1u32.to_le_bytes());
+    f.extend_from_slice(&u64::from(LOAD).to_le_bytes()); // e_entry
+    f.extend_from_slice(&u64::from(ehsize).to_le_bytes()); // e_phoff
+    f.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
+    f.extend_from_slice(&0u32.to_le_bytes()); // e_flags
+    for v in [ehsize, phentsize, phnum, 0, 0, 0] {
+        f.extend_from_slice(&v.to_le_bytes());
+    }
+    let phdr = |f: &mut Vec<u8>, ty: u32, flags: u32, off: u64, addr: u64, size: u64, align: u64| {
+        for v in [ty, flags] {
+            f.extend_from_slice(&v.to_le_bytes());
+        }
+        for v in [off, addr, addr, size, size, align] {
+            f.extend_from_slice(&v.to_le_bytes());
+        }
+    };
+    let code_len = code.len() as u64;
+    phdr(&mut f, 1, 5, CODE_OFFSET as u64, u64::from(LOAD), code_len, 0x1000); // PT_LOAD r-x
+    phdr(&mut f, 4, 4, note_offset, 0, note.len() as u64, 4); // PT_NOTE
+    f.extend_from_slice(&note);
+    f.resize(CODE_OFFSET, 0);
+    f.extend_from_slice(&code);
+    std::fs::write(path, f).unwrap();
+}
+
+/// Polls `cond` every 50 ms for up to `secs` seconds.
+pub(crate) async fn eventually(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
+    for _ in 0..secs * 20 {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    cond()
+}

@@ -1,0 +1,135 @@
+//! Daemon start-up and shutdown: directories, the single-instance lock, the socket, the router.
+//!
+//! One `bangerd` runs per user. It holds an exclusive `flock` on `bangerd.lock` in the state dir
+//! for its whole life; a second daemon started by a racing CLI finds the lock taken and exits
+//! quietly, and a daemon killed with `kill -9` releases it with its process. Only the lock holder
+//! may remove a stale socket. The socket is created under a 0177 umask (so it is 0600 from the
+//! start, never briefly world-connectable) in a 0700 directory.
+
+use std::fs::File;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use axum::routing::{delete, get, post};
+use axum::Router;
+use banger_config::{Config, Paths};
+use nix::fcntl::{Flock, FlockArg};
+use tokio::sync::watch;
+
+use crate::store::Store;
+use crate::{images, AppState};
+
+/// What happened when we tried to become the daemon.
+pub enum Startup {
+    /// We hold the lock and serve until stopped.
+    Serving,
+    /// Another daemon already holds the lock; nothing to do.
+    AlreadyRunning,
+}
+
+fn ensure_private_dir(dir: &Path) -> anyhow::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create {}", dir.display()))?;
+    // An existing directory may have been created with looser bits by something else.
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("cannot make {} private", dir.display()))
+}
+
+fn take_lock(path: &Path) -> anyhow::Result<Option<Flock<File>>> {
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("cannot open lock file {}", path.display()))?;
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(Some(lock)),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+        Err((_, e)) => Err(anyhow::anyhow!("cannot lock {}: {e}", path.display())),
+    }
+}
+
+/// Runs the daemon until it is asked to stop or receives SIGTERM/SIGINT.
+pub async fn run(paths: Paths) -> anyhow::Result<Startup> {
+    ensure_private_dir(&paths.state_dir)?;
+    ensure_private_dir(&paths.runtime_dir)?;
+    let Some(_lock) = take_lock(&paths.daemon_lock())? else {
+        return Ok(Startup::AlreadyRunning);
+    };
+
+    let config = Config::load(&paths.config_file())?;
+    let store = Store::open(&paths.database())?;
+    let images = images::Images::new(paths.clone(), store.clone(), config.clone());
+    images.sweep().await.context("cannot clean up after an earlier run")?;
+
+    let socket = paths.socket();
+    match std::fs::remove_file(&socket) {
+        Ok(()) => tracing::info!("removed stale socket {}", socket.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot remove {}", socket.display())),
+    }
+    let old_umask = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let listener = tokio::net::UnixListener::bind(&socket);
+    nix::sys::stat::umask(old_umask);
+    let listener = listener.with_context(|| format!("cannot listen on {}", socket.display()))?;
+
+    let (stop_tx, mut stop_rx) = watch::channel(false);
+    let state = Arc::new(AppState {
+        paths: paths.clone(),
+        images,
+        stop: stop_tx,
+    });
+    let app = router(state);
+    tracing::info!(
+        pid = std::process::id(),
+        "bangerd {} listening on {}",
+        env!("CARGO_PKG_VERSION"),
+        socket.display()
+    );
+
+    let shutdown = async move {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!("cannot watch SIGTERM: {e}");
+                return;
+            }
+        };
+        tokio::select! {
+            _ = stop_rx.wait_for(|stop| *stop) => {},
+            _ = term.recv() => {},
+            _ = tokio::signal::ctrl_c() => {},
+        }
+        tracing::info!("shutting down");
+    };
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .context("API server failed")?;
+    // Remove the socket while we still hold the lock, so no one connects to a dead daemon.
+    let _ = std::fs::remove_file(&socket);
+    Ok(Startup::Serving)
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/version", get(crate::version))
+        .route("/v1/daemon/stop", post(crate::stop))
+        .route("/v1/images", get(images::list))
+        .route("/v1/images/build", post(images::build))
+        .route("/v1/images/pull", post(images::pull))
+        .route("/v1/images/export", post(images::export))
+        .route("/v1/images/register", post(images::register))
+        .route("/v1/images/{name}", delete(images::delete))
+        .route("/v1/kernels", get(images::list_kernels))
+        .route("/v1/kernels/register", post(images::register_kernel))
+        .route("/v1/kernels/{name}", delete(images::delete_kernel))
+        .layer(axum::middleware::from_fn(crate::server::version_gate))
+        .with_state(state)
+}

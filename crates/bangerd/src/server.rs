@@ -1,0 +1,157 @@
+//! HTTP plumbing of the API: version gate, error mapping and event streams.
+//!
+//! Handlers return `Result<Json<T>, AppError>` for quick calls, or [`stream`] for long ones. The
+//! version gate refuses any request whose `x-banger-api-version` differs from ours, except the
+//! two calls a mismatched CLI needs to recover (`GET /v1/version` and `POST /v1/daemon/stop`).
+//! What each route does lives in the service modules; this module knows only HTTP.
+
+use std::future::Future;
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use banger_api::{ApiError, ErrorCode, Event, API_VERSION, API_VERSION_HEADER};
+use tokio::sync::mpsc;
+
+/// An API error on its way to the client.
+#[derive(Debug)]
+pub struct AppError(pub ApiError);
+
+impl From<ApiError> for AppError {
+    fn from(e: ApiError) -> Self {
+        Self(e)
+    }
+}
+
+impl From<anyhow::Error> for AppError {
+    fn from(e: anyhow::Error) -> Self {
+        Self(internal(e))
+    }
+}
+
+/// Turns an unexpected error into an `internal` API error carrying the whole cause chain.
+pub fn internal(e: anyhow::Error) -> ApiError {
+    match e.downcast::<ApiError>() {
+        Ok(api) => api,
+        Err(e) => ApiError::new(ErrorCode::Internal, format!("{e:#}"))
+            .with_hint("this is a bug in banger or a problem on the host; the daemon log has details"),
+    }
+}
+
+pub fn status_for(code: ErrorCode) -> StatusCode {
+    match code {
+        ErrorCode::ApiVersionMismatch => StatusCode::PRECONDITION_FAILED,
+        ErrorCode::BadRequest => StatusCode::BAD_REQUEST,
+        ErrorCode::NotFound => StatusCode::NOT_FOUND,
+        ErrorCode::AlreadyExists | ErrorCode::InUse | ErrorCode::InvalidState => {
+            StatusCode::CONFLICT
+        }
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+impl IntoResponse for AppError {
+    fn into_response(self) -> Response {
+        (status_for(self.0.code), Json(self.0)).into_response()
+    }
+}
+
+pub type ApiResult<T> = Result<Json<T>, AppError>;
+
+/// Refuses requests from a CLI that speaks another API version.
+pub async fn version_gate(req: Request, next: Next) -> Response {
+    let exempt = matches!(req.uri().path(), "/v1/version" | "/v1/daemon/stop");
+    let theirs = req
+        .headers()
+        .get(API_VERSION_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u32>().ok());
+    if exempt || theirs == Some(API_VERSION) {
+        return next.run(req).await;
+    }
+    let theirs = theirs.map_or_else(|| "none".to_owned(), |v| v.to_string());
+    AppError(
+        ApiError::new(
+            ErrorCode::ApiVersionMismatch,
+            format!("bangerd speaks API version {API_VERSION} but the client sent version {theirs}"),
+        )
+        .with_hint("run `banger daemon restart` so the daemon matches this banger"),
+    )
+    .into_response()
+}
+
+/// Sends events of one streamed operation to its client.
+#[derive(Clone)]
+pub struct Emitter {
+    tx: mpsc::UnboundedSender<Event>,
+}
+
+impl Emitter {
+    pub fn emit(&self, event: Event) {
+        // A client that went away does not stop the operation: half-made state is worse.
+        let _ = self.tx.send(event);
+    }
+
+    /// An emitter that drops everything (for internal callers).
+    pub fn sink() -> Self {
+        let (tx, _rx) = mpsc::unbounded_channel();
+        Self { tx }
+    }
+}
+
+impl banger_image::Progress for Emitter {
+    fn phase(&self, name: &str) {
+        self.emit(Event::Phase { name: name.into() });
+    }
+    fn bytes(&self, done: u64, total: Option<u64>) {
+        self.emit(Event::Progress { done, total });
+    }
+    fn log(&self, line: &str) {
+        self.emit(Event::Log { line: line.into() });
+    }
+    fn notice(&self, msg: &str) {
+        self.emit(Event::Notice {
+            message: msg.into(),
+        });
+    }
+}
+
+/// Runs `op` in its own task and streams its events, ending with `done` or `failed`.
+pub fn stream<F, Fut, T>(op: F) -> Response
+where
+    F: FnOnce(Emitter) -> Fut,
+    Fut: Future<Output = Result<T, ApiError>> + Send + 'static,
+    T: serde::Serialize,
+{
+    let (tx, rx) = mpsc::unbounded_channel();
+    let emitter = Emitter { tx: tx.clone() };
+    let fut = op(emitter);
+    tokio::spawn(async move {
+        let last = match fut.await {
+            Ok(v) => match serde_json::to_value(v) {
+                Ok(result) => Event::Done { result },
+                Err(e) => Event::Failed {
+                    error: ApiError::new(ErrorCode::Internal, format!("cannot encode result: {e}")),
+                },
+            },
+            Err(error) => {
+                tracing::warn!(code = ?error.code, "operation failed: {}", error.message);
+                Event::Failed { error }
+            }
+        };
+        let _ = tx.send(last);
+    });
+    let body = futures_util::stream::unfold(rx, |mut rx| async move {
+        let event = rx.recv().await?;
+        let mut line = serde_json::to_vec(&event).unwrap_or_default();
+        line.push(b'\n');
+        Some((Ok::<_, std::convert::Infallible>(bytes::Bytes::from(line)), rx))
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, banger_api::EVENT_STREAM_CONTENT_TYPE)
+        .body(Body::from_stream(body))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}

@@ -1,0 +1,272 @@
+//! The daemon's database: one SQLite file with numbered migrations.
+//!
+//! The schema version lives in `PRAGMA user_version`; [`MIGRATIONS`] is append-only and each
+//! entry runs in its own transaction, so a crash mid-upgrade leaves the previous version intact.
+//! Rows are written only after the files they describe are complete and in place (the services
+//! see to that); this module owns SQL and nothing about files. Calls are synchronous and short;
+//! async callers go through [`Store::call`], which moves them off the runtime threads.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use banger_api::{ImageInfo, KernelInfo, Source};
+use rusqlite::{params, Connection, OptionalExtension, Row};
+
+/// Append-only list of schema steps; index + 1 is the resulting `user_version`.
+const MIGRATIONS: &[&str] = &[
+    // 1: images and kernels.
+    "CREATE TABLE kernels (
+        name          TEXT PRIMARY KEY,
+        source        TEXT NOT NULL,
+        kernel_path   TEXT NOT NULL,
+        kernel_sha256 TEXT NOT NULL,
+        initrd_path   TEXT,
+        initrd_sha256 TEXT,
+        created_at    TEXT NOT NULL
+    );
+    CREATE TABLE images (
+        name          TEXT PRIMARY KEY,
+        source        TEXT NOT NULL,
+        origin        TEXT NOT NULL,
+        rootfs_path   TEXT NOT NULL,
+        rootfs_sha256 TEXT NOT NULL,
+        size_bytes    INTEGER NOT NULL,
+        kernel        TEXT NOT NULL REFERENCES kernels(name),
+        created_at    TEXT NOT NULL
+    );",
+];
+
+#[derive(Clone)]
+pub struct Store {
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl Store {
+    pub fn open(path: &Path) -> anyhow::Result<Self> {
+        let mut conn = Connection::open(path)
+            .with_context(|| format!("cannot open the database {}", path.display()))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        migrate(&mut conn).with_context(|| format!("cannot migrate {}", path.display()))?;
+        Ok(Self {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    /// Runs `f` with the connection on a blocking thread.
+    pub async fn call<T, F>(&self, f: F) -> anyhow::Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> anyhow::Result<T> + Send + 'static,
+    {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut guard = conn
+                .lock()
+                .map_err(|_| anyhow::anyhow!("database lock poisoned by an earlier panic"))?;
+            f(&mut guard)
+        })
+        .await
+        .context("database task failed")?
+    }
+}
+
+fn migrate(conn: &mut Connection) -> anyhow::Result<()> {
+    let current: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let current = usize::try_from(current).unwrap_or(0);
+    if current > MIGRATIONS.len() {
+        anyhow::bail!(
+            "database schema version {current} is newer than this bangerd knows ({}); upgrade banger",
+            MIGRATIONS.len()
+        );
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)
+            .with_context(|| format!("migration {}", i + 1))?;
+        tx.pragma_update(None, "user_version", i64::try_from(i + 1)?)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+fn source_str(s: &Source) -> &'static str {
+    match s {
+        Source::Built => "built",
+        Source::Pulled => "pulled",
+        Source::Registered => "registered",
+    }
+}
+
+fn parse_source(s: &str) -> Source {
+    match s {
+        "built" => Source::Built,
+        "pulled" => Source::Pulled,
+        _ => Source::Registered,
+    }
+}
+
+fn image_row(r: &Row<'_>) -> rusqlite::Result<ImageInfo> {
+    let size: i64 = r.get("size_bytes")?;
+    Ok(ImageInfo {
+        name: r.get("name")?,
+        source: parse_source(&r.get::<_, String>("source")?),
+        origin: r.get("origin")?,
+        rootfs: r.get("rootfs_path")?,
+        rootfs_sha256: r.get("rootfs_sha256")?,
+        size_bytes: u64::try_from(size).unwrap_or(0),
+        kernel: r.get("kernel")?,
+        created_at: r.get("created_at")?,
+    })
+}
+
+fn kernel_row(r: &Row<'_>) -> rusqlite::Result<KernelInfo> {
+    Ok(KernelInfo {
+        name: r.get("name")?,
+        source: parse_source(&r.get::<_, String>("source")?),
+        kernel: r.get("kernel_path")?,
+        kernel_sha256: r.get("kernel_sha256")?,
+        initrd: r.get("initrd_path")?,
+        initrd_sha256: r.get("initrd_sha256")?,
+        created_at: r.get("created_at")?,
+    })
+}
+
+pub fn list_images(conn: &Connection) -> anyhow::Result<Vec<ImageInfo>> {
+    let mut stmt = conn.prepare("SELECT * FROM images ORDER BY name")?;
+    let rows = stmt.query_map([], image_row)?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+pub fn get_image(conn: &Connection, name: &str) -> anyhow::Result<Option<ImageInfo>> {
+    Ok(conn
+        .query_row("SELECT * FROM images WHERE name = ?1", [name], image_row)
+        .optional()?)
+}
+
+pub fn list_kernels(conn: &Connection) -> anyhow::Result<Vec<KernelInfo>> {
+    let mut stmt = conn.prepare("SELECT * FROM kernels ORDER BY name")?;
+    let rows = stmt.query_map([], kernel_row)?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+pub fn get_kernel(conn: &Connection, name: &str) -> anyhow::Result<Option<KernelInfo>> {
+    Ok(conn
+        .query_row("SELECT * FROM kernels WHERE name = ?1", [name], kernel_row)
+        .optional()?)
+}
+
+pub fn insert_kernel(conn: &Connection, k: &KernelInfo) -> anyhow::Result<()> {
+    conn.execute(
+        "INSERT INTO kernels (name, source, kernel_path, kernel_sha256, initrd_path, initrd_sha256, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            k.name,
+            source_str(&k.source),
+            k.kernel,
+            k.kernel_sha256,
+            k.initrd,
+            k.initrd_sha256,
+            k.created_at
+        ],
+    )?;
+    Ok(())
+}
+
+pub fn insert_image(conn: &Connection, i: &ImageInfo) -> anyhow::Result<()> {
+    conn.execute(
+        "INSERT INTO images (name, source, origin, rootfs_path, rootfs_sha256, size_bytes, kernel, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        params![
+            i.name,
+            source_str(&i.source),
+            i.origin,
+            i.rootfs,
+            i.rootfs_sha256,
+            i64::try_from(i.size_bytes).unwrap_or(i64::MAX),
+            i.kernel,
+            i.created_at
+        ],
+    )?;
+    Ok(())
+}
+
+pub fn delete_image(conn: &Connection, name: &str) -> anyhow::Result<bool> {
+    Ok(conn.execute("DELETE FROM images WHERE name = ?1", [name])? > 0)
+}
+
+pub fn delete_kernel(conn: &Connection, name: &str) -> anyhow::Result<bool> {
+    Ok(conn.execute("DELETE FROM kernels WHERE name = ?1", [name])? > 0)
+}
+
+/// Images that boot with `kernel` (a kernel in use cannot be deleted).
+pub fn images_using_kernel(conn: &Connection, kernel: &str) -> anyhow::Result<Vec<String>> {
+    let mut stmt = conn.prepare("SELECT name FROM images WHERE kernel = ?1 ORDER BY name")?;
+    let rows = stmt.query_map([kernel], |r| r.get(0))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kernel(name: &str) -> KernelInfo {
+        KernelInfo {
+            name: name.into(),
+            source: Source::Built,
+            kernel: "/k".into(),
+            kernel_sha256: "aa".into(),
+            initrd: None,
+            initrd_sha256: None,
+            created_at: "2026-01-01T00:00:00Z".into(),
+        }
+    }
+
+    #[test]
+    fn migrations_are_idempotent_and_rows_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("b.db");
+        let store = Store::open(&db).unwrap();
+        drop(store);
+        let store = Store::open(&db).unwrap();
+        let conn = store.conn.lock().unwrap();
+        insert_kernel(&conn, &kernel("k1")).unwrap();
+        let img = ImageInfo {
+            name: "i1".into(),
+            source: Source::Pulled,
+            origin: "http://x/manifest.json".into(),
+            rootfs: "/r".into(),
+            rootfs_sha256: "bb".into(),
+            size_bytes: 5,
+            kernel: "k1".into(),
+            created_at: "2026-01-01T00:00:00Z".into(),
+        };
+        insert_image(&conn, &img).unwrap();
+        assert_eq!(get_image(&conn, "i1").unwrap(), Some(img));
+        assert_eq!(images_using_kernel(&conn, "k1").unwrap(), vec!["i1"]);
+        assert!(insert_kernel(&conn, &kernel("k1")).is_err());
+        assert!(delete_image(&conn, "i1").unwrap());
+        assert!(!delete_image(&conn, "i1").unwrap());
+        assert_eq!(list_kernels(&conn).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn image_needs_existing_kernel() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("b.db")).unwrap();
+        let conn = store.conn.lock().unwrap();
+        let img = ImageInfo {
+            name: "i1".into(),
+            source: Source::Built,
+            origin: "r".into(),
+            rootfs: "/r".into(),
+            rootfs_sha256: "bb".into(),
+            size_bytes: 5,
+            kernel: "missing".into(),
+            created_at: "t".into(),
+        };
+        assert!(insert_image(&conn, &img).is_err());
+    }
+}
