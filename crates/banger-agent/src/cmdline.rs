@@ -89,8 +89,7 @@ impl FromStr for Hostname {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let valid_chars = s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
-        if s.is_empty() || s.len() > 63 || !valid_chars || s.starts_with('-') || s.ends_with('-')
-        {
+        if s.is_empty() || s.len() > 63 || !valid_chars || s.starts_with('-') || s.ends_with('-') {
             return Err(format!(
                 "{s:?} is not a host name (1-63 letters, digits and inner hyphens)"
             ));
@@ -171,10 +170,7 @@ mod tests {
         let parsed = parse(line);
         assert_eq!(parsed.warnings, Vec::<String>::new());
         let s = parsed.settings;
-        assert_eq!(
-            s.ip,
-            Ipv4Cidr::new(Ipv4Addr::new(172, 16, 0, 2), 24)
-        );
+        assert_eq!(s.ip, Ipv4Cidr::new(Ipv4Addr::new(172, 16, 0, 2), 24));
         assert_eq!(s.gateway, Some(Ipv4Addr::new(172, 16, 0, 1)));
         assert_eq!(s.hostname.as_ref().map(Hostname::as_str), Some("dev-box"));
         assert_eq!(s.dns, vec![Ipv4Addr::new(172, 16, 0, 1)]);

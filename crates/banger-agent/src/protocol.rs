@@ -398,7 +398,10 @@ mod tests {
         assert_eq!(ExitStatus::from_wire(Some(7), None), ExitStatus::Code(7));
         assert_eq!(ExitStatus::from_wire(None, Some(9)), ExitStatus::Signal(9));
         assert!(!ExitStatus::from_wire(None, None).success());
-        assert_eq!(ExitStatus::Signal(9).to_string(), "killed by signal 9 (SIGKILL)");
+        assert_eq!(
+            ExitStatus::Signal(9).to_string(),
+            "killed by signal 9 (SIGKILL)"
+        );
         assert_eq!(ExitStatus::Code(3).to_string(), "exit code 3");
         assert_eq!(ExitStatus::Signal(15).shell_code(), 143);
     }

@@ -181,6 +181,47 @@ impl Client {
         decode(status, &bytes)
     }
 
+    /// A GET whose body is streamed raw to the caller (errors decoded as usual).
+    pub async fn get_stream(&self, path: &str) -> Result<hyper::body::Incoming, CliError> {
+        self.raw(Method::GET, path, None).await
+    }
+
+    /// A POST whose body is streamed raw to the caller (errors decoded as usual).
+    pub async fn post_stream(
+        &self,
+        path: &str,
+        body: &impl Serialize,
+    ) -> Result<hyper::body::Incoming, CliError> {
+        let body = serde_json::to_vec(body)
+            .map_err(|e| CliError::new(Exit::Failure, format!("cannot encode request: {e}")))?;
+        self.raw(Method::POST, path, Some(body)).await
+    }
+
+    async fn raw(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<hyper::body::Incoming, CliError> {
+        let resp = self
+            .open(method, path, body)
+            .await
+            .map_err(|e| self.io_error(e))?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp.into_body());
+        }
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| self.io_error(std::io::Error::other(e)))?
+            .to_bytes();
+        decode::<serde_json::Value>(status, &bytes).and_then(|_| {
+            Err(CliError::new(Exit::Failure, format!("unexpected answer {status} from bangerd")))
+        })
+    }
+
     /// A streamed call: `on_event` sees every event; the result of `done` is returned.
     pub async fn stream<T: DeserializeOwned>(
         &self,

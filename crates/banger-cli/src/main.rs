@@ -10,8 +10,10 @@ use clap::{Args, Parser, Subcommand};
 mod client;
 mod cmd_daemon;
 mod cmd_image;
+mod cmd_vm;
 mod exit;
 mod render;
+mod spec;
 
 use exit::{CliError, Exit, EXIT_CODES_HELP};
 
@@ -28,6 +30,9 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Create, run, reach and remove VMs.
+    #[command(subcommand)]
+    Vm(VmCmd),
     /// Manage images (root filesystems) in the store.
     #[command(subcommand)]
     Image(ImageCmd),
@@ -90,6 +95,80 @@ pub enum ImageCmd {
     Delete { name: String },
 }
 
+#[derive(Args)]
+pub struct CreateArgs {
+    /// VM name (a DNS label); generated when omitted.
+    #[arg(long)]
+    name: Option<String>,
+    /// Image to boot (default: `default_image_name` from config, else debian-bookworm).
+    #[arg(long)]
+    image: Option<String>,
+    /// Number of vCPUs.
+    #[arg(long)]
+    vcpu: Option<u32>,
+    /// Memory, in MiB or as a size like 2G.
+    #[arg(long, value_parser = spec::parse_memory)]
+    memory: Option<u32>,
+    /// Size of the work disk mounted at /root, like 16G.
+    #[arg(long, value_parser = spec::parse_disk)]
+    disk: Option<u64>,
+    /// Create the VM without booting it.
+    #[arg(long)]
+    no_start: bool,
+}
+
+#[derive(Subcommand)]
+pub enum VmCmd {
+    /// Create a VM from an image and boot it.
+    Create(CreateArgs),
+    /// Boot a stopped VM.
+    Start { name: String },
+    /// Shut a VM down (gracefully, then forced after a timeout).
+    Stop {
+        name: String,
+        /// Kill it at once.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Stop and start a VM.
+    Restart { name: String },
+    /// Delete a VM and its disks.
+    Delete {
+        name: String,
+        /// Delete it even if it is running.
+        #[arg(long)]
+        force: bool,
+    },
+    /// List VMs: name, state, IP, image, spec, age.
+    List(JsonFlag),
+    /// Show one VM in detail.
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Open an ssh session into a VM, or run a command there over ssh.
+    Ssh {
+        name: String,
+        /// Command to run instead of a login shell.
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+    /// Run a command in a VM through the guest agent (no sshd needed); exits with its status.
+    Exec {
+        name: String,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Print a VM's serial console and boot log.
+    Logs {
+        name: String,
+        /// Keep printing new output until the VM stops.
+        #[arg(short, long)]
+        follow: bool,
+    },
+}
+
 #[derive(Subcommand)]
 pub enum KernelCmd {
     /// List kernels.
@@ -135,6 +214,7 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
         verbose: cli.verbose,
     };
     match cli.command {
+        Command::Vm(c) => cmd_vm::vm(&ctx, c).await,
         Command::Image(c) => cmd_image::image(&ctx, c).await,
         Command::Kernel(c) => cmd_image::kernel(&ctx, c).await,
         Command::Daemon(c) => cmd_daemon::daemon(&ctx, c).await,

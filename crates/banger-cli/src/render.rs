@@ -30,11 +30,20 @@ impl Renderer {
         }
     }
 
+    /// Prints a line above the bar; straight to stderr when there is no terminal to draw on.
+    fn line(&self, text: String) {
+        if self.bar.is_hidden() {
+            eprintln!("{text}");
+        } else {
+            self.bar.println(text);
+        }
+    }
+
     pub fn event(&mut self, event: &Event) {
         match event {
             Event::Phase { name } => {
                 self.close_phase();
-                self.bar.println(format!("==> {name}"));
+                self.line(format!("==> {name}"));
                 self.bar.set_style(spinner_style());
                 self.bar.set_length(0);
                 self.bar.set_position(0);
@@ -55,12 +64,12 @@ impl Renderer {
             }
             Event::Log { line } => {
                 if self.verbose {
-                    self.bar.println(format!("    {line}"));
+                    self.line(format!("    {line}"));
                 }
                 let short: String = line.chars().take(70).collect();
                 self.bar.set_message(short);
             }
-            Event::Notice { message } => self.bar.println(format!("notice: {message}")),
+            Event::Notice { message } => self.line(format!("notice: {message}")),
             Event::Done { .. } | Event::Failed { .. } => {}
         }
     }
@@ -68,8 +77,7 @@ impl Renderer {
     fn close_phase(&mut self) {
         if let Some((name, start)) = self.phase.take() {
             if self.verbose {
-                self.bar
-                    .println(format!("    {name} took {}", human_duration(start.elapsed())));
+                self.line(format!("    {name} took {}", human_duration(start.elapsed())));
             }
         }
     }

@@ -19,7 +19,7 @@ use nix::fcntl::{Flock, FlockArg};
 use tokio::sync::watch;
 
 use crate::store::Store;
-use crate::{images, AppState};
+use crate::{images, vm_routes, vms, AppState};
 
 /// What happened when we tried to become the daemon.
 pub enum Startup {
@@ -66,6 +66,10 @@ pub async fn run(paths: Paths) -> anyhow::Result<Startup> {
     let store = Store::open(&paths.database())?;
     let images = images::Images::new(paths.clone(), store.clone(), config.clone());
     images.sweep().await.context("cannot clean up after an earlier run")?;
+    let vms = Arc::new(vms::Vms::new(paths.clone(), store.clone(), config.clone())?);
+    vms.reconcile()
+        .await
+        .context("cannot reconcile VMs with the host")?;
 
     let socket = paths.socket();
     match std::fs::remove_file(&socket) {
@@ -82,6 +86,7 @@ pub async fn run(paths: Paths) -> anyhow::Result<Startup> {
     let state = Arc::new(AppState {
         paths: paths.clone(),
         images,
+        vms,
         stop: stop_tx,
     });
     let app = router(state);
@@ -127,6 +132,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/images/export", post(images::export))
         .route("/v1/images/register", post(images::register))
         .route("/v1/images/{name}", delete(images::delete))
+        .route("/v1/vms", get(vm_routes::list).post(vm_routes::create))
+        .route("/v1/vms/{name}", get(vm_routes::show).delete(vm_routes::delete))
+        .route("/v1/vms/{name}/start", post(vm_routes::start))
+        .route("/v1/vms/{name}/stop", post(vm_routes::stop))
+        .route("/v1/vms/{name}/restart", post(vm_routes::restart))
+        .route("/v1/vms/{name}/exec", post(vm_routes::exec))
+        .route("/v1/vms/{name}/ssh", get(vm_routes::ssh))
+        .route("/v1/vms/{name}/logs", get(vm_routes::logs))
         .route("/v1/kernels", get(images::list_kernels))
         .route("/v1/kernels/register", post(images::register_kernel))
         .route("/v1/kernels/{name}", delete(images::delete_kernel))

@@ -501,6 +501,19 @@ impl Images {
         let (img, _) = self.get(name).await?;
         let _r = self.reserve(name)?;
         let n = name.to_owned();
+        let users = self
+            .store
+            .call(move |c| store::vms_using_image(c, &n))
+            .await
+            .map_err(internal)?;
+        if !users.is_empty() {
+            return Err(ApiError::new(
+                ErrorCode::InUse,
+                format!("image {name:?} is used by VM(s) {}", users.join(", ")),
+            )
+            .with_hint("delete those VMs first with `banger vm delete`"));
+        }
+        let n = name.to_owned();
         let kernel = img.kernel.clone();
         // Rows go first: a crash after this leaves only unreferenced files, swept at start-up.
         let drop_kernel = self

@@ -12,6 +12,11 @@ use banger_config::Paths;
 pub mod daemon;
 pub mod fsutil;
 pub mod images;
+pub mod names;
+pub mod sshkeys;
+pub mod vmdisk;
+pub mod vm_routes;
+pub mod vms;
 pub mod server;
 pub mod store;
 
@@ -19,6 +24,7 @@ pub mod store;
 pub struct AppState {
     pub paths: Paths,
     pub images: images::Images,
+    pub vms: Arc<vms::Vms>,
     pub stop: tokio::sync::watch::Sender<bool>,
 }
 

@@ -10,6 +10,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
+use banger_api::vm::{VmSpec, VmState};
 use banger_api::{ImageInfo, KernelInfo, Source};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
@@ -34,6 +35,24 @@ const MIGRATIONS: &[&str] = &[
         size_bytes    INTEGER NOT NULL,
         kernel        TEXT NOT NULL REFERENCES kernels(name),
         created_at    TEXT NOT NULL
+    );",
+    // 2: VMs. The ip column is the lease: UNIQUE makes a double allocation impossible.
+    "CREATE TABLE vms (
+        name        TEXT PRIMARY KEY,
+        id          TEXT NOT NULL UNIQUE,
+        image       TEXT NOT NULL,
+        kernel      TEXT NOT NULL,
+        state       TEXT NOT NULL,
+        vcpu        INTEGER NOT NULL,
+        memory_mib  INTEGER NOT NULL,
+        disk_bytes  INTEGER NOT NULL,
+        ip          TEXT NOT NULL UNIQUE,
+        mac         TEXT NOT NULL,
+        tap         TEXT NOT NULL,
+        vmm         TEXT,
+        handle      TEXT,
+        created_at  TEXT NOT NULL,
+        last_error  TEXT
     );",
 ];
 
@@ -205,6 +224,112 @@ pub fn delete_kernel(conn: &Connection, name: &str) -> anyhow::Result<bool> {
 pub fn images_using_kernel(conn: &Connection, kernel: &str) -> anyhow::Result<Vec<String>> {
     let mut stmt = conn.prepare("SELECT name FROM images WHERE kernel = ?1 ORDER BY name")?;
     let rows = stmt.query_map([kernel], |r| r.get(0))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// A VM as stored. `handle` is the serialised `banger_vmm::VmHandle` of the running VMM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmRow {
+    pub name: String,
+    pub id: String,
+    pub image: String,
+    pub kernel: String,
+    pub state: VmState,
+    pub spec: VmSpec,
+    pub ip: String,
+    pub mac: String,
+    pub tap: String,
+    pub vmm: Option<String>,
+    pub handle: Option<String>,
+    pub created_at: String,
+    pub last_error: Option<String>,
+}
+
+fn vm_row(r: &Row<'_>) -> rusqlite::Result<VmRow> {
+    let state: String = r.get("state")?;
+    Ok(VmRow {
+        name: r.get("name")?,
+        id: r.get("id")?,
+        image: r.get("image")?,
+        kernel: r.get("kernel")?,
+        state: VmState::parse(&state).unwrap_or(VmState::Failed),
+        spec: VmSpec {
+            vcpu: r.get("vcpu")?,
+            memory_mib: r.get("memory_mib")?,
+            disk_bytes: u64::try_from(r.get::<_, i64>("disk_bytes")?).unwrap_or(0),
+        },
+        ip: r.get("ip")?,
+        mac: r.get("mac")?,
+        tap: r.get("tap")?,
+        vmm: r.get("vmm")?,
+        handle: r.get("handle")?,
+        created_at: r.get("created_at")?,
+        last_error: r.get("last_error")?,
+    })
+}
+
+pub fn list_vms(conn: &Connection) -> anyhow::Result<Vec<VmRow>> {
+    let mut stmt = conn.prepare("SELECT * FROM vms ORDER BY name")?;
+    let rows = stmt.query_map([], vm_row)?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+pub fn get_vm(conn: &Connection, name: &str) -> anyhow::Result<Option<VmRow>> {
+    Ok(conn
+        .query_row("SELECT * FROM vms WHERE name = ?1", [name], vm_row)
+        .optional()?)
+}
+
+pub fn insert_vm(conn: &Connection, v: &VmRow) -> anyhow::Result<()> {
+    conn.execute(
+        "INSERT INTO vms (name, id, image, kernel, state, vcpu, memory_mib, disk_bytes, ip, mac, tap,
+                          vmm, handle, created_at, last_error)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+        params![
+            v.name,
+            v.id,
+            v.image,
+            v.kernel,
+            v.state.as_str(),
+            v.spec.vcpu,
+            v.spec.memory_mib,
+            i64::try_from(v.spec.disk_bytes).unwrap_or(i64::MAX),
+            v.ip,
+            v.mac,
+            v.tap,
+            v.vmm,
+            v.handle,
+            v.created_at,
+            v.last_error
+        ],
+    )?;
+    Ok(())
+}
+
+/// Records a state change together with the VMM handle it implies (None when not running).
+pub fn set_vm_state(
+    conn: &Connection,
+    name: &str,
+    state: VmState,
+    vmm: Option<&str>,
+    handle: Option<&str>,
+    last_error: Option<&str>,
+) -> anyhow::Result<()> {
+    conn.execute(
+        "UPDATE vms SET state = ?2, vmm = COALESCE(?3, vmm), handle = ?4, last_error = ?5 WHERE name = ?1",
+        params![name, state.as_str(), vmm, handle, last_error],
+    )?;
+    Ok(())
+}
+
+pub fn delete_vm(conn: &Connection, name: &str) -> anyhow::Result<bool> {
+    Ok(conn.execute("DELETE FROM vms WHERE name = ?1", [name])? > 0)
+}
+
+/// VMs made from `image` (an image in use cannot be deleted).
+pub fn vms_using_image(conn: &Connection, image: &str) -> anyhow::Result<Vec<String>> {
+    let mut stmt = conn.prepare("SELECT name FROM vms WHERE image = ?1 ORDER BY name")?;
+    let rows = stmt.query_map([image], |r| r.get(0))?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
 

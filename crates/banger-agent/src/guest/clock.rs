@@ -39,11 +39,12 @@ pub fn sync_forward(host_secs: u64) -> Result<ClockOutcome, ClockError> {
         return Ok(ClockOutcome::AlreadyCurrent);
     };
     let secs = i64::try_from(host_secs).unwrap_or(i64::MAX);
-    clock_settime(ClockId::CLOCK_REALTIME, TimeSpec::new(secs, 0))
-        .map_err(|source| ClockError {
+    clock_settime(ClockId::CLOCK_REALTIME, TimeSpec::new(secs, 0)).map_err(|source| {
+        ClockError {
             secs: host_secs,
             source,
-        })?;
+        }
+    })?;
     Ok(ClockOutcome::Advanced(advance))
 }
 

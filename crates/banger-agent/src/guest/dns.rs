@@ -48,7 +48,10 @@ mod tests {
         let path = etc.path().join("resolv.conf");
         assert!(!std::fs::symlink_metadata(&path).unwrap().is_symlink());
         let text = std::fs::read_to_string(path).unwrap();
-        assert!(text.ends_with("nameserver 172.16.0.1\nnameserver 9.9.9.9\n"), "{text}");
+        assert!(
+            text.ends_with("nameserver 172.16.0.1\nnameserver 9.9.9.9\n"),
+            "{text}"
+        );
         assert_eq!(
             std::fs::read_to_string(stub).unwrap(),
             "nameserver 127.0.0.53\n"

@@ -177,13 +177,23 @@ pub(crate) fn start(
     if let Some(out) = child.stdout.take() {
         let (writer, exited) = (writer.clone(), exited.clone());
         pumps.push(thread::spawn(move || {
-            pump(out, &exited, |data| GuestMessage::Stdout { id, data }, &writer)
+            pump(
+                out,
+                &exited,
+                |data| GuestMessage::Stdout { id, data },
+                &writer,
+            )
         }));
     }
     if let Some(err) = child.stderr.take() {
         let (writer, exited) = (writer.clone(), exited.clone());
         pumps.push(thread::spawn(move || {
-            pump(err, &exited, |data| GuestMessage::Stderr { id, data }, &writer)
+            pump(
+                err,
+                &exited,
+                |data| GuestMessage::Stderr { id, data },
+                &writer,
+            )
         }));
     }
     let (table, writer) = (table.clone(), writer.clone());

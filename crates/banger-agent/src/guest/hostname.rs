@@ -31,12 +31,8 @@ pub fn apply(name: &Hostname, etc: &Path) -> Result<(), HostnameError> {
 
 /// Writes `/etc/hostname` and makes `/etc/hosts` map the name to 127.0.1.1.
 pub fn write_files(name: &Hostname, etc: &Path) -> Result<(), HostnameError> {
-    write_atomic(
-        &etc.join("hostname"),
-        format!("{name}\n").as_bytes(),
-        0o644,
-    )
-    .map_err(HostnameError::Files)?;
+    write_atomic(&etc.join("hostname"), format!("{name}\n").as_bytes(), 0o644)
+        .map_err(HostnameError::Files)?;
     let hosts_path = etc.join("hosts");
     let existing = match fs_err::read_to_string(&hosts_path) {
         Ok(text) => text,

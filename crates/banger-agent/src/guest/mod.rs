@@ -68,14 +68,18 @@ pub fn run() -> ! {
             parsed.settings
         }
         Err(e) => {
-            log(format_args!("command line: cannot read it, applying nothing: {e}"));
+            log(format_args!(
+                "command line: cannot read it, applying nothing: {e}"
+            ));
             BootSettings::default()
         }
     };
     setup(&settings, &SetupConfig::default());
     match notify::notify_ready() {
         Ok(true) => log(format_args!("systemd: notified ready")),
-        Ok(false) => log(format_args!("systemd: not started by systemd, nothing to notify")),
+        Ok(false) => log(format_args!(
+            "systemd: not started by systemd, nothing to notify"
+        )),
         Err(e) => log(format_args!("systemd: {}", report(&e))),
     }
     transport::serve_forever(Arc::new(serve::ServeConfig::guest()))
@@ -85,7 +89,10 @@ pub fn run() -> ! {
 pub fn setup(settings: &BootSettings, cfg: &SetupConfig) {
     step("hostname", || match &settings.hostname {
         None => Ok("none on the command line; left as is".into()),
-        Some(name) => hostname::apply(name, &cfg.etc).map(|()| format!("set to {name}")),
+        Some(name) => {
+            hostname::apply(name, &cfg.etc)?;
+            Ok(format!("set to {name}"))
+        }
     });
     step("network", || setup_network(settings, cfg));
     step("dns", || {
@@ -112,10 +119,9 @@ pub fn setup(settings: &BootSettings, cfg: &SetupConfig) {
                 cfg.work_device.display(),
                 cfg.home.display()
             ),
-            workdisk::MountOutcome::AlreadyMounted => format!(
-                "{} already mounted; permissions fixed",
-                cfg.home.display()
-            ),
+            workdisk::MountOutcome::AlreadyMounted => {
+                format!("{} already mounted; permissions fixed", cfg.home.display())
+            }
         })
     });
 }

@@ -143,7 +143,7 @@ impl ConfigSocket {
     }
 
     fn set_up(&self, name: &IfName, label: &str) -> Result<(), NetError> {
-        let fail = |action: &str| {
+        let fail = |action: &'static str| {
             move |source| NetError::Ioctl {
                 action: action.to_string(),
                 name: label.to_string(),
@@ -181,11 +181,7 @@ impl ConfigSocket {
             .map_err(fail(format!("set netmask {}", cidr.netmask())))
     }
 
-    fn add_default_route(
-        &self,
-        name: &str,
-        gateway: Ipv4Addr,
-    ) -> Result<RouteOutcome, NetError> {
+    fn add_default_route(&self, name: &str, gateway: Ipv4Addr) -> Result<RouteOutcome, NetError> {
         let dev = CString::new(name).map_err(|_| NetError::BadName {
             name: name.to_string(),
         })?;
@@ -207,13 +203,8 @@ impl ConfigSocket {
         // SAFETY: SIOCADDRT takes a pointer to a struct rtentry, which RtEntry mirrors; rt_dev
         // points into `dev`, a NUL-terminated string that outlives the call, and the kernel only
         // reads it.
-        let rc = unsafe {
-            libc::ioctl(
-                self.0.as_raw_fd(),
-                libc::SIOCADDRT,
-                &mut rt as *mut RtEntry,
-            )
-        };
+        let rc =
+            unsafe { libc::ioctl(self.0.as_raw_fd(), libc::SIOCADDRT, &mut rt as *mut RtEntry) };
         if rc == 0 {
             return Ok(RouteOutcome::Added);
         }
@@ -287,7 +278,7 @@ mod tests {
         );
     }
 
-    /// Env var that makes [`configures_a_dummy_interface_inside_a_fresh_netns`] run its body:
+    /// Env var that makes [`configures_a_veth_interface_inside_a_fresh_netns`] run its body:
     /// the test re-runs itself inside the namespace it created.
     const NETNS_CHILD: &str = "BANGER_AGENT_TEST_IN_NETNS";
 
@@ -334,14 +325,17 @@ mod tests {
     }
 
     #[test]
-    fn configures_a_dummy_interface_inside_a_fresh_netns() {
+    fn configures_a_veth_interface_inside_a_fresh_netns() {
         if std::env::var_os(NETNS_CHILD).is_some() {
             // Inside the namespace: the code under test, exactly as the agent calls it.
             set_link_up("lo").unwrap();
             wait_for_interface("eth0", Duration::from_secs(2)).unwrap();
             let cidr: Ipv4Cidr = "172.16.0.2/24".parse().unwrap();
             let gw = Ipv4Addr::new(172, 16, 0, 1);
-            assert_eq!(configure("eth0", cidr, Some(gw)).unwrap(), RouteOutcome::Added);
+            assert_eq!(
+                configure("eth0", cidr, Some(gw)).unwrap(),
+                RouteOutcome::Added
+            );
             // The agent may be restarted: configuring again must succeed and change nothing.
             assert_eq!(
                 configure("eth0", cidr, Some(gw)).unwrap(),
@@ -351,14 +345,26 @@ mod tests {
         }
 
         let ns = Netns::create();
-        ns.ip(&["link", "add", "eth0", "type", "dummy"]);
+        // A veth pair stands in for the VM's NIC (this kernel has no `dummy` driver); its
+        // peer is up so eth0 gets a carrier like a virtio-net device would.
+        ns.ip(&[
+            "link",
+            "add",
+            "eth0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0-peer",
+        ]);
+        ns.ip(&["link", "set", "eth0-peer", "up"]);
         let exe = std::env::current_exe().unwrap();
         let out = Command::new("ip")
             .args(["netns", "exec", &ns.0])
             .arg(exe)
             .args([
                 "--exact",
-                "guest::network::tests::configures_a_dummy_interface_inside_a_fresh_netns",
+                "guest::network::tests::configures_a_veth_interface_inside_a_fresh_netns",
                 "--nocapture",
                 "--test-threads=1",
             ])
@@ -371,7 +377,10 @@ mod tests {
             String::from_utf8_lossy(&out.stderr)
         );
         assert!(out.status.success(), "child failed:\n{child_log}");
-        assert!(child_log.contains("1 passed"), "child ran no test:\n{child_log}");
+        assert!(
+            child_log.contains("1 passed"),
+            "child ran no test:\n{child_log}"
+        );
 
         let addrs = ns.json(&["addr", "show", "dev", "eth0"]);
         let info = &addrs[0]["addr_info"];

@@ -36,9 +36,8 @@ impl PowerControl for SystemPower {
         // first, since nothing runs after reboot(2) succeeds.
         accepted(Ok(()));
         nix::unistd::sync();
-        if let Err(e) = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF) {
-            eprintln!("banger-agent: poweroff: reboot(RB_POWER_OFF) failed: {e}");
-        }
+        let Err(e) = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
+        eprintln!("banger-agent: poweroff: reboot(RB_POWER_OFF) failed: {e}");
     }
 }
 

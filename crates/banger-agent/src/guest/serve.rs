@@ -137,7 +137,12 @@ impl Drop for KillOnDrop {
     }
 }
 
-fn handle(msg: HostMessage, execs: &Arc<ExecTable>, writer: &Arc<FrameWriter>, cfg: &Arc<ServeConfig>) {
+fn handle(
+    msg: HostMessage,
+    execs: &Arc<ExecTable>,
+    writer: &Arc<FrameWriter>,
+    cfg: &Arc<ServeConfig>,
+) {
     match msg {
         HostMessage::Hello { id } => reply(writer, ready(id)),
         HostMessage::Exec {
@@ -202,10 +207,7 @@ fn ready(id: RequestId) -> GuestMessage {
 
 fn reply(writer: &FrameWriter, msg: GuestMessage) {
     if let Err(e) = writer.send(&msg) {
-        log(format_args!(
-            "cannot answer request {}: {e}",
-            msg.id()
-        ));
+        log(format_args!("cannot answer request {}: {e}", msg.id()));
     }
 }
 
@@ -243,7 +245,11 @@ fn read_frame(reader: &mut impl BufRead, buf: &mut Vec<u8>) -> io::Result<Frame>
         let consumed = found.unwrap_or(available.len());
         reader.consume(consumed);
         if found.is_some() {
-            return Ok(if too_long { Frame::TooLong } else { Frame::Line });
+            return Ok(if too_long {
+                Frame::TooLong
+            } else {
+                Frame::Line
+            });
         }
     }
 }
@@ -286,7 +292,11 @@ mod tests {
     fn lines_are_split_across_buffer_boundaries_and_a_trailing_partial_line_is_dropped() {
         assert_eq!(
             frames(b"{\"op\":\"hello\"}\n\nabc\npartial"),
-            vec![Ok(b"{\"op\":\"hello\"}".to_vec()), Ok(vec![]), Ok(b"abc".to_vec())]
+            vec![
+                Ok(b"{\"op\":\"hello\"}".to_vec()),
+                Ok(vec![]),
+                Ok(b"abc".to_vec())
+            ]
         );
     }
 

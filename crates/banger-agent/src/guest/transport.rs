@@ -121,7 +121,9 @@ pub fn serve_vsock_forever(port: u32, cfg: &Arc<ServeConfig>) {
             Ok(l) => l,
             Err(e) => {
                 if !reported {
-                    log(format_args!("vsock port {port} unavailable: {e}; retrying quietly"));
+                    log(format_args!(
+                        "vsock port {port} unavailable: {e}; retrying quietly"
+                    ));
                     reported = true;
                 }
                 retry.sleep();

@@ -125,7 +125,11 @@ fn unescape_mountinfo(field: &str) -> Vec<u8> {
 pub fn fix_home_permissions(home: &Path) -> Result<(), WorkDiskError> {
     let ssh = home.join(".ssh");
     let keys = ssh.join("authorized_keys");
-    for (path, mode, required) in [(home.to_path_buf(), 0o700, true), (ssh, 0o700, false), (keys, 0o600, false)] {
+    for (path, mode, required) in [
+        (home.to_path_buf(), 0o700, true),
+        (ssh, 0o700, false),
+        (keys, 0o600, false),
+    ] {
         let fail = |source| WorkDiskError::Permissions {
             path: path.clone(),
             source,

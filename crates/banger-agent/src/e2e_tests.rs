@@ -1,0 +1,575 @@
+//! End-to-end tests: the real guest serve loop on one end of a Unix socket, the real host
+//! client on the other, commands really run.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener as StdListener, UnixStream as StdStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+
+use crate::guest::power::PowerControl;
+use crate::guest::serve::{serve_session, FrameWriter, ServeConfig, BASE_ENV, BOOT_ID_PATH};
+use crate::host::{wait_ready, AgentClient, AgentError, Endpoint, ExecEvent, ExecRequest};
+use crate::protocol::{ExitStatus, AGENT_VERSION};
+
+const VM: &str = "test-vm";
+
+/// Records power-off requests instead of switching anything off.
+struct FakePower {
+    calls: AtomicUsize,
+    refuse: Option<&'static str>,
+}
+
+impl PowerControl for FakePower {
+    fn power_off(&self, accepted: &dyn Fn(Result<(), String>)) {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        accepted(self.refuse.map(|r| Err(r.to_string())).unwrap_or(Ok(())));
+    }
+}
+
+struct Guest {
+    cwd: tempfile::TempDir,
+    power: Arc<FakePower>,
+}
+
+impl Guest {
+    fn new() -> Self {
+        Self::with_power(None)
+    }
+
+    fn with_power(refuse: Option<&'static str>) -> Self {
+        Guest {
+            cwd: tempfile::tempdir().unwrap(),
+            power: Arc::new(FakePower {
+                calls: AtomicUsize::new(0),
+                refuse,
+            }),
+        }
+    }
+
+    fn config(&self) -> Arc<ServeConfig> {
+        Arc::new(ServeConfig {
+            default_cwd: self.cwd.path().to_path_buf(),
+            base_env: BASE_ENV
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            power: self.power.clone(),
+        })
+    }
+
+    /// Serves `stream` on a thread until it closes.
+    fn serve(&self, stream: StdStream) -> thread::JoinHandle<()> {
+        let cfg = self.config();
+        thread::spawn(move || {
+            let writer = Arc::new(FrameWriter::new(stream.try_clone().unwrap()));
+            let _ = serve_session(&stream, &writer, &cfg);
+        })
+    }
+
+    /// A client connected to a fresh session of this guest, plus the guest's end of the
+    /// socket (to cut the connection from the guest side).
+    fn connect(&self) -> (AgentClient, StdStream) {
+        let (host, guest) = StdStream::pair().unwrap();
+        let guest_handle = guest.try_clone().unwrap();
+        self.serve(guest);
+        host.set_nonblocking(true).unwrap();
+        let client = AgentClient::new(VM, UnixStream::from_std(host).unwrap());
+        (client, guest_handle)
+    }
+}
+
+fn sh(script: &str) -> ExecRequest {
+    ExecRequest::new(["sh", "-c", script])
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[tokio::test]
+async fn hello_is_answered_with_ready_and_the_boot_id() {
+    let guest = Guest::new();
+    let (client, _g) = guest.connect();
+    let ready = client.hello(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(ready.agent_version, AGENT_VERSION);
+    let boot_id = std::fs::read_to_string(BOOT_ID_PATH).unwrap();
+    assert_eq!(ready.boot_id, boot_id.trim());
+    assert!(!ready.hostname.is_empty());
+}
+
+#[tokio::test]
+async fn exit_code_stdout_and_stderr_are_reported_separately() {
+    let guest = Guest::new();
+    let (client, _g) = guest.connect();
+    let exec = client
+        .exec(sh("echo hi; echo err >&2; exit 7"))
+        .await
+        .unwrap();
+    let out = exec.collect().await.unwrap();
+    assert_eq!(text(&out.stdout), "hi\n");
+    assert_eq!(text(&out.stderr), "err\n");
+    assert_eq!(out.status, ExitStatus::Code(7));
+}
+
+#[tokio::test]
+async fn cat_echoes_stdin_including_large_binary_input() {
+    let guest = Guest::new();
+    let (client, _g) = guest.connect();
+    let exec = client.exec(ExecRequest::new(["cat"])).await.unwrap();
+    exec.input.write(b"hello\n").await.unwrap();
+    exec.input.write(b"world").await.unwrap();
+    let out = exec.collect().await.unwrap();
+    assert_eq!(text(&out.stdout), "hello\nworld");
+    assert!(out.status.success());
+
+    // Several MiB of every byte value: chunking, base64 and backpressure all take part.
+    let big: Vec<u8> = (0..3 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
+    let exec = client.exec(ExecRequest::new(["cat"])).await.unwrap();
+    let input = exec.input.clone();
+    let payload = big.clone();
+    let feeder = tokio::spawn(async move {
+        input.write(&payload).await.unwrap();
+        input.close().await.unwrap();
+    });
+    let out = exec.output.collect().await.unwrap();
+    feeder.await.unwrap();
+    assert_eq!(out.stdout.len(), big.len());
+    assert!(out.stdout == big, "cat output differs from its input");
+}
+
+#[tokio::test]
+async fn a_command_killed_by_a_signal_reports_the_signal() {
+    let guest = Guest::new();
+    let (client, _g) = guest.connect();
+    let out = client
+        .exec(sh("kill -9 $$"))
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    assert_eq!(out.status, ExitStatus::Signal(9));
+    assert_eq!(out.status.to_string(), "killed by signal 9 (SIGKILL)");
+}
+
+#[tokio::test]
+async fn a_signal_from_the_host_reaches_the_whole_process_group() {
+    let guest = Guest::new();
+    let (client, _g) = guest.connect();
+    // The shell waits on a child: only signalling the group ends both promptly.
+    let mut exec = client
+        .exec(sh("echo started; sleep 30; echo not reached"))
+        .await
+        .unwrap();
+    assert_eq!(
+        exec.output.recv().await.unwrap().unwrap(),
+        ExecEvent::Stdout("started\n".into())
+    );
+    let start = Instant::now();
+    exec.input.signal(libc::SIGTERM).await.unwrap();
+    let out = exec.output.collect().await.unwrap();
+    assert_eq!(out.status, ExitStatus::Signal(libc::SIGTERM));
+    assert!(out.stdout.is_empty());
+    assert!(start.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn a_missing_program_is_an_error_naming_it_and_the_cwd() {
+    let guest = Guest::new();
+    let (client, _g) = guest.connect();
+    let mut exec = client
+        .exec(ExecRequest::new(["banger-no-such-program", "--flag"]))
+        .await
+        .unwrap();
+    let err = exec.output.recv().await.unwrap().unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, AgentError::Guest { .. }), "{msg}");
+    assert!(
+        msg.starts_with("VM test-vm: banger-no-such-program: command not found"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains(&guest.cwd.path().display().to_string()),
+        "{msg}"
+    );
+    assert!(exec.output.recv().await.is_none());
+
+    let err = client
+        .exec(ExecRequest::new(["true"]).cwd("/banger/no/such/dir"))
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("working directory /banger/no/such/dir does not exist"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn five_concurrent_commands_each_get_their_own_output() {
+    let guest = Guest::new();
+    let (client, _g) = guest.connect();
+    let mut handles = Vec::new();
+    for n in 0..5 {
+        let exec = client
+            .exec(
+                sh("for i in 1 2 3; do echo $ID-$i; echo e$ID >&2; sleep 0.05; done; exit $ID")
+                    .env("ID", n.to_string()),
+            )
+            .await
+            .unwrap();
+        handles.push(tokio::spawn(exec.collect()));
+    }
+    for (n, h) in handles.into_iter().enumerate() {
+        let out = h.await.unwrap().unwrap();
+        assert_eq!(text(&out.stdout), format!("{n}-1\n{n}-2\n{n}-3\n"));
+        assert_eq!(text(&out.stderr), format!("e{n}\ne{n}\ne{n}\n"));
+        assert_eq!(out.status, ExitStatus::Code(n as i32));
+    }
+}
+
+#[tokio::test]
+async fn output_is_streamed_as_it_is_produced() {
+    let guest = Guest::new();
+    let (client, _g) = guest.connect();
+    let start = Instant::now();
+    let mut exec = client
+        .exec(sh("echo first; sleep 1.5; echo second"))
+        .await
+        .unwrap();
+    assert_eq!(
+        exec.output.recv().await.unwrap().unwrap(),
+        ExecEvent::Stdout("first\n".into())
+    );
+    assert!(
+        start.elapsed() < Duration::from_millis(1200),
+        "first line arrived only after {:?}",
+        start.elapsed()
+    );
+    let rest = exec.output.collect().await.unwrap();
+    assert_eq!(text(&rest.stdout), "second\n");
+}
+
+#[tokio::test]
+async fn commands_get_the_base_environment_the_request_env_and_cwd() {
+    let guest = Guest::new();
+    let (client, _g) = guest.connect();
+    let out = client
+        .exec(sh("echo $HOME $LANG $FOO; echo $PATH; pwd").env("FOO", "bar"))
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    let canonical_cwd = std::fs::canonicalize(guest.cwd.path()).unwrap();
+    assert_eq!(
+        text(&out.stdout),
+        format!(
+            "/root C.UTF-8 bar\n{}\n{}\n",
+            BASE_ENV[0].1,
+            canonical_cwd.display()
+        )
+    );
+    let out = client
+        .exec(
+            ExecRequest::new(["pwd"])
+                .cwd("/tmp")
+                .env("HOME", "/elsewhere"),
+        )
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    assert_eq!(text(&out.stdout), "/tmp\n");
+}
+
+#[tokio::test]
+async fn a_background_process_holding_the_pipes_does_not_delay_exit() {
+    let guest = Guest::new();
+    let (client, _g) = guest.connect();
+    let start = Instant::now();
+    let out = client
+        .exec(sh("sleep 4 & echo done"))
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    assert_eq!(text(&out.stdout), "done\n");
+    assert!(out.status.success());
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "exit took {:?}",
+        start.elapsed()
+    );
+}
+
+fn process_alive(pid: i32) -> bool {
+    // A zombie is dead for our purposes.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+#[tokio::test]
+async fn losing_the_connection_fails_pending_commands_and_kills_them_in_the_guest() {
+    let guest = Guest::new();
+    let (client, guest_end) = guest.connect();
+    let mut exec = client.exec(sh("echo $$; exec sleep 30")).await.unwrap();
+    let pid: i32 = match exec.output.recv().await.unwrap().unwrap() {
+        ExecEvent::Stdout(b) => text(&b).trim().parse().unwrap(),
+        other => panic!("expected the pid, got {other:?}"),
+    };
+    assert!(process_alive(pid));
+
+    guest_end.shutdown(std::net::Shutdown::Both).unwrap();
+    let err = exec.output.recv().await.unwrap().unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("lost the agent connection to VM test-vm"),
+        "{err}"
+    );
+    assert!(err.hint().unwrap().starts_with("hint:"));
+    let later = client.exec(ExecRequest::new(["true"])).await.unwrap_err();
+    assert!(
+        matches!(later, AgentError::ConnectionLost { .. }),
+        "{later}"
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while process_alive(pid) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!process_alive(pid), "command {pid} outlived its connection");
+}
+
+#[tokio::test]
+async fn poweroff_is_handed_to_the_power_control_and_acknowledged() {
+    let guest = Guest::new();
+    let (client, _g) = guest.connect();
+    client.poweroff().await.unwrap();
+    assert_eq!(guest.power.calls.load(Ordering::SeqCst), 1);
+
+    let guest = Guest::with_power(Some("`systemctl poweroff` failed (exit status: 1)"));
+    let (client, _g) = guest.connect();
+    let err = client.poweroff().await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "VM test-vm: the guest did not power off: `systemctl poweroff` failed (exit status: 1)"
+    );
+}
+
+/// Talks raw protocol to the guest: one line out, one line back.
+fn raw_exchange(
+    stream: &mut StdStream,
+    reader: &mut impl BufRead,
+    line: &str,
+) -> serde_json::Value {
+    stream.write_all(line.as_bytes()).unwrap();
+    let mut answer = String::new();
+    reader.read_line(&mut answer).unwrap();
+    serde_json::from_str(&answer).unwrap()
+}
+
+#[test]
+fn the_guest_skips_garbage_answers_unknown_ops_and_ignores_frames_for_unknown_ids() {
+    let guest = Guest::new();
+    let (mut host, guest_end) = StdStream::pair().unwrap();
+    guest.serve(guest_end);
+    host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut reader = BufReader::new(host.try_clone().unwrap());
+
+    // Half a frame left by an earlier host, then a blank line (how a new host resyncs), then
+    // requests for ids nobody started: all silently dropped, so the hello answer comes first.
+    host.write_all(b"{\"op\":\"std\n\n").unwrap();
+    host.write_all(b"{\"op\":\"stdin\",\"id\":99,\"data\":\"aGk=\"}\n")
+        .unwrap();
+    host.write_all(b"{\"op\":\"signal\",\"id\":99,\"signal\":9}\n")
+        .unwrap();
+    let ready = raw_exchange(&mut host, &mut reader, "{\"op\":\"hello\",\"id\":1}\n");
+    assert_eq!(ready["op"], "ready");
+    assert_eq!(ready["id"], 1);
+
+    let err = raw_exchange(&mut host, &mut reader, "{\"op\":\"teleport\",\"id\":5}\n");
+    assert_eq!(err["op"], "error");
+    assert_eq!(err["id"], 5);
+    assert!(
+        err["message"]
+            .as_str()
+            .unwrap()
+            .contains("does not understand"),
+        "{err}"
+    );
+
+    let err = raw_exchange(
+        &mut host,
+        &mut reader,
+        "{\"op\":\"exec\",\"id\":6,\"argv\":[\"true\"],\"tty\":true}\n",
+    );
+    assert_eq!(err["op"], "error");
+    assert!(err["message"].as_str().unwrap().contains("tty"), "{err}");
+}
+
+#[tokio::test]
+async fn the_client_ignores_stale_frames_and_garbage_from_the_guest() {
+    let (host, fake_guest) = UnixStream::pair().unwrap();
+    let client = AgentClient::new(VM, host);
+    let guest_task = tokio::spawn(async move {
+        let (read, mut write) = fake_guest.into_split();
+        let mut lines = tokio::io::BufReader::new(read).lines();
+        let mut hello = String::new();
+        while hello.trim().is_empty() {
+            hello = lines.next_line().await.unwrap().unwrap();
+        }
+        let id = serde_json::from_str::<serde_json::Value>(&hello).unwrap()["id"].clone();
+        let stale = "\"data\":\"aGk=\"}\n{\"op\":\"stdout\",\"id\":1,\"data\":\"aGk=\"}\n";
+        write.write_all(stale.as_bytes()).await.unwrap();
+        let ready = format!(
+            "{{\"op\":\"ready\",\"id\":{id},\"hostname\":\"h\",\"agent_version\":\"9\",\"boot_id\":\"b\"}}\n"
+        );
+        write.write_all(ready.as_bytes()).await.unwrap();
+        // Keep the connection open until the client is done.
+        let _ = lines.next_line().await;
+    });
+    let ready = client.hello(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(ready.hostname, "h");
+    drop(client);
+    guest_task.await.unwrap();
+}
+
+#[tokio::test]
+async fn hello_without_an_answer_times_out_naming_the_vm() {
+    let (host, _silent_guest) = UnixStream::pair().unwrap();
+    let client = AgentClient::new(VM, host);
+    let err = client.hello(Duration::from_millis(200)).await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "the agent of VM test-vm did not answer within 200ms"
+    );
+}
+
+/// A guest that listens on a Unix socket like QEMU's virtio-serial chardev, appearing only
+/// after `delay`.
+fn serve_unix_socket_later(guest: &Guest, path: PathBuf, delay: Duration) {
+    let cfg = guest.config();
+    thread::spawn(move || {
+        thread::sleep(delay);
+        let listener = StdListener::bind(&path).unwrap();
+        let (conn, _) = listener.accept().unwrap();
+        let writer = Arc::new(FrameWriter::new(conn.try_clone().unwrap()));
+        let _ = serve_session(&conn, &writer, &cfg);
+    });
+}
+
+#[tokio::test]
+async fn wait_ready_retries_until_the_socket_appears() {
+    let guest = Guest::new();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("agent.sock");
+    serve_unix_socket_later(&guest, socket.clone(), Duration::from_millis(500));
+    let endpoint = Endpoint::VirtioSerial { socket };
+    let (client, ready) = wait_ready(VM, &endpoint, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(ready.agent_version, AGENT_VERSION);
+    let out = client
+        .exec(ExecRequest::new(["echo", "up"]))
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    assert_eq!(text(&out.stdout), "up\n");
+}
+
+#[tokio::test]
+async fn wait_ready_gives_up_after_the_timeout_with_the_last_error() {
+    let endpoint = Endpoint::VirtioSerial {
+        socket: "/nonexistent/banger/agent.sock".into(),
+    };
+    let start = Instant::now();
+    let err = wait_ready(VM, &endpoint, Duration::from_millis(600))
+        .await
+        .unwrap_err();
+    assert!(start.elapsed() < Duration::from_secs(3));
+    let msg = err.to_string();
+    assert!(
+        msg.starts_with("the agent of VM test-vm did not become ready within 600ms"),
+        "{msg}"
+    );
+    assert!(msg.contains("/nonexistent/banger/agent.sock"), "{msg}");
+    assert!(err.hint().is_some());
+}
+
+/// A fake Firecracker vsock bridge: reads `CONNECT <port>\n`, answers `reply`, and on `OK`
+/// hands the rest of the connection to a real guest session.
+fn fake_firecracker_bridge(
+    guest: &Guest,
+    uds: &Path,
+    reply: &'static str,
+) -> thread::JoinHandle<String> {
+    let listener = StdListener::bind(uds).unwrap();
+    let cfg = guest.config();
+    thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        while byte[0] != b'\n' {
+            conn.read_exact(&mut byte).unwrap();
+            line.push(byte[0]);
+        }
+        conn.write_all(reply.as_bytes()).unwrap();
+        if reply.starts_with("OK") {
+            let writer = Arc::new(FrameWriter::new(conn.try_clone().unwrap()));
+            let _ = serve_session(&conn, &writer, &cfg);
+        }
+        String::from_utf8(line).unwrap()
+    })
+}
+
+#[tokio::test]
+async fn firecracker_vsock_connect_handshakes_then_speaks_the_protocol() {
+    let guest = Guest::new();
+    let dir = tempfile::tempdir().unwrap();
+    let uds = dir.path().join("v.sock");
+    let bridge = fake_firecracker_bridge(&guest, &uds, "OK 1073741824\n");
+    let client = AgentClient::connect_firecracker_vsock(VM, &uds, crate::VSOCK_PORT)
+        .await
+        .unwrap();
+    client.hello(Duration::from_secs(5)).await.unwrap();
+    drop(client);
+    assert_eq!(
+        tokio::task::spawn_blocking(move || bridge.join().unwrap())
+            .await
+            .unwrap(),
+        "CONNECT 1024\n"
+    );
+}
+
+#[tokio::test]
+async fn firecracker_vsock_refusal_names_the_vm_and_the_reply() {
+    let guest = Guest::new();
+    let dir = tempfile::tempdir().unwrap();
+    let uds = dir.path().join("v.sock");
+    let _bridge = fake_firecracker_bridge(&guest, &uds, "FAILURE\n");
+    let err = AgentClient::connect_firecracker_vsock(VM, &uds, 1024)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "Firecracker refused the vsock connection to the agent of VM test-vm (port 1024): \"FAILURE\""
+    );
+}

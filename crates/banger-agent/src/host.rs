@@ -1,0 +1,767 @@
+//! The host side of the agent protocol: an async client the daemon uses to probe a guest's
+//! readiness, run commands in it and power it off (feature `host`, tokio).
+//!
+//! One [`AgentClient`] owns one connection. A background task reads the guest's frames and
+//! hands each to the request it answers (by request id), so any number of commands can run at
+//! once over the single stream; frames for ids this client never issued — leftovers a
+//! virtio-serial port kept from an earlier host connection — are dropped. When the connection
+//! ends, every request still waiting fails with [`AgentError::ConnectionLost`], which names
+//! the VM.
+//!
+//! How bytes reach the guest is left open: [`AgentClient::new`] takes any async stream (the
+//! daemon may get one from its VMM layer), and [`AgentClient::connect`] opens the two host
+//! channels the agent serves — QEMU's virtio-serial Unix socket and Firecracker's vsock bridge.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::protocol::{
+    decode, encode, is_blank, Data, ExitStatus, GuestMessage, HostMessage, RequestId, MAX_CHUNK,
+    MAX_LINE,
+};
+
+/// How long a Firecracker vsock handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long [`wait_ready`] waits for one `hello` before asking again on the same connection.
+const HELLO_RETRY: Duration = Duration::from_secs(2);
+/// Pause between connection attempts in [`wait_ready`].
+const RECONNECT_PAUSE: Duration = Duration::from_millis(200);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("cannot connect to the agent of VM {vm} at {endpoint}")]
+    Connect {
+        vm: String,
+        endpoint: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "Firecracker refused the vsock connection to the agent of VM {vm} (port {port}): {reply:?}"
+    )]
+    VsockRefused {
+        vm: String,
+        port: u32,
+        reply: String,
+    },
+    #[error("lost the agent connection to VM {vm}: {reason}")]
+    ConnectionLost { vm: String, reason: String },
+    #[error("the agent of VM {vm} did not answer within {waited:?}")]
+    NoAnswer { vm: String, waited: Duration },
+    #[error("the agent of VM {vm} did not become ready within {waited:?} (last attempt: {last})")]
+    NotReady {
+        vm: String,
+        waited: Duration,
+        last: String,
+    },
+    /// The agent answered the request with an `error` frame.
+    #[error("VM {vm}: {message}")]
+    Guest { vm: String, message: String },
+    #[error("VM {vm}: the guest did not power off: {reason}")]
+    Poweroff { vm: String, reason: String },
+}
+
+impl AgentError {
+    /// What the user can do about it.
+    pub fn hint(&self) -> Option<&'static str> {
+        match self {
+            AgentError::Connect { .. } | AgentError::VsockRefused { .. } => {
+                Some("hint: check that the VM is running (`banger vm list`)")
+            }
+            AgentError::ConnectionLost { .. } => {
+                Some("hint: the VM may have shut down or crashed; its console log tells which")
+            }
+            AgentError::NoAnswer { .. } | AgentError::NotReady { .. } => Some(
+                "hint: the guest may have failed to boot or lack banger-agent; check the VM's console log",
+            ),
+            AgentError::Guest { .. } | AgentError::Poweroff { .. } => None,
+        }
+    }
+}
+
+/// A channel to a guest agent, as the VMM exposes it on the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// QEMU's Unix socket behind the `banger.agent` virtio-serial port.
+    VirtioSerial { socket: PathBuf },
+    /// Firecracker's vsock bridge socket and the agent's vsock port.
+    FirecrackerVsock { uds: PathBuf, port: u32 },
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Endpoint::VirtioSerial { socket } => {
+                write!(f, "virtio-serial socket {}", socket.display())
+            }
+            Endpoint::FirecrackerVsock { uds, port } => {
+                write!(f, "Firecracker vsock {} port {port}", uds.display())
+            }
+        }
+    }
+}
+
+/// The agent's answer to `hello`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ready {
+    pub hostname: String,
+    pub agent_version: String,
+    /// Changes on every guest boot.
+    pub boot_id: String,
+}
+
+/// A command to run in the guest.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExecRequest {
+    pub argv: Vec<String>,
+    /// Added to the agent's base environment (PATH, HOME=/root, LANG=C.UTF-8).
+    pub env: BTreeMap<String, String>,
+    /// Defaults to `/root` in the guest.
+    pub cwd: Option<String>,
+}
+
+impl ExecRequest {
+    pub fn new<I, S>(argv: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        ExecRequest {
+            argv: argv.into_iter().map(Into::into).collect(),
+            ..Default::default()
+        }
+    }
+
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.insert(key.into(), value.into());
+        self
+    }
+
+    pub fn cwd(mut self, cwd: impl Into<String>) -> Self {
+        self.cwd = Some(cwd.into());
+        self
+    }
+}
+
+/// One thing a running command did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExecEvent {
+    Stdout(Bytes),
+    Stderr(Bytes),
+    /// The command ended; nothing follows.
+    Exit(ExitStatus),
+}
+
+/// Everything a command printed, and how it ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CollectedOutput {
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub status: ExitStatus,
+}
+
+enum Pending {
+    Hello(oneshot::Sender<Result<Ready, AgentError>>),
+    Exec(mpsc::UnboundedSender<Result<ExecEvent, AgentError>>),
+    Poweroff(oneshot::Sender<Result<(), AgentError>>),
+}
+
+impl Pending {
+    fn fail(self, err: AgentError) {
+        match self {
+            Pending::Hello(tx) => drop(tx.send(Err(err))),
+            Pending::Exec(tx) => drop(tx.send(Err(err))),
+            Pending::Poweroff(tx) => drop(tx.send(Err(err))),
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    pending: HashMap<RequestId, Pending>,
+    /// Why the connection ended, once it did.
+    lost: Option<String>,
+}
+
+type Shared = Arc<Mutex<State>>;
+
+fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+    // Every critical section is a single map operation; a poisoned lock still holds a
+    // consistent map.
+    state.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+struct Writer {
+    out: Box<dyn AsyncWrite + Send + Unpin>,
+    /// Whether the leading newline went out (it ends any half line an earlier host left in a
+    /// virtio-serial port, so the agent reads our first frame intact).
+    resynced: bool,
+}
+
+struct Inner {
+    vm: String,
+    writer: tokio::sync::Mutex<Writer>,
+    state: Shared,
+    next_id: AtomicU64,
+    reader: JoinHandle<()>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+/// A connection to one guest agent. Cheap to clone; the connection closes when the last clone
+/// (and every [`ExecHandle`] made from it) is dropped.
+#[derive(Clone)]
+pub struct AgentClient {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for AgentClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AgentClient")
+            .field("vm", &self.inner.vm)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AgentClient {
+    /// Wraps an open stream to the agent. `vm` names the VM in every error. Must be called
+    /// within a tokio runtime (it spawns the frame reader).
+    pub fn new<S>(vm: impl Into<String>, stream: S) -> Self
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let vm = vm.into();
+        let (read, write) = tokio::io::split(stream);
+        let state = Shared::default();
+        let reader = tokio::spawn(read_loop(read, state.clone(), vm.clone()));
+        // Ids start from the clock so that a new client does not reuse the ids of an earlier
+        // one whose answers may still be in flight on a virtio-serial port.
+        let first_id = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(1);
+        AgentClient {
+            inner: Arc::new(Inner {
+                vm,
+                writer: tokio::sync::Mutex::new(Writer {
+                    out: Box::new(write),
+                    resynced: false,
+                }),
+                state,
+                next_id: AtomicU64::new(first_id),
+                reader,
+            }),
+        }
+    }
+
+    /// Connects over `endpoint`. Does not wait for the agent: see [`AgentClient::hello`] and
+    /// [`wait_ready`].
+    pub async fn connect(vm: &str, endpoint: &Endpoint) -> Result<Self, AgentError> {
+        match endpoint {
+            Endpoint::VirtioSerial { socket } => Self::connect_unix(vm, socket).await,
+            Endpoint::FirecrackerVsock { uds, port } => {
+                Self::connect_firecracker_vsock(vm, uds, *port).await
+            }
+        }
+    }
+
+    /// Connects to QEMU's Unix socket for the agent's virtio-serial port.
+    pub async fn connect_unix(vm: &str, socket: &Path) -> Result<Self, AgentError> {
+        let stream = UnixStream::connect(socket)
+            .await
+            .map_err(|source| AgentError::Connect {
+                vm: vm.to_string(),
+                endpoint: Endpoint::VirtioSerial {
+                    socket: socket.to_path_buf(),
+                }
+                .to_string(),
+                source,
+            })?;
+        Ok(Self::new(vm, stream))
+    }
+
+    /// Connects through Firecracker's vsock bridge at `uds` to the agent's vsock `port`:
+    /// `CONNECT <port>\n`, answered by `OK <host port>\n` once the guest accepted.
+    pub async fn connect_firecracker_vsock(
+        vm: &str,
+        uds: &Path,
+        port: u32,
+    ) -> Result<Self, AgentError> {
+        let io_err = |source| AgentError::Connect {
+            vm: vm.to_string(),
+            endpoint: Endpoint::FirecrackerVsock {
+                uds: uds.to_path_buf(),
+                port,
+            }
+            .to_string(),
+            source,
+        };
+        let handshake = async {
+            let mut stream = UnixStream::connect(uds).await?;
+            stream
+                .write_all(format!("CONNECT {port}\n").as_bytes())
+                .await?;
+            // Byte by byte: whatever follows the newline is the agent's, and a buffered read
+            // would swallow it.
+            let mut reply = Vec::new();
+            let mut byte = [0u8; 1];
+            while reply.len() < 128 {
+                if tokio::io::AsyncReadExt::read(&mut stream, &mut byte).await? == 0 {
+                    break;
+                }
+                if byte[0] == b'\n' {
+                    break;
+                }
+                reply.push(byte[0]);
+            }
+            Ok::<_, io::Error>((stream, String::from_utf8_lossy(&reply).into_owned()))
+        };
+        let (stream, reply) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+            .await
+            .map_err(|_| {
+                io_err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "handshake timed out",
+                ))
+            })?
+            .map_err(io_err)?;
+        if !reply.starts_with("OK ") {
+            return Err(AgentError::VsockRefused {
+                vm: vm.to_string(),
+                port,
+                reply,
+            });
+        }
+        Ok(Self::new(vm, stream))
+    }
+
+    /// The VM this client talks to, as named in its errors.
+    pub fn vm(&self) -> &str {
+        &self.inner.vm
+    }
+
+    /// Asks the agent whether it is there; `Ok` means it serves requests.
+    pub async fn hello(&self, timeout: Duration) -> Result<Ready, AgentError> {
+        let (tx, rx) = oneshot::channel();
+        let id = self.register(Pending::Hello(tx))?;
+        self.send(&HostMessage::Hello { id }).await?;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(answer) => answer.unwrap_or_else(|_| Err(self.lost_now())),
+            Err(_) => {
+                lock(&self.inner.state).pending.remove(&id);
+                Err(AgentError::NoAnswer {
+                    vm: self.inner.vm.clone(),
+                    waited: timeout,
+                })
+            }
+        }
+    }
+
+    /// Starts a command. Errors the agent reports for it (say, a program that does not exist)
+    /// arrive through [`ExecOutput::recv`].
+    pub async fn exec(&self, req: ExecRequest) -> Result<ExecHandle, AgentError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let id = self.register(Pending::Exec(tx))?;
+        self.send(&HostMessage::Exec {
+            id,
+            argv: req.argv,
+            env: req.env,
+            cwd: req.cwd,
+            tty: false,
+        })
+        .await?;
+        Ok(ExecHandle {
+            id,
+            input: ExecInput {
+                client: self.clone(),
+                id,
+            },
+            output: ExecOutput {
+                client: self.clone(),
+                rx,
+                done: false,
+            },
+        })
+    }
+
+    /// Asks the guest to power off; returns once the agent started the shutdown (or the
+    /// connection dropped, which is what a powered-off guest does).
+    pub async fn poweroff(&self) -> Result<(), AgentError> {
+        let (tx, rx) = oneshot::channel();
+        let id = self.register(Pending::Poweroff(tx))?;
+        self.send(&HostMessage::Poweroff { id }).await?;
+        rx.await.unwrap_or(Ok(()))
+    }
+
+    fn register(&self, pending: Pending) -> Result<RequestId, AgentError> {
+        let mut state = lock(&self.inner.state);
+        if let Some(reason) = &state.lost {
+            return Err(AgentError::ConnectionLost {
+                vm: self.inner.vm.clone(),
+                reason: reason.clone(),
+            });
+        }
+        let id = RequestId(self.inner.next_id.fetch_add(1, Ordering::Relaxed));
+        state.pending.insert(id, pending);
+        Ok(id)
+    }
+
+    async fn send(&self, msg: &HostMessage) -> Result<(), AgentError> {
+        let frame = encode(msg);
+        let mut w = self.inner.writer.lock().await;
+        let result = async {
+            if !w.resynced {
+                w.out.write_all(b"\n").await?;
+                w.resynced = true;
+            }
+            w.out.write_all(&frame).await?;
+            w.out.flush().await
+        }
+        .await;
+        result.map_err(|e| {
+            lock(&self.inner.state).pending.remove(&msg.id());
+            AgentError::ConnectionLost {
+                vm: self.inner.vm.clone(),
+                reason: format!("cannot send to the agent: {e}"),
+            }
+        })
+    }
+
+    fn lost_now(&self) -> AgentError {
+        let reason = lock(&self.inner.state)
+            .lost
+            .clone()
+            .unwrap_or_else(|| "the connection closed".to_string());
+        AgentError::ConnectionLost {
+            vm: self.inner.vm.clone(),
+            reason,
+        }
+    }
+}
+
+/// A running command: its input side and its output side, usable from different tasks.
+#[derive(Debug)]
+pub struct ExecHandle {
+    pub id: RequestId,
+    pub input: ExecInput,
+    pub output: ExecOutput,
+}
+
+impl ExecHandle {
+    /// Closes stdin and gathers all output until the command ends.
+    pub async fn collect(self) -> Result<CollectedOutput, AgentError> {
+        self.input.close().await?;
+        self.output.collect().await
+    }
+}
+
+/// Feeds a running command and signals it.
+#[derive(Debug, Clone)]
+pub struct ExecInput {
+    client: AgentClient,
+    id: RequestId,
+}
+
+impl ExecInput {
+    /// Sends bytes to the command's stdin (in frames of at most 32 KiB).
+    pub async fn write(&self, data: &[u8]) -> Result<(), AgentError> {
+        for chunk in data.chunks(MAX_CHUNK) {
+            self.client
+                .send(&HostMessage::Stdin {
+                    id: self.id,
+                    data: Data::from(chunk),
+                })
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Ends the command's stdin.
+    pub async fn close(&self) -> Result<(), AgentError> {
+        self.client
+            .send(&HostMessage::StdinClose { id: self.id })
+            .await
+    }
+
+    /// Sends a signal (e.g. `libc::SIGINT`) to the command's process group.
+    pub async fn signal(&self, signal: i32) -> Result<(), AgentError> {
+        self.client
+            .send(&HostMessage::Signal {
+                id: self.id,
+                signal,
+            })
+            .await
+    }
+}
+
+/// The output of a running command, in the order the guest sent it.
+#[derive(Debug)]
+pub struct ExecOutput {
+    client: AgentClient,
+    rx: mpsc::UnboundedReceiver<Result<ExecEvent, AgentError>>,
+    done: bool,
+}
+
+impl ExecOutput {
+    /// The next event; `None` after [`ExecEvent::Exit`] or an error has been returned.
+    pub async fn recv(&mut self) -> Option<Result<ExecEvent, AgentError>> {
+        if self.done {
+            return None;
+        }
+        let event = self
+            .rx
+            .recv()
+            .await
+            .unwrap_or_else(|| Err(self.client.lost_now()));
+        self.done = !matches!(event, Ok(ExecEvent::Stdout(_) | ExecEvent::Stderr(_)));
+        Some(event)
+    }
+
+    /// Gathers all remaining output until the command ends.
+    pub async fn collect(mut self) -> Result<CollectedOutput, AgentError> {
+        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+        while let Some(event) = self.recv().await {
+            match event? {
+                ExecEvent::Stdout(b) => stdout.extend_from_slice(&b),
+                ExecEvent::Stderr(b) => stderr.extend_from_slice(&b),
+                ExecEvent::Exit(status) => {
+                    return Ok(CollectedOutput {
+                        stdout,
+                        stderr,
+                        status,
+                    })
+                }
+            }
+        }
+        Err(self.client.lost_now())
+    }
+}
+
+/// Connects to `endpoint` and says `hello` until the agent answers or `timeout` passed. The
+/// socket may not exist yet and the VMM may refuse connections while the guest boots; both
+/// are retried.
+pub async fn wait_ready(
+    vm: &str,
+    endpoint: &Endpoint,
+    timeout: Duration,
+) -> Result<(AgentClient, Ready), AgentError> {
+    wait_ready_with(vm, timeout, || AgentClient::connect(vm, endpoint)).await
+}
+
+/// [`wait_ready`] with any way of connecting: `connect` is called for each attempt (wrap a
+/// stream from elsewhere with [`AgentClient::new`]). Once connected, `hello` is repeated on the
+/// same connection, since an agent that is not running yet answers the frames waiting for it
+/// when it starts.
+pub async fn wait_ready_with<F, Fut, E>(
+    vm: &str,
+    timeout: Duration,
+    mut connect: F,
+) -> Result<(AgentClient, Ready), AgentError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<AgentClient, E>>,
+    E: std::error::Error,
+{
+    let deadline = Instant::now() + timeout;
+    let mut last = "no attempt finished".to_string();
+    let not_ready = |last: String| AgentError::NotReady {
+        vm: vm.to_string(),
+        waited: timeout,
+        last,
+    };
+    loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            return Err(not_ready(last));
+        }
+        match tokio::time::timeout(remaining, connect()).await {
+            Err(_) => {
+                return Err(not_ready(format!(
+                    "connecting took too long; before: {last}"
+                )))
+            }
+            Ok(Err(e)) => last = report(&e),
+            Ok(Ok(client)) => loop {
+                let remaining = deadline.saturating_duration_since(Instant::now());
+                if remaining.is_zero() {
+                    return Err(not_ready(last));
+                }
+                match client.hello(remaining.min(HELLO_RETRY)).await {
+                    Ok(ready) => return Ok((client, ready)),
+                    Err(AgentError::NoAnswer { .. }) => {
+                        last = "connected, but the agent has not answered yet".to_string();
+                    }
+                    Err(e) => {
+                        last = report(&e);
+                        break;
+                    }
+                }
+            },
+        }
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        tokio::time::sleep(remaining.min(RECONNECT_PAUSE)).await;
+    }
+}
+
+fn report(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+async fn read_loop<R: AsyncRead + Send + Unpin>(read: R, state: Shared, vm: String) {
+    let mut reader = BufReader::with_capacity(64 * 1024, read);
+    let mut line = Vec::new();
+    let reason = loop {
+        line.clear();
+        match read_frame(&mut reader, &mut line).await {
+            Ok(FrameRead::Eof) => break "the agent closed the connection".to_string(),
+            Err(e) => break format!("reading from the agent failed: {e}"),
+            Ok(FrameRead::TooLong) => continue,
+            Ok(FrameRead::Line) if is_blank(&line) => continue,
+            Ok(FrameRead::Line) => {}
+        }
+        // A frame that does not parse is most likely the tail of one sent to an earlier host
+        // connection; skipping it is all there is to do.
+        if let Ok(msg) = decode::<GuestMessage>(&line) {
+            dispatch(&state, &vm, msg);
+        }
+    };
+    let mut st = lock(&state);
+    st.lost = Some(reason.clone());
+    for (_, pending) in st.pending.drain() {
+        match pending {
+            // The guest going away is what a poweroff asks for.
+            Pending::Poweroff(tx) => drop(tx.send(Ok(()))),
+            other => other.fail(AgentError::ConnectionLost {
+                vm: vm.clone(),
+                reason: reason.clone(),
+            }),
+        }
+    }
+}
+
+fn dispatch(state: &Mutex<State>, vm: &str, msg: GuestMessage) {
+    let id = msg.id();
+    let mut st = lock(state);
+    let Some(pending) = st.pending.remove(&id) else {
+        return;
+    };
+    match (pending, msg) {
+        (
+            Pending::Hello(tx),
+            GuestMessage::Ready {
+                hostname,
+                agent_version,
+                boot_id,
+                ..
+            },
+        ) => drop(tx.send(Ok(Ready {
+            hostname,
+            agent_version,
+            boot_id,
+        }))),
+        (Pending::Exec(tx), GuestMessage::Stdout { data, .. }) => {
+            // A dropped ExecOutput means nobody wants the rest; forget the request then.
+            if tx.send(Ok(ExecEvent::Stdout(Bytes::from(data.0)))).is_ok() {
+                st.pending.insert(id, Pending::Exec(tx));
+            }
+        }
+        (Pending::Exec(tx), GuestMessage::Stderr { data, .. }) => {
+            if tx.send(Ok(ExecEvent::Stderr(Bytes::from(data.0)))).is_ok() {
+                st.pending.insert(id, Pending::Exec(tx));
+            }
+        }
+        (Pending::Exec(tx), GuestMessage::Exit { code, signal, .. }) => {
+            drop(tx.send(Ok(ExecEvent::Exit(ExitStatus::from_wire(code, signal)))))
+        }
+        (Pending::Poweroff(tx), GuestMessage::Exit { code, signal, .. }) => {
+            let status = ExitStatus::from_wire(code, signal);
+            drop(tx.send(if status.success() {
+                Ok(())
+            } else {
+                Err(AgentError::Poweroff {
+                    vm: vm.to_string(),
+                    reason: status.to_string(),
+                })
+            }))
+        }
+        (Pending::Poweroff(tx), GuestMessage::Error { message, .. }) => {
+            drop(tx.send(Err(AgentError::Poweroff {
+                vm: vm.to_string(),
+                reason: message,
+            })))
+        }
+        (pending, GuestMessage::Error { message, .. }) => pending.fail(AgentError::Guest {
+            vm: vm.to_string(),
+            message,
+        }),
+        // An answer of the wrong kind for this request: a confused peer; keep waiting for the
+        // right one.
+        (pending, _) => {
+            st.pending.insert(id, pending);
+        }
+    }
+}
+
+enum FrameRead {
+    Line,
+    TooLong,
+    Eof,
+}
+
+/// Reads one line (without `\n`), never buffering more than [`MAX_LINE`] bytes.
+async fn read_frame<R: AsyncBufRead + Unpin>(
+    reader: &mut R,
+    buf: &mut Vec<u8>,
+) -> io::Result<FrameRead> {
+    let mut too_long = false;
+    loop {
+        let available = reader.fill_buf().await?;
+        if available.is_empty() {
+            return Ok(FrameRead::Eof);
+        }
+        let (chunk, found) = match available.iter().position(|b| *b == b'\n') {
+            Some(i) => (&available[..i], Some(i + 1)),
+            None => (available, None),
+        };
+        if !too_long {
+            buf.extend_from_slice(chunk);
+            if buf.len() > MAX_LINE {
+                too_long = true;
+                buf.clear();
+            }
+        }
+        let consumed = found.unwrap_or(available.len());
+        reader.consume(consumed);
+        if found.is_some() {
+            return Ok(if too_long {
+                FrameRead::TooLong
+            } else {
+                FrameRead::Line
+            });
+        }
+    }
+}

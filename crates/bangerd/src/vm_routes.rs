@@ -1,0 +1,164 @@
+//! HTTP handlers for `/v1/vms`: request decoding and response shapes only; behaviour lives in
+//! [`crate::vms`]. Exec answers with newline-delimited `ExecEvent`s, logs with raw console bytes.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path as UrlPath, Query, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use banger_api::vm::{CreateVmRequest, DeleteVmQuery, ExecEvent, ExecRequest, SshTarget, StopVmRequest, VmInfo, VmState};
+use banger_api::Deleted;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+
+use crate::server::{stream, ApiResult, AppError};
+use crate::Shared;
+
+pub async fn list(State(s): Shared) -> ApiResult<Vec<VmInfo>> {
+    Ok(Json(s.vms.list().await?))
+}
+
+pub async fn show(State(s): Shared, UrlPath(name): UrlPath<String>) -> ApiResult<VmInfo> {
+    Ok(Json(s.vms.show(&name).await?))
+}
+
+pub async fn create(State(s): Shared, Json(req): Json<CreateVmRequest>) -> Response {
+    stream(move |e| async move { s.vms.create(req, e).await })
+}
+
+pub async fn start(State(s): Shared, UrlPath(name): UrlPath<String>) -> Response {
+    stream(move |e| async move { s.vms.start(&name, e).await })
+}
+
+pub async fn restart(State(s): Shared, UrlPath(name): UrlPath<String>) -> Response {
+    stream(move |e| async move { s.vms.restart(&name, e).await })
+}
+
+pub async fn stop(
+    State(s): Shared,
+    UrlPath(name): UrlPath<String>,
+    Json(req): Json<StopVmRequest>,
+) -> ApiResult<VmInfo> {
+    Ok(Json(s.vms.stop(&name, req.force).await?))
+}
+
+pub async fn delete(
+    State(s): Shared,
+    UrlPath(name): UrlPath<String>,
+    Query(q): Query<DeleteVmQuery>,
+) -> ApiResult<Deleted> {
+    Ok(Json(s.vms.delete(&name, q.force).await?))
+}
+
+pub async fn ssh(State(s): Shared, UrlPath(name): UrlPath<String>) -> ApiResult<SshTarget> {
+    Ok(Json(s.vms.ssh_target(&name).await?))
+}
+
+fn ndjson<T: serde::Serialize>(ev: &T) -> bytes::Bytes {
+    let mut line = serde_json::to_vec(ev).unwrap_or_default();
+    line.push(b'\n');
+    bytes::Bytes::from(line)
+}
+
+pub async fn exec(
+    State(s): Shared,
+    UrlPath(name): UrlPath<String>,
+    Json(req): Json<ExecRequest>,
+) -> Response {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<ExecEvent>();
+    tokio::spawn(async move {
+        if let Err(error) = s.vms.exec(&name, req, tx.clone()).await {
+            let _ = tx.send(ExecEvent::Failed { error });
+        }
+    });
+    let body = futures_util::stream::unfold(rx, |mut rx| async move {
+        let ev = rx.recv().await?;
+        Some((Ok::<_, std::convert::Infallible>(ndjson(&ev)), rx))
+    });
+    (
+        [(header::CONTENT_TYPE, banger_api::EVENT_STREAM_CONTENT_TYPE)],
+        Body::from_stream(body),
+    )
+        .into_response()
+}
+
+#[derive(serde::Deserialize)]
+pub struct LogsQuery {
+    #[serde(default)]
+    follow: bool,
+}
+
+/// The console log; with `follow`, new output as it is written, until the VM stops.
+pub async fn logs(
+    State(s): Shared,
+    UrlPath(name): UrlPath<String>,
+    Query(q): Query<LogsQuery>,
+) -> Result<Response, AppError> {
+    let info = s.vms.show(&name).await?;
+    let path = std::path::PathBuf::from(&info.console_log);
+    let file = match tokio::fs::File::open(&path).await {
+        Ok(f) => Some(f),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            return Err(AppError(banger_api::ApiError::new(
+                banger_api::ErrorCode::Internal,
+                format!("cannot read {}: {e}", path.display()),
+            )))
+        }
+    };
+    struct Tail {
+        file: Option<tokio::fs::File>,
+        pos: u64,
+        follow: bool,
+        state: std::sync::Arc<crate::AppState>,
+        name: String,
+        path: std::path::PathBuf,
+    }
+    let tail = Tail {
+        file,
+        pos: 0,
+        follow: q.follow,
+        state: s.clone(),
+        name,
+        path,
+    };
+    let body = futures_util::stream::unfold(tail, |mut t| async move {
+        loop {
+            if t.file.is_none() {
+                t.file = tokio::fs::File::open(&t.path).await.ok();
+            }
+            if let Some(f) = t.file.as_mut() {
+                // A restart truncates the log; start over from its beginning.
+                let len = f.metadata().await.map(|m| m.len()).unwrap_or(0);
+                if len < t.pos {
+                    t.pos = 0;
+                }
+                let _ = f.seek(std::io::SeekFrom::Start(t.pos)).await;
+                let mut buf = vec![0u8; 64 * 1024];
+                if let Ok(n) = f.read(&mut buf).await {
+                    if n > 0 {
+                        t.pos += n as u64;
+                        buf.truncate(n);
+                        return Some((Ok::<_, std::io::Error>(bytes::Bytes::from(buf)), t));
+                    }
+                }
+            }
+            if !t.follow {
+                return None;
+            }
+            let running = t
+                .state
+                .vms
+                .show(&t.name)
+                .await
+                .map(|i| matches!(i.state, VmState::Running | VmState::Creating | VmState::Stopping))
+                .unwrap_or(false);
+            if !running {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], Body::from_stream(body)).into_response())
+}

@@ -1,0 +1,885 @@
+//! The VM service: the lifecycle state machine (create, start, stop, delete), supervision of
+//! VMM processes, start-up reconcile, and commands through the guest agent.
+//!
+//! Each VM has a row (its lease is the row's unique `ip`), a directory `STATE/vms/NAME/` with
+//! its disks, host key and console log, and while it runs a VMM process, a tap and a run
+//! directory `RUNTIME/vms/ID/` for sockets. Every step is recorded before the next begins, so a
+//! crash can be repaired at start-up: a half-created VM (state `creating`, no VMM) is rolled
+//! back; a VM whose VMM is gone becomes `stopped`; a live VMM is re-adopted. Operations on one
+//! VM are serialised by a per-VM lock; the host network is set up when a VM starts and torn down
+//! when the last running VM stops, so nothing of banger stays on the host while no VM runs.
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use banger_agent::host::{AgentClient, Endpoint, ExecEvent as AgentEvent, ExecRequest as AgentExec};
+use banger_api::vm::{CreateVmRequest, ExecEvent, ExecRequest, SshTarget, VmInfo, VmState};
+use banger_api::{validate_name, ApiError, Deleted, ErrorCode};
+use banger_config::{Config, Paths};
+use banger_image::Progress;
+use banger_net::{NetConfig, Network, SystemHostNet};
+use banger_vmm::{AgentEndpoint, VmConfig, VmHandle, Vmm};
+use tokio::sync::Mutex as AsyncMutex;
+
+use crate::server::{internal, Emitter};
+use crate::store::{self, Store, VmRow};
+use crate::{fsutil, names, now_rfc3339, sshkeys, vmdisk};
+
+/// How long a booting guest has to report ready (TCG guests are slow; KVM ones take a second).
+fn boot_timeout() -> Duration {
+    std::env::var("BANGER_BOOT_TIMEOUT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map(Duration::from_secs)
+        .unwrap_or(Duration::from_secs(180))
+}
+
+const GRACEFUL_STOP: Duration = Duration::from_secs(30);
+const SUPERVISE_EVERY: Duration = Duration::from_millis(250);
+
+pub struct Vms {
+    paths: Paths,
+    store: Store,
+    config: Config,
+    net: Arc<Network<SystemHostNet>>,
+    net_lock: AsyncMutex<()>,
+    backend: Result<Arc<dyn Vmm>, String>,
+    backend_reason: String,
+    locks: Mutex<HashMap<String, Arc<AsyncMutex<()>>>>,
+    agents: Mutex<HashMap<String, AgentClient>>,
+}
+
+fn api(code: ErrorCode, msg: impl Into<String>) -> ApiError {
+    ApiError::new(code, msg)
+}
+
+fn agent_endpoint(e: &AgentEndpoint) -> Result<Endpoint, ApiError> {
+    match e {
+        AgentEndpoint::VirtioSerial { socket } => Ok(Endpoint::VirtioSerial {
+            socket: socket.clone(),
+        }),
+        AgentEndpoint::FirecrackerVsock { uds, port } => Ok(Endpoint::FirecrackerVsock {
+            uds: uds.clone(),
+            port: *port,
+        }),
+        AgentEndpoint::Vsock { .. } => Err(api(
+            ErrorCode::Internal,
+            "host vsock agent channels are not supported by this banger",
+        )),
+    }
+}
+
+/// The last `n` lines of a file (for boot failure messages).
+pub fn tail_lines(path: &Path, n: usize) -> String {
+    let text = std::fs::read(path).unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+impl Vms {
+    pub fn new(paths: Paths, store: Store, config: Config) -> anyhow::Result<Self> {
+        let net_config = NetConfig::parse(config.bridge(), config.subnet())
+            .context("invalid bridge_name or bridge_subnet in config")?;
+        let net = Network::new(
+            SystemHostNet::new(banger_net::Privileged::detect()),
+            net_config,
+        );
+        let pref = match config.vmm {
+            banger_config::VmmChoice::Auto => banger_vmm::VmmPreference::Auto,
+            banger_config::VmmChoice::Firecracker => banger_vmm::VmmPreference::Firecracker,
+            banger_config::VmmChoice::Qemu => banger_vmm::VmmPreference::Qemu,
+        };
+        let (backend, backend_reason) = match banger_vmm::select(pref, config.firecracker_bin.as_deref()) {
+            Ok(sel) => {
+                tracing::info!("VMM: {}", sel.reason);
+                (Ok(Arc::from(sel.backend)), sel.reason)
+            }
+            Err(e) => {
+                tracing::warn!("no usable VMM: {e}");
+                (Err(e.to_string()), e.to_string())
+            }
+        };
+        Ok(Self {
+            paths,
+            store,
+            config,
+            net: Arc::new(net),
+            net_lock: AsyncMutex::new(()),
+            backend,
+            backend_reason,
+            locks: Mutex::default(),
+            agents: Mutex::default(),
+        })
+    }
+
+    pub fn backend_reason(&self) -> &str {
+        &self.backend_reason
+    }
+
+    fn vm_dir(&self, name: &str) -> PathBuf {
+        self.paths.state_dir.join("vms").join(name)
+    }
+
+    fn run_dir(&self, id: &str) -> PathBuf {
+        self.paths.runtime_dir.join("vms").join(id)
+    }
+
+    fn lock_for(&self, name: &str) -> Arc<AsyncMutex<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        locks.entry(name.to_owned()).or_default().clone()
+    }
+
+    fn info(&self, row: &VmRow) -> VmInfo {
+        let handle: Option<VmHandle> = row.handle.as_deref().and_then(|h| serde_json::from_str(h).ok());
+        VmInfo {
+            name: row.name.clone(),
+            state: row.state,
+            image: row.image.clone(),
+            kernel: row.kernel.clone(),
+            spec: row.spec,
+            ip: row.ip.clone(),
+            mac: row.mac.clone(),
+            tap: row.tap.clone(),
+            vmm: row.vmm.clone(),
+            pid: handle.map(|h| h.pid),
+            created_at: row.created_at.clone(),
+            console_log: self.vm_dir(&row.name).join("console.log").display().to_string(),
+            dir: self.vm_dir(&row.name).display().to_string(),
+            last_error: row.last_error.clone(),
+        }
+    }
+
+    pub async fn list(&self) -> Result<Vec<VmInfo>, ApiError> {
+        let rows = self.store.call(|c| store::list_vms(c)).await.map_err(internal)?;
+        Ok(rows.iter().map(|r| self.info(r)).collect())
+    }
+
+    async fn row(&self, name: &str) -> Result<VmRow, ApiError> {
+        let n = name.to_owned();
+        let (row, all) = self
+            .store
+            .call(move |c| Ok((store::get_vm(c, &n)?, store::list_vms(c)?)))
+            .await
+            .map_err(internal)?;
+        row.ok_or_else(|| {
+            let known: Vec<String> = all.into_iter().map(|r| r.name).collect();
+            let known = if known.is_empty() { "none".to_owned() } else { known.join(", ") };
+            api(ErrorCode::NotFound, format!("no VM named {name:?} (VMs: {known})"))
+                .with_hint("see `banger vm list`, or create one with `banger vm create`")
+        })
+    }
+
+    pub async fn show(&self, name: &str) -> Result<VmInfo, ApiError> {
+        Ok(self.info(&self.row(name).await?))
+    }
+
+    async fn set_state(
+        &self,
+        name: &str,
+        state: VmState,
+        vmm: Option<&str>,
+        handle: Option<&VmHandle>,
+        last_error: Option<&str>,
+    ) -> Result<(), ApiError> {
+        let n = name.to_owned();
+        let vmm = vmm.map(str::to_owned);
+        let handle = handle
+            .map(serde_json::to_string)
+            .transpose()
+            .map_err(|e| internal(e.into()))?;
+        let last_error = last_error.map(str::to_owned);
+        self.store
+            .call(move |c| {
+                store::set_vm_state(c, &n, state, vmm.as_deref(), handle.as_deref(), last_error.as_deref())
+            })
+            .await
+            .map_err(internal)
+    }
+
+    /// Creates a VM (and starts it unless asked not to).
+    pub async fn create(self: &Arc<Self>, req: CreateVmRequest, progress: Emitter) -> Result<VmInfo, ApiError> {
+        progress.phase("allocate");
+        let image_name = req.image.clone();
+        let (image, kernel) = {
+            let n = image_name.clone();
+            let (img, all) = self
+                .store
+                .call(move |c| Ok((store::get_image(c, &n)?, store::list_images(c)?)))
+                .await
+                .map_err(internal)?;
+            let img = img.ok_or_else(|| {
+                let known: Vec<String> = all.into_iter().map(|i| i.name).collect();
+                api(
+                    ErrorCode::NotFound,
+                    format!(
+                        "no image named {image_name:?} (images: {})",
+                        if known.is_empty() { "none".to_owned() } else { known.join(", ") }
+                    ),
+                )
+                .with_hint(format!("build or pull it first: `banger image pull {image_name}`"))
+            })?;
+            let k = img.kernel.clone();
+            let ker = self
+                .store
+                .call(move |c| store::get_kernel(c, &k))
+                .await
+                .map_err(internal)?
+                .ok_or_else(|| api(ErrorCode::Internal, format!("kernel {} of image {image_name} is missing", img.kernel)))?;
+            (img, ker)
+        };
+        if req.spec.vcpu == 0 || req.spec.memory_mib < 128 || req.spec.disk_bytes < (64 << 20) {
+            return Err(api(
+                ErrorCode::BadRequest,
+                format!(
+                    "VM spec too small: {} vCPU, {} MiB memory, {} bytes disk",
+                    req.spec.vcpu, req.spec.memory_mib, req.spec.disk_bytes
+                ),
+            )
+            .with_hint("use at least 1 vCPU, 128 MiB of memory and a 64M disk"));
+        }
+        let agent_bin = agent_binary()?;
+
+        // Name and lease, reserved in one transaction: the row in state `creating` is the lease.
+        let requested = req.name.clone();
+        if let Some(n) = &requested {
+            validate_name("VM", n)?;
+        }
+        let subnet = self.net.config().subnet;
+        let image_for_row = image.name.clone();
+        let kernel_for_row = kernel.name.clone();
+        let spec = req.spec;
+        let row = self
+            .store
+            .call(move |c| {
+                let tx = c.transaction()?;
+                let existing = store::list_vms(&tx)?;
+                let name = match requested {
+                    Some(n) => {
+                        if existing.iter().any(|v| v.name == n) {
+                            return Ok(Err(api(ErrorCode::AlreadyExists, format!("a VM named {n:?} already exists"))
+                                .with_hint("pick another --name, or delete it with `banger vm delete`")));
+                        }
+                        n
+                    }
+                    None => names::generate(|n| existing.iter().any(|v| v.name == n)),
+                };
+                let leased = existing.iter().filter_map(|v| v.ip.parse::<Ipv4Addr>().ok());
+                let lease = match subnet.allocate(leased) {
+                    Ok(l) => l,
+                    Err(e) => return Ok(Err(api(ErrorCode::NoFreeAddress, e.to_string()))),
+                };
+                let id = names::short_id();
+                let row = VmRow {
+                    name,
+                    tap: banger_net::TapName::for_vm(&id).as_str().to_owned(),
+                    id,
+                    image: image_for_row,
+                    kernel: kernel_for_row,
+                    state: VmState::Creating,
+                    spec,
+                    ip: lease.ip().to_string(),
+                    mac: lease.mac().to_string(),
+                    vmm: None,
+                    handle: None,
+                    created_at: now_rfc3339(),
+                    last_error: None,
+                };
+                store::insert_vm(&tx, &row)?;
+                tx.commit()?;
+                Ok(Ok(row))
+            })
+            .await
+            .map_err(internal)??;
+        let name = row.name.clone();
+        let lock = self.lock_for(&name);
+        let _guard = lock.lock().await;
+        progress.notice(&format!("VM {name}: {} ({})", row.ip, self.backend_reason));
+
+        let prepared = self
+            .prepare_disks(&row, Path::new(&image.rootfs), &agent_bin, &req, &progress)
+            .await;
+        if let Err(e) = prepared {
+            self.remove_everything(&row).await;
+            return Err(e);
+        }
+        self.set_state(&name, VmState::Stopped, None, None, None).await?;
+        self.refresh_known_hosts().await;
+        if req.start {
+            self.start_locked(&name, &progress).await?;
+        }
+        self.show(&name).await
+    }
+
+    async fn prepare_disks(
+        &self,
+        row: &VmRow,
+        image_rootfs: &Path,
+        agent_bin: &Path,
+        req: &CreateVmRequest,
+        progress: &Emitter,
+    ) -> Result<(), ApiError> {
+        let dir = self.vm_dir(&row.name);
+        let user_key = sshkeys::ensure_user_key(
+            self.config.ssh_key_path.as_deref(),
+            &self.paths.ssh_dir().join("id_ed25519"),
+        )
+        .await?;
+        let authorized = std::fs::read_to_string(sshkeys::pub_path(&user_key)).map_err(|e| {
+            api(ErrorCode::Internal, format!("cannot read {}.pub: {e}", user_key.display()))
+        })?;
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| api(ErrorCode::Internal, format!("cannot create {}: {e}", dir.display())))?;
+        let host_key = dir.join("ssh_host_ed25519_key");
+        sshkeys::keygen(&host_key, &format!("banger-{}", row.name)).await?;
+
+        progress.phase("clone root disk");
+        let (src, root) = (image_rootfs.to_owned(), dir.join("root.ext4"));
+        let kind = tokio::task::spawn_blocking(move || fsutil::clone_file(&src, &root))
+            .await
+            .map_err(|e| internal(e.into()))?
+            .map_err(|e| disk_err(e, "cannot clone the image into the VM's root disk"))?;
+        progress.log(&format!("root disk: {kind:?}"));
+
+        progress.phase("prepare work disk");
+        let dir2 = dir.clone();
+        let agent = agent_bin.to_owned();
+        let sync = req.file_sync.clone();
+        let size = req.spec.disk_bytes;
+        tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            let scratch = tempfile::tempdir_in(&dir2)?;
+            let staging = scratch.path().join("work");
+            std::fs::create_dir(&staging)?;
+            vmdisk::make_work_disk(&dir2.join("work.ext4"), size, &authorized, &sync, &staging)?;
+            vmdisk::inject(
+                &dir2.join("root.ext4"),
+                &vmdisk::Injection {
+                    agent_binary: &agent,
+                    unit_text: banger_agent::SYSTEMD_UNIT,
+                    host_key: &dir2.join("ssh_host_ed25519_key"),
+                    host_key_pub: &dir2.join("ssh_host_ed25519_key.pub"),
+                },
+                scratch.path(),
+            )?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| internal(e.into()))?
+        .map_err(|e| disk_err(e, "cannot prepare the VM's disks"))?;
+        Ok(())
+    }
+
+    /// Removes a VM's files, tap and row (used to roll back a failed create and by delete).
+    async fn remove_everything(&self, row: &VmRow) {
+        if let Some(handle) = row.handle.as_deref().and_then(|h| serde_json::from_str::<VmHandle>(h).ok()) {
+            if let Err(e) = banger_vmm::stop(&handle, Duration::ZERO).await {
+                tracing::warn!(vm = %row.name, "cannot kill VMM: {e}");
+            }
+        }
+        self.release_network(row).await;
+        let _ = tokio::fs::remove_dir_all(self.vm_dir(&row.name)).await;
+        let _ = tokio::fs::remove_dir_all(self.run_dir(&row.id)).await;
+        let n = row.name.clone();
+        if let Err(e) = self.store.call(move |c| store::delete_vm(c, &n)).await {
+            tracing::error!(vm = %row.name, "cannot delete VM row: {e:#}");
+        }
+        self.forget_agent(&row.name);
+        self.refresh_known_hosts().await;
+    }
+
+    /// Deletes the VM's tap, and the whole host network when no other VM runs.
+    async fn release_network(&self, row: &VmRow) {
+        let _g = self.net_lock.lock().await;
+        let net = self.net.clone();
+        let id = row.id.clone();
+        let name = row.name.clone();
+        let others_running = self
+            .store
+            .call(move |c| {
+                Ok(store::list_vms(c)?
+                    .iter()
+                    .any(|v| v.name != name && v.handle.is_some()))
+            })
+            .await
+            .unwrap_or(true);
+        let r = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            let _ = net.detach_vm(&id)?;
+            if !others_running {
+                let _ = net.teardown()?;
+            }
+            Ok(())
+        })
+        .await;
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(vm = %row.name, "cannot release network: {e:#}"),
+            Err(e) => tracing::warn!(vm = %row.name, "network task failed: {e}"),
+        }
+    }
+
+    pub async fn start(self: &Arc<Self>, name: &str, progress: Emitter) -> Result<VmInfo, ApiError> {
+        let lock = self.lock_for(name);
+        let _guard = lock.lock().await;
+        self.start_locked(name, &progress).await?;
+        self.show(name).await
+    }
+
+    /// Boots a stopped VM and waits until its agent and sshd answer. Caller holds the VM lock.
+    async fn start_locked(self: &Arc<Self>, name: &str, progress: &Emitter) -> Result<(), ApiError> {
+        let row = self.row(name).await?;
+        match row.state {
+            VmState::Stopped | VmState::Failed => {}
+            other => {
+                return Err(api(ErrorCode::InvalidState, format!("VM {name} is {other}, not stopped"))
+                    .with_hint(format!("stop it first with `banger vm stop {name}`")))
+            }
+        }
+        let backend = self
+            .backend
+            .clone()
+            .map_err(|e| api(ErrorCode::VmmFailed, format!("no VMM can run VM {name}: {e}")))?;
+        let kernel = {
+            let k = row.kernel.clone();
+            self.store
+                .call(move |c| store::get_kernel(c, &k))
+                .await
+                .map_err(internal)?
+                .ok_or_else(|| api(ErrorCode::NotFound, format!("kernel {} of VM {name} is missing", row.kernel)))?
+        };
+
+        progress.phase("network");
+        let uid = nix::unistd::geteuid();
+        {
+            let _g = self.net_lock.lock().await;
+            let net = self.net.clone();
+            let id = row.id.clone();
+            tokio::task::spawn_blocking(move || net.attach_vm(&id, uid))
+                .await
+                .map_err(|e| internal(e.into()))?
+                .map_err(|e| {
+                    api(ErrorCode::VmmFailed, format!("cannot set up the network for VM {name}: {e}"))
+                        .with_hint("banger needs root or passwordless sudo for the bridge, tap and nft rules; see `banger doctor`")
+                })?;
+        }
+
+        progress.phase("boot");
+        let dir = self.vm_dir(name);
+        let run_dir = self.run_dir(&row.id);
+        let console = dir.join("console.log");
+        let prep = (|| -> std::io::Result<()> {
+            let _ = std::fs::remove_dir_all(&run_dir);
+            std::fs::create_dir_all(&run_dir)?;
+            // Each boot starts a fresh console log so its tail is about this boot.
+            std::fs::write(&console, b"")
+        })();
+        if let Err(e) = prep {
+            self.release_network(&row).await;
+            return Err(api(ErrorCode::Internal, format!("cannot prepare {}: {e}", run_dir.display())));
+        }
+        let gateway = self.net.config().subnet.gateway();
+        let prefix = self.net.config().subnet.prefix_len();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let kernel_args = format!(
+            "console=ttyS0 reboot=k panic=1 root=/dev/vda rw rootfstype=ext4 \
+             systemd.show_status=0 banger.ip={}/{prefix} banger.gw={gateway} banger.hostname={name} \
+             banger.dns={gateway} banger.time={now}",
+            row.ip
+        );
+        let cfg = VmConfig {
+            name: name.to_owned(),
+            vcpus: row.spec.vcpu,
+            memory_mib: row.spec.memory_mib,
+            kernel: PathBuf::from(&kernel.kernel),
+            initrd: kernel.initrd.as_ref().map(PathBuf::from),
+            kernel_args,
+            root_disk: dir.join("root.ext4"),
+            work_disk: dir.join("work.ext4"),
+            net: Some(banger_vmm::NetConfig {
+                tap: row.tap.clone(),
+                mac: row.mac.clone(),
+            }),
+            vsock_cid: None,
+            run_dir: run_dir.clone(),
+            console_log: console.clone(),
+        };
+        let handle = match backend.start(&cfg).await {
+            Ok(h) => h,
+            Err(e) => {
+                self.release_network(&row).await;
+                let msg = format!("VM {name} failed to start: {e}");
+                self.set_state(name, VmState::Failed, Some(backend.kind().as_str()), None, Some(&msg))
+                    .await?;
+                return Err(api(ErrorCode::VmmFailed, msg)
+                    .with_hint(format!("console log: {}", console.display())));
+            }
+        };
+        self.set_state(name, VmState::Running, Some(backend.kind().as_str()), Some(&handle), None)
+            .await?;
+        self.supervise(name.to_owned(), handle.clone());
+
+        progress.phase("wait for agent");
+        let endpoint = agent_endpoint(&handle.agent)?;
+        let ready = banger_agent::host::wait_ready(name, &endpoint, boot_timeout()).await;
+        let client = match ready {
+            Ok((client, _ready)) => client,
+            Err(e) => {
+                return Err(api(
+                    ErrorCode::BootTimeout,
+                    format!(
+                        "VM {name} did not become ready: {e}\nlast lines of its console:\n{}",
+                        tail_lines(&console, 15)
+                    ),
+                )
+                .with_hint(format!(
+                    "the VM is kept for inspection: full log {} (`banger vm logs {name}`); delete it with `banger vm delete --force {name}`",
+                    console.display()
+                )))
+            }
+        };
+        self.agents
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_owned(), client);
+
+        progress.phase("wait for ssh");
+        let addr = format!("{}:22", row.ip);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            match tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(&addr)).await {
+                Ok(Ok(_)) => break,
+                _ if tokio::time::Instant::now() > deadline => {
+                    return Err(api(
+                        ErrorCode::BootTimeout,
+                        format!("VM {name} is up but sshd does not answer on {addr}"),
+                    )
+                    .with_hint(format!(
+                        "the VM is kept; try `banger vm exec {name} -- systemctl status ssh`, or see `banger vm logs {name}`"
+                    )))
+                }
+                _ => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+        Ok(())
+    }
+
+    /// Watches a running VM's VMM; when it dies unasked, marks the VM stopped and frees its tap.
+    fn supervise(self: &Arc<Self>, name: String, handle: VmHandle) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(SUPERVISE_EVERY).await;
+                let h = handle.clone();
+                let alive = tokio::task::spawn_blocking(move || banger_vmm::is_alive(&h))
+                    .await
+                    .unwrap_or(true);
+                if alive {
+                    continue;
+                }
+                let lock = this.lock_for(&name);
+                let _g = lock.lock().await;
+                let Ok(row) = this.row(&name).await else { return };
+                // Only act if the row still describes this run (stop/delete handle their own).
+                let same_run = row
+                    .handle
+                    .as_deref()
+                    .and_then(|h| serde_json::from_str::<VmHandle>(h).ok())
+                    .is_some_and(|h| h.pid == handle.pid && h.pid_start_time == handle.pid_start_time);
+                if !same_run {
+                    return;
+                }
+                tracing::warn!(vm = %name, pid = handle.pid, "VMM exited; marking the VM stopped");
+                let _ = banger_vmm::stop(&handle, Duration::ZERO).await;
+                this.forget_agent(&name);
+                let _ = this
+                    .set_state(&name, VmState::Stopped, None, None, Some("the VMM process exited"))
+                    .await;
+                this.release_network(&row).await;
+                return;
+            }
+        });
+    }
+
+    fn forget_agent(&self, name: &str) {
+        self.agents.lock().unwrap_or_else(|p| p.into_inner()).remove(name);
+    }
+
+    pub async fn stop(&self, name: &str, force: bool) -> Result<VmInfo, ApiError> {
+        let lock = self.lock_for(name);
+        let _guard = lock.lock().await;
+        self.stop_locked(name, force).await?;
+        self.show(name).await
+    }
+
+    async fn stop_locked(&self, name: &str, force: bool) -> Result<(), ApiError> {
+        let row = self.row(name).await?;
+        let Some(handle) = row.handle.as_deref().and_then(|h| serde_json::from_str::<VmHandle>(h).ok()) else {
+            if row.state != VmState::Stopped {
+                self.set_state(name, VmState::Stopped, None, None, None).await?;
+            }
+            return Ok(());
+        };
+        self.set_state(name, VmState::Stopping, None, Some(&handle), None).await?;
+        let grace = if force { Duration::ZERO } else { GRACEFUL_STOP };
+        if !force {
+            // The agent's poweroff is the most reliable graceful path; the VMM's own request
+            // (ACPI or Ctrl-Alt-Del) follows inside banger_vmm::stop.
+            let client = self.agents.lock().unwrap_or_else(|p| p.into_inner()).get(name).cloned();
+            if let Some(c) = client {
+                let _ = tokio::time::timeout(Duration::from_secs(5), c.poweroff()).await;
+            }
+        }
+        self.forget_agent(name);
+        let stopped = banger_vmm::stop(&handle, grace).await;
+        if let Err(e) = stopped {
+            let msg = format!("cannot stop VM {name}: {e}");
+            self.set_state(name, VmState::Failed, None, Some(&handle), Some(&msg)).await?;
+            return Err(api(ErrorCode::VmmFailed, msg));
+        }
+        self.set_state(name, VmState::Stopped, None, None, None).await?;
+        self.release_network(&row).await;
+        Ok(())
+    }
+
+    pub async fn restart(self: &Arc<Self>, name: &str, progress: Emitter) -> Result<VmInfo, ApiError> {
+        let lock = self.lock_for(name);
+        let _guard = lock.lock().await;
+        progress.phase("stop");
+        self.stop_locked(name, false).await?;
+        self.start_locked(name, &progress).await?;
+        self.show(name).await
+    }
+
+    pub async fn delete(&self, name: &str, force: bool) -> Result<Deleted, ApiError> {
+        let lock = self.lock_for(name);
+        let _guard = lock.lock().await;
+        let row = self.row(name).await?;
+        if row.handle.is_some() && !force {
+            return Err(api(ErrorCode::InvalidState, format!("VM {name} is {}", row.state)).with_hint(format!(
+                "stop it first (`banger vm stop {name}`) or delete it anyway with `banger vm delete --force {name}`"
+            )));
+        }
+        self.remove_everything(&row).await;
+        Ok(Deleted { name: name.to_owned() })
+    }
+
+    /// The agent connection of a running VM, reconnecting if the daemon restarted.
+    async fn agent(&self, name: &str) -> Result<AgentClient, ApiError> {
+        if let Some(c) = self.agents.lock().unwrap_or_else(|p| p.into_inner()).get(name).cloned() {
+            return Ok(c);
+        }
+        let row = self.row(name).await?;
+        let handle = row
+            .handle
+            .as_deref()
+            .and_then(|h| serde_json::from_str::<VmHandle>(h).ok())
+            .filter(|_| row.state == VmState::Running)
+            .ok_or_else(|| {
+                api(ErrorCode::InvalidState, format!("VM {name} is {}, not running", row.state))
+                    .with_hint(format!("start it with `banger vm start {name}`"))
+            })?;
+        let endpoint = agent_endpoint(&handle.agent)?;
+        let (client, _) = banger_agent::host::wait_ready(name, &endpoint, Duration::from_secs(20))
+            .await
+            .map_err(|e| api(ErrorCode::VmmFailed, format!("cannot reach the agent of VM {name}: {e}")))?;
+        self.agents
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_owned(), client.clone());
+        Ok(client)
+    }
+
+    /// Runs a command through the agent, sending its output as exec events.
+    pub async fn exec(
+        &self,
+        name: &str,
+        req: ExecRequest,
+        out: tokio::sync::mpsc::UnboundedSender<ExecEvent>,
+    ) -> Result<(), ApiError> {
+        use base64::Engine;
+        if req.argv.is_empty() {
+            return Err(api(ErrorCode::BadRequest, "no command given").with_hint("banger vm exec NAME -- CMD [ARGS...]"));
+        }
+        let client = self.agent(name).await?;
+        let mut r = AgentExec::new(req.argv.clone());
+        if let Some(cwd) = &req.cwd {
+            r = r.cwd(cwd.clone());
+        }
+        for (k, v) in &req.env {
+            r = r.env(k.clone(), v.clone());
+        }
+        let lost = |e: banger_agent::host::AgentError| {
+            self.forget_agent(name);
+            api(ErrorCode::VmmFailed, format!("exec in VM {name}: {e}"))
+        };
+        let mut handle = client.exec(r).await.map_err(lost)?;
+        handle.input.close().await.map_err(lost)?;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        while let Some(ev) = handle.output.recv().await {
+            match ev.map_err(lost)? {
+                AgentEvent::Stdout(b) => {
+                    let _ = out.send(ExecEvent::Stdout { data: b64.encode(&b) });
+                }
+                AgentEvent::Stderr(b) => {
+                    let _ = out.send(ExecEvent::Stderr { data: b64.encode(&b) });
+                }
+                AgentEvent::Exit(status) => {
+                    let code = match status {
+                        banger_agent::protocol::ExitStatus::Code(c) => c,
+                        banger_agent::protocol::ExitStatus::Signal(s) => 128 + s,
+                    };
+                    let _ = out.send(ExecEvent::Exit { code });
+                    return Ok(());
+                }
+            }
+        }
+        Err(api(ErrorCode::VmmFailed, format!("lost the command's output in VM {name}")))
+    }
+
+    pub async fn ssh_target(&self, name: &str) -> Result<SshTarget, ApiError> {
+        let row = self.row(name).await?;
+        if row.state != VmState::Running {
+            return Err(api(ErrorCode::InvalidState, format!("VM {name} is {}, not running", row.state))
+                .with_hint(format!("start it with `banger vm start {name}`")));
+        }
+        let key = self
+            .config
+            .ssh_key_path
+            .clone()
+            .unwrap_or_else(|| self.paths.ssh_dir().join("id_ed25519"));
+        Ok(SshTarget {
+            name: row.name.clone(),
+            ip: row.ip.clone(),
+            user: "root".into(),
+            identity_file: key.display().to_string(),
+            known_hosts: self.paths.known_hosts().display().to_string(),
+            host_key_alias: format!("{}.vm", row.name),
+        })
+    }
+
+    /// Rewrites known_hosts from the store (every VM's pinned host key).
+    pub async fn refresh_known_hosts(&self) {
+        let rows = match self.store.call(|c| store::list_vms(c)).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!("cannot list VMs for known_hosts: {e:#}");
+                return;
+            }
+        };
+        let entries: Vec<sshkeys::Pinned> = rows
+            .iter()
+            .filter_map(|r| {
+                let key = std::fs::read_to_string(self.vm_dir(&r.name).join("ssh_host_ed25519_key.pub")).ok()?;
+                Some(sshkeys::Pinned {
+                    names: vec![format!("{}.vm", r.name), r.ip.clone()],
+                    public_key: key,
+                })
+            })
+            .collect();
+        if let Err(e) = sshkeys::write_known_hosts(&self.paths.known_hosts(), &entries) {
+            tracing::warn!("cannot write known_hosts: {e:#}");
+        }
+    }
+
+    /// Start-up repair: re-adopt live VMMs, mark dead ones stopped, roll back half-made VMs,
+    /// remove taps no VM owns, and tear the network down when nothing runs.
+    pub async fn reconcile(self: &Arc<Self>) -> anyhow::Result<()> {
+        let rows = self.store.call(|c| store::list_vms(c)).await?;
+        let mut live_taps = Vec::new();
+        for row in &rows {
+            let handle = row.handle.as_deref().and_then(|h| serde_json::from_str::<VmHandle>(h).ok());
+            match (row.state, handle) {
+                (VmState::Creating, None) => {
+                    tracing::info!(vm = %row.name, "rolling back a VM whose creation was interrupted");
+                    self.remove_everything(row).await;
+                }
+                (_, Some(h)) if banger_vmm::is_alive(&h) => {
+                    tracing::info!(vm = %row.name, pid = h.pid, "re-adopting running VM");
+                    live_taps.push(row.tap.clone());
+                    if row.state != VmState::Running {
+                        self.set_state(&row.name, VmState::Running, None, Some(&h), None)
+                            .await
+                            .map_err(|e| anyhow::anyhow!(e.message))?;
+                    }
+                    self.supervise(row.name.clone(), h);
+                }
+                (_, Some(_)) => {
+                    tracing::info!(vm = %row.name, "VMM is gone; marking the VM stopped");
+                    self.set_state(&row.name, VmState::Stopped, None, None, None)
+                        .await
+                        .map_err(|e| anyhow::anyhow!(e.message))?;
+                }
+                (VmState::Running | VmState::Stopping, None) => {
+                    self.set_state(&row.name, VmState::Stopped, None, None, None)
+                        .await
+                        .map_err(|e| anyhow::anyhow!(e.message))?;
+                }
+                _ => {}
+            }
+        }
+        if rows.is_empty() {
+            // banger has never had a VM here: it owns nothing on the host network to repair,
+            // and stays out of it entirely (images-only use needs no privileges).
+            return Ok(());
+        }
+        let net = self.net.clone();
+        let net_result = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            let report = net.reconcile(&live_taps)?;
+            for t in &report.removed {
+                tracing::info!("removed orphaned tap {t}");
+            }
+            if live_taps.is_empty() {
+                let _ = net.teardown()?;
+            }
+            Ok(())
+        })
+        .await?;
+        if let Err(e) = net_result {
+            // A host where banger may not change the network still serves images and status.
+            tracing::warn!("cannot reconcile the host network: {e:#}");
+        }
+        self.refresh_known_hosts().await;
+        Ok(())
+    }
+}
+
+fn disk_err(e: anyhow::Error, what: &str) -> ApiError {
+    let full = e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.raw_os_error() == Some(libc::ENOSPC))
+    });
+    let code = if full { ErrorCode::DiskFull } else { ErrorCode::Internal };
+    api(code, format!("{what}: {e:#}"))
+}
+
+/// The guest agent binary: `BANGER_AGENT_BIN`, else `banger-agent` next to bangerd, else PATH.
+fn agent_binary() -> Result<PathBuf, ApiError> {
+    if let Some(p) = std::env::var_os("BANGER_AGENT_BIN") {
+        let p = PathBuf::from(p);
+        if p.is_file() {
+            return Ok(p);
+        }
+        return Err(api(ErrorCode::MissingTool, format!("BANGER_AGENT_BIN={} does not exist", p.display())));
+    }
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join("banger-agent")))
+        .filter(|p| p.is_file());
+    let on_path = || {
+        std::env::var_os("PATH").and_then(|path| {
+            std::env::split_paths(&path)
+                .map(|d| d.join("banger-agent"))
+                .find(|p| p.is_file())
+        })
+    };
+    beside.or_else(on_path).ok_or_else(|| {
+        api(ErrorCode::MissingTool, "the guest agent binary banger-agent is not installed")
+            .with_hint("install banger with `make install` (it builds the static agent), or set BANGER_AGENT_BIN")
+    })
+}
