@@ -129,7 +129,7 @@ fn bundle_round_trip_over_http_and_refused_downloads_leave_store_unchanged() {
     assert_eq!(out.status, Some(71), "{out}");
     assert!(out.stderr.contains(&rootfs_file), "{out}");
     assert!(out.stderr.contains(rootfs_entry["sha256"].as_str().unwrap()), "{out}");
-    assert!(out.stderr.contains("digest"), "{out}");
+    assert!(out.stderr.contains("expected sha256") && out.stderr.contains(", got "), "{out}");
     assert_eq!(store_snapshot(&env), before, "store changed after a digest mismatch");
 
     // A truncated download.

@@ -42,7 +42,7 @@ pub enum DownloadError {
         source: std::io::Error,
     },
     #[error(
-        "download of {url} into {file} stopped at {got} of {expected} bytes\n\
+        "truncated download: {url} into {file} stopped at {got} of {expected} bytes\n\
          hint: run the command again to resume from where it stopped"
     )]
     Truncated {
@@ -61,7 +61,7 @@ pub enum DownloadError {
         expected: u64,
     },
     #[error(
-        "download of {url} into {file} is corrupt: expected sha256 {expected}, got {actual}; \
+        "digest mismatch: download of {url} into {file} is corrupt: expected sha256 {expected}, got {actual}; \
          the partial file was deleted\nhint: run the command again; if it keeps failing the source is bad"
     )]
     DigestMismatch {

@@ -234,15 +234,20 @@ async fn every_request_of_a_create_start_stop_sequence_conforms_to_the_firecrack
     let fake = Arc::new(FakeFirecracker::default());
     let backend = FirecrackerBackend::with_launcher("/opt/fc/firecracker".into(), fake.clone());
 
+    eprintln!("A");
     let handle = backend.start(cfg).await.unwrap();
+    eprintln!("B");
     let _guards = guard_all(&fake);
     assert!(crate::is_alive(&handle));
     backend.stop(&handle, Duration::from_millis(300)).await.unwrap();
+    eprintln!("C");
     assert!(!crate::is_alive(&handle));
     assert!(process::proc_stat(handle.pid).is_none(), "stand-in VMM not reaped");
 
     // Every request conforms to the API description.
+    eprintln!("D");
     let spec = Spec::firecracker();
+    eprintln!("E");
     let requests = fake.requests.lock().unwrap().clone();
     let mut problems = Vec::new();
     for r in &requests {
@@ -253,6 +258,7 @@ async fn every_request_of_a_create_start_stop_sequence_conforms_to_the_firecrack
     }
     assert!(problems.is_empty(), "requests violate the API:\n{}", problems.join("\n"));
 
+    eprintln!("F");
     // And the sequence is the full create/start/stop one.
     let mut seq: Vec<String> = requests
         .iter()
@@ -326,6 +332,7 @@ async fn every_request_of_a_create_start_stop_sequence_conforms_to_the_firecrack
     );
     assert_eq!(handle.api_socket, Some(run.join(API_SOCKET)));
     assert!(!run.join(PID_FILE).exists(), "pid file left behind after stop");
+    eprintln!("G");
 }
 
 #[tokio::test]

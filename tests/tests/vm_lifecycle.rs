@@ -1,0 +1,153 @@
+//! The VM lifecycle end to end on the QEMU backend (TCG here): each test in its own network
+//! namespace with its own daemon and HOME, booting the slim Debian image for real, and checking
+//! afterwards that banger left nothing behind (taps, nft table, VMM processes, leases, files).
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use banger_e2e::*;
+
+fn vm_env() -> Env {
+    let env = Env::with_netns();
+    assert!(
+        agent_bin().is_some(),
+        "the static guest agent is missing: run `make agent` (make test does)"
+    );
+    env.write_config("vmm = \"qemu\"\n");
+    register_slim(&env, "slim");
+    env
+}
+
+fn create(env: &Env, name: &str) -> serde_json::Value {
+    env.ok(["vm", "create", "--name", name, "--image", "slim", "--vcpu", "1", "--memory", "512", "--disk", "256M"]);
+    env.ok(["vm", "show", name, "--json"]).json()
+}
+
+/// Runs a command inside the env's network namespace.
+fn in_ns(env: &Env, args: &[&str]) -> String {
+    let ns = env.netns.as_ref().unwrap();
+    let out = Command::new("ip").args(["netns", "exec", &ns.name]).args(args).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn taps(env: &Env) -> Vec<String> {
+    in_ns(env, &["ip", "-o", "link", "show"])
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|n| n.split('@').next().unwrap_or(n).to_owned())
+        .filter(|n| n.starts_with("bg-"))
+        .collect()
+}
+
+fn vmm_pids(env: &Env) -> Vec<i32> {
+    env.netns
+        .as_ref()
+        .unwrap()
+        .pids()
+        .into_iter()
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm"))
+                .map(|c| c.trim().starts_with("qemu"))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+fn assert_nothing_left(env: &Env) {
+    assert_eq!(taps(env), Vec::<String>::new(), "taps left behind");
+    let tables = in_ns(env, &["nft", "list", "tables"]);
+    assert!(!tables.contains("banger"), "nft table left behind: {tables}");
+    assert_eq!(vmm_pids(env), Vec::<i32>::new(), "VMM processes left behind");
+    let vms = env.ok(["vm", "list", "--json"]).json();
+    assert_eq!(vms.as_array().unwrap().len(), 0, "VMs (leases) left: {vms}");
+    let dir = env.state_dir().join("vms");
+    assert_eq!(tree_listing(&dir), Vec::<String>::new(), "VM files left in {}", dir.display());
+    let run = env.state_dir().join("run/vms");
+    assert_eq!(tree_listing(&run), Vec::<String>::new(), "run files left in {}", run.display());
+}
+
+#[test]
+fn create_ssh_exec_restart_keeps_root_and_delete_removes_everything() {
+    if !e2e_enabled() {
+        return;
+    }
+    let env = vm_env();
+    let vm = create(&env, "web");
+    assert_eq!(vm["state"], "running", "{vm}");
+    assert_eq!(vm["vmm"], "qemu", "{vm}");
+
+    let out = env.ok(["vm", "ssh", "web", "--", "uname", "-a"]);
+    assert!(out.stdout.contains("Linux web "), "{out}");
+    assert!(out.stdout.contains("cloud-amd64"), "guest kernel expected: {out}");
+
+    let out = env.banger(["vm", "exec", "web", "--", "sh", "-c", "echo out; echo err >&2; exit 7"]);
+    assert_eq!(out.status, Some(7), "{out}");
+    assert_eq!(out.stdout, "out\n");
+    assert_eq!(out.stderr, "err\n");
+
+    env.ok(["vm", "exec", "web", "--", "sh", "-c", "echo kept > /root/marker && sync"]);
+    env.ok(["vm", "stop", "web"]);
+    let stopped = env.ok(["vm", "show", "web", "--json"]).json();
+    assert_eq!(stopped["state"], "stopped", "{stopped}");
+    assert_eq!(taps(&env), Vec::<String>::new(), "a stopped VM keeps no tap");
+    env.ok(["vm", "start", "web"]);
+    let out = env.ok(["vm", "exec", "web", "--", "cat", "/root/marker"]);
+    assert_eq!(out.stdout, "kept\n", "{out}");
+    let out = env.ok(["vm", "logs", "web"]);
+    assert!(out.stdout.contains("Linux version"), "console log lacks the kernel banner");
+
+    let out = env.banger(["vm", "delete", "web"]);
+    assert_ne!(out.status, Some(0), "deleting a running VM needs --force: {out}");
+    assert!(out.stderr.contains("--force"), "{out}");
+    env.ok(["vm", "delete", "--force", "web"]);
+    assert_nothing_left(&env);
+
+    // Bad input: unknown image, invalid name, name in use.
+    let out = env.banger(["vm", "create", "--image", "nope", "--memory", "512", "--disk", "256M"]);
+    assert_eq!(out.status, Some(70), "{out}");
+    assert!(out.stderr.contains("slim"), "should list images: {out}");
+    let out = env.banger(["vm", "create", "--name", "Bad_Name", "--image", "slim"]);
+    assert_eq!(out.status, Some(2), "{out}");
+    assert_nothing_left(&env);
+}
+
+#[test]
+fn two_vms_reach_each_other_and_crashes_are_noticed_and_recovered() {
+    if !e2e_enabled() {
+        return;
+    }
+    let env = vm_env();
+    let a = create(&env, "alpha");
+    let b = create(&env, "beta");
+    assert_ne!(a["ip"], b["ip"]);
+    let b_ip = b["ip"].as_str().unwrap();
+    env.ok(["vm", "exec", "alpha", "--", "bash", "-c", &format!("echo > /dev/tcp/{b_ip}/22")]);
+
+    // kill -9 of a VM's QEMU: noticed within seconds, tap released.
+    let pid = a["pid"].as_i64().unwrap() as i32;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = env.ok(["vm", "show", "alpha", "--json"]).json();
+        if now["state"] == "stopped" && !taps(&env).contains(&a["tap"].as_str().unwrap().to_owned()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "VMM death not noticed: {now}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // kill -9 of the daemon: the next call starts a new one that re-adopts beta.
+    let daemon = env.daemon_pid().unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon), nix::sys::signal::SIGKILL).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let list = env.ok(["vm", "list", "--json"]).json();
+    assert_ne!(env.daemon_pid(), Some(daemon));
+    let beta = list.as_array().unwrap().iter().find(|v| v["name"] == "beta").unwrap();
+    assert_eq!(beta["state"], "running", "{list}");
+    let out = env.ok(["vm", "ssh", "beta", "--", "hostname"]);
+    assert_eq!(out.stdout.trim(), "beta");
+
+    env.ok(["vm", "delete", "--force", "alpha"]);
+    env.ok(["vm", "delete", "--force", "beta"]);
+    assert_nothing_left(&env);
+}
