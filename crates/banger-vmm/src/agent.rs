@@ -307,6 +307,10 @@ mod tests {
         // there on this host (no vsock_loopback), so only the failure path is exercised.
         let ep = AgentEndpoint::Vsock { cid: 1, port: 5 };
         let err = connect_agent(&ep).await.unwrap_err();
-        assert!(err.to_string().contains("vsock cid 1 port 5"), "{}", err.report());
+        assert!(
+            err.to_string().contains("vsock cid 1 port 5"),
+            "{}",
+            err.report()
+        );
     }
 }

@@ -94,7 +94,11 @@ pub enum VmmError {
     },
 
     #[error("VM {vm}: VMM process {pid} still exists {waited:?} after SIGKILL")]
-    StillRunning { vm: String, pid: i32, waited: Duration },
+    StillRunning {
+        vm: String,
+        pid: i32,
+        waited: Duration,
+    },
 
     #[error("cannot connect to the guest agent at {endpoint}")]
     AgentConnect {

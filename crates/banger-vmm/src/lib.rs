@@ -152,6 +152,19 @@ pub fn is_alive(handle: &VmHandle) -> bool {
     process::is_alive(handle.pid, handle.pid_start_time)
 }
 
+/// Resolves once the VMM process has exited (and, if it is our child, been reaped), with a
+/// description of how it ended (`exit status 0`, `killed by SIGKILL`, or `exit status unknown`
+/// for a process that is not our child). For supervising a VM whose guest may power off or
+/// reboot by itself; without it (or [`is_alive`] calls) such a child stays a zombie.
+pub async fn wait_for_exit(handle: &VmHandle) -> String {
+    loop {
+        if let Some(status) = process::exit_status_if_gone(handle.pid, handle.pid_start_time) {
+            return status;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Stops a VM by its handle, whichever backend started it (e.g. after the configured backend
 /// changed across a daemon restart). Same contract as [`Vmm::stop`].
 pub async fn stop(handle: &VmHandle, graceful: Duration) -> Result<(), VmmError> {
@@ -278,5 +291,110 @@ impl NetConfig {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::process::{spawn_detached, LogMode, SpawnSpec};
+    use crate::testkit::ProcessGuard;
+
+    fn handle_for(args: &[&str], dir: &Path) -> VmHandle {
+        let spawned = spawn_detached(&SpawnSpec {
+            program: "sh".into(),
+            args: args.iter().map(Into::into).collect(),
+            log: dir.join("out.log"),
+            log_mode: LogMode::Truncate,
+            pid_file: dir.join(PID_FILE),
+        })
+        .unwrap();
+        VmHandle {
+            name: "t".into(),
+            backend: BackendKind::Qemu,
+            pid: spawned.pid,
+            pid_start_time: spawned.start_time,
+            agent: AgentEndpoint::VirtioSerial {
+                socket: dir.join("agent.sock"),
+            },
+            api_socket: None,
+            run_dir: dir.to_path_buf(),
+        }
+    }
+
+    #[tokio::test]
+    async fn wait_for_exit_reports_how_a_vmm_ended_and_reaps_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = handle_for(&["-c", "sleep 0.2; exit 7"], dir.path());
+        let _guard = ProcessGuard::new(h.pid, h.pid_start_time);
+        assert_eq!(wait_for_exit(&h).await, "exit status 7");
+        assert!(!is_alive(&h));
+        assert!(process::proc_stat(h.pid).is_none(), "not reaped");
+    }
+
+    #[tokio::test]
+    async fn stop_without_a_control_socket_kills_at_once_and_cleans_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = handle_for(&["-c", "exec sleep 300"], dir.path());
+        let _guard = ProcessGuard::new(h.pid, h.pid_start_time);
+        std::fs::write(dir.path().join("agent.sock"), "").unwrap();
+        let t = std::time::Instant::now();
+        stop(&h, Duration::from_secs(30)).await.unwrap();
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "waited for a grace period nobody asked for"
+        );
+        assert!(!is_alive(&h));
+        assert!(!dir.path().join(PID_FILE).exists());
+        assert!(!dir.path().join("agent.sock").exists());
+    }
+
+    #[test]
+    fn handle_serialises_as_the_daemon_persists_it() {
+        let h = VmHandle {
+            name: "sandbox".into(),
+            backend: BackendKind::Firecracker,
+            pid: 42,
+            pid_start_time: 7,
+            agent: AgentEndpoint::FirecrackerVsock {
+                uds: "/run/v.sock".into(),
+                port: 1024,
+            },
+            api_socket: Some("/run/fc.sock".into()),
+            run_dir: "/run".into(),
+        };
+        let json = serde_json::to_value(&h).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "name": "sandbox", "backend": "firecracker", "pid": 42, "pid_start_time": 7,
+                "agent": {"kind": "firecracker_vsock", "uds": "/run/v.sock", "port": 1024},
+                "api_socket": "/run/fc.sock", "run_dir": "/run"
+            })
+        );
+        assert_eq!(serde_json::from_value::<VmHandle>(json).unwrap(), h);
+    }
+
+    #[test]
+    fn net_config_validation() {
+        let ok = NetConfig {
+            tap: "tap-vm_1.0".into(),
+            mac: "06:00:AC:10:00:02".into(),
+        };
+        assert_eq!(ok.validate(), Ok(()));
+        for (tap, mac) in [
+            ("", "06:00:ac:10:00:02"),
+            ("a-very-long-tap-name", "06:00:ac:10:00:02"),
+            ("tap 0", "06:00:ac:10:00:02"),
+            ("tap0", "06:00:ac:10:00"),
+            ("tap0", "06-00-ac-10-00-02"),
+            ("tap0", "06:00:ac:10:00:2"),
+        ] {
+            let n = NetConfig {
+                tap: tap.into(),
+                mac: mac.into(),
+            };
+            assert!(n.validate().is_err(), "{tap:?} {mac:?} accepted");
+        }
     }
 }

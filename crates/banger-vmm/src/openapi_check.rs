@@ -32,13 +32,20 @@ impl Spec {
     }
 
     /// All problems with one request; empty when it conforms.
-    pub(crate) fn check_request(&self, method: &str, path: &str, body: Option<&Json>) -> Vec<String> {
+    pub(crate) fn check_request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Json>,
+    ) -> Vec<String> {
         let mut errors = Vec::new();
         let Some((template, item)) = self.find_path(path) else {
             return vec![format!("{method} {path}: no such path in the API")];
         };
         let Some(op) = item.get(method.to_ascii_lowercase().as_str()) else {
-            return vec![format!("{method} {path}: {template} has no {method} operation")];
+            return vec![format!(
+                "{method} {path}: {template} has no {method} operation"
+            )];
         };
         let body_param = op
             .get("parameters")
@@ -77,7 +84,12 @@ impl Spec {
         })
     }
 
-    fn resolve<'a>(&'a self, reference: &str, at: &str, errors: &mut Vec<String>) -> Option<&'a Yaml> {
+    fn resolve<'a>(
+        &'a self,
+        reference: &str,
+        at: &str,
+        errors: &mut Vec<String>,
+    ) -> Option<&'a Yaml> {
         let name = reference.strip_prefix("#/definitions/");
         let found = name.and_then(|n| self.doc.get("definitions")?.get(n));
         if found.is_none() {
@@ -86,7 +98,13 @@ impl Spec {
         found
     }
 
-    pub(crate) fn check_value(&self, schema: &Yaml, value: &Json, at: &str, errors: &mut Vec<String>) {
+    pub(crate) fn check_value(
+        &self,
+        schema: &Yaml,
+        value: &Json,
+        at: &str,
+        errors: &mut Vec<String>,
+    ) {
         if let Some(reference) = schema.get("$ref").and_then(Yaml::as_str) {
             if let Some(target) = self.resolve(reference, at, errors) {
                 let name = reference.trim_start_matches("#/definitions/");
@@ -201,18 +219,25 @@ mod tests {
     fn valid_requests_pass() {
         assert_eq!(errors("GET", "/", None), Vec::<String>::new());
         assert_eq!(
-            errors("PUT", "/drives/rootfs", Some(json!({
-                "drive_id": "rootfs", "path_on_host": "/x", "is_root_device": true,
-                "cache_type": "Writeback",
-                "rate_limiter": {"bandwidth": {"size": 1, "refill_time": 100}}
-            }))),
+            errors(
+                "PUT",
+                "/drives/rootfs",
+                Some(json!({
+                    "drive_id": "rootfs", "path_on_host": "/x", "is_root_device": true,
+                    "cache_type": "Writeback",
+                    "rate_limiter": {"bandwidth": {"size": 1, "refill_time": 100}}
+                }))
+            ),
             Vec::<String>::new()
         );
     }
 
     #[test]
     fn unknown_paths_and_methods_are_rejected() {
-        assert_eq!(errors("PUT", "/nope", Some(json!({}))), ["PUT /nope: no such path in the API"]);
+        assert_eq!(
+            errors("PUT", "/nope", Some(json!({}))),
+            ["PUT /nope: no such path in the API"]
+        );
         assert_eq!(
             errors("DELETE", "/drives/x", None),
             ["DELETE /drives/x: /drives/{drive_id} has no DELETE operation"]
@@ -242,7 +267,13 @@ mod tests {
         );
         assert!(e.contains(&"PUT /machine-config body (MachineConfiguration).vcpu_count: 64 is above the maximum 32".to_string()), "{e:?}");
         assert!(e.contains(&"PUT /machine-config body (MachineConfiguration).mem_size_mib: expected an integer, got \"1024\"".to_string()), "{e:?}");
-        assert!(e.contains(&"PUT /machine-config body (MachineConfiguration): unknown field \"cpu_count\"".to_string()), "{e:?}");
+        assert!(
+            e.contains(
+                &"PUT /machine-config body (MachineConfiguration): unknown field \"cpu_count\""
+                    .to_string()
+            ),
+            "{e:?}"
+        );
         assert_eq!(e.len(), 3, "{e:?}");
     }
 
@@ -253,7 +284,10 @@ mod tests {
         assert!(e[0].contains("\"Reboot\" is not one of"), "{e:?}");
 
         let e = errors("PUT", "/vsock", Some(json!({"uds_path": "/v"})));
-        assert_eq!(e, ["PUT /vsock body (Vsock): required field \"guest_cid\" is missing"]);
+        assert_eq!(
+            e,
+            ["PUT /vsock body (Vsock): required field \"guest_cid\" is missing"]
+        );
 
         // Drive -> RateLimiter -> TokenBucket: the innermost violation is found.
         let e = errors(
@@ -263,8 +297,16 @@ mod tests {
                         "rate_limiter": {"ops": {"size": -1, "refill_time": 1, "burst": 2}}})),
         );
         assert_eq!(e.len(), 2, "{e:?}");
-        assert!(e.iter().any(|m| m.contains("(TokenBucket).size: -1 is below the minimum 0")), "{e:?}");
-        assert!(e.iter().any(|m| m.contains("(TokenBucket): unknown field \"burst\"")), "{e:?}");
+        assert!(
+            e.iter()
+                .any(|m| m.contains("(TokenBucket).size: -1 is below the minimum 0")),
+            "{e:?}"
+        );
+        assert!(
+            e.iter()
+                .any(|m| m.contains("(TokenBucket): unknown field \"burst\"")),
+            "{e:?}"
+        );
     }
 
     #[test]
@@ -275,6 +317,9 @@ mod tests {
             Some(json!({"kernel_image_path": "/k", "initrd_path": null})),
         );
         assert_eq!(e.len(), 1, "{e:?}");
-        assert!(e[0].contains("initrd_path: expected a string, got null"), "{e:?}");
+        assert!(
+            e[0].contains("initrd_path: expected a string, got null"),
+            "{e:?}"
+        );
     }
 }

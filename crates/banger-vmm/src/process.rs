@@ -133,7 +133,18 @@ fn write_pid_file(path: &Path, pid: i32) -> io::Result<()> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct ProcStat {
     pub state: char,
+    pub ppid: i32,
     pub start_time: u64,
+}
+
+impl ProcStat {
+    fn is_zombie(&self) -> bool {
+        matches!(self.state, 'Z' | 'X')
+    }
+
+    fn is_our_child(&self) -> bool {
+        u32::try_from(self.ppid).is_ok_and(|p| p == std::process::id())
+    }
 }
 
 /// Reads state and start time of `pid`; `None` when there is no such process.
@@ -150,17 +161,22 @@ pub(crate) fn proc_stat(pid: i32) -> Option<ProcStat> {
 pub(crate) fn parse_stat(text: &str) -> Option<ProcStat> {
     let rest = &text[text.rfind(')')? + 1..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    // fields[0] is field 3 (state); starttime is field 22.
+    // fields[0] is field 3 (state); ppid is field 4, starttime field 22.
     let state = fields.first()?.chars().next()?;
+    let ppid = fields.get(4 - 3)?.parse().ok()?;
     let start_time = fields.get(22 - 3)?.parse().ok()?;
-    Some(ProcStat { state, start_time })
+    Some(ProcStat {
+        state,
+        ppid,
+        start_time,
+    })
 }
 
 /// See [`crate::is_alive`].
 pub(crate) fn is_alive(pid: i32, start_time: u64) -> bool {
     match proc_stat(pid) {
         Some(stat) if stat.start_time == start_time => {
-            if matches!(stat.state, 'Z' | 'X') {
+            if stat.is_zombie() {
                 try_reap(pid);
                 false
             } else {
@@ -172,10 +188,18 @@ pub(crate) fn is_alive(pid: i32, start_time: u64) -> bool {
 }
 
 /// `None` while the process runs; once it is gone, how it ended (reaping it if it is ours).
+///
+/// A multi-threaded process (QEMU) shows its leader as a zombie while its other threads are
+/// still exiting, and cannot be reaped yet; for our own child that counts as still running,
+/// so the caller polls again and gets the real exit status.
 pub(crate) fn exit_status_if_gone(pid: i32, start_time: u64) -> Option<String> {
     match proc_stat(pid) {
-        Some(stat) if stat.start_time == start_time && !matches!(stat.state, 'Z' | 'X') => None,
-        Some(stat) if stat.start_time == start_time => Some(describe_exit(try_reap(pid))),
+        Some(stat) if stat.start_time == start_time && !stat.is_zombie() => None,
+        Some(stat) if stat.start_time == start_time => match try_reap(pid) {
+            Some(status) => Some(describe_exit(Some(status))),
+            None if stat.is_our_child() => None,
+            None => Some(describe_exit(None)),
+        },
         _ => Some(describe_exit(None)),
     }
 }
@@ -280,11 +304,12 @@ fn pidfd_send_signal(fd: &OwnedFd, sig: libc::c_int) -> io::Result<()> {
     Ok(())
 }
 
-/// Polls until the process is gone or `timeout` passes; true when gone.
+/// Polls until the process is gone or `timeout` passes; true when gone. Gone means reaped
+/// for our own child (no zombie left behind), and exited for anyone else's.
 pub(crate) async fn wait_gone(pid: i32, start_time: u64, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     loop {
-        if !is_alive(pid, start_time) {
+        if exit_status_if_gone(pid, start_time).is_some() {
             return true;
         }
         if Instant::now() >= deadline {
@@ -354,7 +379,10 @@ pub(crate) fn format_logs(logs: &[(&str, &Path)]) -> String {
     for (label, path) in logs {
         let t = tail(path, 20);
         if !t.trim().is_empty() {
-            out.push_str(&format!("\n--- {label} ({}), last lines ---\n{t}", path.display()));
+            out.push_str(&format!(
+                "\n--- {label} ({}), last lines ---\n{t}",
+                path.display()
+            ));
         }
     }
     out
@@ -383,6 +411,7 @@ mod tests {
             parse_stat(line),
             Some(ProcStat {
                 state: 'S',
+                ppid: 1,
                 start_time: 987654
             })
         );
@@ -395,7 +424,10 @@ mod tests {
         let me = std::process::id() as i32;
         let stat = proc_stat(me).expect("own stat");
         assert!(is_alive(me, stat.start_time));
-        assert!(!is_alive(me, stat.start_time + 1), "a different start time is another process");
+        assert!(
+            !is_alive(me, stat.start_time + 1),
+            "a different start time is another process"
+        );
         assert!(!is_alive(0, stat.start_time));
     }
 
@@ -454,13 +486,19 @@ mod tests {
             .args(["-c", "sleep 300 </dev/null >/dev/null 2>&1 & echo $!"])
             .output()
             .unwrap();
-        let pid: i32 = String::from_utf8(out.stdout).unwrap().trim().parse().unwrap();
+        let pid: i32 = String::from_utf8(out.stdout)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
         let start = proc_stat(pid).unwrap().start_time;
         let _guard = ProcessGuard::new(pid, start);
         assert!(try_reap(pid).is_none(), "not our child");
         assert!(is_alive(pid, start));
 
-        let ended = terminate(pid, start, Duration::from_millis(50)).await.unwrap();
+        let ended = terminate(pid, start, Duration::from_millis(50))
+            .await
+            .unwrap();
         assert_eq!(ended, Ended::Killed);
         assert!(!is_alive(pid, start));
     }

@@ -63,10 +63,7 @@ impl std::fmt::Debug for Selection {
 
 /// Picks the backend for this host. `firecracker_bin` is the configured path or name (default:
 /// `firecracker` on PATH).
-pub fn select(
-    pref: VmmPreference,
-    firecracker_bin: Option<&Path>,
-) -> Result<Selection, VmmError> {
+pub fn select(pref: VmmPreference, firecracker_bin: Option<&Path>) -> Result<Selection, VmmError> {
     let kvm = kvm_mode();
     let choice = decide(
         pref,
@@ -283,7 +280,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.kind, BackendKind::Qemu);
-        assert_eq!(c.reason, "qemu (KVM): firecracker not found (searched PATH)");
+        assert_eq!(
+            c.reason,
+            "qemu (KVM): firecracker not found (searched PATH)"
+        );
     }
 
     #[test]
@@ -313,7 +313,10 @@ mod tests {
         )
         .unwrap_err();
         let msg = err.report();
-        assert!(msg.starts_with("firecracker not found (searched PATH)"), "{msg}");
+        assert!(
+            msg.starts_with("firecracker not found (searched PATH)"),
+            "{msg}"
+        );
         assert!(msg.contains("release"), "{msg}");
         assert!(msg.contains("hint: set firecracker_bin"), "{msg}");
     }
@@ -330,8 +333,13 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.binary, bin);
-        let err = decide(VmmPreference::Firecracker, Some(&bin), &KvmMode::Absent, None)
-            .unwrap_err();
+        let err = decide(
+            VmmPreference::Firecracker,
+            Some(&bin),
+            &KvmMode::Absent,
+            None,
+        )
+        .unwrap_err();
         assert!(matches!(err, VmmError::KvmUnusable { .. }), "{err}");
         let err = decide(
             VmmPreference::Firecracker,
@@ -372,7 +380,10 @@ mod tests {
     fn preference_parses_config_values() {
         assert_eq!("auto".parse(), Ok(VmmPreference::Auto));
         assert_eq!("qemu".parse(), Ok(VmmPreference::Qemu));
-        assert!("kvm".parse::<VmmPreference>().unwrap_err().contains("\"kvm\""));
+        assert!("kvm"
+            .parse::<VmmPreference>()
+            .unwrap_err()
+            .contains("\"kvm\""));
     }
 
     #[test]
@@ -380,6 +391,7 @@ mod tests {
         // This machine has qemu-system-x86 installed and no firecracker; whatever KVM it has,
         // auto must produce a working choice with a reason.
         let s = select(VmmPreference::Auto, None).unwrap();
+        println!("auto on this host: {}", s.reason);
         assert!(
             s.reason.starts_with(s.backend.kind().as_str()),
             "{}",

@@ -21,14 +21,13 @@ impl Drop for ProcessGuard {
     fn drop(&mut self) {
         if process::is_alive(self.pid, self.start_time) {
             let _ = process::signal(self.pid, self.start_time, libc::SIGKILL);
-            for _ in 0..200 {
-                if !process::is_alive(self.pid, self.start_time) {
-                    break;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
         }
-        process::try_reap(self.pid);
+        for _ in 0..500 {
+            if process::exit_status_if_gone(self.pid, self.start_time).is_some() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
     }
 }
 
@@ -89,16 +88,25 @@ pub(crate) fn write_test_kernel(path: &Path) {
     for v in [ehsize, phentsize, phnum, 0, 0, 0] {
         f.extend_from_slice(&v.to_le_bytes());
     }
-    let phdr = |f: &mut Vec<u8>, ty: u32, flags: u32, off: u64, addr: u64, size: u64, align: u64| {
-        for v in [ty, flags] {
-            f.extend_from_slice(&v.to_le_bytes());
-        }
-        for v in [off, addr, addr, size, size, align] {
-            f.extend_from_slice(&v.to_le_bytes());
-        }
-    };
+    let phdr =
+        |f: &mut Vec<u8>, ty: u32, flags: u32, off: u64, addr: u64, size: u64, align: u64| {
+            for v in [ty, flags] {
+                f.extend_from_slice(&v.to_le_bytes());
+            }
+            for v in [off, addr, addr, size, size, align] {
+                f.extend_from_slice(&v.to_le_bytes());
+            }
+        };
     let code_len = code.len() as u64;
-    phdr(&mut f, 1, 5, CODE_OFFSET as u64, u64::from(LOAD), code_len, 0x1000); // PT_LOAD r-x
+    phdr(
+        &mut f,
+        1,
+        5,
+        CODE_OFFSET as u64,
+        u64::from(LOAD),
+        code_len,
+        0x1000,
+    ); // PT_LOAD r-x
     phdr(&mut f, 4, 4, note_offset, 0, note.len() as u64, 4); // PT_NOTE
     f.extend_from_slice(&note);
     f.resize(CODE_OFFSET, 0);

@@ -280,7 +280,12 @@ impl FirecrackerClient {
         self.send(Method::PUT, path, Some(json)).await.map(|_| ())
     }
 
-    async fn send(&self, method: Method, path: &str, body: Option<Vec<u8>>) -> Result<Bytes, ApiError> {
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<Bytes, ApiError> {
         let exchange = self.exchange(method.clone(), path, body);
         match tokio::time::timeout(self.timeout, exchange).await {
             Ok(r) => r,
@@ -292,18 +297,24 @@ impl FirecrackerClient {
         }
     }
 
-    async fn exchange(&self, method: Method, path: &str, body: Option<Vec<u8>>) -> Result<Bytes, ApiError> {
+    async fn exchange(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<Bytes, ApiError> {
         let http = |source| ApiError::Http {
             method: method.clone(),
             path: path.to_string(),
             source,
         };
-        let stream = UnixStream::connect(&self.socket)
-            .await
-            .map_err(|source| ApiError::Connect {
-                socket: self.socket.clone(),
-                source,
-            })?;
+        let stream =
+            UnixStream::connect(&self.socket)
+                .await
+                .map_err(|source| ApiError::Connect {
+                    socket: self.socket.clone(),
+                    source,
+                })?;
         // Title-case header names, as every other Firecracker client sends them.
         let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
             .title_case_headers(true)
@@ -335,7 +346,12 @@ impl FirecrackerClient {
         let exchange = async {
             let response = sender.send_request(request).await.map_err(http)?;
             let status = response.status();
-            let bytes = response.into_body().collect().await.map_err(http)?.to_bytes();
+            let bytes = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(http)?
+                .to_bytes();
             Ok::<_, ApiError>((status, bytes))
         };
         let mut exchange = std::pin::pin!(exchange);

@@ -59,15 +59,19 @@ impl FakeServer {
         let listener = UnixListener::bind(path).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
+        // Non-blocking accept polled against the stop flag: the backend deletes the socket
+        // file on stop, so teardown cannot wake a blocking accept by connecting to it.
+        listener.set_nonblocking(true).unwrap();
         let thread = std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                if stop2.load(Ordering::SeqCst) {
-                    break;
-                }
-                if let Ok(conn) = conn {
-                    // A client that never closes must not wedge the test's teardown.
-                    let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
-                    serve_connection(conn, &log, &behaviour);
+            while !stop2.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        conn.set_nonblocking(false).unwrap();
+                        // A client that never closes must not wedge the test's teardown.
+                        let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
+                        serve_connection(conn, &log, &behaviour);
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
                 }
             }
         });
@@ -82,8 +86,6 @@ impl FakeServer {
 impl Drop for FakeServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        // Wake the accept loop; the socket may already be gone.
-        let _ = UnixStream::connect(&self.path);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -234,20 +236,21 @@ async fn every_request_of_a_create_start_stop_sequence_conforms_to_the_firecrack
     let fake = Arc::new(FakeFirecracker::default());
     let backend = FirecrackerBackend::with_launcher("/opt/fc/firecracker".into(), fake.clone());
 
-    eprintln!("A");
     let handle = backend.start(cfg).await.unwrap();
-    eprintln!("B");
     let _guards = guard_all(&fake);
     assert!(crate::is_alive(&handle));
-    backend.stop(&handle, Duration::from_millis(300)).await.unwrap();
-    eprintln!("C");
+    backend
+        .stop(&handle, Duration::from_millis(300))
+        .await
+        .unwrap();
     assert!(!crate::is_alive(&handle));
-    assert!(process::proc_stat(handle.pid).is_none(), "stand-in VMM not reaped");
+    assert!(
+        process::proc_stat(handle.pid).is_none(),
+        "stand-in VMM not reaped"
+    );
 
     // Every request conforms to the API description.
-    eprintln!("D");
     let spec = Spec::firecracker();
-    eprintln!("E");
     let requests = fake.requests.lock().unwrap().clone();
     let mut problems = Vec::new();
     for r in &requests {
@@ -256,9 +259,12 @@ async fn every_request_of_a_create_start_stop_sequence_conforms_to_the_firecrack
             assert_eq!(r.header("Content-Type"), Some("application/json"), "{r:?}");
         }
     }
-    assert!(problems.is_empty(), "requests violate the API:\n{}", problems.join("\n"));
+    assert!(
+        problems.is_empty(),
+        "requests violate the API:\n{}",
+        problems.join("\n")
+    );
 
-    eprintln!("F");
     // And the sequence is the full create/start/stop one.
     let mut seq: Vec<String> = requests
         .iter()
@@ -289,8 +295,14 @@ async fn every_request_of_a_create_start_stop_sequence_conforms_to_the_firecrack
     };
     let run = &cfg.run_dir;
     assert_eq!(body("/actions", 0), json!({"action_type": "InstanceStart"}));
-    assert_eq!(body("/actions", 1), json!({"action_type": "SendCtrlAltDel"}));
-    assert_eq!(body("/machine-config", 0), json!({"vcpu_count": 2, "mem_size_mib": 1024}));
+    assert_eq!(
+        body("/actions", 1),
+        json!({"action_type": "SendCtrlAltDel"})
+    );
+    assert_eq!(
+        body("/machine-config", 0),
+        json!({"vcpu_count": 2, "mem_size_mib": 1024})
+    );
     assert_eq!(
         body("/boot-source", 0),
         json!({"kernel_image_path": cfg.kernel, "initrd_path": cfg.initrd,
@@ -310,16 +322,26 @@ async fn every_request_of_a_create_start_stop_sequence_conforms_to_the_firecrack
         body("/vsock", 0),
         json!({"guest_cid": 3, "uds_path": run.join(VSOCK_UDS)})
     );
-    assert_eq!(body("/logger", 0)["log_path"], json!(run.join(FIRECRACKER_LOG)));
-    assert!(run.join(FIRECRACKER_LOG).exists(), "logger file must exist before PUT /logger");
+    assert_eq!(
+        body("/logger", 0)["log_path"],
+        json!(run.join(FIRECRACKER_LOG))
+    );
+    assert!(
+        run.join(FIRECRACKER_LOG).exists(),
+        "logger file must exist before PUT /logger"
+    );
 
     // The command line and the handle.
     let (spec0, _) = fake.spawned.lock().unwrap()[0].clone();
     assert_eq!(spec0.program, Path::new("/opt/fc/firecracker"));
     assert_eq!(
         spec0.args,
-        ["--api-sock".into(), run.join(API_SOCKET).into_os_string(), "--id".into(), "fc-contract".into()]
-            as [std::ffi::OsString; 4]
+        [
+            "--api-sock".into(),
+            run.join(API_SOCKET).into_os_string(),
+            "--id".into(),
+            "fc-contract".into()
+        ] as [std::ffi::OsString; 4]
     );
     assert_eq!(spec0.log, cfg.console_log);
     assert_eq!(spec0.log_mode, LogMode::Append);
@@ -331,8 +353,10 @@ async fn every_request_of_a_create_start_stop_sequence_conforms_to_the_firecrack
         }
     );
     assert_eq!(handle.api_socket, Some(run.join(API_SOCKET)));
-    assert!(!run.join(PID_FILE).exists(), "pid file left behind after stop");
-    eprintln!("G");
+    assert!(
+        !run.join(PID_FILE).exists(),
+        "pid file left behind after stop"
+    );
 }
 
 #[tokio::test]
@@ -340,7 +364,10 @@ async fn a_rejected_request_aborts_start_kills_firecracker_and_reports_the_fault
     let fx = fixture("fc-fault");
     let fake = Arc::new(FakeFirecracker {
         behaviour: Behaviour {
-            fail_put: Some(("/boot-source", "Invalid kernel path: No such file or directory")),
+            fail_put: Some((
+                "/boot-source",
+                "Invalid kernel path: No such file or directory",
+            )),
             crash_script: None,
         },
         ..Default::default()
@@ -355,7 +382,10 @@ async fn a_rejected_request_aborts_start_kills_firecracker_and_reports_the_fault
          No such file or directory"
     );
     let (_, spawned) = fake.spawned.lock().unwrap()[0];
-    assert!(!process::is_alive(spawned.pid, spawned.start_time), "Firecracker left running");
+    assert!(
+        !process::is_alive(spawned.pid, spawned.start_time),
+        "Firecracker left running"
+    );
     // Nothing after the failed request was sent.
     let last = fake.requests.lock().unwrap().last().cloned().unwrap();
     assert_eq!(last.path, "/boot-source");
@@ -375,7 +405,10 @@ async fn firecracker_exiting_during_start_reports_status_and_console_tail() {
     let err = backend.start(&fx.cfg).await.unwrap_err();
     let _guards = guard_all(&fake);
     let msg = err.report();
-    assert!(msg.starts_with("VM fc-crash: firecracker exited during start-up (exit status 3)"), "{msg}");
+    assert!(
+        msg.starts_with("VM fc-crash: firecracker exited during start-up (exit status 3)"),
+        "{msg}"
+    );
     assert!(msg.contains("Error: cannot open /dev/kvm"), "{msg}");
 }
 

@@ -159,7 +159,10 @@ async fn wait_ready(
     let quick = client.clone().with_timeout(Duration::from_secs(2));
     let logs = || {
         process::format_logs(&[
-            ("firecracker output and serial console", cfg.console_log.as_path()),
+            (
+                "firecracker output and serial console",
+                cfg.console_log.as_path(),
+            ),
             ("firecracker log", files.log.as_path()),
         ])
     };

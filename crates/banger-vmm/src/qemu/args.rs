@@ -69,12 +69,15 @@ pub(crate) fn build_args(cfg: &VmConfig, plan: &Plan) -> Vec<OsString> {
         }
     };
 
-    let (accel, cpu) = match plan.accel {
-        Accel::Kvm => ("kvm", "host"),
-        Accel::Tcg => ("tcg", "max"),
+    // Under TCG the guest kernel cannot calibrate its TSC without the legacy PIT (and PIC it
+    // routes through): with microvm's defaults it hangs at "Marking TSC unstable". KVM has
+    // in-kernel timers and keeps microvm's defaults.
+    let (accel, cpu, legacy) = match plan.accel {
+        Accel::Kvm => ("kvm", "host", ""),
+        Accel::Tcg => ("tcg", "max", ",pit=on,pic=on"),
     };
     push(&[&"-name", &opt("", OsStr::new(&cfg.name), "")]);
-    push(&[&"-M", &format!("microvm,accel={accel},acpi=on")]);
+    push(&[&"-M", &format!("microvm,accel={accel},acpi=on{legacy}")]);
     push(&[&"-cpu", &cpu]);
     push(&[&"-m", &format!("{}M", cfg.memory_mib)]);
     push(&[&"-smp", &cfg.vcpus.to_string()]);
@@ -96,7 +99,11 @@ pub(crate) fn build_args(cfg: &VmConfig, plan: &Plan) -> Vec<OsString> {
 
     push(&[
         &"-chardev",
-        &opt("file,id=console,path=", cfg.console_log.as_os_str(), ",append=on"),
+        &opt(
+            "file,id=console,path=",
+            cfg.console_log.as_os_str(),
+            ",append=on",
+        ),
         &"-serial",
         &"chardev:console",
     ]);
@@ -128,7 +135,11 @@ pub(crate) fn build_args(cfg: &VmConfig, plan: &Plan) -> Vec<OsString> {
                 &format!(",script=no,downscript=no{vhost}"),
             ),
             &"-device",
-            &opt("virtio-net-device,netdev=net0,mac=", OsStr::new(&net.mac), ""),
+            &opt(
+                "virtio-net-device,netdev=net0,mac=",
+                OsStr::new(&net.mac),
+                "",
+            ),
         ]);
     }
 
@@ -140,7 +151,11 @@ pub(crate) fn build_args(cfg: &VmConfig, plan: &Plan) -> Vec<OsString> {
             &"-device",
             &"virtio-serial-device",
             &"-chardev",
-            &opt("socket,id=agent,path=", socket.as_os_str(), ",server=on,wait=off"),
+            &opt(
+                "socket,id=agent,path=",
+                socket.as_os_str(),
+                ",server=on,wait=off",
+            ),
             &"-device",
             &format!("virtserialport,chardev=agent,name={AGENT_SERIAL_PORT_NAME}"),
         ]),
@@ -148,7 +163,11 @@ pub(crate) fn build_args(cfg: &VmConfig, plan: &Plan) -> Vec<OsString> {
 
     push(&[
         &"-chardev",
-        &opt("socket,id=qmp,path=", plan.qmp_socket.as_os_str(), ",server=on,wait=off"),
+        &opt(
+            "socket,id=qmp,path=",
+            plan.qmp_socket.as_os_str(),
+            ",server=on,wait=off",
+        ),
         &"-mon",
         &"chardev=qmp,mode=control",
     ]);
@@ -214,7 +233,7 @@ mod tests {
     fn tcg_command_line() {
         assert_eq!(
             line(&cfg(), &plan(Accel::Tcg)),
-            "qemu-system-x86_64 -name sandbox -M microvm,accel=tcg,acpi=on -cpu max -m 1024M \
+            "qemu-system-x86_64 -name sandbox -M microvm,accel=tcg,acpi=on,pit=on,pic=on -cpu max -m 1024M \
              -smp 2 -nodefaults -no-user-config -display none -no-reboot -msg timestamp=on \
              -kernel /img/vmlinuz -initrd /img/initrd.img \
              -append 'console=ttyS0 root=/dev/vda rw banger.ip=172.16.0.2' \
@@ -237,7 +256,10 @@ mod tests {
     #[test]
     fn kvm_uses_host_cpu_and_vhost_net() {
         let l = line(&cfg(), &plan(Accel::Kvm));
-        assert!(l.contains(" -M microvm,accel=kvm,acpi=on -cpu host "), "{l}");
+        assert!(
+            l.contains(" -M microvm,accel=kvm,acpi=on -cpu host "),
+            "{l}"
+        );
         assert!(l.contains("script=no,downscript=no,vhost=on "), "{l}");
     }
 
@@ -251,7 +273,10 @@ mod tests {
         let mut p = plan(Accel::Kvm);
         p.agent = AgentChannel::Vsock { cid: 42 };
         let l = line(&cfg(), &p);
-        assert!(l.contains(" -device vhost-vsock-device,guest-cid=42 "), "{l}");
+        assert!(
+            l.contains(" -device vhost-vsock-device,guest-cid=42 "),
+            "{l}"
+        );
         assert!(!l.contains("virtserialport"), "{l}");
     }
 

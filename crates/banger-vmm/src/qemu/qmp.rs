@@ -63,14 +63,20 @@ impl Qmp {
         };
         let greeting = qmp.read_message().await?;
         if greeting.get("QMP").is_none() {
-            return Err(QmpError::Protocol(format!("expected a greeting, got {greeting}")));
+            return Err(QmpError::Protocol(format!(
+                "expected a greeting, got {greeting}"
+            )));
         }
         qmp.execute("qmp_capabilities", None).await?;
         Ok(qmp)
     }
 
     /// Runs one command and returns its `return` value.
-    pub async fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value, QmpError> {
+    pub async fn execute(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<Value, QmpError> {
         let mut msg = json!({ "execute": command });
         if let Some(args) = arguments {
             msg["arguments"] = args;
@@ -106,7 +112,8 @@ impl Qmp {
         if n == 0 {
             return Err(QmpError::Closed);
         }
-        serde_json::from_str(line.trim_end()).map_err(|e| QmpError::Protocol(format!("{e}: {line:?}")))
+        serde_json::from_str(line.trim_end())
+            .map_err(|e| QmpError::Protocol(format!("{e}: {line:?}")))
     }
 }
 
@@ -156,7 +163,10 @@ mod tests {
             ],
         );
         let mut qmp = Qmp::connect(&path).await.unwrap();
-        assert_eq!(qmp.execute("system_powerdown", None).await.unwrap(), json!({}));
+        assert_eq!(
+            qmp.execute("system_powerdown", None).await.unwrap(),
+            json!({})
+        );
         let got = server.await.unwrap();
         assert_eq!(
             got,
@@ -175,7 +185,9 @@ mod tests {
             &path,
             vec![
                 vec![r#"{"return": {}}"#],
-                vec![r#"{"error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#],
+                vec![
+                    r#"{"error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
+                ],
             ],
         );
         let mut qmp = Qmp::connect(&path).await.unwrap();
@@ -188,7 +200,10 @@ mod tests {
 
     #[tokio::test]
     async fn connect_to_missing_socket_names_it() {
-        let err = Qmp::connect(Path::new("/nonexistent/qmp.sock")).await.err().unwrap();
+        let err = Qmp::connect(Path::new("/nonexistent/qmp.sock"))
+            .await
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("/nonexistent/qmp.sock"), "{err}");
     }
 }

@@ -83,7 +83,10 @@ async fn qemu_boots_a_guest_and_stop_kills_it_after_the_grace_period() {
     .await;
     let text = std::fs::read_to_string(&console).unwrap();
     assert!(booted, "guest output missing from console log: {text:?}");
-    assert!(text.starts_with("previous boot\n"), "console log was truncated: {text:?}");
+    assert!(
+        text.starts_with("previous boot\n"),
+        "console log was truncated: {text:?}"
+    );
 
     // The agent's virtio-serial port is served on the host socket.
     connect_agent(&handle.agent).await.unwrap();
@@ -97,7 +100,11 @@ async fn qemu_boots_a_guest_and_stop_kills_it_after_the_grace_period() {
     let grace = Duration::from_millis(800);
     let t = Instant::now();
     crate::stop(&adopted, grace).await.unwrap();
-    assert!(t.elapsed() >= grace, "did not wait for the guest: {:?}", t.elapsed());
+    assert!(
+        t.elapsed() >= grace,
+        "did not wait for the guest: {:?}",
+        t.elapsed()
+    );
     assert!(!crate::is_alive(&adopted));
     assert!(
         crate::process::proc_stat(handle.pid).is_none(),
@@ -128,12 +135,15 @@ async fn qemu_exiting_during_start_reports_its_own_error_and_status() {
     std::fs::write(&fx.cfg.kernel, b"this is not a kernel").unwrap();
     let err = backend().start(&fx.cfg).await.unwrap_err();
     let msg = err.report();
+    assert!(matches!(err, VmmError::ExitedDuringStart { .. }), "{msg}");
     assert!(
-        matches!(err, VmmError::ExitedDuringStart { .. }),
+        msg.contains("VM qemu-bad-kernel: qemu exited during start-up (exit status 1)"),
         "{msg}"
     );
-    assert!(msg.contains("VM qemu-bad-kernel: qemu exited during start-up (exit status 1)"), "{msg}");
-    assert!(msg.contains("invalid kernel header"), "QEMU's stderr missing: {msg}");
+    assert!(
+        msg.contains("invalid kernel header"),
+        "QEMU's stderr missing: {msg}"
+    );
     assert!(msg.contains("hint:"), "{msg}");
 }
 
@@ -162,7 +172,10 @@ async fn invalid_net_config_is_rejected() {
         mac: "06:00:zz:00:00:01".into(),
     });
     let err = backend().start(&cfg).await.unwrap_err();
-    assert!(err.to_string().contains("MAC \"06:00:zz:00:00:01\""), "{err}");
+    assert!(
+        err.to_string().contains("MAC \"06:00:zz:00:00:01\""),
+        "{err}"
+    );
     cfg.net = Some(NetConfig {
         tap: "tap,0".into(),
         mac: "06:00:00:00:00:01".into(),
@@ -174,10 +187,16 @@ async fn invalid_net_config_is_rejected() {
 #[tokio::test]
 async fn missing_qemu_binary_is_a_spawn_error_naming_it() {
     let fx = fixture("qemu-no-binary");
-    let b = QemuBackend::new(PathBuf::from("/nonexistent/qemu-system-x86_64"), KvmMode::Absent);
+    let b = QemuBackend::new(
+        PathBuf::from("/nonexistent/qemu-system-x86_64"),
+        KvmMode::Absent,
+    );
     let err = b.start(&fx.cfg).await.unwrap_err();
     let msg = err.report();
-    assert!(msg.contains("cannot start /nonexistent/qemu-system-x86_64"), "{msg}");
+    assert!(
+        msg.contains("cannot start /nonexistent/qemu-system-x86_64"),
+        "{msg}"
+    );
 }
 
 /// QEMU attached to a tap inside a fresh network namespace, so the host's interfaces are never
@@ -218,8 +237,14 @@ async fn qemu_attaches_the_tap_inside_a_private_netns() {
         .map(|e| e.unwrap())
         .filter(|e| std::fs::read_link(e.path()).ok().as_deref() == Some(Path::new("/dev/net/tun")))
         .any(|e| {
-            let info = format!("/proc/{}/fdinfo/{}", handle.pid, e.file_name().to_string_lossy());
-            std::fs::read_to_string(info).unwrap_or_default().contains("iff:\tbgtest0")
+            let info = format!(
+                "/proc/{}/fdinfo/{}",
+                handle.pid,
+                e.file_name().to_string_lossy()
+            );
+            std::fs::read_to_string(info)
+                .unwrap_or_default()
+                .contains("iff:\tbgtest0")
         });
     assert!(attached, "QEMU has no fd attached to tap bgtest0");
     b.stop(&handle, Duration::ZERO).await.unwrap();
@@ -237,7 +262,10 @@ impl NetnsGuard {
             .args(["netns", "add", &name])
             .status()
             .expect("ip (iproute2) is required by this test");
-        assert!(st.success(), "ip netns add {name} failed (this test needs root)");
+        assert!(
+            st.success(),
+            "ip netns add {name} failed (this test needs root)"
+        );
         NetnsGuard { name }
     }
 
