@@ -28,6 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::guest::serve::report;
 use crate::protocol::{
     decode, encode, is_blank, Data, ExitStatus, GuestMessage, HostMessage, RequestId, MAX_CHUNK,
     MAX_LINE,
@@ -618,17 +619,6 @@ where
         let remaining = deadline.saturating_duration_since(Instant::now());
         tokio::time::sleep(remaining.min(RECONNECT_PAUSE)).await;
     }
-}
-
-fn report(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 async fn read_loop<R: AsyncRead + Send + Unpin>(read: R, state: Shared, vm: String) {

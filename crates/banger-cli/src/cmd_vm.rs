@@ -20,10 +20,16 @@ use crate::spec::{self, Flags};
 use crate::{Ctx, VmCmd};
 
 pub async fn vm(ctx: &Ctx, cmd: VmCmd) -> Result<ExitCode, CliError> {
+    if let VmCmd::Run(args) = cmd {
+        return crate::cmd_run::run(ctx, args).await;
+    }
     let client = Client::connect(&ctx.paths).await?;
     match cmd {
+        VmCmd::Run(_) => return unreachable_run(),
         VmCmd::Create(args) => {
             let config = banger_config::Config::load(&ctx.paths.config_file())?;
+            let home = std::env::var_os("HOME").map(std::path::PathBuf::from).unwrap_or_default();
+            let file_sync = crate::cmd_run::resolve_file_sync(&config.file_sync, &home)?;
             let resolved = spec::resolve(
                 Flags {
                     vcpu: args.vcpu,
@@ -40,7 +46,7 @@ pub async fn vm(ctx: &Ctx, cmd: VmCmd) -> Result<ExitCode, CliError> {
                 image,
                 spec: resolved.spec,
                 start: !args.no_start,
-                file_sync: Vec::new(),
+                file_sync,
             };
             let vm: VmInfo = streamed(ctx, &client, "/v1/vms", &req).await?;
             println!("{}", vm.name);
@@ -255,4 +261,9 @@ async fn exec(client: &Client, name: &str, command: Vec<String>) -> Result<ExitC
         Exit::DaemonUnreachable,
         "bangerd closed the exec stream before the command ended",
     ))
+}
+
+/// `vm run` is dispatched before connecting (it validates config and workspace first).
+fn unreachable_run() -> Result<ExitCode, CliError> {
+    Err(CliError::new(Exit::Failure, "internal error: vm run dispatched twice"))
 }

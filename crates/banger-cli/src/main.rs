@@ -10,10 +10,12 @@ use clap::{Args, Parser, Subcommand};
 mod client;
 mod cmd_daemon;
 mod cmd_image;
+mod cmd_run;
 mod cmd_vm;
 mod exit;
 mod render;
 mod spec;
+mod workspace;
 
 use exit::{CliError, Exit, EXIT_CODES_HELP};
 
@@ -119,6 +121,10 @@ pub struct CreateArgs {
 
 #[derive(Subcommand)]
 pub enum VmCmd {
+    /// Run a VM in one command: bare (interactive ssh), with a repo copied to /root/repo,
+    /// with a command (`-- make test`; exits with its status), or ephemeral (--rm).
+    #[command(after_long_help = EXIT_CODES_HELP)]
+    Run(cmd_run::RunArgs),
     /// Create a VM from an image and boot it.
     Create(CreateArgs),
     /// Boot a stopped VM.

@@ -342,6 +342,7 @@ mod tests {
             [
                 "ca-certificates",
                 "dbus",
+                "git",
                 "initramfs-tools",
                 "iproute2",
                 "linux-image-cloud-amd64",

@@ -487,7 +487,7 @@ impl Vms {
             .map(|d| d.as_secs())
             .unwrap_or(0);
         let kernel_args = format!(
-            "console=ttyS0 reboot=k panic=1 root=/dev/vda rw rootfstype=ext4 \
+            "console=ttyS0 reboot=k panic=1 root=/dev/vda rw rootfstype=ext4 net.ifnames=0 \
              systemd.show_status=0 banger.ip={}/{prefix} banger.gw={gateway} banger.hostname={name} \
              banger.dns={gateway} banger.time={now}",
             row.ip

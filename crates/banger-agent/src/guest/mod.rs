@@ -1,7 +1,7 @@
 //! The guest agent: what `banger-agent` does inside a VM.
 //!
 //! At start it applies the per-boot settings from the kernel command line, in order — host
-//! name, network, DNS, clock, work disk — then tells systemd it is ready and serves the host
+//! name, network, DNS, clock, work disk — makes sure sshd has a host key, then tells systemd it is ready and serves the host
 //! channel for the rest of the VM's life. Every setup step logs one line; a step that fails is
 //! logged and the others still run, because a half-configured guest that answers `vm exec` is
 //! far easier to debug than one whose agent gave up.
@@ -18,6 +18,7 @@ pub mod network;
 pub mod notify;
 pub mod power;
 pub mod serve;
+pub mod sshkeys;
 pub mod transport;
 pub mod workdisk;
 
@@ -122,6 +123,13 @@ pub fn setup(settings: &BootSettings, cfg: &SetupConfig) {
             workdisk::MountOutcome::AlreadyMounted => {
                 format!("{} already mounted; permissions fixed", cfg.home.display())
             }
+        })
+    });
+    step("ssh host key", || {
+        Ok(match sshkeys::ensure_host_key(&cfg.etc)? {
+            sshkeys::HostKeyOutcome::NoSsh => "no /etc/ssh; nothing to do".into(),
+            sshkeys::HostKeyOutcome::AlreadyPresent => "present".into(),
+            sshkeys::HostKeyOutcome::Created(key) => format!("created {}", key.display()),
         })
     });
 }

@@ -39,6 +39,8 @@ pub(crate) struct Plan {
     pub qmp_socket: PathBuf,
     /// `/dev/vhost-net` exists (used only with KVM).
     pub vhost_net: bool,
+    /// Host TSC frequency, handed to TCG guests (see `build_args`).
+    pub tsc_khz: Option<u64>,
 }
 
 /// Doubles commas: QEMU's escape inside `key=value,key=value` option lists.
@@ -95,7 +97,14 @@ pub(crate) fn build_args(cfg: &VmConfig, plan: &Plan) -> Vec<OsString> {
     if let Some(initrd) = &cfg.initrd {
         push(&[&"-initrd", initrd]);
     }
-    push(&[&"-append", &cfg.kernel_args]);
+    // A TCG guest calibrates its TSC against the emulated PIT within a few milliseconds; on a
+    // busy host that measurement fails, the kernel marks the TSC unstable and hangs with no
+    // other clock source. TCG's TSC is the host's, so telling the guest its rate avoids the race.
+    let kernel_args = match (plan.accel, plan.tsc_khz) {
+        (Accel::Tcg, Some(khz)) => format!("{} tsc_early_khz={khz}", cfg.kernel_args),
+        _ => cfg.kernel_args.clone(),
+    };
+    push(&[&"-append", &kernel_args]);
 
     push(&[
         &"-chardev",
@@ -222,6 +231,7 @@ mod tests {
             },
             qmp_socket: "/run/banger/sandbox/qmp.sock".into(),
             vhost_net: true,
+            tsc_khz: None,
         }
     }
 

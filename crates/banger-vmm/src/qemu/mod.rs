@@ -94,6 +94,7 @@ impl QemuBackend {
             agent: channel,
             qmp_socket: qmp_socket.clone(),
             vhost_net: Path::new("/dev/vhost-net").exists(),
+            tsc_khz: host_tsc_khz(),
         };
         let argv = args::build_args(cfg, &plan);
         tracing::info!(vm = %cfg.name, command = %args::display(&self.binary, &argv), "starting qemu");
@@ -225,3 +226,27 @@ impl Vmm for QemuBackend {
 
 #[cfg(test)]
 mod tests;
+
+/// The host's TSC frequency in kHz, measured once against the monotonic clock (the guest of a
+/// TCG VM reads the host's TSC, so this is also the guest's rate).
+fn host_tsc_khz() -> Option<u64> {
+    static KHZ: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *KHZ.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            // SAFETY: rdtsc has no preconditions on x86_64.
+            let (t0, c0) = (std::time::Instant::now(), unsafe { std::arch::x86_64::_rdtsc() });
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            // SAFETY: as above.
+            let (c1, t1) = (unsafe { std::arch::x86_64::_rdtsc() }, std::time::Instant::now());
+            let micros = u64::try_from(t1.duration_since(t0).as_micros()).ok()?;
+            let khz = c1.checked_sub(c0)?.checked_mul(1000)? / micros.max(1);
+            // Round to a plausible value; anything outside 100 MHz..10 GHz is not a TSC rate.
+            (100_000..10_000_000).contains(&khz).then_some(khz)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            None
+        }
+    })
+}

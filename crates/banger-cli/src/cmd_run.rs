@@ -1,0 +1,388 @@
+//! `banger vm run`: the one command. Resolves the spec, makes sure the image exists (preparing
+//! the default one on first use), creates and boots a VM, copies the repo in as one tar stream
+//! over ssh, starts the tool bootstrap, then runs the command or an interactive session, and
+//! deletes the VM afterwards with `--rm`. Every failure before the command runs maps to one of
+//! banger's own exit statuses; after that, the command's status is ours.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{ExitCode, Stdio};
+
+use banger_api::vm::{CreateVmRequest, SshTarget, SyncEntry, VmInfo};
+use banger_api::{ErrorCode, ImageInfo, PullImageRequest};
+use clap::Args;
+use hyper::Method;
+
+use crate::client::Client;
+use crate::cmd_vm::ssh_command;
+use crate::exit::{CliError, Exit};
+use crate::render::{human_duration, Renderer};
+use crate::spec::{self, Flags};
+use crate::workspace;
+use crate::Ctx;
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// A repository (or, with --no-git, any directory) to copy to /root/repo in the guest.
+    path: Option<PathBuf>,
+    /// VM name (a DNS label); generated when omitted.
+    #[arg(long)]
+    name: Option<String>,
+    /// Image to boot (default: `default_image_name` from config, else debian-bookworm).
+    #[arg(long)]
+    image: Option<String>,
+    /// Number of vCPUs.
+    #[arg(long)]
+    vcpu: Option<u32>,
+    /// Memory, in MiB or as a size like 2G.
+    #[arg(long, value_parser = spec::parse_memory)]
+    memory: Option<u32>,
+    /// Size of the work disk mounted at /root, like 16G.
+    #[arg(long, value_parser = spec::parse_disk)]
+    disk: Option<u64>,
+    /// Delete the VM when the command or session ends.
+    #[arg(long)]
+    rm: bool,
+    /// Check out this branch of the repo in the guest (workspace mode only).
+    #[arg(long, requires = "path")]
+    branch: Option<String>,
+    /// Create the branch from this commit or ref (with --branch).
+    #[arg(long, requires = "branch")]
+    from: Option<String>,
+    /// Copy the directory as it is, ignoring nothing (for directories that are not git repos).
+    #[arg(long, requires = "path")]
+    no_git: bool,
+    /// Command to run in the guest (in /root/repo when a repo was given).
+    #[arg(last = true)]
+    command: Vec<String>,
+}
+
+/// Quotes one argument for the remote POSIX shell.
+fn sh_quote(s: &str) -> String {
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./=:@%+,".contains(&b)) {
+        return s.to_owned();
+    }
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// Expands a leading `~` to `home`.
+fn expand_tilde(p: &str, home: &Path) -> PathBuf {
+    match p.strip_prefix("~/") {
+        Some(rest) => home.join(rest),
+        None if p == "~" => home.to_owned(),
+        None => PathBuf::from(p),
+    }
+}
+
+/// Validates `[[file_sync]]` entries before anything is created.
+pub fn resolve_file_sync(
+    entries: &[banger_config::FileSync],
+    home: &Path,
+) -> Result<Vec<SyncEntry>, CliError> {
+    let mut out = Vec::new();
+    for (i, e) in entries.iter().enumerate() {
+        let key = |k: &str| format!("file_sync[{i}].{k}");
+        let guest = if let Some(rest) = e.guest.strip_prefix("~/") {
+            format!("/root/{rest}")
+        } else {
+            e.guest.clone()
+        };
+        let escapes = Path::new(&guest)
+            .components()
+            .any(|c| matches!(c, std::path::Component::ParentDir | std::path::Component::CurDir));
+        if !guest.starts_with("/root/") || guest.len() <= "/root/".len() || escapes {
+            return Err(CliError::new(
+                Exit::Usage,
+                format!(
+                    "invalid config: key `{}` = {:?}: guest paths must be under ~/ or /root/ and contain no '..'",
+                    key("guest"),
+                    e.guest
+                ),
+            )
+            .hint("file_sync copies files onto the VM's work disk, which is mounted at /root"));
+        }
+        let host = expand_tilde(&e.host, home);
+        if std::fs::symlink_metadata(&host).is_err() {
+            return Err(CliError::new(
+                Exit::Usage,
+                format!(
+                    "invalid config: key `{}`: host path {} does not exist",
+                    key("host"),
+                    host.display()
+                ),
+            ));
+        }
+        out.push(SyncEntry {
+            host: host.display().to_string(),
+            guest,
+            mode: e.mode,
+        });
+    }
+    Ok(out)
+}
+
+pub async fn run(ctx: &Ctx, args: RunArgs) -> Result<ExitCode, CliError> {
+    let config = banger_config::Config::load(&ctx.paths.config_file())?;
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+    let file_sync = resolve_file_sync(&config.file_sync, &home)?;
+    let resolved = spec::resolve(
+        Flags {
+            vcpu: args.vcpu,
+            memory_mib: args.memory,
+            disk: args.disk,
+        },
+        &config.vm_defaults,
+        spec::Host::detect(),
+    );
+    let (image, image_from) = match &args.image {
+        Some(i) => (i.clone(), "flag"),
+        None if config.default_image_name.is_some() => (config.default_image().to_owned(), "config"),
+        None => (config.default_image().to_owned(), "built-in"),
+    };
+    eprintln!("spec: {}, image {image} ({image_from})", resolved.describe());
+
+    // Fail on a bad workspace before anything is created.
+    let snapshot = match &args.path {
+        None => None,
+        Some(p) => {
+            let root = crate::absolute(p)?;
+            Some(if args.no_git {
+                workspace::plain_snapshot(&root)?
+            } else {
+                workspace::git_snapshot(&root)?
+            })
+        }
+    };
+
+    let client = Client::connect(&ctx.paths).await?;
+    ensure_image(ctx, &client, &image, args.image.is_none()).await?;
+
+    let req = CreateVmRequest {
+        name: args.name.clone(),
+        image,
+        spec: resolved.spec,
+        start: true,
+        file_sync,
+    };
+    let mut renderer = Renderer::new(ctx.verbose);
+    let created: Result<VmInfo, CliError> = client.stream("/v1/vms", &req, |e| renderer.event(e)).await;
+    let took = renderer.finish();
+    let vm = match created {
+        Ok(vm) => vm,
+        Err(e) => {
+            if e.exit == Exit::BootTimeout && args.rm {
+                eprintln!("note: --rm was given, but the VM is kept so you can see why it did not come up");
+            }
+            return Err(e);
+        }
+    };
+    eprintln!("VM {} is up at {} ({})", vm.name, vm.ip, human_duration(took));
+    let result = session(&client, &vm, &args, snapshot.as_ref()).await;
+    if args.rm {
+        let d: Result<banger_api::Deleted, _> = client
+            .call(Method::DELETE, &format!("/v1/vms/{}?force=true", vm.name), None::<&()>)
+            .await;
+        match d {
+            Ok(_) => eprintln!("deleted VM {}", vm.name),
+            Err(e) => eprintln!("warning: could not delete VM {}: {e}", vm.name),
+        }
+    } else if args.command.is_empty() && result.is_ok() {
+        eprintln!(
+            "VM {n} is still running: `banger vm ssh {n}` to get back in, `banger vm delete --force {n}` to remove it",
+            n = vm.name
+        );
+    }
+    result
+}
+
+/// Makes sure `image` exists; the default image is prepared (pulled or built) on first use.
+async fn ensure_image(ctx: &Ctx, client: &Client, image: &str, is_default: bool) -> Result<(), CliError> {
+    let images: Vec<ImageInfo> = client.call(Method::GET, "/v1/images", None::<&()>).await?;
+    if images.iter().any(|i| i.name == image) {
+        return Ok(());
+    }
+    if !is_default {
+        let known: Vec<&str> = images.iter().map(|i| i.name.as_str()).collect();
+        return Err(CliError::from_api(
+            banger_api::ApiError::new(
+                ErrorCode::NotFound,
+                format!(
+                    "no image named {image:?} (images: {})",
+                    if known.is_empty() { "none".to_owned() } else { known.join(", ") }
+                ),
+            )
+            .with_hint(format!("pull or build it first: `banger image pull {image}`")),
+        ));
+    }
+    eprintln!("first use: preparing the default image {image} (this happens once)");
+    let mut renderer = Renderer::new(ctx.verbose);
+    let req = PullImageRequest {
+        reference: image.to_owned(),
+        name: None,
+    };
+    let r: Result<ImageInfo, CliError> = client.stream("/v1/images/pull", &req, |e| renderer.event(e)).await;
+    let took = renderer.finish();
+    r?;
+    eprintln!("image {image} ready in {}", human_duration(took));
+    Ok(())
+}
+
+async fn session(
+    client: &Client,
+    vm: &VmInfo,
+    args: &RunArgs,
+    snapshot: Option<&workspace::Snapshot>,
+) -> Result<ExitCode, CliError> {
+    let target: SshTarget = client
+        .call(Method::GET, &format!("/v1/vms/{}/ssh", vm.name), None::<&()>)
+        .await?;
+    let mut workdir = "/root".to_owned();
+    if let Some(snap) = snapshot {
+        copy_workspace(&target, snap)?;
+        workdir = "/root/repo".to_owned();
+        if let Some(branch) = &args.branch {
+            let b = sh_quote(branch);
+            let script = match &args.from {
+                Some(from) => format!("cd /root/repo && git checkout -q -b {b} {}", sh_quote(from)),
+                None => format!("cd /root/repo && (git checkout -q {b} 2>/dev/null || git checkout -q -b {b})"),
+            };
+            let status = ssh_command(&target, &[script]).status().map_err(ssh_err)?;
+            if !status.success() {
+                return Err(CliError::new(
+                    Exit::VmFailed,
+                    format!("could not check out branch {branch} in VM {}", vm.name),
+                )
+                .hint("check that --from names a commit the repo has"));
+            }
+        }
+        start_tool_bootstrap(&target, &snap.root);
+    }
+    let mut cmd = if args.command.is_empty() {
+        let mut c = ssh_command(&target, &[]);
+        c.arg("-t");
+        c
+    } else {
+        let line: Vec<String> = args.command.iter().map(|a| sh_quote(a)).collect();
+        ssh_command(&target, &[format!("cd {workdir} && {}", line.join(" "))])
+    };
+    let status = cmd.status().map_err(ssh_err)?;
+    let code = status.code().unwrap_or(255);
+    Ok(ExitCode::from(u8::try_from(code.clamp(0, 255)).unwrap_or(255)))
+}
+
+fn ssh_err(e: std::io::Error) -> CliError {
+    CliError::new(Exit::Failure, format!("cannot run ssh: {e}"))
+        .hint("install OpenSSH's client: apt-get install openssh-client")
+}
+
+/// Streams the snapshot into `/root/repo` through one ssh connection.
+fn copy_workspace(target: &SshTarget, snap: &workspace::Snapshot) -> Result<(), CliError> {
+    let started = std::time::Instant::now();
+    let mut child = ssh_command(
+        target,
+        &["rm -rf /root/repo && mkdir -p /root/repo && tar -x -p -C /root/repo -f -".to_owned()],
+    )
+    .stdin(Stdio::piped())
+    .spawn()
+    .map_err(ssh_err)?;
+    let stdin = child
+        .stdin
+        .take()
+        .ok_or_else(|| CliError::new(Exit::Failure, "ssh has no stdin"))?;
+    let writer = std::io::BufWriter::with_capacity(1 << 20, stdin);
+    let packed = workspace::write_tar(snap, writer).and_then(|mut w| {
+        w.flush()
+            .map_err(|e| CliError::new(Exit::Failure, format!("cannot send the workspace: {e}")))
+    });
+    let status = child.wait().map_err(ssh_err)?;
+    packed?;
+    if !status.success() {
+        return Err(CliError::new(
+            Exit::VmFailed,
+            format!("copying {} into the VM failed (ssh/tar exit {:?})", snap.root.display(), status.code()),
+        ));
+    }
+    eprintln!(
+        "copied {} to /root/repo in {}",
+        snap.root.display(),
+        human_duration(started.elapsed())
+    );
+    Ok(())
+}
+
+/// Starts `mise install` in the background when the repo declares tools; never fails the run.
+fn start_tool_bootstrap(target: &SshTarget, root: &Path) {
+    let declares = [".mise.toml", "mise.toml", ".tool-versions"]
+        .iter()
+        .any(|f| root.join(f).is_file());
+    if !declares {
+        return;
+    }
+    let repo = root
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "repo".into());
+    let log = format!("/root/.cache/banger/vm-run-tooling-{}.log", sh_quote(&repo));
+    let script = format!(
+        "mkdir -p /root/.cache/banger && cd /root/repo && \
+         (if command -v mise >/dev/null; then nohup mise install; \
+          else echo 'mise is not installed in this image; skipped tool bootstrap'; fi) > {log} 2>&1 < /dev/null &"
+    );
+    match ssh_command(target, &[script]).status() {
+        Ok(s) if s.success() => eprintln!("tool bootstrap: mise install runs in the background (log: {log})"),
+        _ => eprintln!("notice: could not start the tool bootstrap; continuing"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting_survives_the_remote_shell() {
+        assert_eq!(sh_quote("make"), "make");
+        assert_eq!(sh_quote("exit 3"), "'exit 3'");
+        assert_eq!(sh_quote("it's"), "'it'\\''s'");
+        assert_eq!(sh_quote(""), "''");
+    }
+
+    #[test]
+    fn file_sync_paths_are_checked_before_anything_is_created() {
+        let home = tempfile::tempdir().unwrap();
+        std::fs::write(home.path().join(".gitconfig"), "x").unwrap();
+        let ok = resolve_file_sync(
+            &[banger_config::FileSync {
+                host: "~/.gitconfig".into(),
+                guest: "~/.gitconfig".into(),
+                mode: Some(0o644),
+            }],
+            home.path(),
+        )
+        .unwrap();
+        assert_eq!(ok[0].guest, "/root/.gitconfig");
+        assert_eq!(ok[0].host, home.path().join(".gitconfig").display().to_string());
+        for guest in ["/etc/passwd", "~/../etc/passwd", "/root/a/../../x", "/root/"] {
+            let e = resolve_file_sync(
+                &[banger_config::FileSync {
+                    host: "~/.gitconfig".into(),
+                    guest: guest.into(),
+                    mode: None,
+                }],
+                home.path(),
+            )
+            .unwrap_err();
+            assert!(e.message.contains("file_sync[0].guest"), "{}", e.message);
+            assert_eq!(e.exit, Exit::Usage);
+        }
+        let e = resolve_file_sync(
+            &[banger_config::FileSync {
+                host: "~/missing".into(),
+                guest: "~/x".into(),
+                mode: None,
+            }],
+            home.path(),
+        )
+        .unwrap_err();
+        assert!(e.message.contains("file_sync[0].host"), "{}", e.message);
+    }
+}
