@@ -131,7 +131,9 @@ impl Netns {
         );
         run_ok(Command::new("ip").args(["netns", "add", &name]));
         let ns = Self { name };
-        run_ok(Command::new("ip").args(["netns", "exec", &ns.name, "ip", "link", "set", "lo", "up"]));
+        run_ok(
+            Command::new("ip").args(["netns", "exec", &ns.name, "ip", "link", "set", "lo", "up"]),
+        );
         ns
     }
 
@@ -148,7 +150,9 @@ impl Netns {
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
             .unwrap_or_default();
-        out.split_whitespace().filter_map(|p| p.parse().ok()).collect()
+        out.split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect()
     }
 
     pub fn exists(name: &str) -> bool {
@@ -165,18 +169,24 @@ impl Default for Netns {
 impl Drop for Netns {
     fn drop(&mut self) {
         for pid in self.pids() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
         }
         let deadline = Instant::now() + Duration::from_secs(5);
         while !self.pids().is_empty() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));
         }
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 
 fn run_ok(cmd: &mut Command) -> Out {
-    let out = Out::from(cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}")));
+    let out = Out::from(
+        cmd.output()
+            .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}")),
+    );
     assert!(out.success(), "{cmd:?} failed:\n{out}");
     out
 }
@@ -191,7 +201,10 @@ pub struct Env {
 impl Env {
     /// A fresh temporary HOME, no network namespace.
     pub fn new() -> Self {
-        let tmp = tempfile::Builder::new().prefix("banger-e2e-").tempdir().unwrap();
+        let tmp = tempfile::Builder::new()
+            .prefix("banger-e2e-")
+            .tempdir()
+            .unwrap();
         Self {
             home: tmp.path().to_owned(),
             _tmp: Some(tmp),
@@ -290,7 +303,9 @@ impl Env {
         c.env("BANGER_NO_AUTOSTART", "1");
         let out = Out::from(c.output().ok()?);
         let v: serde_json::Value = serde_json::from_str(&out.stdout).ok()?;
-        v["daemon"]["pid"].as_i64().and_then(|p| i32::try_from(p).ok())
+        v["daemon"]["pid"]
+            .as_i64()
+            .and_then(|p| i32::try_from(p).ok())
     }
 
     /// Stops this env's daemon and makes sure it is gone.
@@ -356,10 +371,14 @@ pub fn slim_image() -> &'static SlimImage {
     }
     let recipe = banger_image::recipe::builtin(SLIM).expect("slim recipe is built in");
     let key = recipe.digest().to_string();
-    let cache = target_dir().join("banger-test-cache").join(format!("slim-{}", &key[..16]));
+    let cache = target_dir()
+        .join("banger-test-cache")
+        .join(format!("slim-{}", &key[..16]));
     std::fs::create_dir_all(&cache).unwrap();
     let lock = File::create(cache.join("lock")).unwrap();
-    let _flock = Flock::lock(lock, FlockArg::LockExclusive).map_err(|(_, e)| e).unwrap();
+    let _flock = Flock::lock(lock, FlockArg::LockExclusive)
+        .map_err(|(_, e)| e)
+        .unwrap();
 
     let home = cache.join("home");
     let done = cache.join("complete");
@@ -402,7 +421,9 @@ pub fn sha256_file(path: &Path) -> String {
 /// Every file under `dir`, relative, sorted (for "store unchanged" assertions).
 pub fn tree_listing(dir: &Path) -> Vec<String> {
     fn walk(base: &Path, dir: &Path, out: &mut Vec<String>) {
-        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
         for e in entries.flatten() {
             let p = e.path();
             let rel = p.strip_prefix(base).unwrap().display().to_string();
@@ -473,7 +494,10 @@ impl HttpServer {
             }
             let file = root.join(path.trim_start_matches('/'));
             let Ok(mut f) = File::open(&file) else {
-                write!(out, "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
+                write!(
+                    out,
+                    "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                )?;
                 return Ok(());
             };
             let len = f.metadata()?.len();
@@ -482,7 +506,10 @@ impl HttpServer {
                 f.seek(std::io::SeekFrom::Start(start))?;
                 write!(out, "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {start}-{}/{len}\r\nConnection: close\r\n\r\n", len - start, len - 1)?;
             } else {
-                write!(out, "HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n")?;
+                write!(
+                    out,
+                    "HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
+                )?;
             }
             let limit = match fault {
                 Some(Fault::Truncate(n)) => n.min(len - start),
@@ -513,7 +540,11 @@ impl HttpServer {
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}/{}", self.port, path.trim_start_matches('/'))
+        format!(
+            "http://127.0.0.1:{}/{}",
+            self.port,
+            path.trim_start_matches('/')
+        )
     }
 
     pub fn fault(&self, path: &str, fault: Option<Fault>) {

@@ -1,5 +1,6 @@
 //! The daemon's life as a user sees it: started on first use, reused, restarted after a crash,
 //! private to its user, and refusing a CLI that speaks another API version.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
 
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -20,13 +21,20 @@ fn second_call_reuses_the_daemon_and_kill_9_is_recovered() {
     env.ok(["image", "list"]);
     let first = env.daemon_pid().expect("daemon answers after first call");
     env.ok(["image", "list"]);
-    assert_eq!(env.daemon_pid(), Some(first), "second call started another daemon");
+    assert_eq!(
+        env.daemon_pid(),
+        Some(first),
+        "second call started another daemon"
+    );
 
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(first), nix::sys::signal::SIGKILL).unwrap();
     while alive(first) {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    assert!(env.socket().exists(), "a killed daemon leaves its socket behind");
+    assert!(
+        env.socket().exists(),
+        "a killed daemon leaves its socket behind"
+    );
     env.ok(["image", "list"]);
     let second = env.daemon_pid().expect("a new daemon answers");
     assert_ne!(second, first);
@@ -39,7 +47,11 @@ fn second_call_reuses_the_daemon_and_kill_9_is_recovered() {
     let mut c = env.cmd(["daemon", "status"]);
     c.env("BANGER_NO_AUTOSTART", "1");
     let out = c.output().unwrap();
-    assert_eq!(out.status.code(), Some(3), "status of a stopped daemon exits 3");
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "status of a stopped daemon exits 3"
+    );
 }
 
 /// A throwaway system user, removed on drop.
@@ -49,7 +61,13 @@ impl TempUser {
     fn new() -> Self {
         let name = format!("bgtest{}", std::process::id());
         let ok = Command::new("useradd")
-            .args(["--system", "--no-create-home", "--shell", "/usr/sbin/nologin", &name])
+            .args([
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                &name,
+            ])
             .status()
             .unwrap()
             .success();
@@ -74,7 +92,11 @@ fn socket_is_private_to_its_user() {
     let sock = env.socket();
     let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "socket mode is {mode:o}");
-    let dir_mode = std::fs::metadata(sock.parent().unwrap()).unwrap().permissions().mode() & 0o777;
+    let dir_mode = std::fs::metadata(sock.parent().unwrap())
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
     assert_eq!(dir_mode, 0o700, "socket dir mode is {dir_mode:o}");
 
     // Open every directory above the runtime dir so only banger's own modes stand in the way.
@@ -97,7 +119,10 @@ fn socket_is_private_to_its_user() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(69), "other user got: {stderr}");
-    assert!(stderr.to_lowercase().contains("permission denied"), "{stderr}");
+    assert!(
+        stderr.to_lowercase().contains("permission denied"),
+        "{stderr}"
+    );
 }
 
 #[test]

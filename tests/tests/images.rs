@@ -1,6 +1,7 @@
 //! Images end to end: the real debootstrap build of the slim image, and bundle export/pull
 //! round trips against a real HTTP server on 127.0.0.1, including refused downloads that must
 //! leave the store exactly as it was.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
 
 use std::process::Command;
 
@@ -25,10 +26,17 @@ fn slim_image_build_is_a_clean_hardened_systemd_image() {
         for phase in ["==> debootstrap", "==> make ext4"] {
             assert!(out.contains(phase), "build output lacks {phase:?}:\n{out}");
         }
-        assert!(out.contains("built in"), "build output lacks the total time:\n{out}");
+        assert!(
+            out.contains("built in"),
+            "build output lacks the total time:\n{out}"
+        );
     }
 
-    let fsck = Command::new("e2fsck").arg("-fn").arg(&img.rootfs).output().unwrap();
+    let fsck = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(&img.rootfs)
+        .output()
+        .unwrap();
     assert!(
         fsck.status.success(),
         "e2fsck -fn is not clean:\n{}{}",
@@ -42,12 +50,21 @@ fn slim_image_build_is_a_clean_hardened_systemd_image() {
         "PasswordAuthentication no",
         "KbdInteractiveAuthentication no",
     ] {
-        assert!(sshd.contains(line), "hardened sshd config lacks {line:?}:\n{sshd}");
+        assert!(
+            sshd.contains(line),
+            "hardened sshd config lacks {line:?}:\n{sshd}"
+        );
     }
     let init = debugfs(&img.rootfs, "stat /sbin/init");
-    assert!(init.contains("systemd"), "/sbin/init is not systemd:\n{init}");
+    assert!(
+        init.contains("systemd"),
+        "/sbin/init is not systemd:\n{init}"
+    );
     let keys = debugfs(&img.rootfs, "ls -l /etc/ssh");
-    assert!(!keys.contains("ssh_host_"), "image ships ssh host keys:\n{keys}");
+    assert!(
+        !keys.contains("ssh_host_"),
+        "image ships ssh host keys:\n{keys}"
+    );
 
     // The kernel and initrd are in the kernel store, registered under the image's name.
     let env = Env::persistent(&img.home);
@@ -96,14 +113,24 @@ fn bundle_round_trip_over_http_and_refused_downloads_leave_store_unchanged() {
     register_slim(&env, "orig");
     let bundles = tempfile::tempdir().unwrap();
     let good = bundles.path().join("good");
-    let out = env.ok(["image".as_ref(), "export".as_ref(), "orig".as_ref(), "-o".as_ref(), good.as_os_str()]);
+    let out = env.ok([
+        "image".as_ref(),
+        "export".as_ref(),
+        "orig".as_ref(),
+        "-o".as_ref(),
+        good.as_os_str(),
+    ]);
     assert!(out.stdout.trim().ends_with("manifest.json"), "{out}");
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(good.join("manifest.json")).unwrap()).unwrap();
     let files = manifest["files"].as_array().unwrap();
     assert!(files.iter().any(|f| f["role"] == "rootfs"), "{manifest}");
     assert!(files.iter().any(|f| f["role"] == "initrd"), "{manifest}");
-    let rootfs_entry = files.iter().find(|f| f["role"] == "rootfs").unwrap().clone();
+    let rootfs_entry = files
+        .iter()
+        .find(|f| f["role"] == "rootfs")
+        .unwrap()
+        .clone();
     let rootfs_file = rootfs_entry["path"].as_str().unwrap().to_owned();
 
     // A bundle with one flipped byte in its compressed rootfs.
@@ -125,41 +152,96 @@ fn bundle_round_trip_over_http_and_refused_downloads_leave_store_unchanged() {
     let before = store_snapshot(&env);
 
     // One flipped byte: refused, naming the file and both digests.
-    let out = env.banger(["image", "pull", &server.url("bad/manifest.json"), "--name", "flipped"]);
+    let out = env.banger([
+        "image",
+        "pull",
+        &server.url("bad/manifest.json"),
+        "--name",
+        "flipped",
+    ]);
     assert_eq!(out.status, Some(71), "{out}");
     assert!(out.stderr.contains(&rootfs_file), "{out}");
-    assert!(out.stderr.contains(rootfs_entry["sha256"].as_str().unwrap()), "{out}");
-    assert!(out.stderr.contains("expected sha256") && out.stderr.contains(", got "), "{out}");
-    assert_eq!(store_snapshot(&env), before, "store changed after a digest mismatch");
+    assert!(
+        out.stderr
+            .contains(rootfs_entry["sha256"].as_str().unwrap()),
+        "{out}"
+    );
+    assert!(
+        out.stderr.contains("expected sha256") && out.stderr.contains(", got "),
+        "{out}"
+    );
+    assert_eq!(
+        store_snapshot(&env),
+        before,
+        "store changed after a digest mismatch"
+    );
 
     // A truncated download.
     server.fault(&format!("good/{rootfs_file}"), Some(Fault::Truncate(1000)));
-    let out = env.banger(["image", "pull", &server.url("good/manifest.json"), "--name", "trunc"]);
+    let out = env.banger([
+        "image",
+        "pull",
+        &server.url("good/manifest.json"),
+        "--name",
+        "trunc",
+    ]);
     assert_eq!(out.status, Some(71), "{out}");
     assert!(out.stderr.to_lowercase().contains("truncated"), "{out}");
-    assert_eq!(store_snapshot(&env), before, "store changed after a truncated download");
+    assert_eq!(
+        store_snapshot(&env),
+        before,
+        "store changed after a truncated download"
+    );
 
     // An HTTP error status.
     server.fault(&format!("good/{rootfs_file}"), Some(Fault::Status(500)));
-    let out = env.banger(["image", "pull", &server.url("good/manifest.json"), "--name", "err"]);
+    let out = env.banger([
+        "image",
+        "pull",
+        &server.url("good/manifest.json"),
+        "--name",
+        "err",
+    ]);
     assert_eq!(out.status, Some(71), "{out}");
     assert!(out.stderr.contains("500"), "{out}");
-    assert_eq!(store_snapshot(&env), before, "store changed after an HTTP 500");
+    assert_eq!(
+        store_snapshot(&env),
+        before,
+        "store changed after an HTTP 500"
+    );
 
     // After the faults clear, the same pull works (resuming the truncated part cleanly),
     // under a new name and with the same digests.
     server.fault(&format!("good/{rootfs_file}"), None);
     // Round trip: pull under a new name, same digests.
-    env.ok(["image", "pull", &server.url("good/manifest.json"), "--name", "copy"]);
+    env.ok([
+        "image",
+        "pull",
+        &server.url("good/manifest.json"),
+        "--name",
+        "copy",
+    ]);
     let (orig, copy) = (image_json(&env, "orig"), image_json(&env, "copy"));
     assert_eq!(orig["rootfs_sha256"], copy["rootfs_sha256"]);
     assert_eq!(copy["source"], "pulled");
     let kernels = env.ok(["kernel", "list", "--json"]).json();
     let digest = |name: &str, field: &str| {
-        kernels.as_array().unwrap().iter().find(|k| k["name"] == name).unwrap()[field].clone()
+        kernels
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["name"] == name)
+            .unwrap()[field]
+            .clone()
     };
-    assert_eq!(digest("orig", "kernel_sha256"), digest("copy", "kernel_sha256"));
-    assert_eq!(digest("orig", "initrd_sha256"), digest("copy", "initrd_sha256"));
+    assert_eq!(
+        digest("orig", "kernel_sha256"),
+        digest("copy", "kernel_sha256")
+    );
+    assert_eq!(
+        digest("orig", "initrd_sha256"),
+        digest("copy", "initrd_sha256")
+    );
 }
 
 #[test]
@@ -170,7 +252,13 @@ fn catalog_names_resolve_and_unknown_names_list_what_exists() {
     let env = Env::new();
     register_slim(&env, "orig");
     let dir = tempfile::tempdir().unwrap();
-    env.ok(["image".as_ref(), "export".as_ref(), "orig".as_ref(), "-o".as_ref(), dir.path().join("b").as_os_str()]);
+    env.ok([
+        "image".as_ref(),
+        "export".as_ref(),
+        "orig".as_ref(),
+        "-o".as_ref(),
+        dir.path().join("b").as_os_str(),
+    ]);
     let server = HttpServer::serve(dir.path());
     let catalog = dir.path().join("catalog.toml");
     std::fs::write(
@@ -186,14 +274,23 @@ fn catalog_names_resolve_and_unknown_names_list_what_exists() {
 
     let out = env.banger(["image", "pull", "no-such-image"]);
     assert_eq!(out.status, Some(70), "{out}");
-    assert!(out.stderr.contains("served"), "error should list the catalog: {out}");
+    assert!(
+        out.stderr.contains("served"),
+        "error should list the catalog: {out}"
+    );
 
     env.ok(["image", "pull", "served"]);
-    assert_eq!(image_json(&env, "served")["rootfs_sha256"], image_json(&env, "orig")["rootfs_sha256"]);
+    assert_eq!(
+        image_json(&env, "served")["rootfs_sha256"],
+        image_json(&env, "orig")["rootfs_sha256"]
+    );
 
     let out = env.banger(["image", "delete", "nope"]);
     assert_eq!(out.status, Some(70), "{out}");
-    assert!(out.stderr.contains("orig"), "error should list existing images: {out}");
+    assert!(
+        out.stderr.contains("orig"),
+        "error should list existing images: {out}"
+    );
     env.ok(["image", "delete", "served"]);
     assert!(!env.state_dir().join("images/served").exists());
 }

@@ -1,6 +1,7 @@
 //! The VM lifecycle end to end on the QEMU backend (TCG here): each test in its own network
 //! namespace with its own daemon and HOME, booting the slim Debian image for real, and checking
 //! afterwards that banger left nothing behind (taps, nft table, VMM processes, leases, files).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -19,14 +20,21 @@ fn vm_env() -> Env {
 }
 
 fn create(env: &Env, name: &str) -> serde_json::Value {
-    env.ok(["vm", "create", "--name", name, "--image", "slim", "--vcpu", "1", "--memory", "512", "--disk", "256M"]);
+    env.ok([
+        "vm", "create", "--name", name, "--image", "slim", "--vcpu", "1", "--memory", "512",
+        "--disk", "256M",
+    ]);
     env.ok(["vm", "show", name, "--json"]).json()
 }
 
 /// Runs a command inside the env's network namespace.
 fn in_ns(env: &Env, args: &[&str]) -> String {
     let ns = env.netns.as_ref().unwrap();
-    let out = Command::new("ip").args(["netns", "exec", &ns.name]).args(args).output().unwrap();
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns.name])
+        .args(args)
+        .output()
+        .unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -56,14 +64,31 @@ fn vmm_pids(env: &Env) -> Vec<i32> {
 fn assert_nothing_left(env: &Env) {
     assert_eq!(taps(env), Vec::<String>::new(), "taps left behind");
     let tables = in_ns(env, &["nft", "list", "tables"]);
-    assert!(!tables.contains("banger"), "nft table left behind: {tables}");
-    assert_eq!(vmm_pids(env), Vec::<i32>::new(), "VMM processes left behind");
+    assert!(
+        !tables.contains("banger"),
+        "nft table left behind: {tables}"
+    );
+    assert_eq!(
+        vmm_pids(env),
+        Vec::<i32>::new(),
+        "VMM processes left behind"
+    );
     let vms = env.ok(["vm", "list", "--json"]).json();
     assert_eq!(vms.as_array().unwrap().len(), 0, "VMs (leases) left: {vms}");
     let dir = env.state_dir().join("vms");
-    assert_eq!(tree_listing(&dir), Vec::<String>::new(), "VM files left in {}", dir.display());
+    assert_eq!(
+        tree_listing(&dir),
+        Vec::<String>::new(),
+        "VM files left in {}",
+        dir.display()
+    );
     let run = env.state_dir().join("run/vms");
-    assert_eq!(tree_listing(&run), Vec::<String>::new(), "run files left in {}", run.display());
+    assert_eq!(
+        tree_listing(&run),
+        Vec::<String>::new(),
+        "run files left in {}",
+        run.display()
+    );
 }
 
 #[test]
@@ -78,32 +103,64 @@ fn create_ssh_exec_restart_keeps_root_and_delete_removes_everything() {
 
     let out = env.ok(["vm", "ssh", "web", "--", "uname", "-a"]);
     assert!(out.stdout.contains("Linux web "), "{out}");
-    assert!(out.stdout.contains("cloud-amd64"), "guest kernel expected: {out}");
+    assert!(
+        out.stdout.contains("cloud-amd64"),
+        "guest kernel expected: {out}"
+    );
 
-    let out = env.banger(["vm", "exec", "web", "--", "sh", "-c", "echo out; echo err >&2; exit 7"]);
+    let out = env.banger([
+        "vm",
+        "exec",
+        "web",
+        "--",
+        "sh",
+        "-c",
+        "echo out; echo err >&2; exit 7",
+    ]);
     assert_eq!(out.status, Some(7), "{out}");
     assert_eq!(out.stdout, "out\n");
     assert_eq!(out.stderr, "err\n");
 
-    env.ok(["vm", "exec", "web", "--", "sh", "-c", "echo kept > /root/marker && sync"]);
+    env.ok([
+        "vm",
+        "exec",
+        "web",
+        "--",
+        "sh",
+        "-c",
+        "echo kept > /root/marker && sync",
+    ]);
     env.ok(["vm", "stop", "web"]);
     let stopped = env.ok(["vm", "show", "web", "--json"]).json();
     assert_eq!(stopped["state"], "stopped", "{stopped}");
-    assert_eq!(taps(&env), Vec::<String>::new(), "a stopped VM keeps no tap");
+    assert_eq!(
+        taps(&env),
+        Vec::<String>::new(),
+        "a stopped VM keeps no tap"
+    );
     env.ok(["vm", "start", "web"]);
     let out = env.ok(["vm", "exec", "web", "--", "cat", "/root/marker"]);
     assert_eq!(out.stdout, "kept\n", "{out}");
     let out = env.ok(["vm", "logs", "web"]);
-    assert!(out.stdout.contains("Linux version"), "console log lacks the kernel banner");
+    assert!(
+        out.stdout.contains("Linux version"),
+        "console log lacks the kernel banner"
+    );
 
     let out = env.banger(["vm", "delete", "web"]);
-    assert_ne!(out.status, Some(0), "deleting a running VM needs --force: {out}");
+    assert_ne!(
+        out.status,
+        Some(0),
+        "deleting a running VM needs --force: {out}"
+    );
     assert!(out.stderr.contains("--force"), "{out}");
     env.ok(["vm", "delete", "--force", "web"]);
     assert_nothing_left(&env);
 
     // Bad input: unknown image, invalid name, name in use.
-    let out = env.banger(["vm", "create", "--image", "nope", "--memory", "512", "--disk", "256M"]);
+    let out = env.banger([
+        "vm", "create", "--image", "nope", "--memory", "512", "--disk", "256M",
+    ]);
     assert_eq!(out.status, Some(70), "{out}");
     assert!(out.stderr.contains("slim"), "should list images: {out}");
     let out = env.banger(["vm", "create", "--name", "Bad_Name", "--image", "slim"]);
@@ -121,7 +178,15 @@ fn two_vms_reach_each_other_and_crashes_are_noticed_and_recovered() {
     let b = create(&env, "beta");
     assert_ne!(a["ip"], b["ip"]);
     let b_ip = b["ip"].as_str().unwrap();
-    env.ok(["vm", "exec", "alpha", "--", "bash", "-c", &format!("echo > /dev/tcp/{b_ip}/22")]);
+    env.ok([
+        "vm",
+        "exec",
+        "alpha",
+        "--",
+        "bash",
+        "-c",
+        &format!("echo > /dev/tcp/{b_ip}/22"),
+    ]);
 
     // kill -9 of a VM's QEMU: noticed within seconds, tap released.
     let pid = a["pid"].as_i64().unwrap() as i32;
@@ -129,7 +194,8 @@ fn two_vms_reach_each_other_and_crashes_are_noticed_and_recovered() {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let now = env.ok(["vm", "show", "alpha", "--json"]).json();
-        if now["state"] == "stopped" && !taps(&env).contains(&a["tap"].as_str().unwrap().to_owned()) {
+        if now["state"] == "stopped" && !taps(&env).contains(&a["tap"].as_str().unwrap().to_owned())
+        {
             break;
         }
         assert!(Instant::now() < deadline, "VMM death not noticed: {now}");
@@ -138,11 +204,20 @@ fn two_vms_reach_each_other_and_crashes_are_noticed_and_recovered() {
 
     // kill -9 of the daemon: the next call starts a new one that re-adopts beta.
     let daemon = env.daemon_pid().unwrap();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon), nix::sys::signal::SIGKILL).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon),
+        nix::sys::signal::SIGKILL,
+    )
+    .unwrap();
     std::thread::sleep(Duration::from_millis(200));
     let list = env.ok(["vm", "list", "--json"]).json();
     assert_ne!(env.daemon_pid(), Some(daemon));
-    let beta = list.as_array().unwrap().iter().find(|v| v["name"] == "beta").unwrap();
+    let beta = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "beta")
+        .unwrap();
     assert_eq!(beta["state"], "running", "{list}");
     let out = env.ok(["vm", "ssh", "beta", "--", "hostname"]);
     assert_eq!(out.stdout.trim(), "beta");

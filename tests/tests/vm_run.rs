@@ -1,9 +1,9 @@
 //! `banger vm run` end to end on QEMU (TCG here), in a private network namespace: the
 //! workspace copy follows git's rules exactly, statuses pass through, `--rm` leaves nothing,
 //! branches, file_sync, config errors, and an interactive session through a pseudo-terminal.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
 
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -22,7 +22,11 @@ fn git(dir: &Path, args: &[&str]) -> String {
         .env("GIT_COMMITTER_EMAIL", "t@example.invalid")
         .output()
         .unwrap();
-    assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -57,13 +61,20 @@ fn fixture(dir: &Path) -> std::path::PathBuf {
 
 fn run_env() -> Env {
     let env = Env::with_netns();
-    assert!(agent_bin().is_some(), "the static guest agent is missing: run `make agent`");
+    assert!(
+        agent_bin().is_some(),
+        "the static guest agent is missing: run `make agent`"
+    );
     register_slim(&env, "slim");
     env
 }
 
 fn vm_count(env: &Env) -> usize {
-    env.ok(["vm", "list", "--json"]).json().as_array().unwrap().len()
+    env.ok(["vm", "list", "--json"])
+        .json()
+        .as_array()
+        .unwrap()
+        .len()
 }
 
 #[test]
@@ -72,37 +83,82 @@ fn workspace_copy_matches_git_and_rm_leaves_nothing() {
         return;
     }
     let env = run_env();
-    env.write_config("vmm = \"qemu\"\n[vm_defaults]\nvcpu = 1\nmemory_mib = 512\ndisk_size = \"512M\"\n");
+    env.write_config(
+        "vmm = \"qemu\"\n[vm_defaults]\nvcpu = 1\nmemory_mib = 512\ndisk_size = \"512M\"\n",
+    );
     let tmp = tempfile::tempdir().unwrap();
     let repo = fixture(tmp.path());
     let check = "find . -path ./.git -prune -o -print | sort; echo MODE $(stat -c %a run.sh); \
                  echo LINK $(readlink link); echo STATUS; git status --porcelain; echo END";
     let out = env.ok([
-        "vm".as_ref(), "run".as_ref(), repo.as_os_str(), "--image".as_ref(), "slim".as_ref(),
-        "--rm".as_ref(), "--".as_ref(), "sh".as_ref(), "-c".as_ref(), check.as_ref(),
+        "vm".as_ref(),
+        "run".as_ref(),
+        repo.as_os_str(),
+        "--image".as_ref(),
+        "slim".as_ref(),
+        "--rm".as_ref(),
+        "--".as_ref(),
+        "sh".as_ref(),
+        "-c".as_ref(),
+        check.as_ref(),
     ]);
-    let expected = ".\n./.gitignore\n./README\n./link\n./run.sh\n./sub\n./sub/.gitignore\n./sub/deeper\n\
+    let expected =
+        ".\n./.gitignore\n./README\n./link\n./run.sh\n./sub\n./sub/.gitignore\n./sub/deeper\n\
                     ./sub/deeper/untracked.txt\n./sub/kept.txt\nMODE 755\nLINK README\nSTATUS\n";
     assert!(out.stdout.starts_with(expected), "{out}");
     // The host shows exactly one untracked entry; the guest must show the same.
     let host_status = git(&repo, &["status", "--porcelain"]);
-    assert!(out.stdout.ends_with(&format!("STATUS\n{host_status}END\n")), "host:\n{host_status}\n{out}");
-    assert!(out.stderr.contains("spec: 1 vCPU (config), 512 MiB memory (config), 512M disk (config)"), "{out}");
+    assert!(
+        out.stdout.ends_with(&format!("STATUS\n{host_status}END\n")),
+        "host:\n{host_status}\n{out}"
+    );
+    assert!(
+        out.stderr
+            .contains("spec: 1 vCPU (config), 512 MiB memory (config), 512M disk (config)"),
+        "{out}"
+    );
     assert_eq!(vm_count(&env), 0, "--rm leaves no VM");
-    assert_eq!(tree_listing(&env.state_dir().join("vms")), Vec::<String>::new());
+    assert_eq!(
+        tree_listing(&env.state_dir().join("vms")),
+        Vec::<String>::new()
+    );
 
     // Exit status passes through; without --rm the VM stays.
-    let out = env.banger(["vm".as_ref(), "run".as_ref(), repo.as_os_str(), "--image".as_ref(), "slim".as_ref(),
-        "--name".as_ref(), "kept".as_ref(), "--".as_ref(), "sh".as_ref(), "-c".as_ref(), "exit 3".as_ref()]);
+    let out = env.banger([
+        "vm".as_ref(),
+        "run".as_ref(),
+        repo.as_os_str(),
+        "--image".as_ref(),
+        "slim".as_ref(),
+        "--name".as_ref(),
+        "kept".as_ref(),
+        "--".as_ref(),
+        "sh".as_ref(),
+        "-c".as_ref(),
+        "exit 3".as_ref(),
+    ]);
     assert_eq!(out.status, Some(3), "{out}");
     assert_eq!(vm_count(&env), 1);
     env.ok(["vm", "delete", "--force", "kept"]);
 
     // --branch feat --from HEAD~1
     let want = git(&repo, &["rev-parse", "HEAD~1"]);
-    let out = env.ok(["vm".as_ref(), "run".as_ref(), repo.as_os_str(), "--image".as_ref(), "slim".as_ref(), "--rm".as_ref(),
-        "--branch".as_ref(), "feat".as_ref(), "--from".as_ref(), "HEAD~1".as_ref(), "--".as_ref(),
-        "sh".as_ref(), "-c".as_ref(), "git rev-parse --abbrev-ref HEAD; git rev-parse HEAD".as_ref()]);
+    let out = env.ok([
+        "vm".as_ref(),
+        "run".as_ref(),
+        repo.as_os_str(),
+        "--image".as_ref(),
+        "slim".as_ref(),
+        "--rm".as_ref(),
+        "--branch".as_ref(),
+        "feat".as_ref(),
+        "--from".as_ref(),
+        "HEAD~1".as_ref(),
+        "--".as_ref(),
+        "sh".as_ref(),
+        "-c".as_ref(),
+        "git rev-parse --abbrev-ref HEAD; git rev-parse HEAD".as_ref(),
+    ]);
     assert_eq!(out.stdout, format!("feat\n{want}"), "{out}");
     assert_eq!(vm_count(&env), 0);
 }
@@ -122,8 +178,14 @@ fn file_sync_config_errors_and_an_interactive_session() {
     let base = "vmm = \"qemu\"\n[vm_defaults]\nvcpu = 1\nmemory_mib = 512\ndisk_size = \"512M\"\n";
 
     // Refused before anything is created, naming the key.
-    for (guest, what) in [("/etc/passwd", "outside /root"), ("~/../etc/passwd", "escape")] {
-        env.write_config(&format!("{base}[[file_sync]]\nhost = \"{}\"\nguest = \"{guest}\"\n", h.join("token").display()));
+    for (guest, what) in [
+        ("/etc/passwd", "outside /root"),
+        ("~/../etc/passwd", "escape"),
+    ] {
+        env.write_config(&format!(
+            "{base}[[file_sync]]\nhost = \"{}\"\nguest = \"{guest}\"\n",
+            h.join("token").display()
+        ));
         let out = env.banger(["vm", "run", "--image", "slim", "--", "true"]);
         assert_eq!(out.status, Some(2), "{what}: {out}");
         assert!(out.stderr.contains("file_sync[0].guest"), "{what}: {out}");
@@ -137,7 +199,11 @@ fn file_sync_config_errors_and_an_interactive_session() {
         env.write_config(text);
         let out = env.banger(["vm", "run", "--image", "slim", "--", "true"]);
         assert_eq!(out.status, Some(2), "{out}");
-        assert!(out.stderr.contains(&format!("`{key}`")) && out.stderr.contains(&format!("config.toml:{line}")), "{out}");
+        assert!(
+            out.stderr.contains(&format!("`{key}`"))
+                && out.stderr.contains(&format!("config.toml:{line}")),
+            "{out}"
+        );
     }
     assert_eq!(vm_count(&env), 0);
 
@@ -149,8 +215,17 @@ fn file_sync_config_errors_and_an_interactive_session() {
         h.join("conf").display(),
         h.join("script").display()
     ));
-    let out = env.ok(["vm", "run", "--image", "slim", "--rm", "--", "sh", "-c",
-        "cat .config/token; cat conf/nested/a.toml; stat -c '%a %U' .config/token bin/script"]);
+    let out = env.ok([
+        "vm",
+        "run",
+        "--image",
+        "slim",
+        "--rm",
+        "--",
+        "sh",
+        "-c",
+        "cat .config/token; cat conf/nested/a.toml; stat -c '%a %U' .config/token bin/script",
+    ]);
     assert_eq!(out.stdout, "secret\na = 1\n600 root\n755 root\n", "{out}");
 
     // Interactive: a real pseudo-terminal, `echo hi; exit`, and the VM keeps running.
@@ -174,30 +249,45 @@ fn file_sync_config_errors_and_an_interactive_session() {
     }
     let mut child = cmd.spawn().unwrap();
     let mut master = std::fs::File::from(pty.master);
-    nix::fcntl::fcntl(master.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK)).unwrap();
+    nix::fcntl::fcntl(
+        &master,
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    )
+    .unwrap();
     let mut seen = String::new();
-    let mut read_until = |master: &mut std::fs::File, needle: &str, secs: u64| -> bool {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        let mut buf = [0u8; 4096];
-        while Instant::now() < deadline {
-            match master.read(&mut buf) {
-                Ok(n) if n > 0 => seen.push_str(&String::from_utf8_lossy(&buf[..n])),
-                _ => std::thread::sleep(Duration::from_millis(100)),
-            }
-            if seen.contains(needle) {
-                return true;
-            }
-        }
-        false
-    };
-    assert!(read_until(&mut master, "is up at", 400), "VM did not come up:\n{seen}");
+    assert!(
+        read_until(&mut master, &mut seen, "is up at", 400),
+        "VM did not come up:\n{seen}"
+    );
     std::thread::sleep(Duration::from_secs(3));
     master.write_all(b"echo h''i; exit\n").unwrap();
-    assert!(read_until(&mut master, "\nhi", 60) || seen.contains("hi\r\n"), "no 'hi' from the session:\n{seen}");
-    assert!(read_until(&mut master, "still running", 60), "no hint after the session:\n{seen}");
+    assert!(
+        read_until(&mut master, &mut seen, "\nhi", 60),
+        "no 'hi' from the session:\n{seen}"
+    );
+    assert!(
+        read_until(&mut master, &mut seen, "still running", 60),
+        "no hint after the session:\n{seen}"
+    );
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(0), "{seen}");
     let vm = env.ok(["vm", "show", "inter", "--json"]).json();
     assert_eq!(vm["state"], "running");
     env.ok(["vm", "delete", "--force", "inter"]);
+}
+
+/// Reads the pty into `seen` until it contains `needle` or `secs` pass.
+fn read_until(master: &mut std::fs::File, seen: &mut String, needle: &str, secs: u64) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline {
+        match master.read(&mut buf) {
+            Ok(n) if n > 0 => seen.push_str(&String::from_utf8_lossy(&buf[..n])),
+            _ => std::thread::sleep(Duration::from_millis(100)),
+        }
+        if seen.contains(needle) {
+            return true;
+        }
+    }
+    false
 }

@@ -220,15 +220,17 @@ pub fn validate_name(kind: &str, name: &str) -> Result<(), ApiError> {
     let ok_chars = name
         .bytes()
         .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    if name.is_empty() || name.len() > 63 || !ok_chars || name.starts_with('-') || name.ends_with('-')
+    if name.is_empty()
+        || name.len() > 63
+        || !ok_chars
+        || name.starts_with('-')
+        || name.ends_with('-')
     {
         return Err(ApiError::new(
             ErrorCode::BadRequest,
             format!("invalid {kind} name {name:?}"),
         )
-        .with_hint(
-            "use 1-63 lowercase letters, digits or '-', not starting or ending with '-'",
-        ));
+        .with_hint("use 1-63 lowercase letters, digits or '-', not starting or ending with '-'"));
     }
     Ok(())
 }

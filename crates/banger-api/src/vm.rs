@@ -136,12 +136,20 @@ pub struct ExecRequest {
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum ExecEvent {
     /// Base64 bytes of the command's stdout.
-    Stdout { data: String },
-    Stderr { data: String },
+    Stdout {
+        data: String,
+    },
+    Stderr {
+        data: String,
+    },
     /// The command ended; `code` is its exit status, or 128+signal when killed.
-    Exit { code: i32 },
+    Exit {
+        code: i32,
+    },
     /// The command could not be run or the agent was lost.
-    Failed { error: crate::ApiError },
+    Failed {
+        error: crate::ApiError,
+    },
 }
 
 /// `GET /v1/vms/{name}/ssh`: what the CLI needs to open an OpenSSH session.

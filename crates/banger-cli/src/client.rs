@@ -171,9 +171,10 @@ impl Client {
         path: &str,
         body: Option<&impl Serialize>,
     ) -> Result<T, CliError> {
-        let body = body.map(serde_json::to_vec).transpose().map_err(|e| {
-            CliError::new(Exit::Failure, format!("cannot encode request: {e}"))
-        })?;
+        let body = body
+            .map(serde_json::to_vec)
+            .transpose()
+            .map_err(|e| CliError::new(Exit::Failure, format!("cannot encode request: {e}")))?;
         let (status, bytes) = self
             .send(method, path, body)
             .await
@@ -218,7 +219,10 @@ impl Client {
             .map_err(|e| self.io_error(std::io::Error::other(e)))?
             .to_bytes();
         decode::<serde_json::Value>(status, &bytes).and_then(|_| {
-            Err(CliError::new(Exit::Failure, format!("unexpected answer {status} from bangerd")))
+            Err(CliError::new(
+                Exit::Failure,
+                format!("unexpected answer {status} from bangerd"),
+            ))
         })
     }
 
@@ -248,7 +252,9 @@ impl Client {
         let mut buf: Vec<u8> = Vec::new();
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| self.io_error(std::io::Error::other(e)))?;
-            let Some(data) = frame.data_ref() else { continue };
+            let Some(data) = frame.data_ref() else {
+                continue;
+            };
             buf.extend_from_slice(data);
             while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
                 let line: Vec<u8> = buf.drain(..=pos).collect();
@@ -294,7 +300,10 @@ fn autostart_allowed() -> bool {
 fn decode<T: DeserializeOwned>(status: StatusCode, body: &[u8]) -> Result<T, CliError> {
     if status.is_success() {
         return serde_json::from_slice(body).map_err(|e| {
-            CliError::new(Exit::Failure, format!("unexpected answer from bangerd: {e}"))
+            CliError::new(
+                Exit::Failure,
+                format!("unexpected answer from bangerd: {e}"),
+            )
         });
     }
     match serde_json::from_slice::<ApiError>(body) {
@@ -328,7 +337,10 @@ pub fn start_daemon(paths: &Paths) -> Result<(), CliError> {
         if let Some(dir) = p.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        std::fs::OpenOptions::new().create(true).append(true).open(p)
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
     };
     let log = open_log(&log_path).map_err(|e| {
         CliError::new(
@@ -337,7 +349,10 @@ pub fn start_daemon(paths: &Paths) -> Result<(), CliError> {
         )
     })?;
     let log2 = log.try_clone().map_err(|e| {
-        CliError::new(Exit::DaemonUnreachable, format!("cannot open daemon log: {e}"))
+        CliError::new(
+            Exit::DaemonUnreachable,
+            format!("cannot open daemon log: {e}"),
+        )
     })?;
     let bin = daemon_binary();
     let mut cmd = std::process::Command::new(&bin);

@@ -42,9 +42,13 @@ pub async fn image(ctx: &Ctx, cmd: ImageCmd) -> Result<ExitCode, CliError> {
     let client = Client::connect(&ctx.paths).await?;
     match cmd {
         ImageCmd::List(f) => {
-            let images: Vec<ImageInfo> = client.call(Method::GET, "/v1/images", None::<&()>).await?;
+            let images: Vec<ImageInfo> =
+                client.call(Method::GET, "/v1/images", None::<&()>).await?;
             if f.json {
-                println!("{}", serde_json::to_string_pretty(&images).unwrap_or_default());
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&images).unwrap_or_default()
+                );
             } else if images.is_empty() {
                 eprintln!("no images yet; build one with `banger image build debian-bookworm`");
             } else {
@@ -60,7 +64,10 @@ pub async fn image(ctx: &Ctx, cmd: ImageCmd) -> Result<ExitCode, CliError> {
                         ]
                     })
                     .collect();
-                print!("{}", table(&["NAME", "SOURCE", "SIZE", "KERNEL", "CREATED"], &rows));
+                print!(
+                    "{}",
+                    table(&["NAME", "SOURCE", "SIZE", "KERNEL", "CREATED"], &rows)
+                );
             }
         }
         ImageCmd::Build { recipe, name } => {
@@ -69,8 +76,7 @@ pub async fn image(ctx: &Ctx, cmd: ImageCmd) -> Result<ExitCode, CliError> {
                 name,
                 force: false,
             };
-            let img: ImageInfo =
-                streamed(ctx, &client, "/v1/images/build", &req, "built").await?;
+            let img: ImageInfo = streamed(ctx, &client, "/v1/images/build", &req, "built").await?;
             println!("{}", img.name);
             eprintln!(
                 "image {} ({}) with kernel {}",
@@ -128,7 +134,10 @@ pub async fn kernel(ctx: &Ctx, cmd: KernelCmd) -> Result<ExitCode, CliError> {
             let kernels: Vec<KernelInfo> =
                 client.call(Method::GET, "/v1/kernels", None::<&()>).await?;
             if f.json {
-                println!("{}", serde_json::to_string_pretty(&kernels).unwrap_or_default());
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&kernels).unwrap_or_default()
+                );
             } else if kernels.is_empty() {
                 eprintln!("no kernels yet; building or pulling an image brings its kernel");
             } else {

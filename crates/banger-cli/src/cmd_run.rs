@@ -59,7 +59,10 @@ pub struct RunArgs {
 
 /// Quotes one argument for the remote POSIX shell.
 fn sh_quote(s: &str) -> String {
-    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./=:@%+,".contains(&b)) {
+    if !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./=:@%+,".contains(&b))
+    {
         return s.to_owned();
     }
     format!("'{}'", s.replace('\'', "'\\''"))
@@ -87,9 +90,12 @@ pub fn resolve_file_sync(
         } else {
             e.guest.clone()
         };
-        let escapes = Path::new(&guest)
-            .components()
-            .any(|c| matches!(c, std::path::Component::ParentDir | std::path::Component::CurDir));
+        let escapes = Path::new(&guest).components().any(|c| {
+            matches!(
+                c,
+                std::path::Component::ParentDir | std::path::Component::CurDir
+            )
+        });
         if !guest.starts_with("/root/") || guest.len() <= "/root/".len() || escapes {
             return Err(CliError::new(
                 Exit::Usage,
@@ -123,7 +129,9 @@ pub fn resolve_file_sync(
 
 pub async fn run(ctx: &Ctx, args: RunArgs) -> Result<ExitCode, CliError> {
     let config = banger_config::Config::load(&ctx.paths.config_file())?;
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default();
     let file_sync = resolve_file_sync(&config.file_sync, &home)?;
     let resolved = spec::resolve(
         Flags {
@@ -136,10 +144,15 @@ pub async fn run(ctx: &Ctx, args: RunArgs) -> Result<ExitCode, CliError> {
     );
     let (image, image_from) = match &args.image {
         Some(i) => (i.clone(), "flag"),
-        None if config.default_image_name.is_some() => (config.default_image().to_owned(), "config"),
+        None if config.default_image_name.is_some() => {
+            (config.default_image().to_owned(), "config")
+        }
         None => (config.default_image().to_owned(), "built-in"),
     };
-    eprintln!("spec: {}, image {image} ({image_from})", resolved.describe());
+    eprintln!(
+        "spec: {}, image {image} ({image_from})",
+        resolved.describe()
+    );
 
     // Fail on a bad workspace before anything is created.
     let snapshot = match &args.path {
@@ -165,7 +178,8 @@ pub async fn run(ctx: &Ctx, args: RunArgs) -> Result<ExitCode, CliError> {
         file_sync,
     };
     let mut renderer = Renderer::new(ctx.verbose);
-    let created: Result<VmInfo, CliError> = client.stream("/v1/vms", &req, |e| renderer.event(e)).await;
+    let created: Result<VmInfo, CliError> =
+        client.stream("/v1/vms", &req, |e| renderer.event(e)).await;
     let took = renderer.finish();
     let vm = match created {
         Ok(vm) => vm,
@@ -176,11 +190,20 @@ pub async fn run(ctx: &Ctx, args: RunArgs) -> Result<ExitCode, CliError> {
             return Err(e);
         }
     };
-    eprintln!("VM {} is up at {} ({})", vm.name, vm.ip, human_duration(took));
+    eprintln!(
+        "VM {} is up at {} ({})",
+        vm.name,
+        vm.ip,
+        human_duration(took)
+    );
     let result = session(&client, &vm, &args, snapshot.as_ref()).await;
     if args.rm {
         let d: Result<banger_api::Deleted, _> = client
-            .call(Method::DELETE, &format!("/v1/vms/{}?force=true", vm.name), None::<&()>)
+            .call(
+                Method::DELETE,
+                &format!("/v1/vms/{}?force=true", vm.name),
+                None::<&()>,
+            )
             .await;
         match d {
             Ok(_) => eprintln!("deleted VM {}", vm.name),
@@ -196,7 +219,12 @@ pub async fn run(ctx: &Ctx, args: RunArgs) -> Result<ExitCode, CliError> {
 }
 
 /// Makes sure `image` exists; the default image is prepared (pulled or built) on first use.
-async fn ensure_image(ctx: &Ctx, client: &Client, image: &str, is_default: bool) -> Result<(), CliError> {
+async fn ensure_image(
+    ctx: &Ctx,
+    client: &Client,
+    image: &str,
+    is_default: bool,
+) -> Result<(), CliError> {
     let images: Vec<ImageInfo> = client.call(Method::GET, "/v1/images", None::<&()>).await?;
     if images.iter().any(|i| i.name == image) {
         return Ok(());
@@ -208,10 +236,16 @@ async fn ensure_image(ctx: &Ctx, client: &Client, image: &str, is_default: bool)
                 ErrorCode::NotFound,
                 format!(
                     "no image named {image:?} (images: {})",
-                    if known.is_empty() { "none".to_owned() } else { known.join(", ") }
+                    if known.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        known.join(", ")
+                    }
                 ),
             )
-            .with_hint(format!("pull or build it first: `banger image pull {image}`")),
+            .with_hint(format!(
+                "pull or build it first: `banger image pull {image}`"
+            )),
         ));
     }
     eprintln!("first use: preparing the default image {image} (this happens once)");
@@ -220,7 +254,9 @@ async fn ensure_image(ctx: &Ctx, client: &Client, image: &str, is_default: bool)
         reference: image.to_owned(),
         name: None,
     };
-    let r: Result<ImageInfo, CliError> = client.stream("/v1/images/pull", &req, |e| renderer.event(e)).await;
+    let r: Result<ImageInfo, CliError> = client
+        .stream("/v1/images/pull", &req, |e| renderer.event(e))
+        .await;
     let took = renderer.finish();
     r?;
     eprintln!("image {image} ready in {}", human_duration(took));
@@ -234,7 +270,11 @@ async fn session(
     snapshot: Option<&workspace::Snapshot>,
 ) -> Result<ExitCode, CliError> {
     let target: SshTarget = client
-        .call(Method::GET, &format!("/v1/vms/{}/ssh", vm.name), None::<&()>)
+        .call(
+            Method::GET,
+            &format!("/v1/vms/{}/ssh", vm.name),
+            None::<&()>,
+        )
         .await?;
     let mut workdir = "/root".to_owned();
     if let Some(snap) = snapshot {
@@ -244,7 +284,9 @@ async fn session(
             let b = sh_quote(branch);
             let script = match &args.from {
                 Some(from) => format!("cd /root/repo && git checkout -q -b {b} {}", sh_quote(from)),
-                None => format!("cd /root/repo && (git checkout -q {b} 2>/dev/null || git checkout -q -b {b})"),
+                None => format!(
+                    "cd /root/repo && (git checkout -q {b} 2>/dev/null || git checkout -q -b {b})"
+                ),
             };
             let status = ssh_command(&target, &[script]).status().map_err(ssh_err)?;
             if !status.success() {
@@ -267,7 +309,9 @@ async fn session(
     };
     let status = cmd.status().map_err(ssh_err)?;
     let code = status.code().unwrap_or(255);
-    Ok(ExitCode::from(u8::try_from(code.clamp(0, 255)).unwrap_or(255)))
+    Ok(ExitCode::from(
+        u8::try_from(code.clamp(0, 255)).unwrap_or(255),
+    ))
 }
 
 fn ssh_err(e: std::io::Error) -> CliError {
@@ -299,7 +343,11 @@ fn copy_workspace(target: &SshTarget, snap: &workspace::Snapshot) -> Result<(), 
     if !status.success() {
         return Err(CliError::new(
             Exit::VmFailed,
-            format!("copying {} into the VM failed (ssh/tar exit {:?})", snap.root.display(), status.code()),
+            format!(
+                "copying {} into the VM failed (ssh/tar exit {:?})",
+                snap.root.display(),
+                status.code()
+            ),
         ));
     }
     eprintln!(
@@ -329,7 +377,9 @@ fn start_tool_bootstrap(target: &SshTarget, root: &Path) {
           else echo 'mise is not installed in this image; skipped tool bootstrap'; fi) > {log} 2>&1 < /dev/null &"
     );
     match ssh_command(target, &[script]).status() {
-        Ok(s) if s.success() => eprintln!("tool bootstrap: mise install runs in the background (log: {log})"),
+        Ok(s) if s.success() => {
+            eprintln!("tool bootstrap: mise install runs in the background (log: {log})")
+        }
         _ => eprintln!("notice: could not start the tool bootstrap; continuing"),
     }
 }
@@ -360,8 +410,16 @@ mod tests {
         )
         .unwrap();
         assert_eq!(ok[0].guest, "/root/.gitconfig");
-        assert_eq!(ok[0].host, home.path().join(".gitconfig").display().to_string());
-        for guest in ["/etc/passwd", "~/../etc/passwd", "/root/a/../../x", "/root/"] {
+        assert_eq!(
+            ok[0].host,
+            home.path().join(".gitconfig").display().to_string()
+        );
+        for guest in [
+            "/etc/passwd",
+            "~/../etc/passwd",
+            "/root/a/../../x",
+            "/root/",
+        ] {
             let e = resolve_file_sync(
                 &[banger_config::FileSync {
                     host: "~/.gitconfig".into(),

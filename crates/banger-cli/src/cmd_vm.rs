@@ -6,9 +6,7 @@ use std::io::Write;
 use std::os::unix::process::CommandExt;
 use std::process::ExitCode;
 
-use banger_api::vm::{
-    CreateVmRequest, ExecEvent, ExecRequest, SshTarget, StopVmRequest, VmInfo,
-};
+use banger_api::vm::{CreateVmRequest, ExecEvent, ExecRequest, SshTarget, StopVmRequest, VmInfo};
 use banger_api::Deleted;
 use http_body_util::BodyExt;
 use hyper::Method;
@@ -28,7 +26,9 @@ pub async fn vm(ctx: &Ctx, cmd: VmCmd) -> Result<ExitCode, CliError> {
         VmCmd::Run(_) => return unreachable_run(),
         VmCmd::Create(args) => {
             let config = banger_config::Config::load(&ctx.paths.config_file())?;
-            let home = std::env::var_os("HOME").map(std::path::PathBuf::from).unwrap_or_default();
+            let home = std::env::var_os("HOME")
+                .map(std::path::PathBuf::from)
+                .unwrap_or_default();
             let file_sync = crate::cmd_run::resolve_file_sync(&config.file_sync, &home)?;
             let resolved = spec::resolve(
                 Flags {
@@ -39,7 +39,9 @@ pub async fn vm(ctx: &Ctx, cmd: VmCmd) -> Result<ExitCode, CliError> {
                 &config.vm_defaults,
                 spec::Host::detect(),
             );
-            let image = args.image.unwrap_or_else(|| config.default_image().to_owned());
+            let image = args
+                .image
+                .unwrap_or_else(|| config.default_image().to_owned());
             eprintln!("spec: {}, image {image}", resolved.describe());
             let req = CreateVmRequest {
                 name: args.name,
@@ -60,12 +62,17 @@ pub async fn vm(ctx: &Ctx, cmd: VmCmd) -> Result<ExitCode, CliError> {
             eprintln!("VM {} is {} at {}", vm.name, vm.state, vm.ip);
         }
         VmCmd::Restart { name } => {
-            let vm: VmInfo = streamed(ctx, &client, &format!("/v1/vms/{name}/restart"), &()).await?;
+            let vm: VmInfo =
+                streamed(ctx, &client, &format!("/v1/vms/{name}/restart"), &()).await?;
             eprintln!("VM {} is {} at {}", vm.name, vm.state, vm.ip);
         }
         VmCmd::Stop { name, force } => {
             let vm: VmInfo = client
-                .call(Method::POST, &format!("/v1/vms/{name}/stop"), Some(&StopVmRequest { force }))
+                .call(
+                    Method::POST,
+                    &format!("/v1/vms/{name}/stop"),
+                    Some(&StopVmRequest { force }),
+                )
                 .await?;
             eprintln!("VM {} is {}", vm.name, vm.state);
         }
@@ -108,8 +115,10 @@ pub async fn vm(ctx: &Ctx, cmd: VmCmd) -> Result<ExitCode, CliError> {
                 .call(Method::GET, &format!("/v1/vms/{name}/ssh"), None::<&()>)
                 .await?;
             let err = ssh_command(&target, &command).exec();
-            return Err(CliError::new(Exit::Failure, format!("cannot run ssh: {err}"))
-                .hint("install OpenSSH's client: apt-get install openssh-client"));
+            return Err(
+                CliError::new(Exit::Failure, format!("cannot run ssh: {err}"))
+                    .hint("install OpenSSH's client: apt-get install openssh-client"),
+            );
         }
         VmCmd::Exec { name, command } => return exec(&client, &name, command).await,
         VmCmd::Logs { name, follow } => {
@@ -148,7 +157,8 @@ async fn streamed<T: serde::de::DeserializeOwned>(
 }
 
 fn age(created: &str) -> String {
-    let Ok(t) = time::OffsetDateTime::parse(created, &time::format_description::well_known::Rfc3339)
+    let Ok(t) =
+        time::OffsetDateTime::parse(created, &time::format_description::well_known::Rfc3339)
     else {
         return "?".into();
     };
@@ -230,13 +240,18 @@ async fn exec(client: &Client, name: &str, command: Vec<String>) -> Result<ExitC
         cwd: None,
         env: Vec::new(),
     };
-    let mut body = client.post_stream(&format!("/v1/vms/{name}/exec"), &req).await?;
+    let mut body = client
+        .post_stream(&format!("/v1/vms/{name}/exec"), &req)
+        .await?;
     let mut buf = Vec::new();
     let (mut stdout, mut stderr) = (std::io::stdout(), std::io::stderr());
     while let Some(frame) = body.frame().await {
-        let frame = frame
-            .map_err(|e| CliError::new(Exit::DaemonUnreachable, format!("exec stream broke: {e}")))?;
-        let Some(data) = frame.data_ref() else { continue };
+        let frame = frame.map_err(|e| {
+            CliError::new(Exit::DaemonUnreachable, format!("exec stream broke: {e}"))
+        })?;
+        let Some(data) = frame.data_ref() else {
+            continue;
+        };
         buf.extend_from_slice(data);
         while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = buf.drain(..=pos).collect();
@@ -251,7 +266,9 @@ async fn exec(client: &Client, name: &str, command: Vec<String>) -> Result<ExitC
                     let _ = stderr.write_all(&b64.decode(data).unwrap_or_default());
                 }
                 ExecEvent::Exit { code } => {
-                    return Ok(ExitCode::from(u8::try_from(code.clamp(0, 255)).unwrap_or(255)))
+                    return Ok(ExitCode::from(
+                        u8::try_from(code.clamp(0, 255)).unwrap_or(255),
+                    ))
                 }
                 ExecEvent::Failed { error } => return Err(CliError::from_api(error)),
             }
@@ -265,5 +282,8 @@ async fn exec(client: &Client, name: &str, command: Vec<String>) -> Result<ExitC
 
 /// `vm run` is dispatched before connecting (it validates config and workspace first).
 fn unreachable_run() -> Result<ExitCode, CliError> {
-    Err(CliError::new(Exit::Failure, "internal error: vm run dispatched twice"))
+    Err(CliError::new(
+        Exit::Failure,
+        "internal error: vm run dispatched twice",
+    ))
 }

@@ -210,7 +210,10 @@ pub struct Ctx {
 /// Makes a user-supplied path absolute without requiring it to exist.
 pub fn absolute(p: &Path) -> Result<PathBuf, CliError> {
     std::path::absolute(p).map_err(|e| {
-        CliError::new(Exit::Usage, format!("cannot resolve path {}: {e}", p.display()))
+        CliError::new(
+            Exit::Usage,
+            format!("cannot resolve path {}: {e}", p.display()),
+        )
     })
 }
 

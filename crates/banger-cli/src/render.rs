@@ -77,7 +77,10 @@ impl Renderer {
     fn close_phase(&mut self) {
         if let Some((name, start)) = self.phase.take() {
             if self.verbose {
-                self.line(format!("    {name} took {}", human_duration(start.elapsed())));
+                self.line(format!(
+                    "    {name} took {}",
+                    human_duration(start.elapsed())
+                ));
             }
         }
     }
@@ -168,7 +171,10 @@ mod tests {
     fn tables_align_columns() {
         let t = table(
             &["NAME", "SIZE"],
-            &[vec!["a".into(), "1 B".into()], vec!["long-name".into(), "2 B".into()]],
+            &[
+                vec!["a".into(), "1 B".into()],
+                vec!["long-name".into(), "2 B".into()],
+            ],
         );
         assert_eq!(t, "NAME       SIZE\na          1 B\nlong-name  2 B\n");
     }

@@ -88,7 +88,9 @@ pub fn resolve(flags: Flags, config: &VmDefaults, host: Host) -> Resolved {
         .memory_bytes
         .map(|b| u32::try_from((b / 8) >> 20).unwrap_or(u32::MAX).min(8192))
         .filter(|m| *m >= MIN_MEMORY_MIB);
-    let pick = |flag: Option<u64>, cfg: Option<u64>, host: Option<u64>, min: u64| match (flag, cfg, host) {
+    let pick = |flag: Option<u64>, cfg: Option<u64>, host: Option<u64>, min: u64| match (
+        flag, cfg, host,
+    ) {
         (Some(v), _, _) => (v, Origin::Flag),
         (None, Some(v), _) => (v, Origin::Config),
         (None, None, Some(v)) => (v, Origin::Host),
@@ -168,9 +170,19 @@ mod tests {
         assert_eq!((r.spec.memory_mib, r.memory_from), (4096, Origin::Host));
         assert_eq!((r.spec.disk_bytes, r.disk_from), (16 << 30, Origin::Config));
 
-        let r = resolve(Flags::default(), &VmDefaults::default(), Host { cpus: None, memory_bytes: None });
+        let r = resolve(
+            Flags::default(),
+            &VmDefaults::default(),
+            Host {
+                cpus: None,
+                memory_bytes: None,
+            },
+        );
         assert_eq!((r.spec.vcpu, r.vcpu_from), (1, Origin::BuiltIn));
-        assert_eq!((r.spec.memory_mib, r.memory_from), (MIN_MEMORY_MIB, Origin::BuiltIn));
+        assert_eq!(
+            (r.spec.memory_mib, r.memory_from),
+            (MIN_MEMORY_MIB, Origin::BuiltIn)
+        );
         assert_eq!(r.disk_from, Origin::BuiltIn);
     }
 
@@ -189,7 +201,10 @@ mod tests {
         };
         let r = resolve(Flags::default(), &VmDefaults::default(), small);
         assert_eq!(r.spec.vcpu, 1);
-        assert_eq!((r.spec.memory_mib, r.memory_from), (MIN_MEMORY_MIB, Origin::BuiltIn));
+        assert_eq!(
+            (r.spec.memory_mib, r.memory_from),
+            (MIN_MEMORY_MIB, Origin::BuiltIn)
+        );
         assert!(r.describe().contains("1 vCPU (host)"), "{}", r.describe());
     }
 

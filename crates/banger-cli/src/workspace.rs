@@ -42,7 +42,13 @@ pub fn git_snapshot(root: &Path) -> Result<Snapshot, CliError> {
     let out = std::process::Command::new("git")
         .arg("-C")
         .arg(root)
-        .args(["ls-files", "-z", "--cached", "--others", "--exclude-standard"])
+        .args([
+            "ls-files",
+            "-z",
+            "--cached",
+            "--others",
+            "--exclude-standard",
+        ])
         .output()
         .map_err(|e| CliError::new(Exit::Failure, format!("cannot run git ls-files: {e}")))?;
     if !out.status.success() {
@@ -76,7 +82,10 @@ pub fn git_snapshot(root: &Path) -> Result<Snapshot, CliError> {
 /// Everything under `root`, nothing ignored.
 pub fn plain_snapshot(root: &Path) -> Result<Snapshot, CliError> {
     if !root.is_dir() {
-        return Err(CliError::new(Exit::Usage, format!("{} is not a directory", root.display())));
+        return Err(CliError::new(
+            Exit::Usage,
+            format!("{} is not a directory", root.display()),
+        ));
     }
     Ok(Snapshot {
         root: root.to_owned(),
@@ -88,7 +97,12 @@ pub fn plain_snapshot(root: &Path) -> Result<Snapshot, CliError> {
 /// Writes the snapshot as a tar stream. Symlinks are stored as links (never followed), modes
 /// and mtimes are kept, and nothing outside `root` is read.
 pub fn write_tar<W: Write>(snap: &Snapshot, out: W) -> Result<W, CliError> {
-    let io = |e: std::io::Error| CliError::new(Exit::Failure, format!("cannot pack {}: {e}", snap.root.display()));
+    let io = |e: std::io::Error| {
+        CliError::new(
+            Exit::Failure,
+            format!("cannot pack {}: {e}", snap.root.display()),
+        )
+    };
     let mut tar = tar::Builder::new(out);
     tar.follow_symlinks(false);
     tar.mode(tar::HeaderMode::Complete);
@@ -141,10 +155,22 @@ mod tests {
         git(r, &["add", "tracked.txt"]);
 
         let snap = git_snapshot(r).unwrap();
-        let names: Vec<String> = snap.entries.iter().map(|p| p.display().to_string()).collect();
+        let names: Vec<String> = snap
+            .entries
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
         assert_eq!(
             names,
-            [".gitignore", "link", "run.sh", "sub/.gitignore", "sub/kept", "tracked.txt", ".git"]
+            [
+                ".gitignore",
+                "link",
+                "run.sh",
+                "sub/.gitignore",
+                "sub/kept",
+                "tracked.txt",
+                ".git"
+            ]
         );
 
         let bytes = write_tar(&snap, Vec::new()).unwrap();
@@ -156,7 +182,10 @@ mod tests {
             let path = e.path().unwrap().display().to_string();
             if path == "link" {
                 assert_eq!(e.header().entry_type(), tar::EntryType::Symlink);
-                assert_eq!(e.link_name().unwrap().unwrap().display().to_string(), "tracked.txt");
+                assert_eq!(
+                    e.link_name().unwrap().unwrap().display().to_string(),
+                    "tracked.txt"
+                );
                 seen_link = true;
             }
             if path == "run.sh" {

@@ -31,7 +31,9 @@ impl Paths {
     }
 
     /// Resolves paths from an arbitrary variable lookup (for tests).
-    pub fn from_vars(var: impl Fn(&str) -> Option<std::ffi::OsString>) -> Result<Self, ConfigError> {
+    pub fn from_vars(
+        var: impl Fn(&str) -> Option<std::ffi::OsString>,
+    ) -> Result<Self, ConfigError> {
         let home = var("HOME").map(PathBuf::from).ok_or(ConfigError::NoHome)?;
         let xdg = |key: &str, fallback: &str| {
             var(key)
@@ -209,7 +211,9 @@ fn octal_mode<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> 
     let mode = match Raw::deserialize(d)? {
         Raw::Text(s) => u32::from_str_radix(s.trim_start_matches("0o"), 8).map_err(|_| bad(&s))?,
         // A bare number is read as the digits the user wrote (644 means 0644).
-        Raw::Number(n) => u32::from_str_radix(&n.to_string(), 8).map_err(|_| bad(&n.to_string()))?,
+        Raw::Number(n) => {
+            u32::from_str_radix(&n.to_string(), 8).map_err(|_| bad(&n.to_string()))?
+        }
     };
     if mode > 0o7777 {
         return Err(bad(&format!("{mode:o}")));
@@ -343,7 +347,10 @@ guest = "/root/.aws"
         assert_eq!(p.config_dir, PathBuf::from("/h/.config/banger"));
         assert_eq!(p.state_dir, PathBuf::from("/h/.local/state/banger"));
         assert_eq!(p.cache_dir, PathBuf::from("/h/.cache/banger"));
-        assert_eq!(p.socket(), PathBuf::from("/h/.local/state/banger/run/bangerd.sock"));
+        assert_eq!(
+            p.socket(),
+            PathBuf::from("/h/.local/state/banger/run/bangerd.sock")
+        );
 
         let p = Paths::from_vars(|k| match k {
             "HOME" => Some("/h".into()),

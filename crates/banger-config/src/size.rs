@@ -22,7 +22,11 @@ impl FromStr for ByteSize {
         let t = s.trim();
         let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
         let (num, unit) = t.split_at(digits_end);
-        let bad = || format!("invalid size {s:?}: use a number with an optional unit K, M, G or T, like \"16G\"");
+        let bad = || {
+            format!(
+                "invalid size {s:?}: use a number with an optional unit K, M, G or T, like \"16G\""
+            )
+        };
         let n: u64 = num.parse().map_err(|_| bad())?;
         let shift = match unit.trim().to_ascii_uppercase().as_str() {
             "" | "B" => 0,
@@ -45,7 +49,7 @@ impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let units = [(40, "T"), (30, "G"), (20, "M"), (10, "K")];
         for (shift, unit) in units {
-            if self.0 >= 1 << shift && self.0 % (1 << shift) == 0 {
+            if self.0 >= 1 << shift && self.0.is_multiple_of(1 << shift) {
                 return write!(f, "{}{unit}", self.0 >> shift);
             }
         }

@@ -65,7 +65,10 @@ pub async fn run(paths: Paths) -> anyhow::Result<Startup> {
     let config = Config::load(&paths.config_file())?;
     let store = Store::open(&paths.database())?;
     let images = images::Images::new(paths.clone(), store.clone(), config.clone());
-    images.sweep().await.context("cannot clean up after an earlier run")?;
+    images
+        .sweep()
+        .await
+        .context("cannot clean up after an earlier run")?;
     let vms = Arc::new(vms::Vms::new(paths.clone(), store.clone(), config.clone())?);
     vms.reconcile()
         .await
@@ -98,14 +101,14 @@ pub async fn run(paths: Paths) -> anyhow::Result<Startup> {
     );
 
     let shutdown = async move {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!("cannot watch SIGTERM: {e}");
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!("cannot watch SIGTERM: {e}");
+                    return;
+                }
+            };
         tokio::select! {
             _ = stop_rx.wait_for(|stop| *stop) => {},
             _ = term.recv() => {},
@@ -133,7 +136,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/images/register", post(images::register))
         .route("/v1/images/{name}", delete(images::delete))
         .route("/v1/vms", get(vm_routes::list).post(vm_routes::create))
-        .route("/v1/vms/{name}", get(vm_routes::show).delete(vm_routes::delete))
+        .route(
+            "/v1/vms/{name}",
+            get(vm_routes::show).delete(vm_routes::delete),
+        )
         .route("/v1/vms/{name}/start", post(vm_routes::start))
         .route("/v1/vms/{name}/stop", post(vm_routes::stop))
         .route("/v1/vms/{name}/restart", post(vm_routes::restart))

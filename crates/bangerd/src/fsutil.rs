@@ -42,7 +42,8 @@ pub fn clone_file(src: &Path, dst: &Path) -> anyhow::Result<CloneKind> {
 
 fn clone_inner(mut from: File, mut to: File, src: &Path, dst: &Path) -> anyhow::Result<CloneKind> {
     // SAFETY: both descriptors are open for the duration of the call; FICLONE only reads them.
-    let reflinked = unsafe { ficlone(to.as_raw_fd(), u64::try_from(from.as_raw_fd()).unwrap_or(0)) };
+    let reflinked =
+        unsafe { ficlone(to.as_raw_fd(), u64::try_from(from.as_raw_fd()).unwrap_or(0)) };
     if reflinked.is_ok() {
         to.sync_all()
             .with_context(|| format!("cannot sync {}", dst.display()))?;
@@ -112,7 +113,9 @@ pub fn durable_rename(from: &Path, to: &Path) -> anyhow::Result<()> {
 /// Allocated bytes of a file (what it really costs on disk).
 pub fn allocated_bytes(path: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path).map(|m| m.blocks() * 512).unwrap_or(0)
+    std::fs::metadata(path)
+        .map(|m| m.blocks() * 512)
+        .unwrap_or(0)
 }
 
 #[cfg(test)]

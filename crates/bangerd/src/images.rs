@@ -100,7 +100,8 @@ impl Images {
             .store
             .call(|c| Ok((store::list_images(c)?, store::list_kernels(c)?)))
             .await?;
-        let (tmp, images_dir, kernels_dir) = (self.tmp_dir(), self.images_dir(), self.kernels_dir());
+        let (tmp, images_dir, kernels_dir) =
+            (self.tmp_dir(), self.images_dir(), self.kernels_dir());
         tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
             for dir in [&tmp, &images_dir, &kernels_dir] {
                 std::fs::create_dir_all(dir)
@@ -145,7 +146,11 @@ impl Images {
             .await
             .map_err(internal)?;
         if img.is_some() || ker.is_some() {
-            let what = if img.is_some() { "an image" } else { "a kernel" };
+            let what = if img.is_some() {
+                "an image"
+            } else {
+                "a kernel"
+            };
             return Err(ApiError::new(
                 ErrorCode::AlreadyExists,
                 format!("{what} named {name:?} already exists"),
@@ -160,11 +165,18 @@ impl Images {
     /// A fresh staging directory, removed when dropped.
     fn staging(&self) -> Result<tempfile::TempDir, ApiError> {
         std::fs::create_dir_all(self.tmp_dir())
-            .and_then(|_| tempfile::Builder::new().prefix("op-").tempdir_in(self.tmp_dir()))
+            .and_then(|_| {
+                tempfile::Builder::new()
+                    .prefix("op-")
+                    .tempdir_in(self.tmp_dir())
+            })
             .map_err(|e| {
                 ApiError::new(
                     ErrorCode::Internal,
-                    format!("cannot create a staging directory in {}: {e}", self.tmp_dir().display()),
+                    format!(
+                        "cannot create a staging directory in {}: {e}",
+                        self.tmp_dir().display()
+                    ),
                 )
             })
     }
@@ -185,7 +197,11 @@ impl Images {
         let (img, ker) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
             let rootfs_sha = fsutil::sha256_file(&staged.rootfs)?;
             let kernel_sha = fsutil::sha256_file(&staged.kernel)?;
-            let initrd_sha = staged.initrd.as_deref().map(fsutil::sha256_file).transpose()?;
+            let initrd_sha = staged
+                .initrd
+                .as_deref()
+                .map(fsutil::sha256_file)
+                .transpose()?;
             let size = std::fs::metadata(&staged.rootfs)?.len();
             // Assemble both directories next to the staged files, then rename them in.
             let stage_root = staged
@@ -293,13 +309,20 @@ impl Images {
             .ok_or_else(|| {
                 ApiError::new(
                     ErrorCode::Internal,
-                    format!("image {name:?} names kernel {:?}, which is missing", img.kernel),
+                    format!(
+                        "image {name:?} names kernel {:?}, which is missing",
+                        img.kernel
+                    ),
                 )
             })?;
         Ok((img, ker))
     }
 
-    pub async fn build(&self, req: BuildImageRequest, progress: Emitter) -> Result<ImageInfo, ApiError> {
+    pub async fn build(
+        &self,
+        req: BuildImageRequest,
+        progress: Emitter,
+    ) -> Result<ImageInfo, ApiError> {
         let name = req.name.clone().unwrap_or_else(|| req.recipe.clone());
         let recipe = banger_image::recipe::builtin(&req.recipe).ok_or_else(|| {
             ApiError::new(
@@ -331,7 +354,9 @@ impl Images {
                     ErrorCode::BuildFailed,
                     "cannot find a Debian mirror in the host's apt sources",
                 )
-                .with_hint("set `debian_mirror = \"http://.../debian\"` in ~/.config/banger/config.toml")
+                .with_hint(
+                    "set `debian_mirror = \"http://.../debian\"` in ~/.config/banger/config.toml",
+                )
             })?;
         let privileged = banger_image::privileged::HostPrivileged::detect()
             .map_err(|e| chain_error(ErrorCode::MissingTool, &e))?;
@@ -346,8 +371,9 @@ impl Images {
             Ok(out) => out,
             Err(e) => {
                 // The builder removes its tree itself; this also catches a tree left by a crash.
-                let _ = banger_image::build::cleanup_work_dir(staging.path(), &privileged, progress)
-                    .await;
+                let _ =
+                    banger_image::build::cleanup_work_dir(staging.path(), &privileged, progress)
+                        .await;
                 return Err(build_err(e));
             }
         };
@@ -356,13 +382,25 @@ impl Images {
             kernel: out.kernel,
             initrd: out.initrd,
         };
-        self.commit(name, staged, Source::Built, format!("recipe {}", recipe.name), progress)
-            .await
+        self.commit(
+            name,
+            staged,
+            Source::Built,
+            format!("recipe {}", recipe.name),
+            progress,
+        )
+        .await
     }
 
-    pub async fn pull(&self, req: PullImageRequest, progress: Emitter) -> Result<ImageInfo, ApiError> {
+    pub async fn pull(
+        &self,
+        req: PullImageRequest,
+        progress: Emitter,
+    ) -> Result<ImageInfo, ApiError> {
         let reference = req.reference.trim().to_owned();
-        let (manifest_url, manifest_pin) = if reference.contains("://") || reference.starts_with('/') {
+        let (manifest_url, manifest_pin) = if reference.contains("://")
+            || reference.starts_with('/')
+        {
             (reference.clone(), None)
         } else {
             let catalog = self.catalog().await?;
@@ -420,19 +458,30 @@ impl Images {
             kernel: pulled.kernel,
             initrd: pulled.initrd,
         };
-        self.commit(&name, staged, Source::Pulled, manifest_url, &progress).await
+        self.commit(&name, staged, Source::Pulled, manifest_url, &progress)
+            .await
     }
 
     async fn catalog(&self) -> Result<banger_image::catalog::Catalog, ApiError> {
         match &self.config.catalog_url {
             None => Ok(banger_image::catalog::Catalog::builtin()),
-            Some(url) => banger_image::catalog::Catalog::load(url).await.map_err(catalog_err),
+            Some(url) => banger_image::catalog::Catalog::load(url)
+                .await
+                .map_err(catalog_err),
         }
     }
 
-    pub async fn register(&self, req: RegisterImageRequest, progress: Emitter) -> Result<ImageInfo, ApiError> {
+    pub async fn register(
+        &self,
+        req: RegisterImageRequest,
+        progress: Emitter,
+    ) -> Result<ImageInfo, ApiError> {
         let _r = self.reserve_new(&req.name).await?;
-        for (what, p) in [("rootfs", Some(&req.rootfs)), ("kernel", Some(&req.kernel)), ("initrd", req.initrd.as_ref())] {
+        for (what, p) in [
+            ("rootfs", Some(&req.rootfs)),
+            ("kernel", Some(&req.kernel)),
+            ("initrd", req.initrd.as_ref()),
+        ] {
             if let Some(p) = p {
                 if !Path::new(p).is_file() {
                     return Err(ApiError::new(
@@ -459,16 +508,30 @@ impl Images {
                 }
                 None => None,
             };
-            Ok(Staged { rootfs, kernel, initrd })
+            Ok(Staged {
+                rootfs,
+                kernel,
+                initrd,
+            })
         })
         .await
         .map_err(|e| internal(e.into()))?
         .map_err(|e| disk_error(e, "cannot copy the image files into the store"))?;
-        self.commit(&req.name, staged, Source::Registered, req.rootfs.clone(), &progress)
-            .await
+        self.commit(
+            &req.name,
+            staged,
+            Source::Registered,
+            req.rootfs.clone(),
+            &progress,
+        )
+        .await
     }
 
-    pub async fn export(&self, req: ExportImageRequest, progress: Emitter) -> Result<ExportResult, ApiError> {
+    pub async fn export(
+        &self,
+        req: ExportImageRequest,
+        progress: Emitter,
+    ) -> Result<ExportResult, ApiError> {
         let (img, ker) = self.get(&req.name).await?;
         let _r = self.reserve(&req.name)?;
         let sources = banger_image::bundle::BundleSources {
@@ -522,7 +585,8 @@ impl Images {
                 let tx = c.transaction()?;
                 store::delete_image(&tx, &n)?;
                 // The kernel an image brought goes with it unless another image uses it.
-                let drop_kernel = kernel == n && store::images_using_kernel(&tx, &kernel)?.is_empty();
+                let drop_kernel =
+                    kernel == n && store::images_using_kernel(&tx, &kernel)?.is_empty();
                 if drop_kernel {
                     store::delete_kernel(&tx, &kernel)?;
                 }
@@ -535,19 +599,33 @@ impl Images {
         if drop_kernel {
             let _ = tokio::fs::remove_dir_all(self.kernels_dir().join(name)).await;
         }
-        Ok(Deleted { name: name.to_owned() })
+        Ok(Deleted {
+            name: name.to_owned(),
+        })
     }
 
-    pub async fn register_kernel(&self, req: RegisterKernelRequest) -> Result<KernelInfo, ApiError> {
+    pub async fn register_kernel(
+        &self,
+        req: RegisterKernelRequest,
+    ) -> Result<KernelInfo, ApiError> {
         validate_name("kernel", &req.name)?;
         let _r = self.reserve(&req.name)?;
         let n = req.name.clone();
-        if self.store.call(move |c| store::get_kernel(c, &n)).await.map_err(internal)?.is_some() {
+        if self
+            .store
+            .call(move |c| store::get_kernel(c, &n))
+            .await
+            .map_err(internal)?
+            .is_some()
+        {
             return Err(ApiError::new(
                 ErrorCode::AlreadyExists,
                 format!("a kernel named {:?} already exists", req.name),
             )
-            .with_hint(format!("delete it first with `banger kernel delete {}`", req.name)));
+            .with_hint(format!(
+                "delete it first with `banger kernel delete {}`",
+                req.name
+            )));
         }
         let staging = self.staging()?;
         let dir = staging.path().join("kernel");
@@ -564,7 +642,10 @@ impl Images {
                 source: Source::Registered,
                 kernel: final_dir.join("vmlinuz").display().to_string(),
                 kernel_sha256: fsutil::sha256_file(&dir.join("vmlinuz"))?,
-                initrd: req2.initrd.as_ref().map(|_| final_dir.join("initrd.img").display().to_string()),
+                initrd: req2
+                    .initrd
+                    .as_ref()
+                    .map(|_| final_dir.join("initrd.img").display().to_string()),
                 initrd_sha256: req2
                     .initrd
                     .as_ref()
@@ -602,7 +683,12 @@ impl Images {
             .map_err(internal)?;
         if k.is_none() {
             let known: Vec<String> = all.into_iter().map(|k| k.name).collect();
-            return Err(not_found("kernel", name, &known, "see `banger kernel list`"));
+            return Err(not_found(
+                "kernel",
+                name,
+                &known,
+                "see `banger kernel list`",
+            ));
         }
         if !users.is_empty() {
             return Err(ApiError::new(
@@ -617,12 +703,16 @@ impl Images {
             .await
             .map_err(internal)?;
         let _ = tokio::fs::remove_dir_all(self.kernels_dir().join(name)).await;
-        Ok(Deleted { name: name.to_owned() })
+        Ok(Deleted {
+            name: name.to_owned(),
+        })
     }
 }
 
 fn remove_children(dir: &Path, doomed: impl Fn(&str) -> bool) {
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         if doomed(&name) {
@@ -757,7 +847,10 @@ pub async fn delete(State(s): Shared, UrlPath(name): UrlPath<String>) -> ApiResu
     Ok(Json(s.images.delete(&name).await.map_err(AppError)?))
 }
 
-pub async fn register_kernel(State(s): Shared, Json(req): Json<RegisterKernelRequest>) -> ApiResult<KernelInfo> {
+pub async fn register_kernel(
+    State(s): Shared,
+    Json(req): Json<RegisterKernelRequest>,
+) -> ApiResult<KernelInfo> {
     Ok(Json(s.images.register_kernel(req).await.map_err(AppError)?))
 }
 

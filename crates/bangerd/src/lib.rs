@@ -13,12 +13,12 @@ pub mod daemon;
 pub mod fsutil;
 pub mod images;
 pub mod names;
-pub mod sshkeys;
-pub mod vmdisk;
-pub mod vm_routes;
-pub mod vms;
 pub mod server;
+pub mod sshkeys;
 pub mod store;
+pub mod vm_routes;
+pub mod vmdisk;
+pub mod vms;
 
 /// Everything a request handler may need.
 pub struct AppState {

@@ -38,9 +38,9 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let result = Paths::from_env().map_err(anyhow::Error::from).and_then(|paths| {
-        tokio::runtime::Runtime::new()?.block_on(bangerd::daemon::run(paths))
-    });
+    let result = Paths::from_env()
+        .map_err(anyhow::Error::from)
+        .and_then(|paths| tokio::runtime::Runtime::new()?.block_on(bangerd::daemon::run(paths)));
     match result {
         Ok(bangerd::daemon::Startup::Serving) => ExitCode::SUCCESS,
         Ok(bangerd::daemon::Startup::AlreadyRunning) => {

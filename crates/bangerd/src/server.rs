@@ -36,8 +36,9 @@ impl From<anyhow::Error> for AppError {
 pub fn internal(e: anyhow::Error) -> ApiError {
     match e.downcast::<ApiError>() {
         Ok(api) => api,
-        Err(e) => ApiError::new(ErrorCode::Internal, format!("{e:#}"))
-            .with_hint("this is a bug in banger or a problem on the host; the daemon log has details"),
+        Err(e) => ApiError::new(ErrorCode::Internal, format!("{e:#}")).with_hint(
+            "this is a bug in banger or a problem on the host; the daemon log has details",
+        ),
     }
 }
 
@@ -76,7 +77,9 @@ pub async fn version_gate(req: Request, next: Next) -> Response {
     AppError(
         ApiError::new(
             ErrorCode::ApiVersionMismatch,
-            format!("bangerd speaks API version {API_VERSION} but the client sent version {theirs}"),
+            format!(
+                "bangerd speaks API version {API_VERSION} but the client sent version {theirs}"
+            ),
         )
         .with_hint("run `banger daemon restart` so the daemon matches this banger"),
     )
@@ -148,7 +151,10 @@ where
         let event = rx.recv().await?;
         let mut line = serde_json::to_vec(&event).unwrap_or_default();
         line.push(b'\n');
-        Some((Ok::<_, std::convert::Infallible>(bytes::Bytes::from(line)), rx))
+        Some((
+            Ok::<_, std::convert::Infallible>(bytes::Bytes::from(line)),
+            rx,
+        ))
     });
     Response::builder()
         .header(header::CONTENT_TYPE, banger_api::EVENT_STREAM_CONTENT_TYPE)

@@ -12,7 +12,10 @@ use banger_api::{ApiError, ErrorCode};
 
 /// The user's key pair: `ssh_key_path` from config, else `~/.config/banger/ssh/id_ed25519`,
 /// created on first use.
-pub async fn ensure_user_key(configured: Option<&Path>, default: &Path) -> Result<PathBuf, ApiError> {
+pub async fn ensure_user_key(
+    configured: Option<&Path>,
+    default: &Path,
+) -> Result<PathBuf, ApiError> {
     if let Some(p) = configured {
         let public = pub_path(p);
         if !p.is_file() || !public.is_file() {
@@ -36,7 +39,10 @@ pub async fn ensure_user_key(configured: Option<&Path>, default: &Path) -> Resul
                     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
                 })
                 .map_err(|e| {
-                    ApiError::new(ErrorCode::Internal, format!("cannot create {}: {e}", dir.display()))
+                    ApiError::new(
+                        ErrorCode::Internal,
+                        format!("cannot create {}: {e}", dir.display()),
+                    )
                 })?;
         }
         let _ = std::fs::remove_file(default);
@@ -61,8 +67,11 @@ pub async fn keygen(path: &Path, comment: &str) -> Result<(), ApiError> {
         .output()
         .await
         .map_err(|e| {
-            ApiError::new(ErrorCode::MissingTool, format!("cannot run ssh-keygen: {e}"))
-                .with_hint("apt-get install openssh-client")
+            ApiError::new(
+                ErrorCode::MissingTool,
+                format!("cannot run ssh-keygen: {e}"),
+            )
+            .with_hint("apt-get install openssh-client")
         })?;
     if !out.status.success() {
         return Err(ApiError::new(
@@ -85,7 +94,8 @@ pub struct Pinned {
 
 /// Rewrites `known_hosts` atomically with exactly the given entries.
 pub fn write_known_hosts(path: &Path, entries: &[Pinned]) -> anyhow::Result<()> {
-    let mut text = String::from("# Managed by banger: pinned host keys of your VMs. Edits are overwritten.\n");
+    let mut text =
+        String::from("# Managed by banger: pinned host keys of your VMs. Edits are overwritten.\n");
     for e in entries {
         let key: String = e
             .public_key
@@ -95,7 +105,9 @@ pub fn write_known_hosts(path: &Path, entries: &[Pinned]) -> anyhow::Result<()> 
             .join(" ");
         text.push_str(&format!("{} {key}\n", e.names.join(",")));
     }
-    let dir = path.parent().context("known_hosts has no parent directory")?;
+    let dir = path
+        .parent()
+        .context("known_hosts has no parent directory")?;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let tmp = dir.join(".known_hosts.tmp");
     std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
@@ -119,7 +131,10 @@ mod tests {
         )
         .unwrap();
         let text = std::fs::read_to_string(&p).unwrap();
-        assert!(text.ends_with("web.vm,172.16.0.2 ssh-ed25519 AAAAC3Nz\n"), "{text}");
+        assert!(
+            text.ends_with("web.vm,172.16.0.2 ssh-ed25519 AAAAC3Nz\n"),
+            "{text}"
+        );
         write_known_hosts(&p, &[]).unwrap();
         assert!(!std::fs::read_to_string(&p).unwrap().contains("web.vm"));
     }

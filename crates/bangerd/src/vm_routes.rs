@@ -8,7 +8,10 @@ use axum::extract::{Path as UrlPath, Query, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use banger_api::vm::{CreateVmRequest, DeleteVmQuery, ExecEvent, ExecRequest, SshTarget, StopVmRequest, VmInfo, VmState};
+use banger_api::vm::{
+    CreateVmRequest, DeleteVmQuery, ExecEvent, ExecRequest, SshTarget, StopVmRequest, VmInfo,
+    VmState,
+};
 use banger_api::Deleted;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
@@ -152,7 +155,12 @@ pub async fn logs(
                 .vms
                 .show(&t.name)
                 .await
-                .map(|i| matches!(i.state, VmState::Running | VmState::Creating | VmState::Stopping))
+                .map(|i| {
+                    matches!(
+                        i.state,
+                        VmState::Running | VmState::Creating | VmState::Stopping
+                    )
+                })
                 .unwrap_or(false);
             if !running {
                 return None;
@@ -160,5 +168,9 @@ pub async fn logs(
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     });
-    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], Body::from_stream(body)).into_response())
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        Body::from_stream(body),
+    )
+        .into_response())
 }

@@ -45,7 +45,10 @@ fn debugfs_script(image: &Path, script: &str, scratch: &Path) -> anyhow::Result<
         .lines()
         .skip(1)
         .filter(|l| !l.trim().is_empty())
-        .filter(|l| !l.contains("File not found by ext2_lookup") && !l.contains("Ext2 directory already exists"))
+        .filter(|l| {
+            !l.contains("File not found by ext2_lookup")
+                && !l.contains("Ext2 directory already exists")
+        })
         .collect();
     if !out.status.success() || !problems.is_empty() {
         bail!(
@@ -68,23 +71,35 @@ fn quote(p: &Path) -> anyhow::Result<String> {
 /// Writes the agent, its unit and the host key into `root_disk`.
 pub fn inject(root_disk: &Path, inj: &Injection<'_>, scratch: &Path) -> anyhow::Result<()> {
     let unit = scratch.join("banger-agent.service");
-    std::fs::write(&unit, inj.unit_text).with_context(|| format!("cannot write {}", unit.display()))?;
+    std::fs::write(&unit, inj.unit_text)
+        .with_context(|| format!("cannot write {}", unit.display()))?;
     let mut s = String::new();
-    for dir in ["/usr/local/bin", "/etc/systemd/system/multi-user.target.wants"] {
+    for dir in [
+        "/usr/local/bin",
+        "/etc/systemd/system/multi-user.target.wants",
+    ] {
         s.push_str(&format!("mkdir {dir}\n"));
     }
     let files = [
         (inj.agent_binary, GUEST_AGENT_PATH, "0100755"),
         (unit.as_path(), GUEST_UNIT_PATH, "0100644"),
         (inj.host_key, "/etc/ssh/ssh_host_ed25519_key", "0100600"),
-        (inj.host_key_pub, "/etc/ssh/ssh_host_ed25519_key.pub", "0100644"),
+        (
+            inj.host_key_pub,
+            "/etc/ssh/ssh_host_ed25519_key.pub",
+            "0100644",
+        ),
     ];
     for (src, dst, mode) in files {
         s.push_str(&format!("rm {dst}\n"));
         s.push_str(&format!("write {} {dst}\n", quote(src)?));
-        s.push_str(&format!("sif {dst} mode {mode}\nsif {dst} uid 0\nsif {dst} gid 0\n"));
+        s.push_str(&format!(
+            "sif {dst} mode {mode}\nsif {dst} uid 0\nsif {dst} gid 0\n"
+        ));
     }
-    s.push_str(&format!("rm {GUEST_UNIT_LINK}\nsymlink {GUEST_UNIT_LINK} {GUEST_UNIT_PATH}\n"));
+    s.push_str(&format!(
+        "rm {GUEST_UNIT_LINK}\nsymlink {GUEST_UNIT_LINK} {GUEST_UNIT_PATH}\n"
+    ));
     let r = debugfs_script(root_disk, &s, scratch);
     let _ = std::fs::remove_file(&unit);
     r
@@ -104,19 +119,29 @@ pub fn make_work_disk(
     std::fs::create_dir_all(&ssh).with_context(|| format!("cannot create {}", ssh.display()))?;
     std::fs::set_permissions(&ssh, std::fs::Permissions::from_mode(0o700))?;
     let keys = ssh.join("authorized_keys");
-    let mut f = std::fs::File::create(&keys).with_context(|| format!("cannot write {}", keys.display()))?;
+    let mut f =
+        std::fs::File::create(&keys).with_context(|| format!("cannot write {}", keys.display()))?;
     f.write_all(authorized_key.trim().as_bytes())?;
     f.write_all(b"\n")?;
     std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o600))?;
     for entry in sync {
         copy_sync_entry(entry, staging)?;
     }
-    let file = std::fs::File::create(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let file =
+        std::fs::File::create(out).with_context(|| format!("cannot create {}", out.display()))?;
     file.set_len(size)
         .with_context(|| format!("cannot size {} to {size} bytes", out.display()))?;
     drop(file);
     let status = std::process::Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-L", "banger-work", "-E", "root_owner=0:0", "-d"])
+        .args([
+            "-q",
+            "-F",
+            "-L",
+            "banger-work",
+            "-E",
+            "root_owner=0:0",
+            "-d",
+        ])
         .arg(staging)
         .arg(out)
         .output()
@@ -197,9 +222,18 @@ mod tests {
 
     #[test]
     fn guest_paths_stay_inside_root() {
-        assert_eq!(guest_relative("/root/.gitconfig").unwrap(), PathBuf::from(".gitconfig"));
+        assert_eq!(
+            guest_relative("/root/.gitconfig").unwrap(),
+            PathBuf::from(".gitconfig")
+        );
         assert_eq!(guest_relative("/root/a/b").unwrap(), PathBuf::from("a/b"));
-        for bad in ["/etc/passwd", "/root/", "/root/../etc/passwd", "/root/a/../../x", "root/x"] {
+        for bad in [
+            "/etc/passwd",
+            "/root/",
+            "/root/../etc/passwd",
+            "/root/a/../../x",
+            "root/x",
+        ] {
             assert!(guest_relative(bad).is_err(), "{bad}");
         }
     }

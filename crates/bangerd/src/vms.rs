@@ -16,7 +16,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use banger_agent::host::{AgentClient, Endpoint, ExecEvent as AgentEvent, ExecRequest as AgentExec};
+use banger_agent::host::{
+    AgentClient, Endpoint, ExecEvent as AgentEvent, ExecRequest as AgentExec,
+};
 use banger_api::vm::{CreateVmRequest, ExecEvent, ExecRequest, SshTarget, VmInfo, VmState};
 use banger_api::{validate_name, ApiError, Deleted, ErrorCode};
 use banger_config::{Config, Paths};
@@ -94,16 +96,17 @@ impl Vms {
             banger_config::VmmChoice::Firecracker => banger_vmm::VmmPreference::Firecracker,
             banger_config::VmmChoice::Qemu => banger_vmm::VmmPreference::Qemu,
         };
-        let (backend, backend_reason) = match banger_vmm::select(pref, config.firecracker_bin.as_deref()) {
-            Ok(sel) => {
-                tracing::info!("VMM: {}", sel.reason);
-                (Ok(Arc::from(sel.backend)), sel.reason)
-            }
-            Err(e) => {
-                tracing::warn!("no usable VMM: {e}");
-                (Err(e.to_string()), e.to_string())
-            }
-        };
+        let (backend, backend_reason) =
+            match banger_vmm::select(pref, config.firecracker_bin.as_deref()) {
+                Ok(sel) => {
+                    tracing::info!("VMM: {}", sel.reason);
+                    (Ok(Arc::from(sel.backend)), sel.reason)
+                }
+                Err(e) => {
+                    tracing::warn!("no usable VMM: {e}");
+                    (Err(e.to_string()), e.to_string())
+                }
+            };
         Ok(Self {
             paths,
             store,
@@ -135,7 +138,10 @@ impl Vms {
     }
 
     fn info(&self, row: &VmRow) -> VmInfo {
-        let handle: Option<VmHandle> = row.handle.as_deref().and_then(|h| serde_json::from_str(h).ok());
+        let handle: Option<VmHandle> = row
+            .handle
+            .as_deref()
+            .and_then(|h| serde_json::from_str(h).ok());
         VmInfo {
             name: row.name.clone(),
             state: row.state,
@@ -148,14 +154,22 @@ impl Vms {
             vmm: row.vmm.clone(),
             pid: handle.map(|h| h.pid),
             created_at: row.created_at.clone(),
-            console_log: self.vm_dir(&row.name).join("console.log").display().to_string(),
+            console_log: self
+                .vm_dir(&row.name)
+                .join("console.log")
+                .display()
+                .to_string(),
             dir: self.vm_dir(&row.name).display().to_string(),
             last_error: row.last_error.clone(),
         }
     }
 
     pub async fn list(&self) -> Result<Vec<VmInfo>, ApiError> {
-        let rows = self.store.call(|c| store::list_vms(c)).await.map_err(internal)?;
+        let rows = self
+            .store
+            .call(|c| store::list_vms(c))
+            .await
+            .map_err(internal)?;
         Ok(rows.iter().map(|r| self.info(r)).collect())
     }
 
@@ -168,9 +182,16 @@ impl Vms {
             .map_err(internal)?;
         row.ok_or_else(|| {
             let known: Vec<String> = all.into_iter().map(|r| r.name).collect();
-            let known = if known.is_empty() { "none".to_owned() } else { known.join(", ") };
-            api(ErrorCode::NotFound, format!("no VM named {name:?} (VMs: {known})"))
-                .with_hint("see `banger vm list`, or create one with `banger vm create`")
+            let known = if known.is_empty() {
+                "none".to_owned()
+            } else {
+                known.join(", ")
+            };
+            api(
+                ErrorCode::NotFound,
+                format!("no VM named {name:?} (VMs: {known})"),
+            )
+            .with_hint("see `banger vm list`, or create one with `banger vm create`")
         })
     }
 
@@ -195,14 +216,25 @@ impl Vms {
         let last_error = last_error.map(str::to_owned);
         self.store
             .call(move |c| {
-                store::set_vm_state(c, &n, state, vmm.as_deref(), handle.as_deref(), last_error.as_deref())
+                store::set_vm_state(
+                    c,
+                    &n,
+                    state,
+                    vmm.as_deref(),
+                    handle.as_deref(),
+                    last_error.as_deref(),
+                )
             })
             .await
             .map_err(internal)
     }
 
     /// Creates a VM (and starts it unless asked not to).
-    pub async fn create(self: &Arc<Self>, req: CreateVmRequest, progress: Emitter) -> Result<VmInfo, ApiError> {
+    pub async fn create(
+        self: &Arc<Self>,
+        req: CreateVmRequest,
+        progress: Emitter,
+    ) -> Result<VmInfo, ApiError> {
         progress.phase("allocate");
         let image_name = req.image.clone();
         let (image, kernel) = {
@@ -218,10 +250,16 @@ impl Vms {
                     ErrorCode::NotFound,
                     format!(
                         "no image named {image_name:?} (images: {})",
-                        if known.is_empty() { "none".to_owned() } else { known.join(", ") }
+                        if known.is_empty() {
+                            "none".to_owned()
+                        } else {
+                            known.join(", ")
+                        }
                     ),
                 )
-                .with_hint(format!("build or pull it first: `banger image pull {image_name}`"))
+                .with_hint(format!(
+                    "build or pull it first: `banger image pull {image_name}`"
+                ))
             })?;
             let k = img.kernel.clone();
             let ker = self
@@ -229,7 +267,12 @@ impl Vms {
                 .call(move |c| store::get_kernel(c, &k))
                 .await
                 .map_err(internal)?
-                .ok_or_else(|| api(ErrorCode::Internal, format!("kernel {} of image {image_name} is missing", img.kernel)))?;
+                .ok_or_else(|| {
+                    api(
+                        ErrorCode::Internal,
+                        format!("kernel {} of image {image_name} is missing", img.kernel),
+                    )
+                })?;
             (img, ker)
         };
         if req.spec.vcpu == 0 || req.spec.memory_mib < 128 || req.spec.disk_bytes < (64 << 20) {
@@ -261,14 +304,21 @@ impl Vms {
                 let name = match requested {
                     Some(n) => {
                         if existing.iter().any(|v| v.name == n) {
-                            return Ok(Err(api(ErrorCode::AlreadyExists, format!("a VM named {n:?} already exists"))
-                                .with_hint("pick another --name, or delete it with `banger vm delete`")));
+                            return Ok(Err(api(
+                                ErrorCode::AlreadyExists,
+                                format!("a VM named {n:?} already exists"),
+                            )
+                            .with_hint(
+                                "pick another --name, or delete it with `banger vm delete`",
+                            )));
                         }
                         n
                     }
                     None => names::generate(|n| existing.iter().any(|v| v.name == n)),
                 };
-                let leased = existing.iter().filter_map(|v| v.ip.parse::<Ipv4Addr>().ok());
+                let leased = existing
+                    .iter()
+                    .filter_map(|v| v.ip.parse::<Ipv4Addr>().ok());
                 let lease = match subnet.allocate(leased) {
                     Ok(l) => l,
                     Err(e) => return Ok(Err(api(ErrorCode::NoFreeAddress, e.to_string()))),
@@ -307,7 +357,8 @@ impl Vms {
             self.remove_everything(&row).await;
             return Err(e);
         }
-        self.set_state(&name, VmState::Stopped, None, None, None).await?;
+        self.set_state(&name, VmState::Stopped, None, None, None)
+            .await?;
         self.refresh_known_hosts().await;
         if req.start {
             self.start_locked(&name, &progress).await?;
@@ -330,10 +381,17 @@ impl Vms {
         )
         .await?;
         let authorized = std::fs::read_to_string(sshkeys::pub_path(&user_key)).map_err(|e| {
-            api(ErrorCode::Internal, format!("cannot read {}.pub: {e}", user_key.display()))
+            api(
+                ErrorCode::Internal,
+                format!("cannot read {}.pub: {e}", user_key.display()),
+            )
         })?;
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| api(ErrorCode::Internal, format!("cannot create {}: {e}", dir.display())))?;
+        std::fs::create_dir_all(&dir).map_err(|e| {
+            api(
+                ErrorCode::Internal,
+                format!("cannot create {}: {e}", dir.display()),
+            )
+        })?;
         let host_key = dir.join("ssh_host_ed25519_key");
         sshkeys::keygen(&host_key, &format!("banger-{}", row.name)).await?;
 
@@ -375,7 +433,11 @@ impl Vms {
 
     /// Removes a VM's files, tap and row (used to roll back a failed create and by delete).
     async fn remove_everything(&self, row: &VmRow) {
-        if let Some(handle) = row.handle.as_deref().and_then(|h| serde_json::from_str::<VmHandle>(h).ok()) {
+        if let Some(handle) = row
+            .handle
+            .as_deref()
+            .and_then(|h| serde_json::from_str::<VmHandle>(h).ok())
+        {
             if let Err(e) = banger_vmm::stop(&handle, Duration::ZERO).await {
                 tracing::warn!(vm = %row.name, "cannot kill VMM: {e}");
             }
@@ -421,7 +483,11 @@ impl Vms {
         }
     }
 
-    pub async fn start(self: &Arc<Self>, name: &str, progress: Emitter) -> Result<VmInfo, ApiError> {
+    pub async fn start(
+        self: &Arc<Self>,
+        name: &str,
+        progress: Emitter,
+    ) -> Result<VmInfo, ApiError> {
         let lock = self.lock_for(name);
         let _guard = lock.lock().await;
         self.start_locked(name, &progress).await?;
@@ -429,26 +495,40 @@ impl Vms {
     }
 
     /// Boots a stopped VM and waits until its agent and sshd answer. Caller holds the VM lock.
-    async fn start_locked(self: &Arc<Self>, name: &str, progress: &Emitter) -> Result<(), ApiError> {
+    async fn start_locked(
+        self: &Arc<Self>,
+        name: &str,
+        progress: &Emitter,
+    ) -> Result<(), ApiError> {
         let row = self.row(name).await?;
         match row.state {
             VmState::Stopped | VmState::Failed => {}
             other => {
-                return Err(api(ErrorCode::InvalidState, format!("VM {name} is {other}, not stopped"))
-                    .with_hint(format!("stop it first with `banger vm stop {name}`")))
+                return Err(api(
+                    ErrorCode::InvalidState,
+                    format!("VM {name} is {other}, not stopped"),
+                )
+                .with_hint(format!("stop it first with `banger vm stop {name}`")))
             }
         }
-        let backend = self
-            .backend
-            .clone()
-            .map_err(|e| api(ErrorCode::VmmFailed, format!("no VMM can run VM {name}: {e}")))?;
+        let backend = self.backend.clone().map_err(|e| {
+            api(
+                ErrorCode::VmmFailed,
+                format!("no VMM can run VM {name}: {e}"),
+            )
+        })?;
         let kernel = {
             let k = row.kernel.clone();
             self.store
                 .call(move |c| store::get_kernel(c, &k))
                 .await
                 .map_err(internal)?
-                .ok_or_else(|| api(ErrorCode::NotFound, format!("kernel {} of VM {name} is missing", row.kernel)))?
+                .ok_or_else(|| {
+                    api(
+                        ErrorCode::NotFound,
+                        format!("kernel {} of VM {name} is missing", row.kernel),
+                    )
+                })?
         };
 
         progress.phase("network");
@@ -478,7 +558,10 @@ impl Vms {
         })();
         if let Err(e) = prep {
             self.release_network(&row).await;
-            return Err(api(ErrorCode::Internal, format!("cannot prepare {}: {e}", run_dir.display())));
+            return Err(api(
+                ErrorCode::Internal,
+                format!("cannot prepare {}: {e}", run_dir.display()),
+            ));
         }
         let gateway = self.net.config().subnet.gateway();
         let prefix = self.net.config().subnet.prefix_len();
@@ -514,14 +597,26 @@ impl Vms {
             Err(e) => {
                 self.release_network(&row).await;
                 let msg = format!("VM {name} failed to start: {e}");
-                self.set_state(name, VmState::Failed, Some(backend.kind().as_str()), None, Some(&msg))
-                    .await?;
+                self.set_state(
+                    name,
+                    VmState::Failed,
+                    Some(backend.kind().as_str()),
+                    None,
+                    Some(&msg),
+                )
+                .await?;
                 return Err(api(ErrorCode::VmmFailed, msg)
                     .with_hint(format!("console log: {}", console.display())));
             }
         };
-        self.set_state(name, VmState::Running, Some(backend.kind().as_str()), Some(&handle), None)
-            .await?;
+        self.set_state(
+            name,
+            VmState::Running,
+            Some(backend.kind().as_str()),
+            Some(&handle),
+            None,
+        )
+        .await?;
         self.supervise(name.to_owned(), handle.clone());
 
         progress.phase("wait for agent");
@@ -584,13 +679,17 @@ impl Vms {
                 }
                 let lock = this.lock_for(&name);
                 let _g = lock.lock().await;
-                let Ok(row) = this.row(&name).await else { return };
+                let Ok(row) = this.row(&name).await else {
+                    return;
+                };
                 // Only act if the row still describes this run (stop/delete handle their own).
                 let same_run = row
                     .handle
                     .as_deref()
                     .and_then(|h| serde_json::from_str::<VmHandle>(h).ok())
-                    .is_some_and(|h| h.pid == handle.pid && h.pid_start_time == handle.pid_start_time);
+                    .is_some_and(|h| {
+                        h.pid == handle.pid && h.pid_start_time == handle.pid_start_time
+                    });
                 if !same_run {
                     return;
                 }
@@ -598,7 +697,13 @@ impl Vms {
                 let _ = banger_vmm::stop(&handle, Duration::ZERO).await;
                 this.forget_agent(&name);
                 let _ = this
-                    .set_state(&name, VmState::Stopped, None, None, Some("the VMM process exited"))
+                    .set_state(
+                        &name,
+                        VmState::Stopped,
+                        None,
+                        None,
+                        Some("the VMM process exited"),
+                    )
                     .await;
                 this.release_network(&row).await;
                 return;
@@ -607,7 +712,10 @@ impl Vms {
     }
 
     fn forget_agent(&self, name: &str) {
-        self.agents.lock().unwrap_or_else(|p| p.into_inner()).remove(name);
+        self.agents
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
     }
 
     pub async fn stop(&self, name: &str, force: bool) -> Result<VmInfo, ApiError> {
@@ -619,18 +727,29 @@ impl Vms {
 
     async fn stop_locked(&self, name: &str, force: bool) -> Result<(), ApiError> {
         let row = self.row(name).await?;
-        let Some(handle) = row.handle.as_deref().and_then(|h| serde_json::from_str::<VmHandle>(h).ok()) else {
+        let Some(handle) = row
+            .handle
+            .as_deref()
+            .and_then(|h| serde_json::from_str::<VmHandle>(h).ok())
+        else {
             if row.state != VmState::Stopped {
-                self.set_state(name, VmState::Stopped, None, None, None).await?;
+                self.set_state(name, VmState::Stopped, None, None, None)
+                    .await?;
             }
             return Ok(());
         };
-        self.set_state(name, VmState::Stopping, None, Some(&handle), None).await?;
+        self.set_state(name, VmState::Stopping, None, Some(&handle), None)
+            .await?;
         let grace = if force { Duration::ZERO } else { GRACEFUL_STOP };
         if !force {
             // The agent's poweroff is the most reliable graceful path; the VMM's own request
             // (ACPI or Ctrl-Alt-Del) follows inside banger_vmm::stop.
-            let client = self.agents.lock().unwrap_or_else(|p| p.into_inner()).get(name).cloned();
+            let client = self
+                .agents
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(name)
+                .cloned();
             if let Some(c) = client {
                 let _ = tokio::time::timeout(Duration::from_secs(5), c.poweroff()).await;
             }
@@ -639,15 +758,21 @@ impl Vms {
         let stopped = banger_vmm::stop(&handle, grace).await;
         if let Err(e) = stopped {
             let msg = format!("cannot stop VM {name}: {e}");
-            self.set_state(name, VmState::Failed, None, Some(&handle), Some(&msg)).await?;
+            self.set_state(name, VmState::Failed, None, Some(&handle), Some(&msg))
+                .await?;
             return Err(api(ErrorCode::VmmFailed, msg));
         }
-        self.set_state(name, VmState::Stopped, None, None, None).await?;
+        self.set_state(name, VmState::Stopped, None, None, None)
+            .await?;
         self.release_network(&row).await;
         Ok(())
     }
 
-    pub async fn restart(self: &Arc<Self>, name: &str, progress: Emitter) -> Result<VmInfo, ApiError> {
+    pub async fn restart(
+        self: &Arc<Self>,
+        name: &str,
+        progress: Emitter,
+    ) -> Result<VmInfo, ApiError> {
         let lock = self.lock_for(name);
         let _guard = lock.lock().await;
         progress.phase("stop");
@@ -666,12 +791,20 @@ impl Vms {
             )));
         }
         self.remove_everything(&row).await;
-        Ok(Deleted { name: name.to_owned() })
+        Ok(Deleted {
+            name: name.to_owned(),
+        })
     }
 
     /// The agent connection of a running VM, reconnecting if the daemon restarted.
     async fn agent(&self, name: &str) -> Result<AgentClient, ApiError> {
-        if let Some(c) = self.agents.lock().unwrap_or_else(|p| p.into_inner()).get(name).cloned() {
+        if let Some(c) = self
+            .agents
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+        {
             return Ok(c);
         }
         let row = self.row(name).await?;
@@ -681,13 +814,21 @@ impl Vms {
             .and_then(|h| serde_json::from_str::<VmHandle>(h).ok())
             .filter(|_| row.state == VmState::Running)
             .ok_or_else(|| {
-                api(ErrorCode::InvalidState, format!("VM {name} is {}, not running", row.state))
-                    .with_hint(format!("start it with `banger vm start {name}`"))
+                api(
+                    ErrorCode::InvalidState,
+                    format!("VM {name} is {}, not running", row.state),
+                )
+                .with_hint(format!("start it with `banger vm start {name}`"))
             })?;
         let endpoint = agent_endpoint(&handle.agent)?;
         let (client, _) = banger_agent::host::wait_ready(name, &endpoint, Duration::from_secs(20))
             .await
-            .map_err(|e| api(ErrorCode::VmmFailed, format!("cannot reach the agent of VM {name}: {e}")))?;
+            .map_err(|e| {
+                api(
+                    ErrorCode::VmmFailed,
+                    format!("cannot reach the agent of VM {name}: {e}"),
+                )
+            })?;
         self.agents
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -704,7 +845,8 @@ impl Vms {
     ) -> Result<(), ApiError> {
         use base64::Engine;
         if req.argv.is_empty() {
-            return Err(api(ErrorCode::BadRequest, "no command given").with_hint("banger vm exec NAME -- CMD [ARGS...]"));
+            return Err(api(ErrorCode::BadRequest, "no command given")
+                .with_hint("banger vm exec NAME -- CMD [ARGS...]"));
         }
         let client = self.agent(name).await?;
         let mut r = AgentExec::new(req.argv.clone());
@@ -724,10 +866,14 @@ impl Vms {
         while let Some(ev) = handle.output.recv().await {
             match ev.map_err(lost)? {
                 AgentEvent::Stdout(b) => {
-                    let _ = out.send(ExecEvent::Stdout { data: b64.encode(&b) });
+                    let _ = out.send(ExecEvent::Stdout {
+                        data: b64.encode(&b),
+                    });
                 }
                 AgentEvent::Stderr(b) => {
-                    let _ = out.send(ExecEvent::Stderr { data: b64.encode(&b) });
+                    let _ = out.send(ExecEvent::Stderr {
+                        data: b64.encode(&b),
+                    });
                 }
                 AgentEvent::Exit(status) => {
                     let code = match status {
@@ -739,14 +885,20 @@ impl Vms {
                 }
             }
         }
-        Err(api(ErrorCode::VmmFailed, format!("lost the command's output in VM {name}")))
+        Err(api(
+            ErrorCode::VmmFailed,
+            format!("lost the command's output in VM {name}"),
+        ))
     }
 
     pub async fn ssh_target(&self, name: &str) -> Result<SshTarget, ApiError> {
         let row = self.row(name).await?;
         if row.state != VmState::Running {
-            return Err(api(ErrorCode::InvalidState, format!("VM {name} is {}, not running", row.state))
-                .with_hint(format!("start it with `banger vm start {name}`")));
+            return Err(api(
+                ErrorCode::InvalidState,
+                format!("VM {name} is {}, not running", row.state),
+            )
+            .with_hint(format!("start it with `banger vm start {name}`")));
         }
         let key = self
             .config
@@ -775,7 +927,9 @@ impl Vms {
         let entries: Vec<sshkeys::Pinned> = rows
             .iter()
             .filter_map(|r| {
-                let key = std::fs::read_to_string(self.vm_dir(&r.name).join("ssh_host_ed25519_key.pub")).ok()?;
+                let key =
+                    std::fs::read_to_string(self.vm_dir(&r.name).join("ssh_host_ed25519_key.pub"))
+                        .ok()?;
                 Some(sshkeys::Pinned {
                     names: vec![format!("{}.vm", r.name), r.ip.clone()],
                     public_key: key,
@@ -793,7 +947,10 @@ impl Vms {
         let rows = self.store.call(|c| store::list_vms(c)).await?;
         let mut live_taps = Vec::new();
         for row in &rows {
-            let handle = row.handle.as_deref().and_then(|h| serde_json::from_str::<VmHandle>(h).ok());
+            let handle = row
+                .handle
+                .as_deref()
+                .and_then(|h| serde_json::from_str::<VmHandle>(h).ok());
             match (row.state, handle) {
                 (VmState::Creating, None) => {
                     tracing::info!(vm = %row.name, "rolling back a VM whose creation was interrupted");
@@ -854,7 +1011,11 @@ fn disk_err(e: anyhow::Error, what: &str) -> ApiError {
         c.downcast_ref::<std::io::Error>()
             .is_some_and(|io| io.raw_os_error() == Some(libc::ENOSPC))
     });
-    let code = if full { ErrorCode::DiskFull } else { ErrorCode::Internal };
+    let code = if full {
+        ErrorCode::DiskFull
+    } else {
+        ErrorCode::Internal
+    };
     api(code, format!("{what}: {e:#}"))
 }
 
@@ -865,7 +1026,10 @@ fn agent_binary() -> Result<PathBuf, ApiError> {
         if p.is_file() {
             return Ok(p);
         }
-        return Err(api(ErrorCode::MissingTool, format!("BANGER_AGENT_BIN={} does not exist", p.display())));
+        return Err(api(
+            ErrorCode::MissingTool,
+            format!("BANGER_AGENT_BIN={} does not exist", p.display()),
+        ));
     }
     let beside = std::env::current_exe()
         .ok()

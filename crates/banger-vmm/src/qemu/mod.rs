@@ -235,10 +235,15 @@ fn host_tsc_khz() -> Option<u64> {
         #[cfg(target_arch = "x86_64")]
         {
             // SAFETY: rdtsc has no preconditions on x86_64.
-            let (t0, c0) = (std::time::Instant::now(), unsafe { std::arch::x86_64::_rdtsc() });
+            let (t0, c0) = (std::time::Instant::now(), unsafe {
+                std::arch::x86_64::_rdtsc()
+            });
             std::thread::sleep(std::time::Duration::from_millis(50));
             // SAFETY: as above.
-            let (c1, t1) = (unsafe { std::arch::x86_64::_rdtsc() }, std::time::Instant::now());
+            let (c1, t1) = (
+                unsafe { std::arch::x86_64::_rdtsc() },
+                std::time::Instant::now(),
+            );
             let micros = u64::try_from(t1.duration_since(t0).as_micros()).ok()?;
             let khz = c1.checked_sub(c0)?.checked_mul(1000)? / micros.max(1);
             // Round to a plausible value; anything outside 100 MHz..10 GHz is not a TSC rate.
