@@ -9,9 +9,11 @@ use clap::{Args, Parser, Subcommand};
 
 mod client;
 mod cmd_daemon;
+mod cmd_host;
 mod cmd_image;
 mod cmd_run;
 mod cmd_vm;
+mod doctor;
 mod exit;
 mod render;
 mod spec;
@@ -44,6 +46,17 @@ enum Command {
     /// Manage the banger daemon (started automatically by any command).
     #[command(subcommand)]
     Daemon(DaemonCmd),
+    /// Check this host: KVM, VMM binaries, networking tools, disk; exits 1 if anything fails.
+    Doctor(JsonFlag),
+    /// Print the ssh Include line for `ssh NAME.vm`, or add/remove it in ~/.ssh/config.
+    SshConfig {
+        /// Add a marker-fenced block with the Include line to ~/.ssh/config (idempotent).
+        #[arg(long, conflicts_with = "uninstall")]
+        install: bool,
+        /// Remove exactly that block again.
+        #[arg(long)]
+        uninstall: bool,
+    },
 }
 
 #[derive(Args)]
@@ -227,6 +240,8 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Image(c) => cmd_image::image(&ctx, c).await,
         Command::Kernel(c) => cmd_image::kernel(&ctx, c).await,
         Command::Daemon(c) => cmd_daemon::daemon(&ctx, c).await,
+        Command::Doctor(f) => cmd_host::doctor(&ctx, f.json),
+        Command::SshConfig { install, uninstall } => cmd_host::ssh_config(&ctx, install, uninstall),
     }
 }
 

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Deserializer};
 
 mod size;
+pub mod sshconfig;
 
 pub use size::ByteSize;
 

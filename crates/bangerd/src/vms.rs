@@ -939,6 +939,32 @@ impl Vms {
         if let Err(e) = sshkeys::write_known_hosts(&self.paths.known_hosts(), &entries) {
             tracing::warn!("cannot write known_hosts: {e:#}");
         }
+        // ~/.config/banger/ssh_config: one `Host NAME.vm` per VM, for `ssh NAME.vm` once the
+        // user includes it (`banger ssh-config --install`).
+        let identity = self
+            .config
+            .ssh_key_path
+            .clone()
+            .unwrap_or_else(|| self.paths.ssh_dir().join("id_ed25519"));
+        let hosts: Vec<banger_config::sshconfig::HostEntry> = rows
+            .iter()
+            .filter_map(|r| {
+                Some(banger_config::sshconfig::HostEntry {
+                    name: r.name.clone(),
+                    ip: r.ip.parse().ok()?,
+                    identity_file: identity.clone(),
+                    known_hosts: self.paths.known_hosts(),
+                })
+            })
+            .collect();
+        let text = banger_config::sshconfig::render_ssh_config(&hosts);
+        if let Err(e) = banger_config::sshconfig::write_atomically(
+            &self.paths.ssh_config(),
+            text.as_bytes(),
+            0o600,
+        ) {
+            tracing::warn!("cannot write {}: {e}", self.paths.ssh_config().display());
+        }
     }
 
     /// Start-up repair: re-adopt live VMMs, mark dead ones stopped, roll back half-made VMs,

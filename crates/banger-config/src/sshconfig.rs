@@ -84,6 +84,16 @@ pub fn install(existing: Option<&[u8]>, block_body: &str) -> Vec<u8> {
 /// [`install`] put after a block at the top of the file. Everything else is kept byte for byte.
 /// A begin marker with no end marker after it is left alone rather than guessing where it ends.
 pub fn uninstall(existing: &[u8]) -> Vec<u8> {
+    let mut current = remove_blocks(existing);
+    // Stray markers around a removed block can pair up into a new block (hand edits, nested
+    // markers); keep going so the result never reads as installed.
+    while is_installed(&current) {
+        current = remove_blocks(&current);
+    }
+    current
+}
+
+fn remove_blocks(existing: &[u8]) -> Vec<u8> {
     let blocks = find_blocks(existing);
     let mut out = Vec::with_capacity(existing.len());
     let mut cursor = 0;
@@ -168,11 +178,7 @@ fn write_and_rename(tmp: &Path, target: &Path, bytes: &[u8], mode: u32) -> io::R
     fs::rename(tmp, target).map_err(|e| {
         io::Error::new(
             e.kind(),
-            format!(
-                "renaming {} to {}: {e}",
-                tmp.display(),
-                target.display()
-            ),
+            format!("renaming {} to {}: {e}", tmp.display(), target.display()),
         )
     })
 }
@@ -410,7 +416,10 @@ mod tests {
     fn install_puts_block_before_first_host() {
         let original = b"# my config\nHost github.com\n    User git\n";
         let installed = install(Some(original), BODY);
-        let expected = format!("{}\n# my config\nHost github.com\n    User git\n", block_lf());
+        let expected = format!(
+            "{}\n# my config\nHost github.com\n    User git\n",
+            block_lf()
+        );
         assert_eq!(String::from_utf8_lossy(&installed), expected);
         round_trip(original);
     }
@@ -426,7 +435,8 @@ mod tests {
     fn crlf_file_gets_crlf_block_and_round_trips() {
         let original = b"Host a\r\n    User x\r\n";
         let installed = install(Some(original), BODY);
-        let expected = format!("{BEGIN_MARKER}\r\n{BODY}\r\n{END_MARKER}\r\n\r\nHost a\r\n    User x\r\n");
+        let expected =
+            format!("{BEGIN_MARKER}\r\n{BODY}\r\n{END_MARKER}\r\n\r\nHost a\r\n    User x\r\n");
         assert_eq!(String::from_utf8_lossy(&installed), expected);
         round_trip(original);
     }
@@ -473,7 +483,10 @@ mod tests {
     fn duplicate_blocks_collapse_into_one() {
         let old = format!("{}{}Host a\n", block_lf(), block_lf());
         let new = install(Some(old.as_bytes()), BODY);
-        assert_eq!(String::from_utf8_lossy(&new), format!("{}Host a\n", block_lf()));
+        assert_eq!(
+            String::from_utf8_lossy(&new),
+            format!("{}Host a\n", block_lf())
+        );
         assert_eq!(uninstall(old.as_bytes()), b"Host a\n");
     }
 
@@ -509,6 +522,55 @@ mod tests {
         // The user deleted banger's separator; the next blank line is theirs and stays.
         let original = format!("{}Host a\n\nHost b\n", block_lf());
         assert_eq!(uninstall(original.as_bytes()), b"Host a\n\nHost b\n");
+    }
+
+    #[test]
+    fn uninstall_removes_blocks_formed_by_stray_nested_markers() {
+        let original = format!("Host a\n{BEGIN_MARKER}\n{}{END_MARKER}\n", block_lf());
+        assert_eq!(uninstall(original.as_bytes()), b"Host a\n");
+    }
+
+    /// Asks the real ssh client how it resolves a host, proving the Include at the top applies
+    /// to VM names even when the user's file has its own `Host` sections below it.
+    #[test]
+    fn installed_include_is_honoured_by_openssh() {
+        let dir = tempfile::tempdir().unwrap();
+        let banger_config = dir.path().join("banger ssh_config");
+        let entries = [HostEntry {
+            name: "sandbox".into(),
+            ip: "172.16.0.9".parse().unwrap(),
+            identity_file: dir.path().join("id_ed25519"),
+            known_hosts: dir.path().join("known_hosts"),
+        }];
+        fs::write(&banger_config, render_ssh_config(&entries)).unwrap();
+        let user_config = dir.path().join("config");
+        let original = b"Host github.com\n    User git\n";
+        let installed = install(Some(original), &include_block_body(&banger_config));
+        write_atomically(&user_config, &installed, NEW_CONFIG_MODE).unwrap();
+
+        let out = std::process::Command::new("ssh")
+            .arg("-G")
+            .arg("-F")
+            .arg(&user_config)
+            .arg("sandbox.vm")
+            .output()
+            .expect("the ssh client must be installed to run this test");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let resolved = String::from_utf8_lossy(&out.stdout);
+        assert!(resolved.contains("\nhostname 172.16.0.9\n"), "{resolved}");
+        assert!(resolved.contains("\nuser root\n"), "{resolved}");
+        assert!(
+            resolved.contains("\nhostkeyalias sandbox.vm\n"),
+            "{resolved}"
+        );
+        assert!(
+            resolved.contains("\nstricthostkeychecking true\n"),
+            "{resolved}"
+        );
     }
 
     #[test]
@@ -596,7 +658,10 @@ mod tests {
         let path = home.path().join(".ssh/config");
         write_atomically(&path, b"hello", NEW_CONFIG_MODE).unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"hello");
-        let dir_mode = fs::metadata(home.path().join(".ssh")).unwrap().permissions().mode();
+        let dir_mode = fs::metadata(home.path().join(".ssh"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(dir_mode & 0o777, 0o700);
         let mode = fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
@@ -627,7 +692,10 @@ mod tests {
         let link = dir.path().join("config");
         std::os::unix::fs::symlink("dotfiles-ssh-config", &link).unwrap();
         write_atomically(&link, b"new", NEW_CONFIG_MODE).unwrap();
-        assert!(fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+        assert!(fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
         assert_eq!(fs::read(&real).unwrap(), b"new");
     }
 
@@ -637,6 +705,9 @@ mod tests {
         let blocker = dir.path().join("file");
         fs::write(&blocker, b"").unwrap();
         let err = write_atomically(&blocker.join("config"), b"x", NEW_CONFIG_MODE).unwrap_err();
-        assert!(err.to_string().contains(&blocker.display().to_string()), "{err}");
+        assert!(
+            err.to_string().contains(&blocker.display().to_string()),
+            "{err}"
+        );
     }
 }

@@ -1,0 +1,1237 @@
+//! `banger doctor`: the host checks, each judged pass/warn/fail with a fix hint, plus their text
+//! and JSON rendering and the resulting exit status.
+//!
+//! Every fact about the host comes through the [`Probe`] trait so the rules are tested with a
+//! fake; [`HostProbe`] reads the real machine. The rules mirror how banger picks a VMM: with
+//! hardware KVM (kvm_intel/kvm_amd) and Firecracker it uses Firecracker, otherwise QEMU, which
+//! runs under TCG (software emulation) when KVM cannot boot ordinary guests. Effective
+//! `vm_defaults` come from the config crate and are printed by the command, not here.
+
+use std::ffi::CStr;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use serde::Serialize;
+
+const GIB: u64 = 1024 * 1024 * 1024;
+/// Below this, a single image build plus a VM work disk may not fit.
+const DISK_WARN_BYTES: u64 = 10 * GIB;
+/// Below this, even one small image cannot be unpacked.
+const DISK_FAIL_BYTES: u64 = 2 * GIB;
+
+/// Outcome of one check. Only `Fail` makes `doctor` exit non-zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    Pass,
+    Warn,
+    Fail,
+}
+
+/// One line of the `doctor` report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Check {
+    /// Short stable identifier, e.g. `kvm-mode`; scripts match on it in `--json` output.
+    pub name: &'static str,
+    pub level: Level,
+    /// What was found, in words a user can act on.
+    pub detail: String,
+    /// What to do about it; present whenever `level` is not `Pass`.
+    pub fix: Option<String>,
+}
+
+impl Check {
+    fn pass(name: &'static str, detail: impl Into<String>) -> Self {
+        Check {
+            name,
+            level: Level::Pass,
+            detail: detail.into(),
+            fix: None,
+        }
+    }
+
+    fn warn(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Self {
+        Check {
+            name,
+            level: Level::Warn,
+            detail: detail.into(),
+            fix: Some(fix.into()),
+        }
+    }
+
+    fn fail(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Self {
+        Check {
+            name,
+            level: Level::Fail,
+            detail: detail.into(),
+            fix: Some(fix.into()),
+        }
+    }
+}
+
+/// Whether the current user can open a device node read-write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Access {
+    Ok,
+    Missing,
+    /// Exists but cannot be opened; carries the OS error text.
+    Denied(String),
+}
+
+/// What a finished command printed and whether it exited 0.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CommandOutput {
+    pub success: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// The facts `doctor` needs about the host. Kept to primitives so a fake is a few maps.
+pub trait Probe {
+    /// Machine hardware name as `uname -m` prints it.
+    fn arch(&self) -> String;
+    fn device_access(&self, path: &Path) -> Access;
+    /// Whether a kernel module is loaded (or built in), i.e. `/sys/module/<name>` exists.
+    fn module_loaded(&self, name: &str) -> bool;
+    fn path_exists(&self, path: &Path) -> bool;
+    /// Where `program` would be run from, or None if it is not installed.
+    fn find_program(&self, program: &str) -> Option<PathBuf>;
+    /// Runs `program` with `args` (stdin closed) and collects its output; Err if it could not start.
+    fn run(&self, program: &Path, args: &[&str]) -> Result<CommandOutput, String>;
+    fn is_root(&self) -> bool;
+    fn read_to_string(&self, path: &Path) -> Option<String>;
+    /// banger's state directory (images, VM disks); it may not exist yet.
+    fn state_dir(&self) -> PathBuf;
+    /// Bytes available to unprivileged users on the filesystem holding `path`.
+    fn free_bytes(&self, path: &Path) -> Result<u64, String>;
+}
+
+/// Runs every check, in report order.
+pub fn run_checks(probe: &dyn Probe) -> Vec<Check> {
+    let kvm = kvm_facts(probe);
+    let mut checks = vec![
+        check_arch(probe),
+        check_kvm_device(&kvm),
+        check_kvm_mode(&kvm),
+    ];
+    let firecracker = check_firecracker(probe, &kvm);
+    let firecracker_usable = firecracker.level == Level::Pass && kvm.hardware_usable();
+    checks.push(firecracker);
+    checks.push(check_qemu(probe, &kvm, firecracker_usable));
+    checks.push(check_tun(probe));
+    checks.push(check_vhost_vsock(probe));
+    checks.push(check_ip_forward(probe));
+    checks.push(check_nft(probe));
+    checks.push(check_e2fsprogs(probe));
+    checks.push(check_ssh(probe));
+    checks.push(check_sudo(probe));
+    checks.push(check_debootstrap(probe));
+    checks.push(check_disk(probe));
+    checks.push(check_resolved(probe));
+    checks
+}
+
+/// Human report: one aligned `[pass]`/`[warn]`/`[FAIL]` line per check, the fix indented below,
+/// and a one-line summary.
+pub fn render_text(checks: &[Check]) -> String {
+    let width = checks.iter().map(|c| c.name.len()).max().unwrap_or(0);
+    let mut out = String::new();
+    for check in checks {
+        let tag = match check.level {
+            Level::Pass => "[pass]",
+            Level::Warn => "[warn]",
+            Level::Fail => "[FAIL]",
+        };
+        out.push_str(&format!("{tag} {:<width$}  {}\n", check.name, check.detail));
+        if let Some(fix) = &check.fix {
+            out.push_str(&format!("       {:<width$}  fix: {fix}\n", ""));
+        }
+    }
+    let count = |level| checks.iter().filter(|c| c.level == level).count();
+    let (warns, fails) = (count(Level::Warn), count(Level::Fail));
+    out.push_str(&format!(
+        "\n{} checks: {} passed, {warns} {}, {fails} failed\n",
+        checks.len(),
+        count(Level::Pass),
+        if warns == 1 { "warning" } else { "warnings" },
+    ));
+    out
+}
+
+/// Process exit status for `doctor`: 1 if any check failed, else 0.
+pub fn exit_code(checks: &[Check]) -> i32 {
+    if checks.iter().any(|c| c.level == Level::Fail) {
+        1
+    } else {
+        0
+    }
+}
+
+/// Which KVM the host offers, decided once and shared by the KVM and VMM checks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum KvmProvider {
+    /// kvm_intel or kvm_amd: real virtualization extensions.
+    Hardware(&'static str),
+    /// kvm_pvm: KVM implemented in software inside a VM; it only runs PVM-aware guest kernels.
+    Pvm,
+    None,
+}
+
+struct KvmFacts {
+    device: Access,
+    provider: KvmProvider,
+}
+
+impl KvmFacts {
+    fn hardware_usable(&self) -> bool {
+        matches!(self.provider, KvmProvider::Hardware(_)) && self.device == Access::Ok
+    }
+}
+
+fn kvm_facts(probe: &dyn Probe) -> KvmFacts {
+    let provider = if probe.module_loaded("kvm_intel") {
+        KvmProvider::Hardware("kvm_intel")
+    } else if probe.module_loaded("kvm_amd") {
+        KvmProvider::Hardware("kvm_amd")
+    } else if probe.module_loaded("kvm_pvm") {
+        KvmProvider::Pvm
+    } else {
+        KvmProvider::None
+    };
+    KvmFacts {
+        device: probe.device_access(Path::new("/dev/kvm")),
+        provider,
+    }
+}
+
+fn check_arch(probe: &dyn Probe) -> Check {
+    let arch = probe.arch();
+    if arch == "x86_64" {
+        Check::pass("arch", arch)
+    } else {
+        Check::fail(
+            "arch",
+            format!("{arch}: banger supports x86_64 hosts only"),
+            "run banger on an x86_64 Linux host",
+        )
+    }
+}
+
+fn check_kvm_device(kvm: &KvmFacts) -> Check {
+    const NAME: &str = "kvm-device";
+    match &kvm.device {
+        Access::Ok => Check::pass(NAME, "/dev/kvm is readable and writable"),
+        Access::Missing => Check::warn(
+            NAME,
+            "/dev/kvm does not exist: VMs run under QEMU (TCG) software emulation, which is slow",
+            "enable virtualization (VT-x/AMD-V) in firmware and load kvm_intel or kvm_amd; \
+             on a cloud VM pick an instance type with nested virtualization",
+        ),
+        Access::Denied(err) => Check::warn(
+            NAME,
+            format!("/dev/kvm exists but cannot be opened ({err}): VMs fall back to QEMU (TCG)"),
+            "add yourself to the kvm group (`sudo usermod -aG kvm $USER`) and log in again",
+        ),
+    }
+}
+
+fn check_kvm_mode(kvm: &KvmFacts) -> Check {
+    const NAME: &str = "kvm-mode";
+    match kvm.provider {
+        KvmProvider::Hardware(module) => {
+            Check::pass(NAME, format!("hardware virtualization ({module})"))
+        }
+        KvmProvider::Pvm => Check::warn(
+            NAME,
+            "kvm_pvm: KVM runs in nested software mode and cannot boot ordinary guest kernels; \
+             banger uses the QEMU (TCG) fallback, which works but is several times slower",
+            "for fast VMs use a host with hardware KVM (kvm_intel or kvm_amd); \
+             nothing to do to keep using QEMU (TCG)",
+        ),
+        KvmProvider::None => Check::warn(
+            NAME,
+            "no KVM module loaded (kvm_intel, kvm_amd): banger uses the QEMU (TCG) fallback",
+            "`sudo modprobe kvm_intel` (or kvm_amd); if that fails, enable virtualization in \
+             firmware or use a host with nested virtualization",
+        ),
+    }
+}
+
+/// First non-empty line a `--version` run printed, from stdout or (ssh, mke2fs) stderr.
+fn version_line(output: &CommandOutput) -> Option<String> {
+    output
+        .stdout
+        .lines()
+        .chain(output.stderr.lines())
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .map(str::to_owned)
+}
+
+/// Runs `<program> <args>` to learn its version; Err names what went wrong.
+fn program_version(probe: &dyn Probe, path: &Path, args: &[&str]) -> Result<String, String> {
+    let shown = format!("`{} {}`", path.display(), args.join(" "));
+    match probe.run(path, args) {
+        Ok(out) if out.success => {
+            version_line(&out).ok_or_else(|| format!("{shown} printed nothing"))
+        }
+        Ok(out) => Err(format!(
+            "{shown} failed: {}",
+            version_line(&CommandOutput {
+                stdout: String::new(),
+                ..out
+            })
+            .unwrap_or_else(|| "no output".to_owned())
+        )),
+        Err(err) => Err(format!("{shown} could not run: {err}")),
+    }
+}
+
+fn check_firecracker(probe: &dyn Probe, kvm: &KvmFacts) -> Check {
+    const NAME: &str = "firecracker";
+    const INSTALL: &str = "install the firecracker release binary into PATH, or set \
+                           `firecracker_bin` in ~/.config/banger/config.toml";
+    let Some(path) = probe.find_program("firecracker") else {
+        return if kvm.hardware_usable() {
+            Check::warn(
+                NAME,
+                "not found: VMs run under QEMU instead of Firecracker",
+                INSTALL,
+            )
+        } else {
+            // Installing it would not help: Firecracker needs hardware KVM.
+            Check::pass(
+                NAME,
+                "not installed (not usable here without hardware KVM; QEMU is used)",
+            )
+        };
+    };
+    let version = match program_version(probe, &path, &["--version"]) {
+        Ok(version) => version,
+        Err(err) => return Check::warn(NAME, err, INSTALL),
+    };
+    if kvm.hardware_usable() {
+        Check::pass(NAME, format!("{version} at {}", path.display()))
+    } else {
+        Check::warn(
+            NAME,
+            format!(
+                "{version} at {} is installed but needs hardware KVM; QEMU (TCG) is used instead",
+                path.display()
+            ),
+            "use a host with kvm_intel or kvm_amd and access to /dev/kvm to run Firecracker",
+        )
+    }
+}
+
+fn check_qemu(probe: &dyn Probe, kvm: &KvmFacts, firecracker_usable: bool) -> Check {
+    const NAME: &str = "qemu";
+    const INSTALL: &str = "sudo apt-get install qemu-system-x86";
+    let Some(path) = probe.find_program("qemu-system-x86_64") else {
+        return if firecracker_usable {
+            Check::warn(
+                NAME,
+                "qemu-system-x86_64 not found; Firecracker is used, QEMU is only the fallback",
+                INSTALL,
+            )
+        } else {
+            Check::fail(
+                NAME,
+                "qemu-system-x86_64 not found and Firecracker cannot run here: no VMM can start VMs",
+                INSTALL,
+            )
+        };
+    };
+    let version = match program_version(probe, &path, &["--version"]) {
+        Ok(version) => version,
+        Err(err) if firecracker_usable => return Check::warn(NAME, err, INSTALL),
+        Err(err) => return Check::fail(NAME, err, INSTALL),
+    };
+    let accel = if firecracker_usable {
+        "fallback; Firecracker is preferred"
+    } else if kvm.hardware_usable() {
+        "accel kvm"
+    } else {
+        "accel tcg: software emulation"
+    };
+    Check::pass(NAME, format!("{version} at {} ({accel})", path.display()))
+}
+
+fn check_tun(probe: &dyn Probe) -> Check {
+    const NAME: &str = "tun";
+    match probe.device_access(Path::new("/dev/net/tun")) {
+        Access::Ok => Check::pass(NAME, "/dev/net/tun is usable"),
+        Access::Missing => Check::fail(
+            NAME,
+            "/dev/net/tun does not exist: VMs cannot get network interfaces",
+            "sudo modprobe tun",
+        ),
+        Access::Denied(err) => Check::warn(
+            NAME,
+            format!("/dev/net/tun cannot be opened ({err}); the VMM needs it to attach taps"),
+            "sudo chmod 0666 /dev/net/tun (the usual mode), or run banger as root",
+        ),
+    }
+}
+
+fn check_vhost_vsock(probe: &dyn Probe) -> Check {
+    const NAME: &str = "vhost-vsock";
+    match probe.device_access(Path::new("/dev/vhost-vsock")) {
+        Access::Ok => Check::pass(NAME, "/dev/vhost-vsock is usable"),
+        Access::Missing => Check::warn(
+            NAME,
+            "/dev/vhost-vsock does not exist: under QEMU the guest agent falls back to \
+             virtio-serial (Firecracker does not need it)",
+            "sudo modprobe vhost_vsock (optional; the virtio-serial fallback works)",
+        ),
+        Access::Denied(err) => Check::warn(
+            NAME,
+            format!(
+                "/dev/vhost-vsock cannot be opened ({err}): the guest agent falls back to \
+                 virtio-serial under QEMU"
+            ),
+            "give your user read-write access to /dev/vhost-vsock (optional)",
+        ),
+    }
+}
+
+fn check_ip_forward(probe: &dyn Probe) -> Check {
+    const NAME: &str = "ip-forward";
+    const PATH: &str = "/proc/sys/net/ipv4/ip_forward";
+    match probe
+        .read_to_string(Path::new(PATH))
+        .as_deref()
+        .map(str::trim)
+    {
+        Some("1") => Check::pass(NAME, "IPv4 forwarding is on"),
+        Some("0") => Check::pass(
+            NAME,
+            "IPv4 forwarding is off; banger turns it on when a VM starts",
+        ),
+        other => Check::warn(
+            NAME,
+            format!(
+                "cannot read {PATH} ({}); guests may have no internet access",
+                other.map_or("unreadable".to_owned(), |v| format!("value {v:?}"))
+            ),
+            "check that /proc is mounted and IPv4 is enabled in the kernel",
+        ),
+    }
+}
+
+fn check_nft(probe: &dyn Probe) -> Check {
+    const NAME: &str = "nft";
+    const INSTALL: &str = "sudo apt-get install nftables";
+    let Some(path) = probe.find_program("nft") else {
+        return Check::fail(
+            NAME,
+            "nft not found: banger needs it for guest NAT",
+            INSTALL,
+        );
+    };
+    match program_version(probe, &path, &["--version"]) {
+        Ok(version) => Check::pass(NAME, format!("{version} at {}", path.display())),
+        Err(err) => Check::fail(NAME, err, INSTALL),
+    }
+}
+
+fn check_e2fsprogs(probe: &dyn Probe) -> Check {
+    const NAME: &str = "e2fsprogs";
+    const INSTALL: &str = "sudo apt-get install e2fsprogs";
+    let tools = ["mkfs.ext4", "debugfs", "e2fsck"];
+    let missing: Vec<&str> = tools
+        .iter()
+        .copied()
+        .filter(|t| probe.find_program(t).is_none())
+        .collect();
+    if !missing.is_empty() {
+        return Check::fail(
+            NAME,
+            format!(
+                "{} not found: banger needs them to build VM disks",
+                missing.join(", ")
+            ),
+            INSTALL,
+        );
+    }
+    let Some(mkfs) = probe.find_program("mkfs.ext4") else {
+        return Check::fail(NAME, "mkfs.ext4 not found", INSTALL);
+    };
+    // `mkfs.ext4 -V` prints its version on stderr and exits 0.
+    match program_version(probe, &mkfs, &["-V"]) {
+        Ok(version) => Check::pass(NAME, format!("{version}; mkfs.ext4, debugfs, e2fsck found")),
+        Err(err) => Check::fail(NAME, err, INSTALL),
+    }
+}
+
+fn check_ssh(probe: &dyn Probe) -> Check {
+    const NAME: &str = "ssh";
+    const INSTALL: &str = "sudo apt-get install openssh-client";
+    let missing: Vec<&str> = ["ssh", "ssh-keygen"]
+        .into_iter()
+        .filter(|t| probe.find_program(t).is_none())
+        .collect();
+    if !missing.is_empty() {
+        return Check::fail(
+            NAME,
+            format!(
+                "{} not found: needed for `vm ssh` and VM keys",
+                missing.join(", ")
+            ),
+            INSTALL,
+        );
+    }
+    let Some(ssh) = probe.find_program("ssh") else {
+        return Check::fail(NAME, "ssh not found", INSTALL);
+    };
+    match program_version(probe, &ssh, &["-V"]) {
+        Ok(version) => Check::pass(NAME, format!("{version}; ssh-keygen found")),
+        Err(err) => Check::fail(NAME, err, INSTALL),
+    }
+}
+
+fn check_sudo(probe: &dyn Probe) -> Check {
+    const NAME: &str = "sudo";
+    if probe.is_root() {
+        return Check::pass(NAME, "running as root; privileged steps run directly");
+    }
+    const RULE: &str = "allow passwordless sudo for your user (a rule in /etc/sudoers.d/), \
+                        or run banger as root";
+    let Some(sudo) = probe.find_program("sudo") else {
+        return Check::fail(
+            NAME,
+            "not root and sudo not found: banger cannot create the bridge, taps and NAT rules",
+            format!("sudo apt-get install sudo (as root), then {RULE}"),
+        );
+    };
+    match probe.run(&sudo, &["-n", "true"]) {
+        Ok(out) if out.success => Check::pass(NAME, "passwordless sudo works"),
+        Ok(_) => Check::fail(
+            NAME,
+            "`sudo -n true` failed: sudo wants a password, which the daemon cannot type",
+            RULE,
+        ),
+        Err(err) => Check::fail(NAME, format!("`sudo -n true` could not run: {err}"), RULE),
+    }
+}
+
+fn check_debootstrap(probe: &dyn Probe) -> Check {
+    const NAME: &str = "debootstrap";
+    const INSTALL: &str = "sudo apt-get install debootstrap (only needed for `image build`)";
+    let Some(path) = probe.find_program("debootstrap") else {
+        return Check::warn(
+            NAME,
+            "not found: local image builds will fail (pulled images still work)",
+            INSTALL,
+        );
+    };
+    match program_version(probe, &path, &["--version"]) {
+        Ok(version) => Check::pass(NAME, format!("{version} at {}", path.display())),
+        Err(err) => Check::warn(NAME, err, INSTALL),
+    }
+}
+
+/// The state dir may not exist before the first VM; measure the filesystem it will live on.
+fn nearest_existing(probe: &dyn Probe, dir: &Path) -> PathBuf {
+    dir.ancestors()
+        .find(|p| !p.as_os_str().is_empty() && probe.path_exists(p))
+        .map_or_else(|| PathBuf::from("/"), Path::to_path_buf)
+}
+
+fn check_disk(probe: &dyn Probe) -> Check {
+    const NAME: &str = "disk";
+    let state = probe.state_dir();
+    let measured = nearest_existing(probe, &state);
+    const FIX: &str = "free space there, or point XDG_STATE_HOME at a larger disk";
+    let free = match probe.free_bytes(&measured) {
+        Ok(free) => free,
+        Err(err) => {
+            return Check::warn(
+                NAME,
+                format!("cannot measure free space at {}: {err}", measured.display()),
+                FIX,
+            )
+        }
+    };
+    let detail = format!(
+        "{:.1} GiB free for {}",
+        free as f64 / GIB as f64,
+        state.display()
+    );
+    if free < DISK_FAIL_BYTES {
+        Check::fail(NAME, format!("{detail}: too little for one image"), FIX)
+    } else if free < DISK_WARN_BYTES {
+        Check::warn(
+            NAME,
+            format!("{detail}: under 10 GiB, images and VM disks may not fit"),
+            FIX,
+        )
+    } else {
+        Check::pass(NAME, detail)
+    }
+}
+
+fn check_resolved(probe: &dyn Probe) -> Check {
+    const NAME: &str = "dns";
+    let running = [
+        "/run/systemd/resolve/io.systemd.Resolve",
+        "/run/systemd/resolve/stub-resolv.conf",
+    ]
+    .iter()
+    .any(|p| probe.path_exists(Path::new(p)));
+    if running {
+        Check::pass(
+            NAME,
+            "systemd-resolved is running: banger routes `.vm` names to its DNS server",
+        )
+    } else {
+        Check::warn(
+            NAME,
+            "systemd-resolved is not running: `<vm>.vm` names do not resolve on the host \
+             until you route the `.vm` domain yourself",
+            "see docs/ for routing `.vm` with your resolver; `banger vm ssh` works without it",
+        )
+    }
+}
+
+/// Reads the real host. `firecracker_bin` is the config override; PATH is searched otherwise.
+#[derive(Debug, Clone)]
+pub struct HostProbe {
+    pub state_dir: PathBuf,
+    pub firecracker_bin: Option<PathBuf>,
+}
+
+impl HostProbe {
+    pub fn new(state_dir: PathBuf, firecracker_bin: Option<PathBuf>) -> Self {
+        HostProbe {
+            state_dir,
+            firecracker_bin,
+        }
+    }
+}
+
+/// Debian keeps mkfs.ext4, nft, debugfs in sbin dirs that a normal user's PATH lacks, yet
+/// banger runs them (or sudo does), so they count as installed.
+const SBIN_DIRS: [&str; 3] = ["/usr/local/sbin", "/usr/sbin", "/sbin"];
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+impl Probe for HostProbe {
+    fn arch(&self) -> String {
+        let mut uts = std::mem::MaybeUninit::<libc::utsname>::zeroed();
+        // SAFETY: uname writes into the utsname buffer we own and returns 0 on success; the
+        // buffer started zeroed so it is initialized either way.
+        let rc = unsafe { libc::uname(uts.as_mut_ptr()) };
+        // SAFETY: zeroed() initialized every byte and uname only wrote valid data into it.
+        let uts = unsafe { uts.assume_init() };
+        if rc != 0 {
+            return std::env::consts::ARCH.to_owned();
+        }
+        // SAFETY: uname fills `machine` with a NUL-terminated string; the zeroed buffer
+        // guarantees a terminator even if it did not.
+        let machine = unsafe { CStr::from_ptr(uts.machine.as_ptr()) };
+        machine.to_string_lossy().into_owned()
+    }
+
+    fn device_access(&self, path: &Path) -> Access {
+        match fs::OpenOptions::new().read(true).write(true).open(path) {
+            Ok(_) => Access::Ok,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Access::Missing,
+            Err(e) => Access::Denied(e.to_string()),
+        }
+    }
+
+    fn module_loaded(&self, name: &str) -> bool {
+        Path::new("/sys/module").join(name).exists()
+    }
+
+    fn path_exists(&self, path: &Path) -> bool {
+        path.exists()
+    }
+
+    fn find_program(&self, program: &str) -> Option<PathBuf> {
+        if program == "firecracker" {
+            if let Some(bin) = &self.firecracker_bin {
+                return is_executable(bin).then(|| bin.clone());
+            }
+        }
+        let path_var = std::env::var_os("PATH").unwrap_or_default();
+        std::env::split_paths(&path_var)
+            .chain(SBIN_DIRS.iter().map(PathBuf::from))
+            .map(|dir| dir.join(program))
+            .find(|candidate| is_executable(candidate))
+    }
+
+    fn run(&self, program: &Path, args: &[&str]) -> Result<CommandOutput, String> {
+        let out = Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| e.to_string())?;
+        Ok(CommandOutput {
+            success: out.status.success(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
+    }
+
+    fn is_root(&self) -> bool {
+        nix::unistd::geteuid().is_root()
+    }
+
+    fn read_to_string(&self, path: &Path) -> Option<String> {
+        fs::read_to_string(path).ok()
+    }
+
+    fn state_dir(&self) -> PathBuf {
+        self.state_dir.clone()
+    }
+
+    fn free_bytes(&self, path: &Path) -> Result<u64, String> {
+        let st = nix::sys::statvfs::statvfs(path).map_err(|e| e.to_string())?;
+        Ok((st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::{HashMap, HashSet};
+
+    /// A host described by a few sets and maps; defaults to a healthy hardware-KVM machine.
+    struct FakeProbe {
+        arch: String,
+        devices: HashMap<&'static str, Access>,
+        modules: HashSet<&'static str>,
+        paths: HashSet<PathBuf>,
+        programs: HashSet<&'static str>,
+        outputs: HashMap<String, Result<CommandOutput, String>>,
+        root: bool,
+        files: HashMap<&'static str, String>,
+        free: Result<u64, String>,
+    }
+
+    fn ok(stdout: &str, stderr: &str) -> Result<CommandOutput, String> {
+        Ok(CommandOutput {
+            success: true,
+            stdout: stdout.into(),
+            stderr: stderr.into(),
+        })
+    }
+
+    impl FakeProbe {
+        fn healthy() -> Self {
+            let outputs = [
+                (
+                    "firecracker --version",
+                    ok("Firecracker v1.16.1\n\nExiting successfully\n", ""),
+                ),
+                (
+                    "qemu-system-x86_64 --version",
+                    ok("QEMU emulator version 7.2.15\nCopyright\n", ""),
+                ),
+                (
+                    "nft --version",
+                    ok("nftables v1.0.6 (Lester Gooch #5)\n", ""),
+                ),
+                (
+                    "mkfs.ext4 -V",
+                    ok("", "mke2fs 1.47.0 (5-Feb-2023)\n\tUsing EXT2FS Library\n"),
+                ),
+                (
+                    "ssh -V",
+                    ok("", "OpenSSH_9.2p1 Debian-2+deb12u3, OpenSSL 3.0.15\n"),
+                ),
+                (
+                    "debootstrap --version",
+                    ok("debootstrap 1.0.128+nmu2+deb12u1\n", ""),
+                ),
+                ("sudo -n true", ok("", "")),
+            ];
+            FakeProbe {
+                arch: "x86_64".into(),
+                devices: [
+                    ("/dev/kvm", Access::Ok),
+                    ("/dev/net/tun", Access::Ok),
+                    ("/dev/vhost-vsock", Access::Ok),
+                ]
+                .into_iter()
+                .collect(),
+                modules: ["kvm", "kvm_intel"].into_iter().collect(),
+                paths: [
+                    "/",
+                    "/home",
+                    "/home/u",
+                    "/run/systemd/resolve/io.systemd.Resolve",
+                ]
+                .into_iter()
+                .map(PathBuf::from)
+                .collect(),
+                programs: [
+                    "firecracker",
+                    "qemu-system-x86_64",
+                    "nft",
+                    "mkfs.ext4",
+                    "debugfs",
+                    "e2fsck",
+                    "ssh",
+                    "ssh-keygen",
+                    "sudo",
+                    "debootstrap",
+                ]
+                .into_iter()
+                .collect(),
+                outputs: outputs
+                    .into_iter()
+                    .map(|(k, v)| (k.to_owned(), v))
+                    .collect(),
+                root: false,
+                files: [("/proc/sys/net/ipv4/ip_forward", "1\n".to_owned())]
+                    .into_iter()
+                    .collect(),
+                free: Ok(100 * GIB),
+            }
+        }
+
+        /// This build machine: kvm_pvm, no vhost-vsock, no Firecracker, no resolved, root.
+        fn this_machine() -> Self {
+            let mut p = Self::healthy();
+            p.modules = ["kvm", "kvm_pvm"].into_iter().collect();
+            p.devices.insert("/dev/vhost-vsock", Access::Missing);
+            p.programs.remove("firecracker");
+            p.paths
+                .remove(Path::new("/run/systemd/resolve/io.systemd.Resolve"));
+            p.files
+                .insert("/proc/sys/net/ipv4/ip_forward", "0\n".into());
+            p.root = true;
+            p
+        }
+
+        fn without(mut self, program: &'static str) -> Self {
+            self.programs.remove(program);
+            self
+        }
+    }
+
+    impl Probe for FakeProbe {
+        fn arch(&self) -> String {
+            self.arch.clone()
+        }
+        fn device_access(&self, path: &Path) -> Access {
+            self.devices
+                .get(path.to_str().unwrap())
+                .cloned()
+                .unwrap_or(Access::Missing)
+        }
+        fn module_loaded(&self, name: &str) -> bool {
+            self.modules.contains(name)
+        }
+        fn path_exists(&self, path: &Path) -> bool {
+            self.paths.contains(path)
+        }
+        fn find_program(&self, program: &str) -> Option<PathBuf> {
+            self.programs
+                .contains(program)
+                .then(|| PathBuf::from("/usr/bin").join(program))
+        }
+        fn run(&self, program: &Path, args: &[&str]) -> Result<CommandOutput, String> {
+            let name = program.file_name().unwrap().to_str().unwrap();
+            let key = format!("{name} {}", args.join(" "));
+            self.outputs
+                .get(&key)
+                .cloned()
+                .unwrap_or_else(|| panic!("fake probe has no output for `{key}`"))
+        }
+        fn is_root(&self) -> bool {
+            self.root
+        }
+        fn read_to_string(&self, path: &Path) -> Option<String> {
+            self.files.get(path.to_str().unwrap()).cloned()
+        }
+        fn state_dir(&self) -> PathBuf {
+            PathBuf::from("/home/u/.local/state/banger")
+        }
+        fn free_bytes(&self, path: &Path) -> Result<u64, String> {
+            assert_eq!(path, Path::new("/home/u"), "measured the wrong directory");
+            self.free.clone()
+        }
+    }
+
+    fn find<'a>(checks: &'a [Check], name: &str) -> &'a Check {
+        checks
+            .iter()
+            .find(|c| c.name == name)
+            .unwrap_or_else(|| panic!("no check named {name}"))
+    }
+
+    fn check(probe: &FakeProbe, name: &str) -> Check {
+        find(&run_checks(probe), name).clone()
+    }
+
+    #[test]
+    fn healthy_host_passes_everything_and_exits_zero() {
+        let checks = run_checks(&FakeProbe::healthy());
+        for c in &checks {
+            assert_eq!(c.level, Level::Pass, "{c:?}");
+            assert!(c.fix.is_none());
+        }
+        assert_eq!(exit_code(&checks), 0);
+    }
+
+    #[test]
+    fn every_check_that_is_not_pass_has_a_fix() {
+        let mut probe = FakeProbe::this_machine();
+        probe.arch = "aarch64".into();
+        probe.programs.clear();
+        probe.devices.clear();
+        probe.free = Ok(GIB);
+        probe.root = false;
+        for c in run_checks(&probe) {
+            if c.level != Level::Pass {
+                assert!(c.fix.as_deref().is_some_and(|f| !f.is_empty()), "{c:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn non_x86_64_arch_fails() {
+        let mut probe = FakeProbe::healthy();
+        probe.arch = "aarch64".into();
+        let c = check(&probe, "arch");
+        assert_eq!(c.level, Level::Fail);
+        assert!(c.detail.contains("x86_64 hosts only"));
+    }
+
+    #[test]
+    fn this_machine_kvm_pvm_is_nested_software_mode_with_qemu_fallback() {
+        let checks = run_checks(&FakeProbe::this_machine());
+        let mode = find(&checks, "kvm-mode");
+        assert_eq!(mode.level, Level::Warn);
+        assert!(
+            mode.detail.contains("nested software mode"),
+            "{}",
+            mode.detail
+        );
+        assert!(mode.detail.contains("QEMU (TCG)"), "{}", mode.detail);
+        let qemu = find(&checks, "qemu");
+        assert_eq!(qemu.level, Level::Pass);
+        assert!(qemu.detail.contains("accel tcg"), "{}", qemu.detail);
+        assert_eq!(find(&checks, "firecracker").level, Level::Pass);
+        assert_eq!(find(&checks, "vhost-vsock").level, Level::Warn);
+        assert_eq!(exit_code(&checks), 0, "{}", render_text(&checks));
+    }
+
+    #[test]
+    fn hardware_kvm_modules_pass() {
+        let mut probe = FakeProbe::healthy();
+        probe.modules = ["kvm", "kvm_amd"].into_iter().collect();
+        let c = check(&probe, "kvm-mode");
+        assert_eq!(c.level, Level::Pass);
+        assert!(c.detail.contains("kvm_amd"));
+    }
+
+    #[test]
+    fn no_kvm_module_warns_and_names_fallback() {
+        let mut probe = FakeProbe::healthy();
+        probe.modules.clear();
+        let c = check(&probe, "kvm-mode");
+        assert_eq!(c.level, Level::Warn);
+        assert!(c.detail.contains("QEMU (TCG)"));
+        assert!(c.fix.unwrap().contains("modprobe"));
+    }
+
+    #[test]
+    fn missing_or_denied_dev_kvm_warns() {
+        let mut probe = FakeProbe::healthy();
+        probe.devices.insert("/dev/kvm", Access::Missing);
+        let c = check(&probe, "kvm-device");
+        assert_eq!(c.level, Level::Warn);
+        assert!(c.detail.contains("does not exist"));
+        probe
+            .devices
+            .insert("/dev/kvm", Access::Denied("Permission denied".into()));
+        let c = check(&probe, "kvm-device");
+        assert_eq!(c.level, Level::Warn);
+        assert!(c.detail.contains("Permission denied"));
+        assert!(c.fix.unwrap().contains("kvm group"));
+    }
+
+    #[test]
+    fn firecracker_version_is_reported() {
+        let c = check(&FakeProbe::healthy(), "firecracker");
+        assert_eq!(c.level, Level::Pass);
+        assert!(c
+            .detail
+            .starts_with("Firecracker v1.16.1 at /usr/bin/firecracker"));
+    }
+
+    #[test]
+    fn firecracker_without_hardware_kvm_warns() {
+        let mut probe = FakeProbe::healthy();
+        probe.modules = ["kvm", "kvm_pvm"].into_iter().collect();
+        let c = check(&probe, "firecracker");
+        assert_eq!(c.level, Level::Warn);
+        assert!(c.detail.contains("needs hardware KVM"));
+    }
+
+    #[test]
+    fn firecracker_missing_with_hardware_kvm_warns_and_qemu_is_used() {
+        let probe = FakeProbe::healthy().without("firecracker");
+        let checks = run_checks(&probe);
+        let c = find(&checks, "firecracker");
+        assert_eq!(c.level, Level::Warn);
+        assert!(c.fix.as_deref().unwrap().contains("firecracker_bin"));
+        assert!(find(&checks, "qemu").detail.contains("accel kvm"));
+    }
+
+    #[test]
+    fn broken_firecracker_binary_warns_with_its_error() {
+        let mut probe = FakeProbe::healthy();
+        probe.outputs.insert(
+            "firecracker --version".into(),
+            Err("Exec format error".into()),
+        );
+        let checks = run_checks(&probe);
+        let c = find(&checks, "firecracker");
+        assert_eq!(c.level, Level::Warn);
+        assert!(c.detail.contains("Exec format error"));
+        // With Firecracker broken, QEMU is the VMM and must not be called a fallback.
+        assert!(find(&checks, "qemu").detail.contains("accel kvm"));
+    }
+
+    #[test]
+    fn qemu_missing_without_usable_firecracker_fails_with_apt_hint() {
+        let probe = FakeProbe::this_machine().without("qemu-system-x86_64");
+        let checks = run_checks(&probe);
+        let c = find(&checks, "qemu");
+        assert_eq!(c.level, Level::Fail);
+        assert_eq!(
+            c.fix.as_deref(),
+            Some("sudo apt-get install qemu-system-x86")
+        );
+        assert_eq!(exit_code(&checks), 1);
+    }
+
+    #[test]
+    fn qemu_missing_with_firecracker_and_hardware_kvm_only_warns() {
+        let probe = FakeProbe::healthy().without("qemu-system-x86_64");
+        let c = check(&probe, "qemu");
+        assert_eq!(c.level, Level::Warn);
+        assert!(c.fix.unwrap().contains("apt-get install qemu-system-x86"));
+    }
+
+    #[test]
+    fn qemu_version_failure_without_firecracker_fails() {
+        let mut probe = FakeProbe::this_machine();
+        probe.outputs.insert(
+            "qemu-system-x86_64 --version".into(),
+            Ok(CommandOutput {
+                success: false,
+                stdout: String::new(),
+                stderr: "error while loading shared libraries\n".into(),
+            }),
+        );
+        let c = check(&probe, "qemu");
+        assert_eq!(c.level, Level::Fail);
+        assert!(c.detail.contains("error while loading shared libraries"));
+    }
+
+    #[test]
+    fn tun_missing_fails_and_denied_warns() {
+        let mut probe = FakeProbe::healthy();
+        probe.devices.insert("/dev/net/tun", Access::Missing);
+        let c = check(&probe, "tun");
+        assert_eq!(c.level, Level::Fail);
+        assert_eq!(c.fix.as_deref(), Some("sudo modprobe tun"));
+        probe
+            .devices
+            .insert("/dev/net/tun", Access::Denied("Permission denied".into()));
+        assert_eq!(check(&probe, "tun").level, Level::Warn);
+    }
+
+    #[test]
+    fn vhost_vsock_missing_warns_about_virtio_serial_fallback() {
+        let mut probe = FakeProbe::healthy();
+        probe.devices.insert("/dev/vhost-vsock", Access::Missing);
+        let c = check(&probe, "vhost-vsock");
+        assert_eq!(c.level, Level::Warn);
+        assert!(c.detail.contains("virtio-serial"));
+    }
+
+    #[test]
+    fn ip_forward_off_is_fine_because_banger_enables_it() {
+        let mut probe = FakeProbe::healthy();
+        probe
+            .files
+            .insert("/proc/sys/net/ipv4/ip_forward", "0\n".into());
+        let c = check(&probe, "ip-forward");
+        assert_eq!(c.level, Level::Pass);
+        assert!(c.detail.contains("banger turns it on when a VM starts"));
+        probe.files.clear();
+        assert_eq!(check(&probe, "ip-forward").level, Level::Warn);
+    }
+
+    #[test]
+    fn nft_missing_fails() {
+        let c = check(&FakeProbe::healthy().without("nft"), "nft");
+        assert_eq!(c.level, Level::Fail);
+        assert_eq!(c.fix.as_deref(), Some("sudo apt-get install nftables"));
+        let ok = check(&FakeProbe::healthy(), "nft");
+        assert!(ok.detail.starts_with("nftables v1.0.6"));
+    }
+
+    #[test]
+    fn e2fsprogs_names_every_missing_tool() {
+        let probe = FakeProbe::healthy().without("debugfs").without("e2fsck");
+        let c = check(&probe, "e2fsprogs");
+        assert_eq!(c.level, Level::Fail);
+        assert!(
+            c.detail.starts_with("debugfs, e2fsck not found"),
+            "{}",
+            c.detail
+        );
+        assert_eq!(c.fix.as_deref(), Some("sudo apt-get install e2fsprogs"));
+        let ok = check(&FakeProbe::healthy(), "e2fsprogs");
+        assert!(ok.detail.starts_with("mke2fs 1.47.0"), "{}", ok.detail);
+    }
+
+    #[test]
+    fn ssh_client_and_keygen_are_required() {
+        let c = check(&FakeProbe::healthy().without("ssh-keygen"), "ssh");
+        assert_eq!(c.level, Level::Fail);
+        assert!(c.detail.contains("ssh-keygen"));
+        assert!(c.fix.unwrap().contains("openssh-client"));
+        let ok = check(&FakeProbe::healthy(), "ssh");
+        assert!(ok.detail.starts_with("OpenSSH_9.2p1"), "{}", ok.detail);
+    }
+
+    #[test]
+    fn sudo_rules() {
+        let mut probe = FakeProbe::healthy();
+        probe.root = true;
+        probe.outputs.remove("sudo -n true");
+        assert!(check(&probe, "sudo").detail.contains("running as root"));
+
+        let mut probe = FakeProbe::healthy();
+        assert!(check(&probe, "sudo")
+            .detail
+            .contains("passwordless sudo works"));
+        probe.outputs.insert(
+            "sudo -n true".into(),
+            Ok(CommandOutput {
+                success: false,
+                stdout: String::new(),
+                stderr: "sudo: a password is required\n".into(),
+            }),
+        );
+        let c = check(&probe, "sudo");
+        assert_eq!(c.level, Level::Fail);
+        assert!(c.fix.unwrap().contains("sudoers.d"));
+
+        let c = check(&FakeProbe::healthy().without("sudo"), "sudo");
+        assert_eq!(c.level, Level::Fail);
+        assert!(c.detail.contains("sudo not found"));
+    }
+
+    #[test]
+    fn debootstrap_missing_only_warns() {
+        let c = check(&FakeProbe::healthy().without("debootstrap"), "debootstrap");
+        assert_eq!(c.level, Level::Warn);
+        assert!(c.detail.contains("local image builds"));
+    }
+
+    #[test]
+    fn disk_thresholds() {
+        let mut probe = FakeProbe::healthy();
+        probe.free = Ok(10 * GIB);
+        assert_eq!(check(&probe, "disk").level, Level::Pass);
+        probe.free = Ok(10 * GIB - 1);
+        let c = check(&probe, "disk");
+        assert_eq!(c.level, Level::Warn);
+        assert!(
+            c.detail.contains("/home/u/.local/state/banger"),
+            "{}",
+            c.detail
+        );
+        probe.free = Ok(2 * GIB - 1);
+        assert_eq!(check(&probe, "disk").level, Level::Fail);
+        probe.free = Ok(2 * GIB);
+        assert_eq!(check(&probe, "disk").level, Level::Warn);
+        probe.free = Err("Input/output error".into());
+        assert_eq!(check(&probe, "disk").level, Level::Warn);
+    }
+
+    #[test]
+    fn resolved_presence_is_reported() {
+        let c = check(&FakeProbe::healthy(), "dns");
+        assert_eq!(c.level, Level::Pass);
+        assert!(c.detail.contains("systemd-resolved is running"));
+        let c = check(&FakeProbe::this_machine(), "dns");
+        assert_eq!(c.level, Level::Warn);
+        assert!(c.detail.contains("not running"));
+        assert!(c.fix.unwrap().contains("docs/"));
+    }
+
+    #[test]
+    fn text_report_is_aligned_with_fix_below() {
+        let checks = vec![
+            Check::pass("arch", "x86_64"),
+            Check::fail(
+                "e2fsprogs",
+                "mkfs.ext4 not found",
+                "sudo apt-get install e2fsprogs",
+            ),
+            Check::warn("tun", "denied", "chmod"),
+        ];
+        let text = render_text(&checks);
+        let expected = "\
+[pass] arch       x86_64
+[FAIL] e2fsprogs  mkfs.ext4 not found
+                  fix: sudo apt-get install e2fsprogs
+[warn] tun        denied
+                  fix: chmod
+
+3 checks: 1 passed, 1 warning, 1 failed
+";
+        assert_eq!(text, expected);
+        assert_eq!(exit_code(&checks), 1);
+    }
+
+    #[test]
+    fn json_uses_lowercase_levels_and_null_fix() {
+        let json = serde_json::to_value(vec![Check::pass("arch", "x86_64")]).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!([{"name": "arch", "level": "pass", "detail": "x86_64", "fix": null}])
+        );
+    }
+
+    /// The real probe on this machine, which the brief describes: kvm_pvm, root, no vhost-vsock.
+    #[test]
+    fn host_probe_reads_this_machine() {
+        let probe = HostProbe::new(std::env::temp_dir().join("banger-doctor-test/state"), None);
+        assert_eq!(probe.arch(), "x86_64");
+        assert!(
+            probe.find_program("mkfs.ext4").is_some(),
+            "e2fsprogs is installed here"
+        );
+        assert!(probe.free_bytes(Path::new("/")).unwrap() > 0);
+        let checks = run_checks(&probe);
+        let text = render_text(&checks);
+        // Visible with --nocapture: the report as a user on this machine would see it.
+        println!("{text}");
+        assert_eq!(find(&checks, "arch").level, Level::Pass, "{text}");
+        if probe.module_loaded("kvm_pvm") {
+            assert!(
+                find(&checks, "kvm-mode")
+                    .detail
+                    .contains("nested software mode"),
+                "{text}"
+            );
+        }
+    }
+}
