@@ -262,7 +262,7 @@ fn file_sync_config_errors_and_an_interactive_session() {
     std::thread::sleep(Duration::from_secs(3));
     master.write_all(b"echo h''i; exit\n").unwrap();
     assert!(
-        read_until(&mut master, &mut seen, "\nhi", 60),
+        read_until(&mut master, &mut seen, "hi\r\n", 60),
         "no 'hi' from the session:\n{seen}"
     );
     assert!(
