@@ -6,14 +6,18 @@
 
 PREFIX ?= /usr/local
 BINDIR ?= $(PREFIX)/bin
+MANDIR ?= $(PREFIX)/share/man/man1
+BASHCOMPDIR ?= $(PREFIX)/share/bash-completion/completions
+ZSHCOMPDIR ?= $(PREFIX)/share/zsh/site-functions
+FISHCOMPDIR ?= $(PREFIX)/share/fish/vendor_completions.d
 CARGO  ?= cargo
 AGENT_TARGET := x86_64-unknown-linux-gnu
 # The agent runs inside guests of any userland, so it is linked statically.
 AGENT_RUSTFLAGS := -C target-feature=+crt-static
 
 # Host packages: runtime needs (qemu, nft, e2fsprogs, ssh, debootstrap) and test-only tools.
-APT_RUNTIME := debootstrap qemu-system-x86 nftables e2fsprogs openssh-client zstd iproute2 sudo ca-certificates
-APT_TEST    := openssh-server dnsutils python3 procps util-linux
+APT_RUNTIME := debootstrap qemu-system-x86 nftables e2fsprogs openssh-client zstd iproute2 sudo ca-certificates git
+APT_TEST    := openssh-server dnsutils procps util-linux libc6-dev
 
 .PHONY: all build agent install uninstall test deps test-deps fmt lint bench
 
@@ -37,10 +41,17 @@ install: deps build
 	install -d $(DESTDIR)$(BINDIR)
 	install -m 0755 target/release/banger target/release/bangerd $(DESTDIR)$(BINDIR)/
 	install -m 0755 target/agent/$(AGENT_TARGET)/release/banger-agent $(DESTDIR)$(BINDIR)/
+	install -d $(DESTDIR)$(MANDIR) $(DESTDIR)$(BASHCOMPDIR) $(DESTDIR)$(ZSHCOMPDIR) $(DESTDIR)$(FISHCOMPDIR)
+	target/release/banger __manpages $(DESTDIR)$(MANDIR)
+	target/release/banger completion bash > $(DESTDIR)$(BASHCOMPDIR)/banger
+	target/release/banger completion zsh > $(DESTDIR)$(ZSHCOMPDIR)/_banger
+	target/release/banger completion fish > $(DESTDIR)$(FISHCOMPDIR)/banger.fish
 
 uninstall:
 	-$(BINDIR)/banger daemon stop 2>/dev/null
 	rm -f $(DESTDIR)$(BINDIR)/banger $(DESTDIR)$(BINDIR)/bangerd $(DESTDIR)$(BINDIR)/banger-agent
+	rm -f $(DESTDIR)$(MANDIR)/banger.1 $(DESTDIR)$(MANDIR)/banger-*.1
+	rm -f $(DESTDIR)$(BASHCOMPDIR)/banger $(DESTDIR)$(ZSHCOMPDIR)/_banger $(DESTDIR)$(FISHCOMPDIR)/banger.fish
 	@echo "banger removed. Your data was left in place:"
 	@echo "  $${XDG_CONFIG_HOME:-$$HOME/.config}/banger   (config, ssh keys)"
 	@echo "  $${XDG_STATE_HOME:-$$HOME/.local/state}/banger   (images, kernels, VMs, database, log)"

@@ -29,7 +29,7 @@ pub struct RunArgs {
     #[arg(long)]
     name: Option<String>,
     /// Image to boot (default: `default_image_name` from config, else debian-bookworm).
-    #[arg(long)]
+    #[arg(long, add = clap_complete::ArgValueCandidates::new(crate::complete::images))]
     image: Option<String>,
     /// Number of vCPUs.
     #[arg(long)]

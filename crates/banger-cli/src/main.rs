@@ -5,7 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
+use clap_complete::ArgValueCandidates;
 
 mod client;
 mod cmd_daemon;
@@ -13,6 +14,7 @@ mod cmd_host;
 mod cmd_image;
 mod cmd_run;
 mod cmd_vm;
+mod complete;
 mod doctor;
 mod exit;
 mod render;
@@ -48,6 +50,15 @@ enum Command {
     Daemon(DaemonCmd),
     /// Check this host: KVM, VMM binaries, networking tools, disk; exits 1 if anything fails.
     Doctor(JsonFlag),
+    /// Print the shell completion script for bash, zsh, fish or powershell.
+    #[command(after_long_help = complete::LOADING_HELP)]
+    Completion {
+        #[arg(value_parser = ["bash", "zsh", "fish", "powershell"])]
+        shell: String,
+    },
+    /// Write man pages for banger and every subcommand into DIR (used by `make install`).
+    #[command(hide = true, name = "__manpages")]
+    Manpages { dir: PathBuf },
     /// Print the ssh Include line for `ssh NAME.vm`, or add/remove it in ~/.ssh/config.
     SshConfig {
         /// Add a marker-fenced block with the Include line to ~/.ssh/config (idempotent).
@@ -88,6 +99,7 @@ pub enum ImageCmd {
     },
     /// Export an image with its kernel as a bundle (manifest + zstd files) into a directory.
     Export {
+        #[arg(add = ArgValueCandidates::new(complete::images))]
         name: String,
         /// Output directory (created; must be empty if it exists).
         #[arg(short, long)]
@@ -107,7 +119,10 @@ pub enum ImageCmd {
         initrd: Option<PathBuf>,
     },
     /// Delete an image and its files.
-    Delete { name: String },
+    Delete {
+        #[arg(add = ArgValueCandidates::new(complete::images))]
+        name: String,
+    },
 }
 
 #[derive(Args)]
@@ -116,7 +131,7 @@ pub struct CreateArgs {
     #[arg(long)]
     name: Option<String>,
     /// Image to boot (default: `default_image_name` from config, else debian-bookworm).
-    #[arg(long)]
+    #[arg(long, add = ArgValueCandidates::new(complete::images))]
     image: Option<String>,
     /// Number of vCPUs.
     #[arg(long)]
@@ -141,18 +156,26 @@ pub enum VmCmd {
     /// Create a VM from an image and boot it.
     Create(CreateArgs),
     /// Boot a stopped VM.
-    Start { name: String },
+    Start {
+        #[arg(add = ArgValueCandidates::new(complete::vms))]
+        name: String,
+    },
     /// Shut a VM down (gracefully, then forced after a timeout).
     Stop {
+        #[arg(add = ArgValueCandidates::new(complete::vms))]
         name: String,
         /// Kill it at once.
         #[arg(long)]
         force: bool,
     },
     /// Stop and start a VM.
-    Restart { name: String },
+    Restart {
+        #[arg(add = ArgValueCandidates::new(complete::vms))]
+        name: String,
+    },
     /// Delete a VM and its disks.
     Delete {
+        #[arg(add = ArgValueCandidates::new(complete::vms))]
         name: String,
         /// Delete it even if it is running.
         #[arg(long)]
@@ -162,12 +185,14 @@ pub enum VmCmd {
     List(JsonFlag),
     /// Show one VM in detail.
     Show {
+        #[arg(add = ArgValueCandidates::new(complete::vms))]
         name: String,
         #[arg(long)]
         json: bool,
     },
     /// Open an ssh session into a VM, or run a command there over ssh.
     Ssh {
+        #[arg(add = ArgValueCandidates::new(complete::vms))]
         name: String,
         /// Command to run instead of a login shell.
         #[arg(last = true)]
@@ -175,12 +200,14 @@ pub enum VmCmd {
     },
     /// Run a command in a VM through the guest agent (no sshd needed); exits with its status.
     Exec {
+        #[arg(add = ArgValueCandidates::new(complete::vms))]
         name: String,
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
     /// Print a VM's serial console and boot log.
     Logs {
+        #[arg(add = ArgValueCandidates::new(complete::vms))]
         name: String,
         /// Keep printing new output until the VM stops.
         #[arg(short, long)]
@@ -201,7 +228,10 @@ pub enum KernelCmd {
         initrd: Option<PathBuf>,
     },
     /// Delete a kernel no image uses.
-    Delete { name: String },
+    Delete {
+        #[arg(add = ArgValueCandidates::new(complete::kernels))]
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -230,6 +260,27 @@ pub fn absolute(p: &Path) -> Result<PathBuf, CliError> {
     })
 }
 
+/// One page per command, named like git's (`banger-vm-run.1`).
+fn write_manpages(dir: &Path) -> Result<ExitCode, CliError> {
+    fn walk(cmd: &clap::Command, name: &str, dir: &Path) -> std::io::Result<()> {
+        if cmd.is_hide_set() {
+            return Ok(());
+        }
+        let cmd = cmd.clone().name(name.to_owned());
+        let mut buf = Vec::new();
+        clap_mangen::Man::new(cmd.clone()).render(&mut buf)?;
+        std::fs::write(dir.join(format!("{name}.1")), buf)?;
+        for sub in cmd.get_subcommands() {
+            walk(sub, &format!("{name}-{}", sub.get_name()), dir)?;
+        }
+        Ok(())
+    }
+    std::fs::create_dir_all(dir)
+        .and_then(|_| walk(&Cli::command(), "banger", dir))
+        .map_err(|e| CliError::new(Exit::Failure, format!("cannot write man pages to {}: {e}", dir.display())))?;
+    Ok(ExitCode::SUCCESS)
+}
+
 async fn run(cli: Cli) -> Result<ExitCode, CliError> {
     let ctx = Ctx {
         paths: banger_config::Paths::from_env()?,
@@ -241,11 +292,14 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Kernel(c) => cmd_image::kernel(&ctx, c).await,
         Command::Daemon(c) => cmd_daemon::daemon(&ctx, c).await,
         Command::Doctor(f) => cmd_host::doctor(&ctx, f.json),
+        Command::Completion { shell } => complete::print_script(&shell),
+        Command::Manpages { dir } => write_manpages(&dir),
         Command::SshConfig { install, uninstall } => cmd_host::ssh_config(&ctx, install, uninstall),
     }
 }
 
 fn main() -> ExitCode {
+    clap_complete::CompleteEnv::with_factory(Cli::command).complete();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
