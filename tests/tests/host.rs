@@ -7,7 +7,7 @@ use std::process::Command;
 
 use banger_e2e::*;
 
-/// Runs bash's completion for `banger <words...> <TAB>` and returns the candidates.
+/// Runs bash's completion for `banger <words...> <TAB>` and returns the non-flag candidates.
 fn bash_complete(env: &Env, words: &[&str]) -> Vec<String> {
     let script = env.ok(["completion", "bash"]).stdout;
     let dir = tempfile::tempdir().unwrap();
@@ -35,13 +35,17 @@ fn bash_complete(env: &Env, words: &[&str]) -> Vec<String> {
         .env("HOME", env.home())
         .env_remove("XDG_RUNTIME_DIR")
         .env_remove("XDG_STATE_HOME")
-        .env("PATH", format!("{}:{}", bin_dir().display(), std::env::var("PATH").unwrap()))
+        .env(
+            "PATH",
+            format!("{}:{}", bin_dir().display(), std::env::var("PATH").unwrap()),
+        )
         .output()
         .unwrap();
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(|l| l.trim().to_owned())
-        .filter(|l| !l.is_empty())
+        // Flags (`--help`, ...) are offered alongside names; the tests are about names.
+        .filter(|l| !l.is_empty() && !l.starts_with('-'))
         .collect()
 }
 
@@ -52,13 +56,40 @@ fn bash_completes_live_vm_names_and_nothing_when_the_daemon_is_down() {
     }
     let env = Env::with_netns();
     register_slim(&env, "slim");
-    env.ok(["vm", "create", "--name", "web", "--image", "slim", "--no-start", "--memory", "512", "--disk", "256M"]);
-    env.ok(["vm", "create", "--name", "worker", "--image", "slim", "--no-start", "--memory", "512", "--disk", "256M"]);
+    env.ok([
+        "vm",
+        "create",
+        "--name",
+        "web",
+        "--image",
+        "slim",
+        "--no-start",
+        "--memory",
+        "512",
+        "--disk",
+        "256M",
+    ]);
+    env.ok([
+        "vm",
+        "create",
+        "--name",
+        "worker",
+        "--image",
+        "slim",
+        "--no-start",
+        "--memory",
+        "512",
+        "--disk",
+        "256M",
+    ]);
 
     let subs = bash_complete(&env, &["vm", "ss"]);
     assert_eq!(subs, vec!["ssh"], "subcommand completion");
     let names = bash_complete(&env, &["vm", "ssh", ""]);
-    assert!(names.contains(&"web".to_owned()) && names.contains(&"worker".to_owned()), "{names:?}");
+    assert!(
+        names.contains(&"web".to_owned()) && names.contains(&"worker".to_owned()),
+        "{names:?}"
+    );
     let names = bash_complete(&env, &["vm", "ssh", "we"]);
     assert_eq!(names, vec!["web"]);
     let images = bash_complete(&env, &["image", "delete", ""]);
@@ -66,10 +97,16 @@ fn bash_completes_live_vm_names_and_nothing_when_the_daemon_is_down() {
 
     env.stop_daemon();
     let names = bash_complete(&env, &["vm", "ssh", ""]);
-    assert!(names.is_empty(), "with the daemon down names complete to nothing: {names:?}");
+    assert!(
+        names.is_empty(),
+        "with the daemon down names complete to nothing: {names:?}"
+    );
     let names = bash_complete(&env, &["vm", "ssh", "we"]);
     assert!(names.is_empty(), "no file-name fallback: {names:?}");
-    assert!(env.daemon_pid().is_none(), "completion must not start the daemon");
+    assert!(
+        env.daemon_pid().is_none(),
+        "completion must not start the daemon"
+    );
 
     env.ok(["vm", "delete", "web"]);
     env.ok(["vm", "delete", "worker"]);
@@ -96,18 +133,31 @@ fn ssh_config_install_is_idempotent_and_uninstall_restores_every_byte() {
     env.ok(["ssh-config", "--install"]);
     let text = std::fs::read_to_string(&config).unwrap();
     assert_eq!(text.matches(">>> banger >>>").count(), 1, "{text}");
-    assert!(text.starts_with("# >>> banger >>>"), "the Include must come before any Host: {text}");
+    assert!(
+        text.starts_with("# >>> banger >>>"),
+        "the Include must come before any Host: {text}"
+    );
     assert!(text.contains(&include), "{text}");
     assert!(text.contains("Host github.com"), "{text}");
-    assert_eq!(std::fs::metadata(&config).unwrap().permissions().mode() & 0o777, 0o640);
+    assert_eq!(
+        std::fs::metadata(&config).unwrap().permissions().mode() & 0o777,
+        0o640
+    );
 
     env.ok(["ssh-config", "--uninstall"]);
-    assert_eq!(std::fs::read(&config).unwrap(), original.to_vec(), "uninstall must restore the file byte for byte");
+    assert_eq!(
+        std::fs::read(&config).unwrap(),
+        original.to_vec(),
+        "uninstall must restore the file byte for byte"
+    );
 
     // No ~/.ssh/config at all: install creates it (0600), uninstall leaves an empty file.
     std::fs::remove_file(&config).unwrap();
     env.ok(["ssh-config", "--install"]);
-    assert_eq!(std::fs::metadata(&config).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(&config).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
 }
 
 #[test]
@@ -126,6 +176,13 @@ fn doctor_reports_the_nested_kvm_mode_and_the_qemu_fallback() {
     let failed = out.stdout.contains("[FAIL]");
     assert_eq!(out.status, Some(if failed { 1 } else { 0 }), "{out}");
     let json = env.banger(["doctor", "--json"]).json();
-    assert!(json["checks"].as_array().unwrap().iter().any(|c| c["name"] == "kvm-mode"), "{json}");
+    assert!(
+        json["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["name"] == "kvm-mode"),
+        "{json}"
+    );
     assert!(json["vm_defaults"]["vcpu"]["source"].is_string(), "{json}");
 }

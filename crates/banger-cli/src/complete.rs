@@ -13,7 +13,10 @@ fn names(path: &'static str) -> Vec<CompletionCandidate> {
     let Ok(paths) = banger_config::Paths::from_env() else {
         return Vec::new();
     };
-    let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
         return Vec::new();
     };
     rt.block_on(async {
@@ -22,7 +25,11 @@ fn names(path: &'static str) -> Vec<CompletionCandidate> {
         match tokio::time::timeout(Duration::from_secs(2), call).await {
             Ok(Ok(items)) => items
                 .iter()
-                .filter_map(|i| i["name"].as_str().map(|n| CompletionCandidate::new(n.to_owned())))
+                .filter_map(|i| {
+                    i["name"]
+                        .as_str()
+                        .map(|n| CompletionCandidate::new(n.to_owned()))
+                })
                 .collect(),
             _ => Vec::new(),
         }

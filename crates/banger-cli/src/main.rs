@@ -277,7 +277,12 @@ fn write_manpages(dir: &Path) -> Result<ExitCode, CliError> {
     }
     std::fs::create_dir_all(dir)
         .and_then(|_| walk(&Cli::command(), "banger", dir))
-        .map_err(|e| CliError::new(Exit::Failure, format!("cannot write man pages to {}: {e}", dir.display())))?;
+        .map_err(|e| {
+            CliError::new(
+                Exit::Failure,
+                format!("cannot write man pages to {}: {e}", dir.display()),
+            )
+        })?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -299,7 +304,10 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
 }
 
 fn main() -> ExitCode {
-    clap_complete::CompleteEnv::with_factory(Cli::command).complete();
+    // The scripts call `banger` from PATH, so they stay valid wherever banger is installed.
+    clap_complete::CompleteEnv::with_factory(Cli::command)
+        .completer("banger")
+        .complete();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
