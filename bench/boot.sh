@@ -10,24 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rootfs=$1 kernel=$2 initrd=$3 runs=${4:-3} out=${5:-bench/results/boot.md}
-bin=${BANGER_BIN_DIR:-target/debug}
-agent=${BANGER_AGENT_BIN:-target/agent/x86_64-unknown-linux-gnu/debug/banger-agent}
-ns=banger-bench-$$
-home=$(mktemp -d /var/tmp/banger-bench-XXXXXX)
-cleanup() {
-  for p in $(ip netns pids "$ns" 2>/dev/null); do kill -9 "$p" 2>/dev/null || true; done
-  sleep 0.5
-  ip netns del "$ns" 2>/dev/null || true
-  rm -rf "$home"
-}
-trap cleanup EXIT
-ip netns add "$ns"
-ip netns exec "$ns" ip link set lo up
-export HOME=$home BANGER_DAEMON_BIN=$PWD/$bin/bangerd BANGER_AGENT_BIN=$PWD/$agent
-b() { ip netns exec "$ns" "$PWD/$bin/banger" "$@"; }
-mkdir -p "$home/.config/banger"
-echo 'vmm = "qemu"' > "$home/.config/banger/config.toml"
-b image register bench --rootfs "$rootfs" --kernel "$kernel" --initrd "$initrd" >/dev/null 2>&1
+source bench/lib.sh
 b vm create --name bench --image bench --vcpu 1 --memory 512 --disk 256M --no-start >/dev/null 2>&1
 now() { date +%s.%N; }
 wait_ssh() { # wait until TCP 22 answers on $1

@@ -17,7 +17,7 @@ use crate::client::Client;
 use crate::cmd_vm::ssh_command;
 use crate::exit::{CliError, Exit};
 use crate::render::{human_duration, Renderer};
-use crate::spec::{self, Flags};
+use crate::spec;
 use crate::workspace;
 use crate::Ctx;
 
@@ -25,21 +25,8 @@ use crate::Ctx;
 pub struct RunArgs {
     /// A repository (or, with --no-git, any directory) to copy to /root/repo in the guest.
     path: Option<PathBuf>,
-    /// VM name (a DNS label); generated when omitted.
-    #[arg(long)]
-    name: Option<String>,
-    /// Image to boot (default: `default_image_name` from config, else debian-bookworm).
-    #[arg(long, add = clap_complete::ArgValueCandidates::new(crate::complete::images))]
-    image: Option<String>,
-    /// Number of vCPUs.
-    #[arg(long)]
-    vcpu: Option<u32>,
-    /// Memory, in MiB or as a size like 2G.
-    #[arg(long, value_parser = spec::parse_memory)]
-    memory: Option<u32>,
-    /// Size of the work disk mounted at /root, like 16G.
-    #[arg(long, value_parser = spec::parse_disk)]
-    disk: Option<u64>,
+    #[command(flatten)]
+    vm: crate::NewVmArgs,
     /// Delete the VM when the command or session ends.
     #[arg(long)]
     rm: bool,
@@ -133,16 +120,8 @@ pub async fn run(ctx: &Ctx, args: RunArgs) -> Result<ExitCode, CliError> {
         .map(PathBuf::from)
         .unwrap_or_default();
     let file_sync = resolve_file_sync(&config.file_sync, &home)?;
-    let resolved = spec::resolve(
-        Flags {
-            vcpu: args.vcpu,
-            memory_mib: args.memory,
-            disk: args.disk,
-        },
-        &config.vm_defaults,
-        spec::Host::detect(),
-    );
-    let (image, image_from) = match &args.image {
+    let resolved = spec::resolve(args.vm.flags(), &config.vm_defaults, spec::Host::detect());
+    let (image, image_from) = match &args.vm.image {
         Some(i) => (i.clone(), "flag"),
         None if config.default_image_name.is_some() => {
             (config.default_image().to_owned(), "config")
@@ -168,10 +147,10 @@ pub async fn run(ctx: &Ctx, args: RunArgs) -> Result<ExitCode, CliError> {
     };
 
     let client = Client::connect(&ctx.paths).await?;
-    ensure_image(ctx, &client, &image, args.image.is_none()).await?;
+    ensure_image(ctx, &client, &image, args.vm.image.is_none()).await?;
 
     let req = CreateVmRequest {
-        name: args.name.clone(),
+        name: args.vm.name.clone(),
         image,
         spec: resolved.spec,
         start: true,

@@ -14,7 +14,7 @@ use hyper::Method;
 use crate::client::Client;
 use crate::exit::{CliError, Exit};
 use crate::render::{human_duration, table, Renderer};
-use crate::spec::{self, Flags};
+use crate::spec;
 use crate::{Ctx, VmCmd};
 
 pub async fn vm(ctx: &Ctx, cmd: VmCmd) -> Result<ExitCode, CliError> {
@@ -30,21 +30,15 @@ pub async fn vm(ctx: &Ctx, cmd: VmCmd) -> Result<ExitCode, CliError> {
                 .map(std::path::PathBuf::from)
                 .unwrap_or_default();
             let file_sync = crate::cmd_run::resolve_file_sync(&config.file_sync, &home)?;
-            let resolved = spec::resolve(
-                Flags {
-                    vcpu: args.vcpu,
-                    memory_mib: args.memory,
-                    disk: args.disk,
-                },
-                &config.vm_defaults,
-                spec::Host::detect(),
-            );
+            let resolved =
+                spec::resolve(args.vm.flags(), &config.vm_defaults, spec::Host::detect());
             let image = args
+                .vm
                 .image
                 .unwrap_or_else(|| config.default_image().to_owned());
             eprintln!("spec: {}, image {image}", resolved.describe());
             let req = CreateVmRequest {
-                name: args.name,
+                name: args.vm.name,
                 image,
                 spec: resolved.spec,
                 start: !args.no_start,

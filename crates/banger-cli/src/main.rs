@@ -125,23 +125,40 @@ pub enum ImageCmd {
     },
 }
 
+/// What a new VM is: shared by `vm create` and `vm run`.
 #[derive(Args)]
-pub struct CreateArgs {
+pub struct NewVmArgs {
     /// VM name (a DNS label); generated when omitted.
     #[arg(long)]
-    name: Option<String>,
+    pub name: Option<String>,
     /// Image to boot (default: `default_image_name` from config, else debian-bookworm).
     #[arg(long, add = ArgValueCandidates::new(complete::images))]
-    image: Option<String>,
+    pub image: Option<String>,
     /// Number of vCPUs.
     #[arg(long)]
-    vcpu: Option<u32>,
+    pub vcpu: Option<u32>,
     /// Memory, in MiB or as a size like 2G.
     #[arg(long, value_parser = spec::parse_memory)]
-    memory: Option<u32>,
+    pub memory: Option<u32>,
     /// Size of the work disk mounted at /root, like 16G.
     #[arg(long, value_parser = spec::parse_disk)]
-    disk: Option<u64>,
+    pub disk: Option<u64>,
+}
+
+impl NewVmArgs {
+    pub fn flags(&self) -> spec::Flags {
+        spec::Flags {
+            vcpu: self.vcpu,
+            memory_mib: self.memory,
+            disk: self.disk,
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct CreateArgs {
+    #[command(flatten)]
+    vm: NewVmArgs,
     /// Create the VM without booting it.
     #[arg(long)]
     no_start: bool,
