@@ -165,6 +165,33 @@ fn create_ssh_exec_restart_keeps_root_and_delete_removes_everything() {
     assert!(out.stderr.contains("slim"), "should list images: {out}");
     let out = env.banger(["vm", "create", "--name", "Bad_Name", "--image", "slim"]);
     assert_eq!(out.status, Some(2), "{out}");
+    let create_web = [
+        "vm",
+        "create",
+        "--name",
+        "web",
+        "--image",
+        "slim",
+        "--no-start",
+        "--memory",
+        "512",
+        "--disk",
+        "256M",
+    ];
+    env.ok(create_web);
+    let out = env.banger(create_web);
+    assert_eq!(out.status, Some(1), "a name in use is refused: {out}");
+    assert!(out.stderr.contains("already exists"), "{out}");
+    env.ok(["vm", "delete", "web"]);
+
+    // A VMM that cannot run: a clear error and no half-made VM.
+    env.write_config("vmm = \"firecracker\"\nfirecracker_bin = \"/nonexistent/firecracker\"\n");
+    env.ok(["daemon", "restart"]);
+    let out = env.banger([
+        "vm", "create", "--name", "fc", "--image", "slim", "--memory", "512", "--disk", "256M",
+    ]);
+    assert_eq!(out.status, Some(72), "{out}");
+    assert!(out.stderr.contains("firecracker"), "{out}");
     assert_nothing_left(&env);
 }
 

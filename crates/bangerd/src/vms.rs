@@ -361,7 +361,16 @@ impl Vms {
             .await?;
         self.refresh_known_hosts().await;
         if req.start {
-            self.start_locked(&name, &progress).await?;
+            if let Err(e) = self.start_locked(&name, &progress).await {
+                // A guest that booted but never became ready is kept for inspection; any other
+                // failure to start leaves no half-made VM behind.
+                if e.code != ErrorCode::BootTimeout {
+                    if let Ok(row) = self.row(&name).await {
+                        self.remove_everything(&row).await;
+                    }
+                }
+                return Err(e);
+            }
         }
         self.show(&name).await
     }
