@@ -147,6 +147,45 @@ fn create_ssh_exec_restart_keeps_root_and_delete_removes_everything() {
         "console log lacks the kernel banner"
     );
 
+    // Plain OpenSSH through the managed ssh_config: `ssh web.vm` (OpenSSH reads the passwd home's
+    // ~/.ssh/config, not $HOME's, so the test names the file with -F).
+    env.ok(["ssh-config", "--install"]);
+    let ssh_config = env.home().join(".ssh/config");
+    let plain_ssh = |cmd: &str| {
+        let ns = env.netns.as_ref().unwrap();
+        Command::new("ip")
+            .args(["netns", "exec", &ns.name, "ssh", "-F"])
+            .arg(&ssh_config)
+            .args(["-o", "BatchMode=yes", "web.vm", cmd])
+            .env("HOME", env.home())
+            .output()
+            .unwrap()
+    };
+    let out = plain_ssh("hostname");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "web",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A guest whose host key changed is refused: the key is pinned, never trusted on first use.
+    env.ok(["vm", "exec", "web", "--", "sh", "-c",
+        "rm -f /etc/ssh/ssh_host_ed25519_key* && ssh-keygen -q -t ed25519 -N '' -f /etc/ssh/ssh_host_ed25519_key && systemctl restart ssh"]);
+    let out = plain_ssh("hostname");
+    assert_ne!(
+        out.status.code(),
+        Some(0),
+        "a swapped host key must be refused"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("IDENTIFICATION HAS CHANGED"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = env.banger(["vm", "ssh", "web", "--", "hostname"]);
+    assert_eq!(out.status, Some(255), "vm ssh refuses it too: {out}");
+
     let out = env.banger(["vm", "delete", "web"]);
     assert_ne!(
         out.status,

@@ -285,37 +285,7 @@ impl Images {
 
     /// The image and its kernel, or a not-found error listing what exists.
     pub async fn get(&self, name: &str) -> Result<(ImageInfo, KernelInfo), ApiError> {
-        let n = name.to_owned();
-        let (img, all) = self
-            .store
-            .call(move |c| Ok((store::get_image(c, &n)?, store::list_images(c)?)))
-            .await
-            .map_err(internal)?;
-        let Some(img) = img else {
-            let known: Vec<String> = all.into_iter().map(|i| i.name).collect();
-            return Err(not_found(
-                "image",
-                name,
-                &known,
-                &format!("build it with `banger image build`, pull it with `banger image pull {name}`, or see `banger image list`"),
-            ));
-        };
-        let k = img.kernel.clone();
-        let ker = self
-            .store
-            .call(move |c| store::get_kernel(c, &k))
-            .await
-            .map_err(internal)?
-            .ok_or_else(|| {
-                ApiError::new(
-                    ErrorCode::Internal,
-                    format!(
-                        "image {name:?} names kernel {:?}, which is missing",
-                        img.kernel
-                    ),
-                )
-            })?;
-        Ok((img, ker))
+        image_with_kernel(&self.store, name).await
     }
 
     pub async fn build(
@@ -707,6 +677,42 @@ impl Images {
             name: name.to_owned(),
         })
     }
+}
+
+/// An image and its kernel, or a not-found error listing the images that exist.
+pub async fn image_with_kernel(
+    store: &Store,
+    name: &str,
+) -> Result<(ImageInfo, KernelInfo), ApiError> {
+    let n = name.to_owned();
+    let (img, all) = store
+        .call(move |c| Ok((store::get_image(c, &n)?, store::list_images(c)?)))
+        .await
+        .map_err(internal)?;
+    let Some(img) = img else {
+        let known: Vec<String> = all.into_iter().map(|i| i.name).collect();
+        return Err(not_found(
+            "image",
+            name,
+            &known,
+            &format!("build it with `banger image build`, pull it with `banger image pull {name}`, or see `banger image list`"),
+        ));
+    };
+    let k = img.kernel.clone();
+    let ker = store
+        .call(move |c| store::get_kernel(c, &k))
+        .await
+        .map_err(internal)?
+        .ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::Internal,
+                format!(
+                    "image {name:?} names kernel {:?}, which is missing",
+                    img.kernel
+                ),
+            )
+        })?;
+    Ok((img, ker))
 }
 
 fn remove_children(dir: &Path, doomed: impl Fn(&str) -> bool) {

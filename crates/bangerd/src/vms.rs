@@ -237,44 +237,7 @@ impl Vms {
     ) -> Result<VmInfo, ApiError> {
         progress.phase("allocate");
         let image_name = req.image.clone();
-        let (image, kernel) = {
-            let n = image_name.clone();
-            let (img, all) = self
-                .store
-                .call(move |c| Ok((store::get_image(c, &n)?, store::list_images(c)?)))
-                .await
-                .map_err(internal)?;
-            let img = img.ok_or_else(|| {
-                let known: Vec<String> = all.into_iter().map(|i| i.name).collect();
-                api(
-                    ErrorCode::NotFound,
-                    format!(
-                        "no image named {image_name:?} (images: {})",
-                        if known.is_empty() {
-                            "none".to_owned()
-                        } else {
-                            known.join(", ")
-                        }
-                    ),
-                )
-                .with_hint(format!(
-                    "build or pull it first: `banger image pull {image_name}`"
-                ))
-            })?;
-            let k = img.kernel.clone();
-            let ker = self
-                .store
-                .call(move |c| store::get_kernel(c, &k))
-                .await
-                .map_err(internal)?
-                .ok_or_else(|| {
-                    api(
-                        ErrorCode::Internal,
-                        format!("kernel {} of image {image_name} is missing", img.kernel),
-                    )
-                })?;
-            (img, ker)
-        };
+        let (image, kernel) = crate::images::image_with_kernel(&self.store, &image_name).await?;
         if req.spec.vcpu == 0 || req.spec.memory_mib < 128 || req.spec.disk_bytes < (64 << 20) {
             return Err(api(
                 ErrorCode::BadRequest,
