@@ -120,8 +120,16 @@ fn workspace_copy_matches_git_and_rm_leaves_nothing() {
     assert_eq!(vm_count(&env), 0, "--rm leaves no VM");
     assert_eq!(
         tree_listing(&env.state_dir().join("vms")),
-        Vec::<String>::new()
+        Vec::<String>::new(),
+        "--rm leaves no disk"
     );
+    let ns = env.netns.as_ref().unwrap();
+    let links = Command::new("ip")
+        .args(["netns", "exec", &ns.name, "ip", "-o", "link"])
+        .output()
+        .unwrap();
+    let links = String::from_utf8_lossy(&links.stdout);
+    assert!(!links.contains(": bg-"), "--rm leaves no tap: {links}");
 
     // Exit status passes through; without --rm the VM stays.
     let out = env.banger([
@@ -290,4 +298,30 @@ fn read_until(master: &mut std::fs::File, seen: &mut String, needle: &str, secs:
         }
     }
     false
+}
+
+#[test]
+fn rm_keeps_a_vm_that_never_came_up_and_says_how_to_read_its_logs() {
+    if !e2e_enabled() {
+        return;
+    }
+    let env = run_env();
+    env.write_config(
+        "vmm = \"qemu\"\n[vm_defaults]\nvcpu = 1\nmemory_mib = 512\ndisk_size = \"256M\"\n",
+    );
+    // A daemon whose guests get 2 seconds to come up: far too little under TCG.
+    env.stop_daemon();
+    let mut cmd = env.cmd([
+        "vm", "run", "--image", "slim", "--name", "slow", "--rm", "--", "true",
+    ]);
+    cmd.env("BANGER_BOOT_TIMEOUT", "2");
+    let out = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(73), "{stderr}");
+    assert!(stderr.contains("banger vm logs slow"), "{stderr}");
+    assert!(stderr.contains("console"), "{stderr}");
+    let vm = env.ok(["vm", "show", "slow", "--json"]).json();
+    assert_eq!(vm["name"], "slow", "--rm must keep a VM that never came up");
+    env.ok(["vm", "delete", "--force", "slow"]);
+    assert_eq!(vm_count(&env), 0);
 }
