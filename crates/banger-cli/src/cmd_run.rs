@@ -175,6 +175,9 @@ pub async fn run(ctx: &Ctx, args: RunArgs) -> Result<ExitCode, CliError> {
         vm.ip,
         human_duration(took)
     );
+    // From here on Ctrl-C belongs to the session: ssh (in our process group) receives it and
+    // ends, and banger carries on to clean up (`--rm`) instead of dying with a VM left behind.
+    let _sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt());
     let result = session(&client, &vm, &args, snapshot.as_ref()).await;
     if args.rm {
         let d: Result<banger_api::Deleted, _> = client
