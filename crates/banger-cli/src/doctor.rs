@@ -436,59 +436,66 @@ fn check_nft(probe: &dyn Probe) -> Check {
     }
 }
 
-fn check_e2fsprogs(probe: &dyn Probe) -> Check {
-    const NAME: &str = "e2fsprogs";
-    const INSTALL: &str = "sudo apt-get install e2fsprogs";
-    let tools = ["mkfs.ext4", "debugfs", "e2fsck"];
-    let missing: Vec<&str> = tools
+/// A package of tools that must all be present; the first one reports the version.
+struct ToolSet {
+    name: &'static str,
+    install: &'static str,
+    tools: &'static [&'static str],
+    version_args: &'static [&'static str],
+    needed_for: &'static str,
+    found: &'static str,
+}
+
+fn check_tool_set(probe: &dyn Probe, set: &ToolSet) -> Check {
+    let missing: Vec<&str> = set
+        .tools
         .iter()
         .copied()
         .filter(|t| probe.find_program(t).is_none())
         .collect();
     if !missing.is_empty() {
         return Check::fail(
-            NAME,
-            format!(
-                "{} not found: banger needs them to build VM disks",
-                missing.join(", ")
-            ),
-            INSTALL,
+            set.name,
+            format!("{} not found: {}", missing.join(", "), set.needed_for),
+            set.install,
         );
     }
-    let Some(mkfs) = probe.find_program("mkfs.ext4") else {
-        return Check::fail(NAME, "mkfs.ext4 not found", INSTALL);
+    let Some(first) = probe.find_program(set.tools[0]) else {
+        return Check::fail(set.name, format!("{} not found", set.tools[0]), set.install);
     };
-    // `mkfs.ext4 -V` prints its version on stderr and exits 0.
-    match program_version(probe, &mkfs, &["-V"]) {
-        Ok(version) => Check::pass(NAME, format!("{version}; mkfs.ext4, debugfs, e2fsck found")),
-        Err(err) => Check::fail(NAME, err, INSTALL),
+    match program_version(probe, &first, set.version_args) {
+        Ok(version) => Check::pass(set.name, format!("{version}; {}", set.found)),
+        Err(err) => Check::fail(set.name, err, set.install),
     }
 }
 
+fn check_e2fsprogs(probe: &dyn Probe) -> Check {
+    // `mkfs.ext4 -V` prints its version on stderr and exits 0.
+    check_tool_set(
+        probe,
+        &ToolSet {
+            name: "e2fsprogs",
+            install: "sudo apt-get install e2fsprogs",
+            tools: &["mkfs.ext4", "debugfs", "e2fsck"],
+            version_args: &["-V"],
+            needed_for: "banger needs them to build VM disks",
+            found: "mkfs.ext4, debugfs, e2fsck found",
+        },
+    )
+}
+
 fn check_ssh(probe: &dyn Probe) -> Check {
-    const NAME: &str = "ssh";
-    const INSTALL: &str = "sudo apt-get install openssh-client";
-    let missing: Vec<&str> = ["ssh", "ssh-keygen"]
-        .into_iter()
-        .filter(|t| probe.find_program(t).is_none())
-        .collect();
-    if !missing.is_empty() {
-        return Check::fail(
-            NAME,
-            format!(
-                "{} not found: needed for `vm ssh` and VM keys",
-                missing.join(", ")
-            ),
-            INSTALL,
-        );
-    }
-    let Some(ssh) = probe.find_program("ssh") else {
-        return Check::fail(NAME, "ssh not found", INSTALL);
-    };
-    match program_version(probe, &ssh, &["-V"]) {
-        Ok(version) => Check::pass(NAME, format!("{version}; ssh-keygen found")),
-        Err(err) => Check::fail(NAME, err, INSTALL),
-    }
+    check_tool_set(
+        probe,
+        &ToolSet {
+            name: "ssh",
+            install: "sudo apt-get install openssh-client",
+            tools: &["ssh", "ssh-keygen"],
+            version_args: &["-V"],
+            needed_for: "needed for `vm ssh` and VM keys",
+            found: "ssh-keygen found",
+        },
+    )
 }
 
 fn check_sudo(probe: &dyn Probe) -> Check {
