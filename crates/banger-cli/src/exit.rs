@@ -31,6 +31,7 @@ Exit status:
   0    success (or, for commands run in a VM, the command's own status)
   1    failure not covered below
   2    bad usage or invalid config file
+  3    `banger daemon status` only: the daemon is not running
   69   bangerd could not be started or reached, or speaks another API version
   70   the named image, kernel or VM does not exist
   71   an image download, build or verification failed
