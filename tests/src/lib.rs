@@ -582,3 +582,14 @@ pub fn register_slim(env: &Env, name: &str) {
         img.initrd.as_os_str(),
     ]);
 }
+
+/// `vm create` arguments for a small test VM (1 vCPU, 512 MiB, 256M work disk) from `image`,
+/// followed by `extra` (e.g. `--no-start`).
+pub fn small_vm<'a>(name: &'a str, image: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "vm", "create", "--name", name, "--image", image, "--vcpu", "1", "--memory", "512",
+        "--disk", "256M",
+    ];
+    args.extend_from_slice(extra);
+    args
+}

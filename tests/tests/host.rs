@@ -56,32 +56,8 @@ fn bash_completes_live_vm_names_and_nothing_when_the_daemon_is_down() {
     }
     let env = Env::with_netns();
     register_slim(&env, "slim");
-    env.ok([
-        "vm",
-        "create",
-        "--name",
-        "web",
-        "--image",
-        "slim",
-        "--no-start",
-        "--memory",
-        "512",
-        "--disk",
-        "256M",
-    ]);
-    env.ok([
-        "vm",
-        "create",
-        "--name",
-        "worker",
-        "--image",
-        "slim",
-        "--no-start",
-        "--memory",
-        "512",
-        "--disk",
-        "256M",
-    ]);
+    env.ok(small_vm("web", "slim", &["--no-start"]));
+    env.ok(small_vm("worker", "slim", &["--no-start"]));
 
     let subs = bash_complete(&env, &["vm", "ss"]);
     assert_eq!(subs, vec!["ssh"], "subcommand completion");

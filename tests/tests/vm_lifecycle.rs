@@ -20,10 +20,7 @@ fn vm_env() -> Env {
 }
 
 fn create(env: &Env, name: &str) -> serde_json::Value {
-    env.ok([
-        "vm", "create", "--name", name, "--image", "slim", "--vcpu", "1", "--memory", "512",
-        "--disk", "256M",
-    ]);
+    env.ok(small_vm(name, "slim", &[]));
     env.ok(["vm", "show", name, "--json"]).json()
 }
 
@@ -204,20 +201,8 @@ fn create_ssh_exec_restart_keeps_root_and_delete_removes_everything() {
     assert!(out.stderr.contains("slim"), "should list images: {out}");
     let out = env.banger(["vm", "create", "--name", "Bad_Name", "--image", "slim"]);
     assert_eq!(out.status, Some(2), "{out}");
-    let create_web = [
-        "vm",
-        "create",
-        "--name",
-        "web",
-        "--image",
-        "slim",
-        "--no-start",
-        "--memory",
-        "512",
-        "--disk",
-        "256M",
-    ];
-    env.ok(create_web);
+    let create_web = small_vm("web", "slim", &["--no-start"]);
+    env.ok(create_web.clone());
     let out = env.banger(create_web);
     assert_eq!(out.status, Some(1), "a name in use is refused: {out}");
     assert!(out.stderr.contains("already exists"), "{out}");

@@ -590,14 +590,16 @@ fn check_resolved(probe: &dyn Probe) -> Check {
     if running {
         Check::pass(
             NAME,
-            "systemd-resolved is running: banger routes `.vm` names to its DNS server",
+            "systemd-resolved is running: it is where `.vm` names will be routed once banger's \
+             DNS server exists (not built yet)",
         )
     } else {
         Check::warn(
             NAME,
             "systemd-resolved is not running: `<vm>.vm` names do not resolve on the host \
              until you route the `.vm` domain yourself",
-            "see docs/ for routing `.vm` with your resolver; `banger vm ssh` works without it",
+            "`banger vm ssh NAME` works without it, and so does `ssh NAME.vm` after \
+             `banger ssh-config --install`",
         )
     }
 }
@@ -1180,7 +1182,7 @@ mod tests {
         let c = check(&FakeProbe::this_machine(), "dns");
         assert_eq!(c.level, Level::Warn);
         assert!(c.detail.contains("not running"));
-        assert!(c.fix.unwrap().contains("docs/"));
+        assert!(c.fix.unwrap().contains("banger ssh-config --install"));
     }
 
     #[test]

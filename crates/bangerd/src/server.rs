@@ -147,9 +147,16 @@ where
         };
         let _ = tx.send(last);
     });
+    ndjson_response(rx)
+}
+
+/// A streamed response of one JSON line per item received, ending when every sender is gone.
+pub fn ndjson_response<T: serde::Serialize + Send + 'static>(
+    rx: mpsc::UnboundedReceiver<T>,
+) -> Response {
     let body = futures_util::stream::unfold(rx, |mut rx| async move {
-        let event = rx.recv().await?;
-        let mut line = serde_json::to_vec(&event).unwrap_or_default();
+        let item = rx.recv().await?;
+        let mut line = serde_json::to_vec(&item).unwrap_or_default();
         line.push(b'\n');
         Some((
             Ok::<_, std::convert::Infallible>(bytes::Bytes::from(line)),

@@ -58,12 +58,6 @@ pub async fn ssh(State(s): Shared, UrlPath(name): UrlPath<String>) -> ApiResult<
     Ok(Json(s.vms.ssh_target(&name).await?))
 }
 
-fn ndjson<T: serde::Serialize>(ev: &T) -> bytes::Bytes {
-    let mut line = serde_json::to_vec(ev).unwrap_or_default();
-    line.push(b'\n');
-    bytes::Bytes::from(line)
-}
-
 pub async fn exec(
     State(s): Shared,
     UrlPath(name): UrlPath<String>,
@@ -75,15 +69,7 @@ pub async fn exec(
             let _ = tx.send(ExecEvent::Failed { error });
         }
     });
-    let body = futures_util::stream::unfold(rx, |mut rx| async move {
-        let ev = rx.recv().await?;
-        Some((Ok::<_, std::convert::Infallible>(ndjson(&ev)), rx))
-    });
-    (
-        [(header::CONTENT_TYPE, banger_api::EVENT_STREAM_CONTENT_TYPE)],
-        Body::from_stream(body),
-    )
-        .into_response()
+    crate::server::ndjson_response(rx)
 }
 
 #[derive(serde::Deserialize)]
