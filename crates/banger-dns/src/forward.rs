@@ -1,0 +1,149 @@
+//! Forwarding names outside `.vm` to the host's resolvers, for guests (whose only resolver is the
+//! bridge address).
+//!
+//! The client's query bytes are relayed as they came (EDNS options, DO and CD bits intact) under a
+//! fresh random ID, over UDP first and over TCP when the upstream truncates and the client itself
+//! asked over TCP (a UDP client gets the TC bit and retries over TCP, as it would with any
+//! resolver). Upstreams are tried in resolv.conf order, each with a short timeout. At most
+//! `MAX_IN_FLIGHT` forwards run at once; beyond that a query fails fast with SERVFAIL rather than
+//! piling up sockets, so a flood from a guest cannot exhaust the daemon's file descriptors.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hickory_proto::op::Message;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+use tokio::sync::Semaphore;
+
+/// Forwards allowed at the same time.
+pub const MAX_IN_FLIGHT: usize = 256;
+
+/// How long one upstream gets to answer one query.
+pub const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    #[error("no upstream resolver is configured (none usable in /etc/resolv.conf)")]
+    NoUpstreams,
+    #[error("too many forwarded queries in flight ({MAX_IN_FLIGHT})")]
+    Busy,
+    #[error("the query is too short to carry a DNS header")]
+    ShortQuery,
+    #[error("no upstream answered: {0}")]
+    Failed(String),
+}
+
+/// The upstream side of the server. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Forwarder {
+    upstreams: Arc<Vec<SocketAddr>>,
+    permits: Arc<Semaphore>,
+    timeout: Duration,
+}
+
+impl Forwarder {
+    pub fn new(upstreams: Vec<SocketAddr>) -> Self {
+        Self::with_timeout(upstreams, UPSTREAM_TIMEOUT)
+    }
+
+    pub fn with_timeout(upstreams: Vec<SocketAddr>, timeout: Duration) -> Self {
+        Forwarder {
+            upstreams: Arc::new(upstreams),
+            permits: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+            timeout,
+        }
+    }
+
+    pub fn upstreams(&self) -> &[SocketAddr] {
+        &self.upstreams
+    }
+
+    /// Sends `query` (a whole DNS message as received) upstream and returns the parsed answer, its
+    /// ID still the upstream one (the caller answers under the client's ID).
+    pub async fn forward(&self, query: &[u8], client_tcp: bool) -> Result<Message, ForwardError> {
+        if self.upstreams.is_empty() {
+            return Err(ForwardError::NoUpstreams);
+        }
+        if query.len() < 12 {
+            return Err(ForwardError::ShortQuery);
+        }
+        let _permit = self
+            .permits
+            .try_acquire()
+            .map_err(|_| ForwardError::Busy)?;
+        let mut errors = Vec::new();
+        for &upstream in self.upstreams.iter() {
+            match self.ask(upstream, query, client_tcp).await {
+                Ok(m) => return Ok(m),
+                Err(e) => errors.push(format!("{upstream}: {e}")),
+            }
+        }
+        Err(ForwardError::Failed(errors.join("; ")))
+    }
+
+    async fn ask(
+        &self,
+        upstream: SocketAddr,
+        query: &[u8],
+        client_tcp: bool,
+    ) -> std::io::Result<Message> {
+        let id: u16 = rand::random();
+        let mut bytes = query.to_vec();
+        bytes[..2].copy_from_slice(&id.to_be_bytes());
+        let answer = tokio::time::timeout(self.timeout, udp_exchange(upstream, &bytes, id))
+            .await
+            .map_err(|_| timed_out())??;
+        if answer.metadata.truncation && client_tcp {
+            return tokio::time::timeout(self.timeout, tcp_exchange(upstream, &bytes, id))
+                .await
+                .map_err(|_| timed_out())?;
+        }
+        Ok(answer)
+    }
+}
+
+fn timed_out() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out")
+}
+
+fn bad_answer(e: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, format!("bad answer: {e}"))
+}
+
+async fn udp_exchange(upstream: SocketAddr, query: &[u8], id: u16) -> std::io::Result<Message> {
+    let local: SocketAddr = if upstream.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        ([0u16; 8], 0).into()
+    };
+    let sock = UdpSocket::bind(local).await?;
+    sock.connect(upstream).await?;
+    sock.send(query).await?;
+    let mut buf = vec![0u8; 65535];
+    loop {
+        let n = sock.recv(&mut buf).await?;
+        // A connected socket only sees datagrams from the upstream; a stray one with another ID
+        // (a late answer to an earlier try) is skipped rather than trusted.
+        if n >= 2 && u16::from_be_bytes([buf[0], buf[1]]) == id {
+            return Message::from_vec(&buf[..n]).map_err(bad_answer);
+        }
+    }
+}
+
+async fn tcp_exchange(upstream: SocketAddr, query: &[u8], id: u16) -> std::io::Result<Message> {
+    let len = u16::try_from(query.len()).map_err(bad_answer)?;
+    let mut stream = TcpStream::connect(upstream).await?;
+    let mut framed = Vec::with_capacity(query.len() + 2);
+    framed.extend_from_slice(&len.to_be_bytes());
+    framed.extend_from_slice(query);
+    stream.write_all(&framed).await?;
+    let n = stream.read_u16().await?;
+    let mut buf = vec![0u8; usize::from(n)];
+    stream.read_exact(&mut buf).await?;
+    if buf.len() < 2 || u16::from_be_bytes([buf[0], buf[1]]) != id {
+        return Err(bad_answer("answer ID does not match the query"));
+    }
+    Message::from_vec(&buf).map_err(bad_answer)
+}

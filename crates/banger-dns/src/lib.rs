@@ -1,0 +1,22 @@
+//! banger's `.vm` DNS server: `<vm>.vm` answers the VM's address, unknown names in the zone get
+//! NXDOMAIN, and every other name is forwarded to the host's resolvers so guests (whose only
+//! resolver is the bridge address) reach the world. The daemon runs it on the bridge address while
+//! the bridge exists; hickory-server does the protocol work, this crate only the decisions.
+//!
+//! - `zone`: the name table and the pure answer rules.
+//! - `upstream`: finding the host's resolvers in resolv.conf.
+//! - `forward`: relaying queries upstream.
+//! - `server`: the request handler and the listeners.
+
+pub mod forward;
+pub mod server;
+pub mod upstream;
+pub mod zone;
+
+pub use forward::Forwarder;
+pub use server::{client_net, serve, DnsError, Handler, RunningDns};
+pub use zone::{Answer, QueryKind, Zone};
+
+/// Port the daemon's server binds on the bridge address. Port 53 is reached through an nft DNAT
+/// rule in banger's table, so the daemon needs no privilege to bind; see `banger_net::nat`.
+pub const SERVE_PORT: u16 = 10053;
