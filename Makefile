@@ -17,7 +17,7 @@ AGENT_RUSTFLAGS := -C target-feature=+crt-static
 
 # Host packages: runtime needs (qemu, nft, e2fsprogs, ssh, debootstrap) and test-only tools.
 APT_RUNTIME := debootstrap qemu-system-x86 nftables e2fsprogs openssh-client zstd iproute2 sudo ca-certificates git
-APT_TEST    := openssh-server dnsutils procps util-linux libc6-dev
+APT_TEST    := openssh-server dnsutils dnsmasq-base procps util-linux libc6-dev
 
 .PHONY: all build agent install uninstall test deps test-deps fmt lint bench
 

@@ -158,6 +158,18 @@ impl Netns {
     pub fn exists(name: &str) -> bool {
         Path::new("/run/netns").join(name).exists()
     }
+
+    /// Gives processes started in this namespace their own /etc/resolv.conf (`ip netns exec`
+    /// bind-mounts /etc/netns/NAME/resolv.conf over it). Call before starting them; removed on drop.
+    pub fn set_resolv_conf(&self, text: &str) {
+        let dir = self.etc_dir();
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("resolv.conf"), text).unwrap();
+    }
+
+    fn etc_dir(&self) -> PathBuf {
+        Path::new("/etc/netns").join(&self.name)
+    }
 }
 
 impl Default for Netns {
@@ -179,6 +191,7 @@ impl Drop for Netns {
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .status();
+        let _ = std::fs::remove_dir_all(self.etc_dir());
     }
 }
 

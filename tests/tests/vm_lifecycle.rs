@@ -9,7 +9,16 @@ use std::time::{Duration, Instant};
 use banger_e2e::*;
 
 fn vm_env() -> Env {
+    vm_env_with_resolv_conf(None)
+}
+
+/// `vm_env`, with the daemon's /etc/resolv.conf replaced by `resolv_conf` (it must be in place
+/// before the daemon starts, which registering the image does).
+fn vm_env_with_resolv_conf(resolv_conf: Option<&str>) -> Env {
     let env = Env::with_netns();
+    if let Some(text) = resolv_conf {
+        env.netns.as_ref().unwrap().set_resolv_conf(text);
+    }
     assert!(
         agent_bin().is_some(),
         "the static guest agent is missing: run `make agent` (make test does)"
@@ -219,15 +228,82 @@ fn create_ssh_exec_restart_keeps_root_and_delete_removes_everything() {
     assert_nothing_left(&env);
 }
 
+/// `dig` inside the env's namespace, one try with a short timeout.
+fn dig(env: &Env, args: &[&str]) -> String {
+    let mut argv = vec!["dig", "+time=2", "+tries=1"];
+    argv.extend_from_slice(args);
+    in_ns(env, &argv)
+}
+
+fn dig_status(out: &str) -> &str {
+    out.split("status: ")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+        .unwrap_or("<no answer>")
+}
+
+/// A dnsmasq inside the namespace on 127.0.0.1:53, standing in for the host's resolver (tests may
+/// not query a real one). It knows one name, `upstream.test`.
+struct FakeUpstream(std::process::Child);
+
+impl FakeUpstream {
+    fn start(env: &Env) -> Self {
+        let ns = env.netns.as_ref().unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns.name, "dnsmasq", "--keep-in-foreground"])
+            .args([
+                "--conf-file=/dev/null",
+                "--no-resolv",
+                "--no-hosts",
+                "--bind-interfaces",
+            ])
+            .args(["--listen-address=127.0.0.1", "--port=53", "--pid-file="])
+            .arg("--address=/upstream.test/192.0.2.7")
+            .spawn()
+            .expect("dnsmasq runs (package dnsmasq-base)");
+        let up = FakeUpstream(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !dig(env, &["@127.0.0.1", "+short", "upstream.test"]).contains("192.0.2.7") {
+            assert!(Instant::now() < deadline, "dnsmasq did not come up");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        up
+    }
+}
+
+impl Drop for FakeUpstream {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Sends raw bytes to the bridge's DNS port from inside the namespace (bash's /dev/udp and
+/// /dev/tcp), for packets no resolver client would build.
+fn send_raw(env: &Env, gateway: &str, proto: &str, bytes: &[u8]) {
+    let f = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(f.path(), bytes).unwrap();
+    in_ns(
+        env,
+        &[
+            "bash",
+            "-c",
+            &format!("cat {} > /dev/{proto}/{gateway}/53", f.path().display()),
+        ],
+    );
+}
+
 #[test]
-fn two_vms_reach_each_other_and_crashes_are_noticed_and_recovered() {
+fn two_vms_reach_each_other_by_name_and_crashes_are_noticed_and_recovered() {
     if !e2e_enabled() {
         return;
     }
-    let env = vm_env();
+    let env = vm_env_with_resolv_conf(Some("nameserver 127.0.0.1\n"));
+    let _upstream = FakeUpstream::start(&env);
     let a = create(&env, "alpha");
     let b = create(&env, "beta");
     assert_ne!(a["ip"], b["ip"]);
+    let a_ip = a["ip"].as_str().unwrap();
     let b_ip = b["ip"].as_str().unwrap();
     env.ok([
         "vm",
@@ -238,6 +314,66 @@ fn two_vms_reach_each_other_and_crashes_are_noticed_and_recovered() {
         "-c",
         &format!("echo > /dev/tcp/{b_ip}/22"),
     ]);
+
+    // `.vm` DNS on the bridge address, from the host side, over UDP and TCP.
+    let gw = "172.16.0.1";
+    let at_gw = format!("@{gw}");
+    let out = dig(&env, &[&at_gw, "alpha.vm"]);
+    assert_eq!(dig_status(&out), "NOERROR", "{out}");
+    assert!(out.contains(&format!("IN\tA\t{a_ip}")), "{out}");
+    let out = dig(&env, &[&at_gw, "+tcp", "+short", "beta.vm"]);
+    assert_eq!(out.trim(), b_ip);
+    assert_eq!(dig_status(&dig(&env, &[&at_gw, "nope.vm"])), "NXDOMAIN");
+    // Nothing of banger answers on any other address, nor on its internal port there.
+    for other in [
+        vec!["@127.0.0.1", "-p", "10053"],
+        vec!["@127.0.0.1", "-p", "53"],
+    ] {
+        let mut args = other.clone();
+        args.push("alpha.vm");
+        let out = dig(&env, &args);
+        assert!(!out.contains(a_ip), "answered on {other:?}: {out}");
+    }
+    // From a guest: names of other VMs, and other names forwarded to the host's resolver.
+    let out = env.ok(["vm", "exec", "alpha", "--", "getent", "hosts", "beta.vm"]);
+    assert!(out.stdout.starts_with(b_ip), "{out}");
+    let out = env.ok([
+        "vm",
+        "exec",
+        "alpha",
+        "--",
+        "getent",
+        "hosts",
+        "upstream.test",
+    ]);
+    assert!(out.stdout.starts_with("192.0.2.7"), "{out}");
+    // Garbage, a name of 1000 labels and a 10x burst leave the server answering.
+    send_raw(&env, gw, "udp", b"\x00");
+    send_raw(&env, gw, "udp", &[0u8; 12]);
+    let mut long = vec![0xab, 0xcd, 0x01, 0x00, 0x00, 0x01, 0, 0, 0, 0, 0, 0];
+    for _ in 0..1000 {
+        long.extend_from_slice(&[1, b'a']);
+    }
+    long.extend_from_slice(&[2, b'v', b'm', 0, 0, 1, 0, 1]);
+    send_raw(&env, gw, "udp", &long);
+    let mut framed = (long.len() as u16).to_be_bytes().to_vec();
+    framed.extend_from_slice(&long);
+    send_raw(&env, gw, "tcp", &framed);
+    let burst = in_ns(
+        &env,
+        &[
+            "bash",
+            "-c",
+            &format!(
+                "for i in $(seq 10); do dig +time=2 +tries=1 +short @{gw} beta.vm & done; wait"
+            ),
+        ],
+    );
+    assert_eq!(
+        burst.lines().filter(|l| l.trim() == b_ip).count(),
+        10,
+        "burst: {burst}"
+    );
 
     // kill -9 of a VM's QEMU: noticed within seconds, tap released.
     let pid = a["pid"].as_i64().unwrap() as i32;
@@ -272,8 +408,17 @@ fn two_vms_reach_each_other_and_crashes_are_noticed_and_recovered() {
     assert_eq!(beta["state"], "running", "{list}");
     let out = env.ok(["vm", "ssh", "beta", "--", "hostname"]);
     assert_eq!(out.stdout.trim(), "beta");
+    // The new daemon serves names again for the VM it re-adopted.
+    let out = dig(&env, &[&at_gw, "+short", "beta.vm"]);
+    assert_eq!(out.trim(), b_ip);
 
+    // A deleted VM's name is gone at once while the bridge stays for beta.
     env.ok(["vm", "delete", "--force", "alpha"]);
+    let out = dig(&env, &[&at_gw, "alpha.vm"]);
+    assert_eq!(dig_status(&out), "NXDOMAIN", "{out}");
     env.ok(["vm", "delete", "--force", "beta"]);
     assert_nothing_left(&env);
+    // With the bridge gone, nothing listens on its address any more.
+    let out = dig(&env, &[&at_gw, "beta.vm"]);
+    assert_eq!(dig_status(&out), "<no answer>", "{out}");
 }

@@ -11,7 +11,18 @@ use crate::Ctx;
 
 pub fn doctor(ctx: &Ctx, json: bool) -> Result<ExitCode, CliError> {
     let config = banger_config::Config::load(&ctx.paths.config_file())?;
-    let probe = doctor::HostProbe::new(ctx.paths.state_dir.clone(), config.firecracker_bin.clone());
+    // The address part of `bridge_subnet` (written as the bridge's own address, e.g. 172.16.0.1/24).
+    let bridge_address = config
+        .subnet()
+        .split('/')
+        .next()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(std::net::Ipv4Addr::new(172, 16, 0, 1));
+    let probe = doctor::HostProbe::new(
+        ctx.paths.state_dir.clone(),
+        config.firecracker_bin.clone(),
+        bridge_address,
+    );
     let checks = doctor::run_checks(&probe);
     let resolved = spec::resolve(
         spec::Flags::default(),

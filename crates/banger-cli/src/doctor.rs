@@ -9,6 +9,7 @@
 
 use std::ffi::CStr;
 use std::fs;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -105,6 +106,8 @@ pub trait Probe {
     fn state_dir(&self) -> PathBuf;
     /// Bytes available to unprivileged users on the filesystem holding `path`.
     fn free_bytes(&self, path: &Path) -> Result<u64, String>;
+    /// The bridge address from the config: where banger's DNS server listens.
+    fn bridge_address(&self) -> Ipv4Addr;
 }
 
 /// Runs every check, in report order.
@@ -579,29 +582,84 @@ fn check_disk(probe: &dyn Probe) -> Check {
     }
 }
 
+/// Files the recipes in docs/dns-routing.md tell users to create; their presence (with a
+/// `server=/vm/` line) means `.vm` is routed by hand.
+const DNSMASQ_ROUTES: [&str; 2] = [
+    "/etc/dnsmasq.d/banger.conf",
+    "/etc/NetworkManager/dnsmasq.d/banger.conf",
+];
+
+/// Which way the host's `.vm` lookups reach banger's DNS server, if any, and which recipe of
+/// docs/dns-routing.md applies when none does.
 fn check_resolved(probe: &dyn Probe) -> Check {
     const NAME: &str = "dns";
-    let running = [
+    const DOC: &str = "docs/dns-routing.md";
+    let gw = probe.bridge_address();
+    let resolved = [
         "/run/systemd/resolve/io.systemd.Resolve",
         "/run/systemd/resolve/stub-resolv.conf",
     ]
     .iter()
     .any(|p| probe.path_exists(Path::new(p)));
-    if running {
-        Check::pass(
+    if resolved {
+        return Check::pass(
             NAME,
-            "systemd-resolved is running: it is where `.vm` names will be routed once banger's \
-             DNS server exists (not built yet)",
+            format!(
+                "systemd-resolved runs: while a VM runs, banger routes `.vm` to its DNS server \
+                 on {gw} (`resolvectl status` shows it on the bridge)"
+            ),
+        );
+    }
+    for file in DNSMASQ_ROUTES {
+        if let Some(text) = probe.read_to_string(Path::new(file)) {
+            if text.contains(&format!("server=/vm/{gw}")) {
+                return Check::pass(NAME, format!("`.vm` is routed to {gw} by dnsmasq ({file})"));
+            }
+        }
+    }
+    let resolv = probe
+        .read_to_string(Path::new("/etc/resolv.conf"))
+        .unwrap_or_default();
+    let nameservers: Vec<&str> = resolv
+        .lines()
+        .filter_map(|l| l.strip_prefix("nameserver"))
+        .map(str::trim)
+        .collect();
+    if nameservers.first() == Some(&gw.to_string().as_str()) {
+        return Check::pass(
+            NAME,
+            format!("/etc/resolv.conf asks {gw} first: banger answers `.vm` and forwards the rest"),
+        );
+    }
+    let also = "meanwhile `banger vm ssh NAME` works, and so does `ssh NAME.vm` after \
+                `banger ssh-config --install`";
+    let (case, fix) = if probe.path_exists(Path::new("/run/NetworkManager")) {
+        (
+            "NetworkManager manages DNS here without systemd-resolved",
+            format!("follow the NetworkManager recipe in {DOC} (dnsmasq plugin, `server=/vm/{gw}`); {also}"),
+        )
+    } else if nameservers
+        .first()
+        .is_some_and(|n| n.starts_with("127.") && *n != "127.0.0.53")
+    {
+        (
+            "a local resolver (dnsmasq or similar) answers on loopback",
+            format!("follow the dnsmasq recipe in {DOC} (`server=/vm/{gw}`); {also}"),
         )
     } else {
-        Check::warn(
-            NAME,
-            "systemd-resolved is not running: `<vm>.vm` names do not resolve on the host \
-             until you route the `.vm` domain yourself",
-            "`banger vm ssh NAME` works without it, and so does `ssh NAME.vm` after \
-             `banger ssh-config --install`",
+        (
+            "/etc/resolv.conf is a plain list of servers",
+            format!("follow the resolv.conf recipe in {DOC}; {also}"),
         )
-    }
+    };
+    Check::warn(
+        NAME,
+        format!(
+            "systemd-resolved is not running and nothing routes `.vm` to {gw}: {case}, so \
+             `<vm>.vm` names do not resolve on the host"
+        ),
+        fix,
+    )
 }
 
 /// Reads the real host. `firecracker_bin` is the config override; PATH is searched otherwise.
@@ -609,13 +667,19 @@ fn check_resolved(probe: &dyn Probe) -> Check {
 pub struct HostProbe {
     pub state_dir: PathBuf,
     pub firecracker_bin: Option<PathBuf>,
+    pub bridge_address: Ipv4Addr,
 }
 
 impl HostProbe {
-    pub fn new(state_dir: PathBuf, firecracker_bin: Option<PathBuf>) -> Self {
+    pub fn new(
+        state_dir: PathBuf,
+        firecracker_bin: Option<PathBuf>,
+        bridge_address: Ipv4Addr,
+    ) -> Self {
         HostProbe {
             state_dir,
             firecracker_bin,
+            bridge_address,
         }
     }
 }
@@ -696,6 +760,9 @@ impl Probe for HostProbe {
         fs::read_to_string(path).ok()
     }
 
+    fn bridge_address(&self) -> Ipv4Addr {
+        self.bridge_address
+    }
     fn state_dir(&self) -> PathBuf {
         self.state_dir.clone()
     }
@@ -860,6 +927,9 @@ mod tests {
         }
         fn read_to_string(&self, path: &Path) -> Option<String> {
             self.files.get(path.to_str().unwrap()).cloned()
+        }
+        fn bridge_address(&self) -> Ipv4Addr {
+            Ipv4Addr::new(172, 16, 0, 1)
         }
         fn state_dir(&self) -> PathBuf {
             PathBuf::from("/home/u/.local/state/banger")
@@ -1175,14 +1245,51 @@ mod tests {
     }
 
     #[test]
-    fn resolved_presence_is_reported() {
+    fn dns_check_says_which_routing_case_applies() {
         let c = check(&FakeProbe::healthy(), "dns");
         assert_eq!(c.level, Level::Pass);
-        assert!(c.detail.contains("systemd-resolved is running"));
-        let c = check(&FakeProbe::this_machine(), "dns");
+        assert!(c.detail.contains("systemd-resolved runs"), "{}", c.detail);
+
+        // No resolved, plain resolv.conf (this machine).
+        let mut p = FakeProbe::this_machine();
+        p.files
+            .insert("/etc/resolv.conf", "nameserver 192.0.2.53\n".into());
+        let c = check(&p, "dns");
         assert_eq!(c.level, Level::Warn);
-        assert!(c.detail.contains("not running"));
-        assert!(c.fix.unwrap().contains("banger ssh-config --install"));
+        assert!(c.detail.contains("plain list of servers"), "{}", c.detail);
+        let fix = c.fix.unwrap();
+        assert!(
+            fix.contains("resolv.conf recipe in docs/dns-routing.md"),
+            "{fix}"
+        );
+        assert!(fix.contains("banger ssh-config --install"), "{fix}");
+
+        // A local dnsmasq, then the same with banger's route in place.
+        p.files
+            .insert("/etc/resolv.conf", "nameserver 127.0.0.1\n".into());
+        let c = check(&p, "dns");
+        assert!(c.fix.unwrap().contains("dnsmasq recipe"));
+        p.files.insert(
+            "/etc/dnsmasq.d/banger.conf",
+            "server=/vm/172.16.0.1\n".into(),
+        );
+        let c = check(&p, "dns");
+        assert_eq!(c.level, Level::Pass);
+        assert!(c.detail.contains("/etc/dnsmasq.d/banger.conf"));
+
+        // NetworkManager without resolved.
+        let mut p = FakeProbe::this_machine();
+        p.paths.insert(PathBuf::from("/run/NetworkManager"));
+        let c = check(&p, "dns");
+        assert!(c.fix.unwrap().contains("NetworkManager recipe"));
+
+        // resolv.conf asks banger first.
+        let mut p = FakeProbe::this_machine();
+        p.files.insert(
+            "/etc/resolv.conf",
+            "nameserver 172.16.0.1\nnameserver 192.0.2.53\n".into(),
+        );
+        assert_eq!(check(&p, "dns").level, Level::Pass);
     }
 
     #[test]
@@ -1222,7 +1329,11 @@ mod tests {
     /// The real probe on this machine, which the brief describes: kvm_pvm, root, no vhost-vsock.
     #[test]
     fn host_probe_reads_this_machine() {
-        let probe = HostProbe::new(std::env::temp_dir().join("banger-doctor-test/state"), None);
+        let probe = HostProbe::new(
+            std::env::temp_dir().join("banger-doctor-test/state"),
+            None,
+            Ipv4Addr::new(172, 16, 0, 1),
+        );
         assert_eq!(probe.arch(), "x86_64");
         assert!(
             probe.find_program("mkfs.ext4").is_some(),

@@ -8,9 +8,9 @@
 //! `MAX_IN_FLIGHT` forwards run at once; beyond that a query fails fast with SERVFAIL rather than
 //! piling up sockets, so a flood from a guest cannot exhaust the daemon's file descriptors.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use hickory_proto::op::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -35,46 +35,85 @@ pub enum ForwardError {
     Failed(String),
 }
 
+/// How long the host's resolver list is trusted before resolv.conf is read again (a laptop moving
+/// between networks changes it under a running daemon).
+pub const HOST_UPSTREAMS_TTL: Duration = Duration::from_secs(5);
+
+/// Where the upstream list comes from.
+#[derive(Debug)]
+enum Source {
+    Fixed(Arc<Vec<SocketAddr>>),
+    /// The host's resolv.conf, minus banger's own address, re-read when older than the TTL.
+    Host {
+        exclude: IpAddr,
+        cached: Mutex<Option<(Instant, Arc<Vec<SocketAddr>>)>>,
+    },
+}
+
 /// The upstream side of the server. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Forwarder {
-    upstreams: Arc<Vec<SocketAddr>>,
+    source: Arc<Source>,
     permits: Arc<Semaphore>,
     timeout: Duration,
 }
 
 impl Forwarder {
-    pub fn new(upstreams: Vec<SocketAddr>) -> Self {
-        Self::with_timeout(upstreams, UPSTREAM_TIMEOUT)
+    /// Forwards to the host's resolvers (see `upstream`), never to `own_addr`.
+    pub fn host(own_addr: IpAddr) -> Self {
+        Self::from_source(
+            Source::Host {
+                exclude: own_addr,
+                cached: Mutex::new(None),
+            },
+            UPSTREAM_TIMEOUT,
+        )
     }
 
+    /// Forwards to a fixed list (tests, benchmarks).
     pub fn with_timeout(upstreams: Vec<SocketAddr>, timeout: Duration) -> Self {
+        Self::from_source(Source::Fixed(Arc::new(upstreams)), timeout)
+    }
+
+    fn from_source(source: Source, timeout: Duration) -> Self {
         Forwarder {
-            upstreams: Arc::new(upstreams),
+            source: Arc::new(source),
             permits: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
             timeout,
         }
     }
 
-    pub fn upstreams(&self) -> &[SocketAddr] {
-        &self.upstreams
+    /// The upstreams a query would go to now.
+    pub fn upstreams(&self) -> Arc<Vec<SocketAddr>> {
+        match &*self.source {
+            Source::Fixed(list) => list.clone(),
+            Source::Host { exclude, cached } => {
+                let mut c = cached.lock().unwrap_or_else(|p| p.into_inner());
+                match &*c {
+                    Some((at, list)) if at.elapsed() < HOST_UPSTREAMS_TTL => list.clone(),
+                    _ => {
+                        let list = Arc::new(crate::upstream::host_upstreams(*exclude));
+                        *c = Some((Instant::now(), list.clone()));
+                        list
+                    }
+                }
+            }
+        }
     }
 
     /// Sends `query` (a whole DNS message as received) upstream and returns the parsed answer, its
     /// ID still the upstream one (the caller answers under the client's ID).
     pub async fn forward(&self, query: &[u8], client_tcp: bool) -> Result<Message, ForwardError> {
-        if self.upstreams.is_empty() {
+        let upstreams = self.upstreams();
+        if upstreams.is_empty() {
             return Err(ForwardError::NoUpstreams);
         }
         if query.len() < 12 {
             return Err(ForwardError::ShortQuery);
         }
-        let _permit = self
-            .permits
-            .try_acquire()
-            .map_err(|_| ForwardError::Busy)?;
+        let _permit = self.permits.try_acquire().map_err(|_| ForwardError::Busy)?;
         let mut errors = Vec::new();
-        for &upstream in self.upstreams.iter() {
+        for &upstream in upstreams.iter() {
             match self.ask(upstream, query, client_tcp).await {
                 Ok(m) => return Ok(m),
                 Err(e) => errors.push(format!("{upstream}: {e}")),

@@ -8,6 +8,8 @@
 //! - `forward`: relaying queries upstream.
 //! - `server`: the request handler and the listeners.
 
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod forward;
 pub mod server;
 pub mod upstream;
@@ -16,7 +18,3 @@ pub mod zone;
 pub use forward::Forwarder;
 pub use server::{client_net, serve, DnsError, Handler, RunningDns};
 pub use zone::{Answer, QueryKind, Zone};
-
-/// Port the daemon's server binds on the bridge address. Port 53 is reached through an nft DNAT
-/// rule in banger's table, so the daemon needs no privilege to bind; see `banger_net::nat`.
-pub const SERVE_PORT: u16 = 10053;

@@ -11,7 +11,7 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use hickory_proto::op::{Edns, Metadata, MessageType, OpCode, ResponseCode};
+use hickory_proto::op::{Edns, MessageType, Metadata, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::{A, SOA};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use hickory_server::net::runtime::Time;
@@ -124,10 +124,7 @@ impl RequestHandler for Handler {
         let none: [&Record; 0] = [];
         match answer {
             Answer::NotOurs => {
-                let is_tcp = matches!(
-                    request.protocol(),
-                    hickory_server::net::xfer::Protocol::Tcp
-                );
+                let is_tcp = matches!(request.protocol(), hickory_server::net::xfer::Protocol::Tcp);
                 return match self.forwarder.forward(request.as_slice(), is_tcp).await {
                     Ok(up) => {
                         let mut m = up.metadata;
@@ -242,11 +239,13 @@ pub async fn serve(
     zone: Zone,
     forwarder: Forwarder,
 ) -> Result<RunningDns, DnsError> {
-    let udp = UdpSocket::bind(listen).await.map_err(|source| DnsError::Bind {
-        addr: listen,
-        proto: "udp",
-        source,
-    })?;
+    let udp = UdpSocket::bind(listen)
+        .await
+        .map_err(|source| DnsError::Bind {
+            addr: listen,
+            proto: "udp",
+            source,
+        })?;
     let addr = udp.local_addr().map_err(|source| DnsError::Bind {
         addr: listen,
         proto: "udp",

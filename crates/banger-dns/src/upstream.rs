@@ -10,7 +10,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 
 /// resolv.conf files in the order they are tried.
-pub const RESOLV_CONF_CANDIDATES: [&str; 2] = ["/run/systemd/resolve/resolv.conf", "/etc/resolv.conf"];
+pub const RESOLV_CONF_CANDIDATES: [&str; 2] =
+    ["/run/systemd/resolve/resolv.conf", "/etc/resolv.conf"];
 
 /// The systemd-resolved stub, never used as an upstream (see the module header).
 const RESOLVED_STUB: [u8; 4] = [127, 0, 0, 53];

@@ -1,7 +1,8 @@
 //! The server on loopback, queried by `dig` (a real resolver client). The upstream is a small
 //! stand-in on loopback because tests may not reach a real resolver; it answers every name with
 //! 192.0.2.7 and truncates over UDP for names starting with `big`, so the TCP fallback is exercised.
-//! The netns end-to-end test (tests/host.rs) covers the daemon's real bridge address.
+//! The netns end-to-end test (tests/tests/vm_lifecycle.rs) covers the daemon's real bridge address.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::Command;
@@ -34,7 +35,11 @@ fn status(out: &str) -> &str {
 
 /// Answers from the stand-in upstream for `name`.
 fn upstream_answer(query: &Message, truncate: bool) -> Vec<u8> {
-    let mut m = Message::new(query.metadata.id, MessageType::Response, query.metadata.op_code);
+    let mut m = Message::new(
+        query.metadata.id,
+        MessageType::Response,
+        query.metadata.op_code,
+    );
     m.metadata.recursion_desired = query.metadata.recursion_desired;
     m.metadata.recursion_available = true;
     m.queries = query.queries.clone();
@@ -57,8 +62,12 @@ async fn fake_upstream() -> SocketAddr {
     tokio::spawn(async move {
         let mut buf = vec![0u8; 4096];
         loop {
-            let Ok((n, from)) = udp.recv_from(&mut buf).await else { return };
-            let Ok(q) = Message::from_vec(&buf[..n]) else { continue };
+            let Ok((n, from)) = udp.recv_from(&mut buf).await else {
+                return;
+            };
+            let Ok(q) = Message::from_vec(&buf[..n]) else {
+                continue;
+            };
             let big = q
                 .queries
                 .first()
@@ -68,14 +77,18 @@ async fn fake_upstream() -> SocketAddr {
     });
     tokio::spawn(async move {
         loop {
-            let Ok((mut s, _)) = tcp.accept().await else { return };
+            let Ok((mut s, _)) = tcp.accept().await else {
+                return;
+            };
             tokio::spawn(async move {
                 let Ok(n) = s.read_u16().await else { return };
                 let mut buf = vec![0u8; n.into()];
                 if s.read_exact(&mut buf).await.is_err() {
                     return;
                 }
-                let Ok(q) = Message::from_vec(&buf) else { return };
+                let Ok(q) = Message::from_vec(&buf) else {
+                    return;
+                };
                 let a = upstream_answer(&q, false);
                 let _ = s.write_all(&(a.len() as u16).to_be_bytes()).await;
                 let _ = s.write_all(&a).await;
@@ -121,7 +134,8 @@ async fn vm_names_resolve_authoritatively_over_udp_and_tcp() {
         assert_eq!(status(&out), "NOERROR", "{out}");
         assert!(out.contains(" aa "), "authoritative: {out}");
         assert!(
-            out.lines().any(|l| l.starts_with("web.vm.") && l.contains("5\tIN\tA\t172.16.0.2")),
+            out.lines()
+                .any(|l| l.starts_with("web.vm.") && l.contains("5\tIN\tA\t172.16.0.2")),
             "{out}"
         );
         let short = dig_async(addr, &[proto, "+short", "WEB.VM"]).await;
@@ -169,7 +183,10 @@ async fn a_dead_upstream_gives_servfail_not_silence() {
         "127.0.0.1:0".parse().unwrap(),
         client_net(Ipv4Addr::LOCALHOST, 8).unwrap(),
         zone,
-        Forwarder::with_timeout(vec![silent.local_addr().unwrap()], Duration::from_millis(300)),
+        Forwarder::with_timeout(
+            vec![silent.local_addr().unwrap()],
+            Duration::from_millis(300),
+        ),
     )
     .await
     .unwrap();
@@ -196,8 +213,12 @@ async fn garbage_bursts_and_oversized_names_leave_the_server_answering() {
     let junk: [&[u8]; 4] = [
         b"\x00",
         &[0u8; 12],
-        &[0x12, 0x34, 0x01, 0x00, 0x00, 0x05, 0, 0, 0, 0, 0, 0, 3, b'a'],
-        &[0x12, 0x34, 0x01, 0x00, 0x00, 0x01, 0, 0, 0, 0, 0, 0, 0xc0, 0x0c, 0, 1, 0, 1],
+        &[
+            0x12, 0x34, 0x01, 0x00, 0x00, 0x05, 0, 0, 0, 0, 0, 0, 3, b'a',
+        ],
+        &[
+            0x12, 0x34, 0x01, 0x00, 0x00, 0x01, 0, 0, 0, 0, 0, 0, 0xc0, 0x0c, 0, 1, 0, 1,
+        ],
     ];
     for j in junk {
         sock.send_to(j, addr).await.unwrap();
@@ -211,7 +232,9 @@ async fn garbage_bursts_and_oversized_names_leave_the_server_answering() {
     sock.send_to(&long, addr).await.unwrap();
     // The same over TCP, then a connection that sends half a frame and stalls.
     let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(&(long.len() as u16).to_be_bytes()).await.unwrap();
+    tcp.write_all(&(long.len() as u16).to_be_bytes())
+        .await
+        .unwrap();
     tcp.write_all(&long).await.unwrap();
     let mut stalled = tokio::net::TcpStream::connect(addr).await.unwrap();
     stalled.write_all(&[0x00, 0x40, 0x12]).await.unwrap();

@@ -8,10 +8,11 @@
 //! - `host`: the `HostNet` trait, the seam between logic and host effects.
 //! - `system`: the real `HostNet` (iproute2 `ip -j`, `nft -f -`, tap ioctls).
 //! - `privileged`: the one narrow path for privileged steps (direct when root, else `sudo -n`), logged.
+//! - `resolved`: routing `.vm` lookups to banger's DNS server through systemd-resolved.
 //! - `fake`: a recording `HostNet` for tests here and in the daemon.
 //! - `service`: `Network`, which orders the steps and reconciles taps.
 //!
-//! Not here: lease persistence and the VM records (the daemon's store), DNS, and anything inside the
+//! Not here: lease persistence and the VM records (the daemon's store), the DNS server itself, and anything inside the
 //! guest. All calls are blocking and act on the calling process's network namespace; the daemon runs them
 //! on `spawn_blocking`.
 
@@ -25,6 +26,7 @@ pub mod host;
 pub mod names;
 pub mod nat;
 pub mod privileged;
+pub mod resolved;
 pub mod service;
 pub mod system;
 mod tun;

@@ -7,7 +7,10 @@
 //! replaced as a whole, atomically, and never half-written. Nothing outside this table is touched.
 //!
 //! What the table does: masquerade traffic from the guest subnet that leaves through any interface other
-//! than the bridge, and accept forwarding bridge -> elsewhere plus the replies coming back. It cannot
+//! than the bridge, and accept forwarding bridge -> elsewhere plus the replies coming back. It also
+//! sends DNS (port 53, UDP and TCP) addressed to the bridge address, from guests and from the host
+//! itself, to the daemon's `.vm` server on `DNS_SERVE_PORT`: the daemon runs as the user and cannot
+//! bind port 53, and the rule only matches the bridge address, so no other resolver is affected. It cannot
 //! override a `drop` in another table (nftables evaluates every base chain); `doctor` is where such a
 //! conflict gets reported, not here.
 
@@ -18,6 +21,8 @@ use crate::names::BridgeName;
 pub const NFT_FAMILY: &str = "inet";
 /// Name of banger's table.
 pub const NFT_TABLE: &str = "banger";
+/// Port the daemon's DNS server binds on the bridge address; port 53 there is DNATed to it.
+pub const DNS_SERVE_PORT: u16 = 10053;
 
 /// The complete `inet banger` table for one bridge and subnet.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,6 +38,16 @@ impl NatRuleset {
         let table = format!(
             "table {NFT_FAMILY} {NFT_TABLE} {{\n\
              \tcomment \"managed by banger: replaced as a whole, do not edit\"\n\
+             \tchain prerouting {{\n\
+             \t\ttype nat hook prerouting priority dstnat; policy accept;\n\
+             \t\tiifname \"{br}\" ip daddr {gw} meta l4proto {{ tcp, udp }} th dport 53 dnat ip to {gw}:{DNS_SERVE_PORT}\n\
+             \t}}\n\
+             \n\
+             \tchain output {{\n\
+             \t\ttype nat hook output priority -100; policy accept;\n\
+             \t\tip daddr {gw} meta l4proto {{ tcp, udp }} th dport 53 dnat ip to {gw}:{DNS_SERVE_PORT}\n\
+             \t}}\n\
+             \n\
              \tchain postrouting {{\n\
              \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
              \t\tip saddr {net} oifname != \"{br}\" masquerade\n\
@@ -45,6 +60,7 @@ impl NatRuleset {
              \t}}\n\
              }}\n",
             net = subnet.network_cidr(),
+            gw = subnet.gateway(),
             br = bridge.as_str(),
         );
         NatRuleset { table }
@@ -98,6 +114,16 @@ mod tests {
         let expected = "\
 table inet banger {
 \tcomment \"managed by banger: replaced as a whole, do not edit\"
+\tchain prerouting {
+\t\ttype nat hook prerouting priority dstnat; policy accept;
+\t\tiifname \"banger0\" ip daddr 172.16.0.1 meta l4proto { tcp, udp } th dport 53 dnat ip to 172.16.0.1:10053
+\t}
+
+\tchain output {
+\t\ttype nat hook output priority -100; policy accept;
+\t\tip daddr 172.16.0.1 meta l4proto { tcp, udp } th dport 53 dnat ip to 172.16.0.1:10053
+\t}
+
 \tchain postrouting {
 \t\ttype nat hook postrouting priority srcnat; policy accept;
 \t\tip saddr 172.16.0.0/24 oifname != \"banger0\" masquerade

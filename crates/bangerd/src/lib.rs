@@ -10,6 +10,7 @@ use banger_api::VersionInfo;
 use banger_config::Paths;
 
 pub mod daemon;
+pub mod dns;
 pub mod fsutil;
 pub mod images;
 pub mod names;

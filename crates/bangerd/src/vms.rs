@@ -27,6 +27,7 @@ use banger_net::{NetConfig, Network, SystemHostNet};
 use banger_vmm::{AgentEndpoint, VmConfig, VmHandle, Vmm};
 use tokio::sync::Mutex as AsyncMutex;
 
+use crate::dns::DnsService;
 use crate::server::{internal, Emitter};
 use crate::store::{self, Store, VmRow};
 use crate::{fsutil, names, now_rfc3339, sshkeys, vmdisk};
@@ -49,6 +50,7 @@ pub struct Vms {
     config: Config,
     net: Arc<Network<SystemHostNet>>,
     net_lock: AsyncMutex<()>,
+    dns: DnsService,
     backend: Result<Arc<dyn Vmm>, String>,
     backend_reason: String,
     locks: Mutex<HashMap<String, Arc<AsyncMutex<()>>>>,
@@ -87,6 +89,7 @@ impl Vms {
     pub fn new(paths: Paths, store: Store, config: Config) -> anyhow::Result<Self> {
         let net_config = NetConfig::parse(config.bridge(), config.subnet())
             .context("invalid bridge_name or bridge_subnet in config")?;
+        let dns = DnsService::new(net_config.clone());
         let net = Network::new(
             SystemHostNet::new(banger_net::Privileged::detect()),
             net_config,
@@ -113,6 +116,7 @@ impl Vms {
             config,
             net: Arc::new(net),
             net_lock: AsyncMutex::new(()),
+            dns,
             backend,
             backend_reason,
             locks: Mutex::default(),
@@ -322,7 +326,7 @@ impl Vms {
         }
         self.set_state(&name, VmState::Stopped, None, None, None)
             .await?;
-        self.refresh_known_hosts().await;
+        self.refresh_names().await;
         if req.start {
             if let Err(e) = self.start_locked(&name, &progress).await {
                 // A guest that booted but never became ready is kept for inspection; any other
@@ -422,7 +426,7 @@ impl Vms {
             tracing::error!(vm = %row.name, "cannot delete VM row: {e:#}");
         }
         self.forget_agent(&row.name);
-        self.refresh_known_hosts().await;
+        self.refresh_names().await;
     }
 
     /// Deletes the VM's tap, and the whole host network when no other VM runs.
@@ -440,6 +444,10 @@ impl Vms {
             })
             .await
             .unwrap_or(true);
+        if !others_running {
+            // The server is bound to the bridge address, which goes with the bridge.
+            self.dns.stop().await;
+        }
         let r = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
             let _ = net.detach_vm(&id)?;
             if !others_running {
@@ -516,6 +524,7 @@ impl Vms {
                     api(ErrorCode::VmmFailed, format!("cannot set up the network for VM {name}: {e}"))
                         .with_hint("banger needs root or passwordless sudo for the bridge, tap and nft rules; see `banger doctor`")
                 })?;
+            self.dns.ensure_running().await;
         }
 
         progress.phase("boot");
@@ -887,15 +896,20 @@ impl Vms {
         })
     }
 
-    /// Rewrites known_hosts from the store (every VM's pinned host key).
-    pub async fn refresh_known_hosts(&self) {
+    /// Brings everything that maps VM names to VMs up to date with the store: the DNS zone,
+    /// known_hosts (every VM's pinned host key) and ~/.config/banger/ssh_config.
+    pub async fn refresh_names(&self) {
         let rows = match self.store.call(|c| store::list_vms(c)).await {
             Ok(r) => r,
             Err(e) => {
-                tracing::warn!("cannot list VMs for known_hosts: {e:#}");
+                tracing::warn!("cannot list VMs to refresh names: {e:#}");
                 return;
             }
         };
+        self.dns.set_names(
+            rows.iter()
+                .filter_map(|r| Some((r.name.clone(), r.ip.parse().ok()?))),
+        );
         let entries: Vec<sshkeys::Pinned> = rows
             .iter()
             .filter_map(|r| {
@@ -984,6 +998,7 @@ impl Vms {
             return Ok(());
         }
         let net = self.net.clone();
+        let any_live = !live_taps.is_empty();
         let net_result = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
             let report = net.reconcile(&live_taps)?;
             for t in &report.removed {
@@ -998,8 +1013,11 @@ impl Vms {
         if let Err(e) = net_result {
             // A host where banger may not change the network still serves images and status.
             tracing::warn!("cannot reconcile the host network: {e:#}");
+        } else if any_live {
+            // Re-adopted VMs keep their bridge; serve their names again.
+            self.dns.ensure_running().await;
         }
-        self.refresh_known_hosts().await;
+        self.refresh_names().await;
         Ok(())
     }
 }

@@ -1,0 +1,142 @@
+//! The daemon's side of `.vm` names: it keeps the zone in step with the VM list, runs the server
+//! on the bridge address while the bridge exists, and routes the host's `.vm` lookups to it through
+//! systemd-resolved where that applies.
+//!
+//! The bridge only exists while some VM runs (the network is torn down after the last one stops),
+//! and the server binds the bridge address, so its lifetime follows the bridge: `ensure_running`
+//! is called right after the network is attached for a VM (and at start-up when running VMs are
+//! re-adopted), `stop` right before the bridge is torn down. The zone itself lives for the whole
+//! daemon and lists every VM, running or not, since a name's address never changes while it exists.
+//! A server that cannot start is logged and does not fail the VM: names are a convenience, and
+//! `banger vm ssh` does not depend on them.
+
+use std::net::{IpAddr, SocketAddr};
+
+use banger_dns::{Forwarder, RunningDns, Zone};
+use banger_net::resolved::{self, Routing};
+use banger_net::{NetConfig, Privileged};
+use tokio::sync::Mutex as AsyncMutex;
+
+pub struct DnsService {
+    zone: Zone,
+    running: AsyncMutex<Option<Running>>,
+    net: NetConfig,
+    privileged: Privileged,
+}
+
+struct Running {
+    server: RunningDns,
+    routed: bool,
+}
+
+impl DnsService {
+    pub fn new(net: NetConfig) -> Self {
+        DnsService {
+            zone: Zone::new(),
+            running: AsyncMutex::new(None),
+            net,
+            privileged: Privileged::detect(),
+        }
+    }
+
+    /// Replaces the served names with `entries` (VM name, address).
+    pub fn set_names(&self, entries: impl IntoIterator<Item = (String, std::net::Ipv4Addr)>) {
+        self.zone.replace(entries);
+    }
+
+    /// Where the server listens: the bridge address, on the port banger's nft table DNATs 53 to.
+    pub fn listen_addr(&self) -> SocketAddr {
+        SocketAddr::from((self.net.subnet.gateway(), banger_net::nat::DNS_SERVE_PORT))
+    }
+
+    /// Starts the server (the bridge must be up) and routes `.vm` to it. Does nothing when it runs.
+    pub async fn ensure_running(&self) {
+        let mut guard = self.running.lock().await;
+        if guard.is_some() {
+            return;
+        }
+        let gateway = self.net.subnet.gateway();
+        let Some(clients) = banger_dns::client_net(gateway, self.net.subnet.prefix_len()) else {
+            tracing::warn!("bridge subnet cannot be an access list; DNS not started");
+            return;
+        };
+        let forwarder = Forwarder::host(IpAddr::V4(gateway));
+        if forwarder.upstreams().is_empty() {
+            tracing::warn!(
+                "no usable nameserver in /etc/resolv.conf: guests resolve `.vm` names only"
+            );
+        }
+        let server = match banger_dns::serve(
+            self.listen_addr(),
+            clients,
+            self.zone.clone(),
+            forwarder,
+        )
+        .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("{e}: `.vm` names will not resolve (`banger doctor` helps)");
+                return;
+            }
+        };
+        let routed = self.route().await;
+        *guard = Some(Running { server, routed });
+    }
+
+    async fn route(&self) -> bool {
+        match resolved::Probe::default().detect() {
+            Routing::Resolved => {
+                let privileged = self.privileged.clone();
+                let bridge = self.net.bridge.clone();
+                let dns = self.net.subnet.gateway();
+                let r =
+                    tokio::task::spawn_blocking(move || resolved::route(&privileged, &bridge, dns))
+                        .await;
+                match r {
+                    Ok(Ok(())) => {
+                        tracing::info!("`.vm` is routed to banger through systemd-resolved");
+                        true
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!("cannot route `.vm` through systemd-resolved: {e}");
+                        false
+                    }
+                    Err(e) => {
+                        tracing::warn!("resolved routing task failed: {e}");
+                        false
+                    }
+                }
+            }
+            Routing::OtherNamespace => {
+                tracing::info!(
+                    "not routing `.vm` through systemd-resolved: this daemon runs in another \
+                     network namespace than resolved"
+                );
+                false
+            }
+            Routing::NoResolved => {
+                tracing::debug!("systemd-resolved is not running; see docs/dns-routing.md");
+                false
+            }
+        }
+    }
+
+    /// Unroutes `.vm` and stops the server; call before the bridge goes away.
+    pub async fn stop(&self) {
+        let Some(running) = self.running.lock().await.take() else {
+            return;
+        };
+        if running.routed {
+            let privileged = self.privileged.clone();
+            let bridge = self.net.bridge.clone();
+            let r =
+                tokio::task::spawn_blocking(move || resolved::unroute(&privileged, &bridge)).await;
+            if let Ok(Err(e)) = r {
+                tracing::warn!("cannot revert systemd-resolved settings on the bridge: {e}");
+            }
+        }
+        running.server.shutdown().await;
+        tracing::info!("DNS server stopped with the bridge");
+    }
+}
