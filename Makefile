@@ -10,6 +10,7 @@ MANDIR ?= $(PREFIX)/share/man/man1
 BASHCOMPDIR ?= $(PREFIX)/share/bash-completion/completions
 ZSHCOMPDIR ?= $(PREFIX)/share/zsh/site-functions
 FISHCOMPDIR ?= $(PREFIX)/share/fish/vendor_completions.d
+DOCDIR ?= $(PREFIX)/share/doc/banger
 CARGO  ?= cargo
 AGENT_TARGET := x86_64-unknown-linux-gnu
 # The agent runs inside guests of any userland, so it is linked statically.
@@ -18,8 +19,10 @@ AGENT_RUSTFLAGS := -C target-feature=+crt-static
 # Host packages: runtime needs (qemu, nft, e2fsprogs, ssh, debootstrap) and test-only tools.
 APT_RUNTIME := debootstrap qemu-system-x86 nftables e2fsprogs openssh-client zstd iproute2 sudo ca-certificates git
 APT_TEST    := openssh-server dnsutils dnsmasq-base procps util-linux libc6-dev
+# Benchmarks only (`make bench-deps`): the DNS load generator.
+APT_BENCH   := dnsperf
 
-.PHONY: all build agent install uninstall test deps test-deps fmt lint bench
+.PHONY: all build agent install uninstall test deps test-deps bench-deps fmt lint bench
 
 all: build
 
@@ -37,6 +40,9 @@ deps:
 test-deps:
 	@./scripts/apt-ensure $(APT_RUNTIME) $(APT_TEST)
 
+bench-deps:
+	@./scripts/apt-ensure $(APT_RUNTIME) $(APT_TEST) $(APT_BENCH)
+
 install: deps build
 	install -d $(DESTDIR)$(BINDIR)
 	install -m 0755 target/release/banger target/release/bangerd $(DESTDIR)$(BINDIR)/
@@ -46,12 +52,16 @@ install: deps build
 	target/release/banger completion bash > $(DESTDIR)$(BASHCOMPDIR)/banger
 	target/release/banger completion zsh > $(DESTDIR)$(ZSHCOMPDIR)/_banger
 	target/release/banger completion fish > $(DESTDIR)$(FISHCOMPDIR)/banger.fish
+	install -d $(DESTDIR)$(DOCDIR)/docs
+	install -m 0644 README.md $(DESTDIR)$(DOCDIR)/
+	install -m 0644 docs/*.md $(DESTDIR)$(DOCDIR)/docs/
 
 uninstall:
 	-$(BINDIR)/banger daemon stop 2>/dev/null
 	rm -f $(DESTDIR)$(BINDIR)/banger $(DESTDIR)$(BINDIR)/bangerd $(DESTDIR)$(BINDIR)/banger-agent
 	rm -f $(DESTDIR)$(MANDIR)/banger.1 $(DESTDIR)$(MANDIR)/banger-*.1
 	rm -f $(DESTDIR)$(BASHCOMPDIR)/banger $(DESTDIR)$(ZSHCOMPDIR)/_banger $(DESTDIR)$(FISHCOMPDIR)/banger.fish
+	rm -rf $(DESTDIR)$(DOCDIR)
 	@echo "banger removed. Your data was left in place:"
 	@echo "  $${XDG_CONFIG_HOME:-$$HOME/.config}/banger   (config, ssh keys)"
 	@echo "  $${XDG_STATE_HOME:-$$HOME/.local/state}/banger   (images, kernels, VMs, database, log)"

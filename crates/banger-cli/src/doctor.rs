@@ -593,6 +593,7 @@ const DNSMASQ_ROUTES: [&str; 2] = [
 /// docs/dns-routing.md applies when none does.
 fn check_resolved(probe: &dyn Probe) -> Check {
     const NAME: &str = "dns";
+    // In the source tree, and under PREFIX/share/doc/banger after `make install`.
     const DOC: &str = "docs/dns-routing.md";
     let gw = probe.bridge_address();
     let resolved = [
