@@ -9,12 +9,16 @@
 //! even if some other network routes packets to the bridge address.
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hickory_proto::op::{Edns, MessageType, Metadata, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::{A, SOA};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
-use hickory_server::net::runtime::Time;
+use hickory_proto::serialize::binary::BinEncoder;
+use hickory_server::net::runtime::{Time, TokioTime};
+use hickory_server::net::xfer::Protocol;
+use hickory_server::net::NetError;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::MessageResponseBuilder;
 use hickory_server::Server;
@@ -57,6 +61,43 @@ impl Handler {
             soa: zone_soa(),
         }
     }
+
+    /// One datagram through the server's own decode and handler path, without sockets: `None`
+    /// when it does not decode as a DNS request (the server drops those too), else the encoded
+    /// response. For the fuzz target and property tests.
+    pub async fn answer_raw(&self, raw: &[u8], src: SocketAddr) -> Option<Vec<u8>> {
+        let request = Request::from_bytes(raw.to_vec(), src, Protocol::Udp).ok()?;
+        let sink = Captured::default();
+        self.handle_request::<_, TokioTime>(&request, sink.clone())
+            .await;
+        let bytes = sink.0.lock().unwrap_or_else(|p| p.into_inner()).take();
+        bytes
+    }
+}
+
+/// A `ResponseHandler` that keeps the encoded response in memory.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Option<Vec<u8>>>>);
+
+#[async_trait::async_trait]
+impl ResponseHandler for Captured {
+    async fn send_response<'a>(
+        &mut self,
+        response: hickory_server::zone_handler::MessageResponse<
+            '_,
+            'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+        >,
+    ) -> Result<ResponseInfo, NetError> {
+        let mut bytes = Vec::new();
+        let mut encoder = BinEncoder::new(&mut bytes);
+        let info = response.destructive_emit(&mut encoder)?;
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(bytes);
+        Ok(info)
+    }
 }
 
 /// The zone's SOA. Its minimum field is the negative-caching TTL (RFC 2308), kept as short as the
@@ -98,6 +139,10 @@ impl RequestHandler for Handler {
         request: &Request,
         mut response_handle: R,
     ) -> ResponseInfo {
+        if !question_is_uncompressed(request.queries.as_bytes()) {
+            tracing::debug!(src = %request.src(), "dropping a query whose question is compressed");
+            return no_response(request);
+        }
         let edns = response_edns(request);
         let mut builder = MessageResponseBuilder::from_message_request(request);
         if let Some(e) = edns.as_ref() {
@@ -170,6 +215,42 @@ impl RequestHandler for Handler {
     }
 }
 
+/// Whether every question name is written out label by label. hickory-server echoes the question
+/// section byte for byte, so a compression pointer in it (which in a query can only point into the
+/// header, as the fuzz target found) would point at different bytes in the response and make it
+/// unreadable. No resolver compresses its question; such a query is dropped unanswered.
+fn question_is_uncompressed(section: &[u8]) -> bool {
+    let mut pos = 0;
+    while pos < section.len() {
+        loop {
+            let Some(&len) = section.get(pos) else {
+                return false;
+            };
+            pos += 1;
+            if len == 0 {
+                break;
+            }
+            if len & 0xC0 != 0 {
+                return false;
+            }
+            pos += usize::from(len);
+        }
+        pos += 4; // type and class
+    }
+    pos == section.len()
+}
+
+/// What the server records for a request it chose not to answer.
+fn no_response(request: &Request) -> ResponseInfo {
+    let mut meta = Metadata::response_from_request(&request.metadata);
+    meta.response_code = ResponseCode::ServFail;
+    hickory_proto::op::Header {
+        metadata: meta,
+        counts: Default::default(),
+    }
+    .into()
+}
+
 async fn send<'a, R: ResponseHandler>(
     handle: &mut R,
     response: hickory_server::zone_handler::MessageResponse<
@@ -186,13 +267,7 @@ async fn send<'a, R: ResponseHandler>(
         Ok(info) => info,
         Err(e) => {
             tracing::debug!(src = %request.src(), "cannot send DNS response: {e}");
-            let mut meta = Metadata::response_from_request(&request.metadata);
-            meta.response_code = ResponseCode::ServFail;
-            hickory_proto::op::Header {
-                metadata: meta,
-                counts: Default::default(),
-            }
-            .into()
+            no_response(request)
         }
     }
 }
@@ -272,4 +347,24 @@ pub async fn serve(
 /// The subnet `ip/prefix` as an access-list entry.
 pub fn client_net(ip: Ipv4Addr, prefix: u8) -> Option<Ipv4Net> {
     Ipv4Net::new(ip, prefix).ok().map(|n| n.trunc())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::question_is_uncompressed;
+
+    #[test]
+    fn compressed_or_cut_questions_are_told_apart_from_plain_ones() {
+        let web_vm_a_in = b"\x03web\x02vm\x00\x00\x01\x00\x01";
+        assert!(question_is_uncompressed(web_vm_a_in));
+        let two: Vec<u8> = [&web_vm_a_in[..], &web_vm_a_in[..]].concat();
+        assert!(question_is_uncompressed(&two));
+        assert!(question_is_uncompressed(b""));
+        assert!(!question_is_uncompressed(
+            b"\x03web\xc0\x00\x00\x01\x00\x01"
+        ));
+        assert!(!question_is_uncompressed(b"\x03web\x02vm\x00\x00\x01"));
+        assert!(!question_is_uncompressed(b"\x09web"));
+        assert!(!question_is_uncompressed(b"\x43web\x00\x00\x01\x00\x01"));
+    }
 }
