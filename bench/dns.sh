@@ -23,18 +23,7 @@ command -v dnsmasq >/dev/null || { echo "dnsmasq is missing: apt-get install dns
 cargo build --release -q -p banger-dns --example dns-serve
 serve_bin=$PWD/target/release/examples/dns-serve
 
-ns=banger-dnsbench-$$
-work=$(mktemp -d /var/tmp/banger-dnsbench-XXXXXX)
-cleanup() {
-  for p in $(ip netns pids "$ns" 2>/dev/null); do kill -9 "$p" 2>/dev/null || true; done
-  sleep 0.3
-  ip netns del "$ns" 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-ip netns add "$ns"
-inns() { ip netns exec "$ns" "$@"; }
-inns ip link set lo up
+source bench/netns.sh
 inns ip addr add 10.53.0.1/24 dev lo
 inns ip addr add 10.53.0.2/24 dev lo
 

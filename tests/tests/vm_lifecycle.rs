@@ -127,6 +127,56 @@ fn create_ssh_exec_restart_keeps_root_and_delete_removes_everything() {
     assert_eq!(out.stdout, "out\n");
     assert_eq!(out.stderr, "err\n");
 
+    // stdin from a pipe reaches the command, all of it (1 MiB, checked by digest).
+    let input: Vec<u8> = (0..1024 * 1024u32).map(|i| (i * 7 % 251) as u8).collect();
+    let mut child = env
+        .cmd(["vm", "exec", "web", "--", "sha256sum"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(&input).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let want = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&input))
+    };
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next(),
+        Some(want.as_str())
+    );
+
+    // Ctrl-C reaches the command as SIGINT; its status (128 + 2) comes back.
+    let mut child = env
+        .cmd(["vm", "exec", "web", "--", "sleep", "120"])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::SIGINT,
+    )
+    .unwrap();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "Ctrl-C was not passed on"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(status.code(), Some(130));
+
     env.ok([
         "vm",
         "exec",
@@ -151,6 +201,49 @@ fn create_ssh_exec_restart_keeps_root_and_delete_removes_everything() {
     assert!(
         out.stdout.contains("Linux version"),
         "console log lacks the kernel banner"
+    );
+    // `vm logs -f` keeps streaming: a line the guest writes to its console after the command
+    // started shows up.
+    let mut follow = env
+        .cmd(["vm", "logs", "-f", "web"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = follow.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    env.ok([
+        "vm",
+        "exec",
+        "web",
+        "--",
+        "sh",
+        "-c",
+        "echo banger-follow-marker > /dev/console",
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seen = false;
+    while !seen && Instant::now() < deadline {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+            seen = line.contains("banger-follow-marker");
+        }
+    }
+    let _ = follow.kill();
+    let _ = follow.wait();
+    assert!(
+        seen,
+        "`vm logs -f` did not show a line written after it started"
     );
 
     // Plain OpenSSH through the managed ssh_config: `ssh web.vm` (OpenSSH reads the passwd home's

@@ -122,6 +122,11 @@ pub struct DeleteVmQuery {
 }
 
 /// `POST /v1/vms/{name}/exec` (streamed): runs a command through the guest agent.
+///
+/// The stream starts with [`ExecEvent::Started`], naming a session. With `stdin` set, the command's
+/// stdin stays open until the caller streams it with `POST /v1/vms/{name}/exec/{session}/stdin`
+/// (raw body; its end closes stdin); otherwise it is closed at once. `POST
+/// /v1/vms/{name}/exec/{session}/signal` with [`ExecSignal`] signals the command's process group.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExecRequest {
     pub argv: Vec<String>,
@@ -129,12 +134,25 @@ pub struct ExecRequest {
     pub cwd: Option<String>,
     #[serde(default)]
     pub env: Vec<(String, String)>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stdin: bool,
+}
+
+/// `POST /v1/vms/{name}/exec/{session}/signal`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecSignal {
+    /// A signal number, e.g. 2 for SIGINT.
+    pub signal: i32,
 }
 
 /// Events of an exec stream (carried as `Event::Log` lines would lose bytes, so exec has its own).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum ExecEvent {
+    /// The command runs; `session` names it for the stdin and signal calls.
+    Started {
+        session: String,
+    },
     /// Base64 bytes of the command's stdout.
     Stdout {
         data: String,

@@ -26,6 +26,7 @@ use crate::exit::{CliError, Exit};
 /// How long a freshly started daemon has to answer.
 const START_TIMEOUT: Duration = Duration::from_secs(15);
 
+#[derive(Debug, Clone)]
 pub struct Client {
     socket: PathBuf,
 }
@@ -143,6 +144,24 @@ impl Client {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> std::io::Result<hyper::Response<hyper::body::Incoming>> {
+        self.open_with(
+            method,
+            path,
+            Full::new(Bytes::from(body.unwrap_or_default())),
+        )
+        .await
+    }
+
+    async fn open_with<B>(
+        &self,
+        method: Method,
+        path: &str,
+        body: B,
+    ) -> std::io::Result<hyper::Response<hyper::body::Incoming>>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let stream = UnixStream::connect(&self.socket).await?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
@@ -156,12 +175,35 @@ impl Client {
             .header("host", "bangerd")
             .header(API_VERSION_HEADER, API_VERSION.to_string())
             .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .body(body)
             .map_err(std::io::Error::other)?;
         sender
             .send_request(req)
             .await
             .map_err(std::io::Error::other)
+    }
+
+    /// A POST whose body is whatever arrives on `chunks` until the channel closes (sent as it
+    /// comes, chunked), answered with JSON.
+    pub async fn post_chunks<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        chunks: tokio::sync::mpsc::Receiver<Bytes>,
+    ) -> Result<T, CliError> {
+        let stream = tokio_stream_from(chunks);
+        let body = http_body_util::StreamBody::new(stream);
+        let resp = self
+            .open_with(Method::POST, path, body)
+            .await
+            .map_err(|e| self.io_error(e))?;
+        let status = resp.status();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| self.io_error(std::io::Error::other(e)))?
+            .to_bytes();
+        decode(status, &bytes)
     }
 
     /// A JSON call.
@@ -377,4 +419,16 @@ pub fn start_daemon(paths: &Paths) -> Result<(), CliError> {
         let _ = child.wait();
     });
     Ok(())
+}
+
+/// The chunks of a channel as body frames.
+fn tokio_stream_from(
+    mut rx: tokio::sync::mpsc::Receiver<Bytes>,
+) -> impl futures_util::Stream<Item = Result<hyper::body::Frame<Bytes>, std::convert::Infallible>>
+       + Send
+       + 'static {
+    futures_util::stream::poll_fn(move |cx| {
+        rx.poll_recv(cx)
+            .map(|c| c.map(|b| Ok(hyper::body::Frame::data(b))))
+    })
 }

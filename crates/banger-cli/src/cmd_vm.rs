@@ -6,7 +6,9 @@ use std::io::Write;
 use std::os::unix::process::CommandExt;
 use std::process::ExitCode;
 
-use banger_api::vm::{CreateVmRequest, ExecEvent, ExecRequest, SshTarget, StopVmRequest, VmInfo};
+use banger_api::vm::{
+    CreateVmRequest, ExecEvent, ExecRequest, ExecSignal, SshTarget, StopVmRequest, VmInfo,
+};
 use banger_api::Deleted;
 use http_body_util::BodyExt;
 use hyper::Method;
@@ -226,20 +228,48 @@ pub fn ssh_command(t: &SshTarget, command: &[String]) -> std::process::Command {
     c
 }
 
+/// `vm exec`: streams the command's output; stdin is forwarded when it is a pipe or a file (from a
+/// terminal, `vm ssh` is the interactive way); Ctrl-C is passed on to the command as SIGINT, a
+/// second Ctrl-C gives up waiting.
 async fn exec(client: &Client, name: &str, command: Vec<String>) -> Result<ExitCode, CliError> {
     use base64::Engine;
+    use std::io::IsTerminal;
     let b64 = base64::engine::general_purpose::STANDARD;
+    let forward_stdin = !std::io::stdin().is_terminal();
     let req = ExecRequest {
         argv: command,
         cwd: None,
         env: Vec::new(),
+        stdin: forward_stdin,
     };
+    let mut interrupt =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+            .map_err(|e| CliError::new(Exit::Failure, format!("cannot handle Ctrl-C: {e}")))?;
     let mut body = client
         .post_stream(&format!("/v1/vms/{name}/exec"), &req)
         .await?;
     let mut buf = Vec::new();
+    let mut session: Option<String> = None;
+    let mut interrupts = 0;
     let (mut stdout, mut stderr) = (std::io::stdout(), std::io::stderr());
-    while let Some(frame) = body.frame().await {
+    loop {
+        let frame = tokio::select! {
+            frame = body.frame() => frame,
+            _ = interrupt.recv() => {
+                interrupts += 1;
+                match (&session, interrupts) {
+                    (Some(id), 1) => {
+                        let path = format!("/v1/vms/{name}/exec/{id}/signal");
+                        let sig = ExecSignal { signal: libc::SIGINT };
+                        let _: Result<serde_json::Value, _> =
+                            client.call(Method::POST, &path, Some(&sig)).await;
+                    }
+                    _ => return Ok(ExitCode::from(130)),
+                }
+                continue;
+            }
+        };
+        let Some(frame) = frame else { break };
         let frame = frame.map_err(|e| {
             CliError::new(Exit::DaemonUnreachable, format!("exec stream broke: {e}"))
         })?;
@@ -252,6 +282,12 @@ async fn exec(client: &Client, name: &str, command: Vec<String>) -> Result<ExitC
             let ev: ExecEvent = serde_json::from_slice(&line)
                 .map_err(|e| CliError::new(Exit::Failure, format!("bad exec event: {e}")))?;
             match ev {
+                ExecEvent::Started { session: id } => {
+                    if forward_stdin {
+                        upload_stdin(client.clone(), format!("/v1/vms/{name}/exec/{id}/stdin"));
+                    }
+                    session = Some(id);
+                }
                 ExecEvent::Stdout { data } => {
                     let _ = stdout.write_all(&b64.decode(data).unwrap_or_default());
                     let _ = stdout.flush();
@@ -272,6 +308,34 @@ async fn exec(client: &Client, name: &str, command: Vec<String>) -> Result<ExitC
         Exit::DaemonUnreachable,
         "bangerd closed the exec stream before the command ended",
     ))
+}
+
+/// Copies this process's stdin to the command, in the background, until EOF. A blocking thread
+/// reads (stdin may be a file, a pipe or a socket); the upload streams what it reads as it comes.
+/// Failures are left to the exec stream to report: if the command ended, stdin no longer matters.
+fn upload_stdin(client: Client, path: String) {
+    use std::io::Read;
+    let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
+    std::thread::spawn(move || {
+        let mut stdin = std::io::stdin().lock();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match stdin.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    if tx
+                        .blocking_send(bytes::Bytes::copy_from_slice(&buf[..n]))
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    tokio::spawn(async move {
+        let _: Result<serde_json::Value, _> = client.post_chunks(&path, rx).await;
+    });
 }
 
 /// `vm run` is dispatched before connecting (it validates config and workspace first).

@@ -216,6 +216,10 @@ pub enum VmCmd {
         command: Vec<String>,
     },
     /// Run a command in a VM through the guest agent (no sshd needed); exits with its status.
+    ///
+    /// Stdin is passed on when it is a pipe or a file (from a terminal the command gets an empty
+    /// stdin; use `vm ssh` for interactive work). Ctrl-C sends SIGINT to the command; a second
+    /// Ctrl-C stops waiting.
     Exec {
         #[arg(add = ArgValueCandidates::new(complete::vms))]
         name: String,

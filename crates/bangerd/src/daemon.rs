@@ -144,6 +144,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/vms/{name}/stop", post(vm_routes::stop))
         .route("/v1/vms/{name}/restart", post(vm_routes::restart))
         .route("/v1/vms/{name}/exec", post(vm_routes::exec))
+        .route(
+            "/v1/vms/{name}/exec/{session}/stdin",
+            post(vm_routes::exec_stdin),
+        )
+        .route(
+            "/v1/vms/{name}/exec/{session}/signal",
+            post(vm_routes::exec_signal),
+        )
         .route("/v1/vms/{name}/ssh", get(vm_routes::ssh))
         .route("/v1/vms/{name}/logs", get(vm_routes::logs))
         .route("/v1/kernels", get(images::list_kernels))

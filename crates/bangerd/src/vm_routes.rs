@@ -9,8 +9,8 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use banger_api::vm::{
-    CreateVmRequest, DeleteVmQuery, ExecEvent, ExecRequest, SshTarget, StopVmRequest, VmInfo,
-    VmState,
+    CreateVmRequest, DeleteVmQuery, ExecEvent, ExecRequest, ExecSignal, SshTarget, StopVmRequest,
+    VmInfo, VmState,
 };
 use banger_api::Deleted;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
@@ -70,6 +70,24 @@ pub async fn exec(
         }
     });
     crate::server::ndjson_response(rx)
+}
+
+pub async fn exec_stdin(
+    State(s): Shared,
+    UrlPath((name, session)): UrlPath<(String, String)>,
+    body: Body,
+) -> ApiResult<serde_json::Value> {
+    let bytes = s.vms.exec_stdin(&name, &session, body).await?;
+    Ok(Json(serde_json::json!({ "bytes": bytes })))
+}
+
+pub async fn exec_signal(
+    State(s): Shared,
+    UrlPath((name, session)): UrlPath<(String, String)>,
+    Json(req): Json<ExecSignal>,
+) -> ApiResult<serde_json::Value> {
+    s.vms.exec_signal(&name, &session, req.signal).await?;
+    Ok(Json(serde_json::json!({ "signal": req.signal })))
 }
 
 #[derive(serde::Deserialize)]

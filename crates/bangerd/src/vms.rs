@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use banger_agent::host::{
-    AgentClient, Endpoint, ExecEvent as AgentEvent, ExecRequest as AgentExec,
+    AgentClient, Endpoint, ExecEvent as AgentEvent, ExecInput, ExecRequest as AgentExec,
 };
 use banger_api::vm::{CreateVmRequest, ExecEvent, ExecRequest, SshTarget, VmInfo, VmState};
 use banger_api::{validate_name, ApiError, Deleted, ErrorCode};
@@ -55,6 +55,23 @@ pub struct Vms {
     backend_reason: String,
     locks: Mutex<HashMap<String, Arc<AsyncMutex<()>>>>,
     agents: Mutex<HashMap<String, AgentClient>>,
+    /// Running `vm exec` commands by session id: (VM name, the command's input side).
+    exec_sessions: Arc<Mutex<HashMap<String, (String, ExecInput)>>>,
+}
+
+/// Removes an exec session when its command ends, however the exec call returns.
+struct SessionGuard {
+    sessions: Arc<Mutex<HashMap<String, (String, ExecInput)>>>,
+    id: String,
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+    }
 }
 
 fn api(code: ErrorCode, msg: impl Into<String>) -> ApiError {
@@ -121,6 +138,7 @@ impl Vms {
             backend_reason,
             locks: Mutex::default(),
             agents: Mutex::default(),
+            exec_sessions: Arc::default(),
         })
     }
 
@@ -842,9 +860,33 @@ impl Vms {
             api(ErrorCode::VmmFailed, format!("exec in VM {name}: {e}"))
         };
         let mut handle = client.exec(r).await.map_err(lost)?;
-        handle.input.close().await.map_err(lost)?;
+        let session = hex::encode(rand::random::<[u8; 12]>());
+        self.exec_sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(session.clone(), (name.to_owned(), handle.input.clone()));
+        let _guard = SessionGuard {
+            sessions: self.exec_sessions.clone(),
+            id: session.clone(),
+        };
+        let _ = out.send(ExecEvent::Started { session });
+        if !req.stdin {
+            handle.input.close().await.map_err(lost)?;
+        }
         let b64 = base64::engine::general_purpose::STANDARD;
-        while let Some(ev) = handle.output.recv().await {
+        let mut hung_up = false;
+        loop {
+            let ev = tokio::select! {
+                ev = handle.output.recv() => ev,
+                // The caller went away (its stream was dropped): hang the command up, as a
+                // closed terminal would, and keep draining until it ends.
+                _ = out.closed(), if !hung_up => {
+                    hung_up = true;
+                    let _ = handle.input.signal(libc::SIGHUP).await;
+                    continue;
+                }
+            };
+            let Some(ev) = ev else { break };
             match ev.map_err(lost)? {
                 AgentEvent::Stdout(b) => {
                     let _ = out.send(ExecEvent::Stdout {
@@ -870,6 +912,75 @@ impl Vms {
             ErrorCode::VmmFailed,
             format!("lost the command's output in VM {name}"),
         ))
+    }
+
+    fn exec_input(&self, name: &str, session: &str) -> Result<ExecInput, ApiError> {
+        match self
+            .exec_sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(session)
+        {
+            Some((vm, input)) if vm == name => Ok(input.clone()),
+            _ => Err(api(
+                ErrorCode::NotFound,
+                format!("no command with session {session} runs in VM {name}"),
+            )
+            .with_hint("the command may have ended already")),
+        }
+    }
+
+    /// Streams `body` into a running command's stdin, then closes it. Returns the bytes sent.
+    pub async fn exec_stdin(
+        &self,
+        name: &str,
+        session: &str,
+        body: axum::body::Body,
+    ) -> Result<u64, ApiError> {
+        use futures_util::StreamExt;
+        let input = self.exec_input(name, session)?;
+        let broken = |e: banger_agent::host::AgentError| {
+            api(
+                ErrorCode::VmmFailed,
+                format!("cannot feed stdin of the command in VM {name}: {e}"),
+            )
+        };
+        let mut stream = body.into_data_stream();
+        let mut sent = 0u64;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| {
+                api(
+                    ErrorCode::BadRequest,
+                    format!("stdin upload for VM {name} broke: {e}"),
+                )
+            })?;
+            input.write(&chunk).await.map_err(broken)?;
+            sent += chunk.len() as u64;
+        }
+        input.close().await.map_err(broken)?;
+        Ok(sent)
+    }
+
+    /// Sends `signal` to a running command's process group.
+    pub async fn exec_signal(
+        &self,
+        name: &str,
+        session: &str,
+        signal: i32,
+    ) -> Result<(), ApiError> {
+        if !(1..=64).contains(&signal) {
+            return Err(api(
+                ErrorCode::BadRequest,
+                format!("{signal} is not a signal number"),
+            ));
+        }
+        let input = self.exec_input(name, session)?;
+        input.signal(signal).await.map_err(|e| {
+            api(
+                ErrorCode::VmmFailed,
+                format!("cannot signal the command in VM {name}: {e}"),
+            )
+        })
     }
 
     pub async fn ssh_target(&self, name: &str) -> Result<SshTarget, ApiError> {
