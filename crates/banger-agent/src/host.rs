@@ -30,8 +30,8 @@ use tokio::time::Instant;
 
 use crate::guest::serve::report;
 use crate::protocol::{
-    decode, encode, is_blank, Data, ExitStatus, GuestMessage, HostMessage, RequestId, MAX_CHUNK,
-    MAX_LINE,
+    decode, encode, is_blank, Data, ExitStatus, Frame, GuestMessage, HostMessage, LineAssembler,
+    RequestId, MAX_CHUNK,
 };
 
 /// How long a Firecracker vsock handshake may take.
@@ -627,11 +627,11 @@ async fn read_loop<R: AsyncRead + Send + Unpin>(read: R, state: Shared, vm: Stri
     let reason = loop {
         line.clear();
         match read_frame(&mut reader, &mut line).await {
-            Ok(FrameRead::Eof) => break "the agent closed the connection".to_string(),
+            Ok(Frame::Eof) => break "the agent closed the connection".to_string(),
             Err(e) => break format!("reading from the agent failed: {e}"),
-            Ok(FrameRead::TooLong) => continue,
-            Ok(FrameRead::Line) if is_blank(&line) => continue,
-            Ok(FrameRead::Line) => {}
+            Ok(Frame::TooLong) => continue,
+            Ok(Frame::Line) if is_blank(&line) => continue,
+            Ok(Frame::Line) => {}
         }
         // A frame that does not parse is most likely the tail of one sent to an earlier host
         // connection; skipping it is all there is to do.
@@ -716,42 +716,21 @@ fn dispatch(state: &Mutex<State>, vm: &str, msg: GuestMessage) {
     }
 }
 
-enum FrameRead {
-    Line,
-    TooLong,
-    Eof,
-}
-
-/// Reads one line (without `\n`), never buffering more than [`MAX_LINE`] bytes.
+/// Reads one line into `buf` (see [`LineAssembler`]).
 async fn read_frame<R: AsyncBufRead + Unpin>(
     reader: &mut R,
     buf: &mut Vec<u8>,
-) -> io::Result<FrameRead> {
-    let mut too_long = false;
+) -> io::Result<Frame> {
+    let mut assembler = LineAssembler::default();
     loop {
         let available = reader.fill_buf().await?;
         if available.is_empty() {
-            return Ok(FrameRead::Eof);
+            return Ok(Frame::Eof);
         }
-        let (chunk, found) = match available.iter().position(|b| *b == b'\n') {
-            Some(i) => (&available[..i], Some(i + 1)),
-            None => (available, None),
-        };
-        if !too_long {
-            buf.extend_from_slice(chunk);
-            if buf.len() > MAX_LINE {
-                too_long = true;
-                buf.clear();
-            }
-        }
-        let consumed = found.unwrap_or(available.len());
+        let (consumed, done) = assembler.feed(available, buf);
         reader.consume(consumed);
-        if found.is_some() {
-            return Ok(if too_long {
-                FrameRead::TooLong
-            } else {
-                FrameRead::Line
-            });
+        if let Some(frame) = done {
+            return Ok(frame);
         }
     }
 }

@@ -35,6 +35,48 @@ pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// ([`MAX_CHUNK`]); anything longer is garbage and is skipped.
 pub const MAX_LINE: usize = 4 * 1024 * 1024;
 
+/// How reading one frame (one line) ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Frame {
+    /// A whole line is in the buffer (without its `\n`).
+    Line,
+    /// A line longer than [`MAX_LINE`] was consumed and discarded.
+    TooLong,
+    /// The stream ended; a partial line is dropped, as its sender is gone.
+    Eof,
+}
+
+/// The pure half of reading frames, shared by the guest's blocking reader and the host's async
+/// one: given what the reader has buffered, it moves bytes up to the next `\n` into the line,
+/// never keeping more than [`MAX_LINE`] of it.
+#[derive(Debug, Default)]
+pub struct LineAssembler {
+    too_long: bool,
+}
+
+impl LineAssembler {
+    /// Takes from `available` into `line`; returns how many bytes to consume from the reader and,
+    /// when a line ended, how. Call again with fresh bytes while it returns `None`.
+    pub fn feed(&mut self, available: &[u8], line: &mut Vec<u8>) -> (usize, Option<Frame>) {
+        let (chunk, end) = match available.iter().position(|b| *b == b'\n') {
+            Some(i) => (&available[..i], Some(i + 1)),
+            None => (available, None),
+        };
+        if !self.too_long {
+            line.extend_from_slice(chunk);
+            if line.len() > MAX_LINE {
+                self.too_long = true;
+                line.clear();
+            }
+        }
+        match end {
+            Some(n) if self.too_long => (n, Some(Frame::TooLong)),
+            Some(n) => (n, Some(Frame::Line)),
+            None => (available.len(), None),
+        }
+    }
+}
+
 /// The largest payload one `stdin`/`stdout`/`stderr` frame carries.
 pub const MAX_CHUNK: usize = 32 * 1024;
 

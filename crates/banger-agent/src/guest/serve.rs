@@ -15,7 +15,8 @@ use std::thread;
 use crate::guest::exec::{self, ExecSpec, ExecTable};
 use crate::guest::power::{PowerControl, SystemPower};
 use crate::protocol::{
-    decode, encode, is_blank, GuestMessage, HostMessage, RequestId, AGENT_VERSION, MAX_LINE,
+    decode, encode, is_blank, Frame, GuestMessage, HostMessage, LineAssembler, RequestId,
+    AGENT_VERSION, MAX_LINE,
 };
 
 /// Where the kernel publishes the identifier of the current boot.
@@ -211,17 +212,9 @@ fn reply(writer: &FrameWriter, msg: GuestMessage) {
     }
 }
 
-enum Frame {
-    Line,
-    TooLong,
-    Eof,
-}
-
-/// Reads one line into `buf` (without its `\n`), refusing to buffer more than [`MAX_LINE`]
-/// bytes: a longer line is consumed and reported as [`Frame::TooLong`]. A partial line at
-/// end-of-file is dropped — its sender is gone.
+/// Reads one line into `buf` (see [`LineAssembler`]).
 fn read_frame(reader: &mut impl BufRead, buf: &mut Vec<u8>) -> io::Result<Frame> {
-    let mut too_long = false;
+    let mut assembler = LineAssembler::default();
     loop {
         let available = match reader.fill_buf() {
             Ok(b) => b,
@@ -231,25 +224,10 @@ fn read_frame(reader: &mut impl BufRead, buf: &mut Vec<u8>) -> io::Result<Frame>
         if available.is_empty() {
             return Ok(Frame::Eof);
         }
-        let (chunk, found) = match available.iter().position(|b| *b == b'\n') {
-            Some(i) => (&available[..i], Some(i + 1)),
-            None => (available, None),
-        };
-        if !too_long {
-            buf.extend_from_slice(chunk);
-            if buf.len() > MAX_LINE {
-                too_long = true;
-                buf.clear();
-            }
-        }
-        let consumed = found.unwrap_or(available.len());
+        let (consumed, done) = assembler.feed(available, buf);
         reader.consume(consumed);
-        if found.is_some() {
-            return Ok(if too_long {
-                Frame::TooLong
-            } else {
-                Frame::Line
-            });
+        if let Some(frame) = done {
+            return Ok(frame);
         }
     }
 }
