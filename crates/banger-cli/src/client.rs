@@ -197,13 +197,21 @@ impl Client {
             .await
             .map_err(|e| self.io_error(e))?;
         let status = resp.status();
-        let bytes = resp
+        let bytes = self.body_bytes(resp).await?;
+        decode(status, &bytes)
+    }
+
+    /// A whole (short) response body.
+    async fn body_bytes(
+        &self,
+        resp: hyper::Response<hyper::body::Incoming>,
+    ) -> Result<Bytes, CliError> {
+        Ok(resp
             .into_body()
             .collect()
             .await
             .map_err(|e| self.io_error(std::io::Error::other(e)))?
-            .to_bytes();
-        decode(status, &bytes)
+            .to_bytes())
     }
 
     /// A JSON call.
@@ -254,12 +262,7 @@ impl Client {
         if status.is_success() {
             return Ok(resp.into_body());
         }
-        let bytes = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| self.io_error(std::io::Error::other(e)))?
-            .to_bytes();
+        let bytes = self.body_bytes(resp).await?;
         decode::<serde_json::Value>(status, &bytes).and_then(|_| {
             Err(CliError::new(
                 Exit::Failure,
