@@ -408,6 +408,14 @@ fn two_vms_reach_each_other_by_name_and_crashes_are_noticed_and_recovered() {
         &format!("echo > /dev/tcp/{b_ip}/22"),
     ]);
 
+    let status = env.ok(["daemon", "status", "--json"]).json();
+    assert_eq!(status["daemon"]["dns"]["serving"], true, "{status}");
+    assert_eq!(status["daemon"]["dns"]["names"], 2, "{status}");
+    assert_eq!(
+        status["daemon"]["dns"]["address"], "172.16.0.1:53",
+        "{status}"
+    );
+
     // `.vm` DNS on the bridge address, from the host side, over UDP and TCP.
     let gw = "172.16.0.1";
     let at_gw = format!("@{gw}");
@@ -511,6 +519,8 @@ fn two_vms_reach_each_other_by_name_and_crashes_are_noticed_and_recovered() {
     assert_eq!(dig_status(&out), "NXDOMAIN", "{out}");
     env.ok(["vm", "delete", "--force", "beta"]);
     assert_nothing_left(&env);
+    let status = env.ok(["daemon", "status", "--json"]).json();
+    assert_eq!(status["daemon"]["dns"]["serving"], false, "{status}");
     // With the bridge gone, nothing listens on its address any more.
     let out = dig(&env, &[&at_gw, "beta.vm"]);
     assert_eq!(dig_status(&out), "<no answer>", "{out}");

@@ -94,6 +94,22 @@ pub struct VersionInfo {
     pub socket: String,
     pub state_dir: String,
     pub log_file: String,
+    /// The `.vm` DNS server; absent from daemons that predate it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<DnsStatus>,
+}
+
+/// What `daemon status` shows of the `.vm` DNS server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsStatus {
+    /// Whether it answers now (only while the bridge exists, i.e. while a VM runs).
+    pub serving: bool,
+    /// Where clients ask: the bridge address, port 53.
+    pub address: String,
+    /// How many `<vm>.vm` names it knows.
+    pub names: usize,
+    /// Whether systemd-resolved routes the host's `.vm` lookups to it.
+    pub routed_by_resolved: bool,
 }
 
 /// Where an image or kernel came from.

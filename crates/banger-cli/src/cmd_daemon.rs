@@ -48,6 +48,19 @@ async fn status(ctx: &Ctx, json: bool) -> Result<ExitCode, CliError> {
                 println!("  socket:      {}", info.socket);
                 println!("  state:       {}", info.state_dir);
                 println!("  log:         {}", info.log_file);
+                if let Some(dns) = &info.dns {
+                    let state = if dns.serving {
+                        let routed = if dns.routed_by_resolved {
+                            "; routed by systemd-resolved"
+                        } else {
+                            ""
+                        };
+                        format!("serving {} .vm names on {}{routed}", dns.names, dns.address)
+                    } else {
+                        format!("not serving (no VM runs); {} .vm names known", dns.names)
+                    };
+                    println!("  dns:         {state}");
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -122,6 +122,16 @@ impl DnsService {
         }
     }
 
+    pub async fn status(&self) -> banger_api::DnsStatus {
+        let running = self.running.lock().await;
+        banger_api::DnsStatus {
+            serving: running.is_some(),
+            address: format!("{}:53", self.net.subnet.gateway()),
+            names: self.zone.entries().len(),
+            routed_by_resolved: running.as_ref().is_some_and(|r| r.routed),
+        }
+    }
+
     /// Unroutes `.vm` and stops the server; call before the bridge goes away.
     pub async fn stop(&self) {
         let Some(running) = self.running.lock().await.take() else {

@@ -142,6 +142,10 @@ impl Vms {
         })
     }
 
+    pub async fn dns_status(&self) -> banger_api::DnsStatus {
+        self.dns.status().await
+    }
+
     pub fn backend_reason(&self) -> &str {
         &self.backend_reason
     }
