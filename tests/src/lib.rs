@@ -468,6 +468,8 @@ pub enum Fault {
 pub struct HttpServer {
     pub port: u16,
     faults: std::sync::Arc<Mutex<std::collections::HashMap<String, Fault>>>,
+    /// Requests served so far, by path.
+    hits: std::sync::Arc<Mutex<std::collections::HashMap<String, usize>>>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -480,8 +482,10 @@ impl HttpServer {
         let port = listener.local_addr().unwrap().port();
         let faults: std::sync::Arc<Mutex<std::collections::HashMap<String, Fault>>> =
             Default::default();
+        let hits: std::sync::Arc<Mutex<std::collections::HashMap<String, usize>>> =
+            Default::default();
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (root, f2, s2) = (root.to_owned(), faults.clone(), stop.clone());
+        let (root, f2, h2, s2) = (root.to_owned(), faults.clone(), hits.clone(), stop.clone());
         let handle = move |stream: std::net::TcpStream| -> std::io::Result<()> {
             stream.set_nonblocking(false)?;
             let mut reader = BufReader::new(stream.try_clone()?);
@@ -500,6 +504,7 @@ impl HttpServer {
                 }
             }
             let mut out = stream;
+            *h2.lock().unwrap().entry(path.clone()).or_default() += 1;
             let fault = f2.lock().unwrap().get(&path).copied();
             if let Some(Fault::Status(code)) = fault {
                 let body = format!("injected failure {code}\n");
@@ -548,9 +553,16 @@ impl HttpServer {
         Self {
             port,
             faults,
+            hits,
             stop,
             thread: Some(thread),
         }
+    }
+
+    /// How many requests for `path` (relative to the served root) arrived so far.
+    pub fn requests(&self, path: &str) -> usize {
+        let key = format!("/{}", path.trim_start_matches('/'));
+        self.hits.lock().unwrap().get(&key).copied().unwrap_or(0)
     }
 
     pub fn url(&self, path: &str) -> String {

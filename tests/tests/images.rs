@@ -212,6 +212,26 @@ fn bundle_round_trip_over_http_and_refused_downloads_leave_store_unchanged() {
         "store changed after an HTTP 500"
     );
 
+    // `kernel pull` takes only the kernel and initrd: the failing rootfs is never asked for.
+    let asked_before = server.requests(&format!("good/{rootfs_file}"));
+    let out = env.banger([
+        "kernel",
+        "pull",
+        &server.url("good/manifest.json"),
+        "--name",
+        "k-only",
+    ]);
+    assert_eq!(out.status, Some(0), "{out}");
+    assert_eq!(out.stdout.trim(), "k-only");
+    assert_eq!(
+        server.requests(&format!("good/{rootfs_file}")),
+        asked_before,
+        "kernel pull fetched the rootfs"
+    );
+    let out = env.banger(["kernel", "pull", &server.url("good/manifest.json")]);
+    assert_eq!(out.status, Some(2), "a URL needs --name: {out}");
+    assert!(out.stderr.contains("--name"), "{out}");
+
     // After the faults clear, the same pull works (resuming the truncated part cleanly),
     // under a new name and with the same digests.
     server.fault(&format!("good/{rootfs_file}"), None);
@@ -244,6 +264,15 @@ fn bundle_round_trip_over_http_and_refused_downloads_leave_store_unchanged() {
         digest("orig", "initrd_sha256"),
         digest("copy", "initrd_sha256")
     );
+    assert_eq!(
+        digest("orig", "kernel_sha256"),
+        digest("k-only", "kernel_sha256")
+    );
+    assert_eq!(
+        digest("orig", "initrd_sha256"),
+        digest("k-only", "initrd_sha256")
+    );
+    assert_eq!(digest("k-only", "source"), "pulled");
 }
 
 #[test]

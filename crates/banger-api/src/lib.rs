@@ -188,6 +188,16 @@ pub struct PullImageRequest {
     pub name: Option<String>,
 }
 
+/// `POST /v1/kernels/pull` (streamed): only the kernel and initrd of a bundle.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PullKernelRequest {
+    /// A catalog name, or a URL (http, https, file) of a bundle manifest.
+    pub reference: String,
+    /// Store name; defaults to the catalog name (required for URLs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
 /// `POST /v1/images/export` (streamed)
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExportImageRequest {

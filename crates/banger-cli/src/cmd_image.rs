@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use banger_api::{
     BuildImageRequest, Deleted, ExportImageRequest, ExportResult, ImageInfo, KernelInfo,
-    PullImageRequest, RegisterImageRequest, RegisterKernelRequest,
+    PullImageRequest, PullKernelRequest, RegisterImageRequest, RegisterKernelRequest,
 };
 use hyper::Method;
 use serde::de::DeserializeOwned;
@@ -154,6 +154,11 @@ pub async fn kernel(ctx: &Ctx, cmd: KernelCmd) -> Result<ExitCode, CliError> {
                     .collect();
                 print!("{}", table(&["NAME", "SOURCE", "INITRD", "CREATED"], &rows));
             }
+        }
+        KernelCmd::Pull { reference, name } => {
+            let req = PullKernelRequest { reference, name };
+            let k: KernelInfo = streamed(ctx, &client, "/v1/kernels/pull", &req, "pulled").await?;
+            println!("{}", k.name);
         }
         KernelCmd::Register {
             name,

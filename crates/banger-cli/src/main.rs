@@ -240,6 +240,14 @@ pub enum VmCmd {
 pub enum KernelCmd {
     /// List kernels.
     List(JsonFlag),
+    /// Pull only the kernel (and initrd) of a bundle: a catalog name or a manifest URL.
+    Pull {
+        /// Catalog name or manifest URL (http, https, file).
+        reference: String,
+        /// Store the kernel under this name (required for URLs).
+        #[arg(long)]
+        name: Option<String>,
+    },
     /// Register a kernel (and initrd) from files.
     Register {
         name: String,

@@ -1,6 +1,6 @@
 //! Pulling a bundle: manifest, verified downloads into a content-addressed cache, verified unpack.
 //!
-//! [`pull_bundle`] fetches `manifest.json` (http, https or file), optionally checks it against a
+//! [`pull_bundle`] (or [`pull_kernel`], which skips the root filesystem) fetches `manifest.json` (http, https or file), optionally checks it against a
 //! pinned digest from the catalog, downloads each file into `cache_dir` under its SHA-256 (resuming
 //! partial downloads, so an interrupted pull continues where it stopped), and unpacks each into
 //! `staging_dir` with its raw digest verified and sparseness kept. Nothing is written anywhere else.
@@ -91,6 +91,14 @@ pub fn cache_path(cache_dir: &Path, entry: &FileEntry) -> PathBuf {
     cache_dir.join(format!("{}.zst", entry.sha256))
 }
 
+/// A bundle's kernel (and initrd) pulled without its root filesystem.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PulledKernel {
+    pub manifest: Manifest,
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+}
+
 /// Fetches, verifies and unpacks the bundle described by `manifest_url` (a URL or absolute path).
 /// When `manifest_sha256` is given, the manifest must have exactly that digest.
 pub async fn pull_bundle(
@@ -100,6 +108,70 @@ pub async fn pull_bundle(
     cache_dir: &Path,
     progress: &dyn Progress,
 ) -> Result<PulledBundle, PullError> {
+    let (url, manifest) = prepare(
+        manifest_url,
+        manifest_sha256,
+        staging_dir,
+        cache_dir,
+        progress,
+    )
+    .await?;
+    let mut out = PulledBundle {
+        rootfs: staging_dir.join(Role::Rootfs.raw_file_name()),
+        kernel: staging_dir.join(Role::Kernel.raw_file_name()),
+        initrd: None,
+        manifest: manifest.clone(),
+    };
+    for entry in &manifest.files {
+        let dest = staging_dir.join(entry.role.raw_file_name());
+        pull_file(&url, &manifest.name, entry, cache_dir, &dest, progress).await?;
+        if entry.role == Role::Initrd {
+            out.initrd = Some(dest);
+        }
+    }
+    Ok(out)
+}
+
+/// Like [`pull_bundle`], but only the kernel and initrd: the root filesystem is neither
+/// downloaded nor unpacked.
+pub async fn pull_kernel(
+    manifest_url: &str,
+    manifest_sha256: Option<&Sha256Digest>,
+    staging_dir: &Path,
+    cache_dir: &Path,
+    progress: &dyn Progress,
+) -> Result<PulledKernel, PullError> {
+    let (url, manifest) = prepare(
+        manifest_url,
+        manifest_sha256,
+        staging_dir,
+        cache_dir,
+        progress,
+    )
+    .await?;
+    let mut out = PulledKernel {
+        kernel: staging_dir.join(Role::Kernel.raw_file_name()),
+        initrd: None,
+        manifest: manifest.clone(),
+    };
+    for entry in manifest.files.iter().filter(|e| e.role != Role::Rootfs) {
+        let dest = staging_dir.join(entry.role.raw_file_name());
+        pull_file(&url, &manifest.name, entry, cache_dir, &dest, progress).await?;
+        if entry.role == Role::Initrd {
+            out.initrd = Some(dest);
+        }
+    }
+    Ok(out)
+}
+
+/// Fetches and checks the manifest, and makes the cache and staging directories.
+async fn prepare(
+    manifest_url: &str,
+    manifest_sha256: Option<&Sha256Digest>,
+    staging_dir: &Path,
+    cache_dir: &Path,
+    progress: &dyn Progress,
+) -> Result<(Url, Manifest), PullError> {
     let fetch_err = |source| PullError::FetchManifest {
         url: manifest_url.to_owned(),
         source,
@@ -131,21 +203,7 @@ pub async fn pull_bundle(
                 source,
             })?;
     }
-
-    let mut out = PulledBundle {
-        rootfs: staging_dir.join(Role::Rootfs.raw_file_name()),
-        kernel: staging_dir.join(Role::Kernel.raw_file_name()),
-        initrd: None,
-        manifest: manifest.clone(),
-    };
-    for entry in &manifest.files {
-        let dest = staging_dir.join(entry.role.raw_file_name());
-        pull_file(&url, &manifest.name, entry, cache_dir, &dest, progress).await?;
-        if entry.role == Role::Initrd {
-            out.initrd = Some(dest);
-        }
-    }
-    Ok(out)
+    Ok((url, manifest))
 }
 
 async fn pull_file(
@@ -361,6 +419,37 @@ mod tests {
         .unwrap();
         assert_same_as_sources(&f, &again);
         assert_eq!(server.request_count(), before + 1);
+    }
+
+    #[tokio::test]
+    async fn pulling_a_kernel_never_downloads_or_writes_the_rootfs() {
+        let f = fixture().await;
+        let server = TestServer::start().await;
+        f.serve(&server);
+        let pulled = pull_kernel(
+            &server.url("/b/manifest.json"),
+            None,
+            &f.staging(),
+            &f.cache(),
+            &RecordingProgress::new(),
+        )
+        .await
+        .unwrap();
+        let src = f.root.join("src");
+        assert_eq!(
+            std::fs::read(&pulled.kernel).unwrap(),
+            std::fs::read(src.join("vmlinuz")).unwrap()
+        );
+        assert_eq!(
+            std::fs::read(pulled.initrd.as_ref().unwrap()).unwrap(),
+            std::fs::read(src.join("initrd.img")).unwrap()
+        );
+        let rootfs = &f.file(Role::Rootfs).path;
+        assert_eq!(
+            server.ranges(&format!("/b/{rootfs}")),
+            Vec::<Option<String>>::new()
+        );
+        assert!(!f.written_paths().iter().any(|p| p.contains("rootfs")));
     }
 
     #[tokio::test]

@@ -156,6 +156,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/vms/{name}/logs", get(vm_routes::logs))
         .route("/v1/kernels", get(images::list_kernels))
         .route("/v1/kernels/register", post(images::register_kernel))
+        .route("/v1/kernels/pull", post(images::pull_kernel))
         .route("/v1/kernels/{name}", delete(images::delete_kernel))
         .layer(axum::middleware::from_fn(crate::server::version_gate))
         .with_state(state)

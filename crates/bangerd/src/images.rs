@@ -18,7 +18,7 @@ use axum::response::Response;
 use axum::Json;
 use banger_api::{
     validate_name, ApiError, BuildImageRequest, Deleted, ErrorCode, ExportImageRequest,
-    ExportResult, ImageInfo, KernelInfo, PullImageRequest, RegisterImageRequest,
+    ExportResult, ImageInfo, KernelInfo, PullImageRequest, PullKernelRequest, RegisterImageRequest,
     RegisterKernelRequest, Source,
 };
 use banger_config::{Config, Paths};
@@ -368,47 +368,18 @@ impl Images {
         progress: Emitter,
     ) -> Result<ImageInfo, ApiError> {
         let reference = req.reference.trim().to_owned();
-        let (manifest_url, manifest_pin) = if reference.contains("://")
-            || reference.starts_with('/')
-        {
-            (reference.clone(), None)
-        } else {
-            let catalog = self.catalog().await?;
-            let entry = catalog
-                .lookup(&reference)
-                .map_err(|e| chain_error(ErrorCode::NotFound, &e))?;
-            match &entry.source {
-                banger_image::catalog::Source::Recipe { recipe } => {
-                    let recipe = banger_image::recipe::builtin(recipe).ok_or_else(|| {
-                        ApiError::new(
-                            ErrorCode::Internal,
-                            format!("catalog entry {reference:?} names unknown recipe {recipe:?}"),
-                        )
-                    })?;
-                    let name = req.name.clone().unwrap_or_else(|| reference.clone());
-                    let _r = self.reserve_new(&name).await?;
-                    progress.notice(&format!(
-                        "{reference} has no prebuilt bundle; building it locally from Debian packages"
-                    ));
-                    return self.build_recipe(&name, recipe, &progress).await;
-                }
-                banger_image::catalog::Source::Bundle {
-                    manifest_url,
-                    manifest_sha256,
-                } => (manifest_url.clone(), *manifest_sha256),
+        let (manifest_url, manifest_pin) = match self.resolve_bundle(&reference).await? {
+            Resolved::Bundle { url, pin } => (url, pin),
+            Resolved::Recipe(recipe) => {
+                let name = req.name.clone().unwrap_or_else(|| reference.clone());
+                let _r = self.reserve_new(&name).await?;
+                progress.notice(&format!(
+                    "{reference} has no prebuilt bundle; building it locally from Debian packages"
+                ));
+                return self.build_recipe(&name, *recipe, &progress).await;
             }
         };
-        let name = match &req.name {
-            Some(n) => n.clone(),
-            None if !reference.contains("://") && !reference.starts_with('/') => reference.clone(),
-            None => {
-                return Err(ApiError::new(
-                    ErrorCode::BadRequest,
-                    "pulling by URL needs a name for the image",
-                )
-                .with_hint("add --name NAME"))
-            }
-        };
+        let name = pull_name(&reference, req.name.as_deref(), "image")?;
         let _r = self.reserve_new(&name).await?;
         let staging = self.staging()?;
         let downloads = self.paths.cache_dir.join("downloads");
@@ -439,6 +410,86 @@ impl Images {
                 .await
                 .map_err(catalog_err),
         }
+    }
+
+    /// What a pull reference names: a bundle (catalog entries may pin its manifest's digest) or,
+    /// for catalog entries without a prebuilt bundle, a recipe to build.
+    async fn resolve_bundle(&self, reference: &str) -> Result<Resolved, ApiError> {
+        if reference.contains("://") || reference.starts_with('/') {
+            return Ok(Resolved::Bundle {
+                url: reference.to_owned(),
+                pin: None,
+            });
+        }
+        let catalog = self.catalog().await?;
+        let entry = catalog
+            .lookup(reference)
+            .map_err(|e| chain_error(ErrorCode::NotFound, &e))?;
+        match &entry.source {
+            banger_image::catalog::Source::Recipe { recipe } => {
+                banger_image::recipe::builtin(recipe)
+                    .map(|r| Resolved::Recipe(Box::new(r)))
+                    .ok_or_else(|| {
+                        ApiError::new(
+                            ErrorCode::Internal,
+                            format!("catalog entry {reference:?} names unknown recipe {recipe:?}"),
+                        )
+                    })
+            }
+            banger_image::catalog::Source::Bundle {
+                manifest_url,
+                manifest_sha256,
+            } => Ok(Resolved::Bundle {
+                url: manifest_url.clone(),
+                pin: *manifest_sha256,
+            }),
+        }
+    }
+
+    /// `kernel pull`: a bundle's kernel and initrd, without its root filesystem.
+    pub async fn pull_kernel(
+        &self,
+        req: PullKernelRequest,
+        progress: Emitter,
+    ) -> Result<KernelInfo, ApiError> {
+        let reference = req.reference.trim().to_owned();
+        let (url, pin) = match self.resolve_bundle(&reference).await? {
+            Resolved::Bundle { url, pin } => (url, pin),
+            Resolved::Recipe(_) => {
+                return Err(ApiError::new(
+                    ErrorCode::NotFound,
+                    format!("{reference} has no prebuilt bundle to take a kernel from"),
+                )
+                .with_hint(format!(
+                    "`banger image build {reference}` builds the image together with its kernel"
+                )))
+            }
+        };
+        let name = pull_name(&reference, req.name.as_deref(), "kernel")?;
+        validate_name("kernel", &name)?;
+        self.refuse_existing_kernel(&name).await?;
+        let staging = self.staging()?;
+        let downloads = self.paths.cache_dir.join("downloads");
+        let pulled = {
+            let _pulling = self.pull_lock.lock().await;
+            banger_image::pull::pull_kernel(
+                &url,
+                pin.as_ref(),
+                staging.path(),
+                &downloads,
+                &progress,
+            )
+            .await
+            .map_err(pull_err)?
+        };
+        progress.phase("store kernel");
+        self.add_kernel(
+            &name,
+            &pulled.kernel,
+            pulled.initrd.as_deref(),
+            Source::Pulled,
+        )
+        .await
     }
 
     pub async fn register(
@@ -579,8 +630,18 @@ impl Images {
         req: RegisterKernelRequest,
     ) -> Result<KernelInfo, ApiError> {
         validate_name("kernel", &req.name)?;
-        let _r = self.reserve(&req.name)?;
-        let n = req.name.clone();
+        self.refuse_existing_kernel(&req.name).await?;
+        self.add_kernel(
+            &req.name,
+            Path::new(&req.kernel),
+            req.initrd.as_deref().map(Path::new),
+            Source::Registered,
+        )
+        .await
+    }
+
+    async fn refuse_existing_kernel(&self, name: &str) -> Result<(), ApiError> {
+        let n = name.to_owned();
         if self
             .store
             .call(move |c| store::get_kernel(c, &n))
@@ -590,34 +651,47 @@ impl Images {
         {
             return Err(ApiError::new(
                 ErrorCode::AlreadyExists,
-                format!("a kernel named {:?} already exists", req.name),
+                format!("a kernel named {name:?} already exists"),
             )
             .with_hint(format!(
-                "delete it first with `banger kernel delete {}`",
-                req.name
+                "delete it first with `banger kernel delete {name}`"
             )));
         }
+        Ok(())
+    }
+
+    /// Copies a kernel (and initrd) into the store and records it.
+    async fn add_kernel(
+        &self,
+        name: &str,
+        kernel: &Path,
+        initrd: Option<&Path>,
+        source: Source,
+    ) -> Result<KernelInfo, ApiError> {
+        let _r = self.reserve(name)?;
         let staging = self.staging()?;
         let dir = staging.path().join("kernel");
-        let final_dir = self.kernels_dir().join(&req.name);
-        let req2 = req.clone();
+        let final_dir = self.kernels_dir().join(name);
+        let (name2, kernel, initrd) = (
+            name.to_owned(),
+            kernel.to_owned(),
+            initrd.map(Path::to_owned),
+        );
         let info = tokio::task::spawn_blocking(move || -> anyhow::Result<KernelInfo> {
             std::fs::create_dir(&dir)?;
-            fsutil::clone_file(Path::new(&req2.kernel), &dir.join("vmlinuz"))?;
-            if let Some(i) = &req2.initrd {
-                fsutil::clone_file(Path::new(i), &dir.join("initrd.img"))?;
+            fsutil::clone_file(&kernel, &dir.join("vmlinuz"))?;
+            if let Some(i) = &initrd {
+                fsutil::clone_file(i, &dir.join("initrd.img"))?;
             }
             let info = KernelInfo {
-                name: req2.name.clone(),
-                source: Source::Registered,
+                name: name2,
+                source,
                 kernel: final_dir.join("vmlinuz").display().to_string(),
                 kernel_sha256: fsutil::sha256_file(&dir.join("vmlinuz"))?,
-                initrd: req2
-                    .initrd
+                initrd: initrd
                     .as_ref()
                     .map(|_| final_dir.join("initrd.img").display().to_string()),
-                initrd_sha256: req2
-                    .initrd
+                initrd_sha256: initrd
                     .as_ref()
                     .map(|_| fsutil::sha256_file(&dir.join("initrd.img")))
                     .transpose()?,
@@ -632,7 +706,7 @@ impl Images {
         .map_err(|e| disk_error(e, "cannot copy the kernel into the store"))?;
         let i2 = info.clone();
         if let Err(e) = self.store.call(move |c| store::insert_kernel(c, &i2)).await {
-            let _ = std::fs::remove_dir_all(self.kernels_dir().join(&req.name));
+            let _ = std::fs::remove_dir_all(self.kernels_dir().join(name));
             return Err(internal(e));
         }
         Ok(info)
@@ -789,6 +863,30 @@ fn build_err(e: banger_image::build::BuildError) -> ApiError {
     chain_error(code, &e)
 }
 
+/// What a pull reference resolved to.
+enum Resolved {
+    Bundle {
+        url: String,
+        pin: Option<banger_image::digest::Sha256Digest>,
+    },
+    Recipe(Box<banger_image::recipe::Recipe>),
+}
+
+/// The store name of a pull: `--name`, else the catalog name; URLs need `--name`.
+fn pull_name(reference: &str, name: Option<&str>, what: &str) -> Result<String, ApiError> {
+    match name {
+        Some(n) => Ok(n.to_owned()),
+        None if !reference.contains("://") && !reference.starts_with('/') => {
+            Ok(reference.to_owned())
+        }
+        None => Err(ApiError::new(
+            ErrorCode::BadRequest,
+            format!("pulling by URL needs a name for the {what}"),
+        )
+        .with_hint("add --name NAME")),
+    }
+}
+
 fn pull_err(e: banger_image::pull::PullError) -> ApiError {
     use banger_image::bundle::BundleError;
     use banger_image::download::DownloadError;
@@ -839,6 +937,10 @@ pub async fn build(State(s): Shared, Json(req): Json<BuildImageRequest>) -> Resp
 
 pub async fn pull(State(s): Shared, Json(req): Json<PullImageRequest>) -> Response {
     stream(move |e| async move { s.images.pull(req, e).await })
+}
+
+pub async fn pull_kernel(State(s): Shared, Json(req): Json<PullKernelRequest>) -> Response {
+    stream(move |e| async move { s.images.pull_kernel(req, e).await })
 }
 
 pub async fn export(State(s): Shared, Json(req): Json<ExportImageRequest>) -> Response {
