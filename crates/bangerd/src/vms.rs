@@ -1121,6 +1121,10 @@ impl Vms {
             }
             if live_taps.is_empty() {
                 let _ = net.teardown()?;
+            } else {
+                // Re-adopted VMs keep their bridge; this also brings a table written by an
+                // older banger (say, without the DNS redirect) up to date.
+                let _ = net.ensure_host()?;
             }
             Ok(())
         })
