@@ -246,17 +246,32 @@ fn create_ssh_exec_restart_keeps_root_and_delete_removes_everything() {
         "`vm logs -f` did not show a line written after it started"
     );
 
-    // Plain OpenSSH through the managed ssh_config: `ssh web.vm` (OpenSSH reads the passwd home's
-    // ~/.ssh/config, not $HOME's, so the test names the file with -F).
+    // Plain OpenSSH through the managed ssh_config: `ssh web.vm`, no options. OpenSSH reads
+    // ~/.ssh/config from the passwd home (/root here), not $HOME, so the test runs ssh in a private
+    // mount namespace where the env's HOME is mounted over /root; the real /root is untouched.
     env.ok(["ssh-config", "--install"]);
-    let ssh_config = env.home().join(".ssh/config");
     let plain_ssh = |cmd: &str| {
         let ns = env.netns.as_ref().unwrap();
         Command::new("ip")
-            .args(["netns", "exec", &ns.name, "ssh", "-F"])
-            .arg(&ssh_config)
-            .args(["-o", "BatchMode=yes", "web.vm", cmd])
-            .env("HOME", env.home())
+            .args([
+                "netns",
+                "exec",
+                &ns.name,
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+            ])
+            .args([
+                "sh",
+                "-c",
+                "mount --bind \"$1\" /root && exec ssh web.vm \"$2\"",
+                "sh",
+            ])
+            .arg(env.home())
+            .arg(cmd)
+            .env("HOME", "/root")
+            .stdin(std::process::Stdio::null())
             .output()
             .unwrap()
     };
