@@ -273,6 +273,66 @@ fn bundle_round_trip_over_http_and_refused_downloads_leave_store_unchanged() {
         digest("k-only", "initrd_sha256")
     );
     assert_eq!(digest("k-only", "source"), "pulled");
+
+    // A disk that fills up mid-pull: a second user whose state directory is a 64 MiB tmpfs.
+    // The error says so, and nothing is left half-written in that store.
+    let full = Env::new();
+    let _small = TmpfsMount::new(&full.state_dir(), "64m");
+    let out = full.banger([
+        "image",
+        "pull",
+        &server.url("good/manifest.json"),
+        "--name",
+        "nospace",
+    ]);
+    assert_eq!(out.status, Some(71), "{out}");
+    assert!(
+        out.stderr.to_lowercase().contains("no space left") || out.stderr.contains("disk is full"),
+        "{out}"
+    );
+    let images = full.ok(["image", "list", "--json"]).json();
+    assert_eq!(images.as_array().map(Vec::len), Some(0), "{images}");
+    for dir in ["tmp", "images", "kernels"] {
+        let d = full.state_dir().join(dir);
+        assert_eq!(
+            tree_listing(&d),
+            Vec::<String>::new(),
+            "left in {}",
+            d.display()
+        );
+    }
+    full.stop_daemon();
+}
+
+/// A size-limited tmpfs mounted over `dir` for the length of a test; unmounted on drop.
+struct TmpfsMount(std::path::PathBuf);
+
+impl TmpfsMount {
+    fn new(dir: &std::path::Path, size: &str) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let st = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir)
+            .status()
+            .unwrap();
+        assert!(st.success(), "cannot mount a tmpfs on {}", dir.display());
+        TmpfsMount(dir.to_owned())
+    }
+}
+
+impl Drop for TmpfsMount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("--lazy")
+            .arg(&self.0)
+            .status();
+    }
 }
 
 #[test]
