@@ -144,6 +144,68 @@ async fn cat_echoes_stdin_including_large_binary_input() {
 }
 
 #[tokio::test]
+async fn with_stdin_acks_large_input_arrives_whole() {
+    let guest = Guest::new();
+    let (client, _g) = guest.connect();
+    client.hello(Duration::from_secs(5)).await.unwrap();
+    let big: Vec<u8> = (0..3 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
+    let exec = client.exec(ExecRequest::new(["cat"])).await.unwrap();
+    let input = exec.input.clone();
+    let payload = big.clone();
+    let feeder = tokio::spawn(async move {
+        input.write(&payload).await.unwrap();
+        input.close().await.unwrap();
+    });
+    let out = exec.output.collect().await.unwrap();
+    feeder.await.unwrap();
+    assert!(out.stdout == big, "cat output differs from its input");
+}
+
+#[tokio::test]
+async fn a_command_that_does_not_read_stdin_holds_up_neither_signals_nor_other_commands() {
+    let guest = Guest::new();
+    let (client, _g) = guest.connect();
+    client.hello(Duration::from_secs(5)).await.unwrap();
+    let mut exec = client.exec(sh("echo started; sleep 30")).await.unwrap();
+    assert_eq!(
+        exec.output.recv().await.unwrap().unwrap(),
+        ExecEvent::Stdout("started\n".into())
+    );
+    // Far more than the window, the guest's queue and the pipe hold together.
+    let input = exec.input.clone();
+    let writer = tokio::spawn(async move { input.write(&vec![b'x'; 16 << 20]).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !writer.is_finished(),
+        "the stdin window should hold the writer back"
+    );
+
+    let limit = Duration::from_secs(5);
+    let other = tokio::time::timeout(limit, async {
+        client.exec(sh("echo other")).await.unwrap().collect().await
+    })
+    .await
+    .expect("another command must not wait behind the blocked stdin")
+    .unwrap();
+    assert_eq!(text(&other.stdout), "other\n");
+
+    tokio::time::timeout(limit, exec.input.signal(libc::SIGTERM))
+        .await
+        .expect("a signal must not wait behind the blocked stdin")
+        .unwrap();
+    let rest = tokio::time::timeout(limit, exec.output.collect())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(rest.status, ExitStatus::Signal(libc::SIGTERM));
+    let written = tokio::time::timeout(limit, writer).await.unwrap().unwrap();
+    assert!(
+        matches!(written, Err(AgentError::StdinClosed { .. })),
+        "{written:?}"
+    );
+}
+
+#[tokio::test]
 async fn a_command_killed_by_a_signal_reports_the_signal() {
     let guest = Guest::new();
     let (client, _g) = guest.connect();

@@ -24,14 +24,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::guest::serve::report;
 use crate::protocol::{
     decode, encode, is_blank, Data, ExitStatus, Frame, GuestMessage, HostMessage, LineAssembler,
-    RequestId, MAX_CHUNK,
+    RequestId, MAX_CHUNK, STDIN_WINDOW,
 };
 
 /// How long a Firecracker vsock handshake may take.
@@ -73,6 +73,8 @@ pub enum AgentError {
     Guest { vm: String, message: String },
     #[error("VM {vm}: the guest did not power off: {reason}")]
     Poweroff { vm: String, reason: String },
+    #[error("VM {vm}: the command no longer reads its input (it closed stdin or ended)")]
+    StdinClosed { vm: String },
 }
 
 impl AgentError {
@@ -88,7 +90,9 @@ impl AgentError {
             AgentError::NoAnswer { .. } | AgentError::NotReady { .. } => Some(
                 "hint: the guest may have failed to boot or lack banger-agent; check the VM's console log",
             ),
-            AgentError::Guest { .. } | AgentError::Poweroff { .. } => None,
+            AgentError::Guest { .. }
+            | AgentError::Poweroff { .. }
+            | AgentError::StdinClosed { .. } => None,
         }
     }
 }
@@ -195,6 +199,11 @@ struct State {
     pending: HashMap<RequestId, Pending>,
     /// Why the connection ended, once it did.
     lost: Option<String>,
+    /// Whether the agent acknowledges stdin chunks (learnt from its `ready`).
+    stdin_acks: bool,
+    /// Per running command: permits to send stdin chunks, one per chunk, returned by its acks
+    /// and closed when the command stops reading. Only with an agent that acks.
+    credits: HashMap<RequestId, Arc<Semaphore>>,
 }
 
 type Shared = Arc<Mutex<State>>;
@@ -380,6 +389,14 @@ impl AgentClient {
     pub async fn exec(&self, req: ExecRequest) -> Result<ExecHandle, AgentError> {
         let (tx, rx) = mpsc::unbounded_channel();
         let id = self.register(Pending::Exec(tx))?;
+        let credit = {
+            let mut st = lock(&self.inner.state);
+            st.stdin_acks.then(|| {
+                let c = Arc::new(Semaphore::new(STDIN_WINDOW));
+                st.credits.insert(id, c.clone());
+                c
+            })
+        };
         self.send(&HostMessage::Exec {
             id,
             argv: req.argv,
@@ -393,6 +410,7 @@ impl AgentClient {
             input: ExecInput {
                 client: self.clone(),
                 id,
+                credit,
             },
             output: ExecOutput {
                 client: self.clone(),
@@ -478,12 +496,26 @@ impl ExecHandle {
 pub struct ExecInput {
     client: AgentClient,
     id: RequestId,
+    /// Flow control for stdin (see [`STDIN_WINDOW`]); `None` with agents that do not ack.
+    credit: Option<Arc<Semaphore>>,
 }
 
 impl ExecInput {
-    /// Sends bytes to the command's stdin (in frames of at most 32 KiB).
+    /// Sends bytes to the command's stdin (in frames of at most 32 KiB). Waits while
+    /// [`STDIN_WINDOW`] chunks are unacknowledged, so a command that reads slowly slows the
+    /// sender instead of filling the guest; fails once the command no longer reads.
     pub async fn write(&self, data: &[u8]) -> Result<(), AgentError> {
         for chunk in data.chunks(MAX_CHUNK) {
+            if let Some(credit) = &self.credit {
+                match credit.acquire().await {
+                    Ok(permit) => permit.forget(),
+                    Err(_) => {
+                        return Err(AgentError::StdinClosed {
+                            vm: self.client.inner.vm.clone(),
+                        })
+                    }
+                }
+            }
             self.client
                 .send(&HostMessage::Stdin {
                     id: self.id,
@@ -641,6 +673,9 @@ async fn read_loop<R: AsyncRead + Send + Unpin>(read: R, state: Shared, vm: Stri
     };
     let mut st = lock(&state);
     st.lost = Some(reason.clone());
+    for (_, credit) in st.credits.drain() {
+        credit.close();
+    }
     for (_, pending) in st.pending.drain() {
         match pending {
             // The guest going away is what a poweroff asks for.
@@ -656,6 +691,25 @@ async fn read_loop<R: AsyncRead + Send + Unpin>(read: R, state: Shared, vm: Stri
 fn dispatch(state: &Mutex<State>, vm: &str, msg: GuestMessage) {
     let id = msg.id();
     let mut st = lock(state);
+    match &msg {
+        GuestMessage::StdinAck { closed, .. } => {
+            if let Some(credit) = st.credits.get(&id) {
+                if *closed {
+                    credit.close();
+                } else {
+                    credit.add_permits(1);
+                }
+            }
+            return;
+        }
+        GuestMessage::Exit { .. } | GuestMessage::Error { .. } => {
+            if let Some(credit) = st.credits.remove(&id) {
+                credit.close();
+            }
+        }
+        GuestMessage::Ready { stdin_acks, .. } => st.stdin_acks = *stdin_acks,
+        _ => {}
+    }
     let Some(pending) = st.pending.remove(&id) else {
         return;
     };

@@ -77,6 +77,11 @@ impl LineAssembler {
     }
 }
 
+/// How many stdin chunks the host keeps in flight (sent but not yet acknowledged) per command.
+/// The guest queues more than this per command, so its frame reader never blocks on a command
+/// that does not read: signals and other requests always get through.
+pub const STDIN_WINDOW: usize = 32;
+
 /// The largest payload one `stdin`/`stdout`/`stderr` frame carries.
 pub const MAX_CHUNK: usize = 32 * 1024;
 
@@ -177,6 +182,17 @@ pub enum GuestMessage {
         /// `/proc/sys/kernel/random/boot_id`: changes on every boot, so the host can tell a
         /// rebooted guest from the one it talked to before.
         boot_id: String,
+        /// The agent acknowledges stdin chunks ([`GuestMessage::StdinAck`]), so the host may keep
+        /// at most [`STDIN_WINDOW`] unacknowledged. Agents that predate it omit the field.
+        #[serde(default)]
+        stdin_acks: bool,
+    },
+    /// One stdin chunk of the command was written to it (or dropped, with `closed`, because the
+    /// command closed its stdin; later chunks are dropped too).
+    StdinAck {
+        id: RequestId,
+        #[serde(default)]
+        closed: bool,
     },
     Stdout {
         id: RequestId,
@@ -205,6 +221,7 @@ impl GuestMessage {
     pub fn id(&self) -> RequestId {
         match self {
             GuestMessage::Ready { id, .. }
+            | GuestMessage::StdinAck { id, .. }
             | GuestMessage::Stdout { id, .. }
             | GuestMessage::Stderr { id, .. }
             | GuestMessage::Exit { id, .. }
@@ -395,6 +412,11 @@ mod tests {
                 hostname: "dev".into(),
                 agent_version: "0.1.0".into(),
                 boot_id: "b0".into(),
+                stdin_acks: true,
+            },
+            GuestMessage::StdinAck {
+                id: RequestId(5),
+                closed: true,
             },
             GuestMessage::Stderr {
                 id: RequestId(2),
@@ -414,9 +436,24 @@ mod tests {
             assert_eq!(&decode::<GuestMessage>(&encode(msg)).unwrap(), msg);
         }
         assert_eq!(
-            wire(&all[2]),
+            wire(&all[3]),
             json!({"op": "exit", "id": 3, "code": null, "signal": 9})
         );
+    }
+
+    #[test]
+    fn a_ready_from_an_agent_without_acks_reads_as_no_acks() {
+        let msg: GuestMessage = decode(
+            br#"{"op":"ready","id":1,"hostname":"h","agent_version":"0.1.0","boot_id":"b"}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            msg,
+            GuestMessage::Ready {
+                stdin_acks: false,
+                ..
+            }
+        ));
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! The client's query bytes are relayed as they came (EDNS options, DO and CD bits intact) under a
 //! fresh random ID, over UDP first and over TCP when the upstream truncates and the client itself
 //! asked over TCP (a UDP client gets the TC bit and retries over TCP, as it would with any
-//! resolver). Upstreams are tried in resolv.conf order, each with a short timeout. At most
+//! resolver). Upstreams are tried in resolv.conf order, each with a short timeout; one that does
+//! not answer, fails (SERVFAIL) or refuses passes the query to the next. At most
 //! `MAX_IN_FLIGHT` forwards run at once; beyond that a query fails fast with SERVFAIL rather than
 //! piling up sockets, so a flood from a guest cannot exhaust the daemon's file descriptors.
 
@@ -12,7 +13,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hickory_proto::op::Message;
+use hickory_proto::op::{Message, ResponseCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
@@ -113,13 +114,25 @@ impl Forwarder {
         }
         let _permit = self.permits.try_acquire().map_err(|_| ForwardError::Busy)?;
         let mut errors = Vec::new();
+        let mut last_refusal = None;
         for &upstream in upstreams.iter() {
             match self.ask(upstream, query, client_tcp).await {
+                // A server that fails or refuses (a VPN resolver that only serves its own
+                // domains, say) passes the query on; its answer is kept in case all do.
+                Ok(m)
+                    if matches!(
+                        m.metadata.response_code,
+                        ResponseCode::ServFail | ResponseCode::Refused
+                    ) =>
+                {
+                    errors.push(format!("{upstream}: {}", m.metadata.response_code));
+                    last_refusal = Some(m);
+                }
                 Ok(m) => return Ok(m),
                 Err(e) => errors.push(format!("{upstream}: {e}")),
             }
         }
-        Err(ForwardError::Failed(errors.join("; ")))
+        last_refusal.ok_or_else(|| ForwardError::Failed(errors.join("; ")))
     }
 
     async fn ask(

@@ -1,20 +1,21 @@
 //! Where names outside `.vm` go: the host's own resolvers, read from resolv.conf.
 //!
-//! On systemd-resolved hosts `/etc/resolv.conf` names only the local stub (127.0.0.53), while
-//! `/run/systemd/resolve/resolv.conf` lists the real upstream servers; the latter is preferred so that
-//! a query never loops back through resolved (which routes `~vm` to banger). The daemon runs on the
-//! host, so loopback resolvers (a local dnsmasq or unbound) are fine upstreams; only banger's own
-//! listening address is dropped, as forwarding to it would loop.
+//! `/etc/resolv.conf` is what the host itself uses, so it comes first. On systemd-resolved hosts it
+//! usually names only the local stub (127.0.0.53); then `/run/systemd/resolve/resolv.conf`, which
+//! lists the servers resolved itself asks, is used instead, so that a query never loops back
+//! through resolved (which routes `~vm` to banger). The daemon runs on the host, so other loopback
+//! resolvers (a local dnsmasq, unbound or Pi-hole) are fine upstreams; only banger's own listening
+//! address is dropped, as forwarding to it would loop.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 
 /// resolv.conf files in the order they are tried.
 pub const RESOLV_CONF_CANDIDATES: [&str; 2] =
-    ["/run/systemd/resolve/resolv.conf", "/etc/resolv.conf"];
+    ["/etc/resolv.conf", "/run/systemd/resolve/resolv.conf"];
 
-/// The systemd-resolved stub, never used as an upstream (see the module header).
-const RESOLVED_STUB: [u8; 4] = [127, 0, 0, 53];
+/// systemd-resolved's stub listeners, never used as upstreams (see the module header).
+const RESOLVED_STUBS: [[u8; 4]; 2] = [[127, 0, 0, 53], [127, 0, 0, 54]];
 
 /// The `nameserver` lines of a resolv.conf, as port-53 socket addresses, in file order, without
 /// duplicates. Lines that do not parse are skipped, as the C resolver does.
@@ -56,7 +57,9 @@ pub fn upstreams_from<'a>(
         };
         let servers: Vec<SocketAddr> = parse_resolv_conf(&text)
             .into_iter()
-            .filter(|a| a.ip() != exclude && a.ip() != IpAddr::from(RESOLVED_STUB))
+            .filter(|a| {
+                a.ip() != exclude && !RESOLVED_STUBS.iter().any(|s| a.ip() == IpAddr::from(*s))
+            })
             .collect();
         if !servers.is_empty() {
             return servers;
@@ -90,10 +93,24 @@ mod tests {
         let stub = dir.path().join("stub.conf");
         let real = dir.path().join("real.conf");
         std::fs::write(&stub, "nameserver 127.0.0.53\nnameserver 172.16.0.1\n").unwrap();
-        std::fs::write(&real, "nameserver 127.0.0.1\n").unwrap();
+        std::fs::write(&real, "nameserver 192.0.2.53\n").unwrap();
         let missing = dir.path().join("missing.conf");
         let got = upstreams_from(
             [missing.as_path(), stub.as_path(), real.as_path()],
+            "172.16.0.1".parse().unwrap(),
+        );
+        assert_eq!(got, vec!["192.0.2.53:53".parse::<SocketAddr>().unwrap()]);
+    }
+
+    #[test]
+    fn a_local_resolver_in_etc_resolv_conf_wins_over_resolved_upstreams() {
+        let dir = tempfile::tempdir().unwrap();
+        let etc = dir.path().join("etc.conf");
+        let resolved = dir.path().join("resolved.conf");
+        std::fs::write(&etc, "nameserver 127.0.0.1\n").unwrap();
+        std::fs::write(&resolved, "nameserver 192.0.2.53\n").unwrap();
+        let got = upstreams_from(
+            [etc.as_path(), resolved.as_path()],
             "172.16.0.1".parse().unwrap(),
         );
         assert_eq!(got, vec!["127.0.0.1:53".parse::<SocketAddr>().unwrap()]);

@@ -174,6 +174,57 @@ async fn other_names_are_forwarded_and_truncation_falls_back_to_tcp() {
     dns.shutdown().await;
 }
 
+/// An upstream that refuses everything (as a VPN resolver does for names outside its domains).
+async fn refusing_upstream() -> SocketAddr {
+    let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = udp.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let Ok((n, from)) = udp.recv_from(&mut buf).await else {
+                return;
+            };
+            let Ok(q) = Message::from_vec(&buf[..n]) else {
+                continue;
+            };
+            let mut m = Message::new(q.metadata.id, MessageType::Response, q.metadata.op_code);
+            m.queries = q.queries.clone();
+            m.metadata.response_code = hickory_proto::op::ResponseCode::Refused;
+            let _ = udp.send_to(&m.to_vec().unwrap(), from).await;
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_refuses_passes_the_query_to_the_next() {
+    let refusing = refusing_upstream().await;
+    let good = fake_upstream().await;
+    let dns = serve(
+        "127.0.0.1:0".parse().unwrap(),
+        client_net(Ipv4Addr::LOCALHOST, 8).unwrap(),
+        Zone::new(),
+        Forwarder::with_timeout(vec![refusing, good], Duration::from_secs(1)),
+    )
+    .await
+    .unwrap();
+    let out = dig_async(dns.local_addr(), &["+short", "example.test"]).await;
+    assert_eq!(out.trim(), "192.0.2.7");
+    dns.shutdown().await;
+    // Alone, its refusal is what the client gets.
+    let dns = serve(
+        "127.0.0.1:0".parse().unwrap(),
+        client_net(Ipv4Addr::LOCALHOST, 8).unwrap(),
+        Zone::new(),
+        Forwarder::with_timeout(vec![refusing], Duration::from_secs(1)),
+    )
+    .await
+    .unwrap();
+    let out = dig_async(dns.local_addr(), &["example.test"]).await;
+    assert_eq!(status(&out), "REFUSED", "{out}");
+    dns.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_upstream_gives_servfail_not_silence() {
     let zone = Zone::new();

@@ -68,27 +68,21 @@ fn read_ns(p: &Path) -> Option<PathBuf> {
 
 /// The `resolvectl` calls that route `~vm` to `dns` on `bridge`, in order.
 pub fn route_commands(bridge: &BridgeName, dns: Ipv4Addr) -> Vec<Vec<String>> {
-    let br = bridge.as_str().to_owned();
-    vec![
-        vec![
-            "resolvectl".into(),
-            "dns".into(),
-            br.clone(),
-            dns.to_string(),
-        ],
-        vec![
-            "resolvectl".into(),
-            "domain".into(),
-            br.clone(),
-            "~vm".into(),
-        ],
-        vec![
-            "resolvectl".into(),
-            "default-route".into(),
-            br,
-            "false".into(),
-        ],
+    // No default route first and the server last: at no point may resolved send names other
+    // than `.vm` to the bridge.
+    let br = bridge.as_str();
+    [
+        ["default-route", br, "false"].map(str::to_owned),
+        ["domain", br, "~vm"].map(str::to_owned),
+        ["dns".to_owned(), br.to_owned(), dns.to_string()],
     ]
+    .into_iter()
+    .map(|args| {
+        std::iter::once("resolvectl".to_owned())
+            .chain(args)
+            .collect()
+    })
+    .collect()
 }
 
 /// The call that drops every per-link setting banger made.
@@ -100,7 +94,8 @@ pub fn unroute_command(bridge: &BridgeName) -> Vec<String> {
     ]
 }
 
-/// Applies `route_commands` through the privileged path.
+/// Applies `route_commands` through the privileged path; if one fails, reverts what the others
+/// did, so the link is never left half-configured.
 pub fn route(
     privileged: &Privileged,
     bridge: &BridgeName,
@@ -108,7 +103,10 @@ pub fn route(
 ) -> Result<(), PrivilegedError> {
     for argv in route_commands(bridge, dns) {
         let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-        privileged.run("route .vm through systemd-resolved", &argv, None)?;
+        if let Err(e) = privileged.run("route .vm through systemd-resolved", &argv, None) {
+            let _ = unroute(privileged, bridge);
+            return Err(e);
+        }
     }
     Ok(())
 }
@@ -133,9 +131,9 @@ mod tests {
         assert_eq!(
             flat,
             [
-                "resolvectl dns banger0 172.16.0.1",
-                "resolvectl domain banger0 ~vm",
                 "resolvectl default-route banger0 false",
+                "resolvectl domain banger0 ~vm",
+                "resolvectl dns banger0 172.16.0.1",
             ]
         );
         assert_eq!(

@@ -34,7 +34,12 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                // hickory logs every DNS query at info; guests could grow the log without end.
+                .unwrap_or_else(|_| {
+                    tracing_subscriber::EnvFilter::new(
+                        "info,hickory_server=warn,hickory_proto=warn,hickory_net=warn",
+                    )
+                }),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -29,11 +29,12 @@ use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 
 use crate::guest::serve::{FrameWriter, ServeConfig};
-use crate::protocol::{Data, GuestMessage, RequestId, MAX_CHUNK};
+use crate::protocol::{Data, GuestMessage, RequestId, MAX_CHUNK, STDIN_WINDOW};
 
-/// How many stdin chunks may wait for a command that is slow to read; past that the serve loop
-/// blocks, which pushes back on the host through the stream.
-const STDIN_QUEUE: usize = 64;
+/// How many stdin chunks may wait for a command that is slow to read. Hosts that take acks keep
+/// at most [`STDIN_WINDOW`] in flight, so the queue never fills and the serve loop never blocks on
+/// it; for older hosts, a full queue blocks the serve loop, which pushes back through the stream.
+const STDIN_QUEUE: usize = 2 * STDIN_WINDOW;
 /// After the command exited, a pump stops once its pipe stayed quiet this long.
 const QUIET_AFTER_EXIT: Duration = Duration::from_millis(50);
 /// After the command exited, a pump stops after this long even if background processes keep
@@ -170,7 +171,8 @@ pub(crate) fn start(
     );
 
     if let Some(stdin) = child.stdin.take() {
-        thread::spawn(move || feed_stdin(stdin, stdin_rx));
+        let writer = writer.clone();
+        thread::spawn(move || feed_stdin(stdin, stdin_rx, id, &writer));
     }
     let exited = Arc::new(AtomicBool::new(false));
     let mut pumps = Vec::new();
@@ -231,10 +233,20 @@ fn resolve(program: &str, cwd: &Path, path: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-fn feed_stdin(mut stdin: ChildStdin, chunks: Receiver<Vec<u8>>) {
+/// Writes queued chunks to the command's stdin, acknowledging each so the host may send more.
+fn feed_stdin(
+    mut stdin: ChildStdin,
+    chunks: Receiver<Vec<u8>>,
+    id: RequestId,
+    writer: &FrameWriter,
+) {
     for chunk in chunks {
-        if stdin.write_all(&chunk).is_err() {
-            // The command closed its stdin; dropping the receiver makes later sends fail fast.
+        let closed = stdin.write_all(&chunk).is_err();
+        // An ack that cannot be sent means the host is gone; the command is killed then anyway.
+        let _ = writer.send(&GuestMessage::StdinAck { id, closed });
+        if closed {
+            // The command closed its stdin; dropping the receiver makes later sends fail fast,
+            // and the host stops sending on the `closed` ack.
             return;
         }
     }

@@ -203,6 +203,7 @@ fn ready(id: RequestId) -> GuestMessage {
         hostname,
         agent_version: AGENT_VERSION.to_string(),
         boot_id,
+        stdin_acks: true,
     }
 }
 
