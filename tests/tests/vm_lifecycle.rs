@@ -153,6 +153,21 @@ fn create_ssh_exec_restart_keeps_root_and_delete_removes_everything() {
         Some(want.as_str())
     );
 
+    // With -n the command gets an empty stdin even from a pipe.
+    let mut child = env
+        .cmd(["vm", "exec", "-n", "web", "--", "wc", "-c"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"not for the command\n").unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0", "{out:?}");
+
     // Ctrl-C reaches the command as SIGINT; its status (128 + 2) comes back.
     let mut child = env
         .cmd(["vm", "exec", "web", "--", "sleep", "120"])

@@ -116,7 +116,11 @@ pub async fn vm(ctx: &Ctx, cmd: VmCmd) -> Result<ExitCode, CliError> {
                     .hint("install OpenSSH's client: apt-get install openssh-client"),
             );
         }
-        VmCmd::Exec { name, command } => return exec(&client, &name, command).await,
+        VmCmd::Exec {
+            name,
+            no_stdin,
+            command,
+        } => return exec(&client, &name, command, no_stdin).await,
         VmCmd::Logs { name, follow } => {
             let resp = client
                 .get_stream(&format!("/v1/vms/{name}/logs?follow={follow}"))
@@ -228,14 +232,19 @@ pub fn ssh_command(t: &SshTarget, command: &[String]) -> std::process::Command {
     c
 }
 
-/// `vm exec`: streams the command's output; stdin is forwarded when it is a pipe or a file (from a
-/// terminal, `vm ssh` is the interactive way); Ctrl-C is passed on to the command as SIGINT, a
+/// `vm exec`: streams the command's output; stdin is forwarded when it is a pipe or a file and
+/// `--no-stdin` is not given (from a terminal, `vm ssh` is the interactive way); Ctrl-C is passed on to the command as SIGINT, a
 /// second Ctrl-C gives up waiting.
-async fn exec(client: &Client, name: &str, command: Vec<String>) -> Result<ExitCode, CliError> {
+async fn exec(
+    client: &Client,
+    name: &str,
+    command: Vec<String>,
+    no_stdin: bool,
+) -> Result<ExitCode, CliError> {
     use base64::Engine;
     use std::io::IsTerminal;
     let b64 = base64::engine::general_purpose::STANDARD;
-    let forward_stdin = !std::io::stdin().is_terminal();
+    let forward_stdin = !no_stdin && !std::io::stdin().is_terminal();
     let req = ExecRequest {
         argv: command,
         cwd: None,
@@ -259,10 +268,15 @@ async fn exec(client: &Client, name: &str, command: Vec<String>) -> Result<ExitC
                 interrupts += 1;
                 match (&session, interrupts) {
                     (Some(id), 1) => {
+                        // Off this loop, so output keeps flowing and a second Ctrl-C is seen
+                        // even if the daemon is slow to answer.
                         let path = format!("/v1/vms/{name}/exec/{id}/signal");
-                        let sig = ExecSignal { signal: libc::SIGINT };
-                        let _: Result<serde_json::Value, _> =
-                            client.call(Method::POST, &path, Some(&sig)).await;
+                        let c = client.clone();
+                        tokio::spawn(async move {
+                            let sig = ExecSignal { signal: libc::SIGINT };
+                            let _: Result<serde_json::Value, _> =
+                                c.call(Method::POST, &path, Some(&sig)).await;
+                        });
                     }
                     _ => return Ok(ExitCode::from(130)),
                 }

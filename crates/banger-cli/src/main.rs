@@ -223,6 +223,10 @@ pub enum VmCmd {
     Exec {
         #[arg(add = ArgValueCandidates::new(complete::vms))]
         name: String,
+        /// Give the command an empty stdin even when banger's is a pipe or a file (as in a
+        /// `while read` loop over a file).
+        #[arg(short = 'n', long)]
+        no_stdin: bool,
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },

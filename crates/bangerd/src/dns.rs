@@ -11,6 +11,7 @@
 //! `banger vm ssh` does not depend on them.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use banger_dns::{Forwarder, RunningDns, Zone};
 use banger_net::resolved::{self, Routing};
@@ -20,6 +21,10 @@ use tokio::sync::Mutex as AsyncMutex;
 pub struct DnsService {
     zone: Zone,
     running: AsyncMutex<Option<Running>>,
+    /// Mirrors of `running` for `status`, which must not wait while a start holds the lock
+    /// (routing through resolved may take a while).
+    serving: AtomicBool,
+    routed: AtomicBool,
     net: NetConfig,
     privileged: Privileged,
 }
@@ -34,6 +39,8 @@ impl DnsService {
         DnsService {
             zone: Zone::new(),
             running: AsyncMutex::new(None),
+            serving: AtomicBool::new(false),
+            routed: AtomicBool::new(false),
             net,
             privileged: Privileged::detect(),
         }
@@ -80,7 +87,9 @@ impl DnsService {
                 return;
             }
         };
+        self.serving.store(true, Ordering::Relaxed);
         let routed = self.route().await;
+        self.routed.store(routed, Ordering::Relaxed);
         *guard = Some(Running { server, routed });
     }
 
@@ -122,13 +131,12 @@ impl DnsService {
         }
     }
 
-    pub async fn status(&self) -> banger_api::DnsStatus {
-        let running = self.running.lock().await;
+    pub fn status(&self) -> banger_api::DnsStatus {
         banger_api::DnsStatus {
-            serving: running.is_some(),
+            serving: self.serving.load(Ordering::Relaxed),
             address: format!("{}:53", self.net.subnet.gateway()),
             names: self.zone.entries().len(),
-            routed_by_resolved: running.as_ref().is_some_and(|r| r.routed),
+            routed_by_resolved: self.routed.load(Ordering::Relaxed),
         }
     }
 
@@ -137,6 +145,8 @@ impl DnsService {
         let Some(running) = self.running.lock().await.take() else {
             return;
         };
+        self.serving.store(false, Ordering::Relaxed);
+        self.routed.store(false, Ordering::Relaxed);
         if running.routed {
             let privileged = self.privileged.clone();
             let bridge = self.net.bridge.clone();

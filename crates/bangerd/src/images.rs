@@ -466,8 +466,7 @@ impl Images {
             }
         };
         let name = pull_name(&reference, req.name.as_deref(), "kernel")?;
-        validate_name("kernel", &name)?;
-        self.refuse_existing_kernel(&name).await?;
+        let _r = self.reserve_new_kernel(&name).await?;
         let staging = self.staging()?;
         let downloads = self.paths.cache_dir.join("downloads");
         let pulled = {
@@ -629,8 +628,7 @@ impl Images {
         &self,
         req: RegisterKernelRequest,
     ) -> Result<KernelInfo, ApiError> {
-        validate_name("kernel", &req.name)?;
-        self.refuse_existing_kernel(&req.name).await?;
+        let _r = self.reserve_new_kernel(&req.name).await?;
         self.add_kernel(
             &req.name,
             Path::new(&req.kernel),
@@ -640,7 +638,11 @@ impl Images {
         .await
     }
 
-    async fn refuse_existing_kernel(&self, name: &str) -> Result<(), ApiError> {
+    /// Reserves `name` for a new kernel after checking that no kernel has it. The reservation is
+    /// held through the download and the copy, so two pulls of one name cannot both proceed.
+    async fn reserve_new_kernel(&self, name: &str) -> Result<Reservation, ApiError> {
+        validate_name("kernel", name)?;
+        let r = self.reserve(name)?;
         let n = name.to_owned();
         if self
             .store
@@ -657,10 +659,11 @@ impl Images {
                 "delete it first with `banger kernel delete {name}`"
             )));
         }
-        Ok(())
+        Ok(r)
     }
 
-    /// Copies a kernel (and initrd) into the store and records it.
+    /// Copies a kernel (and initrd) into the store and records it. The caller holds the name's
+    /// reservation.
     async fn add_kernel(
         &self,
         name: &str,
@@ -668,7 +671,6 @@ impl Images {
         initrd: Option<&Path>,
         source: Source,
     ) -> Result<KernelInfo, ApiError> {
-        let _r = self.reserve(name)?;
         let staging = self.staging()?;
         let dir = staging.path().join("kernel");
         let final_dir = self.kernels_dir().join(name);

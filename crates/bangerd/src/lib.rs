@@ -39,7 +39,7 @@ async fn version(State(state): Shared) -> Json<VersionInfo> {
         socket: state.paths.socket().display().to_string(),
         state_dir: state.paths.state_dir.display().to_string(),
         log_file: state.paths.daemon_log().display().to_string(),
-        dns: Some(state.vms.dns_status().await),
+        dns: Some(state.vms.dns_status()),
     })
 }
 

@@ -57,6 +57,24 @@ pub struct Vms {
     agents: Mutex<HashMap<String, AgentClient>>,
     /// Running `vm exec` commands by session id: (VM name, the command's input side).
     exec_sessions: Arc<Mutex<HashMap<String, (String, ExecInput)>>>,
+    /// VMs between "network attached" and "VMM handle recorded": they need the bridge although
+    /// the store does not show them running yet.
+    starting: Arc<Mutex<std::collections::HashSet<String>>>,
+}
+
+/// Marks a VM as starting for as long as it lives.
+struct StartingGuard {
+    starting: Arc<Mutex<std::collections::HashSet<String>>>,
+    name: String,
+}
+
+impl Drop for StartingGuard {
+    fn drop(&mut self) {
+        self.starting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.name);
+    }
 }
 
 /// Removes an exec session when its command ends, however the exec call returns.
@@ -139,11 +157,12 @@ impl Vms {
             locks: Mutex::default(),
             agents: Mutex::default(),
             exec_sessions: Arc::default(),
+            starting: Arc::default(),
         })
     }
 
-    pub async fn dns_status(&self) -> banger_api::DnsStatus {
-        self.dns.status().await
+    pub fn dns_status(&self) -> banger_api::DnsStatus {
+        self.dns.status()
     }
 
     pub fn backend_reason(&self) -> &str {
@@ -465,7 +484,13 @@ impl Vms {
                     .any(|v| v.name != name && v.handle.is_some()))
             })
             .await
-            .unwrap_or(true);
+            .unwrap_or(true)
+            || self
+                .starting
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .any(|n| *n != row.name);
         if !others_running {
             // The server is bound to the bridge address, which goes with the bridge.
             self.dns.stop().await;
@@ -535,6 +560,14 @@ impl Vms {
 
         progress.phase("network");
         let uid = nix::unistd::geteuid();
+        self.starting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_owned());
+        let _starting = StartingGuard {
+            starting: self.starting.clone(),
+            name: name.to_owned(),
+        };
         {
             let _g = self.net_lock.lock().await;
             let net = self.net.clone();
@@ -887,6 +920,8 @@ impl Vms {
                 _ = out.closed(), if !hung_up => {
                     hung_up = true;
                     let _ = handle.input.signal(libc::SIGHUP).await;
+                    // Nobody will send it more input either.
+                    let _ = handle.input.close().await;
                     continue;
                 }
             };
@@ -952,12 +987,18 @@ impl Vms {
         let mut stream = body.into_data_stream();
         let mut sent = 0u64;
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| {
-                api(
-                    ErrorCode::BadRequest,
-                    format!("stdin upload for VM {name} broke: {e}"),
-                )
-            })?;
+            let chunk = match chunk {
+                Ok(c) => c,
+                Err(e) => {
+                    // The caller is gone mid-upload: end the command's input rather than leave
+                    // it waiting for more.
+                    let _ = input.close().await;
+                    return Err(api(
+                        ErrorCode::BadRequest,
+                        format!("stdin upload for VM {name} broke: {e}"),
+                    ));
+                }
+            };
             input.write(&chunk).await.map_err(broken)?;
             sent += chunk.len() as u64;
         }
