@@ -108,28 +108,14 @@ pub async fn pull_bundle(
     cache_dir: &Path,
     progress: &dyn Progress,
 ) -> Result<PulledBundle, PullError> {
-    let (url, manifest) = prepare(
-        manifest_url,
-        manifest_sha256,
-        staging_dir,
-        cache_dir,
-        progress,
-    )
-    .await?;
-    let mut out = PulledBundle {
+    let source = Source::new(manifest_url, manifest_sha256, cache_dir, progress);
+    let (manifest, initrd) = source.pull_into(staging_dir, |_| true).await?;
+    Ok(PulledBundle {
         rootfs: staging_dir.join(Role::Rootfs.raw_file_name()),
         kernel: staging_dir.join(Role::Kernel.raw_file_name()),
-        initrd: None,
-        manifest: manifest.clone(),
-    };
-    for entry in &manifest.files {
-        let dest = staging_dir.join(entry.role.raw_file_name());
-        pull_file(&url, &manifest.name, entry, cache_dir, &dest, progress).await?;
-        if entry.role == Role::Initrd {
-            out.initrd = Some(dest);
-        }
-    }
-    Ok(out)
+        initrd,
+        manifest,
+    })
 }
 
 /// Like [`pull_bundle`], but only the kernel and initrd: the root filesystem is neither
@@ -141,27 +127,73 @@ pub async fn pull_kernel(
     cache_dir: &Path,
     progress: &dyn Progress,
 ) -> Result<PulledKernel, PullError> {
-    let (url, manifest) = prepare(
-        manifest_url,
-        manifest_sha256,
-        staging_dir,
-        cache_dir,
-        progress,
-    )
-    .await?;
-    let mut out = PulledKernel {
+    let source = Source::new(manifest_url, manifest_sha256, cache_dir, progress);
+    let (manifest, initrd) = source
+        .pull_into(staging_dir, |role| role != Role::Rootfs)
+        .await?;
+    Ok(PulledKernel {
         kernel: staging_dir.join(Role::Kernel.raw_file_name()),
-        initrd: None,
-        manifest: manifest.clone(),
-    };
-    for entry in manifest.files.iter().filter(|e| e.role != Role::Rootfs) {
-        let dest = staging_dir.join(entry.role.raw_file_name());
-        pull_file(&url, &manifest.name, entry, cache_dir, &dest, progress).await?;
-        if entry.role == Role::Initrd {
-            out.initrd = Some(dest);
+        initrd,
+        manifest,
+    })
+}
+
+/// Where a pull reads from, and how it reports.
+struct Source<'a> {
+    manifest_url: &'a str,
+    manifest_sha256: Option<&'a Sha256Digest>,
+    cache_dir: &'a Path,
+    progress: &'a dyn Progress,
+}
+
+impl<'a> Source<'a> {
+    fn new(
+        manifest_url: &'a str,
+        manifest_sha256: Option<&'a Sha256Digest>,
+        cache_dir: &'a Path,
+        progress: &'a dyn Progress,
+    ) -> Self {
+        Source {
+            manifest_url,
+            manifest_sha256,
+            cache_dir,
+            progress,
         }
     }
-    Ok(out)
+
+    /// Pulls the files whose role `want` accepts into `staging_dir`; returns the manifest and the
+    /// initrd's path if one was pulled.
+    async fn pull_into(
+        &self,
+        staging_dir: &Path,
+        want: impl Fn(Role) -> bool,
+    ) -> Result<(Manifest, Option<PathBuf>), PullError> {
+        let (url, manifest) = prepare(
+            self.manifest_url,
+            self.manifest_sha256,
+            staging_dir,
+            self.cache_dir,
+            self.progress,
+        )
+        .await?;
+        let mut initrd = None;
+        for entry in manifest.files.iter().filter(|e| want(e.role)) {
+            let dest = staging_dir.join(entry.role.raw_file_name());
+            pull_file(
+                &url,
+                &manifest.name,
+                entry,
+                self.cache_dir,
+                &dest,
+                self.progress,
+            )
+            .await?;
+            if entry.role == Role::Initrd {
+                initrd = Some(dest);
+            }
+        }
+        Ok((manifest, initrd))
+    }
 }
 
 /// Fetches and checks the manifest, and makes the cache and staging directories.
