@@ -221,12 +221,14 @@ pub enum VmCmd {
     /// stdin; use `vm ssh` for interactive work). Ctrl-C sends SIGINT to the command; a second
     /// Ctrl-C stops waiting.
     Exec {
+        /// The VM to run it in.
         #[arg(add = ArgValueCandidates::new(complete::vms))]
         name: String,
         /// Give the command an empty stdin even when banger's is a pipe or a file (as in a
         /// `while read` loop over a file).
         #[arg(short = 'n', long)]
         no_stdin: bool,
+        /// The program and its arguments, after `--`.
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
