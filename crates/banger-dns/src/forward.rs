@@ -6,9 +6,11 @@
 //! asked over TCP (a UDP client gets the TC bit and retries over TCP, as it would with any
 //! resolver). Upstreams are tried in resolv.conf order, each with a short timeout; one that does
 //! not answer, fails (SERVFAIL) or refuses passes the query to the next. At most
-//! `MAX_IN_FLIGHT` forwards run at once; beyond that a query fails fast with SERVFAIL rather than
-//! piling up sockets, so a flood from a guest cannot exhaust the daemon's file descriptors.
+//! `MAX_IN_FLIGHT` forwards run at once, and at most `MAX_PER_CLIENT` for one client address;
+//! beyond that a query fails fast with SERVFAIL rather than piling up sockets, so a flood from one
+//! guest can neither exhaust the daemon's file descriptors nor starve the other guests.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -20,6 +22,8 @@ use tokio::sync::Semaphore;
 
 /// Forwards allowed at the same time.
 pub const MAX_IN_FLIGHT: usize = 256;
+/// Forwards allowed at the same time for one client address.
+pub const MAX_PER_CLIENT: usize = 64;
 
 /// How long one upstream gets to answer one query.
 pub const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
@@ -30,6 +34,8 @@ pub enum ForwardError {
     NoUpstreams,
     #[error("too many forwarded queries in flight ({MAX_IN_FLIGHT})")]
     Busy,
+    #[error("too many forwarded queries in flight from {0} ({MAX_PER_CLIENT})")]
+    ClientBusy(IpAddr),
     #[error("the query is too short to carry a DNS header")]
     ShortQuery,
     #[error("no upstream answered: {0}")]
@@ -56,7 +62,41 @@ enum Source {
 pub struct Forwarder {
     source: Arc<Source>,
     permits: Arc<Semaphore>,
+    per_client: Arc<Mutex<HashMap<IpAddr, usize>>>,
     timeout: Duration,
+}
+
+/// One client's claim on a forward slot; gives it back when dropped.
+struct ClientSlot {
+    counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    client: IpAddr,
+}
+
+impl ClientSlot {
+    fn claim(counts: &Arc<Mutex<HashMap<IpAddr, usize>>>, client: IpAddr) -> Option<Self> {
+        let mut map = counts.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(client).or_default();
+        if *n >= MAX_PER_CLIENT {
+            return None;
+        }
+        *n += 1;
+        Some(ClientSlot {
+            counts: counts.clone(),
+            client,
+        })
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut map = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.client) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.client);
+            }
+        }
+    }
 }
 
 impl Forwarder {
@@ -80,6 +120,7 @@ impl Forwarder {
         Forwarder {
             source: Arc::new(source),
             permits: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+            per_client: Arc::default(),
             timeout,
         }
     }
@@ -102,9 +143,14 @@ impl Forwarder {
         }
     }
 
-    /// Sends `query` (a whole DNS message as received) upstream and returns the parsed answer, its
-    /// ID still the upstream one (the caller answers under the client's ID).
-    pub async fn forward(&self, query: &[u8], client_tcp: bool) -> Result<Message, ForwardError> {
+    /// Sends `query` (a whole DNS message as received from `client`) upstream and returns the
+    /// parsed answer, its ID still the upstream one (the caller answers under the client's ID).
+    pub async fn forward(
+        &self,
+        query: &[u8],
+        client: IpAddr,
+        client_tcp: bool,
+    ) -> Result<Message, ForwardError> {
         let upstreams = self.upstreams();
         if upstreams.is_empty() {
             return Err(ForwardError::NoUpstreams);
@@ -112,6 +158,8 @@ impl Forwarder {
         if query.len() < 12 {
             return Err(ForwardError::ShortQuery);
         }
+        let _slot =
+            ClientSlot::claim(&self.per_client, client).ok_or(ForwardError::ClientBusy(client))?;
         let _permit = self.permits.try_acquire().map_err(|_| ForwardError::Busy)?;
         let mut errors = Vec::new();
         let mut last_refusal = None;

@@ -170,7 +170,12 @@ impl RequestHandler for Handler {
         match answer {
             Answer::NotOurs => {
                 let is_tcp = matches!(request.protocol(), hickory_server::net::xfer::Protocol::Tcp);
-                return match self.forwarder.forward(request.as_slice(), is_tcp).await {
+                let client = request.src().ip();
+                return match self
+                    .forwarder
+                    .forward(request.as_slice(), client, is_tcp)
+                    .await
+                {
                     Ok(up) => {
                         let mut m = up.metadata;
                         m.id = request.metadata.id;

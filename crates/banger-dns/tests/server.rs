@@ -1,6 +1,7 @@
 //! The server on loopback, queried by `dig` (a real resolver client). The upstream is a small
 //! stand-in on loopback because tests may not reach a real resolver; it answers every name with
-//! 192.0.2.7 and truncates over UDP for names starting with `big`, so the TCP fallback is exercised.
+//! 192.0.2.7, truncates over UDP for names starting with `big` (so the TCP fallback is exercised)
+//! and never answers names starting with `hole`.
 //! The netns end-to-end test (tests/tests/vm_lifecycle.rs) covers the daemon's real bridge address.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
 
@@ -68,10 +69,15 @@ async fn fake_upstream() -> SocketAddr {
             let Ok(q) = Message::from_vec(&buf[..n]) else {
                 continue;
             };
-            let big = q
-                .queries
-                .first()
-                .is_some_and(|q| q.name().to_string().starts_with("big"));
+            let starts = |p: &str| {
+                q.queries
+                    .first()
+                    .is_some_and(|q| q.name().to_string().starts_with(p))
+            };
+            if starts("hole") {
+                continue; // a black-holed name: never answered
+            }
+            let big = starts("big");
             let _ = udp.send_to(&upstream_answer(&q, big), from).await;
         }
     });
@@ -222,6 +228,28 @@ async fn an_upstream_that_refuses_passes_the_query_to_the_next() {
     .unwrap();
     let out = dig_async(dns.local_addr(), &["example.test"]).await;
     assert_eq!(status(&out), "REFUSED", "{out}");
+    dns.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_flooding_black_holed_names_does_not_starve_the_others() {
+    let (dns, _zone) = start("127.0.0.0/8").await;
+    let addr = dns.local_addr();
+    // 300 forwards that will each wait out the upstream timeout: more than the global cap.
+    let flooder = tokio::net::UdpSocket::bind("127.0.0.2:0").await.unwrap();
+    for i in 0..300u16 {
+        let mut m = Message::query();
+        m.metadata.id = i;
+        m.metadata.recursion_desired = true;
+        m.add_query(hickory_proto::op::Query::query(
+            hickory_proto::rr::Name::from_ascii(format!("hole{i}.example.test.")).unwrap(),
+            hickory_proto::rr::RecordType::A,
+        ));
+        flooder.send_to(&m.to_vec().unwrap(), addr).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let out = dig_async(addr, &["-b", "127.0.0.3", "+short", "example.test"]).await;
+    assert_eq!(out.trim(), "192.0.2.7", "another client was starved: {out}");
     dns.shutdown().await;
 }
 
