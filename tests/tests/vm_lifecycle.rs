@@ -33,6 +33,11 @@ fn create(env: &Env, name: &str) -> serde_json::Value {
     env.ok(["vm", "show", name, "--json"]).json()
 }
 
+/// `banger vm exec VM -- sh -c SCRIPT`, which must succeed.
+fn exec_sh(env: &Env, vm: &str, script: &str) -> Out {
+    env.ok(["vm", "exec", vm, "--", "sh", "-c", script])
+}
+
 /// Runs a command inside the env's network namespace.
 fn in_ns(env: &Env, args: &[&str]) -> String {
     let ns = env.netns.as_ref().unwrap();
@@ -192,15 +197,7 @@ fn create_ssh_exec_restart_keeps_root_and_delete_removes_everything() {
     };
     assert_eq!(status.code(), Some(130));
 
-    env.ok([
-        "vm",
-        "exec",
-        "web",
-        "--",
-        "sh",
-        "-c",
-        "echo kept > /root/marker && sync",
-    ]);
+    exec_sh(&env, "web", "echo kept > /root/marker && sync");
     env.ok(["vm", "stop", "web"]);
     let stopped = env.ok(["vm", "show", "web", "--json"]).json();
     assert_eq!(stopped["state"], "stopped", "{stopped}");
@@ -238,15 +235,7 @@ fn create_ssh_exec_restart_keeps_root_and_delete_removes_everything() {
         }
     });
     std::thread::sleep(Duration::from_secs(1));
-    env.ok([
-        "vm",
-        "exec",
-        "web",
-        "--",
-        "sh",
-        "-c",
-        "echo banger-follow-marker > /dev/console",
-    ]);
+    exec_sh(&env, "web", "echo banger-follow-marker > /dev/console");
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut seen = false;
     while !seen && Instant::now() < deadline {
@@ -299,8 +288,11 @@ fn create_ssh_exec_restart_keeps_root_and_delete_removes_everything() {
     );
 
     // A guest whose host key changed is refused: the key is pinned, never trusted on first use.
-    env.ok(["vm", "exec", "web", "--", "sh", "-c",
-        "rm -f /etc/ssh/ssh_host_ed25519_key* && ssh-keygen -q -t ed25519 -N '' -f /etc/ssh/ssh_host_ed25519_key && systemctl restart ssh"]);
+    exec_sh(
+        &env,
+        "web",
+        "rm -f /etc/ssh/ssh_host_ed25519_key* && ssh-keygen -q -t ed25519 -N '' -f /etc/ssh/ssh_host_ed25519_key && systemctl restart ssh",
+    );
     let out = plain_ssh("hostname");
     assert_ne!(
         out.status.code(),
@@ -428,6 +420,7 @@ fn two_vms_reach_each_other_by_name_and_crashes_are_noticed_and_recovered() {
     assert_ne!(a["ip"], b["ip"]);
     let a_ip = a["ip"].as_str().unwrap();
     let b_ip = b["ip"].as_str().unwrap();
+    // bash, not sh: /dev/tcp is a bash feature.
     env.ok([
         "vm",
         "exec",

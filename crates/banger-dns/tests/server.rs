@@ -104,19 +104,36 @@ async fn fake_upstream() -> SocketAddr {
     addr
 }
 
+/// A server on 127.0.0.1 (any port) for `clients`, forwarding to `upstreams`.
+async fn serve_local(
+    clients: &str,
+    zone: Zone,
+    upstreams: Vec<SocketAddr>,
+    timeout: Duration,
+) -> RunningDns {
+    let clients: ipnet::Ipv4Net = clients.parse().unwrap();
+    serve(
+        "127.0.0.1:0".parse().unwrap(),
+        client_net(clients.addr(), clients.prefix_len()).unwrap(),
+        zone,
+        Forwarder::with_timeout(upstreams, timeout),
+    )
+    .await
+    .unwrap()
+}
+
+/// The usual set-up: `web.vm` in the zone, the stand-in upstream behind it.
 async fn start(clients: &str) -> (RunningDns, Zone) {
     let zone = Zone::new();
     zone.replace([("web".to_owned(), Ipv4Addr::new(172, 16, 0, 2))]);
     let upstream = fake_upstream().await;
-    let clients: ipnet::Ipv4Net = clients.parse().unwrap();
-    let dns = serve(
-        "127.0.0.1:0".parse().unwrap(),
-        client_net(clients.addr(), clients.prefix_len()).unwrap(),
+    let dns = serve_local(
+        clients,
         zone.clone(),
-        Forwarder::with_timeout(vec![upstream], Duration::from_secs(1)),
+        vec![upstream],
+        Duration::from_secs(1),
     )
-    .await
-    .unwrap();
+    .await;
     (dns, zone)
 }
 
@@ -206,26 +223,24 @@ async fn refusing_upstream() -> SocketAddr {
 async fn an_upstream_that_refuses_passes_the_query_to_the_next() {
     let refusing = refusing_upstream().await;
     let good = fake_upstream().await;
-    let dns = serve(
-        "127.0.0.1:0".parse().unwrap(),
-        client_net(Ipv4Addr::LOCALHOST, 8).unwrap(),
+    let dns = serve_local(
+        "127.0.0.0/8",
         Zone::new(),
-        Forwarder::with_timeout(vec![refusing, good], Duration::from_secs(1)),
+        vec![refusing, good],
+        Duration::from_secs(1),
     )
-    .await
-    .unwrap();
+    .await;
     let out = dig_async(dns.local_addr(), &["+short", "example.test"]).await;
     assert_eq!(out.trim(), "192.0.2.7");
     dns.shutdown().await;
     // Alone, its refusal is what the client gets.
-    let dns = serve(
-        "127.0.0.1:0".parse().unwrap(),
-        client_net(Ipv4Addr::LOCALHOST, 8).unwrap(),
+    let dns = serve_local(
+        "127.0.0.0/8",
         Zone::new(),
-        Forwarder::with_timeout(vec![refusing], Duration::from_secs(1)),
+        vec![refusing],
+        Duration::from_secs(1),
     )
-    .await
-    .unwrap();
+    .await;
     let out = dig_async(dns.local_addr(), &["example.test"]).await;
     assert_eq!(status(&out), "REFUSED", "{out}");
     dns.shutdown().await;
@@ -255,20 +270,15 @@ async fn a_client_flooding_black_holed_names_does_not_starve_the_others() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_upstream_gives_servfail_not_silence() {
-    let zone = Zone::new();
     // A bound but silent UDP socket: queries to it time out.
     let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let dns = serve(
-        "127.0.0.1:0".parse().unwrap(),
-        client_net(Ipv4Addr::LOCALHOST, 8).unwrap(),
-        zone,
-        Forwarder::with_timeout(
-            vec![silent.local_addr().unwrap()],
-            Duration::from_millis(300),
-        ),
+    let dns = serve_local(
+        "127.0.0.0/8",
+        Zone::new(),
+        vec![silent.local_addr().unwrap()],
+        Duration::from_millis(300),
     )
-    .await
-    .unwrap();
+    .await;
     let out = dig_async(dns.local_addr(), &["example.test"]).await;
     assert_eq!(status(&out), "SERVFAIL", "{out}");
     dns.shutdown().await;

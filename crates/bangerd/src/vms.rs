@@ -56,39 +56,40 @@ pub struct Vms {
     locks: Mutex<HashMap<String, Arc<AsyncMutex<()>>>>,
     agents: Mutex<HashMap<String, AgentClient>>,
     /// Running `vm exec` commands by session id: (VM name, the command's input side).
-    exec_sessions: Arc<Mutex<HashMap<String, (String, ExecInput)>>>,
+    exec_sessions: Registry<(String, ExecInput)>,
     /// VMs between "network attached" and "VMM handle recorded": they need the bridge although
     /// the store does not show them running yet.
-    starting: Arc<Mutex<std::collections::HashSet<String>>>,
+    starting: Registry<()>,
 }
 
-/// Marks a VM as starting for as long as it lives.
-struct StartingGuard {
-    starting: Arc<Mutex<std::collections::HashSet<String>>>,
-    name: String,
+/// A table shared between request tasks whose entries each live as long as a [`Registered`].
+type Registry<V> = Arc<Mutex<HashMap<String, V>>>;
+
+/// An entry in a [`Registry`], removed when this is dropped, however the owning call returns.
+struct Registered<V> {
+    table: Registry<V>,
+    key: String,
 }
 
-impl Drop for StartingGuard {
-    fn drop(&mut self) {
-        self.starting
+impl<V> Registered<V> {
+    fn insert(table: &Registry<V>, key: String, value: V) -> Self {
+        table
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.name);
+            .insert(key.clone(), value);
+        Registered {
+            table: table.clone(),
+            key,
+        }
     }
 }
 
-/// Removes an exec session when its command ends, however the exec call returns.
-struct SessionGuard {
-    sessions: Arc<Mutex<HashMap<String, (String, ExecInput)>>>,
-    id: String,
-}
-
-impl Drop for SessionGuard {
+impl<V> Drop for Registered<V> {
     fn drop(&mut self) {
-        self.sessions
+        self.table
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.id);
+            .remove(&self.key);
     }
 }
 
@@ -489,7 +490,7 @@ impl Vms {
                 .starting
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .iter()
+                .keys()
                 .any(|n| *n != row.name);
         if !others_running {
             // The server is bound to the bridge address, which goes with the bridge.
@@ -560,14 +561,7 @@ impl Vms {
 
         progress.phase("network");
         let uid = nix::unistd::geteuid();
-        self.starting
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(name.to_owned());
-        let _starting = StartingGuard {
-            starting: self.starting.clone(),
-            name: name.to_owned(),
-        };
+        let _starting = Registered::insert(&self.starting, name.to_owned(), ());
         {
             let _g = self.net_lock.lock().await;
             let net = self.net.clone();
@@ -898,14 +892,11 @@ impl Vms {
         };
         let mut handle = client.exec(r).await.map_err(lost)?;
         let session = hex::encode(rand::random::<[u8; 12]>());
-        self.exec_sessions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(session.clone(), (name.to_owned(), handle.input.clone()));
-        let _guard = SessionGuard {
-            sessions: self.exec_sessions.clone(),
-            id: session.clone(),
-        };
+        let _session = Registered::insert(
+            &self.exec_sessions,
+            session.clone(),
+            (name.to_owned(), handle.input.clone()),
+        );
         let _ = out.send(ExecEvent::Started { session });
         if !req.stdin {
             handle.input.close().await.map_err(lost)?;
