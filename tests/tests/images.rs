@@ -355,7 +355,8 @@ fn catalog_names_resolve_and_unknown_names_list_what_exists() {
     std::fs::write(
         &catalog,
         format!(
-            "[[image]]\nname = \"served\"\nkind = \"bundle\"\nmanifest_url = \"{}\"\n",
+            "[[image]]\nname = \"served\"\nkind = \"bundle\"\nmanifest_url = \"{}\"\n\
+             [[image]]\nname = \"built\"\nkind = \"recipe\"\nrecipe = \"debian-bookworm-slim\"\n",
             server.url("b/manifest.json")
         ),
     )
@@ -375,6 +376,12 @@ fn catalog_names_resolve_and_unknown_names_list_what_exists() {
         image_json(&env, "served")["rootfs_sha256"],
         image_json(&env, "orig")["rootfs_sha256"]
     );
+
+    // `kernel pull` by catalog name; an entry that is only a recipe has no kernel to pull.
+    env.ok(["kernel", "pull", "served", "--name", "served-k"]);
+    let out = env.banger(["kernel", "pull", "built"]);
+    assert_eq!(out.status, Some(70), "{out}");
+    assert!(out.stderr.contains("image build built"), "{out}");
 
     let out = env.banger(["image", "delete", "nope"]);
     assert_eq!(out.status, Some(70), "{out}");
