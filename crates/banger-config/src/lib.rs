@@ -127,6 +127,10 @@ pub struct Config {
     pub catalog_url: Option<String>,
     /// Debian mirror for local image builds, overriding the host's apt sources.
     pub debian_mirror: Option<String>,
+    /// OCI registries that may be reached over plain HTTP (`host` or `host:port`). Loopback
+    /// registries always may, as with Docker; every other registry needs HTTPS.
+    #[serde(default, deserialize_with = "registry_hosts")]
+    pub insecure_registries: Vec<String>,
     #[serde(default)]
     pub vm_defaults: VmDefaults,
     #[serde(default)]
@@ -195,6 +199,51 @@ fn positive_u32<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error
         )));
     }
     Ok(u32::try_from(v).ok())
+}
+
+/// `insecure_registries` entries: a registry host as it appears in image references, with an
+/// optional port, and nothing else (no scheme, path or credentials), so an entry can never widen
+/// to more than the one registry it names.
+fn registry_hosts<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    let hosts = Vec::<String>::deserialize(d)?;
+    for h in &hosts {
+        valid_registry_host(h).map_err(serde::de::Error::custom)?;
+    }
+    Ok(hosts.into_iter().map(|h| h.to_ascii_lowercase()).collect())
+}
+
+fn valid_registry_host(entry: &str) -> Result<(), String> {
+    let bad = |why: &str| format!("{entry:?} is not a registry host ({why}); write it as `host` or `host:port`");
+    if entry.contains("://") || entry.contains('/') || entry.contains('@') {
+        return Err(bad("no scheme, path or user"));
+    }
+    let (host, port) = match entry.rsplit_once(':') {
+        // A bracketed IPv6 literal keeps its colons inside the brackets.
+        Some((h, p)) if !p.contains(']') => (h, Some(p)),
+        _ => (entry, None),
+    };
+    if let Some(p) = port {
+        if p.parse::<u16>().map_or(true, |n| n == 0) {
+            return Err(bad("the port must be a number from 1 to 65535"));
+        }
+    }
+    let ok_host = if let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        inner.parse::<std::net::Ipv6Addr>().is_ok()
+    } else {
+        !host.is_empty()
+            && host.len() <= 253
+            && host.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && !label.starts_with('-')
+                    && !label.ends_with('-')
+                    && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            })
+    };
+    if !ok_host {
+        return Err(bad("the host must be a DNS name, an IPv4 address or a bracketed IPv6 address"));
+    }
+    Ok(())
 }
 
 fn octal_mode<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
@@ -281,6 +330,7 @@ bridge_name = "br9"
 bridge_subnet = "10.9.0.1/24"
 catalog_url = "file:///c.toml"
 debian_mirror = "http://mirror.invalid/debian"
+insecure_registries = ["registry.lan:5000", "10.0.0.7", "[fd00::1]:5000"]
 
 [vm_defaults]
 vcpu = 2
@@ -303,6 +353,32 @@ guest = "/root/.aws"
         assert_eq!(c.vm_defaults.disk_size, Some(ByteSize(16 << 30)));
         assert_eq!(c.file_sync[0].mode, Some(0o644));
         assert_eq!(c.file_sync[1].mode, None);
+        assert_eq!(
+            c.insecure_registries,
+            ["registry.lan:5000", "10.0.0.7", "[fd00::1]:5000"]
+        );
+    }
+
+    #[test]
+    fn insecure_registries_take_hosts_only() {
+        for bad in [
+            "http://registry.lan",
+            "registry.lan/path",
+            "user@registry.lan",
+            "registry.lan:0",
+            "registry.lan:99999",
+            "-bad.lan",
+            "",
+            "[not-ipv6]:5000",
+        ] {
+            let err = parse(&format!("insecure_registries = [{bad:?}]\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("`insecure_registries`"), "{bad}: {err}");
+            assert!(err.contains("host:port"), "{bad}: {err}");
+        }
+        let c = parse("insecure_registries = [\"Registry.LAN:5000\"]\n").unwrap();
+        assert_eq!(c.insecure_registries, ["registry.lan:5000"]);
     }
 
     #[test]
