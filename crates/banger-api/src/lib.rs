@@ -122,6 +122,8 @@ pub enum Source {
     Pulled,
     /// Registered from files the user supplied.
     Registered,
+    /// Pulled from an OCI registry (the image reference).
+    Oci,
 }
 
 impl std::fmt::Display for Source {
@@ -130,8 +132,44 @@ impl std::fmt::Display for Source {
             Source::Built => "built",
             Source::Pulled => "pulled",
             Source::Registered => "registered",
+            Source::Oci => "oci",
         })
     }
+}
+
+/// How an image boots.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Boot {
+    /// Its own init (systemd) with banger's agent as a unit, and sshd: banger's Debian images.
+    #[default]
+    Systemd,
+    /// banger's kernel and initramfs, with the agent as PID 1 and no sshd: OCI images.
+    Agent,
+}
+
+impl Boot {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Boot::Systemd => "systemd",
+            Boot::Agent => "agent",
+        }
+    }
+}
+
+impl std::fmt::Display for Boot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where an OCI image came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OciOrigin {
+    /// The reference as pulled, normalised (`docker.io/library/alpine:3.20`).
+    pub reference: String,
+    /// Digest of the linux/amd64 image manifest (`sha256:...`).
+    pub digest: String,
 }
 
 /// An image in the store (`GET /v1/images`).
@@ -149,6 +187,11 @@ pub struct ImageInfo {
     pub kernel: String,
     /// RFC 3339.
     pub created_at: String,
+    #[serde(default)]
+    pub boot: Boot,
+    /// Set for images pulled from an OCI registry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oci: Option<OciOrigin>,
 }
 
 /// A kernel in the store (`GET /v1/kernels`).
@@ -181,7 +224,8 @@ pub struct BuildImageRequest {
 /// `POST /v1/images/pull` (streamed)
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PullImageRequest {
-    /// A catalog name, or a URL (http, https, file) of a bundle manifest.
+    /// A catalog name, a URL (http, https, file) of a bundle manifest, or an OCI image reference
+    /// (`alpine:3.20`, `ghcr.io/org/tool@sha256:...`, `docker://NAME` to skip the catalog).
     pub reference: String,
     /// Store name; defaults to the catalog or manifest name.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -213,7 +213,9 @@ fn registry_hosts<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Err
 }
 
 fn valid_registry_host(entry: &str) -> Result<(), String> {
-    let bad = |why: &str| format!("{entry:?} is not a registry host ({why}); write it as `host` or `host:port`");
+    let bad = |why: &str| {
+        format!("{entry:?} is not a registry host ({why}); write it as `host` or `host:port`")
+    };
     if entry.contains("://") || entry.contains('/') || entry.contains('@') {
         return Err(bad("no scheme, path or user"));
     }
@@ -237,11 +239,15 @@ fn valid_registry_host(entry: &str) -> Result<(), String> {
                     && label.len() <= 63
                     && !label.starts_with('-')
                     && !label.ends_with('-')
-                    && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-')
             })
     };
     if !ok_host {
-        return Err(bad("the host must be a DNS name, an IPv4 address or a bracketed IPv6 address"));
+        return Err(bad(
+            "the host must be a DNS name, an IPv4 address or a bracketed IPv6 address",
+        ));
     }
     Ok(())
 }

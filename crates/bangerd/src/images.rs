@@ -247,6 +247,8 @@ impl Images {
                 size_bytes: size,
                 kernel: ker.name.clone(),
                 created_at,
+                boot: banger_api::Boot::Systemd,
+                oci: None,
             };
             Ok((img, ker))
         })

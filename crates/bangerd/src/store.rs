@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use banger_api::vm::{VmSpec, VmState};
-use banger_api::{ImageInfo, KernelInfo, Source};
+use banger_api::{Boot, ImageInfo, KernelInfo, OciOrigin, Source};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
 /// Append-only list of schema steps; index + 1 is the resulting `user_version`.
@@ -53,6 +53,18 @@ const MIGRATIONS: &[&str] = &[
         handle      TEXT,
         created_at  TEXT NOT NULL,
         last_error  TEXT
+    );",
+    // 3: OCI images. `boot` says how an image starts; `oci_runtime` is the image config's
+    // Env/WorkingDir/User (JSON) handed to the agent; image_blobs lists the cached blobs an
+    // image was made from, so the cache can drop what no image needs.
+    "ALTER TABLE images ADD COLUMN boot TEXT NOT NULL DEFAULT 'systemd';
+    ALTER TABLE images ADD COLUMN oci_reference TEXT;
+    ALTER TABLE images ADD COLUMN oci_digest TEXT;
+    ALTER TABLE images ADD COLUMN oci_runtime TEXT;
+    CREATE TABLE image_blobs (
+        image  TEXT NOT NULL REFERENCES images(name) ON DELETE CASCADE,
+        digest TEXT NOT NULL,
+        PRIMARY KEY (image, digest)
     );",
 ];
 
@@ -116,6 +128,7 @@ fn source_str(s: &Source) -> &'static str {
         Source::Built => "built",
         Source::Pulled => "pulled",
         Source::Registered => "registered",
+        Source::Oci => "oci",
     }
 }
 
@@ -123,6 +136,7 @@ fn parse_source(s: &str) -> Source {
     match s {
         "built" => Source::Built,
         "pulled" => Source::Pulled,
+        "oci" => Source::Oci,
         _ => Source::Registered,
     }
 }
@@ -138,6 +152,17 @@ fn image_row(r: &Row<'_>) -> rusqlite::Result<ImageInfo> {
         size_bytes: u64::try_from(size).unwrap_or(0),
         kernel: r.get("kernel")?,
         created_at: r.get("created_at")?,
+        boot: match r.get::<_, String>("boot")?.as_str() {
+            "agent" => Boot::Agent,
+            _ => Boot::Systemd,
+        },
+        oci: match (
+            r.get::<_, Option<String>>("oci_reference")?,
+            r.get::<_, Option<String>>("oci_digest")?,
+        ) {
+            (Some(reference), Some(digest)) => Some(OciOrigin { reference, digest }),
+            _ => None,
+        },
     })
 }
 
@@ -196,8 +221,9 @@ pub fn insert_kernel(conn: &Connection, k: &KernelInfo) -> anyhow::Result<()> {
 
 pub fn insert_image(conn: &Connection, i: &ImageInfo) -> anyhow::Result<()> {
     conn.execute(
-        "INSERT INTO images (name, source, origin, rootfs_path, rootfs_sha256, size_bytes, kernel, created_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        "INSERT INTO images (name, source, origin, rootfs_path, rootfs_sha256, size_bytes, kernel,
+                             created_at, boot, oci_reference, oci_digest)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
         params![
             i.name,
             source_str(&i.source),
@@ -206,10 +232,60 @@ pub fn insert_image(conn: &Connection, i: &ImageInfo) -> anyhow::Result<()> {
             i.rootfs_sha256,
             i64::try_from(i.size_bytes).unwrap_or(i64::MAX),
             i.kernel,
-            i.created_at
+            i.created_at,
+            i.boot.as_str(),
+            i.oci.as_ref().map(|o| &o.reference),
+            i.oci.as_ref().map(|o| &o.digest),
         ],
     )?;
     Ok(())
+}
+
+/// Records what an OCI image needs besides its row: the runtime settings for its agent and the
+/// cached blobs it was made from. Call in the transaction that inserts the image.
+pub fn set_oci_details(
+    conn: &Connection,
+    image: &str,
+    runtime_json: &str,
+    blobs: &[String],
+) -> anyhow::Result<()> {
+    conn.execute(
+        "UPDATE images SET oci_runtime = ?2 WHERE name = ?1",
+        params![image, runtime_json],
+    )?;
+    let mut stmt =
+        conn.prepare("INSERT OR IGNORE INTO image_blobs (image, digest) VALUES (?1, ?2)")?;
+    for b in blobs {
+        stmt.execute(params![image, b])?;
+    }
+    Ok(())
+}
+
+/// The runtime settings (JSON) of an OCI image; None for other images.
+pub fn image_runtime(conn: &Connection, image: &str) -> anyhow::Result<Option<String>> {
+    Ok(conn
+        .query_row(
+            "SELECT oci_runtime FROM images WHERE name = ?1",
+            [image],
+            |r| r.get::<_, Option<String>>(0),
+        )
+        .optional()?
+        .flatten())
+}
+
+/// Every blob digest some image still needs (the rest of the OCI cache is garbage).
+pub fn blobs_in_use(conn: &Connection) -> anyhow::Result<Vec<String>> {
+    let mut stmt = conn.prepare("SELECT DISTINCT digest FROM image_blobs ORDER BY digest")?;
+    let rows = stmt.query_map([], |r| r.get(0))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Images pulled from `reference` (normalised), newest first.
+pub fn images_from_reference(conn: &Connection, reference: &str) -> anyhow::Result<Vec<ImageInfo>> {
+    let mut stmt = conn
+        .prepare("SELECT * FROM images WHERE oci_reference = ?1 ORDER BY created_at DESC, name")?;
+    let rows = stmt.query_map([reference], image_row)?;
+    Ok(rows.collect::<Result<_, _>>()?)
 }
 
 pub fn delete_image(conn: &Connection, name: &str) -> anyhow::Result<bool> {
@@ -367,6 +443,8 @@ mod tests {
             size_bytes: 5,
             kernel: "k1".into(),
             created_at: "2026-01-01T00:00:00Z".into(),
+            boot: Boot::Systemd,
+            oci: None,
         };
         insert_image(&conn, &img).unwrap();
         assert_eq!(get_image(&conn, "i1").unwrap(), Some(img));
@@ -375,6 +453,57 @@ mod tests {
         assert!(delete_image(&conn, "i1").unwrap());
         assert!(!delete_image(&conn, "i1").unwrap());
         assert_eq!(list_kernels(&conn).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn oci_images_keep_their_origin_runtime_and_blobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("b.db")).unwrap();
+        let mut conn = store.conn.lock().unwrap();
+        insert_kernel(&conn, &kernel("generic")).unwrap();
+        let oci = |name: &str| ImageInfo {
+            name: name.into(),
+            source: Source::Oci,
+            origin: "docker.io/library/alpine:3.20".into(),
+            rootfs: "/r".into(),
+            rootfs_sha256: "bb".into(),
+            size_bytes: 5,
+            kernel: "generic".into(),
+            created_at: format!("2026-01-0{}T00:00:00Z", name.len()),
+            boot: Boot::Agent,
+            oci: Some(OciOrigin {
+                reference: "docker.io/library/alpine:3.20".into(),
+                digest: "sha256:aa".into(),
+            }),
+        };
+        let tx = conn.transaction().unwrap();
+        for (name, blobs) in [
+            ("a", ["sha256:1", "sha256:2"]),
+            ("bb", ["sha256:2", "sha256:3"]),
+        ] {
+            insert_image(&tx, &oci(name)).unwrap();
+            let blobs: Vec<String> = blobs.iter().map(|b| b.to_string()).collect();
+            set_oci_details(&tx, name, r#"{"env":[]}"#, &blobs).unwrap();
+        }
+        tx.commit().unwrap();
+        assert_eq!(get_image(&conn, "a").unwrap(), Some(oci("a")));
+        assert_eq!(
+            image_runtime(&conn, "a").unwrap().as_deref(),
+            Some(r#"{"env":[]}"#)
+        );
+        let by_ref = images_from_reference(&conn, "docker.io/library/alpine:3.20").unwrap();
+        assert_eq!(
+            by_ref.iter().map(|i| i.name.as_str()).collect::<Vec<_>>(),
+            ["bb", "a"]
+        );
+        assert_eq!(
+            blobs_in_use(&conn).unwrap(),
+            ["sha256:1", "sha256:2", "sha256:3"]
+        );
+        // Deleting an image releases the blobs only it needed.
+        delete_image(&conn, "a").unwrap();
+        assert_eq!(blobs_in_use(&conn).unwrap(), ["sha256:2", "sha256:3"]);
+        assert_eq!(image_runtime(&conn, "missing").unwrap(), None);
     }
 
     #[test]
@@ -391,6 +520,8 @@ mod tests {
             size_bytes: 5,
             kernel: "missing".into(),
             created_at: "t".into(),
+            boot: Boot::Systemd,
+            oci: None,
         };
         assert!(insert_image(&conn, &img).is_err());
     }
