@@ -16,9 +16,13 @@ AGENT_TARGET := x86_64-unknown-linux-gnu
 # The agent runs inside guests of any userland, so it is linked statically.
 AGENT_RUSTFLAGS := -C target-feature=+crt-static
 
-# Host packages: runtime needs (qemu, nft, e2fsprogs, ssh, debootstrap) and test-only tools.
-APT_RUNTIME := debootstrap qemu-system-x86 nftables e2fsprogs openssh-client zstd iproute2 sudo ca-certificates git
-APT_TEST    := openssh-server dnsutils dnsmasq-base procps util-linux libc6-dev
+# Host packages: runtime needs (qemu, nft, e2fsprogs, ssh, debootstrap; gpgv and Debian's keyring
+# to verify the generic kernel's package) and test-only tools (a real OCI registry, umoci and
+# skopeo to make and push test images, busybox for tiny guests, tmux to drive terminals).
+APT_RUNTIME := debootstrap qemu-system-x86 nftables e2fsprogs openssh-client zstd iproute2 sudo ca-certificates git \
+               gpgv debian-archive-keyring
+APT_TEST    := openssh-server dnsutils dnsmasq-base procps util-linux libc6-dev \
+               docker-registry umoci skopeo busybox-static cpio apache2-utils whois tmux openssl
 # Benchmarks only (`make bench-deps`): the DNS load generator.
 APT_BENCH   := dnsperf
 

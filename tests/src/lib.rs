@@ -21,6 +21,8 @@ use std::time::{Duration, Instant};
 
 use nix::fcntl::{Flock, FlockArg};
 
+pub mod oci;
+
 /// Directory holding the workspace's built binaries (`target/debug`).
 pub fn bin_dir() -> PathBuf {
     // Test binaries live in target/debug/deps; the workspace binaries one level up.
