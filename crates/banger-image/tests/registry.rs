@@ -758,3 +758,51 @@ async fn a_blob_redirect_to_another_port_drops_authorization() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_pulls_of_one_image_at_once_share_the_cache() {
+    let storage = tempfile::tempdir().unwrap();
+    let registry = Registry::start(storage.path(), RegistryAuth::Anonymous).await;
+    let (layout, layers, _) = sample_image();
+    layout.push("v1", &registry.host(), "twice/app", false);
+    let cache_dir = tempfile::tempdir().unwrap();
+    let cache = BlobCache::new(cache_dir.path());
+    let r = reference(&registry.host(), "twice/app:v1");
+    let (opts, p1, p2) = (
+        options(),
+        RecordingProgress::new(),
+        RecordingProgress::new(),
+    );
+    let (a, b) = tokio::join!(
+        resolve(&r, &opts, &cache, &p1),
+        resolve(&r, &opts, &cache, &p2)
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(a, b);
+    let (x, y) = tokio::join!(
+        fetch_layers(&a, &opts, &cache, &p1),
+        fetch_layers(&b, &opts, &cache, &p2)
+    );
+    x.unwrap();
+    y.unwrap();
+    assert_layers_cached(&cache, &layers);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_registry_is_a_connection_error_with_a_hint() {
+    // A port nothing listens on (bound, then closed).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let r = reference(&format!("127.0.0.1:{port}"), "x/y:1");
+    let err = current_digest(&r, &options()).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, OciError::Transport { .. }), "{msg}");
+    assert!(
+        msg.contains(&format!("cannot reach registry 127.0.0.1:{port}"))
+            && msg.contains("the connection failed\nhint: check the registry name"),
+        "{msg}"
+    );
+}

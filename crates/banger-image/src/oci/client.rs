@@ -49,6 +49,9 @@ pub const TOKEN_MAX_BYTES: u64 = 64 << 10;
 /// The largest error body read (for its message).
 pub const ERROR_BODY_MAX_BYTES: u64 = 16 << 10;
 const MAX_REDIRECTS: usize = 10;
+/// Whole-request limit for small documents (manifests, tokens), so a registry that trickles
+/// bytes cannot hold a pull forever; blob downloads only have the per-read timeout.
+const DOCUMENT_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// How to reach registries: which may use plain http, where credentials come from.
 #[derive(Clone, PartialEq, Eq)]
@@ -495,13 +498,21 @@ impl RegistryClient {
         }
     }
 
-    /// GETs `url` with `headers`, answering one authentication challenge. The caller judges the
-    /// status of the returned response.
-    async fn get(&self, url: &Url, headers: HeaderMap) -> Result<reqwest::Response, OciError> {
+    /// GETs `url` with `headers` (and an overall `timeout`, if any), answering one
+    /// authentication challenge. The caller judges the status of the returned response.
+    async fn get(
+        &self,
+        url: &Url,
+        headers: HeaderMap,
+        timeout: Option<Duration>,
+    ) -> Result<reqwest::Response, OciError> {
         let mut challenged = false;
         loop {
             let used = self.auth.lock().await.clone();
             let mut req = self.http.get(url.clone()).headers(headers.clone());
+            if let Some(t) = timeout {
+                req = req.timeout(t);
+            }
             if let Some(h) = &used.0 {
                 req = req.header(AUTHORIZATION, h.clone());
             }
@@ -619,7 +630,7 @@ impl RegistryClient {
             }
             q.append_pair("scope", &format!("repository:{}:pull", self.repository));
         }
-        let mut req = self.http.get(realm.clone());
+        let mut req = self.http.get(realm.clone()).timeout(DOCUMENT_TIMEOUT);
         if let Some(creds) = self.credentials().await? {
             self.sent_credentials.store(true, Ordering::Relaxed);
             req = req.basic_auth(creds.username(), Some(creds.secret()));
@@ -711,7 +722,7 @@ impl RegistryClient {
         let url = self.url(&format!("manifests/{reference}"));
         let mut headers = HeaderMap::new();
         headers.insert(ACCEPT, HeaderValue::from_static(MANIFEST_ACCEPT));
-        let resp = self.get(&url, headers).await?;
+        let resp = self.get(&url, headers, Some(DOCUMENT_TIMEOUT)).await?;
         if resp.status() != StatusCode::OK {
             return Err(self.status_error(&url, resp).await);
         }
@@ -759,7 +770,7 @@ impl RegistryClient {
                 headers.insert(RANGE, v);
             }
         }
-        let resp = self.get(&url, headers).await?;
+        let resp = self.get(&url, headers, None).await?;
         let start = match resp.status() {
             StatusCode::OK => 0,
             StatusCode::PARTIAL_CONTENT if offset > 0 => {
