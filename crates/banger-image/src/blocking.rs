@@ -25,6 +25,13 @@ impl Progress for ChannelProgress {
     fn notice(&self, msg: &str) {
         let _ = self.tx.send(Event::Notice(msg.to_owned()));
     }
+    fn item(&self, id: &str, done: u64, total: Option<u64>) {
+        let _ = self.tx.send(Event::Item {
+            id: id.to_owned(),
+            done,
+            total,
+        });
+    }
 }
 
 /// Runs `f` on the blocking pool, forwarding its progress reports to `progress` as they happen.
@@ -59,6 +66,7 @@ mod tests {
         let out = run_blocking(&rec, |p| {
             p.phase("hash");
             p.bytes(1, Some(2));
+            p.item("layer", 4, None);
             7
         })
         .await
@@ -71,6 +79,11 @@ mod tests {
                 Event::Bytes {
                     done: 1,
                     total: Some(2)
+                },
+                Event::Item {
+                    id: "layer".into(),
+                    done: 4,
+                    total: None
                 }
             ]
         );

@@ -1,7 +1,9 @@
 //! The SHA-256 digest type used for bundle files, manifests and recipe cache keys.
 //!
 //! Digests are parsed once at the boundary (manifest, catalog, config) into [`Sha256Digest`], so
-//! comparisons inside the crate never depend on letter case or stray whitespace.
+//! comparisons inside the crate never depend on letter case or stray whitespace. OCI documents
+//! write digests as `sha256:<64 lowercase hex>` ([`Sha256Digest::parse_oci`], [`Sha256Digest::oci`]);
+//! other algorithms are refused, and a digest becomes a file name only after it parsed.
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use sha2::{Digest, Sha256};
@@ -18,7 +20,33 @@ pub struct BadDigest {
     pub value: String,
 }
 
+/// An OCI digest string that banger cannot use: not `sha256:` followed by 64 lowercase hex digits.
+#[derive(Debug, thiserror::Error)]
+#[error("`{value}` is not a sha256 digest (expected `sha256:` and 64 lowercase hex digits)")]
+pub struct BadOciDigest {
+    /// The offending text, shortened to at most 100 characters.
+    pub value: String,
+}
+
 impl Sha256Digest {
+    /// Parses an OCI digest, `sha256:<64 lowercase hex>`; anything else (another algorithm,
+    /// upper case, `sha256:../x`) is refused, as the OCI spec makes sha256 hex lowercase.
+    pub fn parse_oci(s: &str) -> Result<Self, BadOciDigest> {
+        let bad = || BadOciDigest {
+            value: s.chars().take(100).collect(),
+        };
+        let hex = s.strip_prefix("sha256:").ok_or_else(bad)?;
+        if hex.len() != 64 || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return Err(bad());
+        }
+        hex.parse().map_err(|_| bad())
+    }
+
+    /// The OCI form, `sha256:<hex>`.
+    pub fn oci(&self) -> String {
+        format!("sha256:{self}")
+    }
+
     pub fn of_bytes(data: &[u8]) -> Self {
         Self::from_hasher(Sha256::new_with_prefix(data))
     }
@@ -96,6 +124,28 @@ mod tests {
         for bad in ["", "abc", &EMPTY[1..], &format!("{}zz", &EMPTY[2..])] {
             let err = bad.parse::<Sha256Digest>().unwrap_err();
             assert!(err.to_string().contains("64 hex digits"), "{err}");
+        }
+    }
+
+    #[test]
+    fn oci_digests_are_sha256_lowercase_only() {
+        let d = Sha256Digest::parse_oci(&format!("sha256:{EMPTY}")).unwrap();
+        assert_eq!(d.oci(), format!("sha256:{EMPTY}"));
+        let long = "sha256:".to_string() + &"a".repeat(10_000);
+        for bad in [
+            EMPTY.to_string(),
+            format!("sha256:{}", EMPTY.to_uppercase()),
+            format!("sha512:{EMPTY}"),
+            format!("SHA256:{EMPTY}"),
+            "sha256:../x".to_string(),
+            format!("sha256:{}/..", &EMPTY[..61]),
+            format!("sha256:{EMPTY} "),
+            format!(" sha256:{EMPTY}"),
+            long,
+        ] {
+            let err = Sha256Digest::parse_oci(&bad).unwrap_err();
+            assert!(err.value.len() <= 100, "{err}");
+            assert!(err.to_string().contains("64 lowercase hex"), "{err}");
         }
     }
 

@@ -5,7 +5,9 @@
 //! `DEST` only after size and digest match. A digest mismatch deletes the part, since resuming bad
 //! bytes can never succeed; a truncated transfer keeps it so the next attempt resumes.
 //! [`fetch_small`] reads small documents (manifests, catalogs) into memory with a size cap.
-//! Retrying is the caller's decision; nothing here retries by itself.
+//! Retrying is the caller's decision; nothing here retries by itself. The resume-and-verify core,
+//! [`fetch_resumable`], is shared with the OCI blob cache, which opens registry blobs through its
+//! own [`RangeSource`] (authentication, redirects) and keeps its parts elsewhere.
 
 use crate::digest::Sha256Digest;
 use crate::progress::{ByteThrottle, Progress};
@@ -168,7 +170,8 @@ pub fn part_path(dest: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
-enum Source {
+/// An open byte stream at some offset of the file being downloaded.
+pub(crate) enum Source {
     Http(futures_util::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>),
     File(tokio::fs::File),
 }
@@ -181,7 +184,7 @@ enum Chunk {
 }
 
 impl Source {
-    async fn next(&mut self, url: &Url) -> Result<Chunk, DownloadError> {
+    async fn next(&mut self, url: &str) -> Result<Chunk, DownloadError> {
         match self {
             Source::Http(stream) => Ok(match stream.next().await {
                 None => Chunk::End,
@@ -194,7 +197,7 @@ impl Source {
                     .read(&mut buf)
                     .await
                     .map_err(|source| DownloadError::LocalSource {
-                        url: url.to_string(),
+                        url: url.to_owned(),
                         source,
                     })?;
                 buf.truncate(n);
@@ -295,13 +298,61 @@ pub async fn fetch(
     progress: &dyn Progress,
 ) -> Result<(), DownloadError> {
     let url = parse_location(url)?;
-    let part = part_path(dest);
+    fetch_resumable(
+        &UrlSource(url),
+        &part_path(dest),
+        dest,
+        expected_size,
+        expected_sha256,
+        progress,
+    )
+    .await
+}
+
+/// Where [`fetch_resumable`] reads from.
+pub(crate) trait RangeSource {
+    /// The caller's error type; the core's own failures (I/O, size, digest) convert into it.
+    type Error: From<DownloadError>;
+    /// Names the source in messages (a URL without credentials).
+    fn location(&self) -> String;
+    /// Opens the source at byte `offset`; returns the stream and the offset it really starts at
+    /// (0 when the source ignored or could not honour the offset).
+    async fn open_at(&self, offset: u64) -> Result<(Source, u64), Self::Error>;
+}
+
+/// A plain http, https or file URL.
+struct UrlSource(Url);
+
+impl RangeSource for UrlSource {
+    type Error = DownloadError;
+    fn location(&self) -> String {
+        self.0.to_string()
+    }
+    async fn open_at(&self, offset: u64) -> Result<(Source, u64), DownloadError> {
+        open_at(&self.0, offset).await
+    }
+}
+
+/// The core of [`fetch`]: streams `source` into `part` (resuming what is there: a source that
+/// starts at the part's length is appended, one that starts at 0 restarts it), stops as soon as
+/// more than `expected_size` bytes arrive (deleting the part), and renames `part` to `dest` only
+/// when size and SHA-256 match. A digest mismatch deletes the part; a broken transfer keeps it.
+pub(crate) async fn fetch_resumable<S: RangeSource>(
+    source: &S,
+    part: &Path,
+    dest: &Path,
+    expected_size: u64,
+    expected_sha256: &Sha256Digest,
+    progress: &dyn Progress,
+) -> Result<(), S::Error> {
+    let url = source.location();
+    let part = part.to_owned();
     let io = |e| DownloadError::io(&part, e);
 
     let mut have = match fs_err::tokio::metadata(&part).await {
         Ok(m) => m.len(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
-        Err(e) => return Err(io(e)),
+        Err(e) => return Err(io(e).into()),
     };
     if have > expected_size {
         have = 0;
@@ -314,7 +365,7 @@ pub async fn fetch(
 
     let mut throttle = ByteThrottle::new(PROGRESS_STEP);
     if got < expected_size {
-        let (mut source, start) = open_at(&url, got).await?;
+        let (mut stream, start) = source.open_at(got).await?;
         if start == 0 {
             hasher = Sha256::new();
             got = 0;
@@ -335,7 +386,7 @@ pub async fn fetch(
             .map_err(io)?;
         throttle.report(progress, got, Some(expected_size));
         let broken = loop {
-            match source.next(&url).await? {
+            match stream.next(&url).await? {
                 Chunk::End => break None,
                 Chunk::Broken(e) => break Some(e),
                 Chunk::Data(data) => {
@@ -344,11 +395,12 @@ pub async fn fetch(
                         drop(file);
                         let _ = fs_err::tokio::remove_file(&part).await;
                         return Err(DownloadError::Oversized {
-                            url: url.to_string(),
+                            url,
                             file: part,
                             got: got + len,
                             expected: expected_size,
-                        });
+                        }
+                        .into());
                     }
                     file.write_all(&data).await.map_err(io)?;
                     hasher.update(&data);
@@ -361,32 +413,35 @@ pub async fn fetch(
         file.get_ref().sync_all().await.map_err(io)?;
         if let Some(source) = broken {
             return Err(DownloadError::Truncated {
-                url: url.to_string(),
+                url,
                 file: part,
                 got,
                 expected: expected_size,
                 source,
-            });
+            }
+            .into());
         }
     }
     if got < expected_size {
         return Err(DownloadError::Truncated {
-            url: url.to_string(),
+            url,
             file: part,
             got,
             expected: expected_size,
             source: None,
-        });
+        }
+        .into());
     }
     let actual = Sha256Digest::from_hasher(hasher);
     if actual != *expected_sha256 {
         fs_err::tokio::remove_file(&part).await.map_err(io)?;
         return Err(DownloadError::DigestMismatch {
-            url: url.to_string(),
+            url,
             file: dest.to_owned(),
             expected: *expected_sha256,
             actual,
-        });
+        }
+        .into());
     }
     fs_err::tokio::rename(&part, dest).await.map_err(io)?;
     Ok(())

@@ -5,6 +5,9 @@
 //! current step ("debootstrap", "download rootfs.ext4.zst"), `bytes` reports transfer or compression
 //! progress within it, `log` carries raw output lines of child processes (debootstrap, mkfs), and
 //! `notice` is for things a person should read even when logs are hidden (an optional step failed).
+//! `item` reports one of several transfers that run at once (the layers of an OCI image), keyed by
+//! an id such as the layer digest; whoever emits items also reports their sum through `bytes`, so
+//! a receiver that only draws one bar can ignore items.
 
 use std::sync::Mutex;
 
@@ -18,6 +21,12 @@ pub trait Progress: Send + Sync {
     fn log(&self, line: &str);
     /// Something a person should see even when logs are hidden.
     fn notice(&self, msg: &str);
+    /// Progress of one of several items that run at once (e.g. `id` = a layer's digest), in bytes.
+    /// Emitters also report the sum over all items through [`Progress::bytes`], so the default
+    /// drops these.
+    fn item(&self, id: &str, done: u64, total: Option<u64>) {
+        let _ = (id, done, total);
+    }
 }
 
 /// Drops every report; for callers that do not care.
@@ -35,9 +44,17 @@ impl Progress for NoProgress {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     Phase(String),
-    Bytes { done: u64, total: Option<u64> },
+    Bytes {
+        done: u64,
+        total: Option<u64>,
+    },
     Log(String),
     Notice(String),
+    Item {
+        id: String,
+        done: u64,
+        total: Option<u64>,
+    },
 }
 
 impl Event {
@@ -48,6 +65,7 @@ impl Event {
             Event::Bytes { done, total } => progress.bytes(*done, *total),
             Event::Log(line) => progress.log(line),
             Event::Notice(msg) => progress.notice(msg),
+            Event::Item { id, done, total } => progress.item(id, *done, *total),
         }
     }
 }
@@ -89,6 +107,17 @@ impl RecordingProgress {
         })
     }
 
+    /// Every `(done, total)` reported for item `id`, in order.
+    pub fn item_reports(&self, id: &str) -> Vec<(u64, Option<u64>)> {
+        self.lock()
+            .iter()
+            .filter_map(|e| match e {
+                Event::Item { id: i, done, total } if i == id => Some((*done, *total)),
+                _ => None,
+            })
+            .collect()
+    }
+
     fn filter(&self, f: impl Fn(&Event) -> Option<String>) -> Vec<String> {
         self.lock().iter().filter_map(f).collect()
     }
@@ -117,6 +146,13 @@ impl Progress for RecordingProgress {
     }
     fn notice(&self, msg: &str) {
         self.push(Event::Notice(msg.to_owned()));
+    }
+    fn item(&self, id: &str, done: u64, total: Option<u64>) {
+        self.push(Event::Item {
+            id: id.to_owned(),
+            done,
+            total,
+        });
     }
 }
 
@@ -177,6 +213,26 @@ mod tests {
         assert_eq!(rec.logs(), vec!["b"]);
         // NoProgress accepts everything without effect.
         Event::Notice("x".into()).send_to(&NoProgress);
+    }
+
+    #[test]
+    fn items_are_recorded_per_id_and_dropped_by_default() {
+        let rec = RecordingProgress::new();
+        rec.item("sha256:a", 1, Some(3));
+        rec.item("sha256:b", 5, None);
+        Event::Item {
+            id: "sha256:a".into(),
+            done: 3,
+            total: Some(3),
+        }
+        .send_to(&rec);
+        assert_eq!(
+            rec.item_reports("sha256:a"),
+            vec![(1, Some(3)), (3, Some(3))]
+        );
+        assert_eq!(rec.item_reports("sha256:b"), vec![(5, None)]);
+        // The default implementation ignores items.
+        NoProgress.item("x", 1, None);
     }
 
     #[test]

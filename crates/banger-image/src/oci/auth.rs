@@ -1,0 +1,652 @@
+//! Registry credentials from Docker's `config.json`, the file `docker login` writes.
+//!
+//! Order, as Docker: `credHelpers[registry]` (run `docker-credential-NAME get`), then an inline
+//! `auths` entry (`auth` = base64 `user:password`, or `username` + `password`), then `credsStore`
+//! (the same helper protocol). A helper that answers "credentials not found" means anonymous.
+//! `auths` keys are matched by host, so `https://index.docker.io/v1/`, `index.docker.io`,
+//! `registry-1.docker.io` and `docker.io` all name Docker Hub, and `https://host:5000/v2/` names
+//! `host:5000`. `identitytoken` (OAuth refresh tokens) is not supported: such entries are ignored
+//! with a debug log line, and the pull goes on anonymously.
+//!
+//! The caller passes the path of the file (`$DOCKER_CONFIG/config.json`, else
+//! `~/.docker/config.json`; see [`docker_config_path`]) and the PATH to find helpers on, so nothing
+//! here reads the process environment. The file is read with a 1 MiB cap, helpers run with a
+//! 10 s timeout and capped output, and secrets never appear in `Debug` output or errors.
+//! Where credentials may be sent is decided by `client`.
+
+use base64::Engine;
+use serde::Deserialize;
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+
+const CONFIG_MAX_BYTES: u64 = 1 << 20;
+const HELPER_TIMEOUT: Duration = Duration::from_secs(10);
+const HELPER_STDOUT_MAX: usize = 64 << 10;
+const HELPER_STDERR_MAX: usize = 16 << 10;
+/// The key `docker login` uses for Docker Hub, and the server URL its helpers expect.
+const HUB_KEY: &str = "https://index.docker.io/v1/";
+const HUB_NAMES: [&str; 3] = ["docker.io", "index.docker.io", "registry-1.docker.io"];
+
+/// A user name and a password (or token) for one registry. `Debug` hides the secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    username: String,
+    secret: String,
+}
+
+impl Credentials {
+    pub fn new(username: impl Into<String>, secret: impl Into<String>) -> Self {
+        Credentials {
+            username: username.into(),
+            secret: secret.into(),
+        }
+    }
+
+    pub fn username(&self) -> &str {
+        &self.username
+    }
+
+    pub(crate) fn secret(&self) -> &str {
+        &self.secret
+    }
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials")
+            .field("username", &self.username)
+            .field("secret", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Why credentials could not be read. Messages never contain secrets.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("cannot read {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} is larger than {CONFIG_MAX_BYTES} bytes, too large for a Docker config", path.display())]
+    TooLarge { path: PathBuf },
+    #[error("{} is not a valid Docker config: {detail}\nhint: fix the file, or log in again with `docker login`", path.display())]
+    Parse { path: PathBuf, detail: String },
+    #[error(
+        "the `auth` of `{key}` in {} is not base64 of USER:PASSWORD\nhint: log in again with `docker login`",
+        path.display()
+    )]
+    BadAuth { path: PathBuf, key: String },
+    #[error("credential helper name `{name}` in {} is not a plain name", path.display())]
+    BadHelperName { path: PathBuf, name: String },
+    #[error(
+        "credential helper {program} is not installed (not found on PATH)\n\
+         hint: install it, or remove `credsStore`/`credHelpers` for {registry} from {}",
+        path.display()
+    )]
+    HelperMissing {
+        program: String,
+        registry: String,
+        path: PathBuf,
+    },
+    #[error("credential helper {program} did not answer within {} s", HELPER_TIMEOUT.as_secs())]
+    HelperTimeout { program: String },
+    #[error("credential helper {program} failed ({status}): {stderr}")]
+    HelperFailed {
+        program: String,
+        status: String,
+        stderr: String,
+    },
+    #[error("credential helper {program} printed something that is not credentials: {detail}")]
+    HelperOutput { program: String, detail: String },
+    #[error("running credential helper {program} failed")]
+    HelperSpawn {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Where Docker keeps its config: `$DOCKER_CONFIG/config.json`, else `HOME/.docker/config.json`.
+/// Pass the values of those variables; `None` when neither is set.
+pub fn docker_config_path(docker_config: Option<&OsStr>, home: Option<&Path>) -> Option<PathBuf> {
+    match docker_config.filter(|d| !d.is_empty()) {
+        Some(dir) => Some(Path::new(dir).join("config.json")),
+        None => home.map(|h| h.join(".docker").join("config.json")),
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct ConfigFile {
+    #[serde(default)]
+    auths: Option<HashMap<String, AuthEntry>>,
+    #[serde(default, rename = "credsStore")]
+    creds_store: Option<String>,
+    #[serde(default, rename = "credHelpers")]
+    cred_helpers: Option<HashMap<String, String>>,
+}
+
+#[derive(Default, Deserialize)]
+struct AuthEntry {
+    #[serde(default)]
+    auth: Option<String>,
+    #[serde(default)]
+    username: Option<String>,
+    #[serde(default)]
+    password: Option<String>,
+    #[serde(default)]
+    identitytoken: Option<String>,
+}
+
+impl fmt::Debug for AuthEntry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuthEntry")
+            .field("username", &self.username)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The host a config key names: `https://host:5000/v1/` -> `host:5000`, lowercased.
+fn key_host(key: &str) -> String {
+    let k = key
+        .strip_prefix("https://")
+        .or_else(|| key.strip_prefix("http://"))
+        .unwrap_or(key);
+    k.split('/').next().unwrap_or("").to_ascii_lowercase()
+}
+
+fn is_hub(host: &str) -> bool {
+    HUB_NAMES.contains(&host)
+}
+
+/// True when config key `key` is about `registry` (as in [`super::reference::Reference::registry`]).
+fn key_matches(key: &str, registry: &str) -> bool {
+    let (k, r) = (key_host(key), registry.to_ascii_lowercase());
+    k == r || (is_hub(&k) && is_hub(&r))
+}
+
+/// Finds the entry for `registry` in a map keyed like `auths`: the exact key first, then Docker
+/// Hub's canonical key, then any key naming the same host (in sorted order, to be deterministic).
+fn find<'a, V>(map: &'a HashMap<String, V>, registry: &str) -> Option<(&'a str, &'a V)> {
+    if let Some((k, v)) = map.get_key_value(registry) {
+        return Some((k, v));
+    }
+    if is_hub(registry) {
+        if let Some((k, v)) = map.get_key_value(HUB_KEY) {
+            return Some((k, v));
+        }
+    }
+    let mut keys: Vec<&String> = map.keys().filter(|k| key_matches(k, registry)).collect();
+    keys.sort();
+    keys.first()
+        .and_then(|k| map.get_key_value(k.as_str()))
+        .map(|(k, v)| (k.as_str(), v))
+}
+
+/// Credentials for `registry` (`docker.io`, `ghcr.io`, `127.0.0.1:5000`) from the Docker config at
+/// `config_path`, running helpers found on `path_env` (the process's PATH when `None`).
+/// A missing file, or no entry, is `Ok(None)`: pull anonymously.
+pub async fn lookup(
+    registry: &str,
+    config_path: &Path,
+    path_env: Option<&OsStr>,
+) -> Result<Option<Credentials>, AuthError> {
+    let Some(text) = read_config(config_path).await? else {
+        return Ok(None);
+    };
+    let config: ConfigFile = serde_json::from_slice(&text).map_err(|e| AuthError::Parse {
+        path: config_path.to_owned(),
+        detail: super::reference::shorten(&e.to_string()),
+    })?;
+    let helper_target = if is_hub(&registry.to_ascii_lowercase()) {
+        HUB_KEY
+    } else {
+        registry
+    };
+    if let Some((_, helper)) = config.cred_helpers.as_ref().and_then(|h| find(h, registry)) {
+        return run_helper(helper, helper_target, registry, config_path, path_env).await;
+    }
+    if let Some((key, entry)) = config.auths.as_ref().and_then(|a| find(a, registry)) {
+        if let Some(creds) = inline(config_path, key, entry)? {
+            return Ok(Some(creds));
+        }
+    }
+    if let Some(store) = config.creds_store.as_deref().filter(|s| !s.is_empty()) {
+        return run_helper(store, helper_target, registry, config_path, path_env).await;
+    }
+    Ok(None)
+}
+
+async fn read_config(path: &Path) -> Result<Option<Vec<u8>>, AuthError> {
+    let read_err = |source| AuthError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let file = match tokio::fs::File::open(path).await {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(read_err(e)),
+    };
+    let mut buf = Vec::new();
+    file.take(CONFIG_MAX_BYTES + 1)
+        .read_to_end(&mut buf)
+        .await
+        .map_err(read_err)?;
+    if buf.len() as u64 > CONFIG_MAX_BYTES {
+        return Err(AuthError::TooLarge {
+            path: path.to_owned(),
+        });
+    }
+    Ok(Some(buf))
+}
+
+/// Credentials written in the file itself, if the entry has any.
+fn inline(path: &Path, key: &str, entry: &AuthEntry) -> Result<Option<Credentials>, AuthError> {
+    if let Some(auth) = entry.auth.as_deref().filter(|a| !a.is_empty()) {
+        let bad = || AuthError::BadAuth {
+            path: path.to_owned(),
+            key: super::reference::shorten(key),
+        };
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(auth.trim())
+            .map_err(|_| bad())?;
+        let text = String::from_utf8(raw).map_err(|_| bad())?;
+        let (user, pass) = text.split_once(':').ok_or_else(bad)?;
+        return Ok(Some(Credentials::new(user, pass)));
+    }
+    if let (Some(u), Some(p)) = (&entry.username, &entry.password) {
+        if !u.is_empty() {
+            return Ok(Some(Credentials::new(u.clone(), p.clone())));
+        }
+    }
+    if entry
+        .identitytoken
+        .as_deref()
+        .is_some_and(|t| !t.is_empty())
+    {
+        tracing::debug!(
+            key = %super::reference::shorten(key),
+            "ignoring identitytoken in the Docker config: banger does not support identity tokens"
+        );
+    }
+    Ok(None)
+}
+
+/// `docker-credential-NAME` on `path_env`, as an absolute path.
+fn find_helper(program: &str, path_env: Option<&OsStr>) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path: OsString = path_env
+        .map(OsStr::to_owned)
+        .or_else(|| std::env::var_os("PATH"))?;
+    std::env::split_paths(&path)
+        .filter(|dir| dir.is_absolute())
+        .map(|dir| dir.join(program))
+        .find(|p| {
+            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+}
+
+#[derive(Deserialize)]
+struct HelperAnswer {
+    #[serde(rename = "Username")]
+    username: String,
+    #[serde(rename = "Secret")]
+    secret: String,
+}
+
+/// Runs `docker-credential-NAME get` with `server` on stdin and parses its answer.
+async fn run_helper(
+    name: &str,
+    server: &str,
+    registry: &str,
+    config_path: &Path,
+    path_env: Option<&OsStr>,
+) -> Result<Option<Credentials>, AuthError> {
+    // A name from the file becomes part of a program name: no paths, no surprises.
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        || name.starts_with('.')
+    {
+        return Err(AuthError::BadHelperName {
+            path: config_path.to_owned(),
+            name: super::reference::shorten(name),
+        });
+    }
+    let program = format!("docker-credential-{name}");
+    let Some(exe) = find_helper(&program, path_env) else {
+        return Err(AuthError::HelperMissing {
+            program,
+            registry: registry.to_owned(),
+            path: config_path.to_owned(),
+        });
+    };
+    let mut cmd = tokio::process::Command::new(&exe);
+    cmd.arg("get")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    if let Some(p) = path_env {
+        cmd.env("PATH", p);
+    }
+    let spawn_err = |source| AuthError::HelperSpawn {
+        program: program.clone(),
+        source,
+    };
+    let mut child = cmd.spawn().map_err(spawn_err)?;
+    let (Some(mut stdin), Some(stdout), Some(stderr)) =
+        (child.stdin.take(), child.stdout.take(), child.stderr.take())
+    else {
+        return Err(spawn_err(std::io::Error::other("missing stdio pipe")));
+    };
+    let talk = async {
+        // A helper that exits without reading stdin is fine: its answer still counts.
+        let _ = stdin.write_all(server.as_bytes()).await;
+        drop(stdin);
+        let (out, err) = tokio::join!(
+            read_capped(stdout, HELPER_STDOUT_MAX),
+            read_capped(stderr, HELPER_STDERR_MAX)
+        );
+        let status = child.wait().await;
+        (out, err, status)
+    };
+    let (out, err, status) = match tokio::time::timeout(HELPER_TIMEOUT, talk).await {
+        Ok(r) => r,
+        // Dropping `talk` drops the child, which kill_on_drop kills.
+        Err(_) => return Err(AuthError::HelperTimeout { program }),
+    };
+    let status = status.map_err(spawn_err)?;
+    let (out, out_over) = out.map_err(spawn_err)?;
+    let (err, _) = err.map_err(spawn_err)?;
+    let err_text = String::from_utf8_lossy(&err);
+    let out_text = String::from_utf8_lossy(&out);
+    if !status.success() {
+        if out_text.contains("credentials not found") || err_text.contains("credentials not found")
+        {
+            return Ok(None);
+        }
+        return Err(AuthError::HelperFailed {
+            program,
+            status: status.to_string(),
+            stderr: super::reference::shorten(err_text.trim()),
+        });
+    }
+    if out_over {
+        return Err(AuthError::HelperOutput {
+            program,
+            detail: format!("more than {HELPER_STDOUT_MAX} bytes"),
+        });
+    }
+    // Never put the helper's stdout into an error: it may hold the secret.
+    let answer: HelperAnswer =
+        serde_json::from_slice(&out).map_err(|e| AuthError::HelperOutput {
+            program: program.clone(),
+            detail: format!("invalid JSON at line {} column {}", e.line(), e.column()),
+        })?;
+    if answer.username == "<token>" {
+        tracing::debug!(%program, "ignoring an identity token from the credential helper: banger does not support identity tokens");
+        return Ok(None);
+    }
+    if answer.username.is_empty() && answer.secret.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(Credentials::new(answer.username, answer.secret)))
+}
+
+/// Reads at most `max` bytes; the flag says whether there was more (which is then drained no further).
+async fn read_capped(r: impl AsyncRead + Unpin, max: usize) -> std::io::Result<(Vec<u8>, bool)> {
+    let mut buf = Vec::new();
+    r.take(max as u64 + 1).read_to_end(&mut buf).await?;
+    let over = buf.len() > max;
+    buf.truncate(max);
+    Ok((buf, over))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn b64(s: &str) -> String {
+        base64::engine::general_purpose::STANDARD.encode(s)
+    }
+
+    fn write_config(dir: &Path, json: &str) -> PathBuf {
+        let p = dir.join("config.json");
+        std::fs::write(&p, json).unwrap();
+        p
+    }
+
+    /// A fake `docker-credential-NAME` that logs its stdin to `dir/NAME.in` and runs `body`.
+    fn helper(dir: &Path, name: &str, body: &str) -> OsString {
+        let bin = dir.join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        let p = bin.join(format!("docker-credential-{name}"));
+        let script = format!(
+            "#!/bin/sh\n[ \"$1\" = get ] || exit 9\ncat > '{}/{name}.in'\n{body}\n",
+            dir.display()
+        );
+        std::fs::write(&p, script).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // Only our bin plus the system dirs the scripts need (cat, sleep).
+        OsString::from(format!("{}:/usr/bin:/bin", bin.display()))
+    }
+
+    #[test]
+    fn config_path_prefers_docker_config() {
+        assert_eq!(
+            docker_config_path(Some(OsStr::new("/dc")), Some(Path::new("/home/u"))),
+            Some(PathBuf::from("/dc/config.json"))
+        );
+        assert_eq!(
+            docker_config_path(Some(OsStr::new("")), Some(Path::new("/home/u"))),
+            Some(PathBuf::from("/home/u/.docker/config.json"))
+        );
+        assert_eq!(docker_config_path(None, None), None);
+    }
+
+    #[tokio::test]
+    async fn inline_auths_match_by_host_and_hub_aliases() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = write_config(
+            dir.path(),
+            &format!(
+                r#"{{"auths":{{
+                    "https://index.docker.io/v1/":{{"auth":"{}"}},
+                    "https://reg.example:5000/v2/":{{"auth":"{}"}},
+                    "ghcr.io":{{"username":"gh","password":"pw"}},
+                    "other.example":{{}}
+                }},"HttpHeaders":{{"X":"y"}}}}"#,
+                b64("hubuser:hub:pass"),
+                b64("r:s")
+            ),
+        );
+        let get = |r: &'static str| {
+            let cfg = cfg.clone();
+            async move { lookup(r, &cfg, Some(OsStr::new(""))).await.unwrap() }
+        };
+        assert_eq!(
+            get("docker.io").await,
+            Some(Credentials::new("hubuser", "hub:pass"))
+        );
+        assert_eq!(
+            get("reg.example:5000").await,
+            Some(Credentials::new("r", "s"))
+        );
+        assert_eq!(get("ghcr.io").await, Some(Credentials::new("gh", "pw")));
+        assert_eq!(get("other.example").await, None);
+        assert_eq!(
+            get("reg.example").await,
+            None,
+            "the port is part of the host"
+        );
+        assert_eq!(get("quay.io").await, None);
+        let missing = dir.path().join("nope.json");
+        assert_eq!(lookup("docker.io", &missing, None).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn identity_tokens_are_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = write_config(
+            dir.path(),
+            r#"{"auths":{"reg.example":{"identitytoken":"refresh-me"}}}"#,
+        );
+        assert_eq!(lookup("reg.example", &cfg, None).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn malformed_and_oversized_configs_fail_without_leaking_secrets() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = write_config(
+            dir.path(),
+            r#"{"auths":{"reg.example":{"auth":"not base64 SECRETVALUE"}}}"#,
+        );
+        let err = lookup("reg.example", &cfg, None).await.unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("not base64 of USER:PASSWORD") && !msg.contains("SECRETVALUE"),
+            "{msg}"
+        );
+        let cfg = write_config(
+            dir.path(),
+            &format!(r#"{{"auths":{{"r":{{"auth":"{}"}}}}}}"#, b64("nocolon")),
+        );
+        assert!(matches!(
+            lookup("r", &cfg, None).await,
+            Err(AuthError::BadAuth { .. })
+        ));
+        let cfg = write_config(dir.path(), "{not json");
+        assert!(matches!(
+            lookup("r", &cfg, None).await,
+            Err(AuthError::Parse { .. })
+        ));
+        let cfg = write_config(dir.path(), &" ".repeat(CONFIG_MAX_BYTES as usize + 1));
+        assert!(matches!(
+            lookup("r", &cfg, None).await,
+            Err(AuthError::TooLarge { .. })
+        ));
+        let creds = Credentials::new("u", "hunter2");
+        assert!(!format!("{creds:?}").contains("hunter2"));
+    }
+
+    #[tokio::test]
+    async fn cred_helpers_then_inline_then_creds_store() {
+        let dir = tempfile::tempdir().unwrap();
+        helper(
+            dir.path(),
+            "per",
+            r#"echo '{"ServerURL":"x","Username":"hu","Secret":"hs"}'"#,
+        );
+        let path = helper(
+            dir.path(),
+            "test",
+            r#"echo '{"Username":"su","Secret":"ss"}'"#,
+        );
+        let cfg = write_config(
+            dir.path(),
+            &format!(
+                r#"{{"credsStore":"test","credHelpers":{{"helped.example":"per"}},
+                    "auths":{{"inline.example":{{"auth":"{}"}}}}}}"#,
+                b64("iu:ip")
+            ),
+        );
+        let get = |r: &'static str| {
+            let (cfg, path) = (cfg.clone(), path.clone());
+            async move { lookup(r, &cfg, Some(&path)).await.unwrap() }
+        };
+        assert_eq!(
+            get("helped.example").await,
+            Some(Credentials::new("hu", "hs"))
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("per.in")).unwrap(),
+            "helped.example"
+        );
+        assert_eq!(
+            get("inline.example").await,
+            Some(Credentials::new("iu", "ip"))
+        );
+        assert_eq!(
+            get("store.example:5000").await,
+            Some(Credentials::new("su", "ss"))
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("test.in")).unwrap(),
+            "store.example:5000"
+        );
+        assert_eq!(get("docker.io").await, Some(Credentials::new("su", "ss")));
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("test.in")).unwrap(),
+            HUB_KEY
+        );
+    }
+
+    #[tokio::test]
+    async fn helper_not_found_timeout_garbage_and_missing_binary() {
+        let dir = tempfile::tempdir().unwrap();
+        let cases = [
+            (
+                "nf",
+                "echo 'credentials not found in native keychain'; exit 1",
+                Ok(None),
+            ),
+            (
+                "tok",
+                r#"echo '{"Username":"<token>","Secret":"refresh"}'"#,
+                Ok(None),
+            ),
+            ("bad", "echo 'Secret: SECRETVALUE'", Err("not credentials")),
+            (
+                "fail",
+                "echo boom >&2; exit 3",
+                Err("failed (exit status: 3): boom"),
+            ),
+            ("slow", "exec sleep 30", Err("did not answer within 10 s")),
+        ];
+        for (name, body, want) in cases {
+            let path = helper(dir.path(), name, body);
+            let cfg = write_config(dir.path(), &format!(r#"{{"credsStore":"{name}"}}"#));
+            let started = std::time::Instant::now();
+            let got = lookup("r.example", &cfg, Some(&path)).await;
+            assert!(started.elapsed() < Duration::from_secs(15));
+            match (got, want) {
+                (Ok(c), Ok(w)) => assert_eq!(c, w, "{name}"),
+                (Err(e), Err(w)) => {
+                    let msg = e.to_string();
+                    assert!(
+                        msg.contains(w) && !msg.contains("SECRETVALUE"),
+                        "{name}: {msg}"
+                    );
+                }
+                (got, want) => panic!("{name}: got {got:?}, want {want:?}"),
+            }
+        }
+        let cfg = write_config(dir.path(), r#"{"credsStore":"absent"}"#);
+        let err = lookup("r.example", &cfg, Some(OsStr::new("/nonexistent")))
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("docker-credential-absent is not installed"),
+            "{err}"
+        );
+        for name in ["../../bin/sh", "a/b", "", ".hidden"] {
+            let cfg = write_config(dir.path(), &format!(r#"{{"credsStore":"{name}"}}"#));
+            // An empty credsStore is the same as none.
+            match lookup("r.example", &cfg, None).await {
+                Err(AuthError::BadHelperName { .. }) => {}
+                Ok(None) if name.is_empty() => {}
+                other => panic!("{name}: {other:?}"),
+            }
+        }
+    }
+}
