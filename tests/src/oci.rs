@@ -178,7 +178,9 @@ fn free_port() -> u16 {
 }
 
 fn run(cmd: &mut Command) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?} failed:\n{}{}",
@@ -206,7 +208,9 @@ pub fn busybox_image(extra: &[(&str, &str)]) -> TestImage {
     let layout = dir.path().join("layout");
     let tag = "1".to_string();
     let image = format!("{}:{tag}", layout.display());
-    run(Command::new("umoci").args(["init", "--layout"]).arg(&layout));
+    run(Command::new("umoci")
+        .args(["init", "--layout"])
+        .arg(&layout));
     run(Command::new("umoci").args(["new", "--image", &image]));
     let bundle = dir.path().join("bundle");
     run(Command::new("umoci")
@@ -283,7 +287,9 @@ pub fn generic_kernel() -> &'static GenericKernel {
     if let Some(k) = KERNEL.get() {
         return k;
     }
-    let cache = target_dir().join("banger-test-cache").join("generic-kernel");
+    let cache = target_dir()
+        .join("banger-test-cache")
+        .join("generic-kernel");
     std::fs::create_dir_all(&cache).unwrap();
     let lock = std::fs::File::create(cache.join("lock")).unwrap();
     let _flock = Flock::lock(lock, FlockArg::LockExclusive)

@@ -20,7 +20,9 @@ fn oci_env() -> Env {
         "the static guest agent is missing: run `make agent` (make test does)"
     );
     require_oci_tools();
-    env.write_config("vmm = \"qemu\"\n[vm_defaults]\nvcpu = 1\nmemory_mib = 256\ndisk_size = \"128M\"\n");
+    env.write_config(
+        "vmm = \"qemu\"\n[vm_defaults]\nvcpu = 1\nmemory_mib = 256\ndisk_size = \"128M\"\n",
+    );
     register_generic_kernel(&env);
     env
 }
@@ -30,7 +32,11 @@ fn exec_sh(env: &Env, vm: &str, script: &str) -> Out {
 }
 
 fn e2fsck_clean(image: &Path) {
-    let out = Command::new("e2fsck").arg("-fn").arg(image).output().unwrap();
+    let out = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(image)
+        .output()
+        .unwrap();
     assert!(
         out.status.success(),
         "e2fsck -fn {} is not clean:\n{}{}",
@@ -57,7 +63,11 @@ impl Tmux {
         let mut text = String::from("#!/bin/sh\nexec env");
         for (k, v) in cmd.get_envs() {
             if let Some(v) = v {
-                text.push_str(&format!(" {}='{}'", k.to_string_lossy(), v.to_string_lossy()));
+                text.push_str(&format!(
+                    " {}='{}'",
+                    k.to_string_lossy(),
+                    v.to_string_lossy()
+                ));
             }
         }
         text.push_str(&format!(" '{}'", bin("banger").display()));
@@ -75,7 +85,11 @@ impl Tmux {
             .arg(&script)
             .output()
             .unwrap();
-        assert!(out.status.success(), "tmux: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "tmux: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         t.ok(&["set-option", "-g", "remain-on-exit", "on"]);
         t
     }
@@ -90,7 +104,11 @@ impl Tmux {
 
     fn ok(&self, args: &[&str]) -> String {
         let out = self.tmux(args).output().unwrap();
-        assert!(out.status.success(), "tmux {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "tmux {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
@@ -111,7 +129,10 @@ impl Tmux {
             if s.contains(needle) {
                 return s;
             }
-            assert!(Instant::now() < deadline, "{needle:?} never appeared on the terminal:\n{s}");
+            assert!(
+                Instant::now() < deadline,
+                "{needle:?} never appeared on the terminal:\n{s}"
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
     }
@@ -125,7 +146,11 @@ impl Tmux {
             if parts.next() == Some("1") {
                 return parts.next().and_then(|s| s.parse().ok()).unwrap_or(-1);
             }
-            assert!(Instant::now() < deadline, "the session never ended:\n{}", self.screen());
+            assert!(
+                Instant::now() < deadline,
+                "the session never ended:\n{}",
+                self.screen()
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
     }
@@ -149,7 +174,16 @@ fn busybox_image_boots_with_the_agent_as_init_and_does_sessions_and_workspaces_w
     let reference = format!("{}/test/busybox:1", registry.host());
 
     // Like `docker run`, `vm run` pulls an image reference it does not have yet.
-    let out = env.banger(["vm", "run", "--rm", "--image", &reference, "--", "cat", "/etc/motd"]);
+    let out = env.banger([
+        "vm",
+        "run",
+        "--rm",
+        "--image",
+        &reference,
+        "--",
+        "cat",
+        "/etc/motd",
+    ]);
     assert!(out.success(), "vm run of a registry image failed:\n{out}");
     assert_eq!(out.stdout, "layer 2\n", "{out}");
     let images = env.ok(["image", "list", "--json"]).json();
@@ -160,7 +194,13 @@ fn busybox_image_boots_with_the_agent_as_init_and_does_sessions_and_workspaces_w
         .find(|i| i["source"] == "oci")
         .unwrap_or_else(|| panic!("no OCI image in the store: {images}"));
     assert_eq!(img["oci"]["reference"], reference.as_str());
-    assert!(img["oci"]["digest"].as_str().unwrap().starts_with("sha256:"), "{img}");
+    assert!(
+        img["oci"]["digest"]
+            .as_str()
+            .unwrap()
+            .starts_with("sha256:"),
+        "{img}"
+    );
     assert_eq!(img["boot"], "agent");
     assert_eq!(img["kernel"], "generic");
     let name = img["name"].as_str().unwrap().to_owned();
@@ -187,15 +227,25 @@ fn busybox_image_boots_with_the_agent_as_init_and_does_sessions_and_workspaces_w
     );
     assert!(out.success(), "{out}");
     assert_eq!(
-        out.stdout,
-        "bar\n/srv\nlayer 2\nhello from the image\ngone\nbb\n1\n",
+        out.stdout, "bar\n/srv\nlayer 2\nhello from the image\ngone\nbb\n1\n",
         "{out}"
     );
     assert_eq!(exec_sh(&env, "bb", "exit 7").status, Some(7));
     let pid1 = exec_sh(&env, "bb", "cat /proc/1/cmdline | tr '\\0' ' '");
-    assert!(pid1.stdout.starts_with("/init"), "PID 1 is not the agent: {pid1}");
+    assert!(
+        pid1.stdout.starts_with("/init"),
+        "PID 1 is not the agent: {pid1}"
+    );
     let mounts = exec_sh(&env, "bb", "cat /proc/mounts").stdout;
-    for m in [" / ext4 ", " /proc proc ", " /sys sysfs ", " /dev devtmpfs ", " /dev/pts devpts ", " /root ext4 ", " /sys/fs/cgroup cgroup2 "] {
+    for m in [
+        " / ext4 ",
+        " /proc proc ",
+        " /sys sysfs ",
+        " /dev devtmpfs ",
+        " /dev/pts devpts ",
+        " /root ext4 ",
+        " /sys/fs/cgroup cgroup2 ",
+    ] {
         assert!(mounts.contains(m), "{m:?} is not mounted:\n{mounts}");
     }
 
@@ -212,12 +262,18 @@ fn busybox_image_boots_with_the_agent_as_init_and_does_sessions_and_workspaces_w
     let tmux = Tmux::start(&env, &["vm", "ssh", "bb"]);
     tmux.line("stty size; echo marker-$((6*7))");
     let screen = tmux.wait_for("marker-42");
-    assert!(screen.contains("30 100"), "the guest does not see the terminal size:\n{screen}");
+    assert!(
+        screen.contains("30 100"),
+        "the guest does not see the terminal size:\n{screen}"
+    );
     tmux.ok(&["resize-window", "-x", "120", "-y", "40"]);
     std::thread::sleep(Duration::from_millis(500));
     tmux.line("stty size; echo resized-$((1+1))");
     let screen = tmux.wait_for("resized-2");
-    assert!(screen.contains("40 120"), "the resize did not reach the guest:\n{screen}");
+    assert!(
+        screen.contains("40 120"),
+        "the resize did not reach the guest:\n{screen}"
+    );
     tmux.line("sleep 100");
     std::thread::sleep(Duration::from_secs(1));
     tmux.ok(&["send-keys", "C-c"]);
@@ -258,8 +314,19 @@ fn busybox_image_boots_with_the_agent_as_init_and_does_sessions_and_workspaces_w
     env.ok(["vm", "delete", "bb"]);
     env.ok(["image", "delete", &name]);
     let blobs = env.home().join(".cache/banger/oci/blobs/sha256");
-    assert_eq!(tree_listing(&blobs), Vec::<String>::new(), "blobs left in the cache");
-    assert_eq!(env.ok(["vm", "list", "--json"]).json().as_array().unwrap().len(), 0);
+    assert_eq!(
+        tree_listing(&blobs),
+        Vec::<String>::new(),
+        "blobs left in the cache"
+    );
+    assert_eq!(
+        env.ok(["vm", "list", "--json"])
+            .json()
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
 }
 
 #[test]
@@ -273,13 +340,27 @@ fn private_registry_needs_the_credentials_from_the_docker_config() {
     register_generic_kernel(&env);
     let registry = Registry::start(env.netns.as_ref(), Some(("tester", "s3cret pass")));
     let image = busybox_image(&[]);
-    registry.push(&image.layout, &image.tag, "team/base:1", Some(("tester", "s3cret pass")));
+    registry.push(
+        &image.layout,
+        &image.tag,
+        "team/base:1",
+        Some(("tester", "s3cret pass")),
+    );
     let reference = format!("{}/team/base:1", registry.host());
 
     let out = env.banger(["image", "pull", &reference, "--name", "base"]);
-    assert!(!out.success(), "an anonymous pull from a private registry succeeded:\n{out}");
-    assert!(out.stderr.contains("401") || out.stderr.contains("unauthorized"), "{out}");
-    assert!(out.stderr.contains("docker login"), "no hint about credentials:\n{out}");
+    assert!(
+        !out.success(),
+        "an anonymous pull from a private registry succeeded:\n{out}"
+    );
+    assert!(
+        out.stderr.contains("401") || out.stderr.contains("unauthorized"),
+        "{out}"
+    );
+    assert!(
+        out.stderr.contains("docker login"),
+        "no hint about credentials:\n{out}"
+    );
     assert!(!out.stderr.contains("s3cret"), "{out}");
 
     let docker = env.home().join(".docker");
@@ -295,9 +376,15 @@ fn private_registry_needs_the_credentials_from_the_docker_config() {
     )
     .unwrap();
     let out = env.ok(["image", "pull", &reference, "--name", "base"]);
-    assert!(!out.stderr.contains("s3cret"), "the password was printed:\n{out}");
+    assert!(
+        !out.stderr.contains("s3cret"),
+        "the password was printed:\n{out}"
+    );
     let log = std::fs::read_to_string(env.state_dir().join("bangerd.log")).unwrap_or_default();
-    assert!(!log.contains("s3cret"), "the password reached the daemon log");
+    assert!(
+        !log.contains("s3cret"),
+        "the password reached the daemon log"
+    );
     let images = env.ok(["image", "list", "--json"]).json();
     assert_eq!(images[0]["name"], "base");
     assert_eq!(images[0]["oci"]["reference"], reference.as_str());

@@ -73,8 +73,14 @@ impl ApiError {
 pub enum Event {
     /// A named step of a long operation has begun.
     Phase { name: String },
-    /// Byte (or item) progress within the current phase.
-    Progress { done: u64, total: Option<u64> },
+    /// Byte progress within the current phase; with `item`, the progress of one of several
+    /// transfers running at once (an image layer, named by its digest).
+    Progress {
+        done: u64,
+        total: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        item: Option<String>,
+    },
     /// A line of output from a tool the daemon runs (debootstrap, mkfs, ...).
     Log { line: String },
     /// Something the user should know that does not stop the operation.
@@ -324,8 +330,18 @@ mod tests {
             back,
             Event::Progress {
                 done: 5,
-                total: None
+                total: None,
+                item: None
             }
+        );
+        let layer = Event::Progress {
+            done: 1,
+            total: Some(2),
+            item: Some("sha256:ab".into()),
+        };
+        assert_eq!(
+            serde_json::to_string(&layer).unwrap(),
+            r#"{"event":"progress","done":1,"total":2,"item":"sha256:ab"}"#
         );
     }
 

@@ -1,17 +1,22 @@
 //! Drawing the daemon's progress events for people (stderr) and formatting tables.
 //!
 //! Phases print as `==> name` lines with the time the previous phase took; byte progress and
-//! tool output live in one transient bar below them. Without a terminal the bar is hidden and
-//! only the phase, notice and (with `--verbose`) log lines appear, so logs and tests read cleanly.
-//! Data for scripts goes to stdout and never passes through here.
+//! tool output live in one transient bar below them, and transfers that run at once (image
+//! layers) get a bar each under it, with bytes and rate. Without a terminal the bars are hidden
+//! and only the phase, notice and (with `--verbose`) log lines appear, so logs and tests read
+//! cleanly. Data for scripts goes to stdout and never passes through here.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use banger_api::Event;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 pub struct Renderer {
+    multi: MultiProgress,
     bar: ProgressBar,
+    /// One bar per concurrent transfer of the current phase, by item id.
+    items: BTreeMap<String, ProgressBar>,
     verbose: bool,
     phase: Option<(String, Instant)>,
     started: Instant,
@@ -19,23 +24,61 @@ pub struct Renderer {
 
 impl Renderer {
     pub fn new(verbose: bool) -> Self {
-        let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+        let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
+        let bar = multi.add(ProgressBar::new_spinner());
         bar.set_style(spinner_style());
         bar.enable_steady_tick(Duration::from_millis(120));
         Self {
+            multi,
             bar,
+            items: BTreeMap::new(),
             verbose,
             phase: None,
             started: Instant::now(),
         }
     }
 
-    /// Prints a line above the bar; straight to stderr when there is no terminal to draw on.
+    /// Prints a line above the bars; straight to stderr when there is no terminal to draw on.
     fn line(&self, text: String) {
-        if self.bar.is_hidden() {
+        if self.multi.is_hidden() {
             eprintln!("{text}");
         } else {
-            self.bar.println(text);
+            let _ = self.multi.println(text);
+        }
+    }
+
+    /// Progress of one transfer among several (a layer): its own bar, removed when complete.
+    fn item(&mut self, id: &str, done: u64, total: Option<u64>) {
+        let complete = total.is_some_and(|t| done >= t);
+        if self.multi.is_hidden() {
+            if complete && self.verbose && !self.items.contains_key(id) {
+                self.line(format!("    {} {}", short_item(id), human_bytes(done)));
+                self.items.insert(id.to_owned(), ProgressBar::hidden());
+            }
+            return;
+        }
+        let bar = self.items.entry(id.to_owned()).or_insert_with(|| {
+            let b = self.multi.add(ProgressBar::with_draw_target(
+                total,
+                ProgressDrawTarget::hidden(),
+            ));
+            b.set_style(item_style());
+            b.set_prefix(short_item(id));
+            b
+        });
+        if let Some(t) = total {
+            bar.set_length(t);
+        }
+        bar.set_position(done);
+        if complete && !bar.is_finished() {
+            bar.finish();
+        }
+    }
+
+    fn clear_items(&mut self) {
+        for (_, b) in std::mem::take(&mut self.items) {
+            b.finish_and_clear();
+            self.multi.remove(&b);
         }
     }
 
@@ -43,6 +86,7 @@ impl Renderer {
         match event {
             Event::Phase { name } => {
                 self.close_phase();
+                self.clear_items();
                 self.line(format!("==> {name}"));
                 self.bar.set_style(spinner_style());
                 self.bar.set_length(0);
@@ -50,7 +94,16 @@ impl Renderer {
                 self.bar.set_message(String::new());
                 self.phase = Some((name.clone(), Instant::now()));
             }
-            Event::Progress { done, total } => {
+            Event::Progress {
+                done,
+                total,
+                item: Some(id),
+            } => self.item(id, *done, *total),
+            Event::Progress {
+                done,
+                total,
+                item: None,
+            } => {
                 match total {
                     Some(t) => {
                         if self.bar.length() != Some(*t) {
@@ -85,12 +138,29 @@ impl Renderer {
         }
     }
 
-    /// Clears the bar; returns the total time since the renderer was created.
+    /// Clears the bars; returns the total time since the renderer was created.
     pub fn finish(mut self) -> Duration {
         self.close_phase();
+        self.clear_items();
         self.bar.finish_and_clear();
         self.started.elapsed()
     }
+}
+
+/// `sha256:0123456789ab` for a digest; other ids as they are.
+fn short_item(id: &str) -> String {
+    match id.split_once(':') {
+        Some((algo, hex)) if hex.len() > 12 => format!("{algo}:{}", &hex[..12]),
+        _ => id.to_owned(),
+    }
+}
+
+fn item_style() -> ProgressStyle {
+    ProgressStyle::with_template(
+        "  {prefix} [{bar:24}] {bytes:>10}/{total_bytes:<10} {binary_bytes_per_sec:>12}",
+    )
+    .map(|s| s.progress_chars("=> "))
+    .unwrap_or_else(|_| ProgressStyle::default_bar())
 }
 
 fn spinner_style() -> ProgressStyle {
@@ -177,6 +247,32 @@ mod tests {
             ],
         );
         assert_eq!(t, "NAME       SIZE\na          1 B\nlong-name  2 B\n");
+    }
+
+    #[test]
+    fn layer_ids_are_shortened_for_their_bars() {
+        assert_eq!(
+            short_item("sha256:0123456789abcdef0123"),
+            "sha256:0123456789ab"
+        );
+        assert_eq!(short_item("rootfs"), "rootfs");
+    }
+
+    #[test]
+    fn item_progress_without_a_terminal_draws_nothing_and_keeps_no_bars() {
+        let mut r = Renderer::new(false);
+        for done in [0, 5, 10] {
+            r.event(&Event::Progress {
+                done,
+                total: Some(10),
+                item: Some("sha256:aa".into()),
+            });
+        }
+        r.event(&Event::Phase {
+            name: "next".into(),
+        });
+        assert!(r.items.is_empty());
+        r.finish();
     }
 
     #[test]

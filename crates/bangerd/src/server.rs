@@ -110,7 +110,18 @@ impl banger_image::Progress for Emitter {
         self.emit(Event::Phase { name: name.into() });
     }
     fn bytes(&self, done: u64, total: Option<u64>) {
-        self.emit(Event::Progress { done, total });
+        self.emit(Event::Progress {
+            done,
+            total,
+            item: None,
+        });
+    }
+    fn item(&self, id: &str, done: u64, total: Option<u64>) {
+        self.emit(Event::Progress {
+            done,
+            total,
+            item: Some(id.into()),
+        });
     }
     fn log(&self, line: &str) {
         self.emit(Event::Log { line: line.into() });
