@@ -283,6 +283,12 @@ pub struct ExportResult {
     pub files: Vec<String>,
 }
 
+/// `POST /v1/images/prune`: what dropping unneeded cached OCI blobs freed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pruned {
+    pub freed_bytes: u64,
+}
+
 /// Names a resource in a `DELETE` response.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Deleted {

@@ -435,3 +435,31 @@ fn tokio_stream_from(
             .map(|c| c.map(|b| Ok(hyper::body::Frame::data(b))))
     })
 }
+
+/// Percent-encodes one URL path segment (an image name may be an OCI reference with `/`, `:`
+/// and `@`), leaving only unreserved characters as they are.
+pub fn path_segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod path_tests {
+    use super::path_segment;
+
+    #[test]
+    fn references_become_one_path_segment() {
+        assert_eq!(path_segment("alpine-3-20"), "alpine-3-20");
+        assert_eq!(
+            path_segment("127.0.0.1:5000/a/b@sha256:ff"),
+            "127.0.0.1%3A5000%2Fa%2Fb%40sha256%3Aff"
+        );
+    }
+}

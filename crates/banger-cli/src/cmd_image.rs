@@ -5,7 +5,7 @@
 use std::process::ExitCode;
 
 use banger_api::{
-    BuildImageRequest, Deleted, ExportImageRequest, ExportResult, ImageInfo, KernelInfo,
+    BuildImageRequest, Deleted, ExportImageRequest, ExportResult, ImageInfo, KernelInfo, Pruned,
     PullImageRequest, PullKernelRequest, RegisterImageRequest, RegisterKernelRequest,
 };
 use hyper::Method;
@@ -32,6 +32,17 @@ async fn streamed<T: DeserializeOwned>(
         eprintln!("{what} in {}", human_duration(took));
     }
     result
+}
+
+/// Where an image came from, for the list: an OCI image's reference and short manifest digest.
+fn origin(i: &ImageInfo) -> String {
+    match &i.oci {
+        Some(o) => {
+            let short = o.digest.get(..19).unwrap_or(&o.digest);
+            format!("{}@{short}", o.reference)
+        }
+        None => i.origin.clone(),
+    }
 }
 
 fn created_short(rfc3339: &str) -> String {
@@ -61,12 +72,16 @@ pub async fn image(ctx: &Ctx, cmd: ImageCmd) -> Result<ExitCode, CliError> {
                             human_bytes(i.size_bytes),
                             i.kernel.clone(),
                             created_short(&i.created_at),
+                            origin(i),
                         ]
                     })
                     .collect();
                 print!(
                     "{}",
-                    table(&["NAME", "SOURCE", "SIZE", "KERNEL", "CREATED"], &rows)
+                    table(
+                        &["NAME", "SOURCE", "SIZE", "KERNEL", "CREATED", "ORIGIN"],
+                        &rows
+                    )
                 );
             }
         }
@@ -85,10 +100,44 @@ pub async fn image(ctx: &Ctx, cmd: ImageCmd) -> Result<ExitCode, CliError> {
                 img.kernel
             );
         }
-        ImageCmd::Pull { reference, name } => {
+        ImageCmd::Pull {
+            reference,
+            name,
+            json,
+        } => {
+            // A bundle manifest given as a relative path is resolved here: the daemon runs elsewhere.
+            let reference = if reference.starts_with("./") || reference.starts_with("../") {
+                absolute(std::path::Path::new(&reference))?
+                    .display()
+                    .to_string()
+            } else {
+                reference
+            };
             let req = PullImageRequest { reference, name };
-            let img: ImageInfo = streamed(ctx, &client, "/v1/images/pull", &req, "pulled").await?;
-            println!("{}", img.name);
+            if json {
+                let img: ImageInfo = client
+                    .stream("/v1/images/pull", &req, |e| {
+                        println!("{}", serde_json::to_string(e).unwrap_or_default())
+                    })
+                    .await?;
+                let done = banger_api::Event::Done {
+                    result: serde_json::to_value(&img).unwrap_or_default(),
+                };
+                println!("{}", serde_json::to_string(&done).unwrap_or_default());
+            } else {
+                let img: ImageInfo =
+                    streamed(ctx, &client, "/v1/images/pull", &req, "pulled").await?;
+                println!("{}", img.name);
+                if let Some(o) = &img.oci {
+                    eprintln!(
+                        "image {} ({}) from {}@{}",
+                        img.name,
+                        human_bytes(img.size_bytes),
+                        o.reference,
+                        o.digest
+                    );
+                }
+            }
         }
         ImageCmd::Export { name, output } => {
             let req = ExportImageRequest {
@@ -122,6 +171,12 @@ pub async fn image(ctx: &Ctx, cmd: ImageCmd) -> Result<ExitCode, CliError> {
                 .call(Method::DELETE, &format!("/v1/images/{name}"), None::<&()>)
                 .await?;
             eprintln!("deleted image {}", d.name);
+        }
+        ImageCmd::Prune => {
+            let p: Pruned = client
+                .call(Method::POST, "/v1/images/prune", None::<&()>)
+                .await?;
+            eprintln!("freed {} of cached layers", human_bytes(p.freed_bytes));
         }
     }
     Ok(ExitCode::SUCCESS)

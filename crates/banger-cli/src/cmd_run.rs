@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
 
 use banger_api::vm::{CreateVmRequest, SshTarget, SyncEntry, VmInfo};
-use banger_api::{ErrorCode, ImageInfo, PullImageRequest};
+use banger_api::{ImageInfo, PullImageRequest};
 use clap::Args;
 use hyper::Method;
 
@@ -200,37 +200,36 @@ pub async fn run(ctx: &Ctx, args: RunArgs) -> Result<ExitCode, CliError> {
     result
 }
 
-/// Makes sure `image` exists; the default image is prepared (pulled or built) on first use.
+/// Makes sure `image` exists. The default image is prepared (pulled or built) on first use; an
+/// image named by an explicit OCI reference (with a registry, tag or digest: `alpine:3.20`,
+/// `ghcr.io/org/tool`) is pulled on first use, as `docker run` does.
 async fn ensure_image(
     ctx: &Ctx,
     client: &Client,
     image: &str,
     is_default: bool,
 ) -> Result<(), CliError> {
-    let images: Vec<ImageInfo> = client.call(Method::GET, "/v1/images", None::<&()>).await?;
-    if images.iter().any(|i| i.name == image) {
-        return Ok(());
+    let found: Result<ImageInfo, CliError> = client
+        .call(
+            Method::GET,
+            &format!("/v1/images/{}", crate::client::path_segment(image)),
+            None::<&()>,
+        )
+        .await;
+    let missing = match found {
+        Ok(_) => return Ok(()),
+        Err(e) if e.exit == Exit::NotFound => e,
+        Err(e) => return Err(e),
+    };
+    let explicit_reference = image.contains(['/', ':', '@']);
+    if !is_default && !explicit_reference {
+        return Err(missing);
     }
-    if !is_default {
-        let known: Vec<&str> = images.iter().map(|i| i.name.as_str()).collect();
-        return Err(CliError::from_api(
-            banger_api::ApiError::new(
-                ErrorCode::NotFound,
-                format!(
-                    "no image named {image:?} (images: {})",
-                    if known.is_empty() {
-                        "none".to_owned()
-                    } else {
-                        known.join(", ")
-                    }
-                ),
-            )
-            .with_hint(format!(
-                "pull or build it first: `banger image pull {image}`"
-            )),
-        ));
+    if is_default {
+        eprintln!("first use: preparing the default image {image} (this happens once)");
+    } else {
+        eprintln!("first use: pulling {image}");
     }
-    eprintln!("first use: preparing the default image {image} (this happens once)");
     let mut renderer = Renderer::new(ctx.verbose);
     let req = PullImageRequest {
         reference: image.to_owned(),
@@ -240,8 +239,8 @@ async fn ensure_image(
         .stream("/v1/images/pull", &req, |e| renderer.event(e))
         .await;
     let took = renderer.finish();
-    r?;
-    eprintln!("image {image} ready in {}", human_duration(took));
+    let img = r?;
+    eprintln!("image {} ready in {}", img.name, human_duration(took));
     Ok(())
 }
 

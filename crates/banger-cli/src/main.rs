@@ -79,7 +79,8 @@ pub struct JsonFlag {
 
 #[derive(Subcommand)]
 pub enum ImageCmd {
-    /// List images: name, source, size, created.
+    /// List images: name, source, size, kernel, created, and where each came from (an OCI
+    /// image's reference and manifest digest).
     List(JsonFlag),
     /// Build an image locally from a recipe (debian-bookworm, debian-bookworm-slim).
     Build {
@@ -89,13 +90,20 @@ pub enum ImageCmd {
         #[arg(long)]
         name: Option<String>,
     },
-    /// Pull an image from the catalog by name, or a bundle by manifest URL (http, https, file).
+    /// Pull an image: a catalog name, a bundle manifest URL (http, https, file), or an OCI image
+    /// from any registry (`alpine:3.20`, `ghcr.io/org/tool@sha256:...`, `docker://NAME` to skip
+    /// the catalog). Registry credentials come from ~/.docker/config.json; plain HTTP only for
+    /// loopback registries and `insecure_registries`.
+    #[command(verbatim_doc_comment)]
     Pull {
-        /// Catalog name or manifest URL.
+        /// Catalog name, manifest URL, or OCI image reference.
         reference: String,
-        /// Store the image under this name.
+        /// Store the image under this name (OCI default: repository and tag, e.g. alpine-3-20).
         #[arg(long)]
         name: Option<String>,
+        /// Print the progress events and the result as JSON lines on stdout.
+        #[arg(long)]
+        json: bool,
     },
     /// Export an image with its kernel as a bundle (manifest + zstd files) into a directory.
     Export {
@@ -118,11 +126,13 @@ pub enum ImageCmd {
         #[arg(long)]
         initrd: Option<PathBuf>,
     },
-    /// Delete an image and its files.
+    /// Delete an image and its files (and cached OCI layers no other image needs).
     Delete {
         #[arg(add = ArgValueCandidates::new(complete::images))]
         name: String,
     },
+    /// Remove cached OCI layers and interrupted downloads that no image needs.
+    Prune,
 }
 
 /// What a new VM is: shared by `vm create` and `vm run`.

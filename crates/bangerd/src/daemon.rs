@@ -134,7 +134,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/images/pull", post(images::pull))
         .route("/v1/images/export", post(images::export))
         .route("/v1/images/register", post(images::register))
-        .route("/v1/images/{name}", delete(images::delete))
+        .route("/v1/images/prune", post(images::prune))
+        .route(
+            "/v1/images/{name}",
+            get(images::show).delete(images::delete),
+        )
         .route("/v1/vms", get(vm_routes::list).post(vm_routes::create))
         .route(
             "/v1/vms/{name}",

@@ -18,16 +18,20 @@ use axum::response::Response;
 use axum::Json;
 use banger_api::{
     validate_name, ApiError, BuildImageRequest, Deleted, ErrorCode, ExportImageRequest,
-    ExportResult, ImageInfo, KernelInfo, PullImageRequest, PullKernelRequest, RegisterImageRequest,
-    RegisterKernelRequest, Source,
+    ExportResult, ImageInfo, KernelInfo, Pruned, PullImageRequest, PullKernelRequest,
+    RegisterImageRequest, RegisterKernelRequest, Source,
 };
 use banger_config::{Config, Paths};
 use banger_image::Progress;
 
 use crate::fsutil;
 use crate::server::{internal, stream, ApiResult, AppError, Emitter};
+
+mod kernel;
+mod oci;
 use crate::store::{self, Store};
 use crate::{now_rfc3339, Shared};
+pub use oci::GENERIC_KERNEL;
 
 pub struct Images {
     paths: Paths,
@@ -36,6 +40,8 @@ pub struct Images {
     /// Names with an operation in flight, so two builds cannot race for one name.
     busy: Arc<Mutex<HashSet<String>>>,
     pull_lock: tokio::sync::Mutex<()>,
+    /// Cached OCI blobs that pulls in progress use (a prune keeps them).
+    in_flight: oci::InFlight,
 }
 
 /// Holds a name busy until dropped.
@@ -80,6 +86,7 @@ impl Images {
             config,
             busy: Arc::default(),
             pull_lock: tokio::sync::Mutex::new(()),
+            in_flight: oci::InFlight::default(),
         }
     }
 
@@ -310,14 +317,10 @@ impl Images {
         self.build_recipe(&name, recipe, &progress).await
     }
 
-    async fn build_recipe(
-        &self,
-        name: &str,
-        recipe: banger_image::recipe::Recipe,
-        progress: &Emitter,
-    ) -> Result<ImageInfo, ApiError> {
-        let mirror = self
-            .config
+    /// The Debian mirror for builds and the generic kernel: config first, then the host's apt
+    /// sources.
+    fn debian_mirror(&self) -> Result<String, ApiError> {
+        self.config
             .debian_mirror
             .clone()
             .or_else(banger_image::mirror::host_debian_mirror)
@@ -329,7 +332,16 @@ impl Images {
                 .with_hint(
                     "set `debian_mirror = \"http://.../debian\"` in ~/.config/banger/config.toml",
                 )
-            })?;
+            })
+    }
+
+    async fn build_recipe(
+        &self,
+        name: &str,
+        recipe: banger_image::recipe::Recipe,
+        progress: &Emitter,
+    ) -> Result<ImageInfo, ApiError> {
+        let mirror = self.debian_mirror()?;
         let privileged = banger_image::privileged::HostPrivileged::detect()
             .map_err(|e| chain_error(ErrorCode::MissingTool, &e))?;
         let staging = self.staging()?;
@@ -370,7 +382,11 @@ impl Images {
         progress: Emitter,
     ) -> Result<ImageInfo, ApiError> {
         let reference = req.reference.trim().to_owned();
-        let (manifest_url, manifest_pin) = match self.resolve_bundle(&reference).await? {
+        let resolved = match self.resolve_pull(&reference).await? {
+            PullSource::Oci(r) => return self.pull_oci(r, req.name.clone(), &progress).await,
+            PullSource::Catalog(resolved) => resolved,
+        };
+        let (manifest_url, manifest_pin) = match resolved {
             Resolved::Bundle { url, pin } => (url, pin),
             Resolved::Recipe(recipe) => {
                 let name = req.name.clone().unwrap_or_else(|| reference.clone());
@@ -411,6 +427,24 @@ impl Images {
             Some(url) => banger_image::catalog::Catalog::load(url)
                 .await
                 .map_err(catalog_err),
+        }
+    }
+
+    /// What `image pull` was given: a catalog entry, bundle URL or path first; otherwise an OCI
+    /// image reference (`docker://` skips the catalog).
+    async fn resolve_pull(&self, reference: &str) -> Result<PullSource, ApiError> {
+        if reference.starts_with("docker://") {
+            if let Some(r) = oci::oci_reference(reference) {
+                return r.map(PullSource::Oci);
+            }
+        }
+        match self.resolve_bundle(reference).await {
+            Ok(r) => Ok(PullSource::Catalog(r)),
+            Err(e) if e.code == ErrorCode::NotFound => match oci::oci_reference(reference) {
+                Some(r) => r.map(PullSource::Oci),
+                None => Err(e),
+            },
+            Err(e) => Err(e),
         }
     }
 
@@ -455,6 +489,9 @@ impl Images {
         progress: Emitter,
     ) -> Result<KernelInfo, ApiError> {
         let reference = req.reference.trim().to_owned();
+        if reference == GENERIC_KERNEL && req.name.as_deref().is_none_or(|n| n == GENERIC_KERNEL) {
+            return self.pull_generic_kernel(&progress).await;
+        }
         let (url, pin) = match self.resolve_bundle(&reference).await? {
             Resolved::Bundle { url, pin } => (url, pin),
             Resolved::Recipe(_) => {
@@ -621,8 +658,19 @@ impl Images {
         if drop_kernel {
             let _ = tokio::fs::remove_dir_all(self.kernels_dir().join(name)).await;
         }
+        if img.oci.is_some() {
+            let freed = self.prune_blobs().await;
+            tracing::info!(image = name, freed, "pruned the OCI blob cache");
+        }
         Ok(Deleted {
             name: name.to_owned(),
+        })
+    }
+
+    /// `image prune`: drops cached OCI blobs (and interrupted downloads) no image needs.
+    pub async fn prune(&self) -> Result<Pruned, ApiError> {
+        Ok(Pruned {
+            freed_bytes: self.prune_blobs().await,
         })
     }
 
@@ -757,17 +805,38 @@ impl Images {
     }
 }
 
+/// The image named `name`, or else the newest image pulled from the OCI reference `name`
+/// (`alpine:3.20` finds what `image pull alpine:3.20` stored as `alpine-3-20`).
+pub async fn find_image(store: &Store, name: &str) -> Result<Option<ImageInfo>, ApiError> {
+    let n = name.to_owned();
+    let canonical = banger_image::oci::reference::Reference::parse(name)
+        .ok()
+        .map(|r| r.to_string());
+    store
+        .call(move |c| {
+            if let Some(img) = store::get_image(c, &n)? {
+                return Ok(Some(img));
+            }
+            Ok(match canonical {
+                Some(r) => store::images_from_reference(c, &r)?.into_iter().next(),
+                None => None,
+            })
+        })
+        .await
+        .map_err(internal)
+}
+
 /// An image and its kernel, or a not-found error listing the images that exist.
 pub async fn image_with_kernel(
     store: &Store,
     name: &str,
 ) -> Result<(ImageInfo, KernelInfo), ApiError> {
-    let n = name.to_owned();
-    let (img, all) = store
-        .call(move |c| Ok((store::get_image(c, &n)?, store::list_images(c)?)))
-        .await
-        .map_err(internal)?;
+    let img = find_image(store, name).await?;
     let Some(img) = img else {
+        let all = store
+            .call(|c| store::list_images(c))
+            .await
+            .map_err(internal)?;
         let known: Vec<String> = all.into_iter().map(|i| i.name).collect();
         return Err(not_found(
             "image",
@@ -876,6 +945,12 @@ enum Resolved {
     Recipe(Box<banger_image::recipe::Recipe>),
 }
 
+/// What `image pull` was given.
+enum PullSource {
+    Catalog(Resolved),
+    Oci(banger_image::oci::reference::Reference),
+}
+
 /// The store name of a pull: `--name`, else the catalog name; URLs need `--name`.
 fn pull_name(reference: &str, name: Option<&str>, what: &str) -> Result<String, ApiError> {
     match name {
@@ -953,6 +1028,17 @@ pub async fn export(State(s): Shared, Json(req): Json<ExportImageRequest>) -> Re
 
 pub async fn register(State(s): Shared, Json(req): Json<RegisterImageRequest>) -> Response {
     stream(move |e| async move { s.images.register(req, e).await })
+}
+
+pub async fn show(State(s): Shared, UrlPath(name): UrlPath<String>) -> ApiResult<ImageInfo> {
+    let (img, _) = image_with_kernel(&s.images.store, &name)
+        .await
+        .map_err(AppError)?;
+    Ok(Json(img))
+}
+
+pub async fn prune(State(s): Shared) -> ApiResult<Pruned> {
+    Ok(Json(s.images.prune().await.map_err(AppError)?))
 }
 
 pub async fn delete(State(s): Shared, UrlPath(name): UrlPath<String>) -> ApiResult<Deleted> {
