@@ -388,7 +388,7 @@ mod tests {
             "busybox-1"
         );
         assert_eq!(
-            default_name(&r("ghcr.io/org/My_Tool:v1.2__rc")),
+            default_name(&r("ghcr.io/org/my_tool:V1.2__rc")),
             "my-tool-v1-2-rc"
         );
         let pinned = r(&format!("ghcr.io/org/tool@sha256:{}", "ab".repeat(32)));
