@@ -20,6 +20,7 @@ pub mod power;
 pub mod serve;
 pub mod sshkeys;
 pub mod transport;
+pub mod users;
 pub mod workdisk;
 
 use std::path::PathBuf;
