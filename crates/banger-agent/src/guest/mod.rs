@@ -17,6 +17,7 @@ pub mod hostname;
 pub mod network;
 pub mod notify;
 pub mod power;
+pub mod pty;
 pub mod serve;
 pub mod sshkeys;
 pub mod transport;
