@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
+use nix::sys::signal::{signal, SigHandler, Signal};
+
 use crate::guest::power::PowerControl;
 use crate::guest::serve::{serve_session, FrameWriter, ServeConfig, BASE_ENV, BOOT_ID_PATH};
 use crate::host::{
@@ -775,7 +777,10 @@ async fn ctrl_c_interrupts_the_foreground_command() {
     read_until(&mut exec.output, "ready").await;
     let start = Instant::now();
     exec.input.write(&[0x03]).await.unwrap();
-    let out = exec.output.collect().await.unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(10), exec.output.collect())
+        .await
+        .expect("Ctrl-C did not interrupt the command")
+        .unwrap();
     assert!(
         matches!(
             out.status,
@@ -787,6 +792,35 @@ async fn ctrl_c_interrupts_the_foreground_command() {
     assert_eq!(out.status.shell_code(), 130);
     assert!(!text(&out.stdout).contains("not reached"));
     assert!(start.elapsed() < Duration::from_secs(10));
+}
+
+/// Puts SIGINT's disposition back when dropped.
+struct RestoreSigint(SigHandler);
+
+impl Drop for RestoreSigint {
+    fn drop(&mut self) {
+        // SAFETY: reinstalls the disposition found before (a default or ignore, or whatever
+        // handler was there), as it was.
+        let _ = unsafe { signal(Signal::SIGINT, self.0) };
+    }
+}
+
+#[tokio::test]
+async fn ctrl_c_works_even_when_the_agent_itself_ignores_sigint() {
+    // As an agent started as a background job would: ignored dispositions survive exec.
+    // SAFETY: SIG_IGN installs no handler code; the guard puts the old disposition back.
+    let old = unsafe { signal(Signal::SIGINT, SigHandler::SigIgn) }.unwrap();
+    let _restore = RestoreSigint(old);
+    let guest = Guest::new();
+    let (client, _g) = guest.connect();
+    let mut exec = client.exec(tty_sh("echo ready; sleep 100")).await.unwrap();
+    read_until(&mut exec.output, "ready").await;
+    exec.input.write(&[0x03]).await.unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(10), exec.output.collect())
+        .await
+        .expect("Ctrl-C was ignored")
+        .unwrap();
+    assert_eq!(out.status.shell_code(), 130);
 }
 
 #[tokio::test]

@@ -296,23 +296,38 @@ fn login_shell(identity: Option<&Identity>, etc: &Path) -> String {
         .unwrap_or_else(|| FALLBACK_SHELL.to_string())
 }
 
-/// Arranges what the child does between fork and exec: become a session leader on its
-/// terminal (with `terminal`), then drop to `identity` (supplementary groups, group, user, in
-/// that order: each needs the privileges the next one gives up).
+/// Signals whose disposition a command gets back to the default, whatever the agent inherited:
+/// an agent started with SIGINT ignored (as a shell's background job is) would otherwise pass
+/// that on, and Ctrl-C would stop working in every session.
+const RESET_SIGNALS: [libc::c_int; 7] = [
+    libc::SIGHUP,
+    libc::SIGINT,
+    libc::SIGQUIT,
+    libc::SIGTERM,
+    libc::SIGTSTP,
+    libc::SIGTTIN,
+    libc::SIGTTOU,
+];
+
+/// Arranges what the child does between fork and exec: default signal dispositions, become a
+/// session leader on its terminal (with `terminal`), then drop to `identity` (supplementary
+/// groups, group, user, in that order: each needs the privileges the next one gives up).
 fn in_child(cmd: &mut Command, identity: Option<&Identity>, terminal: bool) {
     // Converted before the fork: the child must not allocate.
     let ids = identity.map(|who| {
         let groups: Vec<Gid> = who.groups.iter().copied().map(Gid::from_raw).collect();
         (Uid::from_raw(who.uid), Gid::from_raw(who.gid), groups)
     });
-    if ids.is_none() && !terminal {
-        return;
-    }
     // SAFETY: the closure runs in the forked child and only makes async-signal-safe system calls
-    // (setsid, ioctl, setgroups, setgid, setuid) on data prepared before the fork; it allocates
-    // nothing and takes no locks.
+    // (signal, setsid, ioctl, setgroups, setgid, setuid) on data prepared before the fork; it
+    // allocates nothing and takes no locks.
     unsafe {
         cmd.pre_exec(move || {
+            for sig in RESET_SIGNALS {
+                if libc::signal(sig, libc::SIG_DFL) == libc::SIG_ERR {
+                    return Err(io::Error::last_os_error());
+                }
+            }
             if terminal {
                 pty::become_session_leader()?;
             }
