@@ -17,7 +17,8 @@ use nix::sys::signal::{signal, SigHandler, Signal};
 use crate::guest::power::PowerControl;
 use crate::guest::serve::{serve_session, FrameWriter, ServeConfig, BASE_ENV, BOOT_ID_PATH};
 use crate::host::{
-    wait_ready, AgentClient, AgentError, Endpoint, ExecEvent, ExecOutput, ExecRequest,
+    wait_ready, AgentClient, AgentError, CollectedOutput, Endpoint, ExecEvent, ExecHandle,
+    ExecOutput, ExecRequest,
 };
 use crate::protocol::{ExitStatus, WindowSize, AGENT_VERSION};
 
@@ -766,6 +767,27 @@ async fn stty_reports_the_window_size_and_the_new_one_after_a_resize() {
     assert!(rest.status.success());
 }
 
+/// Presses Ctrl-C (byte 0x03) until the command ends, as a user would: a `sh -c` that gets
+/// SIGINT before it has started its child only acts on it once the child ends, so the first
+/// press can come too early. Returns how the command ended and what it printed.
+async fn press_ctrl_c_until_it_ends(exec: ExecHandle) -> CollectedOutput {
+    let input = exec.input.clone();
+    let presser = tokio::spawn(async move {
+        for _ in 0..20 {
+            if input.write(&[0x03]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+    let out = tokio::time::timeout(Duration::from_secs(10), exec.output.collect())
+        .await
+        .expect("Ctrl-C did not interrupt the command")
+        .unwrap();
+    presser.abort();
+    out
+}
+
 #[tokio::test]
 async fn ctrl_c_interrupts_the_foreground_command() {
     let guest = Guest::new();
@@ -776,11 +798,7 @@ async fn ctrl_c_interrupts_the_foreground_command() {
         .unwrap();
     read_until(&mut exec.output, "ready").await;
     let start = Instant::now();
-    exec.input.write(&[0x03]).await.unwrap();
-    let out = tokio::time::timeout(Duration::from_secs(10), exec.output.collect())
-        .await
-        .expect("Ctrl-C did not interrupt the command")
-        .unwrap();
+    let out = press_ctrl_c_until_it_ends(exec).await;
     assert!(
         matches!(
             out.status,
@@ -815,11 +833,7 @@ async fn ctrl_c_works_even_when_the_agent_itself_ignores_sigint() {
     let (client, _g) = guest.connect();
     let mut exec = client.exec(tty_sh("echo ready; sleep 100")).await.unwrap();
     read_until(&mut exec.output, "ready").await;
-    exec.input.write(&[0x03]).await.unwrap();
-    let out = tokio::time::timeout(Duration::from_secs(10), exec.output.collect())
-        .await
-        .expect("Ctrl-C was ignored")
-        .unwrap();
+    let out = press_ctrl_c_until_it_ends(exec).await;
     assert_eq!(out.status.shell_code(), 130);
 }
 
