@@ -215,9 +215,11 @@ pub enum VmCmd {
     /// terminal restored afterwards. Through the agent a terminal is used when stdin is one, or
     /// with -t.
     Ssh {
+        /// The VM to log into.
         #[arg(add = ArgValueCandidates::new(complete::vms))]
         name: String,
-        /// Force a terminal even when stdin is not one (like `ssh -t`).
+        /// Ask for a terminal even with a command (`ssh -t`); through the agent, even when
+        /// stdin is not a terminal.
         #[arg(short = 't', long)]
         tty: bool,
         /// Command to run instead of a login shell.
