@@ -949,6 +949,30 @@ async fn losing_the_connection_hangs_up_a_terminal_session() {
 }
 
 #[tokio::test]
+async fn losing_the_connection_closes_the_terminal_even_for_a_session_that_ignores_sighup() {
+    let guest = Guest::new();
+    let (client, guest_end) = guest.connect();
+    // Deaf to SIGHUP, but a closed terminal still ends its read loop (end-of-file).
+    let mut exec = client
+        .exec(tty_sh("trap '' HUP; echo $$; while read line; do :; done"))
+        .await
+        .unwrap();
+    let pid: i32 = text(&read_until(&mut exec.output, "\n").await)
+        .trim()
+        .parse()
+        .unwrap();
+    guest_end.shutdown(std::net::Shutdown::Both).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(8);
+    while process_alive(pid) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        !process_alive(pid),
+        "session {pid} kept its terminal after the host left"
+    );
+}
+
+#[tokio::test]
 async fn no_argv_runs_the_users_login_shell() {
     let guest = Guest::new();
     let (client, _g) = guest.connect();

@@ -79,8 +79,13 @@ pub struct ExecSpec {
 enum Control {
     /// On pipes, in its own process group.
     Pipes { pgid: Pid },
-    /// On a terminal, leading its own session.
-    Terminal { leader: Pid, master: Arc<OwnedFd> },
+    /// On a terminal, leading its own session. `exited` is the session's "stop forwarding"
+    /// flag, shared with its pump and feeder.
+    Terminal {
+        leader: Pid,
+        master: Arc<OwnedFd>,
+        exited: Arc<AtomicBool>,
+    },
 }
 
 impl Control {
@@ -140,11 +145,11 @@ impl ExecTable {
         let sig = Signal::try_from(signal).map_err(|_| format!("{signal} is not a signal"))?;
         let group = match control {
             Control::Pipes { pgid } => pgid,
-            Control::Terminal { leader, master } if sig == Signal::SIGHUP => {
+            Control::Terminal { leader, master, .. } if sig == Signal::SIGHUP => {
                 Control::hang_up(leader, &master);
                 return Ok(());
             }
-            Control::Terminal { leader, master } => {
+            Control::Terminal { leader, master, .. } => {
                 pty::foreground_group(&*master).unwrap_or(leader)
             }
         };
@@ -166,12 +171,20 @@ impl ExecTable {
     }
 
     /// Ends every command still running (the host connection is gone): commands on pipes are
-    /// killed, terminal sessions hung up.
+    /// killed, terminal sessions hung up. A terminal's pump and feeder stop too, so the master
+    /// closes and the terminal reads end-of-file in the guest, as when sshd loses its client.
     pub(crate) fn kill_all(&self) {
         for (_, r) in self.lock().drain() {
             match r.control {
                 Control::Pipes { pgid } => drop(killpg(pgid, Signal::SIGKILL)),
-                Control::Terminal { leader, master } => Control::hang_up(leader, &master),
+                Control::Terminal {
+                    leader,
+                    master,
+                    exited,
+                } => {
+                    Control::hang_up(leader, &master);
+                    exited.store(true, Ordering::Release);
+                }
             }
         }
     }
@@ -427,17 +440,18 @@ impl Launch<'_> {
 
         let leader = Pid::from_raw(child.id() as i32);
         let (stdin_tx, stdin_rx) = mpsc::sync_channel(STDIN_QUEUE);
+        let exited = Arc::new(AtomicBool::new(false));
         self.table.lock().insert(
             id,
             Running {
                 control: Control::Terminal {
                     leader,
                     master: Arc::new(pty.master),
+                    exited: exited.clone(),
                 },
                 stdin: Some(stdin_tx),
             },
         );
-        let exited = Arc::new(AtomicBool::new(false));
         {
             let (writer, exited) = (self.writer.clone(), exited.clone());
             thread::spawn(move || feed_terminal(input, stdin_rx, id, &writer, &exited));
