@@ -189,6 +189,7 @@ pub async fn run(client: &Client, name: &str, session: Session) -> Result<ExitCo
                         forward_resizes(
                             client.clone(),
                             format!("/v1/vms/{name}/exec/{id}/resize"),
+                            size,
                             size_rx.clone(),
                         );
                     }
@@ -248,18 +249,27 @@ fn upload_stdin(client: Client, path: String) {
 }
 
 /// Sends each new window size, one call at a time and only the latest, so a burst of SIGWINCH
-/// while a window is dragged ends with the size it ended at. A failed call is not worth
-/// breaking the session for (the picture is only mis-sized); it is dropped.
-fn forward_resizes(client: Client, path: String, mut sizes: watch::Receiver<Option<ExecResize>>) {
+/// while a window is dragged ends with the size it ended at. `sent` is the size the exec
+/// request carried: a change between the request and now is sent at once. A failed call is not
+/// worth breaking the session for (the picture is only mis-sized); it is dropped.
+fn forward_resizes(
+    client: Client,
+    path: String,
+    sent: Option<ExecResize>,
+    mut sizes: watch::Receiver<Option<ExecResize>>,
+) {
     tokio::spawn(async move {
-        // The size at start went with the exec request.
-        sizes.borrow_and_update();
-        while sizes.changed().await.is_ok() {
-            let Some(size) = *sizes.borrow_and_update() else {
-                continue;
-            };
-            let _: Result<serde_json::Value, _> =
-                client.call(Method::POST, &path, Some(&size)).await;
+        let mut last = sent;
+        loop {
+            let now = *sizes.borrow_and_update();
+            if let Some(size) = now.filter(|_| now != last) {
+                let _: Result<serde_json::Value, _> =
+                    client.call(Method::POST, &path, Some(&size)).await;
+                last = now;
+            }
+            if sizes.changed().await.is_err() {
+                return;
+            }
         }
     });
 }
