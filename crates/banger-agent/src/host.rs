@@ -8,6 +8,11 @@
 //! ends, every request still waiting fails with [`AgentError::ConnectionLost`], which names
 //! the VM.
 //!
+//! The agent's `ready` says what it can do; the client remembers it and refuses requests an
+//! older agent would misread (a terminal, another user) with [`AgentError::Unsupported`]
+//! instead of letting them run differently from what was asked. If no `hello` was answered on
+//! the connection yet, such a request says `hello` first.
+//!
 //! How bytes reach the guest is left open: [`AgentClient::new`] takes any async stream (the
 //! daemon may get one from its VMM layer), and [`AgentClient::connect`] opens the two host
 //! channels the agent serves — QEMU's virtio-serial Unix socket and Firecracker's vsock bridge.
@@ -31,7 +36,7 @@ use tokio::time::Instant;
 use crate::guest::serve::report;
 use crate::protocol::{
     decode, encode, is_blank, Data, ExitStatus, Frame, GuestMessage, HostMessage, LineAssembler,
-    RequestId, MAX_CHUNK, STDIN_WINDOW,
+    RequestId, WindowSize, MAX_CHUNK, STDIN_WINDOW,
 };
 
 /// How long a Firecracker vsock handshake may take.
@@ -40,6 +45,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 const HELLO_RETRY: Duration = Duration::from_secs(2);
 /// Pause between connection attempts in [`wait_ready`].
 const RECONNECT_PAUSE: Duration = Duration::from_millis(200);
+/// How long an exec that needs the agent's capabilities waits for the `hello` that tells them.
+const CAPABILITY_HELLO: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -75,6 +82,13 @@ pub enum AgentError {
     Poweroff { vm: String, reason: String },
     #[error("VM {vm}: the command no longer reads its input (it closed stdin or ended)")]
     StdinClosed { vm: String },
+    /// The agent in the guest predates a feature the request needs.
+    #[error("the agent of VM {vm} (version {agent_version}) cannot {what}")]
+    Unsupported {
+        vm: String,
+        agent_version: String,
+        what: &'static str,
+    },
 }
 
 impl AgentError {
@@ -89,6 +103,9 @@ impl AgentError {
             }
             AgentError::NoAnswer { .. } | AgentError::NotReady { .. } => Some(
                 "hint: the guest may have failed to boot or lack banger-agent; check the VM's console log",
+            ),
+            AgentError::Unsupported { .. } => Some(
+                "hint: the VM's agent is older than this banger; recreate the VM to get the current agent",
             ),
             AgentError::Guest { .. }
             | AgentError::Poweroff { .. }
@@ -126,16 +143,33 @@ pub struct Ready {
     pub agent_version: String,
     /// Changes on every guest boot.
     pub boot_id: String,
+    pub capabilities: Capabilities,
+}
+
+/// What the agent advertised it can do (all false for agents that predate the fields).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    /// It acknowledges stdin chunks, so stdin is flow-controlled.
+    pub stdin_acks: bool,
+    /// It runs commands on a terminal and resizes it.
+    pub tty: bool,
+    /// It runs commands as the image's or the request's user.
+    pub users: bool,
 }
 
 /// A command to run in the guest.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ExecRequest {
+    /// The program and its arguments; empty runs the user's login shell.
     pub argv: Vec<String>,
     /// Added to the agent's base environment (PATH, HOME=/root, LANG=C.UTF-8).
     pub env: BTreeMap<String, String>,
-    /// Defaults to `/root` in the guest.
+    /// Defaults to `/root` (or the image's working directory) in the guest.
     pub cwd: Option<String>,
+    /// Run on a terminal of this size (stdout and stderr merged) instead of pipes.
+    pub tty: Option<WindowSize>,
+    /// Run as this user (OCI syntax) instead of the image's default.
+    pub user: Option<String>,
 }
 
 impl ExecRequest {
@@ -157,6 +191,16 @@ impl ExecRequest {
 
     pub fn cwd(mut self, cwd: impl Into<String>) -> Self {
         self.cwd = Some(cwd.into());
+        self
+    }
+
+    pub fn tty(mut self, size: WindowSize) -> Self {
+        self.tty = Some(size);
+        self
+    }
+
+    pub fn user(mut self, user: impl Into<String>) -> Self {
+        self.user = Some(user.into());
         self
     }
 }
@@ -199,8 +243,8 @@ struct State {
     pending: HashMap<RequestId, Pending>,
     /// Why the connection ended, once it did.
     lost: Option<String>,
-    /// Whether the agent acknowledges stdin chunks (learnt from its `ready`).
-    stdin_acks: bool,
+    /// The agent's version and capabilities, once a `ready` told them.
+    agent: Option<(String, Capabilities)>,
     /// Per running command: permits to send stdin chunks, one per chunk, returned by its acks
     /// and closed when the command stops reading. Only with an agent that acks.
     credits: HashMap<RequestId, Arc<Semaphore>>,
@@ -385,24 +429,39 @@ impl AgentClient {
     }
 
     /// Starts a command. Errors the agent reports for it (say, a program that does not exist)
-    /// arrive through [`ExecOutput::recv`].
+    /// arrive through [`ExecOutput::recv`]. A terminal or another user needs an agent that
+    /// advertised them: [`AgentError::Unsupported`] otherwise.
     pub async fn exec(&self, req: ExecRequest) -> Result<ExecHandle, AgentError> {
+        if req.tty.is_some() {
+            self.require("open a terminal (interactive sessions)", |c| c.tty)
+                .await?;
+        }
+        if req.user.is_some() {
+            self.require("run commands as another user", |c| c.users)
+                .await?;
+        }
         let (tx, rx) = mpsc::unbounded_channel();
         let id = self.register(Pending::Exec(tx))?;
         let credit = {
             let mut st = lock(&self.inner.state);
-            st.stdin_acks.then(|| {
-                let c = Arc::new(Semaphore::new(STDIN_WINDOW));
-                st.credits.insert(id, c.clone());
-                c
-            })
+            st.agent
+                .as_ref()
+                .is_some_and(|(_, c)| c.stdin_acks)
+                .then(|| {
+                    let c = Arc::new(Semaphore::new(STDIN_WINDOW));
+                    st.credits.insert(id, c.clone());
+                    c
+                })
         };
         self.send(&HostMessage::Exec {
             id,
             argv: req.argv,
             env: req.env,
             cwd: req.cwd,
-            tty: false,
+            tty: req.tty.is_some(),
+            rows: req.tty.map(|s| s.rows),
+            cols: req.tty.map(|s| s.cols),
+            user: req.user,
         })
         .await?;
         Ok(ExecHandle {
@@ -417,6 +476,41 @@ impl AgentClient {
                 rx,
                 done: false,
             },
+        })
+    }
+
+    /// Tells a terminal command its window changed size (ignored for commands without one).
+    pub async fn resize(&self, id: RequestId, size: WindowSize) -> Result<(), AgentError> {
+        self.send(&HostMessage::Resize {
+            id,
+            rows: size.rows,
+            cols: size.cols,
+        })
+        .await
+    }
+
+    /// Fails unless the agent advertised what `has` looks for; asks `hello` first when no
+    /// `ready` was seen on this connection yet.
+    async fn require(
+        &self,
+        what: &'static str,
+        has: impl Fn(&Capabilities) -> bool,
+    ) -> Result<(), AgentError> {
+        let known = lock(&self.inner.state).agent.clone();
+        let (agent_version, caps) = match known {
+            Some(known) => known,
+            None => {
+                let ready = self.hello(CAPABILITY_HELLO).await?;
+                (ready.agent_version, ready.capabilities)
+            }
+        };
+        if has(&caps) {
+            return Ok(());
+        }
+        Err(AgentError::Unsupported {
+            vm: self.inner.vm.clone(),
+            agent_version,
+            what,
         })
     }
 
@@ -533,7 +627,8 @@ impl ExecInput {
             .await
     }
 
-    /// Sends a signal (e.g. `libc::SIGINT`) to the command's process group.
+    /// Sends a signal (e.g. `libc::SIGINT`) to the command's process group (for a terminal
+    /// command: its foreground process group; SIGHUP hangs the session up).
     pub async fn signal(&self, signal: i32) -> Result<(), AgentError> {
         self.client
             .send(&HostMessage::Signal {
@@ -541,6 +636,11 @@ impl ExecInput {
                 signal,
             })
             .await
+    }
+
+    /// Gives a terminal command a new window size (the guest sends it SIGWINCH).
+    pub async fn resize(&self, size: WindowSize) -> Result<(), AgentError> {
+        self.client.resize(self.id, size).await
     }
 }
 
@@ -707,7 +807,22 @@ fn dispatch(state: &Mutex<State>, vm: &str, msg: GuestMessage) {
                 credit.close();
             }
         }
-        GuestMessage::Ready { stdin_acks, .. } => st.stdin_acks = *stdin_acks,
+        GuestMessage::Ready {
+            agent_version,
+            stdin_acks,
+            tty,
+            users,
+            ..
+        } => {
+            st.agent = Some((
+                agent_version.clone(),
+                Capabilities {
+                    stdin_acks: *stdin_acks,
+                    tty: *tty,
+                    users: *users,
+                },
+            ))
+        }
         _ => {}
     }
     let Some(pending) = st.pending.remove(&id) else {
@@ -720,12 +835,20 @@ fn dispatch(state: &Mutex<State>, vm: &str, msg: GuestMessage) {
                 hostname,
                 agent_version,
                 boot_id,
+                stdin_acks,
+                tty,
+                users,
                 ..
             },
         ) => drop(tx.send(Ok(Ready {
             hostname,
             agent_version,
             boot_id,
+            capabilities: Capabilities {
+                stdin_acks,
+                tty,
+                users,
+            },
         }))),
         (Pending::Exec(tx), GuestMessage::Stdout { data, .. }) => {
             // A dropped ExecOutput means nobody wants the rest; forget the request then.

@@ -12,15 +12,26 @@
 //! - `hello` → `ready` (the host's readiness probe; a virtio-serial guest cannot tell whether a
 //!   host is connected, so readiness is a `ready` reply and nothing else);
 //! - `exec` → any number of `stdout`/`stderr` → one `exit`; meanwhile the host may send
-//!   `stdin`, `stdin_close` and `signal` for that id;
+//!   `stdin`, `stdin_close` and `signal` for that id, and `resize` when it asked for a terminal;
 //! - `poweroff` → `exit` (code 0 once the shutdown was started), after which the link drops.
 //!
 //! An `error` ends the request it names: it answers a request the agent could not carry out
 //! (e.g. a program that does not exist). Frames for ids a side does not know are ignored, since
 //! a virtio-serial port can deliver leftovers from an earlier host connection.
 //!
+//! An `exec` with `tty` runs its command on a pseudo-terminal of `rows` x `cols`: the terminal
+//! merges the command's stdout and stderr into `stdout` frames, `stdin` is what the user types
+//! (byte 0x03 is Ctrl-C, 0x04 Ctrl-D: the terminal turns them into SIGINT and end-of-file),
+//! `resize` changes the window size (the command gets SIGWINCH), `signal` goes to the
+//! terminal's foreground process group, SIGHUP hangs up the whole session, and `stdin_close`
+//! only stops the forwarding (a terminal has no end-of-file of its own). `user` runs the command
+//! as another user (OCI syntax: `name`, `uid`, `name:group`, `uid:gid`, ...) resolved against
+//! the guest's `/etc/passwd` and `/etc/group`. An empty `argv` runs the user's login shell.
+//!
 //! Unknown fields are ignored so that a newer host can talk to an older agent and back; an
-//! unknown `op` with an id is answered with an `error`.
+//! unknown `op` with an id is answered with an `error`. Because an old agent would ignore `tty`
+//! and `user` rather than refuse them, `ready` advertises what the agent can do (`stdin_acks`,
+//! `tty`, `users`) and the host refuses requests the agent would misread.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -85,6 +96,34 @@ pub const STDIN_WINDOW: usize = 32;
 /// The largest payload one `stdin`/`stdout`/`stderr` frame carries.
 pub const MAX_CHUNK: usize = 32 * 1024;
 
+/// The size of a terminal window, in character cells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WindowSize {
+    pub rows: u16,
+    pub cols: u16,
+}
+
+impl WindowSize {
+    /// What a terminal of unknown size is given: the classic 80x24.
+    pub const DEFAULT: WindowSize = WindowSize { rows: 24, cols: 80 };
+
+    /// `rows` x `cols` where both are known and non-zero, else [`WindowSize::DEFAULT`] for the
+    /// missing half (a zero size would make full-screen programs draw nothing).
+    pub fn or_default(rows: Option<u16>, cols: Option<u16>) -> Self {
+        let pick = |v: Option<u16>, d: u16| v.filter(|v| *v > 0).unwrap_or(d);
+        WindowSize {
+            rows: pick(rows, Self::DEFAULT.rows),
+            cols: pick(cols, Self::DEFAULT.cols),
+        }
+    }
+}
+
+impl fmt::Display for WindowSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}x{}", self.cols, self.rows)
+    }
+}
+
 /// Identifies one request and every frame that belongs to it. Chosen by the host, unique per
 /// connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -136,7 +175,10 @@ pub enum HostMessage {
     /// Are you there? Answered by [`GuestMessage::Ready`].
     Hello { id: RequestId },
     /// Run a command. `env` adds to (and overrides) the agent's base environment; `cwd`
-    /// defaults to `/root`. `tty` must be false: interactive sessions go through ssh.
+    /// defaults to the agent's default (`/root`, or the image's working directory). An empty
+    /// `argv` runs the user's login shell. With `tty`, the command gets a terminal of `rows` x
+    /// `cols` (80x24 where missing); only agents that advertise `tty` in `ready` understand it.
+    /// `user` overrides the image's default user; only agents that advertise `users` honour it.
     Exec {
         id: RequestId,
         argv: Vec<String>,
@@ -146,13 +188,22 @@ pub enum HostMessage {
         cwd: Option<String>,
         #[serde(default)]
         tty: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rows: Option<u16>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cols: Option<u16>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        user: Option<String>,
     },
     /// Bytes for the command's standard input.
     Stdin { id: RequestId, data: Data },
     /// End of the command's standard input.
     StdinClose { id: RequestId },
-    /// Send a signal (by number) to the command's process group.
+    /// Send a signal (by number) to the command's process group (with a terminal: to its
+    /// foreground process group; SIGHUP hangs up the whole session).
     Signal { id: RequestId, signal: i32 },
+    /// The terminal window of a `tty` command changed size. Ignored for commands without one.
+    Resize { id: RequestId, rows: u16, cols: u16 },
     /// Shut the guest down.
     Poweroff { id: RequestId },
 }
@@ -165,6 +216,7 @@ impl HostMessage {
             | HostMessage::Stdin { id, .. }
             | HostMessage::StdinClose { id }
             | HostMessage::Signal { id, .. }
+            | HostMessage::Resize { id, .. }
             | HostMessage::Poweroff { id } => *id,
         }
     }
@@ -186,6 +238,14 @@ pub enum GuestMessage {
         /// at most [`STDIN_WINDOW`] unacknowledged. Agents that predate it omit the field.
         #[serde(default)]
         stdin_acks: bool,
+        /// The agent runs `exec` with `tty` on a pseudo-terminal and understands `resize`.
+        /// Older agents omit it (and refuse or misread a `tty` exec).
+        #[serde(default)]
+        tty: bool,
+        /// The agent runs commands as the image's user or the request's `user`. Older agents
+        /// omit it (and would run the command as root).
+        #[serde(default)]
+        users: bool,
     },
     /// One stdin chunk of the command was written to it (or dropped, with `closed`, because the
     /// command closed its stdin; later chunks are dropped too).
@@ -344,6 +404,9 @@ mod tests {
             env: BTreeMap::from([("A".to_string(), "1".to_string())]),
             cwd: Some("/tmp".into()),
             tty: false,
+            rows: None,
+            cols: None,
+            user: None,
         };
         assert_eq!(
             wire(&msg),
@@ -352,6 +415,46 @@ mod tests {
         );
         let back: HostMessage = decode(&encode(&msg)).unwrap();
         assert_eq!(back, msg);
+    }
+
+    #[test]
+    fn a_terminal_exec_carries_its_window_size_and_user() {
+        let msg = HostMessage::Exec {
+            id: RequestId(8),
+            argv: vec![],
+            env: BTreeMap::new(),
+            cwd: None,
+            tty: true,
+            rows: Some(40),
+            cols: Some(132),
+            user: Some("app:staff".into()),
+        };
+        assert_eq!(
+            wire(&msg),
+            json!({"op": "exec", "id": 8, "argv": [], "env": {}, "tty": true,
+                   "rows": 40, "cols": 132, "user": "app:staff"})
+        );
+        assert_eq!(decode::<HostMessage>(&encode(&msg)).unwrap(), msg);
+    }
+
+    #[test]
+    fn window_sizes_default_to_80x24_where_unknown_or_zero() {
+        assert_eq!(
+            WindowSize::or_default(Some(50), Some(0)),
+            WindowSize { rows: 50, cols: 80 }
+        );
+        assert_eq!(WindowSize::or_default(None, None), WindowSize::DEFAULT);
+        assert_eq!(WindowSize::DEFAULT.to_string(), "80x24");
+    }
+
+    #[test]
+    fn a_window_size_out_of_range_is_a_malformed_frame() {
+        let err =
+            decode::<HostMessage>(br#"{"op":"resize","id":3,"rows":70000,"cols":80}"#).unwrap_err();
+        assert_eq!(err.id, Some(RequestId(3)));
+        let err =
+            decode::<HostMessage>(br#"{"op":"resize","id":4,"rows":-1,"cols":80}"#).unwrap_err();
+        assert_eq!(err.id, Some(RequestId(4)));
     }
 
     #[test]
@@ -364,7 +467,10 @@ mod tests {
                 argv: vec!["true".into()],
                 env: BTreeMap::new(),
                 cwd: None,
-                tty: false
+                tty: false,
+                rows: None,
+                cols: None,
+                user: None,
             }
         );
     }
@@ -396,8 +502,20 @@ mod tests {
                 signal: 15,
             },
             HostMessage::Poweroff { id: RequestId(5) },
+            HostMessage::Resize {
+                id: RequestId(6),
+                rows: 50,
+                cols: 200,
+            },
         ];
-        let ops = ["hello", "stdin", "stdin_close", "signal", "poweroff"];
+        let ops = [
+            "hello",
+            "stdin",
+            "stdin_close",
+            "signal",
+            "poweroff",
+            "resize",
+        ];
         for (msg, op) in all.iter().zip(ops) {
             assert_eq!(wire(msg)["op"], op);
             assert_eq!(&decode::<HostMessage>(&encode(msg)).unwrap(), msg);
@@ -413,6 +531,8 @@ mod tests {
                 agent_version: "0.1.0".into(),
                 boot_id: "b0".into(),
                 stdin_acks: true,
+                tty: true,
+                users: true,
             },
             GuestMessage::StdinAck {
                 id: RequestId(5),
@@ -442,7 +562,7 @@ mod tests {
     }
 
     #[test]
-    fn a_ready_from_an_agent_without_acks_reads_as_no_acks() {
+    fn a_ready_from_an_old_agent_reads_as_no_acks_no_tty_and_no_users() {
         let msg: GuestMessage = decode(
             br#"{"op":"ready","id":1,"hostname":"h","agent_version":"0.1.0","boot_id":"b"}"#,
         )
@@ -451,6 +571,8 @@ mod tests {
             msg,
             GuestMessage::Ready {
                 stdin_acks: false,
+                tty: false,
+                users: false,
                 ..
             }
         ));

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 pub mod vm;
 
 /// Bumped on any incompatible change to a request, response or event.
-pub const API_VERSION: u32 = 2;
+pub const API_VERSION: u32 = 3;
 
 /// Header carrying the caller's [`API_VERSION`].
 pub const API_VERSION_HEADER: &str = "x-banger-api-version";

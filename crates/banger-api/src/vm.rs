@@ -104,6 +104,10 @@ pub struct VmInfo {
     /// Why the VM is `failed`, when it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// The guest runs sshd. When false, `vm ssh` and interactive sessions go through the agent
+    /// (a terminal over `exec` with `tty`). Daemons that predate the field only ran such guests.
+    #[serde(default = "yes")]
+    pub ssh: bool,
 }
 
 /// `POST /v1/vms/{name}/stop`
@@ -125,8 +129,16 @@ pub struct DeleteVmQuery {
 ///
 /// The stream starts with [`ExecEvent::Started`], naming a session. With `stdin` set, the command's
 /// stdin stays open until the caller streams it with `POST /v1/vms/{name}/exec/{session}/stdin`
-/// (raw body; its end closes stdin); otherwise it is closed at once. `POST
-/// /v1/vms/{name}/exec/{session}/signal` with [`ExecSignal`] signals the command's process group.
+/// (raw body, forwarded as it arrives; its end closes stdin); otherwise it is closed at once.
+/// `POST /v1/vms/{name}/exec/{session}/signal` with [`ExecSignal`] signals the command's process
+/// group.
+///
+/// With `tty` the command runs on a terminal of `rows` x `cols` (80x24 where missing): its
+/// stdout and stderr arrive merged as `stdout` events, stdin is what the user types (Ctrl-C and
+/// Ctrl-D are bytes 0x03 and 0x04; the terminal acts on them), signals go to the terminal's
+/// foreground process group, and `POST /v1/vms/{name}/exec/{session}/resize` with
+/// [`ExecResize`] changes the window size. An empty `argv` runs the user's login shell.
+/// `user` (OCI syntax: `name`, `uid`, `name:group`, `uid:gid`) overrides the image's user.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExecRequest {
     pub argv: Vec<String>,
@@ -136,6 +148,14 @@ pub struct ExecRequest {
     pub env: Vec<(String, String)>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub stdin: bool,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tty: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rows: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cols: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 /// `POST /v1/vms/{name}/exec/{session}/signal`.
@@ -143,6 +163,14 @@ pub struct ExecRequest {
 pub struct ExecSignal {
     /// A signal number, e.g. 2 for SIGINT.
     pub signal: i32,
+}
+
+/// `POST /v1/vms/{name}/exec/{session}/resize`: the caller's terminal changed size (only for
+/// sessions started with `tty`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecResize {
+    pub rows: u16,
+    pub cols: u16,
 }
 
 /// Events of an exec stream (carried as `Event::Log` lines would lose bytes, so exec has its own).
@@ -179,4 +207,90 @@ pub struct SshTarget {
     pub identity_file: String,
     pub known_hosts: String,
     pub host_key_alias: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_plain_exec_request_keeps_its_old_shape() {
+        let req = ExecRequest {
+            argv: vec!["true".into()],
+            cwd: None,
+            env: vec![],
+            stdin: false,
+            tty: false,
+            rows: None,
+            cols: None,
+            user: None,
+        };
+        assert_eq!(
+            serde_json::to_value(&req).unwrap(),
+            json!({"argv": ["true"], "env": []})
+        );
+        let old: ExecRequest = serde_json::from_value(json!({"argv": ["true"]})).unwrap();
+        assert_eq!(old, req);
+    }
+
+    #[test]
+    fn a_terminal_exec_request_round_trips() {
+        let req = ExecRequest {
+            argv: vec![],
+            cwd: Some("/srv".into()),
+            env: vec![("TERM".into(), "screen".into())],
+            stdin: true,
+            tty: true,
+            rows: Some(40),
+            cols: Some(132),
+            user: Some("app:staff".into()),
+        };
+        let wire = serde_json::to_value(&req).unwrap();
+        assert_eq!(
+            wire,
+            json!({"argv": [], "cwd": "/srv", "env": [["TERM", "screen"]], "stdin": true,
+                   "tty": true, "rows": 40, "cols": 132, "user": "app:staff"})
+        );
+        assert_eq!(serde_json::from_value::<ExecRequest>(wire).unwrap(), req);
+    }
+
+    #[test]
+    fn resize_is_rows_and_cols_and_refuses_what_a_terminal_cannot_be() {
+        let r: ExecResize = serde_json::from_value(json!({"rows": 50, "cols": 200})).unwrap();
+        assert_eq!(
+            r,
+            ExecResize {
+                rows: 50,
+                cols: 200
+            }
+        );
+        assert_eq!(
+            serde_json::to_value(r).unwrap(),
+            json!({"rows": 50, "cols": 200})
+        );
+        assert!(serde_json::from_value::<ExecResize>(json!({"rows": 70000, "cols": 1})).is_err());
+        assert!(serde_json::from_value::<ExecResize>(json!({"rows": -1, "cols": 1})).is_err());
+        assert!(serde_json::from_value::<ExecResize>(json!({"rows": 1})).is_err());
+    }
+
+    fn info_json() -> serde_json::Value {
+        json!({
+            "name": "dev", "state": "running", "image": "alpine", "kernel": "k",
+            "spec": {"vcpu": 1, "memory_mib": 512, "disk_bytes": 1024},
+            "ip": "10.0.0.2", "mac": "02:00:00:00:00:02", "tap": "tap0",
+            "created_at": "2024-01-01T00:00:00Z", "console_log": "/c", "dir": "/d"
+        })
+    }
+
+    #[test]
+    fn vm_info_from_an_older_daemon_means_the_guest_runs_sshd() {
+        let info: VmInfo = serde_json::from_value(info_json()).unwrap();
+        assert!(info.ssh);
+        let mut without = info_json();
+        without["ssh"] = json!(false);
+        let info: VmInfo = serde_json::from_value(without).unwrap();
+        assert!(!info.ssh);
+        assert_eq!(serde_json::to_value(&info).unwrap()["ssh"], json!(false));
+    }
 }

@@ -1,14 +1,13 @@
-//! `banger vm ...`: the VM lifecycle commands. Sessions (`vm ssh`) hand the terminal to OpenSSH
-//! by replacing this process, so ssh owns the TTY and its exit status is ours; `vm exec` goes
-//! through the guest agent and exits with the command's status.
+//! `banger vm ...`: the VM lifecycle commands. Sessions (`vm ssh`) on guests with sshd hand the
+//! terminal to OpenSSH by replacing this process, so ssh owns the TTY and its exit status is
+//! ours; on guests without sshd, and for `vm exec`, they go through the guest agent
+//! ([`crate::session`]) and exit with the command's status.
 
 use std::io::Write;
 use std::os::unix::process::CommandExt;
 use std::process::ExitCode;
 
-use banger_api::vm::{
-    CreateVmRequest, ExecEvent, ExecRequest, ExecSignal, SshTarget, StopVmRequest, VmInfo,
-};
+use banger_api::vm::{CreateVmRequest, SshTarget, StopVmRequest, VmInfo};
 use banger_api::Deleted;
 use http_body_util::BodyExt;
 use hyper::Method;
@@ -16,6 +15,7 @@ use hyper::Method;
 use crate::client::Client;
 use crate::exit::{CliError, Exit};
 use crate::render::{human_duration, table, Renderer};
+use crate::session::Session;
 use crate::spec;
 use crate::{Ctx, VmCmd};
 
@@ -106,21 +106,26 @@ pub async fn vm(ctx: &Ctx, cmd: VmCmd) -> Result<ExitCode, CliError> {
                 print_vm(&vm);
             }
         }
-        VmCmd::Ssh { name, command } => {
-            let target: SshTarget = client
-                .call(Method::GET, &format!("/v1/vms/{name}/ssh"), None::<&()>)
-                .await?;
-            let err = ssh_command(&target, &command).exec();
-            return Err(
-                CliError::new(Exit::Failure, format!("cannot run ssh: {err}"))
-                    .hint("install OpenSSH's client: apt-get install openssh-client"),
-            );
-        }
+        VmCmd::Ssh { name, tty, command } => return ssh(&client, &name, tty, command).await,
         VmCmd::Exec {
             name,
             no_stdin,
+            tty,
+            user,
             command,
-        } => return exec(&client, &name, command, no_stdin).await,
+        } => {
+            use std::io::IsTerminal;
+            // A terminal session always takes what is typed; otherwise stdin is passed on when
+            // it is a pipe or a file.
+            let stdin = tty || (!no_stdin && !std::io::stdin().is_terminal());
+            let s = Session {
+                argv: command,
+                stdin,
+                tty,
+                user,
+            };
+            return crate::session::run(&client, &name, s).await;
+        }
         VmCmd::Logs { name, follow } => {
             let resp = client
                 .get_stream(&format!("/v1/vms/{name}/logs?follow={follow}"))
@@ -214,9 +219,49 @@ fn print_vm(v: &VmInfo) {
     println!("console log: {}", v.console_log);
 }
 
+/// `vm ssh`: OpenSSH where the guest runs sshd (replacing this process), else a session through
+/// the agent: a terminal when stdin is one or with `-t`, a login shell when no command is given.
+async fn ssh(
+    client: &Client,
+    name: &str,
+    tty: bool,
+    command: Vec<String>,
+) -> Result<ExitCode, CliError> {
+    use std::io::IsTerminal;
+    let vm: VmInfo = client
+        .call(Method::GET, &format!("/v1/vms/{name}"), None::<&()>)
+        .await?;
+    if !vm.ssh {
+        let s = Session {
+            argv: command,
+            stdin: true,
+            tty: tty || std::io::stdin().is_terminal(),
+            user: None,
+        };
+        return crate::session::run(client, name, s).await;
+    }
+    let target: SshTarget = client
+        .call(Method::GET, &format!("/v1/vms/{name}/ssh"), None::<&()>)
+        .await?;
+    let err = ssh_session_command(&target, &command, tty).exec();
+    Err(
+        CliError::new(Exit::Failure, format!("cannot run ssh: {err}"))
+            .hint("install OpenSSH's client: apt-get install openssh-client"),
+    )
+}
+
 /// The OpenSSH invocation for a session: banger's key, the pinned host key, no TOFU, and none
 /// of the user's own ssh config (which could redirect or weaken it).
 pub fn ssh_command(t: &SshTarget, command: &[String]) -> std::process::Command {
+    ssh_session_command(t, command, false)
+}
+
+/// [`ssh_command`], with `force_tty` asking for a terminal even for a command (`ssh -t`).
+pub fn ssh_session_command(
+    t: &SshTarget,
+    command: &[String],
+    force_tty: bool,
+) -> std::process::Command {
     let mut c = std::process::Command::new("ssh");
     c.args(["-F", "none", "-i", &t.identity_file])
         .args(["-o", "IdentitiesOnly=yes"])
@@ -224,132 +269,15 @@ pub fn ssh_command(t: &SshTarget, command: &[String]) -> std::process::Command {
         .args(["-o", "GlobalKnownHostsFile=none"])
         .args(["-o", "StrictHostKeyChecking=yes"])
         .args(["-o", &format!("HostKeyAlias={}", t.host_key_alias)])
-        .args(["-o", "LogLevel=ERROR"])
-        .arg(format!("{}@{}", t.user, t.ip));
+        .args(["-o", "LogLevel=ERROR"]);
+    if force_tty {
+        c.arg("-t");
+    }
+    c.arg(format!("{}@{}", t.user, t.ip));
     if !command.is_empty() {
         c.arg("--").args(command);
     }
     c
-}
-
-/// `vm exec`: streams the command's output; stdin is forwarded when it is a pipe or a file and
-/// `--no-stdin` is not given (from a terminal, `vm ssh` is the interactive way); Ctrl-C is passed on to the command as SIGINT, a
-/// second Ctrl-C gives up waiting.
-async fn exec(
-    client: &Client,
-    name: &str,
-    command: Vec<String>,
-    no_stdin: bool,
-) -> Result<ExitCode, CliError> {
-    use base64::Engine;
-    use std::io::IsTerminal;
-    let b64 = base64::engine::general_purpose::STANDARD;
-    let forward_stdin = !no_stdin && !std::io::stdin().is_terminal();
-    let req = ExecRequest {
-        argv: command,
-        cwd: None,
-        env: Vec::new(),
-        stdin: forward_stdin,
-    };
-    let mut interrupt =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-            .map_err(|e| CliError::new(Exit::Failure, format!("cannot handle Ctrl-C: {e}")))?;
-    let mut body = client
-        .post_stream(&format!("/v1/vms/{name}/exec"), &req)
-        .await?;
-    let mut buf = Vec::new();
-    let mut session: Option<String> = None;
-    let mut interrupts = 0;
-    let (mut stdout, mut stderr) = (std::io::stdout(), std::io::stderr());
-    loop {
-        let frame = tokio::select! {
-            frame = body.frame() => frame,
-            _ = interrupt.recv() => {
-                interrupts += 1;
-                match (&session, interrupts) {
-                    (Some(id), 1) => {
-                        // Off this loop, so output keeps flowing and a second Ctrl-C is seen
-                        // even if the daemon is slow to answer.
-                        let path = format!("/v1/vms/{name}/exec/{id}/signal");
-                        let c = client.clone();
-                        tokio::spawn(async move {
-                            let sig = ExecSignal { signal: libc::SIGINT };
-                            let _: Result<serde_json::Value, _> =
-                                c.call(Method::POST, &path, Some(&sig)).await;
-                        });
-                    }
-                    _ => return Ok(ExitCode::from(130)),
-                }
-                continue;
-            }
-        };
-        let Some(frame) = frame else { break };
-        let frame = frame.map_err(|e| {
-            CliError::new(Exit::DaemonUnreachable, format!("exec stream broke: {e}"))
-        })?;
-        let Some(data) = frame.data_ref() else {
-            continue;
-        };
-        buf.extend_from_slice(data);
-        while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = buf.drain(..=pos).collect();
-            let ev: ExecEvent = serde_json::from_slice(&line)
-                .map_err(|e| CliError::new(Exit::Failure, format!("bad exec event: {e}")))?;
-            match ev {
-                ExecEvent::Started { session: id } => {
-                    if forward_stdin {
-                        upload_stdin(client.clone(), format!("/v1/vms/{name}/exec/{id}/stdin"));
-                    }
-                    session = Some(id);
-                }
-                ExecEvent::Stdout { data } => {
-                    let _ = stdout.write_all(&b64.decode(data).unwrap_or_default());
-                    let _ = stdout.flush();
-                }
-                ExecEvent::Stderr { data } => {
-                    let _ = stderr.write_all(&b64.decode(data).unwrap_or_default());
-                }
-                ExecEvent::Exit { code } => {
-                    return Ok(ExitCode::from(
-                        u8::try_from(code.clamp(0, 255)).unwrap_or(255),
-                    ))
-                }
-                ExecEvent::Failed { error } => return Err(CliError::from_api(error)),
-            }
-        }
-    }
-    Err(CliError::new(
-        Exit::DaemonUnreachable,
-        "bangerd closed the exec stream before the command ended",
-    ))
-}
-
-/// Copies this process's stdin to the command, in the background, until EOF. A blocking thread
-/// reads (stdin may be a file, a pipe or a socket); the upload streams what it reads as it comes.
-/// Failures are left to the exec stream to report: if the command ended, stdin no longer matters.
-fn upload_stdin(client: Client, path: String) {
-    use std::io::Read;
-    let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
-    std::thread::spawn(move || {
-        let mut stdin = std::io::stdin().lock();
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            match stdin.read(&mut buf) {
-                Ok(0) | Err(_) => return,
-                Ok(n) => {
-                    if tx
-                        .blocking_send(bytes::Bytes::copy_from_slice(&buf[..n]))
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
-            }
-        }
-    });
-    tokio::spawn(async move {
-        let _: Result<serde_json::Value, _> = client.post_chunks(&path, rx).await;
-    });
 }
 
 /// `vm run` is dispatched before connecting (it validates config and workspace first).

@@ -18,6 +18,7 @@ mod complete;
 mod doctor;
 mod exit;
 mod render;
+mod session;
 mod spec;
 mod workspace;
 
@@ -217,10 +218,20 @@ pub enum VmCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Open an ssh session into a VM, or run a command there over ssh.
+    /// Open a login shell in a VM, or run a command there; exits with its status.
+    ///
+    /// Guests that run sshd are reached with OpenSSH; the others (images without sshd) through
+    /// the guest agent, with a real terminal: window size and resizes, Ctrl-C, Ctrl-D, and your
+    /// terminal restored afterwards. Through the agent a terminal is used when stdin is one, or
+    /// with -t.
     Ssh {
+        /// The VM to log into.
         #[arg(add = ArgValueCandidates::new(complete::vms))]
         name: String,
+        /// Ask for a terminal even with a command (`ssh -t`); through the agent, even when
+        /// stdin is not a terminal.
+        #[arg(short = 't', long)]
+        tty: bool,
         /// Command to run instead of a login shell.
         #[arg(last = true)]
         command: Vec<String>,
@@ -228,16 +239,23 @@ pub enum VmCmd {
     /// Run a command in a VM through the guest agent (no sshd needed); exits with its status.
     ///
     /// Stdin is passed on when it is a pipe or a file (from a terminal the command gets an empty
-    /// stdin; use `vm ssh` for interactive work). Ctrl-C sends SIGINT to the command; a second
-    /// Ctrl-C stops waiting.
+    /// stdin unless -t is given). Ctrl-C sends SIGINT to the command; a second Ctrl-C stops
+    /// waiting. With -t the command runs on a terminal in the guest (stdout and stderr merged,
+    /// your terminal in raw mode while it runs, so Ctrl-C and Ctrl-D go to it as keys).
     Exec {
         /// The VM to run it in.
         #[arg(add = ArgValueCandidates::new(complete::vms))]
         name: String,
         /// Give the command an empty stdin even when banger's is a pipe or a file (as in a
         /// `while read` loop over a file).
-        #[arg(short = 'n', long)]
+        #[arg(short = 'n', long, conflicts_with = "tty")]
         no_stdin: bool,
+        /// Run the command on a terminal, for interactive programs (like `ssh -t`).
+        #[arg(short = 't', long)]
+        tty: bool,
+        /// Run as this user instead of the image's (`name`, `uid`, `name:group`, `uid:gid`).
+        #[arg(short = 'u', long)]
+        user: Option<String>,
         /// The program and its arguments, after `--`.
         #[arg(last = true, required = true)]
         command: Vec<String>,

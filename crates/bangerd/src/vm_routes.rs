@@ -9,8 +9,8 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use banger_api::vm::{
-    CreateVmRequest, DeleteVmQuery, ExecEvent, ExecRequest, ExecSignal, SshTarget, StopVmRequest,
-    VmInfo, VmState,
+    CreateVmRequest, DeleteVmQuery, ExecEvent, ExecRequest, ExecResize, ExecSignal, SshTarget,
+    StopVmRequest, VmInfo, VmState,
 };
 use banger_api::Deleted;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
@@ -88,6 +88,16 @@ pub async fn exec_signal(
 ) -> ApiResult<serde_json::Value> {
     s.vms.exec_signal(&name, &session, req.signal).await?;
     Ok(Json(serde_json::json!({ "signal": req.signal })))
+}
+
+/// `POST /v1/vms/{name}/exec/{session}/resize`
+pub async fn exec_resize(
+    State(s): Shared,
+    UrlPath((name, session)): UrlPath<(String, String)>,
+    Json(req): Json<ExecResize>,
+) -> ApiResult<ExecResize> {
+    s.vms.exec_resize(&name, &session, req).await?;
+    Ok(Json(req))
 }
 
 #[derive(serde::Deserialize)]
@@ -177,4 +187,57 @@ pub async fn logs(
         Body::from_stream(body),
     )
         .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use banger_agent::protocol::WindowSize;
+    use banger_api::vm::ExecRequest;
+    use banger_api::ErrorCode;
+
+    use crate::vms::agent_request;
+
+    fn req(argv: &[&str]) -> ExecRequest {
+        ExecRequest {
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            cwd: None,
+            env: vec![("A".into(), "1".into())],
+            stdin: false,
+            tty: false,
+            rows: None,
+            cols: None,
+            user: None,
+        }
+    }
+
+    #[test]
+    fn a_terminal_request_carries_its_size_user_and_env_to_the_agent() {
+        let mut r = req(&[]);
+        r.tty = true;
+        r.rows = Some(40);
+        r.user = Some("app".into());
+        let agent = agent_request(&r).unwrap();
+        assert_eq!(agent.tty, Some(WindowSize { rows: 40, cols: 80 }));
+        assert_eq!(agent.user.as_deref(), Some("app"));
+        assert_eq!(agent.env.get("A").map(String::as_str), Some("1"));
+        assert!(agent.argv.is_empty());
+    }
+
+    #[test]
+    fn a_plain_request_has_no_terminal_and_no_user() {
+        let agent = agent_request(&req(&["true"])).unwrap();
+        assert_eq!((agent.tty, agent.user), (None, None));
+    }
+
+    #[test]
+    fn nonsense_requests_are_bad_requests() {
+        let err = agent_request(&req(&[])).unwrap_err();
+        assert_eq!(err.code, ErrorCode::BadRequest);
+        assert_eq!(err.message, "no command given");
+        let mut sized = req(&["true"]);
+        sized.cols = Some(100);
+        let err = agent_request(&sized).unwrap_err();
+        assert_eq!(err.code, ErrorCode::BadRequest);
+        assert!(err.message.contains("need tty"), "{}", err.message);
+    }
 }

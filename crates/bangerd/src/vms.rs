@@ -19,7 +19,10 @@ use anyhow::Context;
 use banger_agent::host::{
     AgentClient, Endpoint, ExecEvent as AgentEvent, ExecInput, ExecRequest as AgentExec,
 };
-use banger_api::vm::{CreateVmRequest, ExecEvent, ExecRequest, SshTarget, VmInfo, VmState};
+use banger_agent::protocol::WindowSize;
+use banger_api::vm::{
+    CreateVmRequest, ExecEvent, ExecRequest, ExecResize, SshTarget, VmInfo, VmState,
+};
 use banger_api::{validate_name, ApiError, Deleted, ErrorCode};
 use banger_config::{Config, Paths};
 use banger_image::Progress;
@@ -91,6 +94,41 @@ impl<V> Drop for Registered<V> {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&self.key);
     }
+}
+
+/// The agent request for an API exec request, checked: a command unless a terminal or stdin
+/// can feed a login shell, and a window size only with a terminal.
+pub(crate) fn agent_request(req: &ExecRequest) -> Result<AgentExec, ApiError> {
+    if req.argv.is_empty() && !req.tty && !req.stdin {
+        return Err(api(ErrorCode::BadRequest, "no command given")
+            .with_hint("banger vm exec NAME -- CMD [ARGS...]"));
+    }
+    if !req.tty && (req.rows.is_some() || req.cols.is_some()) {
+        return Err(api(
+            ErrorCode::BadRequest,
+            "rows and cols are the size of a terminal; they need tty",
+        ));
+    }
+    if req.user.as_deref().is_some_and(|u| u.contains('\0')) {
+        return Err(api(
+            ErrorCode::BadRequest,
+            "the user name contains a NUL byte",
+        ));
+    }
+    let mut r = AgentExec::new(req.argv.clone());
+    if let Some(cwd) = &req.cwd {
+        r = r.cwd(cwd.clone());
+    }
+    for (k, v) in &req.env {
+        r = r.env(k.clone(), v.clone());
+    }
+    if req.tty {
+        r = r.tty(WindowSize::or_default(req.rows, req.cols));
+    }
+    if let Some(user) = &req.user {
+        r = r.user(user.clone());
+    }
+    Ok(r)
 }
 
 fn api(code: ErrorCode, msg: impl Into<String>) -> ApiError {
@@ -207,6 +245,8 @@ impl Vms {
                 .to_string(),
             dir: self.vm_dir(&row.name).display().to_string(),
             last_error: row.last_error.clone(),
+            // Every image banger boots today runs sshd.
+            ssh: true,
         }
     }
 
@@ -874,23 +914,24 @@ impl Vms {
         out: tokio::sync::mpsc::UnboundedSender<ExecEvent>,
     ) -> Result<(), ApiError> {
         use base64::Engine;
-        if req.argv.is_empty() {
-            return Err(api(ErrorCode::BadRequest, "no command given")
-                .with_hint("banger vm exec NAME -- CMD [ARGS...]"));
-        }
+        let r = agent_request(&req)?;
         let client = self.agent(name).await?;
-        let mut r = AgentExec::new(req.argv.clone());
-        if let Some(cwd) = &req.cwd {
-            r = r.cwd(cwd.clone());
-        }
-        for (k, v) in &req.env {
-            r = r.env(k.clone(), v.clone());
-        }
         let lost = |e: banger_agent::host::AgentError| {
             self.forget_agent(name);
             api(ErrorCode::VmmFailed, format!("exec in VM {name}: {e}"))
         };
-        let mut handle = client.exec(r).await.map_err(lost)?;
+        let mut handle = client.exec(r).await.map_err(|e| match e {
+            // The connection is fine; the guest's agent is too old for this request.
+            banger_agent::host::AgentError::Unsupported { .. } => {
+                let hint = e.hint().map(|h| h.trim_start_matches("hint: ").to_string());
+                let err = api(ErrorCode::InvalidState, e.to_string());
+                match hint {
+                    Some(h) => err.with_hint(h),
+                    None => err,
+                }
+            }
+            e => lost(e),
+        })?;
         let session = hex::encode(rand::random::<[u8; 12]>());
         let _session = Registered::insert(
             &self.exec_sessions,
@@ -907,7 +948,8 @@ impl Vms {
             let ev = tokio::select! {
                 ev = handle.output.recv() => ev,
                 // The caller went away (its stream was dropped): hang the command up, as a
-                // closed terminal would, and keep draining until it ends.
+                // closed terminal would (for a terminal session the agent hangs up the whole
+                // session), and keep draining until it ends.
                 _ = out.closed(), if !hung_up => {
                     hung_up = true;
                     let _ = handle.input.signal(libc::SIGHUP).await;
@@ -929,11 +971,9 @@ impl Vms {
                     });
                 }
                 AgentEvent::Exit(status) => {
-                    let code = match status {
-                        banger_agent::protocol::ExitStatus::Code(c) => c,
-                        banger_agent::protocol::ExitStatus::Signal(s) => 128 + s,
-                    };
-                    let _ = out.send(ExecEvent::Exit { code });
+                    let _ = out.send(ExecEvent::Exit {
+                        code: status.shell_code(),
+                    });
                     return Ok(());
                 }
             }
@@ -1015,6 +1055,35 @@ impl Vms {
             api(
                 ErrorCode::VmmFailed,
                 format!("cannot signal the command in VM {name}: {e}"),
+            )
+        })
+    }
+
+    /// Gives a running terminal command a new window size.
+    pub async fn exec_resize(
+        &self,
+        name: &str,
+        session: &str,
+        size: ExecResize,
+    ) -> Result<(), ApiError> {
+        if size.rows == 0 || size.cols == 0 {
+            return Err(api(
+                ErrorCode::BadRequest,
+                format!(
+                    "a terminal of {} rows and {} columns cannot be shown",
+                    size.rows, size.cols
+                ),
+            ));
+        }
+        let input = self.exec_input(name, session)?;
+        let size = WindowSize {
+            rows: size.rows,
+            cols: size.cols,
+        };
+        input.resize(size).await.map_err(|e| {
+            api(
+                ErrorCode::VmmFailed,
+                format!("cannot resize the terminal of the command in VM {name}: {e}"),
             )
         })
     }

@@ -8,17 +8,29 @@
 //! holding its pipes open does not keep its `exit` back: once the command itself ended, the
 //! pumps stop as soon as the pipes go quiet.
 //!
+//! A command with a terminal ([`ExecSpec::terminal`]) runs instead as the leader of a new
+//! session on a pseudo-terminal ([`crate::guest::pty`]): one pump reads the master (stdout and
+//! stderr merged, as a terminal shows them), the feeder writes what the user types to it,
+//! signals go to the terminal's foreground process group, and SIGHUP (or the host going away)
+//! hangs up the whole session.
+//!
+//! Commands run as the image's user or the request's (resolved by [`crate::guest::users`]):
+//! the child drops to it with setgroups, setgid and setuid just before exec. Without either,
+//! they run as the agent does (root).
+//!
 //! The serve loop owns an [`ExecTable`] per host connection; when the connection ends, every
-//! command still running for it is killed, since nobody is left to read its output.
+//! command still running for it is killed (terminal sessions are hung up), since nobody is left
+//! to read its output.
 
 use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, SyncSender};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -26,10 +38,12 @@ use std::time::{Duration, Instant};
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{killpg, Signal};
-use nix::unistd::Pid;
+use nix::unistd::{Gid, Pid, Uid};
 
-use crate::guest::serve::{FrameWriter, ServeConfig};
-use crate::protocol::{Data, GuestMessage, RequestId, MAX_CHUNK, STDIN_WINDOW};
+use crate::guest::pty;
+use crate::guest::serve::{report, FrameWriter, ServeConfig};
+use crate::guest::users::{self, Identity};
+use crate::protocol::{Data, GuestMessage, RequestId, WindowSize, MAX_CHUNK, STDIN_WINDOW};
 
 /// How many stdin chunks may wait for a command that is slow to read. Hosts that take acks keep
 /// at most [`STDIN_WINDOW`] in flight, so the queue never fills and the serve loop never blocks on
@@ -40,18 +54,55 @@ const QUIET_AFTER_EXIT: Duration = Duration::from_millis(50);
 /// After the command exited, a pump stops after this long even if background processes keep
 /// writing.
 const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(2);
+/// How often a blocked terminal feeder looks whether its session ended.
+const FEEDER_TICK: Duration = Duration::from_millis(250);
+/// `TERM` for terminal sessions whose request names none.
+pub const DEFAULT_TERM: &str = "xterm-256color";
+/// The login shell where the user's passwd entry names none that exists.
+const FALLBACK_SHELL: &str = "/bin/sh";
 
 /// What an `exec` request asks for.
 #[derive(Debug, Clone)]
 pub struct ExecSpec {
+    /// The program and its arguments; empty for the user's login shell.
     pub argv: Vec<String>,
     pub env: BTreeMap<String, String>,
     pub cwd: Option<String>,
-    pub tty: bool,
+    /// A pseudo-terminal of this size; `None` runs the command on pipes.
+    pub terminal: Option<WindowSize>,
+    /// Who to run as, overriding [`ServeConfig::user`].
+    pub user: Option<String>,
+}
+
+/// How the agent reaches a running command.
+#[derive(Clone)]
+enum Control {
+    /// On pipes, in its own process group.
+    Pipes { pgid: Pid },
+    /// On a terminal, leading its own session. `exited` is the session's "stop forwarding"
+    /// flag, shared with its pump and feeder.
+    Terminal {
+        leader: Pid,
+        master: Arc<OwnedFd>,
+        exited: Arc<AtomicBool>,
+    },
+}
+
+impl Control {
+    /// Hangs up a terminal session as a closed terminal would: SIGHUP, then SIGCONT (so stopped
+    /// jobs see it), to the foreground group and to the session leader's group.
+    fn hang_up(leader: Pid, master: &OwnedFd) {
+        let mut groups = vec![leader];
+        groups.extend(pty::foreground_group(master).filter(|g| *g != leader));
+        for group in groups {
+            let _ = killpg(group, Signal::SIGHUP);
+            let _ = killpg(group, Signal::SIGCONT);
+        }
+    }
 }
 
 struct Running {
-    pgid: Pid,
+    control: Control,
     /// Dropping the sender closes the command's stdin.
     stdin: Option<SyncSender<Vec<u8>>>,
 }
@@ -85,22 +136,56 @@ impl ExecTable {
         }
     }
 
-    /// Sends `signal` to the command's process group.
+    /// Sends `signal` to the command's process group; for a terminal session, to the
+    /// terminal's foreground process group, and SIGHUP hangs the session up.
     pub(crate) fn signal(&self, id: RequestId, signal: i32) -> Result<(), String> {
-        let Some(pgid) = self.lock().get(&id).map(|r| r.pgid) else {
+        let Some(control) = self.lock().get(&id).map(|r| r.control.clone()) else {
             return Ok(());
         };
         let sig = Signal::try_from(signal).map_err(|_| format!("{signal} is not a signal"))?;
-        match killpg(pgid, sig) {
+        let group = match control {
+            Control::Pipes { pgid } => pgid,
+            Control::Terminal { leader, master, .. } if sig == Signal::SIGHUP => {
+                Control::hang_up(leader, &master);
+                return Ok(());
+            }
+            Control::Terminal { leader, master, .. } => {
+                pty::foreground_group(&*master).unwrap_or(leader)
+            }
+        };
+        match killpg(group, sig) {
             Ok(()) | Err(Errno::ESRCH) => Ok(()),
             Err(e) => Err(format!("cannot send {sig} to request {id}: {e}")),
         }
     }
 
-    /// Kills every command still running (the host connection is gone).
+    /// Gives a terminal session a new window size. Commands without a terminal have no window;
+    /// the request is ignored for them, as for unknown ids.
+    pub(crate) fn resize(&self, id: RequestId, size: WindowSize) -> Result<(), String> {
+        let master = match self.lock().get(&id).map(|r| r.control.clone()) {
+            Some(Control::Terminal { master, .. }) => master,
+            _ => return Ok(()),
+        };
+        pty::set_size(&*master, size)
+            .map_err(|e| format!("cannot resize the terminal of request {id} to {size}: {e}"))
+    }
+
+    /// Ends every command still running (the host connection is gone): commands on pipes are
+    /// killed, terminal sessions hung up. A terminal's pump and feeder stop too, so the master
+    /// closes and the terminal reads end-of-file in the guest, as when sshd loses its client.
     pub(crate) fn kill_all(&self) {
         for (_, r) in self.lock().drain() {
-            let _ = killpg(r.pgid, Signal::SIGKILL);
+            match r.control {
+                Control::Pipes { pgid } => drop(killpg(pgid, Signal::SIGKILL)),
+                Control::Terminal {
+                    leader,
+                    master,
+                    exited,
+                } => {
+                    Control::hang_up(leader, &master);
+                    exited.store(true, Ordering::Release);
+                }
+            }
         }
     }
 
@@ -118,14 +203,6 @@ pub(crate) fn start(
     table: &Arc<ExecTable>,
     writer: &Arc<FrameWriter>,
 ) -> Result<(), String> {
-    if spec.tty {
-        return Err("exec with a terminal (tty) is not supported; \
-                    hint: use `banger vm ssh` for interactive sessions"
-            .to_string());
-    }
-    let Some(program) = spec.argv.first() else {
-        return Err("exec needs a command (argv is empty)".to_string());
-    };
     if table.lock().contains_key(&id) {
         return Err(format!("request id {id} is already running a command"));
     }
@@ -133,6 +210,33 @@ pub(crate) fn start(
         if key.is_empty() || key.contains(['=', '\0']) || value.contains('\0') {
             return Err(format!("invalid environment variable {key:?}"));
         }
+    }
+    // An empty user (OCI images often say `"User": ""`) means the default, as in Docker.
+    let user = spec
+        .user
+        .as_deref()
+        .or(cfg.user.as_deref())
+        .filter(|u| !u.is_empty());
+    let identity = match user {
+        Some(u) => Some(users::resolve(u, &cfg.etc).map_err(|e| report(&e))?),
+        None => None,
+    };
+    let (program, arg0, args) = match spec.argv.split_first() {
+        Some((program, args)) => (program.clone(), None, args.to_vec()),
+        None => {
+            let shell = login_shell(identity.as_ref(), &cfg.etc);
+            let name = Path::new(&shell)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "sh".to_string());
+            // A leading dash makes it a login shell: it reads /etc/profile, as over ssh.
+            (shell, Some(format!("-{name}")), Vec::new())
+        }
+    };
+    if program.contains('\0') || args.iter().any(|a| a.contains('\0')) {
+        return Err(format!(
+            "cannot run {program:?}: an argument contains a NUL byte"
+        ));
     }
     let cwd = spec
         .cwd
@@ -147,64 +251,230 @@ pub(crate) fn start(
     }
 
     let mut env: BTreeMap<String, String> = cfg.base_env.iter().cloned().collect();
+    if let Some(who) = &identity {
+        env.insert("HOME".to_string(), who.home_or_root().to_string());
+    }
     env.extend(spec.env);
-    let mut child = Command::new(program)
-        .args(&spec.argv[1..])
-        .env_clear()
-        .envs(&env)
-        .current_dir(&cwd)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .spawn()
-        .map_err(|e| spawn_error(program, &cwd, env.get("PATH"), &e))?;
-
-    let pgid = Pid::from_raw(child.id() as i32);
-    let (stdin_tx, stdin_rx) = mpsc::sync_channel(STDIN_QUEUE);
-    table.lock().insert(
+    if spec.terminal.is_some() {
+        env.entry("TERM".to_string())
+            .or_insert_with(|| DEFAULT_TERM.to_string());
+    }
+    let mut cmd = Command::new(&program);
+    cmd.args(&args).env_clear().envs(&env).current_dir(&cwd);
+    if let Some(arg0) = &arg0 {
+        cmd.arg0(arg0);
+    }
+    let launch = Launch {
         id,
-        Running {
-            pgid,
-            stdin: Some(stdin_tx),
-        },
-    );
-
-    if let Some(stdin) = child.stdin.take() {
-        let writer = writer.clone();
-        thread::spawn(move || feed_stdin(stdin, stdin_rx, id, &writer));
+        program: &program,
+        cwd: &cwd,
+        path: env.get("PATH").map(String::as_str).unwrap_or(""),
+        table,
+        writer,
+    };
+    match spec.terminal {
+        None => {
+            cmd.process_group(0);
+            in_child(&mut cmd, identity.as_ref(), false);
+            launch.piped(cmd)
+        }
+        Some(size) => {
+            let pty = pty::open(size)
+                .map_err(|e| format!("cannot open a terminal for {program:?}: {e}"))?;
+            if let Some(who) = &identity {
+                let group = users::tty_group(&cfg.etc).unwrap_or(who.gid);
+                pty::give_to(&pty.slave, who.uid, group).map_err(|e| {
+                    format!(
+                        "cannot hand the terminal to uid {} for {program:?}: {e}",
+                        who.uid
+                    )
+                })?;
+            }
+            in_child(&mut cmd, identity.as_ref(), true);
+            launch.on_terminal(cmd, pty)
+        }
     }
-    let exited = Arc::new(AtomicBool::new(false));
-    let mut pumps = Vec::new();
-    if let Some(out) = child.stdout.take() {
-        let (writer, exited) = (writer.clone(), exited.clone());
-        pumps.push(thread::spawn(move || {
-            pump(
-                out,
-                &exited,
-                |data| GuestMessage::Stdout { id, data },
-                &writer,
-            )
-        }));
-    }
-    if let Some(err) = child.stderr.take() {
-        let (writer, exited) = (writer.clone(), exited.clone());
-        pumps.push(thread::spawn(move || {
-            pump(
-                err,
-                &exited,
-                |data| GuestMessage::Stderr { id, data },
-                &writer,
-            )
-        }));
-    }
-    let (table, writer) = (table.clone(), writer.clone());
-    thread::spawn(move || wait_and_report(id, child, pumps, &exited, &table, &writer));
-    Ok(())
 }
 
-fn spawn_error(program: &str, cwd: &Path, path: Option<&String>, err: &io::Error) -> String {
-    let path = path.map(String::as_str).unwrap_or("");
+/// The login shell for a command without argv: the user's from passwd (root's when no user was
+/// named), else `/bin/sh`.
+fn login_shell(identity: Option<&Identity>, etc: &Path) -> String {
+    let shell = match identity {
+        Some(who) => who.shell.clone(),
+        None => users::entry_for_uid(Uid::effective().as_raw(), etc).map(|e| e.shell),
+    };
+    // The passwd file is the image's: only a shell that is there and absolute is taken.
+    shell
+        .filter(|s| s.starts_with('/') && Path::new(s).is_file())
+        .unwrap_or_else(|| FALLBACK_SHELL.to_string())
+}
+
+/// Signals whose disposition a command gets back to the default, whatever the agent inherited:
+/// an agent started with SIGINT ignored (as a shell's background job is) would otherwise pass
+/// that on, and Ctrl-C would stop working in every session.
+const RESET_SIGNALS: [libc::c_int; 7] = [
+    libc::SIGHUP,
+    libc::SIGINT,
+    libc::SIGQUIT,
+    libc::SIGTERM,
+    libc::SIGTSTP,
+    libc::SIGTTIN,
+    libc::SIGTTOU,
+];
+
+/// Arranges what the child does between fork and exec: default signal dispositions, become a
+/// session leader on its terminal (with `terminal`), then drop to `identity` (supplementary
+/// groups, group, user, in that order: each needs the privileges the next one gives up).
+fn in_child(cmd: &mut Command, identity: Option<&Identity>, terminal: bool) {
+    // Converted before the fork: the child must not allocate.
+    let ids = identity.map(|who| {
+        let groups: Vec<Gid> = who.groups.iter().copied().map(Gid::from_raw).collect();
+        (Uid::from_raw(who.uid), Gid::from_raw(who.gid), groups)
+    });
+    // SAFETY: the closure runs in the forked child and only makes async-signal-safe system calls
+    // (signal, setsid, ioctl, setgroups, setgid, setuid) on data prepared before the fork; it
+    // allocates nothing and takes no locks.
+    unsafe {
+        cmd.pre_exec(move || {
+            for sig in RESET_SIGNALS {
+                if libc::signal(sig, libc::SIG_DFL) == libc::SIG_ERR {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            if terminal {
+                pty::become_session_leader()?;
+            }
+            if let Some((uid, gid, groups)) = &ids {
+                nix::unistd::setgroups(groups)?;
+                nix::unistd::setgid(*gid)?;
+                nix::unistd::setuid(*uid)?;
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Everything needed to start a prepared command and wire it to the host.
+struct Launch<'a> {
+    id: RequestId,
+    program: &'a str,
+    cwd: &'a Path,
+    path: &'a str,
+    table: &'a Arc<ExecTable>,
+    writer: &'a Arc<FrameWriter>,
+}
+
+impl Launch<'_> {
+    fn spawn(&self, cmd: &mut Command) -> Result<Child, String> {
+        cmd.spawn()
+            .map_err(|e| spawn_error(self.program, self.cwd, self.path, &e))
+    }
+
+    /// Runs `cmd` on pipes: stdout and stderr apart, stdin closable.
+    fn piped(self, mut cmd: Command) -> Result<(), String> {
+        let id = self.id;
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = self.spawn(&mut cmd)?;
+
+        let pgid = Pid::from_raw(child.id() as i32);
+        let (stdin_tx, stdin_rx) = mpsc::sync_channel(STDIN_QUEUE);
+        self.table.lock().insert(
+            id,
+            Running {
+                control: Control::Pipes { pgid },
+                stdin: Some(stdin_tx),
+            },
+        );
+
+        if let Some(stdin) = child.stdin.take() {
+            let writer = self.writer.clone();
+            thread::spawn(move || feed_stdin(stdin, stdin_rx, id, &writer));
+        }
+        let exited = Arc::new(AtomicBool::new(false));
+        let mut pumps = Vec::new();
+        if let Some(out) = child.stdout.take() {
+            let (writer, exited) = (self.writer.clone(), exited.clone());
+            pumps.push(thread::spawn(move || {
+                pump(
+                    out,
+                    &exited,
+                    |data| GuestMessage::Stdout { id, data },
+                    &writer,
+                )
+            }));
+        }
+        if let Some(err) = child.stderr.take() {
+            let (writer, exited) = (self.writer.clone(), exited.clone());
+            pumps.push(thread::spawn(move || {
+                pump(
+                    err,
+                    &exited,
+                    |data| GuestMessage::Stderr { id, data },
+                    &writer,
+                )
+            }));
+        }
+        let (table, writer) = (self.table.clone(), self.writer.clone());
+        thread::spawn(move || wait_and_report(id, child, pumps, &exited, &table, &writer));
+        Ok(())
+    }
+
+    /// Runs `cmd` as the leader of a new session on `pty`: one pump for the master, one feeder.
+    fn on_terminal(self, mut cmd: Command, pty: pty::Pty) -> Result<(), String> {
+        let id = self.id;
+        let dup = |fd: &OwnedFd| {
+            fd.try_clone()
+                .map_err(|e| format!("cannot set up the terminal for {:?}: {e}", self.program))
+        };
+        let (output, input) = (File::from(dup(&pty.master)?), File::from(dup(&pty.master)?));
+        cmd.stdin(Stdio::from(dup(&pty.slave)?))
+            .stdout(Stdio::from(dup(&pty.slave)?))
+            .stderr(Stdio::from(dup(&pty.slave)?));
+        let child = self.spawn(&mut cmd)?;
+        // The parent must hold no copy of the slave: the master reads end-of-file (EIO) only
+        // once every copy is closed, and the command holds its own.
+        drop(cmd);
+        drop(pty.slave);
+
+        let leader = Pid::from_raw(child.id() as i32);
+        let (stdin_tx, stdin_rx) = mpsc::sync_channel(STDIN_QUEUE);
+        let exited = Arc::new(AtomicBool::new(false));
+        self.table.lock().insert(
+            id,
+            Running {
+                control: Control::Terminal {
+                    leader,
+                    master: Arc::new(pty.master),
+                    exited: exited.clone(),
+                },
+                stdin: Some(stdin_tx),
+            },
+        );
+        {
+            let (writer, exited) = (self.writer.clone(), exited.clone());
+            thread::spawn(move || feed_terminal(input, stdin_rx, id, &writer, &exited));
+        }
+        let pumps = {
+            let (writer, exited) = (self.writer.clone(), exited.clone());
+            // A terminal merges stdout and stderr; all of it is the command's stdout.
+            vec![thread::spawn(move || {
+                pump(
+                    output,
+                    &exited,
+                    |data| GuestMessage::Stdout { id, data },
+                    &writer,
+                )
+            })]
+        };
+        let (table, writer) = (self.table.clone(), self.writer.clone());
+        thread::spawn(move || wait_and_report(id, child, pumps, &exited, &table, &writer));
+        Ok(())
+    }
+}
+
+fn spawn_error(program: &str, cwd: &Path, path: &str, err: &io::Error) -> String {
     match err.kind() {
         io::ErrorKind::NotFound if resolve(program, cwd, path).is_some() => format!(
             "cannot run {program:?} (in {}): its interpreter or a library it needs was not found",
@@ -252,7 +522,57 @@ fn feed_stdin(
     }
 }
 
-/// Forwards one output pipe as frames built by `frame`, chunk by chunk as the command writes.
+/// Writes queued chunks to a terminal, acknowledging each. The master is non-blocking: a
+/// command that stops reading fills the terminal's input queue, and the feeder then waits in
+/// `poll`, looking now and then whether the session ended, instead of blocking for good.
+fn feed_terminal(
+    master: File,
+    chunks: Receiver<Vec<u8>>,
+    id: RequestId,
+    writer: &FrameWriter,
+    exited: &AtomicBool,
+) {
+    loop {
+        let chunk = match chunks.recv_timeout(FEEDER_TICK) {
+            Ok(chunk) => chunk,
+            Err(RecvTimeoutError::Timeout) if exited.load(Ordering::Acquire) => return,
+            Err(RecvTimeoutError::Timeout) => continue,
+            // The host closed stdin or the command ended and left the table.
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
+        let closed = write_to_terminal(&master, &chunk, exited).is_err();
+        let _ = writer.send(&GuestMessage::StdinAck { id, closed });
+        if closed {
+            return;
+        }
+    }
+}
+
+fn write_to_terminal(master: &File, mut data: &[u8], exited: &AtomicBool) -> io::Result<()> {
+    while !data.is_empty() {
+        match (&*master).write(data) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if exited.load(Ordering::Acquire) {
+                    return Err(io::ErrorKind::BrokenPipe.into());
+                }
+                let mut fds = [PollFd::new(master.as_fd(), PollFlags::POLLOUT)];
+                let tick = PollTimeout::from(FEEDER_TICK.as_millis() as u16);
+                match poll(&mut fds, tick) {
+                    Ok(_) | Err(Errno::EINTR) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Forwards one output pipe (or a terminal's master) as frames built by `frame`, chunk by chunk
+/// as the command writes.
 fn pump<R: Read + AsFd>(
     mut pipe: R,
     exited: &AtomicBool,
@@ -289,7 +609,13 @@ fn pump<R: Read + AsFd>(
                     return;
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            // A terminal's master is non-blocking; a wake-up without data is not an end.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock
+                ) => {}
+            // EIO on a terminal's master: every copy of the slave is closed.
             Err(_) => return,
         }
     }

@@ -17,9 +17,11 @@ pub mod hostname;
 pub mod network;
 pub mod notify;
 pub mod power;
+pub mod pty;
 pub mod serve;
 pub mod sshkeys;
 pub mod transport;
+pub mod users;
 pub mod workdisk;
 
 use std::path::PathBuf;

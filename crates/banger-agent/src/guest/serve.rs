@@ -16,7 +16,7 @@ use crate::guest::exec::{self, ExecSpec, ExecTable};
 use crate::guest::power::{PowerControl, SystemPower};
 use crate::protocol::{
     decode, encode, is_blank, Frame, GuestMessage, HostMessage, LineAssembler, RequestId,
-    AGENT_VERSION, MAX_LINE,
+    WindowSize, AGENT_VERSION, MAX_LINE,
 };
 
 /// Where the kernel publishes the identifier of the current boot.
@@ -61,11 +61,17 @@ pub struct ServeConfig {
     pub default_cwd: PathBuf,
     /// The environment every command starts from.
     pub base_env: Vec<(String, String)>,
+    /// Who commands run as when the request names nobody: the image's `User` in OCI syntax
+    /// (`name`, `uid`, `name:group`, `uid:gid`, ...). `None` (or empty) runs them as the agent
+    /// runs, root.
+    pub user: Option<String>,
+    /// The guest's `/etc`, where users and groups are looked up.
+    pub etc: PathBuf,
     pub power: Arc<dyn PowerControl>,
 }
 
 impl ServeConfig {
-    /// The configuration of a real guest: `/root`, [`BASE_ENV`], real power-off.
+    /// The configuration of a real guest: `/root`, [`BASE_ENV`], root, `/etc`, real power-off.
     pub fn guest() -> Self {
         ServeConfig {
             default_cwd: PathBuf::from("/root"),
@@ -73,6 +79,8 @@ impl ServeConfig {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            user: None,
+            etc: PathBuf::from("/etc"),
             power: Arc::new(SystemPower),
         }
     }
@@ -152,12 +160,16 @@ fn handle(
             env,
             cwd,
             tty,
+            rows,
+            cols,
+            user,
         } => {
             let spec = ExecSpec {
                 argv,
                 env,
                 cwd,
-                tty,
+                terminal: tty.then(|| WindowSize::or_default(rows, cols)),
+                user,
             };
             if let Err(message) = exec::start(id, spec, cfg, execs, writer) {
                 reply(writer, GuestMessage::Error { id, message });
@@ -168,6 +180,11 @@ fn handle(
         HostMessage::Signal { id, signal } => {
             if let Err(e) = execs.signal(id, signal) {
                 log(format_args!("signal: {e}"));
+            }
+        }
+        HostMessage::Resize { id, rows, cols } => {
+            if let Err(e) = execs.resize(id, WindowSize { rows, cols }) {
+                log(format_args!("resize: {e}"));
             }
         }
         HostMessage::Poweroff { id } => {
@@ -204,6 +221,8 @@ fn ready(id: RequestId) -> GuestMessage {
         agent_version: AGENT_VERSION.to_string(),
         boot_id,
         stdin_acks: true,
+        tty: true,
+        users: true,
     }
 }
 
