@@ -156,6 +156,10 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/vms/{name}/exec/{session}/signal",
             post(vm_routes::exec_signal),
         )
+        .route(
+            "/v1/vms/{name}/exec/{session}/resize",
+            post(vm_routes::exec_resize),
+        )
         .route("/v1/vms/{name}/ssh", get(vm_routes::ssh))
         .route("/v1/vms/{name}/logs", get(vm_routes::logs))
         .route("/v1/kernels", get(images::list_kernels))
