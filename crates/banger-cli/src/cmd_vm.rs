@@ -220,7 +220,9 @@ fn print_vm(v: &VmInfo) {
 }
 
 /// `vm ssh`: OpenSSH where the guest runs sshd (replacing this process), else a session through
-/// the agent: a terminal when stdin is one or with `-t`, a login shell when no command is given.
+/// the agent with OpenSSH's rules: a login shell on a terminal when no command is given (and
+/// stdin is a terminal), a command without one unless `-t` asks for it (so its output keeps
+/// plain `\n` line ends when redirected).
 async fn ssh(
     client: &Client,
     name: &str,
@@ -235,7 +237,7 @@ async fn ssh(
         let s = Session {
             argv: command,
             stdin: true,
-            tty: tty || std::io::stdin().is_terminal(),
+            tty: tty || (command.is_empty() && std::io::stdin().is_terminal()),
             user: None,
         };
         return crate::session::run(client, name, s).await;
