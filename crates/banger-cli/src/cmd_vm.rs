@@ -234,10 +234,11 @@ async fn ssh(
         .call(Method::GET, &format!("/v1/vms/{name}"), None::<&()>)
         .await?;
     if !vm.ssh {
+        let tty = tty || (command.is_empty() && std::io::stdin().is_terminal());
         let s = Session {
             argv: command,
             stdin: true,
-            tty: tty || (command.is_empty() && std::io::stdin().is_terminal()),
+            tty,
             user: None,
         };
         return crate::session::run(client, name, s).await;
