@@ -250,6 +250,9 @@ async fn session(
     args: &RunArgs,
     snapshot: Option<&workspace::Snapshot>,
 ) -> Result<ExitCode, CliError> {
+    if !vm.ssh {
+        return agent_session(client, vm, args, snapshot).await;
+    }
     let target: SshTarget = client
         .call(
             Method::GET,
@@ -261,21 +264,10 @@ async fn session(
     if let Some(snap) = snapshot {
         copy_workspace(&target, snap)?;
         workdir = "/root/repo".to_owned();
-        if let Some(branch) = &args.branch {
-            let b = sh_quote(branch);
-            let script = match &args.from {
-                Some(from) => format!("cd /root/repo && git checkout -q -b {b} {}", sh_quote(from)),
-                None => format!(
-                    "cd /root/repo && (git checkout -q {b} 2>/dev/null || git checkout -q -b {b})"
-                ),
-            };
+        if let Some(script) = checkout_script(args) {
             let status = ssh_command(&target, &[script]).status().map_err(ssh_err)?;
             if !status.success() {
-                return Err(CliError::new(
-                    Exit::VmFailed,
-                    format!("could not check out branch {branch} in VM {}", vm.name),
-                )
-                .hint("check that --from names a commit the repo has"));
+                return Err(branch_err(args, &vm.name));
             }
         }
         start_tool_bootstrap(&target, &snap.root);
@@ -293,6 +285,117 @@ async fn session(
     Ok(ExitCode::from(
         u8::try_from(code.clamp(0, 255)).unwrap_or(255),
     ))
+}
+
+/// `vm run` on a guest without sshd: the workspace copy, the branch, the tool bootstrap and the
+/// command (or an interactive shell on a terminal) all go through the agent. The image needs
+/// `sh` and `tar` for a workspace.
+async fn agent_session(
+    client: &Client,
+    vm: &VmInfo,
+    args: &RunArgs,
+    snapshot: Option<&workspace::Snapshot>,
+) -> Result<ExitCode, CliError> {
+    use std::io::IsTerminal;
+    let mut workdir = None;
+    if let Some(snap) = snapshot {
+        copy_workspace_via_agent(client, &vm.name, snap).await?;
+        workdir = Some("/root/repo".to_owned());
+        if let Some(script) = checkout_script(args) {
+            let status = agent_sh(client, &vm.name, &script).await?;
+            if status != 0 {
+                return Err(branch_err(args, &vm.name));
+            }
+        }
+        if declares_tools(&snap.root) {
+            let script = format!(
+                "({}) </dev/null >/dev/null 2>&1 &",
+                tool_bootstrap_script(&snap.root)
+            );
+            match agent_sh(client, &vm.name, &script).await {
+                Ok(0) => eprintln!(
+                    "tool bootstrap: mise install runs in the background (log: {})",
+                    tool_log(&snap.root)
+                ),
+                _ => eprintln!("notice: could not start the tool bootstrap; continuing"),
+            }
+        }
+    }
+    let interactive = args.command.is_empty();
+    let s = crate::session::Session {
+        argv: args.command.clone(),
+        // Like ssh: a command reads a piped stdin; a shell takes the terminal.
+        stdin: interactive || !std::io::stdin().is_terminal(),
+        tty: interactive && std::io::stdin().is_terminal(),
+        user: None,
+        cwd: workdir,
+    };
+    crate::session::run(client, &vm.name, s).await
+}
+
+/// Runs a short `sh -c` script through the agent, without stdin, and returns its status.
+async fn agent_sh(client: &Client, vm: &str, script: &str) -> Result<u8, CliError> {
+    let s = crate::session::Session {
+        argv: vec!["sh".into(), "-c".into(), script.to_owned()],
+        ..Default::default()
+    };
+    crate::session::run_with_input(client, vm, s, None).await
+}
+
+/// Streams the snapshot into `/root/repo` through the agent: one exec of `tar -x` whose stdin
+/// is the tar stream, written by a thread into a pipe.
+async fn copy_workspace_via_agent(
+    client: &Client,
+    vm: &str,
+    snap: &workspace::Snapshot,
+) -> Result<(), CliError> {
+    let started = std::time::Instant::now();
+    let (read, write) = nix::unistd::pipe()
+        .map_err(|e| CliError::new(Exit::Failure, format!("cannot make a pipe: {e}")))?;
+    let snap2 = snap.clone();
+    let writer = std::thread::spawn(move || {
+        let w = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::from(write));
+        workspace::write_tar(&snap2, w).and_then(|mut w| {
+            w.flush().map_err(|e| {
+                CliError::new(Exit::Failure, format!("cannot send the workspace: {e}"))
+            })
+        })
+    });
+    let s = crate::session::Session {
+        argv: vec![
+            "sh".into(),
+            "-c".into(),
+            "rm -rf /root/repo && mkdir -p /root/repo && tar -x -p -C /root/repo -f -".into(),
+        ],
+        ..Default::default()
+    };
+    let status =
+        crate::session::run_with_input(client, vm, s, Some(Box::new(std::fs::File::from(read))))
+            .await;
+    let packed = writer.join().unwrap_or_else(|_| {
+        Err(CliError::new(
+            Exit::Failure,
+            "the workspace writer panicked",
+        ))
+    });
+    let status = status?;
+    if status != 0 {
+        return Err(CliError::new(
+            Exit::VmFailed,
+            format!(
+                "copying {} into VM {vm} failed (tar exited with {status})",
+                snap.root.display()
+            ),
+        )
+        .hint("the image needs `sh` and `tar` for a workspace"));
+    }
+    packed?;
+    eprintln!(
+        "copied {} to /root/repo in {}",
+        snap.root.display(),
+        human_duration(started.elapsed())
+    );
+    Ok(())
 }
 
 fn ssh_err(e: std::io::Error) -> CliError {
@@ -339,24 +442,61 @@ fn copy_workspace(target: &SshTarget, snap: &workspace::Snapshot) -> Result<(), 
     Ok(())
 }
 
-/// Starts `mise install` in the background when the repo declares tools; never fails the run.
-fn start_tool_bootstrap(target: &SshTarget, root: &Path) {
-    let declares = [".mise.toml", "mise.toml", ".tool-versions"]
+/// The script that checks out `--branch` (created from `--from`), if one was asked for.
+fn checkout_script(args: &RunArgs) -> Option<String> {
+    let b = sh_quote(args.branch.as_ref()?);
+    Some(match &args.from {
+        Some(from) => format!("cd /root/repo && git checkout -q -b {b} {}", sh_quote(from)),
+        None => {
+            format!("cd /root/repo && (git checkout -q {b} 2>/dev/null || git checkout -q -b {b})")
+        }
+    })
+}
+
+fn branch_err(args: &RunArgs, vm: &str) -> CliError {
+    CliError::new(
+        Exit::VmFailed,
+        format!(
+            "could not check out branch {} in VM {vm}",
+            args.branch.as_deref().unwrap_or_default()
+        ),
+    )
+    .hint("check that --from names a commit the repo has (and that the image has git)")
+}
+
+/// Whether the repo declares tools for mise.
+fn declares_tools(root: &Path) -> bool {
+    [".mise.toml", "mise.toml", ".tool-versions"]
         .iter()
-        .any(|f| root.join(f).is_file());
-    if !declares {
-        return;
-    }
+        .any(|f| root.join(f).is_file())
+}
+
+/// Where the tool bootstrap logs, in the guest.
+fn tool_log(root: &Path) -> String {
     let repo = root
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "repo".into());
-    let log = format!("/root/.cache/banger/vm-run-tooling-{}.log", sh_quote(&repo));
-    let script = format!(
+    format!("/root/.cache/banger/vm-run-tooling-{}.log", sh_quote(&repo))
+}
+
+/// The guest script that runs `mise install` in /root/repo, logging to [`tool_log`].
+fn tool_bootstrap_script(root: &Path) -> String {
+    let log = tool_log(root);
+    format!(
         "mkdir -p /root/.cache/banger && cd /root/repo && \
          (if command -v mise >/dev/null; then nohup mise install; \
-          else echo 'mise is not installed in this image; skipped tool bootstrap'; fi) > {log} 2>&1 < /dev/null &"
-    );
+          else echo 'mise is not installed in this image; skipped tool bootstrap'; fi) > {log} 2>&1 < /dev/null"
+    )
+}
+
+/// Starts `mise install` in the background when the repo declares tools; never fails the run.
+fn start_tool_bootstrap(target: &SshTarget, root: &Path) {
+    if !declares_tools(root) {
+        return;
+    }
+    let log = tool_log(root);
+    let script = format!("{} &", tool_bootstrap_script(root));
     match ssh_command(target, &[script]).status() {
         Ok(s) if s.success() => {
             eprintln!("tool bootstrap: mise install runs in the background (log: {log})")

@@ -123,6 +123,7 @@ pub async fn vm(ctx: &Ctx, cmd: VmCmd) -> Result<ExitCode, CliError> {
                 stdin,
                 tty,
                 user,
+                cwd: None,
             };
             return crate::session::run(&client, &name, s).await;
         }
@@ -240,6 +241,7 @@ async fn ssh(
             stdin: true,
             tty,
             user: None,
+            cwd: None,
         };
         return crate::session::run(client, name, s).await;
     }

@@ -34,6 +34,8 @@ pub struct Session {
     pub tty: bool,
     /// Run as this user (OCI syntax) instead of the image's.
     pub user: Option<String>,
+    /// Working directory in the guest (default: the image's WorkingDir, else /root).
+    pub cwd: Option<String>,
 }
 
 /// The local terminal in raw mode for as long as this lives: no line editing, no echo, no
@@ -86,6 +88,20 @@ fn local_window_size() -> Option<ExecResize> {
 
 /// Runs `session` in VM `name` through the daemon and returns the command's exit status.
 pub async fn run(client: &Client, name: &str, session: Session) -> Result<ExitCode, CliError> {
+    run_with_input(client, name, session, None)
+        .await
+        .map(ExitCode::from)
+}
+
+/// [`run`], with the command's stdin read from `input` instead of this process's stdin (for
+/// streams banger makes itself, like a workspace tar), returning the exit status as a number.
+pub async fn run_with_input(
+    client: &Client,
+    name: &str,
+    session: Session,
+    input: Option<Box<dyn std::io::Read + Send>>,
+) -> Result<u8, CliError> {
+    let mut input = input;
     use base64::Engine;
     let b64 = base64::engine::general_purpose::STANDARD;
     let size = session.tty.then(local_window_size).flatten();
@@ -98,9 +114,9 @@ pub async fn run(client: &Client, name: &str, session: Session) -> Result<ExitCo
     }
     let req = ExecRequest {
         argv: session.argv,
-        cwd: None,
+        cwd: session.cwd,
         env,
-        stdin: session.stdin,
+        stdin: session.stdin || input.is_some(),
         tty: session.tty,
         rows: size.map(|s| s.rows),
         cols: size.map(|s| s.cols),
@@ -152,7 +168,7 @@ pub async fn run(client: &Client, name: &str, session: Session) -> Result<ExitCo
                                 c.call(Method::POST, &path, Some(&sig)).await;
                         });
                     }
-                    _ => return Ok(ExitCode::from(130)),
+                    _ => return Ok(130),
                 }
                 continue;
             }
@@ -165,8 +181,8 @@ pub async fn run(client: &Client, name: &str, session: Session) -> Result<ExitCo
                 continue;
             }
             // Leaving closes the exec stream, and the daemon hangs the command up.
-            _ = terminate.recv() => return Ok(ExitCode::from(128 + libc::SIGTERM as u8)),
-            _ = hangup.recv() => return Ok(ExitCode::from(128 + libc::SIGHUP as u8)),
+            _ = terminate.recv() => return Ok(128 + libc::SIGTERM as u8),
+            _ = hangup.recv() => return Ok(128 + libc::SIGHUP as u8),
         };
         let Some(frame) = frame else { break };
         let frame = frame.map_err(|e| {
@@ -182,8 +198,13 @@ pub async fn run(client: &Client, name: &str, session: Session) -> Result<ExitCo
                 .map_err(|e| CliError::new(Exit::Failure, format!("bad exec event: {e}")))?;
             match ev {
                 ExecEvent::Started { session: id } => {
-                    if session.stdin {
-                        upload_stdin(client.clone(), format!("/v1/vms/{name}/exec/{id}/stdin"));
+                    let path = format!("/v1/vms/{name}/exec/{id}/stdin");
+                    match input.take() {
+                        Some(reader) => upload(client.clone(), path, reader),
+                        None if session.stdin => {
+                            upload(client.clone(), path, Box::new(std::io::stdin()))
+                        }
+                        None => {}
                     }
                     if session.tty {
                         forward_resizes(
@@ -203,9 +224,7 @@ pub async fn run(client: &Client, name: &str, session: Session) -> Result<ExitCo
                     let _ = stderr.write_all(&b64.decode(data).unwrap_or_default());
                 }
                 ExecEvent::Exit { code } => {
-                    return Ok(ExitCode::from(
-                        u8::try_from(code.clamp(0, 255)).unwrap_or(255),
-                    ))
+                    return Ok(u8::try_from(code.clamp(0, 255)).unwrap_or(255))
                 }
                 ExecEvent::Failed { error } => return Err(CliError::from_api(error)),
             }
@@ -217,18 +236,17 @@ pub async fn run(client: &Client, name: &str, session: Session) -> Result<ExitCo
     ))
 }
 
-/// Copies this process's stdin to the command, in the background, until EOF. A blocking thread
-/// reads (stdin may be a terminal, a file, a pipe or a socket) and hands over whatever one read
-/// returned, so typed keys go out at once; the upload streams them as they come. Failures are
-/// left to the exec stream to report: if the command ended, stdin no longer matters.
-fn upload_stdin(client: Client, path: String) {
-    use std::io::Read;
+/// Copies `input` (this process's stdin, or a stream banger makes) to the command, in the
+/// background, until EOF. A blocking thread reads (stdin may be a terminal, a file, a pipe or a
+/// socket) and hands over whatever one read returned, so typed keys go out at once; the upload
+/// streams them as they come. Failures are left to the exec stream to report: if the command
+/// ended, its stdin no longer matters.
+fn upload(client: Client, path: String, mut input: Box<dyn std::io::Read + Send>) {
     let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
     std::thread::spawn(move || {
-        let mut stdin = std::io::stdin().lock();
         let mut buf = vec![0u8; 64 * 1024];
         loop {
-            match stdin.read(&mut buf) {
+            match input.read(&mut buf) {
                 Ok(0) => return,
                 Ok(n) => {
                     if tx

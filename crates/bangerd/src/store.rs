@@ -66,6 +66,8 @@ const MIGRATIONS: &[&str] = &[
         digest TEXT NOT NULL,
         PRIMARY KEY (image, digest)
     );",
+    // 4: how each VM boots, fixed when it is made (a re-pulled image may change, the VM not).
+    "ALTER TABLE vms ADD COLUMN boot TEXT NOT NULL DEFAULT 'systemd';",
 ];
 
 #[derive(Clone)]
@@ -152,10 +154,7 @@ fn image_row(r: &Row<'_>) -> rusqlite::Result<ImageInfo> {
         size_bytes: u64::try_from(size).unwrap_or(0),
         kernel: r.get("kernel")?,
         created_at: r.get("created_at")?,
-        boot: match r.get::<_, String>("boot")?.as_str() {
-            "agent" => Boot::Agent,
-            _ => Boot::Systemd,
-        },
+        boot: parse_boot(&r.get::<_, String>("boot")?),
         oci: match (
             r.get::<_, Option<String>>("oci_reference")?,
             r.get::<_, Option<String>>("oci_digest")?,
@@ -319,6 +318,14 @@ pub struct VmRow {
     pub handle: Option<String>,
     pub created_at: String,
     pub last_error: Option<String>,
+    pub boot: Boot,
+}
+
+fn parse_boot(s: &str) -> Boot {
+    match s {
+        "agent" => Boot::Agent,
+        _ => Boot::Systemd,
+    }
 }
 
 fn vm_row(r: &Row<'_>) -> rusqlite::Result<VmRow> {
@@ -341,6 +348,7 @@ fn vm_row(r: &Row<'_>) -> rusqlite::Result<VmRow> {
         handle: r.get("handle")?,
         created_at: r.get("created_at")?,
         last_error: r.get("last_error")?,
+        boot: parse_boot(&r.get::<_, String>("boot")?),
     })
 }
 
@@ -359,8 +367,8 @@ pub fn get_vm(conn: &Connection, name: &str) -> anyhow::Result<Option<VmRow>> {
 pub fn insert_vm(conn: &Connection, v: &VmRow) -> anyhow::Result<()> {
     conn.execute(
         "INSERT INTO vms (name, id, image, kernel, state, vcpu, memory_mib, disk_bytes, ip, mac, tap,
-                          vmm, handle, created_at, last_error)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+                          vmm, handle, created_at, last_error, boot)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
         params![
             v.name,
             v.id,
@@ -376,7 +384,8 @@ pub fn insert_vm(conn: &Connection, v: &VmRow) -> anyhow::Result<()> {
             v.vmm,
             v.handle,
             v.created_at,
-            v.last_error
+            v.last_error,
+            v.boot.as_str()
         ],
     )?;
     Ok(())

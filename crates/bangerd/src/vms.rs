@@ -23,7 +23,7 @@ use banger_agent::protocol::WindowSize;
 use banger_api::vm::{
     CreateVmRequest, ExecEvent, ExecRequest, ExecResize, SshTarget, VmInfo, VmState,
 };
-use banger_api::{validate_name, ApiError, Deleted, ErrorCode};
+use banger_api::{validate_name, ApiError, Boot, Deleted, ErrorCode};
 use banger_config::{Config, Paths};
 use banger_image::Progress;
 use banger_net::{NetConfig, Network, SystemHostNet};
@@ -36,6 +36,20 @@ use crate::store::{self, Store, VmRow};
 use crate::{fsutil, names, now_rfc3339, sshkeys, vmdisk};
 
 /// How long a booting guest has to report ready (TCG guests are slow; KVM ones take a second).
+/// In the VM's directory: the image's runtime settings (Env, WorkingDir, User) as JSON, copied
+/// from the image at create time and handed to the agent in the initramfs at every start.
+const IMAGE_RUNTIME_FILE: &str = "image-runtime.json";
+
+/// Appends the archive with `/init` (the agent) and `/banger/image.json` to an initramfs.
+fn write_agent_archive(
+    agent: &Path,
+    image_json: &[u8],
+    out: &mut impl std::io::Write,
+) -> anyhow::Result<()> {
+    let _ = (agent, image_json, out);
+    anyhow::bail!("this build cannot make the agent's initramfs")
+}
+
 fn boot_timeout() -> Duration {
     std::env::var("BANGER_BOOT_TIMEOUT")
         .ok()
@@ -245,8 +259,8 @@ impl Vms {
                 .to_string(),
             dir: self.vm_dir(&row.name).display().to_string(),
             last_error: row.last_error.clone(),
-            // Every image banger boots today runs sshd.
-            ssh: true,
+            // banger's Debian images run sshd; images booted with the agent as PID 1 do not.
+            ssh: row.boot == banger_api::Boot::Systemd,
         }
     }
 
@@ -344,6 +358,7 @@ impl Vms {
         let subnet = self.net.config().subnet;
         let image_for_row = image.name.clone();
         let kernel_for_row = kernel.name.clone();
+        let boot = image.boot;
         let spec = req.spec;
         let row = self
             .store
@@ -387,6 +402,7 @@ impl Vms {
                     handle: None,
                     created_at: now_rfc3339(),
                     last_error: None,
+                    boot,
                 };
                 store::insert_vm(&tx, &row)?;
                 tx.commit()?;
@@ -450,8 +466,25 @@ impl Vms {
                 format!("cannot create {}: {e}", dir.display()),
             )
         })?;
-        let host_key = dir.join("ssh_host_ed25519_key");
-        sshkeys::keygen(&host_key, &format!("banger-{}", row.name)).await?;
+        // Only a guest with sshd needs a host key (pinned in known_hosts); the others hold the
+        // image's runtime settings for the agent, which runs as their PID 1.
+        let runtime = match row.boot {
+            Boot::Systemd => {
+                let host_key = dir.join("ssh_host_ed25519_key");
+                sshkeys::keygen(&host_key, &format!("banger-{}", row.name)).await?;
+                None
+            }
+            Boot::Agent => {
+                let image = row.image.clone();
+                let json = self
+                    .store
+                    .call(move |c| store::image_runtime(c, &image))
+                    .await
+                    .map_err(internal)?
+                    .unwrap_or_else(|| "{}".to_owned());
+                Some(json)
+            }
+        };
 
         progress.phase("clone root disk");
         let (src, root) = (image_rootfs.to_owned(), dir.join("root.ext4"));
@@ -471,16 +504,23 @@ impl Vms {
             let staging = scratch.path().join("work");
             std::fs::create_dir(&staging)?;
             vmdisk::make_work_disk(&dir2.join("work.ext4"), size, &authorized, &sync, &staging)?;
-            vmdisk::inject(
-                &dir2.join("root.ext4"),
-                &vmdisk::Injection {
-                    agent_binary: &agent,
-                    unit_text: banger_agent::SYSTEMD_UNIT,
-                    host_key: &dir2.join("ssh_host_ed25519_key"),
-                    host_key_pub: &dir2.join("ssh_host_ed25519_key.pub"),
-                },
-                scratch.path(),
-            )?;
+            match runtime {
+                None => vmdisk::inject(
+                    &dir2.join("root.ext4"),
+                    &vmdisk::Injection {
+                        agent_binary: &agent,
+                        unit_text: banger_agent::SYSTEMD_UNIT,
+                        host_key: &dir2.join("ssh_host_ed25519_key"),
+                        host_key_pub: &dir2.join("ssh_host_ed25519_key.pub"),
+                    },
+                    scratch.path(),
+                )?,
+                Some(json) => {
+                    let path = dir2.join(IMAGE_RUNTIME_FILE);
+                    std::fs::write(&path, json)
+                        .with_context(|| format!("cannot write {}", path.display()))?
+                }
+            }
             Ok(())
         })
         .await
@@ -639,18 +679,42 @@ impl Vms {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        let kernel_args = format!(
-            "console=ttyS0 reboot=k panic=1 root=/dev/vda rw rootfstype=ext4 net.ifnames=0 \
-             systemd.show_status=0 banger.ip={}/{prefix} banger.gw={gateway} banger.hostname={name} \
+        let settings = format!(
+            "banger.ip={}/{prefix} banger.gw={gateway} banger.hostname={name} \
              banger.dns={gateway} banger.time={now}",
             row.ip
         );
+        let (kernel_args, initrd) = match row.boot {
+            Boot::Systemd => (
+                format!(
+                    "console=ttyS0 reboot=k panic=1 root=/dev/vda rw rootfstype=ext4 \
+                     net.ifnames=0 systemd.show_status=0 {settings}"
+                ),
+                kernel.initrd.as_ref().map(PathBuf::from),
+            ),
+            // banger's initramfs: the kernel's modules plus the agent as /init and the image's
+            // runtime settings, assembled for this start (so a new agent takes effect at once).
+            Boot::Agent => {
+                let initrd = run_dir.join("initrd.img");
+                let made = self
+                    .agent_initrd(&kernel, &dir.join(IMAGE_RUNTIME_FILE), &initrd)
+                    .await;
+                if let Err(e) = made {
+                    self.release_network(&row).await;
+                    return Err(e);
+                }
+                (
+                    format!("console=ttyS0 reboot=k panic=1 root=/dev/vda rw rootfstype=ext4 {settings}"),
+                    Some(initrd),
+                )
+            }
+        };
         let cfg = VmConfig {
             name: name.to_owned(),
             vcpus: row.spec.vcpu,
             memory_mib: row.spec.memory_mib,
             kernel: PathBuf::from(&kernel.kernel),
-            initrd: kernel.initrd.as_ref().map(PathBuf::from),
+            initrd,
             kernel_args,
             root_disk: dir.join("root.ext4"),
             work_disk: dir.join("work.ext4"),
@@ -713,6 +777,10 @@ impl Vms {
             .unwrap_or_else(|p| p.into_inner())
             .insert(name.to_owned(), client);
 
+        if row.boot != Boot::Systemd {
+            // No sshd in this guest: the agent being up is what "up" means.
+            return Ok(());
+        }
         progress.phase("wait for ssh");
         let addr = format!("{}:22", row.ip);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
@@ -732,6 +800,45 @@ impl Vms {
             }
         }
         Ok(())
+    }
+
+    /// Writes the initramfs an agent-booted VM starts with: the kernel's modules archive, then an
+    /// archive with the agent binary as `/init` and the image's runtime settings.
+    async fn agent_initrd(
+        &self,
+        kernel: &banger_api::KernelInfo,
+        runtime: &Path,
+        out: &Path,
+    ) -> Result<(), ApiError> {
+        let agent = agent_binary()?;
+        let modules = kernel.initrd.as_ref().map(PathBuf::from).ok_or_else(|| {
+            api(
+                ErrorCode::InvalidState,
+                format!(
+                    "kernel {} has no initramfs with modules, which images that boot with the agent need",
+                    kernel.name
+                ),
+            )
+            .with_hint("use the generic kernel: `banger kernel pull generic`")
+        })?;
+        let (runtime, out) = (runtime.to_owned(), out.to_owned());
+        tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            let json = std::fs::read(&runtime).unwrap_or_else(|_| b"{}".to_vec());
+            let mut f = std::io::BufWriter::new(
+                std::fs::File::create(&out)
+                    .with_context(|| format!("cannot create {}", out.display()))?,
+            );
+            let mut m = std::fs::File::open(&modules)
+                .with_context(|| format!("cannot read {}", modules.display()))?;
+            std::io::copy(&mut m, &mut f)?;
+            write_agent_archive(&agent, &json, &mut f)?;
+            use std::io::Write;
+            f.flush()?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| internal(e.into()))?
+        .map_err(|e| disk_err(e, "cannot assemble the VM's initramfs"))
     }
 
     /// Watches a running VM's VMM; when it dies unasked, marks the VM stopped and frees its tap.
@@ -1097,6 +1204,15 @@ impl Vms {
             )
             .with_hint(format!("start it with `banger vm start {name}`")));
         }
+        if row.boot != banger_api::Boot::Systemd {
+            return Err(api(
+                ErrorCode::BadRequest,
+                format!("VM {name} runs no sshd (its image boots with the agent as PID 1)"),
+            )
+            .with_hint(format!(
+                "use `banger vm ssh {name}` or `banger vm exec {name} -- CMD`, which go through the agent"
+            )));
+        }
         let key = self
             .config
             .ssh_key_path
@@ -1150,6 +1266,8 @@ impl Vms {
             .unwrap_or_else(|| self.paths.ssh_dir().join("id_ed25519"));
         let hosts: Vec<banger_config::sshconfig::HostEntry> = rows
             .iter()
+            // Only guests that run sshd get a Host entry; the others are reached through the agent.
+            .filter(|r| r.boot == banger_api::Boot::Systemd)
             .filter_map(|r| {
                 Some(banger_config::sshconfig::HostEntry {
                     name: r.name.clone(),
