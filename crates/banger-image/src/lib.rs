@@ -2,7 +2,8 @@
 //!
 //! Owns: golden-image recipes and the local build from Debian packages (`recipe`, `build`,
 //! `mirror`), ext4 creation and inspection (`ext4`), the bundle format (`bundle`), verified
-//! resumable downloads (`download`), pulling bundles (`pull`), and the image catalog (`catalog`).
+//! resumable downloads (`download`), pulling bundles (`pull`), the image catalog (`catalog`), and
+//! banger's generic guest kernel from Debian's package (`kernel`) with its initramfs (`initramfs`).
 //! Host commands that need root go through `privileged`; progress is reported through `progress`
 //! and never drawn. Leaves to the daemon: the SQLite store, image registration, choosing
 //! directories, locking, and turning progress into API events.
@@ -16,6 +17,8 @@ pub mod digest;
 pub mod download;
 pub mod ext4;
 pub mod hosttools;
+pub mod initramfs;
+pub mod kernel;
 pub mod mirror;
 pub mod privileged;
 pub mod progress;
