@@ -66,7 +66,9 @@ mod tests {
         write_resolv_conf(etc.path(), &[Ipv4Addr::new(172, 16, 0, 1)]).unwrap();
         let path = etc.path().join("resolv.conf");
         assert!(!std::fs::symlink_metadata(&path).unwrap().is_symlink());
-        assert!(std::fs::read_to_string(path).unwrap().contains("nameserver 172.16.0.1\n"));
+        assert!(std::fs::read_to_string(path)
+            .unwrap()
+            .contains("nameserver 172.16.0.1\n"));
         assert!(!target.exists() && !etc.path().join("run").exists());
     }
 
