@@ -11,6 +11,8 @@
 #[path = "init_boot/support.rs"]
 mod support;
 
+use std::path::PathBuf;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use banger_agent::host::{wait_ready, AgentClient, CollectedOutput, Endpoint, ExecRequest};
@@ -19,15 +21,31 @@ use support::*;
 
 const VM: &str = "init-boot";
 
+/// The guest's console log, for failure messages.
+static CONSOLE: OnceLock<PathBuf> = OnceLock::new();
+
+fn console() -> String {
+    CONSOLE
+        .get()
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .unwrap_or_default()
+}
+
 async fn exec(client: &AgentClient, req: ExecRequest) -> CollectedOutput {
     let what = format!("{:?}", req.argv);
-    client
-        .exec(req)
-        .await
-        .unwrap_or_else(|e| panic!("exec {what}: {e}"))
-        .collect()
-        .await
-        .unwrap_or_else(|e| panic!("exec {what}: {e}"))
+    let run = async {
+        client
+            .exec(req)
+            .await
+            .unwrap_or_else(|e| panic!("exec {what}: {e}"))
+            .collect()
+            .await
+            .unwrap_or_else(|e| panic!("exec {what}: {e}"))
+    };
+    match tokio::time::timeout(Duration::from_secs(60), run).await {
+        Ok(out) => out,
+        Err(_) => panic!("exec {what}: no exit after 60 s\nconsole:\n{}", console()),
+    }
 }
 
 async fn sh(client: &AgentClient, script: &str) -> (String, ExitStatus) {
@@ -75,6 +93,7 @@ async fn the_agent_as_init_boots_an_image_without_init_serves_reaps_and_powers_o
         "banger.hostname=init-boot banger.dns=10.0.2.3",
     );
 
+    CONSOLE.set(vm.console.clone()).unwrap();
     let endpoint = Endpoint::VirtioSerial {
         socket: vm.agent_socket.clone(),
     };
@@ -145,6 +164,10 @@ async fn the_agent_as_init_boots_an_image_without_init_serves_reaps_and_powers_o
         "{out}"
     );
 
+    // The devpts instance serves /dev/ptmx (what terminal sessions will open).
+    let (out, _) = sh(&client, "exec 3<>/dev/ptmx; ls /dev/pts").await;
+    assert_eq!(out, "0\nptmx\n");
+
     // An orphaned grandchild is re-parented to PID 1 and reaped: no zombie is left.
     assert_eq!(
         sh(&client, "(sleep 1 &) ; exit 0").await.1,
@@ -170,6 +193,18 @@ async fn the_agent_as_init_boots_an_image_without_init_serves_reaps_and_powers_o
         .exec(ExecRequest::new(["sh", "-c", "kill -9 $PPID"]))
         .await
         .unwrap();
+    // The host cannot see an agent die on a serial port; the console says when it did. (A new
+    // connection before that would be served by the dying agent.)
+    let killed = "init: the agent was killed by SIGKILL; restarting it in 500ms";
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !console().contains(killed) {
+        assert!(
+            Instant::now() < deadline,
+            "the agent was not killed\nconsole:\n{}",
+            console()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // QEMU serves one connection at a time: this one (the handle holds it too) must go first.
     drop((doomed, client));
     let (client, _) = match wait_ready(VM, &endpoint, Duration::from_secs(60)).await {
@@ -201,10 +236,6 @@ async fn the_agent_as_init_boots_an_image_without_init_serves_reaps_and_powers_o
         asked.elapsed()
     );
     assert!(console.contains("init: / remounted read-only"), "{console}");
-    assert!(
-        console.contains("init: the agent was killed by SIGKILL; restarting it in 500ms"),
-        "{console}"
-    );
     assert!(!console.contains("FATAL"), "{console}");
     fsck_clean(&root);
     fsck_clean(&work);
