@@ -5,7 +5,7 @@
 //!
 //! Needs root, QEMU, e2fsprogs, busybox-static, gpgv and the Debian mirror the host's apt
 //! sources name (the kernel package is cached under `target/banger-test-cache/`). Missing
-//! prerequisites fail the test; only `BANGER_E2E_SKIP=1` skips it. One boot only: TCG is slow.
+//! prerequisites fail the test; only `BANGER_E2E_SKIP=1` skips it. Two boots only: TCG is slow.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "init_boot/support.rs"]
@@ -237,6 +237,48 @@ async fn the_agent_as_init_boots_an_image_without_init_serves_reaps_and_powers_o
     );
     assert!(console.contains("init: / remounted read-only"), "{console}");
     assert!(!console.contains("FATAL"), "{console}");
+    fsck_clean(&root);
+    fsck_clean(&work);
+
+    // A second boot of the same disks (a VM restart): what the first boot created is reused,
+    // and QEMU's own graceful stop, the ACPI power button, powers the guest off.
+    drop(vm);
+    vm = Qemu::start(
+        dir.path(),
+        &kernel.vmlinuz,
+        &initrd,
+        &root,
+        &work,
+        "banger.hostname=init-boot",
+    );
+    let (client, _) = match wait_ready(VM, &endpoint, Duration::from_secs(180)).await {
+        Ok(r) => r,
+        Err(e) => panic!(
+            "the agent never answered after a restart: {e}\nconsole:\n{}",
+            vm.console_text()
+        ),
+    };
+    let (out, _) = sh(&client, "stat -c %a /root; cat /etc/resolv.conf").await;
+    assert!(out.starts_with("700\n# Written by banger-agent"), "{out}");
+    drop(client);
+    let pressed = Instant::now();
+    vm.press_power_button();
+    let Some(_) = vm.wait_exit(Duration::from_secs(15)) else {
+        panic!(
+            "QEMU still runs 15 s after the power button\nconsole:\n{}",
+            vm.console_text()
+        );
+    };
+    let console = vm.console_text();
+    eprintln!(
+        "init boot: QEMU gone {:.1?} after the ACPI power button",
+        pressed.elapsed()
+    );
+    assert!(
+        console.contains("init: powering off (ACPI power button)"),
+        "{console}"
+    );
+    assert!(console.contains("init: / remounted read-only"), "{console}");
     fsck_clean(&root);
     fsck_clean(&work);
 }

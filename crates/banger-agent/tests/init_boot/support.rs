@@ -3,8 +3,9 @@
 //! guard that kills it and removes every file on drop.
 
 use std::fs;
-use std::io::Write;
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::symlink;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -205,6 +206,7 @@ fn host_tsc_khz() -> Option<u64> {
 pub struct Qemu {
     child: Child,
     pub agent_socket: PathBuf,
+    qmp_socket: PathBuf,
     pub console: PathBuf,
     pub started: Instant,
 }
@@ -222,7 +224,10 @@ impl Qemu {
         args: &str,
     ) -> Qemu {
         let agent_socket = dir.join("agent.sock");
+        let qmp_socket = dir.join("qmp.sock");
         let console = dir.join("console.log");
+        // A second boot appends to the same log and must not see the first one's lines.
+        let _ = fs::remove_file(&console);
         let mut append =
             format!("console=ttyS0 reboot=k panic=1 root=/dev/vda rw rootfstype=ext4 {args}");
         if let Some(khz) = host_tsc_khz() {
@@ -266,7 +271,12 @@ impl Qemu {
                 agent_socket.display()
             ))
             .args(["-device", "virtserialport,chardev=agent,name=banger.agent"])
-            .args(["-nic", "none"])
+            .args(["-nic", "none", "-chardev"])
+            .arg(format!(
+                "socket,id=qmp,path={},server=on,wait=off",
+                qmp_socket.display()
+            ))
+            .args(["-mon", "chardev=qmp,mode=control"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
@@ -274,8 +284,37 @@ impl Qemu {
         Qemu {
             child,
             agent_socket,
+            qmp_socket,
             console,
             started: Instant::now(),
+        }
+    }
+
+    /// Presses the ACPI power button through QMP (`system_powerdown`), as banger's graceful
+    /// stop does when the agent does not answer.
+    pub fn press_power_button(&self) {
+        let stream = UnixStream::connect(&self.qmp_socket).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut writer = stream;
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        assert!(line.contains("QMP"), "not a QMP greeting: {line}");
+        for command in ["qmp_capabilities", "system_powerdown"] {
+            writeln!(writer, r#"{{"execute":"{command}"}}"#).unwrap();
+            loop {
+                line.clear();
+                reader.read_line(&mut line).unwrap();
+                if line.contains("\"return\"") {
+                    break;
+                }
+                assert!(
+                    !line.contains("\"error\"") && !line.is_empty(),
+                    "{command}: {line}"
+                );
+            }
         }
     }
 

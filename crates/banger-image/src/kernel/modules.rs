@@ -16,8 +16,9 @@ use object::{Endianness, Object, ObjectSection};
 
 /// The modules a banger guest needs: the virtio transports (MMIO for microvm and Firecracker,
 /// PCI for other machines), block, network, console (the agent's virtio-serial port), the
-/// entropy device, and vsock (Firecracker's agent channel).
-pub const ROOTS: [&str; 7] = [
+/// entropy device, vsock (Firecracker's agent channel), and the ACPI power button with the
+/// event interface init reads it through (QEMU's graceful stop presses it).
+pub const ROOTS: [&str; 9] = [
     "virtio_mmio",
     "virtio_pci",
     "virtio_blk",
@@ -25,6 +26,8 @@ pub const ROOTS: [&str; 7] = [
     "virtio_console",
     "virtio_rng",
     "vmw_vsock_virtio_transport",
+    "button",
+    "evdev",
 ];
 
 /// What a module says about itself.
@@ -222,6 +225,8 @@ mod tests {
             ),
             ("vmw_vsock_virtio_transport_common", &["vsock"]),
             ("vsock", &[]),
+            ("button", &[]),
+            ("evdev", &[]),
             ("ext4", &["jbd2"]),
         ])
     }
@@ -247,6 +252,8 @@ mod tests {
                 "vsock",
                 "vmw_vsock_virtio_transport_common",
                 "vmw_vsock_virtio_transport",
+                "button",
+                "evdev",
             ]
         );
     }

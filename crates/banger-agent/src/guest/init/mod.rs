@@ -8,9 +8,11 @@
 //!    `/banger/image.json`; move `/dev`, `/proc`, `/sys` into the new root; delete the
 //!    initramfs files; switch to the new root ([`mounts`]).
 //! 2. **the image's root**: devpts, `/dev/shm`, `/run`, cgroup2, the `/dev` links udev would
-//!    make, `/tmp` (kept on disk, see [`plan`]); Ctrl-Alt-Del turned into `SIGINT`.
+//!    make, `/tmp` (kept on disk, see [`plan`]); Ctrl-Alt-Del turned into `SIGINT`; the ACPI
+//!    power button opened ([`button`]).
 //! 3. **PID 1's loop** ([`supervisor`]): fork the agent ([`agent`]: setup and serve, as in a
-//!    Debian guest), reap every orphan, restart the agent when it dies, power off on request.
+//!    Debian guest), reap every orphan, restart the agent when it dies, power off on request
+//!    (`SIGUSR2` from the agent, `SIGTERM`, Ctrl-Alt-Del, the power button).
 //!
 //! A failure that leaves no usable root (no device, a mount that fails) powers the VM off with
 //! the reason on the console, so the host sees the VM end instead of waiting for an agent that
@@ -19,6 +21,7 @@
 //! service and none of this runs.
 
 pub mod agent;
+pub mod button;
 pub mod modules;
 pub mod mounts;
 pub mod plan;
@@ -75,7 +78,12 @@ pub fn run() -> ! {
         Ok(sfd) => sfd,
         Err(e) => fatal(&InitError::Signals(e)),
     };
-    supervisor::supervise(&sfd, &|| agent::spawn(runtime.as_ref()))
+    let mut buttons =
+        button::open_power_buttons(Path::new(button::SYSFS_INPUT), Path::new("/dev/input"));
+    if buttons.is_empty() {
+        log(format_args!("init: no ACPI power button; the VMM can stop this guest only through the agent or Ctrl-Alt-Del"));
+    }
+    supervisor::supervise(&sfd, &mut buttons, &|| agent::spawn(runtime.as_ref()))
 }
 
 /// Why the initramfs stage could not hand over to the image.

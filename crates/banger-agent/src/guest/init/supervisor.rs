@@ -8,10 +8,13 @@
 //! `SIGUSR2` from the agent and `SIGINT` for Ctrl-Alt-Del (with `reboot(RB_DISABLE_CAD)`) get
 //! through.
 //!
+//! The ACPI power button ([`button`]) powers off too: it is how QEMU asks for a graceful stop.
+//!
 //! Power-off: every process gets `SIGTERM`, then up to 5 s to end, then `SIGKILL`; then
 //! `sync`, the work disk (`/root`) is unmounted (lazily if still busy), `/` is remounted
 //! read-only (ext4 writes its journal out and marks itself clean), and `reboot(RB_POWER_OFF)`.
 
+use std::fs::File;
 use std::os::fd::AsFd;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -24,6 +27,7 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
+use super::button;
 use crate::guest::power::INIT_POWEROFF_SIGNAL;
 use crate::guest::serve::log;
 use crate::guest::workdisk::is_mount_point;
@@ -110,24 +114,53 @@ pub fn unblock_signals() -> nix::Result<()> {
     sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
 }
 
-/// Waits up to `timeout` (forever when `None`) for signals; returns the ones that arrived.
-fn wait_signals(sfd: &SignalFd, timeout: Option<Duration>) -> Vec<Signal> {
+/// What woke PID 1 up.
+#[derive(Debug, Default)]
+struct Wake {
+    signals: Vec<Signal>,
+    power_button: bool,
+}
+
+/// Waits up to `timeout` (forever when `None`) for signals or a power-button press.
+fn wait(sfd: &SignalFd, buttons: &mut [File], timeout: Option<Duration>) -> Wake {
     let timeout = match timeout {
         None => PollTimeout::NONE,
         Some(d) => PollTimeout::try_from(d).unwrap_or(PollTimeout::MAX),
     };
-    let mut fds = [PollFd::new(sfd.as_fd(), PollFlags::POLLIN)];
-    match poll(&mut fds, timeout) {
-        Ok(0) | Err(_) => return Vec::new(),
-        Ok(_) => {}
-    }
-    let mut signals = Vec::new();
-    while let Ok(Some(info)) = sfd.read_signal() {
-        if let Ok(s) = Signal::try_from(info.ssi_signo as i32) {
-            signals.push(s);
+    let mut wake = Wake::default();
+    let ready: Vec<bool> = {
+        let mut fds = vec![PollFd::new(sfd.as_fd(), PollFlags::POLLIN)];
+        fds.extend(
+            buttons
+                .iter()
+                .map(|b| PollFd::new(b.as_fd(), PollFlags::POLLIN)),
+        );
+        match poll(&mut fds, timeout) {
+            Ok(0) | Err(_) => return wake,
+            Ok(_) => {}
+        }
+        fds.iter()
+            .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
+            .collect()
+    };
+    if ready.first() == Some(&true) {
+        while let Ok(Some(info)) = sfd.read_signal() {
+            if let Ok(s) = Signal::try_from(info.ssi_signo as i32) {
+                wake.signals.push(s);
+            }
         }
     }
-    signals
+    for (button, _) in buttons.iter_mut().zip(&ready[1..]).filter(|(_, r)| **r) {
+        match button::read_press(button) {
+            Ok(pressed) => wake.power_button |= pressed,
+            Err(e) => log(format_args!("init: reading the power button failed: {e}")),
+        }
+    }
+    wake
+}
+
+fn wait_signals(sfd: &SignalFd, timeout: Option<Duration>) -> Vec<Signal> {
+    wait(sfd, &mut [], timeout).signals
 }
 
 /// Reaps every child that has ended; returns them.
@@ -176,8 +209,9 @@ fn describe(status: &WaitStatus) -> String {
     }
 }
 
-/// Runs the agent (started by `spawn`) and reaps orphans until a power-off is asked for.
-pub fn supervise(sfd: &SignalFd, spawn: &dyn Fn() -> nix::Result<Pid>) -> ! {
+/// Runs the agent (started by `spawn`) and reaps orphans until a power-off is asked for
+/// (a signal, or a press of one of `buttons`).
+pub fn supervise(sfd: &SignalFd, buttons: &mut [File], spawn: &dyn Fn() -> nix::Result<Pid>) -> ! {
     let mut backoff = Backoff::default();
     let mut agent: Option<(Pid, Instant)> = None;
     let mut respawn_at = Some(Instant::now());
@@ -199,11 +233,15 @@ pub fn supervise(sfd: &SignalFd, spawn: &dyn Fn() -> nix::Result<Pid>) -> ! {
             }
         }
         let timeout = respawn_at.map(|at| at.saturating_duration_since(Instant::now()));
-        for signal in wait_signals(sfd, timeout) {
+        let wake = wait(sfd, buttons, timeout);
+        for signal in wake.signals {
             match action_for(signal) {
                 Action::Reap | Action::Ignore => {}
                 Action::PowerOff(reason) => power_off(sfd, reason),
             }
+        }
+        if wake.power_button {
+            power_off(sfd, "ACPI power button");
         }
         // Reap on every wake-up: SIGCHLDs coalesce, and a wake-up by timeout must not leave a
         // zombie waiting for the next signal.
