@@ -8,7 +8,8 @@
 //! 2. `main/binary-amd64/Packages.gz`, verified against the SHA-256 and size the signed text
 //!    gives, streamed to find `linux-image-cloud-amd64` and the exact kernel package it
 //!    depends on ([`packages`]).
-//! 3. That `.deb`, verified against its index entry, cached by digest under `downloads`.
+//! 3. That `.deb`, verified against its index entry, cached by digest under `downloads` (with
+//!    the index; the ones an earlier fetch left there are removed once superseded).
 //! 4. `dpkg-deb --fsys-tarfile` streamed through a tar reader ([`deb`]): `boot/vmlinuz-RELEASE`,
 //!    and the modules in the closure of [`modules::ROOTS`] over their `.modinfo` dependencies
 //!    ([`modules`]), written into a cpio archive ([`crate::initramfs`]) together with
@@ -286,6 +287,14 @@ pub async fn fetch_with_keyring(
     .await
     .map_err(io_err("extract", &deb_path))??;
 
+    let keep = [index_path.as_path(), deb_path.as_path()];
+    for old in superseded_downloads(downloads, &keep) {
+        match fs_err::tokio::remove_file(&old).await {
+            Ok(()) => progress.log(&format!("removed the superseded {}", old.display())),
+            Err(e) => progress.log(&format!("cannot remove the superseded download: {e}")),
+        }
+    }
+
     Ok(DebianKernel {
         release: found.release,
         package: found.package,
@@ -373,6 +382,32 @@ async fn cached_fetch(
             what: what.to_owned(),
             source: Box::new(source),
         })
+}
+
+/// Package indexes and kernel packages in `downloads` from earlier fetches, other than `keep`:
+/// only the newest are ever used again, and each is tens of MB. Only names this module
+/// writes are considered (`downloads` may be shared with other caches).
+fn superseded_downloads(downloads: &Path, keep: &[&Path]) -> Vec<PathBuf> {
+    let ours = |name: &str| {
+        let digest_before = |suffix: &str| {
+            name.strip_suffix(suffix)
+                .and_then(|rest| rest.rsplit_once('-'))
+                .is_some_and(|(_, hex)| hex.parse::<Sha256Digest>().is_ok())
+        };
+        (name.starts_with("Packages-") && digest_before(".gz"))
+            || (name.starts_with("linux-image-") && digest_before(".deb"))
+    };
+    let Ok(entries) = std::fs::read_dir(downloads) else {
+        return Vec::new();
+    };
+    let mut old: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_str().is_some_and(ours))
+        .map(|e| e.path())
+        .filter(|p| !keep.contains(&p.as_path()))
+        .collect();
+    old.sort();
+    old
 }
 
 fn file_digest(path: &Path) -> std::io::Result<Sha256Digest> {
@@ -472,6 +507,30 @@ fn check_bzimage(vmlinuz: &Path) -> Result<(), KernelError> {
 mod tests {
     use super::*;
     use crate::progress::NoProgress;
+
+    #[test]
+    fn only_superseded_indexes_and_kernel_packages_are_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = |c: char| c.to_string().repeat(64);
+        let names = [
+            format!("Packages-{}.gz", h('a')),
+            format!("Packages-{}.gz", h('b')),
+            format!("linux-image-6.1.0-49-cloud-amd64-{}.deb", h('c')),
+            format!("linux-image-6.1.0-50-cloud-amd64-{}.deb", h('d')),
+            format!("linux-image-6.1.0-48-cloud-amd64-{}.deb.part", h('e')),
+            "Packages-notadigest.gz".to_string(),
+            "rootfs.ext4.zst".to_string(),
+        ];
+        for n in &names {
+            std::fs::write(dir.path().join(n), "").unwrap();
+        }
+        let (index, deb) = (dir.path().join(&names[1]), dir.path().join(&names[3]));
+        let old = superseded_downloads(dir.path(), &[&index, &deb]);
+        assert_eq!(
+            old,
+            [dir.path().join(&names[0]), dir.path().join(&names[2])]
+        );
+    }
 
     #[test]
     fn suite_names_are_plain() {
