@@ -5,9 +5,13 @@
 //! line; the agent reads `/proc/cmdline` at start and applies them. Parsing is pure: values that
 //! do not parse are reported as warnings and left unset, never fatal, so one bad value cannot
 //! keep the agent (and with it `vm exec`) from starting.
+//!
+//! When the agent is `/init` (images without an init system), it also reads the kernel's own
+//! root settings ([`parse_root`]) to mount the root file system itself.
 
 use std::fmt;
 use std::net::Ipv4Addr;
+use std::path::{Component, Path, PathBuf};
 use std::str::FromStr;
 
 /// Where the kernel exposes its command line.
@@ -149,6 +153,81 @@ pub fn parse(cmdline: &str) -> Parsed {
     parsed
 }
 
+/// How the kernel command line asks for the root file system (`root=`, `rootfstype=`,
+/// `rootflags=`, `ro`/`rw`); read by the agent when it runs as `/init` and mounts the root
+/// itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RootSpec {
+    /// `root=`: a device path such as `/dev/vda` (`None` when absent or unusable).
+    pub device: Option<PathBuf>,
+    /// `rootfstype=`, `ext4` when absent.
+    pub fstype: String,
+    /// `rootflags=`: file-system specific mount options, passed as they are.
+    pub flags: Option<String>,
+    /// The kernel's rule: read-only unless `rw` comes after the last `ro`.
+    pub read_only: bool,
+}
+
+/// The root file system asked for by `cmdline`, plus one warning per ignored word.
+pub fn parse_root(cmdline: &str) -> (RootSpec, Vec<String>) {
+    let mut spec = RootSpec {
+        device: None,
+        fstype: "ext4".to_string(),
+        flags: None,
+        read_only: true,
+    };
+    let mut warnings = Vec::new();
+    for word in cmdline.split_ascii_whitespace() {
+        let (key, value) = word.split_once('=').unwrap_or((word, ""));
+        let value = value.trim_matches('"');
+        match key {
+            "ro" if value.is_empty() => spec.read_only = true,
+            "rw" if value.is_empty() => spec.read_only = false,
+            "root" => match root_device(value) {
+                Ok(device) => spec.device = Some(device),
+                Err(why) => {
+                    spec.device = None;
+                    warnings.push(format!("ignoring {word}: {why}"));
+                }
+            },
+            "rootfstype" => {
+                // The kernel takes a list; the first entry is the one banger images use.
+                match value.split(',').next().filter(|t| valid_fstype(t)) {
+                    Some(t) => spec.fstype = t.to_string(),
+                    None => warnings.push(format!("ignoring {word}: not a file system type")),
+                }
+            }
+            "rootflags" if !value.is_empty() => spec.flags = Some(value.to_string()),
+            _ => {}
+        }
+    }
+    (spec, warnings)
+}
+
+/// `root=` values the agent can mount without udev: device paths under `/dev`.
+fn root_device(value: &str) -> Result<PathBuf, String> {
+    if value.contains('=') {
+        return Err(format!(
+            "{value} needs udev to resolve; banger's init takes a /dev path such as /dev/vda"
+        ));
+    }
+    let path = Path::new(value);
+    let plain = path
+        .components()
+        .all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
+    if !value.starts_with("/dev/") || !plain || value.len() > 255 {
+        return Err(format!("{value:?} is not a device path under /dev"));
+    }
+    Ok(path.to_path_buf())
+}
+
+fn valid_fstype(t: &str) -> bool {
+    !t.is_empty()
+        && t.len() <= 32
+        && t.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.')
+}
+
 fn parse_dns(value: &str) -> Result<Vec<Ipv4Addr>, String> {
     value
         .split(',')
@@ -223,6 +302,55 @@ mod tests {
             vec![Ipv4Addr::new(1, 1, 1, 1), Ipv4Addr::new(9, 9, 9, 9)]
         );
         assert_eq!(parsed.settings.hostname.unwrap().as_str(), "b");
+    }
+
+    #[test]
+    fn root_settings_follow_the_kernels_rules() {
+        let (spec, warnings) = parse_root(
+            "console=ttyS0 reboot=k panic=1 root=/dev/vda rw rootfstype=ext4 net.ifnames=0",
+        );
+        assert_eq!(warnings, Vec::<String>::new());
+        assert_eq!(
+            spec,
+            RootSpec {
+                device: Some(PathBuf::from("/dev/vda")),
+                fstype: "ext4".into(),
+                flags: None,
+                read_only: false,
+            }
+        );
+        // Without rw the kernel mounts read-only; the last of ro/rw wins.
+        let (spec, _) =
+            parse_root("root=/dev/vdb1 rw ro rootfstype=xfs,ext4 rootflags=noatime,data=ordered");
+        assert!(spec.read_only);
+        assert_eq!(spec.fstype, "xfs");
+        assert_eq!(spec.flags.as_deref(), Some("noatime,data=ordered"));
+        assert_eq!(spec.device.as_deref(), Some(Path::new("/dev/vdb1")));
+        let (spec, _) = parse_root("quiet");
+        assert_eq!(
+            (spec.device, spec.fstype.as_str(), spec.read_only),
+            (None, "ext4", true)
+        );
+    }
+
+    #[test]
+    fn root_devices_outside_dev_or_needing_udev_are_warnings() {
+        for (line, why) in [
+            ("root=UUID=1234-abcd", "needs udev"),
+            ("root=PARTUUID=00-01", "needs udev"),
+            ("root=/dev/../etc/x", "not a device path"),
+            ("root=vda", "not a device path"),
+            ("root=/tmp/disk", "not a device path"),
+            ("rootfstype=ext4;rm", "not a file system type"),
+        ] {
+            let (spec, warnings) = parse_root(line);
+            assert_eq!(spec.device, None, "{line}");
+            assert_eq!(warnings.len(), 1, "{line}: {warnings:?}");
+            assert!(warnings[0].contains(why), "{line}: {warnings:?}");
+        }
+        // A later valid root= wins over an earlier bad one, and the reverse.
+        assert!(parse_root("root=UUID=x root=/dev/vda").0.device.is_some());
+        assert!(parse_root("root=/dev/vda root=UUID=x").0.device.is_none());
     }
 
     #[test]

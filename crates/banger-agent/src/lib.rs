@@ -6,7 +6,8 @@
 //! It leaves to others how the VM is started and which channel its VMM offers (banger-vmm),
 //! what the kernel command line holds beyond parsing it here ([`cmdline`] defines the keys;
 //! the daemon writes them), and how the agent gets into an image (the image builder installs
-//! the binary at [`GUEST_BINARY_PATH`] and [`SYSTEMD_UNIT`] as [`SYSTEMD_UNIT_NAME`]).
+//! the binary at [`GUEST_BINARY_PATH`] and [`SYSTEMD_UNIT`] as [`SYSTEMD_UNIT_NAME`], or puts it
+//! into the initramfs as `/init` for images without an init system, with [`image`]'s config).
 
 // Tests may panic on failure; the workspace's unwrap/expect ban is for production code.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
@@ -15,6 +16,7 @@ pub mod cmdline;
 pub mod guest;
 #[cfg(any(feature = "host", test))]
 pub mod host;
+pub mod image;
 pub mod protocol;
 
 #[cfg(test)]

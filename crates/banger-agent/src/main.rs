@@ -4,11 +4,16 @@
 use std::process::ExitCode;
 
 const USAGE: &str = "\
-usage: banger-agent              run the guest agent (started by systemd in banger VMs)
+usage: banger-agent              run the guest agent (started by systemd in banger VMs;
+                                 as PID 1, it is the init of images without one)
        banger-agent --version    print the agent version
        banger-agent --unit       print the systemd unit that runs it";
 
 fn main() -> ExitCode {
+    // As PID 1 the arguments are whatever the kernel passed on (unknown command-line words).
+    if banger_agent::guest::init::is_pid1() {
+        banger_agent::guest::init::run();
+    }
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args
         .iter()

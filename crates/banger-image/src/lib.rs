@@ -3,7 +3,8 @@
 //! Owns: golden-image recipes and the local build from Debian packages (`recipe`, `build`,
 //! `mirror`), ext4 creation and inspection (`ext4`), the bundle format (`bundle`), verified
 //! resumable downloads (`download`), pulling bundles (`pull`), the image catalog (`catalog`), and
-//! container images from OCI registries with their content-addressed blob cache (`oci`).
+//! container images from OCI registries with their content-addressed blob cache (`oci`), and
+//! banger's generic guest kernel from Debian's package (`kernel`) with its initramfs (`initramfs`).
 //! Host commands that need root go through `privileged`; progress is reported through `progress`
 //! and never drawn. Leaves to the daemon: the SQLite store, image registration, choosing
 //! directories, locking, and turning progress into API events.
@@ -17,6 +18,8 @@ pub mod digest;
 pub mod download;
 pub mod ext4;
 pub mod hosttools;
+pub mod initramfs;
+pub mod kernel;
 pub mod mirror;
 pub mod oci;
 pub mod privileged;

@@ -40,16 +40,6 @@ use crate::{fsutil, names, now_rfc3339, sshkeys, vmdisk};
 /// from the image at create time and handed to the agent in the initramfs at every start.
 const IMAGE_RUNTIME_FILE: &str = "image-runtime.json";
 
-/// Appends the archive with `/init` (the agent) and `/banger/image.json` to an initramfs.
-fn write_agent_archive(
-    agent: &Path,
-    image_json: &[u8],
-    out: &mut impl std::io::Write,
-) -> anyhow::Result<()> {
-    let _ = (agent, image_json, out);
-    anyhow::bail!("this build cannot make the agent's initramfs")
-}
-
 fn boot_timeout() -> Duration {
     std::env::var("BANGER_BOOT_TIMEOUT")
         .ok()
@@ -831,7 +821,9 @@ impl Vms {
             let mut m = std::fs::File::open(&modules)
                 .with_context(|| format!("cannot read {}", modules.display()))?;
             std::io::copy(&mut m, &mut f)?;
-            write_agent_archive(&agent, &json, &mut f)?;
+            banger_image::initramfs::agent_archive(&agent, &json, &mut f).with_context(|| {
+                format!("cannot add the agent {} to the initramfs", agent.display())
+            })?;
             use std::io::Write;
             f.flush()?;
             Ok(())

@@ -59,6 +59,20 @@ mod tests {
     }
 
     #[test]
+    fn a_dangling_symlink_is_replaced_and_its_target_never_created() {
+        let etc = tempfile::tempdir().unwrap();
+        let target = etc.path().join("run/resolved/stub-resolv.conf");
+        std::os::unix::fs::symlink(&target, etc.path().join("resolv.conf")).unwrap();
+        write_resolv_conf(etc.path(), &[Ipv4Addr::new(172, 16, 0, 1)]).unwrap();
+        let path = etc.path().join("resolv.conf");
+        assert!(!std::fs::symlink_metadata(&path).unwrap().is_symlink());
+        assert!(std::fs::read_to_string(path)
+            .unwrap()
+            .contains("nameserver 172.16.0.1\n"));
+        assert!(!target.exists() && !etc.path().join("run").exists());
+    }
+
+    #[test]
     fn a_missing_etc_is_an_error_naming_the_file() {
         let err = write_resolv_conf(Path::new("/nonexistent-etc"), &[]).unwrap_err();
         let source = std::error::Error::source(&err).unwrap().to_string();

@@ -251,8 +251,11 @@ pub(crate) fn start(
     }
 
     let mut env: BTreeMap<String, String> = cfg.base_env.iter().cloned().collect();
-    if let Some(who) = &identity {
-        env.insert("HOME".to_string(), who.home_or_root().to_string());
+    // HOME is the image's when it sets one (as in Docker), else the user's home from passwd,
+    // else root's.
+    if !env.contains_key("HOME") {
+        let home = identity.as_ref().map_or("/root", |who| who.home_or_root());
+        env.insert("HOME".to_string(), home.to_string());
     }
     env.extend(spec.env);
     if spec.terminal.is_some() {

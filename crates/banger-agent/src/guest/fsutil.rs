@@ -17,8 +17,17 @@ pub(crate) fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Resul
     tmp_name.push(name);
     tmp_name.push(".banger-agent.tmp");
     let tmp = path.with_file_name(tmp_name);
+    // A leftover temporary file, or a symlink planted under its name in the image, is removed
+    // rather than written through; `create_new` (O_EXCL) never follows one either.
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
     let result = (|| {
-        let mut file = fs_err::File::create(&tmp)?;
+        let mut file = fs_err::File::options()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)?;
         file.write_all(contents)?;
         file.set_permissions(std::fs::Permissions::from_mode(mode))?;
         file.sync_all()?;
@@ -60,6 +69,27 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&link).unwrap(), "new");
         assert!(!std::fs::symlink_metadata(&link).unwrap().is_symlink());
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+    }
+
+    #[test]
+    fn a_symlink_planted_at_the_temporary_name_is_not_written_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "keep").unwrap();
+        std::os::unix::fs::symlink(&victim, dir.path().join(".hosts.banger-agent.tmp")).unwrap();
+        write_atomic(&dir.path().join("hosts"), b"new", 0o644).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("hosts")).unwrap(),
+            "new"
+        );
+    }
+
+    #[test]
+    fn writing_into_a_missing_directory_fails_cleanly() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = write_atomic(&dir.path().join("no/hosts"), b"x", 0o644).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
     }
 
     #[test]

@@ -6,6 +6,9 @@
 //! logged and the others still run, because a half-configured guest that answers `vm exec` is
 //! far easier to debug than one whose agent gave up.
 //!
+//! Images without an init system (OCI images) run the agent as PID 1 ([`init`]): it mounts the
+//! root itself, stays PID 1 to reap orphans and power off, and runs this same agent as its child.
+//!
 //! Everything here is synchronous std code (threads, blocking I/O) so the binary stays small
 //! and links statically; the host side of the protocol lives in [`crate::host`].
 
@@ -14,6 +17,7 @@ pub mod dns;
 pub mod exec;
 mod fsutil;
 pub mod hostname;
+pub mod init;
 pub mod network;
 pub mod notify;
 pub mod power;
@@ -59,10 +63,25 @@ impl Default for SetupConfig {
     }
 }
 
-/// The agent's main: set up, notify systemd, serve. Never returns.
+/// The agent's main: set up, notify systemd, serve. Never returns. As PID 1 (images without
+/// an init system) the agent is [`init::run`] instead.
 pub fn run() -> ! {
     log(format_args!("starting, version {AGENT_VERSION}"));
-    let settings = match fs_err::read_to_string(PROC_CMDLINE) {
+    let settings = read_boot_settings();
+    setup(&settings, &SetupConfig::default());
+    match notify::notify_ready() {
+        Ok(true) => log(format_args!("systemd: notified ready")),
+        Ok(false) => log(format_args!(
+            "systemd: not started by systemd, nothing to notify"
+        )),
+        Err(e) => log(format_args!("systemd: {}", report(&e))),
+    }
+    transport::serve_forever(Arc::new(serve::ServeConfig::guest()))
+}
+
+/// The `banger.*` settings on the kernel command line; none when it cannot be read.
+pub(crate) fn read_boot_settings() -> BootSettings {
+    match fs_err::read_to_string(PROC_CMDLINE) {
         Ok(line) => {
             let parsed = cmdline::parse(&line);
             for w in &parsed.warnings {
@@ -76,16 +95,7 @@ pub fn run() -> ! {
             ));
             BootSettings::default()
         }
-    };
-    setup(&settings, &SetupConfig::default());
-    match notify::notify_ready() {
-        Ok(true) => log(format_args!("systemd: notified ready")),
-        Ok(false) => log(format_args!(
-            "systemd: not started by systemd, nothing to notify"
-        )),
-        Err(e) => log(format_args!("systemd: {}", report(&e))),
     }
-    transport::serve_forever(Arc::new(serve::ServeConfig::guest()))
 }
 
 /// Runs every setup step for `settings`, logging one line per step.

@@ -22,13 +22,13 @@ use crate::protocol::{
 /// Where the kernel publishes the identifier of the current boot.
 pub const BOOT_ID_PATH: &str = "/proc/sys/kernel/random/boot_id";
 
-/// The environment every command starts from; the request's `env` adds to it.
-pub const BASE_ENV: [(&str, &str); 3] = [
+/// The environment every command starts from; the request's `env` adds to it. `HOME` is not
+/// here: it is the home of the user the command runs as (see `exec`).
+pub const BASE_ENV: [(&str, &str); 2] = [
     (
         "PATH",
         "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     ),
-    ("HOME", "/root"),
     ("LANG", "C.UTF-8"),
 ];
 

@@ -14,7 +14,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
@@ -61,13 +61,39 @@ pub fn serve_forever(cfg: Arc<ServeConfig>) -> ! {
     serve_serial_forever(Path::new(SERIAL_PORT_PATH), &cfg)
 }
 
+/// Where the kernel lists virtio-serial ports, each directory with a `name` file.
+pub const SYSFS_VIRTIO_PORTS: &str = "/sys/class/virtio-ports";
+
+/// The port's device: `path` when it exists (udev made the by-name link), else the
+/// `/dev/vportNpM` whose sysfs entry under `sysfs` is named like `path`'s last component
+/// (guests without udev, e.g. the agent as `/init`).
+pub fn find_serial_port(path: &Path, sysfs: &Path, dev: &Path) -> Option<PathBuf> {
+    if path.exists() {
+        return Some(path.to_path_buf());
+    }
+    let wanted = path.file_name()?.to_str()?;
+    let mut entries: Vec<_> = std::fs::read_dir(sysfs)
+        .ok()?
+        .filter_map(Result::ok)
+        .map(|e| e.file_name())
+        .collect();
+    entries.sort();
+    entries.into_iter().find_map(|port| {
+        let name = std::fs::read_to_string(sysfs.join(&port).join("name")).ok()?;
+        let node = dev.join(&port);
+        (name.trim_end() == wanted && node.exists()).then_some(node)
+    })
+}
+
 /// Serves the virtio-serial port at `path`, waiting for it to appear (its driver is a module
-/// that udev may load after the agent started).
+/// that udev may load after the agent started). Without udev's by-name link the port is
+/// found through sysfs ([`find_serial_port`]).
 pub fn serve_serial_forever(path: &Path, cfg: &Arc<ServeConfig>) -> ! {
     let mut retry = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
     let mut reported_missing = false;
     loop {
-        if !path.exists() {
+        let Some(port) = find_serial_port(path, Path::new(SYSFS_VIRTIO_PORTS), Path::new("/dev"))
+        else {
             if !reported_missing {
                 log(format_args!(
                     "{} is not there (yet); watching for it",
@@ -77,7 +103,8 @@ pub fn serve_serial_forever(path: &Path, cfg: &Arc<ServeConfig>) -> ! {
             }
             retry.sleep();
             continue;
-        }
+        };
+        let path = port.as_path();
         match File::options().read(true).write(true).open(path) {
             Ok(port) => {
                 log(format_args!("serving {}", path.display()));
@@ -175,5 +202,38 @@ fn serve_vsock_connection(conn: OwnedFd, cfg: &Arc<ServeConfig>) {
     match serve_session(&conn, &writer, cfg) {
         Ok(_) => log(format_args!("host closed its vsock connection")),
         Err(e) => log(format_args!("vsock connection failed: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_port_is_found_by_name_in_sysfs_when_udev_made_no_link() {
+        let root = tempfile::tempdir().unwrap();
+        let (sysfs, dev) = (root.path().join("sys"), root.path().join("dev"));
+        for (port, name) in [("vport0p0", "other\n"), ("vport1p1", "banger.agent\n")] {
+            std::fs::create_dir_all(sysfs.join(port)).unwrap();
+            std::fs::write(sysfs.join(port).join("name"), name).unwrap();
+        }
+        std::fs::create_dir_all(dev.join("virtio-ports")).unwrap();
+        let link = dev.join("virtio-ports/banger.agent");
+        // Named in sysfs but without a device node: not usable yet.
+        assert_eq!(find_serial_port(&link, &sysfs, &dev), None);
+        std::fs::write(dev.join("vport1p1"), "").unwrap();
+        assert_eq!(
+            find_serial_port(&link, &sysfs, &dev),
+            Some(dev.join("vport1p1"))
+        );
+        // udev's link wins when it is there.
+        std::fs::write(&link, "").unwrap();
+        assert_eq!(find_serial_port(&link, &sysfs, &dev), Some(link.clone()));
+        // No sysfs directory at all (virtio_console not loaded yet).
+        std::fs::remove_file(&link).unwrap();
+        assert_eq!(
+            find_serial_port(&link, &root.path().join("none"), &dev),
+            None
+        );
     }
 }

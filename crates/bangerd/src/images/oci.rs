@@ -188,12 +188,12 @@ impl Images {
             }
             _ => (self.reserve_new(&name).await?, None),
         };
-        self.ensure_generic_kernel(progress).await?;
-
         let cache = self.blob_cache();
         let resolved = banger_image::oci::manifest::resolve(&reference, &options, &cache, progress)
             .await
             .map_err(|e| oci_err(&e))?;
+        // After the image is known to exist and be usable, before the big downloads.
+        self.ensure_generic_kernel(progress).await?;
         let _in_use = self.in_flight.hold(
             std::iter::once(resolved.config_digest).chain(resolved.layers.iter().map(|l| l.digest)),
         );
