@@ -1,12 +1,13 @@
 //! `banger vm run`: the one command. Resolves the spec, makes sure the image exists (preparing
-//! the default one on first use), creates and boots a VM, copies the repo in as one tar stream
-//! over ssh, starts the tool bootstrap, then runs the command or an interactive session, and
-//! deletes the VM afterwards with `--rm`. Every failure before the command runs maps to one of
+//! the default one, or pulling an explicit OCI reference, on first use), creates and boots a
+//! VM, copies the repo in as one tar stream through the guest agent, starts the tool bootstrap,
+//! then runs the command (through the agent) or an interactive session (OpenSSH where the guest
+//! runs sshd, the agent's terminal elsewhere), and deletes the VM afterwards with `--rm`. Every failure before the command runs maps to one of
 //! banger's own exit statuses; after that, the command's status is ours.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{ExitCode, Stdio};
+use std::process::ExitCode;
 
 use banger_api::vm::{CreateVmRequest, SshTarget, SyncEntry, VmInfo};
 use banger_api::{ImageInfo, PullImageRequest};
@@ -244,53 +245,12 @@ async fn ensure_image(
     Ok(())
 }
 
+/// After the VM is up: the workspace (copy, branch, tool bootstrap) and the command go through
+/// the guest agent, which under TCG answers in a tenth of the time an ssh handshake takes
+/// (bench/results/agent-vs-ssh.md); an interactive shell is OpenSSH's where the guest runs sshd
+/// (so the terminal is a real ssh session), the agent's elsewhere. A workspace needs `sh` and
+/// `tar` in the image.
 async fn session(
-    client: &Client,
-    vm: &VmInfo,
-    args: &RunArgs,
-    snapshot: Option<&workspace::Snapshot>,
-) -> Result<ExitCode, CliError> {
-    if !vm.ssh {
-        return agent_session(client, vm, args, snapshot).await;
-    }
-    let target: SshTarget = client
-        .call(
-            Method::GET,
-            &format!("/v1/vms/{}/ssh", vm.name),
-            None::<&()>,
-        )
-        .await?;
-    let mut workdir = "/root".to_owned();
-    if let Some(snap) = snapshot {
-        copy_workspace(&target, snap)?;
-        workdir = "/root/repo".to_owned();
-        if let Some(script) = checkout_script(args) {
-            let status = ssh_command(&target, &[script]).status().map_err(ssh_err)?;
-            if !status.success() {
-                return Err(branch_err(args, &vm.name));
-            }
-        }
-        start_tool_bootstrap(&target, &snap.root);
-    }
-    let mut cmd = if args.command.is_empty() {
-        let mut c = ssh_command(&target, &[]);
-        c.arg("-t");
-        c
-    } else {
-        let line: Vec<String> = args.command.iter().map(|a| sh_quote(a)).collect();
-        ssh_command(&target, &[format!("cd {workdir} && {}", line.join(" "))])
-    };
-    let status = cmd.status().map_err(ssh_err)?;
-    let code = status.code().unwrap_or(255);
-    Ok(ExitCode::from(
-        u8::try_from(code.clamp(0, 255)).unwrap_or(255),
-    ))
-}
-
-/// `vm run` on a guest without sshd: the workspace copy, the branch, the tool bootstrap and the
-/// command (or an interactive shell on a terminal) all go through the agent. The image needs
-/// `sh` and `tar` for a workspace.
-async fn agent_session(
     client: &Client,
     vm: &VmInfo,
     args: &RunArgs,
@@ -299,7 +259,7 @@ async fn agent_session(
     use std::io::IsTerminal;
     let mut workdir = None;
     if let Some(snap) = snapshot {
-        copy_workspace_via_agent(client, &vm.name, snap).await?;
+        copy_workspace(client, &vm.name, snap).await?;
         workdir = Some("/root/repo".to_owned());
         if let Some(script) = checkout_script(args) {
             let status = agent_sh(client, &vm.name, &script).await?;
@@ -322,6 +282,28 @@ async fn agent_session(
         }
     }
     let interactive = args.command.is_empty();
+    if interactive && vm.ssh {
+        let target: SshTarget = client
+            .call(
+                Method::GET,
+                &format!("/v1/vms/{}/ssh", vm.name),
+                None::<&()>,
+            )
+            .await?;
+        let mut cmd = match &workdir {
+            Some(dir) => ssh_command(
+                &target,
+                &[format!("cd {dir} && exec \"${{SHELL:-sh}}\" -l")],
+            ),
+            None => ssh_command(&target, &[]),
+        };
+        cmd.arg("-t");
+        let status = cmd.status().map_err(ssh_err)?;
+        let code = status.code().unwrap_or(255);
+        return Ok(ExitCode::from(
+            u8::try_from(code.clamp(0, 255)).unwrap_or(255),
+        ));
+    }
     let s = crate::session::Session {
         argv: args.command.clone(),
         // Like ssh: a command reads a piped stdin; a shell takes the terminal.
@@ -344,7 +326,7 @@ async fn agent_sh(client: &Client, vm: &str, script: &str) -> Result<u8, CliErro
 
 /// Streams the snapshot into `/root/repo` through the agent: one exec of `tar -x` whose stdin
 /// is the tar stream, written by a thread into a pipe.
-async fn copy_workspace_via_agent(
+async fn copy_workspace(
     client: &Client,
     vm: &str,
     snap: &workspace::Snapshot,
@@ -403,45 +385,6 @@ fn ssh_err(e: std::io::Error) -> CliError {
         .hint("install OpenSSH's client: apt-get install openssh-client")
 }
 
-/// Streams the snapshot into `/root/repo` through one ssh connection.
-fn copy_workspace(target: &SshTarget, snap: &workspace::Snapshot) -> Result<(), CliError> {
-    let started = std::time::Instant::now();
-    let mut child = ssh_command(
-        target,
-        &["rm -rf /root/repo && mkdir -p /root/repo && tar -x -p -C /root/repo -f -".to_owned()],
-    )
-    .stdin(Stdio::piped())
-    .spawn()
-    .map_err(ssh_err)?;
-    let stdin = child
-        .stdin
-        .take()
-        .ok_or_else(|| CliError::new(Exit::Failure, "ssh has no stdin"))?;
-    let writer = std::io::BufWriter::with_capacity(1 << 20, stdin);
-    let packed = workspace::write_tar(snap, writer).and_then(|mut w| {
-        w.flush()
-            .map_err(|e| CliError::new(Exit::Failure, format!("cannot send the workspace: {e}")))
-    });
-    let status = child.wait().map_err(ssh_err)?;
-    packed?;
-    if !status.success() {
-        return Err(CliError::new(
-            Exit::VmFailed,
-            format!(
-                "copying {} into the VM failed (ssh/tar exit {:?})",
-                snap.root.display(),
-                status.code()
-            ),
-        ));
-    }
-    eprintln!(
-        "copied {} to /root/repo in {}",
-        snap.root.display(),
-        human_duration(started.elapsed())
-    );
-    Ok(())
-}
-
 /// The script that checks out `--branch` (created from `--from`), if one was asked for.
 fn checkout_script(args: &RunArgs) -> Option<String> {
     let b = sh_quote(args.branch.as_ref()?);
@@ -488,21 +431,6 @@ fn tool_bootstrap_script(root: &Path) -> String {
          (if command -v mise >/dev/null; then nohup mise install; \
           else echo 'mise is not installed in this image; skipped tool bootstrap'; fi) > {log} 2>&1 < /dev/null"
     )
-}
-
-/// Starts `mise install` in the background when the repo declares tools; never fails the run.
-fn start_tool_bootstrap(target: &SshTarget, root: &Path) {
-    if !declares_tools(root) {
-        return;
-    }
-    let log = tool_log(root);
-    let script = format!("{} &", tool_bootstrap_script(root));
-    match ssh_command(target, &[script]).status() {
-        Ok(s) if s.success() => {
-            eprintln!("tool bootstrap: mise install runs in the background (log: {log})")
-        }
-        _ => eprintln!("notice: could not start the tool bootstrap; continuing"),
-    }
 }
 
 #[cfg(test)]
