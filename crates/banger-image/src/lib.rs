@@ -17,6 +17,7 @@ pub mod download;
 pub mod ext4;
 pub mod hosttools;
 pub mod mirror;
+pub mod oci;
 pub mod privileged;
 pub mod progress;
 pub mod pull;
