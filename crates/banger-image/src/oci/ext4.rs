@@ -78,7 +78,9 @@ pub enum Ext4BuildError {
         #[source]
         source: io::Error,
     },
-    #[error("the staging path {0} contains a newline or carriage return, which debugfs cannot read")]
+    #[error(
+        "the staging path {0} contains a newline or carriage return, which debugfs cannot read"
+    )]
     BadStagingPath(PathBuf),
     #[error("entry `{path}` cannot be written: its debugfs command would be {len} bytes, above debugfs's line limit of {MAX_LINE}")]
     LineTooLong { path: String, len: usize },
@@ -184,15 +186,18 @@ impl Script<'_> {
         }
         // 0 would mean "the real time"; 2^32 truncates to 0 in the inode's 32-bit field.
         let arg = if t == 0 { 1i64 << 32 } else { t };
-        self.line(
-            &[b"set_current_time", format!("@{arg}").as_bytes()],
-            b"",
-        )?;
+        self.line(&[b"set_current_time", format!("@{arg}").as_bytes()], b"")?;
         self.now = Some(t);
         Ok(())
     }
 
-    fn sif(&mut self, target: &[u8], field: &str, value: &str, path: &[u8]) -> Result<(), Ext4BuildError> {
+    fn sif(
+        &mut self,
+        target: &[u8],
+        field: &str,
+        value: &str,
+        path: &[u8],
+    ) -> Result<(), Ext4BuildError> {
         self.line(&[b"sif", target, field.as_bytes(), value.as_bytes()], path)
     }
 
@@ -367,7 +372,13 @@ impl Script<'_> {
         Ok(subdirs)
     }
 
-    fn mknod(&mut self, q: &[u8], kind: &[u8], d: Device, path: &[u8]) -> Result<(), Ext4BuildError> {
+    fn mknod(
+        &mut self,
+        q: &[u8],
+        kind: &[u8],
+        d: Device,
+        path: &[u8],
+    ) -> Result<(), Ext4BuildError> {
         let (major, minor) = if d.major > 0xffff || d.minor > 0xffff {
             (0, 0)
         } else {
@@ -386,7 +397,12 @@ impl Script<'_> {
     }
 
     /// Times of an inode that already exists (the root, lost+found).
-    fn root_like_times(&mut self, target: &[u8], mtime: i64, path: &[u8]) -> Result<(), Ext4BuildError> {
+    fn root_like_times(
+        &mut self,
+        target: &[u8],
+        mtime: i64,
+        path: &[u8],
+    ) -> Result<(), Ext4BuildError> {
         let t = format!("@{mtime}");
         for field in ["mtime", "atime", "ctime"] {
             self.sif(target, field, &t, path)?;
@@ -459,7 +475,10 @@ fn build_inner(
         .create_new(true)
         .mode(0o644)
         .open(out)
-        .map_err(Ext4BuildError::io(format!("cannot create {}", out.display())))?;
+        .map_err(Ext4BuildError::io(format!(
+            "cannot create {}",
+            out.display()
+        )))?;
     let mut retried = false;
     loop {
         make_fs(&mkfs, out, size, inodes)?;
@@ -468,7 +487,9 @@ fn build_inner(
                 // The estimate was short; one generous retry, as the debootstrap build does.
                 retried = true;
                 size = size_for_tree(size.saturating_add(size / 2), crate::ext4::MiB(0));
-                progress.log(&format!("file system too small, retrying with {size} bytes"));
+                progress.log(&format!(
+                    "file system too small, retrying with {size} bytes"
+                ));
             }
             other => {
                 other?;
@@ -611,7 +632,10 @@ fn run_debugfs(
         .stdout(Stdio::piped())
         .stderr(stderr_file)
         .spawn()
-        .map_err(Ext4BuildError::io(format!("cannot run {}", debugfs.display())))?;
+        .map_err(Ext4BuildError::io(format!(
+            "cannot run {}",
+            debugfs.display()
+        )))?;
     let mut problems = Vec::new();
     let mut done = 0u64;
     let mut throttle = ByteThrottle::new(1000);

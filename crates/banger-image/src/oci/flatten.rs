@@ -140,7 +140,9 @@ pub enum FlattenError {
         #[source]
         source: Ext4BuildError,
     },
-    #[error("internal error while reading layer {index}/{count} (a bug in banger; please report it)")]
+    #[error(
+        "internal error while reading layer {index}/{count} (a bug in banger; please report it)"
+    )]
     Panic { index: usize, count: usize },
 }
 
@@ -249,8 +251,8 @@ fn read_layer(
     entry_count: &AtomicU64,
     read_bytes: &AtomicU64,
 ) -> Result<Parsed, Failure> {
-    let mut stream =
-        LayerStream::open(&layer.path, layer.compression, budget, read_bytes).map_err(Failure::Layer)?;
+    let mut stream = LayerStream::open(&layer.path, layer.compression, budget, read_bytes)
+        .map_err(Failure::Layer)?;
     let mut stager = StagingStager {
         staging,
         buf: vec![0u8; COPY_BUF],
@@ -378,7 +380,8 @@ fn run(
                         let Some(parsed) = pending.remove(&merged) else {
                             break;
                         };
-                        if let Err(source) = merge(&mut tree, merged, parsed, staging, progress, count)
+                        if let Err(source) =
+                            merge(&mut tree, merged, parsed, staging, progress, count)
                         {
                             budget.cancel();
                             error = Some(FlattenError::Tree {
@@ -445,9 +448,11 @@ fn run(
     progress.phase("write ext4");
     let stats = tree.stats();
     let (output, notices) =
-        ext4::build(&tree, staging, out, limits, progress).map_err(|source| FlattenError::Ext4 {
-            out: out.to_owned(),
-            source,
+        ext4::build(&tree, staging, out, limits, progress).map_err(|source| {
+            FlattenError::Ext4 {
+                out: out.to_owned(),
+                source,
+            }
         })?;
     for n in notices {
         progress.notice(&n);

@@ -436,7 +436,10 @@ mod tests {
         .unwrap_err();
         let msg = err.to_string();
         assert!(matches!(err, LayerError::BlobDigest { .. }), "{msg}");
-        assert!(msg.contains(&good.to_string()) && msg.contains("hint:"), "{msg}");
+        assert!(
+            msg.contains(&good.to_string()) && msg.contains("hint:"),
+            "{msg}"
+        );
         b.digest = good;
         let err = read_all(
             &b,
@@ -480,13 +483,21 @@ mod tests {
         let zeros = vec![0u8; 8 << 20];
         let b = blob(&gzip(&zeros));
         let any = Sha256Digest::of_bytes(b"");
-        let err = read_all(&b, Compression::Gzip, &Budget::new(1 << 20, 1 << 30), &any)
-            .unwrap_err();
-        assert!(matches!(err, LayerError::LayerTooLarge { limit } if limit == 1 << 20), "{err}");
+        let err =
+            read_all(&b, Compression::Gzip, &Budget::new(1 << 20, 1 << 30), &any).unwrap_err();
+        assert!(
+            matches!(err, LayerError::LayerTooLarge { limit } if limit == 1 << 20),
+            "{err}"
+        );
         assert!(err.to_string().contains("decompression bomb"), "{err}");
         let budget = Budget::new(1 << 30, 12 << 20);
-        let (_, _) = read_all(&b, Compression::Gzip, &budget, &Sha256Digest::of_bytes(&zeros))
-            .unwrap();
+        let (_, _) = read_all(
+            &b,
+            Compression::Gzip,
+            &budget,
+            &Sha256Digest::of_bytes(&zeros),
+        )
+        .unwrap();
         let err = read_all(&b, Compression::Gzip, &budget, &any).unwrap_err();
         assert!(matches!(err, LayerError::ImageTooLarge { .. }), "{err}");
         assert!(budget.used() <= (12 << 20) + 1 + (64 << 10));

@@ -176,7 +176,10 @@ impl fmt::Debug for Xattr {
 pub enum Content {
     Empty,
     /// In the stager's file number `id`.
-    Staged { id: u64, size: u64 },
+    Staged {
+        id: u64,
+        size: u64,
+    },
 }
 
 impl Content {
@@ -250,7 +253,9 @@ pub enum TarErrorKind {
     AfterEnd,
     #[error("two {0} headers describe the same entry")]
     DuplicateExtension(&'static str),
-    #[error("the archive ends after an extension header (PAX or GNU long name) that describes no entry")]
+    #[error(
+        "the archive ends after an extension header (PAX or GNU long name) that describes no entry"
+    )]
     DanglingExtension,
     #[error("extension header of {size} bytes exceeds the limit of {max}")]
     ExtensionTooLarge { size: u64, max: u64 },
@@ -264,15 +269,21 @@ pub enum TarErrorKind {
     UnsupportedType(char),
     #[error("has a data size of {size} bytes but its type carries no data; tar implementations disagree on where the next header starts")]
     HeaderOnlyWithData { size: u64 },
-    #[error("is a type `0` regular file whose name ends in `/`: GNU tar reads a directory, Go a file")]
+    #[error(
+        "is a type `0` regular file whose name ends in `/`: GNU tar reads a directory, Go a file"
+    )]
     AmbiguousTrailingSlash,
-    #[error("has a GNU long {0} and a PAX {0} that differ; tar implementations pick different ones")]
+    #[error(
+        "has a GNU long {0} and a PAX {0} that differ; tar implementations pick different ones"
+    )]
     ConflictingNames(&'static str),
     #[error("has a header prefix longer than 130 bytes in a star-format header; tar implementations read different names")]
     AmbiguousPrefix,
     #[error("contains a `..` component")]
     DotDot,
-    #[error("contains a newline, carriage return or NUL byte, which cannot be written into the image")]
+    #[error(
+        "contains a newline, carriage return or NUL byte, which cannot be written into the image"
+    )]
     BadChar,
     #[error("path of {len} bytes exceeds the limit of {max}")]
     PathTooLong { len: usize, max: usize },
@@ -315,7 +326,11 @@ pub struct TarError {
 impl fmt::Display for TarError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.entry {
-            Some(e) => write!(f, "entry `{e}` (header at byte {}) {}", self.offset, self.kind),
+            Some(e) => write!(
+                f,
+                "entry `{e}` (header at byte {}) {}",
+                self.offset, self.kind
+            ),
             None => write!(f, "at byte {}: {}", self.offset, self.kind),
         }
     }
@@ -448,10 +463,7 @@ fn pax_records(data: &[u8]) -> Result<Vec<(&[u8], &[u8])>, String> {
         let Some((&b'\n', body)) = record.split_last() else {
             return Err("missing newline".into());
         };
-        let eq = body
-            .iter()
-            .position(|&b| b == b'=')
-            .ok_or("missing `=`")?;
+        let eq = body.iter().position(|&b| b == b'=').ok_or("missing `=`")?;
         let (key, value) = (&body[..eq], &body[eq + 1..]);
         if key.is_empty() || key.contains(&0) {
             return Err(format!("bad keyword {:?}", show(key)));
@@ -551,22 +563,22 @@ impl Pax {
                     return Err(TarErrorKind::GnuExtension(show(key)));
                 }
                 _ => {
-                    let (list, name, value) =
-                        if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
-                            (&mut pax.schily, name.to_vec(), value.to_vec())
-                        } else if let Some(enc) = key.strip_prefix(b"LIBARCHIVE.xattr.") {
-                            let name = url_decode(enc).ok_or_else(|| {
-                                TarErrorKind::Pax(format!("bad name encoding in {}", show(key)))
-                            })?;
-                            let value = base64_decode(value).ok_or_else(|| {
-                                TarErrorKind::Pax(format!("bad base64 value for {}", show(key)))
-                            })?;
-                            (&mut pax.libarchive, name, value)
-                        } else {
-                            // atime, ctime, uname, gname, comment, charset, SCHILY.acl.*, ...:
-                            // nothing the image keeps.
-                            continue;
-                        };
+                    let (list, name, value) = if let Some(name) = key.strip_prefix(b"SCHILY.xattr.")
+                    {
+                        (&mut pax.schily, name.to_vec(), value.to_vec())
+                    } else if let Some(enc) = key.strip_prefix(b"LIBARCHIVE.xattr.") {
+                        let name = url_decode(enc).ok_or_else(|| {
+                            TarErrorKind::Pax(format!("bad name encoding in {}", show(key)))
+                        })?;
+                        let value = base64_decode(value).ok_or_else(|| {
+                            TarErrorKind::Pax(format!("bad base64 value for {}", show(key)))
+                        })?;
+                        (&mut pax.libarchive, name, value)
+                    } else {
+                        // atime, ctime, uname, gname, comment, charset, SCHILY.acl.*, ...:
+                        // nothing the image keeps.
+                        continue;
+                    };
                     pax.xattr_records += 1;
                     if pax.xattr_records > limits.max_xattrs {
                         return Err(TarErrorKind::TooManyXattrs {
@@ -651,7 +663,9 @@ impl<R: Read> Read for Exact<'_, R> {
         if self.left == 0 {
             return Ok(0);
         }
-        let want = buf.len().min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let want = buf
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
         match self.r.read(&mut buf[..want]) {
             Ok(0) => {
                 self.short = true;
@@ -871,11 +885,12 @@ impl<'a, R: Read> TarReader<'a, R> {
             }
             let typeflag = block[field::TYPEFLAG];
             let header_size = Self::field(&block, field::SIZE, "size", false, &at)?;
-            let header_size = u64::try_from(header_size)
-                .map_err(|_| at.err(TarErrorKind::Number {
+            let header_size = u64::try_from(header_size).map_err(|_| {
+                at.err(TarErrorKind::Number {
                     field: "size",
                     raw: header_size.to_string(),
-                }))?;
+                })
+            })?;
             match typeflag {
                 b'x' => {
                     if pax.is_some() {
@@ -914,7 +929,15 @@ impl<'a, R: Read> TarReader<'a, R> {
                 }
                 _ => {}
             }
-            return self.entry(&block, header_size, pax.take(), long_name, long_link, &mut at, stager);
+            return self.entry(
+                &block,
+                header_size,
+                pax.take(),
+                long_name,
+                long_link,
+                &mut at,
+                stager,
+            );
         }
     }
 
@@ -936,7 +959,11 @@ impl<'a, R: Read> TarReader<'a, R> {
         let ustar = &block[field::MAGIC] == b"ustar\0";
         let header_name = {
             let name = cstr(&block[field::NAME]);
-            let prefix = if ustar { cstr(&block[field::PREFIX]) } else { b"" };
+            let prefix = if ustar {
+                cstr(&block[field::PREFIX])
+            } else {
+                b""
+            };
             if ustar && &block[field::STAR_TRAILER] == b"tar\0" && prefix.len() > 130 {
                 return Err(at.err(TarErrorKind::AmbiguousPrefix));
             }
@@ -1010,18 +1037,16 @@ impl<'a, R: Read> TarReader<'a, R> {
             mode: u32::try_from(Self::field(block, field::MODE, "mode", false, at)? & 0o7777)
                 .unwrap_or(0),
             uid: Self::id(
-                pax.uid.map(i128::from).map_or_else(
-                    || Self::field(block, field::UID, "uid", false, at),
-                    Ok,
-                )?,
+                pax.uid
+                    .map(i128::from)
+                    .map_or_else(|| Self::field(block, field::UID, "uid", false, at), Ok)?,
                 "uid",
                 at,
             )?,
             gid: Self::id(
-                pax.gid.map(i128::from).map_or_else(
-                    || Self::field(block, field::GID, "gid", false, at),
-                    Ok,
-                )?,
+                pax.gid
+                    .map(i128::from)
+                    .map_or_else(|| Self::field(block, field::GID, "gid", false, at), Ok)?,
                 "gid",
                 at,
             )?,
@@ -1296,10 +1321,16 @@ mod tests {
             assert_eq!(normalise(raw, &l).unwrap().to_string(), want, "{raw:?}");
         }
         for raw in [&b"../x"[..], b"a/../b", b"/..", b"a/.."] {
-            assert!(matches!(normalise(raw, &l), Err(TarErrorKind::DotDot)), "{raw:?}");
+            assert!(
+                matches!(normalise(raw, &l), Err(TarErrorKind::DotDot)),
+                "{raw:?}"
+            );
         }
         for raw in [&b"a\nb"[..], b"a\rb", b"a\0b"] {
-            assert!(matches!(normalise(raw, &l), Err(TarErrorKind::BadChar)), "{raw:?}");
+            assert!(
+                matches!(normalise(raw, &l), Err(TarErrorKind::BadChar)),
+                "{raw:?}"
+            );
         }
         let long = vec![b'x'; 256];
         assert!(matches!(
@@ -1371,7 +1402,10 @@ mod tests {
             .end();
         let e = read(&bytes).unwrap();
         assert_eq!(paths(&e), ["/outer", "/after"]);
-        assert_eq!(e[0].kind, EntryKind::File(Content::Staged { id: 0, size: 1024 }));
+        assert_eq!(
+            e[0].kind,
+            EntryKind::File(Content::Staged { id: 0, size: 1024 })
+        );
         // The other way: the header claims data, PAX says none, so the next block is a header.
         let bytes = Ar::default()
             .pax(b'x', &[("size", b"0")])
@@ -1397,7 +1431,10 @@ mod tests {
             .pax(b'x', &[("size", b"512")])
             .entry("l", b'1', "t")
             .end();
-        assert!(matches!(err(&bytes), TarErrorKind::HeaderOnlyWithData { .. }));
+        assert!(matches!(
+            err(&bytes),
+            TarErrorKind::HeaderOnlyWithData { .. }
+        ));
         // Header sizes of directories and hardlinks: no data follows (GNU and Go agree).
         let mut dir = ustar(b"d/", b'5', 512);
         dir.set_cksum();
@@ -1418,7 +1455,10 @@ mod tests {
         let bytes = Ar::default().raw(&ustar(b"d/", 0, 0), b"").end();
         assert_eq!(read(&bytes).unwrap()[0].kind, EntryKind::Dir);
         let bytes = Ar::default().raw(&ustar(b"d/", 0, 1), b"x").end();
-        assert!(matches!(err(&bytes), TarErrorKind::HeaderOnlyWithData { size: 1 }));
+        assert!(matches!(
+            err(&bytes),
+            TarErrorKind::HeaderOnlyWithData { size: 1 }
+        ));
         let bytes = Ar::default().raw(&ustar(b"d/", b'0', 0), b"").end();
         assert!(matches!(err(&bytes), TarErrorKind::AmbiguousTrailingSlash));
     }
@@ -1444,14 +1484,20 @@ mod tests {
             .pax(b'x', &[("path", b"other")])
             .file("short", b"")
             .end();
-        assert!(matches!(err(&bytes), TarErrorKind::ConflictingNames("name")));
+        assert!(matches!(
+            err(&bytes),
+            TarErrorKind::ConflictingNames("name")
+        ));
         // Two PAX headers, or two long names, for one entry.
         let bytes = Ar::default()
             .pax(b'x', &[("path", b"a")])
             .pax(b'x', &[("path", b"b")])
             .file("short", b"")
             .end();
-        assert!(matches!(err(&bytes), TarErrorKind::DuplicateExtension("PAX")));
+        assert!(matches!(
+            err(&bytes),
+            TarErrorKind::DuplicateExtension("PAX")
+        ));
         // An extension header at the very end.
         let bytes = Ar::default().pax(b'x', &[("path", b"a")]).end();
         assert!(matches!(err(&bytes), TarErrorKind::DanglingExtension));
@@ -1473,7 +1519,10 @@ mod tests {
         g.set_uid(0);
         g.set_gid(0);
         g.set_cksum();
-        assert_eq!(paths(&read(&Ar::default().raw(&g, b"").end()).unwrap()), ["/file"]);
+        assert_eq!(
+            paths(&read(&Ar::default().raw(&g, b"").end()).unwrap()),
+            ["/file"]
+        );
     }
 
     #[test]
@@ -1525,7 +1574,11 @@ mod tests {
         let bytes = Ar::default()
             .pax(
                 b'x',
-                &[("uid", b"100000"), ("gid", b"4294967294"), ("mtime", b"1700000000.999")],
+                &[
+                    ("uid", b"100000"),
+                    ("gid", b"4294967294"),
+                    ("mtime", b"1700000000.999"),
+                ],
             )
             .file("a", b"")
             .pax(b'x', &[("mtime", b"-5.5")])
@@ -1549,7 +1602,10 @@ mod tests {
             .pax(b'x', &[("uid", b"4294967295")])
             .file("a", b"")
             .end();
-        assert!(matches!(err(&bytes), TarErrorKind::OutOfRange { field: "uid", .. }));
+        assert!(matches!(
+            err(&bytes),
+            TarErrorKind::OutOfRange { field: "uid", .. }
+        ));
     }
 
     #[test]
@@ -1601,18 +1657,29 @@ mod tests {
         assert_eq!(
             x,
             [
-                ("security.capability".to_string(), b"\x01\x00\x00\x02".to_vec()),
+                (
+                    "security.capability".to_string(),
+                    b"\x01\x00\x00\x02".to_vec()
+                ),
                 ("user.a=b".to_string(), b"value".to_vec()),
             ]
         );
-        assert!(notices.iter().any(|n| n.contains("system.nfs4_acl")), "{notices:?}");
+        assert!(
+            notices.iter().any(|n| n.contains("system.nfs4_acl")),
+            "{notices:?}"
+        );
         let many: Vec<(String, Vec<u8>)> = (0..65)
             .map(|i| (format!("SCHILY.xattr.user.{i}"), b"v".to_vec()))
             .collect();
-        let records: Vec<(&str, &[u8])> =
-            many.iter().map(|(k, v)| (k.as_str(), v.as_slice())).collect();
+        let records: Vec<(&str, &[u8])> = many
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_slice()))
+            .collect();
         let bytes = Ar::default().pax(b'x', &records).file("a", b"").end();
-        assert!(matches!(err(&bytes), TarErrorKind::TooManyXattrs { max: 64 }));
+        assert!(matches!(
+            err(&bytes),
+            TarErrorKind::TooManyXattrs { max: 64 }
+        ));
         let big = vec![b'v'; 65 * 1024 + 1];
         let bytes = Ar::default()
             .pax(b'x', &[("SCHILY.xattr.user.big", &big)])
@@ -1630,17 +1697,29 @@ mod tests {
     fn checksums_numbers_and_the_end_of_the_archive() {
         let mut h = ustar(b"a", b'0', 0);
         h.as_mut_bytes()[148] = b'7';
-        assert!(matches!(err(&Ar::default().raw(&h, b"").end()), TarErrorKind::Checksum));
+        assert!(matches!(
+            err(&Ar::default().raw(&h, b"").end()),
+            TarErrorKind::Checksum
+        ));
         // A checksum over signed bytes (old BSD tars) is accepted.
         let mut h = ustar("caf\u{e9}".as_bytes(), b'0', 0);
         let signed: i64 = h
             .as_bytes()
             .iter()
             .enumerate()
-            .map(|(i, &b)| if (148..156).contains(&i) { 32 } else { i64::from(b as i8) })
+            .map(|(i, &b)| {
+                if (148..156).contains(&i) {
+                    32
+                } else {
+                    i64::from(b as i8)
+                }
+            })
             .sum();
         h.as_mut_bytes()[148..156].copy_from_slice(format!("{signed:06o}\0 ").as_bytes());
-        assert_eq!(paths(&read(&Ar::default().raw(&h, b"").end()).unwrap()), ["/caf\u{e9}"]);
+        assert_eq!(
+            paths(&read(&Ar::default().raw(&h, b"").end()).unwrap()),
+            ["/caf\u{e9}"]
+        );
         // Base-256 sizes.
         let mut h = ustar(b"a", b'0', 0);
         let f = &mut h.as_mut_bytes()[124..136];
@@ -1649,7 +1728,10 @@ mod tests {
         f[11] = 3;
         h.set_cksum();
         let e = read(&Ar::default().raw(&h, b"abc").end()).unwrap();
-        assert_eq!(e[0].kind, EntryKind::File(Content::Staged { id: 0, size: 3 }));
+        assert_eq!(
+            e[0].kind,
+            EntryKind::File(Content::Staged { id: 0, size: 3 })
+        );
         // Garbage in a numeric field.
         let mut h = ustar(b"a", b'0', 0);
         h.as_mut_bytes()[108..116].copy_from_slice(b"12 x\0\0\0\0");
@@ -1680,7 +1762,12 @@ mod tests {
 
     #[test]
     fn unsupported_types_are_refused() {
-        for (typ, want) in [(b'S', "sparse"), (b'7', "'7'"), (b'V', "V header"), (b'Z', "'Z'")] {
+        for (typ, want) in [
+            (b'S', "sparse"),
+            (b'7', "'7'"),
+            (b'V', "V header"),
+            (b'Z', "'Z'"),
+        ] {
             let bytes = Ar::default().raw(&ustar(b"x", typ, 0), b"").end();
             let msg = err(&bytes).to_string();
             assert!(msg.contains(want), "{msg}");
@@ -1724,7 +1811,10 @@ mod tests {
         big.set_cksum();
         assert!(matches!(
             err(&Ar::default().raw(&big, b"").end()),
-            TarErrorKind::OutOfRange { field: "device major", .. }
+            TarErrorKind::OutOfRange {
+                field: "device major",
+                ..
+            }
         ));
     }
 
@@ -1742,7 +1832,10 @@ mod tests {
         assert!(e.to_string().contains("entry `c`"), "{e}");
         let h = ustar(b"p", b'x', 2 << 20);
         let bytes = Ar::default().raw(&h, b"").end();
-        assert!(matches!(err(&bytes), TarErrorKind::ExtensionTooLarge { .. }));
+        assert!(matches!(
+            err(&bytes),
+            TarErrorKind::ExtensionTooLarge { .. }
+        ));
     }
 
     #[test]

@@ -303,7 +303,8 @@ impl Tree {
                         return Err(TreeErrorKind::PathTooLong { max: self.max_path });
                     }
                     // Symlink targets were checked for NUL, CR and LF at the tar boundary.
-                    let name = Name::new(&c).ok_or_else(|| TreeErrorKind::BadComponent(show(&c)))?;
+                    let name =
+                        Name::new(&c).ok_or_else(|| TreeErrorKind::BadComponent(show(&c)))?;
                     let id = self.insert_child(cur, name, self.new_dir(*meta, Vec::new()))?;
                     stack.push((id, len));
                 }
@@ -343,7 +344,11 @@ impl Tree {
         let mut out = Vec::new();
         for pair in stack.windows(2) {
             let (parent, child) = (pair[0].0, pair[1].0);
-            if let Some((name, _)) = self.dir(parent).children.iter().find(|(_, &id)| id == child)
+            if let Some((name, _)) = self
+                .dir(parent)
+                .children
+                .iter()
+                .find(|(_, &id)| id == child)
             {
                 out.push(b'/');
                 out.extend_from_slice(name.as_bytes());
@@ -679,4 +684,392 @@ impl fmt::Debug for Tree {
 #[cold]
 fn unreachable_dir() -> ! {
     panic!("internal error: tree node is not a directory")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::oci::tar::normalise;
+
+    fn p(s: &str) -> ImagePath {
+        normalise(s.as_bytes(), &Limits::default()).unwrap()
+    }
+
+    fn meta(mode: u32) -> Meta {
+        Meta {
+            mode,
+            uid: 0,
+            gid: 0,
+            mtime: 7,
+        }
+    }
+
+    fn e(path: &str, kind: EntryKind) -> Entry {
+        let mode = match kind {
+            EntryKind::Dir => 0o755,
+            _ => 0o644,
+        };
+        Entry {
+            path: p(path),
+            kind,
+            meta: meta(mode),
+            xattrs: vec![],
+        }
+    }
+
+    fn file(path: &str, id: u64) -> Entry {
+        e(path, EntryKind::File(Content::Staged { id, size: 1 }))
+    }
+    fn dir(path: &str) -> Entry {
+        e(path, EntryKind::Dir)
+    }
+    fn sym(path: &str, target: &str) -> Entry {
+        e(path, EntryKind::Symlink(target.as_bytes().into()))
+    }
+    fn hard(path: &str, target: &str) -> Entry {
+        e(path, EntryKind::Hardlink(p(target)))
+    }
+    fn wh(path: &str) -> Entry {
+        e(path, EntryKind::Whiteout)
+    }
+    fn opq(path: &str) -> Entry {
+        e(path, EntryKind::Opaque)
+    }
+
+    /// Applies layers (lists of entries) in order; returns the tree.
+    fn build(layers: Vec<Vec<Entry>>) -> Tree {
+        try_build(layers).unwrap()
+    }
+
+    fn try_build(layers: Vec<Vec<Entry>>) -> Result<Tree, TreeError> {
+        let mut t = Tree::new(&Limits::default());
+        for (i, l) in layers.into_iter().enumerate() {
+            for entry in l {
+                t.apply(i as u32, entry)?;
+            }
+        }
+        Ok(t)
+    }
+
+    /// Paths only, for short assertions.
+    fn names(t: &Tree) -> Vec<String> {
+        t.listing()
+            .into_iter()
+            .map(|l| l.split(' ').next().unwrap_or("").to_string())
+            .collect()
+    }
+
+    #[test]
+    fn a_whiteout_hides_lower_layers_only_in_any_order() {
+        let t = build(vec![
+            vec![dir("a"), file("a/x", 1), file("a/y", 2)],
+            // The same layer recreates x before and y after its whiteouts.
+            vec![file("a/x", 3), wh("a/x"), wh("a/y"), file("a/y", 4)],
+        ]);
+        assert_eq!(names(&t), ["/", "/a", "/a/x", "/a/y"]);
+        let mut t = build(vec![vec![dir("a"), file("a/x", 1)], vec![wh("a/x")]]);
+        assert_eq!(names(&t), ["/", "/a"]);
+        assert_eq!(t.take_freed(), vec![1]);
+    }
+
+    #[test]
+    fn a_whiteout_of_a_lower_dir_keeps_what_this_layer_wrote_inside() {
+        let t = build(vec![
+            vec![
+                dir("d"),
+                file("d/old", 1),
+                dir("d/sub"),
+                file("d/sub/deep", 2),
+            ],
+            vec![file("d/new", 3), wh("d")],
+        ]);
+        assert_eq!(names(&t), ["/", "/d", "/d/new"]);
+        let t = build(vec![vec![dir("d"), file("d/old", 1)], vec![wh("d")]]);
+        assert_eq!(names(&t), ["/"]);
+    }
+
+    #[test]
+    fn an_opaque_dir_keeps_itself_and_this_layers_entries() {
+        let t = build(vec![
+            vec![dir("d"), file("d/old", 1), dir("d/sub"), file("d/sub/x", 2)],
+            vec![file("d/new", 3), opq("d"), dir("d/sub"), file("d/late", 4)],
+        ]);
+        assert_eq!(names(&t), ["/", "/d", "/d/late", "/d/new", "/d/sub"]);
+        // Opaque on a missing dir or a file does nothing.
+        let t = build(vec![vec![file("f", 1)], vec![opq("f"), opq("missing/x")]]);
+        assert_eq!(names(&t), ["/", "/f"]);
+    }
+
+    #[test]
+    fn replacing_a_dir_with_a_file_drops_its_subtree_and_frees_content() {
+        let mut t = build(vec![
+            vec![dir("d"), file("d/a", 1), dir("d/e"), file("d/e/b", 2)],
+            vec![file("d", 3)],
+        ]);
+        assert_eq!(names(&t), ["/", "/d"]);
+        let mut freed = t.take_freed();
+        freed.sort();
+        assert_eq!(freed, vec![1, 2]);
+        // Replacing a file frees the old content too.
+        let mut t = build(vec![vec![file("f", 1), file("f", 2)]]);
+        assert_eq!(t.take_freed(), vec![1]);
+    }
+
+    #[test]
+    fn a_dir_over_a_dir_merges_and_takes_the_new_metadata() {
+        let mut newer = dir("d");
+        newer.meta = Meta {
+            mode: 0o1777,
+            uid: 5,
+            gid: 6,
+            mtime: 99,
+        };
+        let t = build(vec![vec![dir("d"), file("d/keep", 1)], vec![newer]]);
+        assert_eq!(
+            t.listing(),
+            [
+                "/ dir 0755 0:0 @0",
+                "/d dir 1777 5:6 @99",
+                "/d/keep file 1 bytes 0644 0:0 @7"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_dir_over_a_symlink_replaces_the_symlink() {
+        // The "chmod outside" case: the directory entry does not go through the link.
+        let t = build(vec![vec![sym("etc", "/host/etc")], vec![dir("etc")]]);
+        assert_eq!(t.listing(), ["/ dir 0755 0:0 @0", "/etc dir 0755 0:0 @7"]);
+    }
+
+    #[test]
+    fn writes_through_a_symlinked_parent_stay_inside_the_image() {
+        let t = build(vec![
+            vec![
+                dir("usr"),
+                dir("usr/bin"),
+                sym("bin", "usr/bin"),
+                sym("lib", "/usr/lib"),
+            ],
+            vec![file("bin/sh", 1), file("lib/libc.so", 2)],
+        ]);
+        assert_eq!(
+            names(&t),
+            [
+                "/",
+                "/bin",
+                "/lib",
+                "/usr",
+                "/usr/bin",
+                "/usr/bin/sh",
+                "/usr/lib",
+                "/usr/lib/libc.so"
+            ]
+        );
+        // Absolute and `..` targets are taken from the image root and clamped there.
+        let t = build(vec![
+            vec![
+                sym("up", ".."),
+                sym("abs", "/../../host"),
+                sym("etc2", "/etc"),
+            ],
+            vec![dir("up/up/x"), file("abs/f", 1), file("etc2/passwd", 2)],
+        ]);
+        assert_eq!(
+            names(&t),
+            [
+                "/",
+                "/abs",
+                "/etc",
+                "/etc/passwd",
+                "/etc2",
+                "/host",
+                "/host/f",
+                "/up",
+                "/x"
+            ]
+        );
+    }
+
+    #[test]
+    fn symlink_loops_and_files_as_parents_are_refused() {
+        let err = try_build(vec![vec![sym("a", "b"), sym("b", "a"), file("a/x", 1)]]).unwrap_err();
+        assert!(matches!(err.kind, TreeErrorKind::SymlinkLoop), "{err}");
+        assert_eq!(err.path, "/a/x");
+        let err = try_build(vec![vec![file("f", 1), file("f/x", 2)]]).unwrap_err();
+        assert!(
+            matches!(err.kind, TreeErrorKind::NotADirectory(ref p) if p == "/f"),
+            "{err}"
+        );
+        let err = try_build(vec![vec![file("f", 1), sym("l", "f"), file("l/x", 2)]]).unwrap_err();
+        assert!(matches!(err.kind, TreeErrorKind::NotADirectory(_)), "{err}");
+        // 40 symlinks are fine, 41 are not.
+        let chain = |n: usize| {
+            let mut l: Vec<Entry> = (0..n)
+                .map(|i| sym(&format!("l{i}"), &format!("l{}", i + 1)))
+                .collect();
+            l.push(dir(&format!("l{n}")));
+            l.push(file("l0/x", 1));
+            l
+        };
+        assert!(try_build(vec![chain(40)]).is_ok());
+        assert!(matches!(
+            try_build(vec![chain(41)]).unwrap_err().kind,
+            TreeErrorKind::SymlinkLoop
+        ));
+    }
+
+    #[test]
+    fn a_dangling_symlinked_parent_creates_the_missing_dirs_inside() {
+        let t = build(vec![vec![sym("l", "/nonexistent/dir"), file("l/f", 1)]]);
+        assert_eq!(
+            names(&t),
+            [
+                "/",
+                "/l",
+                "/nonexistent",
+                "/nonexistent/dir",
+                "/nonexistent/dir/f"
+            ]
+        );
+    }
+
+    #[test]
+    fn whiteouts_resolve_their_parent_through_symlinks_and_create_nothing() {
+        let t = build(vec![
+            vec![dir("etc"), file("etc/passwd", 1), sym("lnk", "/etc")],
+            vec![wh("lnk/passwd"), wh("missing/x"), wh("lnk/nothing")],
+        ]);
+        assert_eq!(names(&t), ["/", "/etc", "/lnk"]);
+    }
+
+    #[test]
+    fn hardlinks_share_an_inode() {
+        let mut owned = hard("bin/ash", "bin/busybox");
+        owned.meta = Meta {
+            mode: 0o4755,
+            uid: 0,
+            gid: 0,
+            mtime: 8,
+        };
+        let t = build(vec![
+            vec![
+                dir("bin"),
+                file("bin/busybox", 1),
+                hard("bin/sh", "/bin/busybox"),
+            ],
+            vec![owned],
+        ]);
+        let l = t.listing();
+        assert_eq!(l.len(), 5, "{l:?}");
+        for line in &l[2..] {
+            // The last link's metadata is the inode's.
+            assert!(line.ends_with("4755 0:0 @8 inode 0 links 3"), "{line}");
+        }
+        // Replacing one name keeps the inode for the others.
+        let mut t = build(vec![vec![file("a", 1), hard("b", "a")], vec![file("a", 2)]]);
+        assert!(t.take_freed().is_empty());
+        assert_eq!(t.inode(0).links, 1);
+        // A link named like its own target changes nothing.
+        let t = build(vec![vec![file("a", 1), hard("a", "a")]]);
+        assert_eq!(t.inode(0).links, 1);
+        // Through a symlinked parent, and to a symlink itself.
+        let t = build(vec![vec![
+            dir("usr"),
+            file("usr/f", 1),
+            sym("u", "usr"),
+            hard("g", "u/f"),
+            hard("u2", "u"),
+        ]]);
+        assert_eq!(t.inode(0).links, 2);
+        assert_eq!(t.inode(1).links, 2);
+    }
+
+    #[test]
+    fn hardlinks_to_missing_entries_or_dirs_are_refused() {
+        for (target, want) in [
+            ("nothere", "does not exist"),
+            ("d", "is a directory"),
+            ("f/x", "does not exist"),
+        ] {
+            let err = try_build(vec![vec![dir("d"), file("f", 1), hard("l", target)]]).unwrap_err();
+            assert!(err.to_string().contains(want), "{err}");
+        }
+        // A target hidden by a whiteout of this layer is gone.
+        let err = try_build(vec![vec![file("f", 1)], vec![wh("f"), hard("l", "f")]]).unwrap_err();
+        assert!(matches!(err.kind, TreeErrorKind::HardlinkMissing(_)));
+    }
+
+    #[test]
+    fn the_root_takes_metadata_but_is_never_replaced() {
+        let mut root = dir("/");
+        root.meta.mode = 0o700;
+        let t = build(vec![vec![root]]);
+        assert_eq!(t.listing(), ["/ dir 0700 0:0 @7"]);
+        let err = try_build(vec![vec![sym("/", "/etc")]]).unwrap_err();
+        assert!(matches!(err.kind, TreeErrorKind::RootNotDir));
+        // A whiteout or opaque marker of the root only hides lower content.
+        let t = build(vec![vec![file("a", 1)], vec![opq("/"), file("b", 2)]]);
+        assert_eq!(names(&t), ["/", "/b"]);
+    }
+
+    #[test]
+    fn directory_size_nodes_and_resolved_paths_are_bounded() {
+        let mut limits = Limits::default();
+        limits.max_dir_entries = 2;
+        let mut t = Tree::new(&limits);
+        t.apply(0, file("a", 1)).unwrap();
+        t.apply(0, file("b", 2)).unwrap();
+        let err = t.apply(0, file("c", 3)).unwrap_err();
+        assert!(matches!(err.kind, TreeErrorKind::DirTooLarge { max: 2 }));
+        // Replacing an existing name is fine at the limit.
+        t.apply(0, file("b", 4)).unwrap();
+
+        let mut limits = Limits::default();
+        limits.max_entries = 2;
+        let mut t = Tree::new(&limits);
+        for (i, name) in ["a", "b", "c"].iter().enumerate() {
+            t.apply(0, file(name, i as u64)).unwrap();
+        }
+        assert!(matches!(
+            t.apply(0, file("d", 9)).unwrap_err().kind,
+            TreeErrorKind::TooManyNodes { max: 4 }
+        ));
+
+        // Symlinks can make a path longer than any entry name: still bounded.
+        let long = "x".repeat(250);
+        let target = vec![long.as_str(); 16].join("/");
+        let result = try_build(vec![vec![
+            sym("m", &format!("/{target}")),
+            file(&format!("m/{long}/z"), 2),
+        ]]);
+        match result {
+            Err(e) => assert!(
+                matches!(e.kind, TreeErrorKind::PathTooLong { max: 4096 }),
+                "{e}"
+            ),
+            Ok(_) => panic!("a path above 4096 bytes was accepted"),
+        }
+    }
+
+    #[test]
+    fn stats_count_each_inode_once() {
+        let t = build(vec![vec![
+            dir("d"),
+            e(
+                "d/f",
+                EntryKind::File(Content::Staged { id: 1, size: 5000 }),
+            ),
+            hard("d/g", "d/f"),
+            sym("s", &"t".repeat(70)),
+            e("n", EntryKind::Fifo),
+        ]]);
+        let s = t.stats();
+        assert_eq!(
+            (s.dirs, s.inodes, s.files, s.content_bytes),
+            (2, 3, 1, 5000)
+        );
+        // 2 data blocks, 1 long-symlink block, 1 block per directory.
+        assert_eq!(s.blocks, 2 + 1 + 2);
+    }
 }
