@@ -9,6 +9,7 @@ use banger_image::oci::flatten::{flatten_to_ext4, FlattenError, FlattenStats, La
 use banger_image::oci::layer::Compression;
 use banger_image::{RecordingProgress, Sha256Digest};
 use std::collections::BTreeMap;
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::time::Instant;
 use support::*;
@@ -129,4 +130,681 @@ fn layers_flatten_into_a_clean_ext4_with_metadata_and_content() {
         (0o2775, 1000, 1001)
     );
     assert_eq!((n("/empty").kind, n("/empty").size), ('f', 0));
+}
+
+// ---- The hostile-layer corpus (issue 9, "Flattening that cannot escape"). ----
+
+#[test]
+fn dot_dot_names_are_refused() {
+    for name in [
+        "../canary_file",
+        "a/../../work/canary",
+        "./../../../tmp/x",
+        "d/..",
+    ] {
+        let mut arena = Arena::new();
+        let tar = Tarball::default().file(name, b"pwned\n").finish();
+        let layers = one_layer(&arena, &tar);
+        let msg = refused(&mut arena, &layers);
+        assert!(msg.contains("contains a `..` component"), "{msg}");
+        assert!(msg.contains(&format!("entry `{name}`")), "{msg}");
+        assert!(msg.contains("layer 1/1"), "{msg}");
+    }
+}
+
+#[test]
+fn absolute_names_land_inside_the_image() {
+    let mut arena = Arena::new();
+    let target = arena.canary("canary_file");
+    let tar = Tarball::default()
+        .pax_file(target.as_bytes(), b"pwned\n", 0o644)
+        .file("/etc/motd", b"hi\n")
+        .finish();
+    let layers = one_layer(&arena, &tar);
+    let img = ok(&mut arena, &layers);
+    assert_eq!(cat(&arena.out, target.as_bytes()), b"pwned\n");
+    assert!(img.contains_key(&path("/etc/motd")));
+}
+
+#[test]
+fn a_symlink_to_a_host_path_then_a_write_through_it_stays_inside() {
+    let mut arena = Arena::new();
+    let dir = arena.canary("canary_dir");
+    let tar = Tarball::default()
+        .symlink("evil", &dir)
+        .file("evil/inside", b"pwned\n")
+        .file("evil/new", b"pwned\n")
+        .symlink("evil_file", &arena.canary("canary_file"))
+        .finish();
+    let layers = one_layer(&arena, &tar);
+    let img = ok(&mut arena, &layers);
+    // The writes went to the image's own copy of that path.
+    assert_eq!(
+        cat(&arena.out, format!("{dir}/inside").as_bytes()),
+        b"pwned\n"
+    );
+    assert_eq!(img[&path("/evil")].target.as_deref(), Some(dir.as_bytes()));
+    assert_eq!(img[&path("/evil_file")].kind, 'l');
+}
+
+#[test]
+fn a_symlink_then_a_same_named_directory_does_not_chmod_outside() {
+    let mut arena = Arena::new();
+    let dir = arena.canary("canary_dir");
+    let tar = Tarball::default()
+        .symlink("evil", &dir)
+        .dir_as("evil", 0o777, 1234, 1234)
+        .file("evil/x", b"x")
+        .finish();
+    let layers = one_layer(&arena, &tar);
+    let img = ok(&mut arena, &layers);
+    let evil = &img[&path("/evil")];
+    assert_eq!((evil.kind, evil.mode, evil.uid), ('d', 0o777, 1234));
+    assert!(img.contains_key(&path("/evil/x")));
+}
+
+#[test]
+fn a_symlink_to_dot_dot_then_nested_directories_stay_inside() {
+    let mut arena = Arena::new();
+    let tar = Tarball::default()
+        .symlink("up", "..")
+        .symlink("way_up", "../../../../../../..")
+        .dir("up/up/up/work", 0o777)
+        .file("up/up/work/canary", b"pwned\n")
+        .file("way_up/canary_file", b"pwned\n")
+        .finish();
+    let layers = one_layer(&arena, &tar);
+    let img = ok(&mut arena, &layers);
+    assert_eq!(cat(&arena.out, b"/work/canary"), b"pwned\n");
+    assert_eq!(cat(&arena.out, b"/canary_file"), b"pwned\n");
+    assert_eq!(img[&path("/work")].mode, 0o777);
+}
+
+#[test]
+fn hardlinks_to_host_paths_missing_entries_and_directories_are_refused() {
+    let canary = Arena::new().canary("canary_file");
+    for (target, want) in [
+        (canary.as_str(), "does not exist in the image"),
+        ("../canary_file", "contains a `..` component"),
+        ("missing", "does not exist in the image"),
+        ("d", "which is a directory"),
+        ("/", "hardlink to the image root"),
+    ] {
+        let mut arena = Arena::new();
+        let tar = Tarball::default()
+            .dir("d", 0o755)
+            .hardlink("l", target, 0o644)
+            .finish();
+        let layers = one_layer(&arena, &tar);
+        let msg = refused(&mut arena, &layers);
+        assert!(msg.contains(want), "{target}: {msg}");
+    }
+}
+
+#[test]
+fn the_root_replaced_by_a_symlink_is_refused() {
+    for name in ["./", ".", "/"] {
+        let mut arena = Arena::new();
+        let dir = arena.canary("canary_dir");
+        let tar = Tarball::default()
+            .symlink(name, &dir)
+            .file("inside", b"pwned\n")
+            .finish();
+        let layers = one_layer(&arena, &tar);
+        let msg = refused(&mut arena, &layers);
+        assert!(msg.contains("replace the image root"), "{msg}");
+    }
+}
+
+#[test]
+fn a_bare_whiteout_is_refused() {
+    for name in [".wh.", "etc/.wh."] {
+        let mut arena = Arena::new();
+        let tar = Tarball::default()
+            .dir("etc", 0o755)
+            .file(name, b"")
+            .finish();
+        let layers = one_layer(&arena, &tar);
+        let msg = refused(&mut arena, &layers);
+        assert!(
+            msg.contains("whiteout (`.wh.`) that names nothing"),
+            "{msg}"
+        );
+    }
+}
+
+#[test]
+fn whiteouts_through_symlinks_resolve_inside_the_image() {
+    let mut arena = Arena::new();
+    let dir = arena.canary("canary_dir");
+    let lower = Tarball::default()
+        .dir("etc", 0o755)
+        .file("etc/passwd", b"root\n")
+        .symlink("l", "/etc")
+        .symlink("host", &dir)
+        .finish();
+    let upper = Tarball::default()
+        .file("l/.wh.passwd", b"")
+        .file("host/.wh.inside", b"")
+        .file("host/.wh..wh..opq", b"")
+        .finish();
+    let layers = vec![
+        blob(&arena.blobs, &lower, Compression::Gzip),
+        blob(&arena.blobs, &upper, Compression::Gzip),
+    ];
+    let img = ok(&mut arena, &layers);
+    assert!(!img.contains_key(&path("/etc/passwd")));
+    assert!(img.contains_key(&path("/etc")));
+}
+
+#[test]
+fn a_name_with_a_newline_is_refused() {
+    for name in [&b"etc/pass\nwd"[..], b"a\rb"] {
+        let mut arena = Arena::new();
+        let tar = Tarball::default().pax_file(name, b"x", 0o644).finish();
+        let layers = one_layer(&arena, &tar);
+        let msg = refused(&mut arena, &layers);
+        assert!(msg.contains("newline, carriage return or NUL"), "{msg}");
+        assert!(
+            msg.contains("entry `etc/pass\\nwd`") || msg.contains("entry `a\\rb`"),
+            "{msg}"
+        );
+    }
+    // The same in a symlink target.
+    let mut arena = Arena::new();
+    let tar = Tarball::default()
+        .pax(&[("linkpath", b"a\nsif / mode 0777")])
+        .link("l", b'2', "")
+        .finish();
+    let layers = one_layer(&arena, &tar);
+    let msg = refused(&mut arena, &layers);
+    assert!(msg.contains("newline"), "{msg}");
+}
+
+/// Names debugfs's parser could misread: every one must come back exactly, none may act.
+const HOSTILE_NAMES: &[&[u8]] = &[
+    b"a \"quoted\" name",
+    b"\"",
+    b"\"\"",
+    b"sp ace",
+    b"tab\there",
+    b"<12>",
+    b"<2>",
+    b"semi;colon",
+    b"#hash",
+    b"!touch pwned",
+    b"-x",
+    b"--help",
+    b"back\\slash\\",
+    b"\xff\xfe not utf-8 \x80",
+    b"caf\xc3\xa9",
+    b"write",
+    b"trailing space ",
+    b" leading space",
+    b"%s%n",
+    b"$(touch pwned)",
+];
+
+#[test]
+fn hostile_names_round_trip_exactly_and_inject_nothing() {
+    let mut arena = Arena::new();
+    let mut t = Tarball::default();
+    t.dir("d", 0o755);
+    let long = [b"\"".repeat(100), b"x".repeat(155)].concat();
+    let mut names: Vec<Vec<u8>> = HOSTILE_NAMES.iter().map(|n| n.to_vec()).collect();
+    names.push(long);
+    names.push(b"y".repeat(255));
+    for (i, n) in names.iter().enumerate() {
+        let p = [b"d/", n.as_slice()].concat();
+        match i % 4 {
+            0 => t.pax_file(&p, n, 0o600),
+            1 => t.pax(&[("path", &p), ("linkpath", n)]).link("x", b'2', ""),
+            2 => t
+                .pax(&[("path", &p)])
+                .raw(&header(b"x", b'5', 0, 0o711), b""),
+            _ => t
+                .pax(&[("path", &p)])
+                .raw(&header(b"x", b'6', 0, 0o644), b""),
+        };
+        // A hardlink and an xattr through the same hostile name.
+        if i == 0 {
+            t.pax(&[("path", &p), ("SCHILY.xattr.user.\"quoted\" x", n)])
+                .raw(&header(b"x", b'0', 0, 0o600), b"");
+            t.pax(&[("path", b"d/link"), ("linkpath", &p)])
+                .hardlink("x", "", 0o600);
+        }
+    }
+    let tar = t.finish();
+    let layers = one_layer(&arena, &tar);
+    let img = ok(&mut arena, &layers);
+    let listed: Vec<Vec<u8>> = ls(&arena.out, b"/d").into_iter().map(|e| e.0).collect();
+    let mut want = names.clone();
+    want.push(b"link".to_vec());
+    want.sort();
+    let mut got = listed.clone();
+    got.sort();
+    assert_eq!(
+        got.iter()
+            .map(|n| String::from_utf8_lossy(n).into_owned())
+            .collect::<Vec<_>>(),
+        want.iter()
+            .map(|n| String::from_utf8_lossy(n).into_owned())
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(got, want);
+    for (i, n) in names.iter().enumerate() {
+        let p = [b"/d/", n.as_slice()].concat();
+        let node = &img[&p];
+        match i % 4 {
+            0 => assert_eq!((node.kind, node.mode), ('f', 0o600)),
+            1 => assert_eq!(node.target.as_deref(), Some(n.as_slice())),
+            2 => assert_eq!((node.kind, node.mode), ('d', 0o711)),
+            _ => assert_eq!(node.kind, 'p'),
+        }
+    }
+    let first = [b"/d/", names[0].as_slice()].concat();
+    assert_eq!(img[&path("/d/link")].ino, img[&first].ino);
+    let out = std::process::Command::new("debugfs")
+        .arg("-R")
+        .arg(std::ffi::OsStr::from_bytes(
+            &[
+                b"ea_list ",
+                banger_image::oci::ext4::quote(&first).as_slice(),
+            ]
+            .concat(),
+        ))
+        .arg(&arena.out)
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        listed.contains(r#"user.\"quoted\" x (15) = "a \"quoted\" name""#),
+        "{listed}"
+    );
+    assert!(!arena.root().join("pwned").exists());
+}
+
+#[test]
+fn commands_at_debugfs_line_limit_work_and_longer_ones_are_refused() {
+    use banger_image::oci::ext4::MAX_LINE;
+    // A 4095-byte symlink target (the most ext4 stores) made of enough `"` to hit the limit.
+    let target_for = |len: usize| {
+        // `symlink "n" ` is 12 bytes, the quoted target 2 + 4095 + one per quote.
+        let quotes = len - 12 - 2 - 4095;
+        let mut t = b"\"".repeat(quotes);
+        t.extend(b"x".repeat(4095 - quotes));
+        t
+    };
+    let fits = target_for(MAX_LINE);
+    assert_eq!(12 + banger_image::oci::ext4::quote(&fits).len(), MAX_LINE);
+    let mut arena = Arena::new();
+    let tar = Tarball::default()
+        .pax(&[("linkpath", &fits)])
+        .link("n", b'2', "")
+        .finish();
+    let layers = one_layer(&arena, &tar);
+    let img = ok(&mut arena, &layers);
+    assert_eq!(img[&path("/n")].target.as_deref(), Some(fits.as_slice()));
+
+    let mut arena = Arena::new();
+    let too_long = target_for(MAX_LINE + 1);
+    let tar = Tarball::default()
+        .pax(&[("linkpath", &too_long)])
+        .link("n", b'2', "")
+        .finish();
+    let layers = one_layer(&arena, &tar);
+    let msg = refused(&mut arena, &layers);
+    assert!(
+        msg.contains("entry `/n` cannot be written") && msg.contains("line limit"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn pax_and_ustar_sizes_that_disagree_list_like_gnu_tar() {
+    require_tools(&[("tar", "tar")]);
+    // Data that looks like a header, hidden by a PAX size larger than the ustar size, and the
+    // opposite; plus the header-only types whose size GNU tar ignores.
+    let mut inner = Tarball::default();
+    inner.file("smuggled", b"evil");
+    let inner = inner.0;
+    let mut dir_with_size = header(b"dir/", b'5', 512, 0o755);
+    dir_with_size.set_cksum();
+    let mut link_with_size = header(b"hard", b'1', 1024, 0o644);
+    link_with_size.as_old_mut().linkname[..5].copy_from_slice(b"outer");
+    link_with_size.set_cksum();
+    let tar = Tarball::default()
+        .pax(&[("size", inner.len().to_string().as_bytes())])
+        .raw(&header(b"outer", b'0', 0, 0o644), &inner)
+        .pax(&[("size", b"0")])
+        .raw(&header(b"claims_data", b'0', 1024, 0o600), b"")
+        .raw(&dir_with_size, b"")
+        .raw(&link_with_size, b"")
+        .file("last", b"end")
+        .finish();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("layer.tar");
+    std::fs::write(&file, &tar).unwrap();
+    let out = std::process::Command::new("tar")
+        .args(["--numeric-owner", "-tvf"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // `-rw-r--r-- 0/0 1024 2020-09-13 12:26 outer` -> (type, mode, size for files, name, link)
+    let gnu: Vec<(char, String, Option<u64>, String, String)> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let kind = f[0].chars().next().unwrap();
+            let size = (kind == '-').then(|| f[2].parse().unwrap());
+            let link = f.get(6..).map(|r| r.join(" ")).unwrap_or_default();
+            (
+                kind,
+                f[0][1..].to_string(),
+                size,
+                f[5].trim_end_matches('/').to_string(),
+                link,
+            )
+        })
+        .collect();
+    let (ours, _) = banger_image::oci::tar::read_entries(
+        &tar[..],
+        &Limits::default(),
+        &mut banger_image::oci::tar::Discard,
+    )
+    .unwrap();
+    use banger_image::oci::tar::EntryKind;
+    let ours: Vec<(char, String, Option<u64>, String, String)> = ours
+        .iter()
+        .map(|e| {
+            let (kind, size, link) = match &e.kind {
+                EntryKind::File(c) => ('-', Some(c.size()), String::new()),
+                EntryKind::Dir => ('d', None, String::new()),
+                EntryKind::Hardlink(t) => ('h', None, format!("link to {}", &t.to_string()[1..])),
+                other => panic!("unexpected {other:?}"),
+            };
+            let perms: String = (0..9)
+                .map(|i| {
+                    let bit = e.meta.mode & (0o400 >> i) != 0;
+                    if bit {
+                        ['r', 'w', 'x'][i % 3]
+                    } else {
+                        '-'
+                    }
+                })
+                .collect();
+            (kind, perms, size, e.path.to_string()[1..].to_string(), link)
+        })
+        .collect();
+    assert_eq!(ours, gnu);
+    assert!(!ours.iter().any(|e| e.3 == "smuggled"));
+    // And the image holds exactly those.
+    let mut arena = Arena::new();
+    let layers = one_layer(&arena, &tar);
+    let img = ok(&mut arena, &layers);
+    assert_eq!(
+        img.keys()
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+            .collect::<Vec<_>>(),
+        ["/claims_data", "/dir", "/hard", "/last", "/outer"]
+    );
+    assert_eq!(cat(&arena.out, b"/outer"), inner);
+}
+
+/// A layer with one file of `size` zero bytes, compressed as a stream (never in memory).
+fn bomb(c: Compression, size: u64) -> Vec<u8> {
+    use std::io::Write;
+    let mut h = header(b"zeros", b'0', 0, 0o644);
+    h.set_size(size);
+    h.set_cksum();
+    let chunk = vec![0u8; 1 << 20];
+    let write_all = |w: &mut dyn Write| {
+        w.write_all(h.as_bytes()).unwrap();
+        let mut left = size;
+        while left > 0 {
+            let n = left.min(chunk.len() as u64) as usize;
+            w.write_all(&chunk[..n]).unwrap();
+            left -= n as u64;
+        }
+        w.write_all(&[0u8; 1024]).unwrap();
+    };
+    match c {
+        Compression::Gzip => {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+            write_all(&mut e);
+            e.finish().unwrap()
+        }
+        Compression::Zstd => {
+            let mut e = zstd::stream::Encoder::new(Vec::new(), 19).unwrap();
+            write_all(&mut e);
+            e.finish().unwrap()
+        }
+        Compression::None => unreachable!(),
+    }
+}
+
+#[test]
+fn decompression_bombs_stop_at_the_limit_fast() {
+    for c in [Compression::Gzip, Compression::Zstd] {
+        let mut arena = Arena::new();
+        let bytes = bomb(c, 256 << 20);
+        assert!(bytes.len() < 1 << 20, "{c}: {} bytes", bytes.len());
+        let layer = blob_raw(&arena.blobs, &bytes, c, Sha256Digest::of_bytes(b"unknown"));
+        let limits = Limits {
+            max_layer_bytes: 16 << 20,
+            ..Limits::default()
+        };
+        let start = Instant::now();
+        let msg = refused_with(&mut arena, &[layer.clone()], &limits);
+        let took = start.elapsed();
+        assert!(
+            msg.contains("more than 16777216 bytes") && msg.contains("decompression bomb"),
+            "{msg}"
+        );
+        assert!(took.as_secs() < 10, "{c} bomb took {took:?}");
+        // The per-image budget counts all layers together.
+        let mut arena = Arena::new();
+        let a = blob_raw(&arena.blobs, &bytes, c, Sha256Digest::of_bytes(b"unknown"));
+        let limits = Limits {
+            max_image_bytes: 300 << 20,
+            ..Limits::default()
+        };
+        let msg = refused_with(&mut arena, &[a.clone(), a], &limits);
+        assert!(msg.contains("in total"), "{msg}");
+    }
+}
+
+#[test]
+fn digests_are_parsed_before_any_use_and_never_name_files() {
+    for bad in [
+        "sha256:../x",
+        "../x",
+        "sha256:",
+        &format!("sha256:{}", "a".repeat(64)),
+    ] {
+        assert!(bad.parse::<Sha256Digest>().is_err(), "{bad}");
+    }
+    // Blobs are opened by the path the cache gives, verified by content: a blob whose bytes do
+    // not match its digest is refused before anything of it is used.
+    let mut arena = Arena::new();
+    let tar = Tarball::default().file("a", b"a").finish();
+    let mut layer = blob(&arena.blobs, &tar, Compression::Gzip);
+    layer.digest = Sha256Digest::of_bytes(b"something else");
+    let msg = refused(&mut arena, &[layer]);
+    assert!(
+        msg.contains("layer 1/1") && msg.contains("has digest sha256:"),
+        "{msg}"
+    );
+    let mut arena = Arena::new();
+    let mut layer = blob(&arena.blobs, &tar, Compression::Gzip);
+    layer.diff_id = Sha256Digest::of_bytes(b"something else");
+    let msg = refused(&mut arena, &[layer]);
+    assert!(msg.contains("diff_id"), "{msg}");
+}
+
+// ---- Behaviour a user sees. ----
+
+#[test]
+fn times_zero_large_and_ordinary_are_kept() {
+    let mut arena = Arena::new();
+    let mut t = Tarball::default();
+    for (name, mtime) in [
+        ("zero", 0u64),
+        ("y2038", 1u64 << 31),
+        ("y2100", 4_102_444_800),
+        ("now", 1_700_000_000),
+    ] {
+        let mut h = header(name.as_bytes(), b'0', 1, 0o644);
+        h.set_mtime(mtime);
+        h.set_cksum();
+        t.raw(&h, b"x");
+        let mut d = header(format!("{name}.d").as_bytes(), b'5', 0, 0o755);
+        d.set_mtime(mtime);
+        d.set_cksum();
+        t.raw(&d, b"");
+    }
+    let tar = t.finish();
+    let layers = one_layer(&arena, &tar);
+    ok(&mut arena, &layers);
+    for (name, want) in [
+        ("zero", 0i64),
+        ("y2038", 1 << 31),
+        ("y2100", 4_102_444_800),
+        ("now", 1_700_000_000),
+    ] {
+        for p in [format!("/{name}"), format!("/{name}.d")] {
+            let s = stat(&arena.out, p.as_bytes());
+            // ` mtime: 0x12345678:00000003 -- ...`: low 32 bits, then the epoch bits.
+            let line = s
+                .lines()
+                .find(|l| l.trim_start().starts_with("mtime:"))
+                .unwrap();
+            let hex = line.split_whitespace().nth(1).unwrap();
+            let (lo, extra) = hex.trim_start_matches("0x").split_once(':').unwrap();
+            let lo = i64::from(u32::from_str_radix(lo, 16).unwrap() as i32);
+            let epoch = i64::from(u32::from_str_radix(extra, 16).unwrap() & 3);
+            assert_eq!(lo + (epoch << 32), want, "{p}: {line}");
+        }
+    }
+}
+
+#[test]
+fn xattrs_are_stored_and_oversized_ones_refused() {
+    let mut arena = Arena::new();
+    let cap = b"\x01\x00\x00\x02\x00\x20\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00";
+    let tar = Tarball::default()
+        .pax(&[
+            ("SCHILY.xattr.security.capability", cap),
+            ("SCHILY.xattr.user.note", b"hello"),
+        ])
+        .file_as("ping", b"x", 0o755, 0, 0)
+        .finish();
+    let layers = one_layer(&arena, &tar);
+    ok(&mut arena, &layers);
+    let out = std::process::Command::new("debugfs")
+        .args(["-R", "ea_list /ping"])
+        .arg(&arena.out)
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(listed.contains("user.note (5) = \"hello\""), "{listed}");
+    assert!(listed.contains("security.capability (20)"), "{listed}");
+
+    let mut arena = Arena::new();
+    let big = vec![b'v'; 5000];
+    let tar = Tarball::default()
+        .pax(&[("SCHILY.xattr.user.big", &big)])
+        .file("f", b"")
+        .finish();
+    let layers = one_layer(&arena, &tar);
+    let msg = refused(&mut arena, &layers);
+    assert!(
+        msg.contains("`user.big` of `/f` has a 5000-byte value"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn lost_and_found_of_the_image_merges_or_is_dropped() {
+    let mut arena = Arena::new();
+    let tar = Tarball::default()
+        .dir("lost+found", 0o700)
+        .file("lost+found/x", b"x")
+        .finish();
+    let layers = one_layer(&arena, &tar);
+    ok(&mut arena, &layers);
+    assert_eq!(cat(&arena.out, b"/lost+found/x"), b"x");
+    let mut arena = Arena::new();
+    let tar = Tarball::default().file("lost+found", b"x").finish();
+    let layers = one_layer(&arena, &tar);
+    arena.seal();
+    let progress = RecordingProgress::new();
+    flatten_to_ext4(
+        &layers,
+        &arena.out,
+        &Limits::default(),
+        &arena.staging,
+        &progress,
+    )
+    .unwrap();
+    assert_fsck_clean(&arena.out);
+    assert!(
+        progress.notices().iter().any(|n| n.contains("lost+found")),
+        "{:?}",
+        progress.notices()
+    );
+}
+
+#[test]
+fn staging_and_output_are_never_followed_or_overwritten() {
+    // The staging path is a symlink to a canary directory: refused, nothing written there.
+    let mut arena = Arena::new();
+    std::os::unix::fs::symlink(arena.canary("canary_dir"), &arena.staging).unwrap();
+    let tar = Tarball::default().file("a", b"a").finish();
+    let layers = one_layer(&arena, &tar);
+    arena.seal();
+    let err = flatten(&arena, &layers).unwrap_err();
+    assert!(matches!(err, FlattenError::Staging { .. }), "{err}");
+    arena.assert_untouched_but_staging();
+    std::fs::remove_file(&arena.staging).unwrap();
+    // An existing output is not overwritten.
+    std::fs::write(&arena.out, "precious").unwrap();
+    let err = flatten(&arena, &layers).unwrap_err();
+    assert!(chain(&err).contains("cannot create"), "{}", chain(&err));
+    assert_eq!(std::fs::read_to_string(&arena.out).unwrap(), "precious");
+    assert!(!arena.staging.exists());
+}
+
+#[test]
+fn progress_names_each_layer_and_the_ext4_phase() {
+    let mut arena = Arena::new();
+    let layers: Vec<LayerInput> = (0..3)
+        .map(|i| {
+            let tar = Tarball::default().file(&format!("f{i}"), b"x").finish();
+            blob(&arena.blobs, &tar, Compression::Gzip)
+        })
+        .collect();
+    arena.seal();
+    let progress = RecordingProgress::new();
+    let stats = flatten_to_ext4(
+        &layers,
+        &arena.out,
+        &Limits::default(),
+        &arena.staging,
+        &progress,
+    )
+    .unwrap();
+    assert_eq!((stats.entries, stats.files, stats.bytes), (3, 3, 3));
+    let phases = progress.phases();
+    for want in ["layer 1/3", "layer 2/3", "layer 3/3", "write ext4"] {
+        assert!(phases.iter().any(|p| p == want), "{phases:?}");
+    }
+    assert_eq!(phases.last().map(String::as_str), Some("write ext4"));
+    arena.assert_untouched();
 }

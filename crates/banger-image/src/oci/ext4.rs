@@ -437,7 +437,28 @@ pub fn build(
     limits: &Limits,
     progress: &dyn Progress,
 ) -> Result<(Ext4Output, Vec<String>), Ext4BuildError> {
-    let result = build_inner(tree, staging, out, limits, progress);
+    let mkfs = require_tool("mkfs.ext4", "e2fsprogs")?;
+    let debugfs = require_tool("debugfs", "e2fsprogs")?;
+    if staging
+        .dir()
+        .as_os_str()
+        .as_bytes()
+        .iter()
+        .any(|b| matches!(b, b'\n' | b'\r'))
+    {
+        return Err(Ext4BuildError::BadStagingPath(staging.dir().to_owned()));
+    }
+    // Created here, never opened if it exists: an existing file is not ours to replace.
+    File::options()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(out)
+        .map_err(Ext4BuildError::io(format!(
+            "cannot create {}",
+            out.display()
+        )))?;
+    let result = build_inner(tree, staging, out, limits, progress, &mkfs, &debugfs);
     if result.is_err() {
         // Best effort: the build error is what the caller needs.
         let _ = std::fs::remove_file(out);
@@ -451,18 +472,9 @@ fn build_inner(
     out: &Path,
     limits: &Limits,
     progress: &dyn Progress,
+    mkfs: &Path,
+    debugfs: &Path,
 ) -> Result<(Ext4Output, Vec<String>), Ext4BuildError> {
-    let mkfs = require_tool("mkfs.ext4", "e2fsprogs")?;
-    let debugfs = require_tool("debugfs", "e2fsprogs")?;
-    if staging
-        .dir()
-        .as_os_str()
-        .as_bytes()
-        .iter()
-        .any(|b| matches!(b, b'\n' | b'\r'))
-    {
-        return Err(Ext4BuildError::BadStagingPath(staging.dir().to_owned()));
-    }
     let (script_id, script_file) = staging
         .create()
         .map_err(Ext4BuildError::io("cannot create the debugfs script"))?;
@@ -470,19 +482,10 @@ fn build_inner(
     let script = staging.path(script_id);
 
     let (mut size, inodes) = size_for(tree, limits);
-    File::options()
-        .write(true)
-        .create_new(true)
-        .mode(0o644)
-        .open(out)
-        .map_err(Ext4BuildError::io(format!(
-            "cannot create {}",
-            out.display()
-        )))?;
     let mut retried = false;
     loop {
-        make_fs(&mkfs, out, size, inodes)?;
-        match run_debugfs(&debugfs, &script, out, staging, commands, progress) {
+        make_fs(mkfs, out, size, inodes)?;
+        match run_debugfs(debugfs, &script, out, staging, commands, progress) {
             Err(e) if e.is_out_of_space() && !retried => {
                 // The estimate was short; one generous retry, as the debootstrap build does.
                 retried = true;

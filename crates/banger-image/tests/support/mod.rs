@@ -212,7 +212,9 @@ pub fn snapshot(root: &Path, skip: &[&Path]) -> BTreeMap<PathBuf, Snap> {
                 mode: m.permissions().mode(),
                 uid: m.uid(),
                 gid: m.gid(),
-                mtime: m.mtime(),
+                // A directory's mtime follows its entries, which the listing shows already (and
+                // the staging directory comes and goes next to the output).
+                mtime: if kind == "dir" { 0 } else { m.mtime() },
                 content,
             },
         );
@@ -268,6 +270,12 @@ impl Arena {
     /// Records the state of everything but the output; call after writing the blobs.
     pub fn seal(&mut self) {
         self.before = snapshot(self.root(), &[&self.out]);
+    }
+
+    /// Like [`Arena::assert_untouched`], for a test that planted something at the staging path.
+    pub fn assert_untouched_but_staging(&self) {
+        let after = snapshot(self.root(), &[&self.out]);
+        assert_eq!(self.before, after, "something outside the image changed");
     }
 
     /// Asserts nothing outside the image changed: canaries intact, no new files but the
@@ -387,16 +395,16 @@ pub fn read_image(img: &Path) -> BTreeMap<Vec<u8>, Node> {
             match kind {
                 'd' => dirs.push(path.clone()),
                 'l' => {
-                    let s = stat(img, &path);
-                    node.target = Some(
-                        match s
-                            .lines()
-                            .find_map(|l| l.trim().strip_prefix("Fast link dest: "))
-                        {
-                            Some(t) => t.trim_matches('"').as_bytes().to_vec(),
-                            None => cat(img, &path),
-                        },
-                    );
+                    // `Fast link dest: "TARGET"` holds the raw bytes; slow links need `cat`.
+                    let raw = debugfs(img, &[b"stat ", quoted(&path).as_slice()].concat());
+                    let fast = raw.split(|&b| b == b'\n').find_map(|l| {
+                        let l = l.trim_ascii_start().strip_prefix(b"Fast link dest: \"")?;
+                        l.strip_suffix(b"\"")
+                    });
+                    node.target = Some(match fast {
+                        Some(t) => t.to_vec(),
+                        None => cat(img, &path),
+                    });
                 }
                 'c' | 'b' => {
                     let s = stat(img, &path);
