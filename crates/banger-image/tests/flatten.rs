@@ -808,3 +808,156 @@ fn progress_names_each_layer_and_the_ext4_phase() {
     assert_eq!(phases.last().map(String::as_str), Some("write ext4"));
     arena.assert_untouched();
 }
+
+// ---- Reference: the same image unpacked by umoci (as root) must list the same files. ----
+
+fn reference_layers() -> Vec<(Vec<u8>, Compression)> {
+    let busybox = std::fs::read("/bin/busybox")
+        .expect("the reference test needs /bin/busybox: apt-get install busybox-static");
+    let base = Tarball::default()
+        .dir("etc", 0o755)
+        .dir("usr", 0o755)
+        .dir("usr/bin", 0o755)
+        .dir("usr/lib", 0o755)
+        .dir("usr/sbin", 0o755)
+        .dir("var", 0o755)
+        .dir("var/lib", 0o755)
+        .dir("var/lib/old", 0o755)
+        .dir("var/cache", 0o755)
+        .dir("var/cache/apt", 0o755)
+        .dir("tmp", 0o1777)
+        .dir("root", 0o700)
+        .dir("dev", 0o755)
+        .dir("home", 0o755)
+        .dir_as("home/user", 0o750, 1000, 1000)
+        .file_as("usr/bin/busybox", &busybox, 0o755, 0, 0)
+        .symlink("bin", "usr/bin")
+        .symlink("sbin", "usr/sbin")
+        .symlink("lib", "/usr/lib")
+        .hardlink("usr/bin/sh", "usr/bin/busybox", 0o755)
+        .symlink("usr/bin/ls", "busybox")
+        .file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
+        .file("etc/group", b"root:x:0:\n")
+        .file_as("etc/shadow", b"root:*:19000:0:99999:7:::\n", 0o640, 0, 42)
+        .device("dev/null", b'3', 1, 3, 0o666)
+        .device("dev/zero", b'3', 1, 5, 0o666)
+        .device("dev/loop0", b'4', 7, 0, 0o660)
+        .link_as("dev/initctl", b'6', "", 0o600)
+        .file("var/lib/old/a", b"a\n")
+        .file("var/lib/old/b", b"b\n")
+        .file("var/cache/apt/pkgcache.bin", &[7u8; 10000])
+        .file("var/cache/x", b"x")
+        .file_as("home/user/.profile", b"PATH=/bin\n", 0o644, 1000, 1000)
+        .file_as("usr/bin/passwd", b"passwd", 0o4755, 0, 0)
+        .file_as("usr/bin/wall", b"wall", 0o2755, 0, 5)
+        .file("etc/to_dir", b"file first\n")
+        .dir("etc/to_file", 0o755)
+        .file("etc/to_file/child", b"child\n")
+        .finish();
+    let upper = Tarball::default()
+        .file_as("bin/newtool", b"#!/bin/sh\necho new\n", 0o755, 0, 0)
+        .file("lib/libfoo.so.1", b"\x7fELF")
+        .symlink("lib/libfoo.so", "libfoo.so.1")
+        .file("var/lib/old/.wh.a", b"")
+        .file("var/cache/.wh..wh..opq", b"")
+        .file("var/cache/new", b"new\n")
+        .hardlink("usr/bin/ash", "/usr/bin/busybox", 0o755)
+        .dir("etc/to_dir", 0o755)
+        .file("etc/to_dir/x", b"x\n")
+        .file("etc/to_file", b"now a file\n")
+        .dir("usr/share", 0o755)
+        .dir_as("usr/share/doc", 0o2775, 0, 50)
+        .file("home/user/.wh..profile", b"")
+        .finish();
+    let top = Tarball::default()
+        .file(".wh.home", b"")
+        .dir("home", 0o755)
+        .dir_as("home/other", 0o700, 2000, 2000)
+        .file(
+            "etc/passwd",
+            b"root:x:0:0:root:/root:/bin/sh\nother:x:2000:2000::/home/other:/bin/sh\n",
+        )
+        .file_as("usr/bin/mode0", b"", 0, 0, 0)
+        .file("dev/.wh.loop0", b"")
+        .finish();
+    vec![
+        (base, Compression::Gzip),
+        (upper, Compression::Gzip),
+        (top, Compression::None),
+    ]
+}
+
+#[test]
+fn the_file_list_equals_umocis_unpack_of_the_same_image() {
+    require_tools(&[("umoci", "umoci")]);
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "the umoci reference test must run as root (umoci unpack creates device nodes and owners); run `sudo make test`"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let layout = dir.path().join("layout");
+    let inputs = oci_layout(&layout, "test", &reference_layers());
+    let bundle = dir.path().join("bundle");
+    let out = std::process::Command::new("umoci")
+        .arg("unpack")
+        .arg("--image")
+        .arg(format!("{}:test", layout.display()))
+        .arg(&bundle)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "umoci unpack: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let theirs = read_tree(&bundle.join("rootfs"));
+
+    let mut arena = Arena::new();
+    let ours = ok(&mut arena, &inputs);
+
+    let shape = |m: &BTreeMap<Vec<u8>, Node>| -> Vec<String> {
+        m.iter()
+            .map(|(p, n)| {
+                let mode = if n.kind == 'l' { 0o777 } else { n.mode };
+                format!(
+                    "{} {} {:04o} {}:{} size={} target={:?} dev={:?}",
+                    String::from_utf8_lossy(p),
+                    n.kind,
+                    mode,
+                    n.uid,
+                    n.gid,
+                    n.size,
+                    n.target
+                        .as_ref()
+                        .map(|t| String::from_utf8_lossy(t).into_owned()),
+                    n.rdev
+                )
+            })
+            .collect()
+    };
+    let (ours_list, theirs_list) = (shape(&ours), shape(&theirs));
+    if ours_list != theirs_list {
+        let only_ours: Vec<&String> = ours_list
+            .iter()
+            .filter(|l| !theirs_list.contains(l))
+            .collect();
+        let only_theirs: Vec<&String> = theirs_list
+            .iter()
+            .filter(|l| !ours_list.contains(l))
+            .collect();
+        panic!(
+            "file lists differ\nonly in ours: {only_ours:#?}\nonly in umoci's: {only_theirs:#?}"
+        );
+    }
+    assert_eq!(link_groups(&ours), link_groups(&theirs));
+    // The interesting rules, spelled out.
+    assert!(ours.contains_key(&path("/usr/bin/newtool")));
+    assert!(ours.contains_key(&path("/usr/lib/libfoo.so.1")));
+    assert!(!ours.contains_key(&path("/var/lib/old/a")));
+    assert!(!ours.contains_key(&path("/var/cache/apt")));
+    assert!(!ours.contains_key(&path("/home/user")));
+    assert_eq!(link_groups(&ours).len(), 1);
+    assert_eq!(ours_list.len(), 40, "{ours_list:#?}");
+}

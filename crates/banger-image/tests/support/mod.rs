@@ -435,3 +435,133 @@ pub fn assert_fsck_clean(img: &Path) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Writes an OCI image layout at `dir` holding one image tagged `tag` made of `layers`
+/// (uncompressed tars, stored with `compression`); returns the blobs as flatten inputs.
+pub fn oci_layout(dir: &Path, tag: &str, layers: &[(Vec<u8>, Compression)]) -> Vec<LayerInput> {
+    let blobs = dir.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let put = |bytes: &[u8]| -> (String, usize, PathBuf) {
+        let d = Sha256Digest::of_bytes(bytes).to_string();
+        let p = blobs.join(&d);
+        std::fs::write(&p, bytes).unwrap();
+        (format!("sha256:{d}"), bytes.len(), p)
+    };
+    let mut inputs = Vec::new();
+    let mut descs = Vec::new();
+    let mut diff_ids = Vec::new();
+    for (tar, c) in layers {
+        let (bytes, media) = match c {
+            Compression::Gzip => (gzip(tar), "application/vnd.oci.image.layer.v1.tar+gzip"),
+            Compression::Zstd => (zstd(tar), "application/vnd.oci.image.layer.v1.tar+zstd"),
+            Compression::None => (tar.clone(), "application/vnd.oci.image.layer.v1.tar"),
+        };
+        let (digest, size, path) = put(&bytes);
+        let diff_id = Sha256Digest::of_bytes(tar);
+        descs.push(serde_json::json!({"mediaType": media, "digest": digest, "size": size}));
+        diff_ids.push(format!("sha256:{diff_id}"));
+        inputs.push(LayerInput {
+            path,
+            compression: *c,
+            digest: Sha256Digest::of_bytes(&bytes),
+            diff_id,
+        });
+    }
+    let config = serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+    });
+    let (cd, cs, _) = put(&serde_json::to_vec(&config).unwrap());
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": cs},
+        "layers": descs,
+    });
+    let (md, ms, _) = put(&serde_json::to_vec(&manifest).unwrap());
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": md,
+            "size": ms,
+            "annotations": {"org.opencontainers.image.ref.name": tag},
+        }],
+    });
+    std::fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+    std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    inputs
+}
+
+/// Every entry under `root` (not `root` itself), read with lstat, in the shape of [`read_image`]
+/// (with the host inode number, so hardlinks can be grouped).
+pub fn read_tree(root: &Path) -> BTreeMap<Vec<u8>, Node> {
+    use std::os::unix::fs::FileTypeExt;
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            let ft = m.file_type();
+            let kind = if ft.is_dir() {
+                stack.push(p.clone());
+                'd'
+            } else if ft.is_symlink() {
+                'l'
+            } else if ft.is_file() {
+                'f'
+            } else if ft.is_char_device() {
+                'c'
+            } else if ft.is_block_device() {
+                'b'
+            } else if ft.is_fifo() {
+                'p'
+            } else {
+                's'
+            };
+            let rel = p.strip_prefix(root).unwrap().as_os_str().as_bytes();
+            let rdev = m.rdev();
+            out.insert(
+                [b"/", rel].concat(),
+                Node {
+                    kind,
+                    mode: m.mode() & 0o7777,
+                    uid: m.uid(),
+                    gid: m.gid(),
+                    size: if kind == 'f' { m.size() } else { 0 },
+                    target: (kind == 'l').then(|| {
+                        std::fs::read_link(&p)
+                            .unwrap()
+                            .as_os_str()
+                            .as_bytes()
+                            .to_vec()
+                    }),
+                    rdev: matches!(kind, 'c' | 'b').then(|| {
+                        (
+                            ((rdev >> 8) & 0xfff) as u32,
+                            ((rdev & 0xff) | ((rdev >> 12) & 0xfff00)) as u32,
+                        )
+                    }),
+                    ino: m.ino() as u32,
+                },
+            );
+        }
+    }
+    out
+}
+
+/// Groups of paths sharing an inode (hardlinks), as sorted lists.
+pub fn link_groups(nodes: &BTreeMap<Vec<u8>, Node>) -> Vec<Vec<Vec<u8>>> {
+    let mut by_ino: BTreeMap<u32, Vec<Vec<u8>>> = BTreeMap::new();
+    for (p, n) in nodes {
+        if n.kind != 'd' {
+            by_ino.entry(n.ino).or_default().push(p.clone());
+        }
+    }
+    let mut groups: Vec<Vec<Vec<u8>>> = by_ino.into_values().filter(|g| g.len() > 1).collect();
+    groups.sort();
+    groups
+}
