@@ -10,7 +10,6 @@ use banger_image::oci::layer::Compression;
 use banger_image::{RecordingProgress, Sha256Digest};
 use std::collections::BTreeMap;
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
 use std::time::Instant;
 use support::*;
 
@@ -601,7 +600,7 @@ fn decompression_bombs_stop_at_the_limit_fast() {
             ..Limits::default()
         };
         let start = Instant::now();
-        let msg = refused_with(&mut arena, &[layer.clone()], &limits);
+        let msg = refused_with(&mut arena, std::slice::from_ref(&layer), &limits);
         let took = start.elapsed();
         assert!(
             msg.contains("more than 16777216 bytes") && msg.contains("decompression bomb"),
@@ -960,4 +959,143 @@ fn the_file_list_equals_umocis_unpack_of_the_same_image() {
     assert!(!ours.contains_key(&path("/home/user")));
     assert_eq!(link_groups(&ours).len(), 1);
     assert_eq!(ours_list.len(), 40, "{ours_list:#?}");
+}
+
+// ---- Size: a tree of about 30,000 files. ----
+
+/// Reports phases with their start times (to print where the time goes).
+#[derive(Default)]
+struct Timing(std::sync::Mutex<Vec<(String, Instant)>>);
+
+impl banger_image::Progress for Timing {
+    fn phase(&self, name: &str) {
+        self.0
+            .lock()
+            .unwrap()
+            .push((name.to_string(), Instant::now()));
+    }
+    fn bytes(&self, _done: u64, _total: Option<u64>) {}
+    fn log(&self, _line: &str) {}
+    fn notice(&self, _msg: &str) {}
+}
+
+/// Three layers shaped like a distribution image: 1,000 directories of 30 files (a few
+/// symlinks and hardlinks among them), one directory of 3,000 entries, and an upper layer that
+/// replaces and whites out some of them. Content is pseudo-random text, so it compresses ~3x.
+fn thirty_thousand_files() -> Vec<(Vec<u8>, Compression)> {
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let mut content = |len: usize| -> Vec<u8> {
+        (0..len)
+            .map(|_| b"abcdefghijklmnop \n"[(next() % 18) as usize])
+            .collect()
+    };
+    let mut base = Tarball::default();
+    let mut files = 0;
+    for top in 0..50 {
+        base.dir(&format!("usr/share/t{top}"), 0o755);
+        for sub in 0..20 {
+            let d = format!("usr/share/t{top}/s{sub}");
+            base.dir(&d, 0o755);
+            for f in 0..30 {
+                let name = format!("{d}/file-{f}.txt");
+                match f {
+                    28 => base.symlink(&name, "file-0.txt"),
+                    29 => base.hardlink(&name, &format!("{d}/file-1.txt"), 0o644),
+                    _ => {
+                        let len = if f % 10 == 0 {
+                            16 << 10
+                        } else {
+                            (f * 211) % 4000
+                        };
+                        base.file(&name, &content(len))
+                    }
+                };
+                files += 1;
+            }
+        }
+    }
+    base.dir("usr/lib/x86_64-linux-gnu", 0o755);
+    for i in 0..3000 {
+        base.file_as(
+            &format!("usr/lib/x86_64-linux-gnu/lib{i}.so.1"),
+            &content(1500),
+            0o755,
+            0,
+            0,
+        );
+        files += 1;
+    }
+    assert_eq!(files, 33_000);
+    let mut upper = Tarball::default();
+    for top in 0..50 {
+        upper.file(&format!("usr/share/t{top}/s0/file-1.txt"), &content(100));
+        upper.file(&format!("usr/share/t{top}/s1/.wh.file-2.txt"), b"");
+    }
+    upper.file("usr/share/t0/.wh..wh..opq", b"");
+    vec![
+        (base.finish(), Compression::Gzip),
+        (upper.finish(), Compression::Gzip),
+    ]
+}
+
+#[test]
+fn a_thirty_thousand_file_image_flattens_and_checks_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    let layout = std::env::var_os("BANGER_FLATTEN_BENCH_LAYOUT")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| dir.path().join("layout"));
+    let layers = oci_layout(&layout, "bench", &thirty_thousand_files());
+    let mut arena = Arena::new();
+    arena.seal();
+    require_e2fsprogs();
+    let timing = Timing::default();
+    let start = Instant::now();
+    let stats = flatten_to_ext4(
+        &layers,
+        &arena.out,
+        &Limits::default(),
+        &arena.staging,
+        &timing,
+    )
+    .unwrap();
+    let total = start.elapsed();
+    let phases = timing.0.lock().unwrap().clone();
+    let ext4_start = phases.iter().find(|(n, _)| n == "write ext4").unwrap().1;
+    eprintln!(
+        "flattened {} entries ({} files, {} MB) into a {} MB ext4 in {:.2} s (layers {:.2} s, ext4 {:.2} s)",
+        stats.entries,
+        stats.files,
+        stats.bytes >> 20,
+        stats.ext4_bytes >> 20,
+        total.as_secs_f64(),
+        (ext4_start - start).as_secs_f64(),
+        (total - (ext4_start - start)).as_secs_f64(),
+    );
+    // Base: 50 + 1,000 directories, 30,000 entries, the big directory and its 3,000 files;
+    // upper: 50 files, 50 whiteouts, one opaque marker.
+    assert_eq!(stats.entries, 34_051 + 101);
+    assert_fsck_clean(&arena.out);
+    arena.assert_untouched();
+    // Spot checks: the whiteouts, the opaque directory, a hardlink, the big directory.
+    let ls_big = ls(&arena.out, b"/usr/lib/x86_64-linux-gnu");
+    assert_eq!(ls_big.len(), 3000);
+    assert!(ls_big.iter().all(|e| e.2 & 0o7777 == 0o755));
+    let s1 = ls(&arena.out, b"/usr/share/t7/s1");
+    assert!(!s1.iter().any(|e| e.0 == b"file-2.txt"));
+    // The opaque t0 keeps only what the upper layer itself wrote under it.
+    let t0: Vec<Vec<u8>> = ls(&arena.out, b"/usr/share/t0")
+        .into_iter()
+        .map(|e| e.0)
+        .collect();
+    assert_eq!(t0, [b"s0".to_vec()]);
+    assert_eq!(ls(&arena.out, b"/usr/share/t0/s0").len(), 1);
+    let s5 = ls(&arena.out, b"/usr/share/t9/s5");
+    let ino = |n: &[u8]| s5.iter().find(|e| e.0 == n).unwrap().1;
+    assert_eq!(ino(b"file-1.txt"), ino(b"file-29.txt"));
 }

@@ -40,7 +40,7 @@ use super::tar::{show, Device, Xattr};
 use super::tree::{Dir, InodeId, InodeKind, NodeId, NodeRef, Tree};
 use crate::ext4::size_for_tree;
 use crate::hosttools::{require_tool, MissingTool};
-use crate::progress::{ByteThrottle, Progress};
+use crate::progress::Progress;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
@@ -621,9 +621,18 @@ fn run_debugfs(
     commands: u64,
     progress: &dyn Progress,
 ) -> Result<(), Ext4BuildError> {
-    let (stderr_id, stderr_file) = staging
-        .create()
-        .map_err(Ext4BuildError::io("cannot create debugfs's stderr file"))?;
+    // Both outputs go to files: debugfs writes stdout unbuffered, a line at a time, and a pipe
+    // would cost a context switch per line (a third of the run time on 30,000 files).
+    let output_file = |what: &str| {
+        staging.create().map_err(Ext4BuildError::io(format!(
+            "cannot create debugfs's {what} file"
+        )))
+    };
+    let (stdout_id, stdout_file) = output_file("stdout")?;
+    let (stderr_id, stderr_file) = output_file("stderr")?;
+    let script_len = std::fs::metadata(script).map(|m| m.len()).unwrap_or(0);
+    // What debugfs will echo: `debugfs: ` + each line, plus a short line per created inode.
+    let expected = script_len + commands * (9 + 24);
     let mut child = Command::new(debugfs)
         .arg("-w")
         .arg("-f")
@@ -632,38 +641,44 @@ fn run_debugfs(
         .env_clear()
         .env("LC_ALL", "C")
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
+        .stdout(stdout_file)
         .stderr(stderr_file)
         .spawn()
         .map_err(Ext4BuildError::io(format!(
             "cannot run {}",
             debugfs.display()
         )))?;
-    let mut problems = Vec::new();
-    let mut done = 0u64;
-    let mut throttle = ByteThrottle::new(1000);
-    let read = child.stdout.take().map(|stdout| -> io::Result<()> {
-        // Every command is echoed (unbuffered): count them for progress, keep anything else.
-        for line in BufReader::with_capacity(1 << 16, stdout).split(b'\n') {
-            let line = line?;
-            if line.starts_with(b"debugfs: ") {
-                done += 1;
-                throttle.report(progress, done, Some(commands));
-            } else if !expected_stdout(&line) && problems.len() < MAX_PROBLEMS {
-                problems.push(String::from_utf8_lossy(&line).into_owned());
+    let stdout_path = staging.path(stdout_id);
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) => {
+                let done = std::fs::metadata(&stdout_path).map_or(0, |m| m.len());
+                progress.bytes(done.min(expected), Some(expected));
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+            Err(e) => {
+                // Never leave the child behind.
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(Ext4BuildError::io("cannot wait for debugfs")(e));
             }
         }
-        Ok(())
-    });
-    if let Some(Err(e)) = read {
-        // Never leave the child behind.
-        let _ = child.kill();
-        let _ = child.wait();
-        return Err(Ext4BuildError::io("cannot read debugfs's output")(e));
+    };
+    progress.bytes(expected, Some(expected));
+
+    let mut problems = Vec::new();
+    let mut done = 0u64;
+    let stdout =
+        File::open(&stdout_path).map_err(Ext4BuildError::io("cannot read debugfs's output"))?;
+    for line in BufReader::with_capacity(1 << 16, stdout).split(b'\n') {
+        let line = line.map_err(Ext4BuildError::io("cannot read debugfs's output"))?;
+        if line.starts_with(b"debugfs: ") {
+            done += 1;
+        } else if !expected_stdout(&line) && problems.len() < MAX_PROBLEMS {
+            problems.push(String::from_utf8_lossy(&line).into_owned());
+        }
     }
-    let status = child
-        .wait()
-        .map_err(Ext4BuildError::io("cannot wait for debugfs"))?;
     let mut stderr = Vec::new();
     File::open(staging.path(stderr_id))
         .and_then(|f| f.take(1 << 20).read_to_end(&mut stderr))

@@ -118,27 +118,27 @@ pub enum FlattenError {
         count: usize,
         digest: Sha256Digest,
         #[source]
-        source: LayerError,
+        source: Box<LayerError>,
     },
     #[error("layer {index}/{count} (sha256:{digest}) was refused: {source}\nhint: the image contains an archive entry banger does not accept; rebuild the image with a standard tool (docker, buildah, umoci)")]
     Tar {
         index: usize,
         count: usize,
         digest: Sha256Digest,
-        source: TarError,
+        source: Box<TarError>,
     },
     #[error("layer {index}/{count} (sha256:{digest}) was refused: {source}")]
     Tree {
         index: usize,
         count: usize,
         digest: Sha256Digest,
-        source: TreeError,
+        source: Box<TreeError>,
     },
     #[error("cannot build the root file system {out}")]
     Ext4 {
         out: PathBuf,
         #[source]
-        source: Ext4BuildError,
+        source: Box<Ext4BuildError>,
     },
     #[error(
         "internal error while reading layer {index}/{count} (a bug in banger; please report it)"
@@ -388,7 +388,7 @@ fn run(
                                 index: merged + 1,
                                 count,
                                 digest: layers[merged].digest,
-                                source,
+                                source: Box::new(source),
                             });
                         }
                         merged += 1;
@@ -402,13 +402,13 @@ fn run(
                             index,
                             count,
                             digest,
-                            source,
+                            source: Box::new(source),
                         },
                         Failure::Tar(source) => FlattenError::Tar {
                             index,
                             count,
                             digest,
-                            source,
+                            source: Box::new(source),
                         },
                         Failure::Panic => FlattenError::Panic { index, count },
                     };
@@ -416,10 +416,7 @@ fn run(
                     let echo = |e: &FlattenError| {
                         matches!(
                             e,
-                            FlattenError::Layer {
-                                source: LayerError::Cancelled,
-                                ..
-                            }
+                            FlattenError::Layer { source, .. } if matches!(**source, LayerError::Cancelled)
                         )
                     };
                     match &error {
@@ -451,7 +448,7 @@ fn run(
         ext4::build(&tree, staging, out, limits, progress).map_err(|source| {
             FlattenError::Ext4 {
                 out: out.to_owned(),
-                source,
+                source: Box::new(source),
             }
         })?;
     for n in notices {

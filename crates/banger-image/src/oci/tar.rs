@@ -439,8 +439,11 @@ struct Pax {
     xattr_records: usize,
 }
 
+/// One PAX record: keyword and value.
+type Record<'a> = (&'a [u8], &'a [u8]);
+
 /// Splits PAX data into records: `LEN KEY=VALUE\n`, LEN counting the whole record.
-fn pax_records(data: &[u8]) -> Result<Vec<(&[u8], &[u8])>, String> {
+fn pax_records(data: &[u8]) -> Result<Vec<Record<'_>>, String> {
     let mut out = Vec::new();
     let mut rest = data;
     while !rest.is_empty() {
@@ -1820,8 +1823,10 @@ mod tests {
 
     #[test]
     fn entry_count_and_extension_size_are_limited() {
-        let mut l = limits();
-        l.max_entries = 2;
+        let l = Limits {
+            max_entries: 2,
+            ..limits()
+        };
         let bytes = Ar::default()
             .file("a", b"")
             .file("b", b"")

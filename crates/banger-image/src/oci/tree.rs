@@ -1015,8 +1015,10 @@ mod tests {
 
     #[test]
     fn directory_size_nodes_and_resolved_paths_are_bounded() {
-        let mut limits = Limits::default();
-        limits.max_dir_entries = 2;
+        let limits = Limits {
+            max_dir_entries: 2,
+            ..Limits::default()
+        };
         let mut t = Tree::new(&limits);
         t.apply(0, file("a", 1)).unwrap();
         t.apply(0, file("b", 2)).unwrap();
@@ -1025,8 +1027,10 @@ mod tests {
         // Replacing an existing name is fine at the limit.
         t.apply(0, file("b", 4)).unwrap();
 
-        let mut limits = Limits::default();
-        limits.max_entries = 2;
+        let limits = Limits {
+            max_entries: 2,
+            ..Limits::default()
+        };
         let mut t = Tree::new(&limits);
         for (i, name) in ["a", "b", "c"].iter().enumerate() {
             t.apply(0, file(name, i as u64)).unwrap();
