@@ -97,6 +97,8 @@ fn layers_flatten_into_a_clean_ext4_with_metadata_and_content() {
         .link("fifo", b'6', "")
         .dir_as("home", 0o2775, 1000, 1001)
         .file("empty", b"")
+        .pax(&[("uid", b"1000"), ("gid", b"70000")])
+        .symlink("owned_link", "/etc/../etc/shadow")
         .finish();
     let upper = Tarball::default()
         .file("bin/tool", b"tool\n")
@@ -129,6 +131,10 @@ fn layers_flatten_into_a_clean_ext4_with_metadata_and_content() {
         (0o2775, 1000, 1001)
     );
     assert_eq!((n("/empty").kind, n("/empty").size), ('f', 0));
+    // `sif` on a symlink changes the link, never what it points to.
+    let link = n("/owned_link");
+    assert_eq!((link.uid, link.gid), (1000, 70000));
+    assert_eq!(link.target.as_deref(), Some(&b"/etc/../etc/shadow"[..]));
 }
 
 // ---- The hostile-layer corpus (issue 9, "Flattening that cannot escape"). ----
@@ -697,10 +703,21 @@ fn times_zero_large_and_ordinary_are_kept() {
 fn xattrs_are_stored_and_oversized_ones_refused() {
     let mut arena = Arena::new();
     let cap = b"\x01\x00\x00\x02\x00\x20\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00";
+    // user::rw- user:1000:r-- group::r-- mask::r-- other::---
+    let acl: Vec<u8> = [
+        &2u32.to_le_bytes()[..],
+        &[0x01, 0, 6, 0, 0, 0, 0, 0],
+        &[0x02, 0, 4, 0, 0xe8, 0x03, 0, 0],
+        &[0x04, 0, 4, 0, 0, 0, 0, 0],
+        &[0x10, 0, 4, 0, 0, 0, 0, 0],
+        &[0x20, 0, 0, 0, 0, 0, 0, 0],
+    ]
+    .concat();
     let tar = Tarball::default()
         .pax(&[
             ("SCHILY.xattr.security.capability", cap),
             ("SCHILY.xattr.user.note", b"hello"),
+            ("SCHILY.xattr.system.posix_acl_access", &acl),
         ])
         .file_as("ping", b"x", 0o755, 0, 0)
         .finish();
@@ -714,6 +731,7 @@ fn xattrs_are_stored_and_oversized_ones_refused() {
     let listed = String::from_utf8_lossy(&out.stdout);
     assert!(listed.contains("user.note (5) = \"hello\""), "{listed}");
     assert!(listed.contains("security.capability (20)"), "{listed}");
+    assert!(listed.contains("system.posix_acl_access"), "{listed}");
 
     let mut arena = Arena::new();
     let big = vec![b'v'; 5000];

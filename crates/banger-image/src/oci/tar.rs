@@ -309,6 +309,8 @@ pub enum TarErrorKind {
     XattrTooLarge { len: usize, max: usize },
     #[error("has an invalid extended attribute name `{0}`")]
     BadXattrName(String),
+    #[error("has a malformed POSIX ACL in `{0}`")]
+    BadAcl(String),
     #[error("{field} {value} is out of range")]
     OutOfRange { field: &'static str, value: i128 },
     #[error("cannot stage file content: {0}")]
@@ -604,13 +606,31 @@ impl Pax {
     }
 }
 
-/// xattr namespaces ext4 stores.
+/// xattr namespaces ext4 stores (a bare prefix names nothing).
 fn xattr_namespace_kept(name: &[u8]) -> bool {
-    name.starts_with(b"user.")
-        || name.starts_with(b"trusted.")
-        || name.starts_with(b"security.")
-        || name == b"system.posix_acl_access"
-        || name == b"system.posix_acl_default"
+    let prefixed = |p: &[u8]| name.len() > p.len() && name.starts_with(p);
+    prefixed(b"user.") || prefixed(b"trusted.") || prefixed(b"security.") || is_acl(name)
+}
+
+fn is_acl(name: &[u8]) -> bool {
+    name == b"system.posix_acl_access" || name == b"system.posix_acl_default"
+}
+
+/// A POSIX ACL in the kernel's xattr format, as libext2fs converts it: version 2, then at least
+/// one 8-byte entry with a known tag. libext2fs fails on anything else.
+fn valid_acl(value: &[u8]) -> bool {
+    let Some((version, entries)) = value.split_first_chunk::<4>() else {
+        return false;
+    };
+    u32::from_le_bytes(*version) == 2
+        && !entries.is_empty()
+        && entries.len() % 8 == 0
+        && entries.chunks_exact(8).all(|e| {
+            matches!(
+                u16::from_le_bytes([e[0], e[1]]),
+                0x01 | 0x02 | 0x04 | 0x08 | 0x10 | 0x20
+            )
+        })
 }
 
 fn valid_xattr_name(name: &[u8]) -> bool {
@@ -1172,6 +1192,9 @@ impl<'a, R: Read> TarReader<'a, R> {
             if !valid_xattr_name(&name) {
                 return Err(at.err(TarErrorKind::BadXattrName(show(&name))));
             }
+            if is_acl(&name) && !valid_acl(&value) {
+                return Err(at.err(TarErrorKind::BadAcl(show(&name))));
+            }
             if !xattr_namespace_kept(&name) {
                 self.notice(format!(
                     "dropped extended attribute `{}` of `{path}`: ext4 has no such namespace",
@@ -1689,6 +1712,36 @@ mod tests {
             .file("a", b"")
             .end();
         assert!(matches!(err(&bytes), TarErrorKind::XattrTooLarge { .. }));
+        let acl = [
+            &2u32.to_le_bytes()[..],
+            &[1, 0, 6, 0, 0, 0, 0, 0],
+            &[0x20, 0, 4, 0, 0, 0, 0, 0],
+        ]
+        .concat();
+        let bytes = Ar::default()
+            .pax(
+                b'x',
+                &[
+                    ("SCHILY.xattr.system.posix_acl_access", &acl),
+                    ("SCHILY.xattr.user.", b"v"),
+                ],
+            )
+            .file("a", b"")
+            .end();
+        let (e, notices) = read_entries(&bytes[..], &limits(), &mut Discard).unwrap();
+        assert_eq!(e[0].xattrs.len(), 1);
+        assert!(notices[0].contains("`user.`"), "{notices:?}");
+        for bad in [
+            &acl[..8],
+            &acl[..11],
+            &[&3u32.to_le_bytes()[..], &acl[4..]].concat()[..],
+        ] {
+            let bytes = Ar::default()
+                .pax(b'x', &[("SCHILY.xattr.system.posix_acl_default", bad)])
+                .file("a", b"")
+                .end();
+            assert!(matches!(err(&bytes), TarErrorKind::BadAcl(_)), "{bad:?}");
+        }
         let bytes = Ar::default()
             .pax(b'x', &[("SCHILY.xattr.user.a%25b", b"v")])
             .file("a", b"")
@@ -1841,6 +1894,72 @@ mod tests {
             err(&bytes),
             TarErrorKind::ExtensionTooLarge { .. }
         ));
+    }
+
+    /// A small archive using most features, with the offsets of its header blocks.
+    fn feature_archive() -> (Vec<u8>, Vec<usize>) {
+        let mut a = Ar::default();
+        let mut headers = Vec::new();
+        let mut mark = |a: &Ar, headers: &mut Vec<usize>| headers.push(a.0.len());
+        mark(&a, &mut headers);
+        a.pax(
+            b'x',
+            &[
+                ("path", b"usr/lib/long-name"),
+                ("SCHILY.xattr.user.x", b"v"),
+            ],
+        );
+        mark(&a, &mut headers);
+        a.file("x", b"content");
+        for (name, typ, link) in [
+            ("usr/", b'5', ""),
+            ("bin", b'2', "usr/bin"),
+            ("bin/sh", b'0', ""),
+            ("usr/bin/ash", b'1', "usr/bin/sh"),
+            ("etc/.wh.passwd", b'0', ""),
+            ("var/.wh..wh..opq", b'0', ""),
+            ("dev/null", b'3', ""),
+            ("up", b'2', ".."),
+            ("up/up/x/", 0, ""),
+        ] {
+            mark(&a, &mut headers);
+            a.entry(name, typ, link);
+        }
+        (a.end(), headers)
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+        /// Hostile variations of a valid archive (fields changed, checksums made valid again,
+        /// the stream cut anywhere) are parsed or refused, and merged or refused, never panic.
+        #[test]
+        fn mutated_archives_never_panic(
+            flips in proptest::collection::vec((0usize..BLOCK, proptest::prelude::any::<u8>(), 0usize..16), 0..12),
+            cut in proptest::prelude::any::<u16>(),
+        ) {
+            let (mut bytes, headers) = feature_archive();
+            for (offset, value, which) in flips {
+                let at = headers[which % headers.len()] + offset;
+                bytes[at] = value;
+            }
+            for &h in &headers {
+                let block: &mut [u8] = &mut bytes[h..h + BLOCK];
+                block[148..156].fill(b' ');
+                let sum: u32 = block.iter().map(|&b| u32::from(b)).sum();
+                block[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+            }
+            let cut = usize::from(cut) % (bytes.len() + 1);
+            let l = limits();
+            if let Ok((entries, _)) = read_entries(&bytes[..cut], &l, &mut Discard) {
+                let mut tree = crate::oci::tree::Tree::new(&l);
+                for (i, e) in entries.into_iter().enumerate() {
+                    if tree.apply(u32::from(i % 2 == 1), e).is_err() {
+                        break;
+                    }
+                }
+                let _ = tree.stats();
+            }
+        }
     }
 
     #[test]
