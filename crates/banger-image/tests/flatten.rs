@@ -1117,3 +1117,10 @@ fn a_thirty_thousand_file_image_flattens_and_checks_clean() {
     let ino = |n: &[u8]| s5.iter().find(|e| e.0 == n).unwrap().1;
     assert_eq!(ino(b"file-1.txt"), ino(b"file-29.txt"));
 }
+
+#[test]
+fn an_image_without_layers_is_an_empty_root() {
+    let mut arena = Arena::new();
+    let img = ok(&mut arena, &[]);
+    assert!(img.is_empty(), "{img:?}");
+}

@@ -25,13 +25,16 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
 /// Threads reading layers (the machines banger targets have few cores).
 const WORKERS: usize = 2;
 const COPY_BUF: usize = 256 << 10;
+/// Uncompressed bytes per chunk handed between a layer's two threads, and chunks in flight.
+const CHUNK: usize = 256 << 10;
+const CHUNKS_IN_FLIGHT: usize = 4;
 
 /// One layer blob to apply, bottom layer first.
 #[derive(Debug, Clone)]
@@ -127,7 +130,7 @@ pub enum FlattenError {
         digest: Sha256Digest,
         source: Box<TarError>,
     },
-    #[error("layer {index}/{count} (sha256:{digest}) was refused: {source}")]
+    #[error("layer {index}/{count} (sha256:{digest}) was refused: {source}\nhint: the image's layers do something banger does not accept; rebuild the image with a standard tool (docker, buildah, umoci)")]
     Tree {
         index: usize,
         count: usize,
@@ -243,6 +246,40 @@ enum Failure {
     Panic,
 }
 
+/// Chunks of the uncompressed stream handed from the decompressing thread to the parser; an
+/// empty chunk is the end.
+struct ChunkReader {
+    rx: mpsc::Receiver<io::Result<Vec<u8>>>,
+    chunk: Vec<u8>,
+    pos: usize,
+    done: bool,
+}
+
+impl Read for ChunkReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.chunk.len() {
+            if self.done {
+                return Ok(0);
+            }
+            match self.rx.recv() {
+                Ok(Ok(chunk)) => {
+                    self.done = chunk.is_empty();
+                    self.chunk = chunk;
+                    self.pos = 0;
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Err(io::Error::other("the decompressing thread stopped")),
+            }
+        }
+        let n = buf.len().min(self.chunk.len() - self.pos);
+        buf[..n].copy_from_slice(&self.chunk[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// Decompresses and hashes the layer on one thread while the tar is parsed and staged on this
+/// one (they cost about the same, and two cores are what banger expects).
 fn read_layer(
     layer: &LayerInput,
     limits: &Limits,
@@ -253,32 +290,74 @@ fn read_layer(
 ) -> Result<Parsed, Failure> {
     let mut stream = LayerStream::open(&layer.path, layer.compression, budget, read_bytes)
         .map_err(Failure::Layer)?;
-    let mut stager = StagingStager {
-        staging,
-        buf: vec![0u8; COPY_BUF],
-    };
-    let mut reader = TarReader::new(&mut stream, limits, entry_count);
-    let mut entries = Vec::new();
-    let failed = loop {
-        match reader.next_entry(&mut stager) {
-            Ok(Some(e)) => entries.push(e),
-            Ok(None) => break None,
-            Err(e) => break Some(e),
-        }
-    };
-    let notices = reader.take_notices();
-    drop(reader);
-    if let Some(e) = failed {
-        // A broken or oversized stream explains a tar error better than the tar error does.
-        return Err(match stream.failure() {
-            Some(f) => Failure::Layer(f),
-            None => Failure::Tar(e),
+    // Bounded: at most CHUNKS_IN_FLIGHT chunks wait between the threads.
+    let (tx, rx) = mpsc::sync_channel::<io::Result<Vec<u8>>>(CHUNKS_IN_FLIGHT);
+    // Set once the parser has seen the end of the archive: the rest is still read and hashed.
+    let drain = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let producer = s.spawn(|| {
+            let mut sending = true;
+            loop {
+                let mut chunk = vec![0u8; CHUNK];
+                let n = match stream.read(&mut chunk) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        let failure = stream.failure();
+                        if sending {
+                            let _ = tx.send(Err(io::Error::other(e.to_string())));
+                        }
+                        return Err(Some(failure.unwrap_or(LayerError::Cancelled)));
+                    }
+                };
+                chunk.truncate(n);
+                if sending && tx.send(Ok(chunk)).is_err() {
+                    if !drain.load(Ordering::Acquire) {
+                        // The parser refused the layer; its error is the one to report.
+                        return Err(None);
+                    }
+                    sending = false;
+                }
+                if n == 0 {
+                    break;
+                }
+            }
+            stream.finish(&layer.digest, &layer.diff_id).map_err(Some)
         });
-    }
-    stream
-        .finish(&layer.digest, &layer.diff_id)
-        .map_err(Failure::Layer)?;
-    Ok(Parsed { entries, notices })
+
+        let mut stager = StagingStager {
+            staging,
+            buf: vec![0u8; COPY_BUF],
+        };
+        let chunks = ChunkReader {
+            rx,
+            chunk: Vec::new(),
+            pos: 0,
+            done: false,
+        };
+        let mut reader = TarReader::new(chunks, limits, entry_count);
+        let mut entries = Vec::new();
+        let failed = loop {
+            match reader.next_entry(&mut stager) {
+                Ok(Some(e)) => entries.push(e),
+                Ok(None) => break None,
+                Err(e) => break Some(e),
+            }
+        };
+        let notices = reader.take_notices();
+        if failed.is_none() {
+            drain.store(true, Ordering::Release);
+        }
+        drop(reader);
+        let produced = producer.join().unwrap_or(Err(Some(LayerError::Cancelled)));
+        match (produced, failed) {
+            // A broken, oversized or mismatching stream explains more than the tar error.
+            (Err(Some(e)), _) => Err(Failure::Layer(e)),
+            (Err(None), Some(tar)) | (Ok(_), Some(tar)) => Err(Failure::Tar(tar)),
+            (Err(None), None) => Err(Failure::Layer(LayerError::Cancelled)),
+            (Ok(_), None) => Ok(Parsed { entries, notices }),
+        }
+    })
 }
 
 /// Applies one verified layer to the tree, deleting the staged bytes it hides.

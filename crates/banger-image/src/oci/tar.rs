@@ -1900,7 +1900,7 @@ mod tests {
     fn feature_archive() -> (Vec<u8>, Vec<usize>) {
         let mut a = Ar::default();
         let mut headers = Vec::new();
-        let mut mark = |a: &Ar, headers: &mut Vec<usize>| headers.push(a.0.len());
+        let mark = |a: &Ar, headers: &mut Vec<usize>| headers.push(a.0.len());
         mark(&a, &mut headers);
         a.pax(
             b'x',
