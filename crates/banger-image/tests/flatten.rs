@@ -751,12 +751,13 @@ fn xattrs_are_stored_and_oversized_ones_refused() {
 fn lost_and_found_of_the_image_merges_or_is_dropped() {
     let mut arena = Arena::new();
     let tar = Tarball::default()
-        .dir("lost+found", 0o700)
+        .dir("lost+found", 0o755)
         .file("lost+found/x", b"x")
         .finish();
     let layers = one_layer(&arena, &tar);
     ok(&mut arena, &layers);
     assert_eq!(cat(&arena.out, b"/lost+found/x"), b"x");
+    assert!(stat(&arena.out, b"/lost+found").contains("Mode:  0755"));
     let mut arena = Arena::new();
     let tar = Tarball::default().file("lost+found", b"x").finish();
     let layers = one_layer(&arena, &tar);

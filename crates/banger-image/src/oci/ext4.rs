@@ -289,17 +289,20 @@ impl Script<'_> {
             match tree.node(child) {
                 Some(NodeRef::Dir(d)) => {
                     let target = dot_slash(name);
-                    if !(at_root && name == b"lost+found") {
-                        self.time(d.meta.mtime)?;
-                        self.line(&[b"mkdir", &quote(name)], &path)?;
-                    } else {
+                    // What the directory is born with: mkdir makes 0755, mkfs's lost+found 0700.
+                    let default_mode = if at_root && name == b"lost+found" {
                         // mkfs made it; give it the image's metadata.
                         self.root_like_times(&target, d.meta.mtime, &path)?;
-                    }
+                        S_IFDIR | 0o700
+                    } else {
+                        self.time(d.meta.mtime)?;
+                        self.line(&[b"mkdir", &quote(name)], &path)?;
+                        S_IFDIR | 0o755
+                    };
                     self.finish_inode(
                         &target,
                         Some(S_IFDIR | d.meta.mode),
-                        S_IFDIR | 0o755,
+                        default_mode,
                         &d.meta,
                         &d.xattrs,
                         &path,
