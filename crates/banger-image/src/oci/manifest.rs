@@ -51,14 +51,7 @@ pub(crate) const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+jso
      application/vnd.oci.image.manifest.v1+json, \
      application/vnd.docker.distribution.manifest.v2+json";
 
-/// How a layer blob is compressed (from its media type).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Compression {
-    Gzip,
-    Zstd,
-    None,
-}
+pub use crate::oci::layer::Compression;
 
 /// One layer of a resolved image, bottom first.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -356,7 +356,7 @@ impl Images {
     }
 }
 
-/// Flattens the resolved image's cached layers into an ext4 at `out` (on a blocking thread).
+/// Flattens the resolved image's cached layers into an ext4 at `out`.
 async fn flatten(
     resolved: &ResolvedImage,
     cache: &BlobCache,
@@ -364,11 +364,42 @@ async fn flatten(
     staging: &Path,
     progress: &Emitter,
 ) -> Result<(), ApiError> {
-    let _ = (resolved, cache, out, staging, progress);
-    Err(ApiError::new(
-        ErrorCode::Internal,
-        "flattening OCI layers is not available in this build",
-    ))
+    let stats = banger_image::oci::pull::build_rootfs(
+        resolved,
+        cache,
+        out,
+        &staging.join("flatten"),
+        progress,
+    )
+    .await
+    .map_err(|e| {
+        let code = if chain_has_enospc(&e) {
+            ErrorCode::DiskFull
+        } else {
+            ErrorCode::BuildFailed
+        };
+        chain_error(code, &e)
+    })?;
+    progress.log(&format!(
+        "{} entries ({} files, {} bytes) in a {}-byte ext4",
+        stats.entries, stats.files, stats.bytes, stats.ext4_bytes
+    ));
+    Ok(())
+}
+
+/// Whether an I/O error in `e`'s chain is a full disk.
+fn chain_has_enospc(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.raw_os_error() == Some(libc::ENOSPC))
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
 }
 
 #[cfg(test)]

@@ -1,0 +1,544 @@
+//! The flattening driver: verified layer blobs, in order -> one ext4 root file system.
+//!
+//! Owns the pipeline and its resources: the private staging directory; reading up to two layers
+//! at a time, each on two threads (one decompresses and hashes in `oci::layer`, the other parses
+//! in `oci::tar` and streams regular-file bytes into staging); merging them in layer order
+//! (`oci::tree`) as soon as each verified, deleting staged bytes the merge hides; and writing the
+//! image (`oci::ext4`). Blocking: the daemon calls it on a blocking thread. Memory holds metadata
+//! only (entries and the tree; about 25 MB for 34,000 entries), never file content.
+//!
+//! # Staging
+//! Regular-file content goes to `STAGING/<n>`: a flat directory this function creates (0700) or
+//! takes over empty, holding numbered files created with `O_CREAT|O_EXCL|O_NOFOLLOW`, mode 0600,
+//! by the caller's user. No name, path, mode, owner or type from a layer is ever used on the host,
+//! nothing is created outside that directory, and nothing is followed out of it. The directory is
+//! removed at the end, on success and on failure. A layer's entries are used only after both of
+//! its digests verified, and any failure removes the half-written output.
+
+use super::ext4::{self, Ext4BuildError};
+use super::layer::{Budget, Compression, LayerError, LayerStream};
+use super::tar::{Content, Entry, Stager, TarError, TarReader};
+use super::tree::{Tree, TreeError};
+use crate::digest::Sha256Digest;
+use crate::ext4::MiB;
+use crate::progress::Progress;
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// Threads reading layers (the machines banger targets have few cores).
+const WORKERS: usize = 2;
+const COPY_BUF: usize = 256 << 10;
+/// Uncompressed bytes per chunk handed between a layer's two threads, and chunks in flight.
+const CHUNK: usize = 256 << 10;
+const CHUNKS_IN_FLIGHT: usize = 4;
+
+/// One layer blob to apply, bottom layer first.
+#[derive(Debug, Clone)]
+pub struct LayerInput {
+    /// The blob file (verified when it was cached; verified again here).
+    pub path: PathBuf,
+    pub compression: Compression,
+    /// sha256 of the blob as stored.
+    pub digest: Sha256Digest,
+    /// sha256 of the uncompressed tar (the image config's `rootfs.diff_ids`).
+    pub diff_id: Sha256Digest,
+}
+
+/// Bounds on what a layer may make us do, and the free space the image keeps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Tar entries over all layers (also bounds the tree: twice this many nodes).
+    pub max_entries: u64,
+    /// Uncompressed bytes of one layer.
+    pub max_layer_bytes: u64,
+    /// Uncompressed bytes of all layers together.
+    pub max_image_bytes: u64,
+    /// Bytes of a normalised path (Linux's PATH_MAX).
+    pub max_path: usize,
+    /// Bytes of one path component (NAME_MAX).
+    pub max_name: usize,
+    /// Bytes of a symlink target (what ext4 stores).
+    pub max_link: usize,
+    /// Extended attributes per entry.
+    pub max_xattrs: usize,
+    /// Bytes of one extended attribute value (ext4 itself stores at most 4096).
+    pub max_xattr_value: usize,
+    /// Bytes of one PAX or GNU long-name extension header.
+    pub max_extension: u64,
+    /// Entries of one directory: ext4 keeps at most 65000 subdirectories, and writing a
+    /// directory costs time quadratic in its size.
+    pub max_dir_entries: usize,
+    /// Free space the ext4 keeps for what is installed later (the file is sparse).
+    pub ext4_headroom: MiB,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_entries: 1_000_000,
+            max_layer_bytes: 32 << 30,
+            max_image_bytes: 64 << 30,
+            max_path: 4096,
+            max_name: 255,
+            max_link: 4095,
+            max_xattrs: 64,
+            max_xattr_value: 64 << 10,
+            max_extension: 1 << 20,
+            max_dir_entries: 65_000,
+            ext4_headroom: MiB(1024),
+        }
+    }
+}
+
+/// What [`flatten_to_ext4`] made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlattenStats {
+    /// Tar entries read over all layers.
+    pub entries: u64,
+    /// Regular files in the image (each inode once).
+    pub files: u64,
+    /// Bytes of regular-file content in the image.
+    pub bytes: u64,
+    /// Size of the ext4 file (sparse).
+    pub ext4_bytes: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FlattenError {
+    #[error("cannot use {path} as the staging directory")]
+    Staging {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("layer {index}/{count} (sha256:{digest})")]
+    Layer {
+        index: usize,
+        count: usize,
+        digest: Sha256Digest,
+        #[source]
+        source: Box<LayerError>,
+    },
+    #[error("layer {index}/{count} (sha256:{digest}) was refused: {source}\nhint: the image contains an archive entry banger does not accept; rebuild the image with a standard tool (docker, buildah, umoci)")]
+    Tar {
+        index: usize,
+        count: usize,
+        digest: Sha256Digest,
+        source: Box<TarError>,
+    },
+    #[error("layer {index}/{count} (sha256:{digest}) was refused: {source}\nhint: the image's layers do something banger does not accept; rebuild the image with a standard tool (docker, buildah, umoci)")]
+    Tree {
+        index: usize,
+        count: usize,
+        digest: Sha256Digest,
+        source: Box<TreeError>,
+    },
+    #[error("cannot build the root file system {out}")]
+    Ext4 {
+        out: PathBuf,
+        #[source]
+        source: Box<Ext4BuildError>,
+    },
+    #[error(
+        "internal error while reading layer {index}/{count} (a bug in banger; please report it)"
+    )]
+    Panic { index: usize, count: usize },
+}
+
+/// The private staging directory (see the module header).
+pub struct Staging {
+    dir: PathBuf,
+    next: AtomicU64,
+}
+
+impl Staging {
+    /// Creates `dir` (0700), or takes it over if it is an empty directory (not a symlink).
+    pub fn open(dir: &Path) -> io::Result<Self> {
+        let dir = std::path::absolute(dir)?;
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                let meta = std::fs::symlink_metadata(&dir)?;
+                if !meta.is_dir() {
+                    return Err(io::Error::other("it exists and is not a directory"));
+                }
+                if std::fs::read_dir(&dir)?.next().is_some() {
+                    return Err(io::Error::other("it is not empty"));
+                }
+            }
+            Err(e) => return Err(e),
+        }
+        Ok(Self {
+            dir,
+            next: AtomicU64::new(1),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The file of staged id `id`.
+    pub fn path(&self, id: u64) -> PathBuf {
+        self.dir.join(id.to_string())
+    }
+
+    /// A new numbered file, opened for writing.
+    pub fn create(&self) -> io::Result<(u64, File)> {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let f = File::options()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(self.path(id))?;
+        Ok((id, f))
+    }
+
+    fn remove(&self, id: u64) {
+        // Best effort: the whole directory goes at the end anyway.
+        let _ = std::fs::remove_file(self.path(id));
+    }
+
+    fn remove_all(&self) -> io::Result<()> {
+        match std::fs::remove_dir_all(&self.dir) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Streams regular-file bytes into numbered staging files.
+struct StagingStager<'a> {
+    staging: &'a Staging,
+    buf: Vec<u8>,
+}
+
+impl Stager for StagingStager<'_> {
+    fn stage(&mut self, data: &mut dyn Read, size: u64) -> io::Result<Content> {
+        let (id, mut f) = self.staging.create()?;
+        loop {
+            let n = match data.read(&mut self.buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            f.write_all(&self.buf[..n])?;
+        }
+        Ok(Content::Staged { id, size })
+    }
+}
+
+/// A layer read, parsed and verified.
+struct Parsed {
+    entries: Vec<Entry>,
+    notices: Vec<String>,
+}
+
+enum Failure {
+    Layer(LayerError),
+    Tar(TarError),
+    Panic,
+}
+
+/// Chunks of the uncompressed stream handed from the decompressing thread to the parser; an
+/// empty chunk is the end.
+struct ChunkReader {
+    rx: mpsc::Receiver<io::Result<Vec<u8>>>,
+    chunk: Vec<u8>,
+    pos: usize,
+    done: bool,
+}
+
+impl Read for ChunkReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.chunk.len() {
+            if self.done {
+                return Ok(0);
+            }
+            match self.rx.recv() {
+                Ok(Ok(chunk)) => {
+                    self.done = chunk.is_empty();
+                    self.chunk = chunk;
+                    self.pos = 0;
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Err(io::Error::other("the decompressing thread stopped")),
+            }
+        }
+        let n = buf.len().min(self.chunk.len() - self.pos);
+        buf[..n].copy_from_slice(&self.chunk[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// Decompresses and hashes the layer on one thread while the tar is parsed and staged on this
+/// one (they cost about the same, and two cores are what banger expects).
+fn read_layer(
+    layer: &LayerInput,
+    limits: &Limits,
+    staging: &Staging,
+    budget: &Budget,
+    entry_count: &AtomicU64,
+    read_bytes: &AtomicU64,
+) -> Result<Parsed, Failure> {
+    let mut stream = LayerStream::open(&layer.path, layer.compression, budget, read_bytes)
+        .map_err(Failure::Layer)?;
+    // Bounded: at most CHUNKS_IN_FLIGHT chunks wait between the threads.
+    let (tx, rx) = mpsc::sync_channel::<io::Result<Vec<u8>>>(CHUNKS_IN_FLIGHT);
+    // Set once the parser has seen the end of the archive: the rest is still read and hashed.
+    let drain = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let producer = s.spawn(|| {
+            let mut sending = true;
+            loop {
+                let mut chunk = vec![0u8; CHUNK];
+                let n = match stream.read(&mut chunk) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        let failure = stream.failure();
+                        if sending {
+                            let _ = tx.send(Err(io::Error::other(e.to_string())));
+                        }
+                        return Err(Some(failure.unwrap_or(LayerError::Cancelled)));
+                    }
+                };
+                chunk.truncate(n);
+                if sending && tx.send(Ok(chunk)).is_err() {
+                    if !drain.load(Ordering::Acquire) {
+                        // The parser refused the layer; its error is the one to report.
+                        return Err(None);
+                    }
+                    sending = false;
+                }
+                if n == 0 {
+                    break;
+                }
+            }
+            stream.finish(&layer.digest, &layer.diff_id).map_err(Some)
+        });
+
+        let mut stager = StagingStager {
+            staging,
+            buf: vec![0u8; COPY_BUF],
+        };
+        let chunks = ChunkReader {
+            rx,
+            chunk: Vec::new(),
+            pos: 0,
+            done: false,
+        };
+        let mut reader = TarReader::new(chunks, limits, entry_count);
+        let mut entries = Vec::new();
+        let failed = loop {
+            match reader.next_entry(&mut stager) {
+                Ok(Some(e)) => entries.push(e),
+                Ok(None) => break None,
+                Err(e) => break Some(e),
+            }
+        };
+        let notices = reader.take_notices();
+        if failed.is_none() {
+            drain.store(true, Ordering::Release);
+        }
+        drop(reader);
+        let produced = producer.join().unwrap_or(Err(Some(LayerError::Cancelled)));
+        match (produced, failed) {
+            // A broken, oversized or mismatching stream explains more than the tar error.
+            (Err(Some(e)), _) => Err(Failure::Layer(e)),
+            (Err(None), Some(tar)) | (Ok(_), Some(tar)) => Err(Failure::Tar(tar)),
+            (Err(None), None) => Err(Failure::Layer(LayerError::Cancelled)),
+            (Ok(_), None) => Ok(Parsed { entries, notices }),
+        }
+    })
+}
+
+/// Applies one verified layer to the tree, deleting the staged bytes it hides.
+fn merge(
+    tree: &mut Tree,
+    index: usize,
+    parsed: Parsed,
+    staging: &Staging,
+    progress: &dyn Progress,
+    count: usize,
+) -> Result<(), TreeError> {
+    for n in parsed.notices {
+        progress.notice(&format!("layer {}/{count}: {n}", index + 1));
+    }
+    let layer = u32::try_from(index).unwrap_or(u32::MAX);
+    for e in parsed.entries {
+        tree.apply(layer, e)?;
+        for id in tree.take_freed() {
+            staging.remove(id);
+        }
+    }
+    Ok(())
+}
+
+/// Flattens `layers` (bottom first) into a new ext4 image at `out` (which must not exist),
+/// using `staging` as scratch space (see the module header).
+pub fn flatten_to_ext4(
+    layers: &[LayerInput],
+    out: &Path,
+    limits: &Limits,
+    staging: &Path,
+    progress: &dyn Progress,
+) -> Result<FlattenStats, FlattenError> {
+    let stage = Staging::open(staging).map_err(|source| FlattenError::Staging {
+        path: staging.to_owned(),
+        source,
+    })?;
+    let result = run(layers, out, limits, &stage, progress);
+    if let Err(e) = stage.remove_all() {
+        progress.notice(&format!(
+            "could not remove the staging directory {}: {e}",
+            stage.dir().display()
+        ));
+    }
+    result
+}
+
+fn run(
+    layers: &[LayerInput],
+    out: &Path,
+    limits: &Limits,
+    staging: &Staging,
+    progress: &dyn Progress,
+) -> Result<FlattenStats, FlattenError> {
+    let count = layers.len();
+    let budget = Budget::new(limits.max_layer_bytes, limits.max_image_bytes);
+    let entry_count = AtomicU64::new(0);
+    let read_bytes = AtomicU64::new(0);
+    let total: u64 = layers
+        .iter()
+        .filter_map(|l| std::fs::metadata(&l.path).ok())
+        .map(|m| m.len())
+        .sum();
+    let next = AtomicUsize::new(0);
+    let mut tree = Tree::new(limits);
+    let mut error: Option<FlattenError> = None;
+    let mut merged = 0usize;
+
+    std::thread::scope(|s| {
+        let (tx, rx) = mpsc::channel();
+        for _ in 0..WORKERS.min(count) {
+            let tx = tx.clone();
+            let (budget, entry_count, read_bytes, next) =
+                (&budget, &entry_count, &read_bytes, &next);
+            s.spawn(move || loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= count {
+                    break;
+                }
+                progress.phase(&format!("layer {}/{count}", i + 1));
+                // A bug hit by a hostile layer must fail this image, not the daemon.
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    read_layer(&layers[i], limits, staging, budget, entry_count, read_bytes)
+                }))
+                .unwrap_or(Err(Failure::Panic));
+                let failed = r.is_err();
+                if tx.send((i, r)).is_err() || failed {
+                    break;
+                }
+            });
+        }
+        drop(tx);
+        let mut pending = BTreeMap::new();
+        loop {
+            match rx.recv_timeout(Duration::from_millis(200)) {
+                Ok((i, Ok(parsed))) => {
+                    pending.insert(i, parsed);
+                    while error.is_none() {
+                        let Some(parsed) = pending.remove(&merged) else {
+                            break;
+                        };
+                        if let Err(source) =
+                            merge(&mut tree, merged, parsed, staging, progress, count)
+                        {
+                            budget.cancel();
+                            error = Some(FlattenError::Tree {
+                                index: merged + 1,
+                                count,
+                                digest: layers[merged].digest,
+                                source: Box::new(source),
+                            });
+                        }
+                        merged += 1;
+                    }
+                }
+                Ok((i, Err(failure))) => {
+                    budget.cancel();
+                    let (index, digest) = (i + 1, layers[i].digest);
+                    let e = match failure {
+                        Failure::Layer(source) => FlattenError::Layer {
+                            index,
+                            count,
+                            digest,
+                            source: Box::new(source),
+                        },
+                        Failure::Tar(source) => FlattenError::Tar {
+                            index,
+                            count,
+                            digest,
+                            source: Box::new(source),
+                        },
+                        Failure::Panic => FlattenError::Panic { index, count },
+                    };
+                    // "Cancelled" only echoes another layer's failure.
+                    let echo = |e: &FlattenError| {
+                        matches!(
+                            e,
+                            FlattenError::Layer { source, .. } if matches!(**source, LayerError::Cancelled)
+                        )
+                    };
+                    match &error {
+                        Some(old) if !echo(old) || echo(&e) => {}
+                        _ => error = Some(e),
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    progress.bytes(read_bytes.load(Ordering::Relaxed), Some(total));
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+    });
+    if let Some(e) = error {
+        return Err(e);
+    }
+    if merged != count {
+        return Err(FlattenError::Panic {
+            index: merged + 1,
+            count,
+        });
+    }
+    progress.bytes(read_bytes.load(Ordering::Relaxed), Some(total));
+
+    progress.phase("write ext4");
+    let stats = tree.stats();
+    let (output, notices) =
+        ext4::build(&tree, staging, out, limits, progress).map_err(|source| {
+            FlattenError::Ext4 {
+                out: out.to_owned(),
+                source: Box::new(source),
+            }
+        })?;
+    for n in notices {
+        progress.notice(&n);
+    }
+    Ok(FlattenStats {
+        entries: entry_count.load(Ordering::Relaxed),
+        files: stats.files,
+        bytes: stats.content_bytes,
+        ext4_bytes: output.bytes,
+    })
+}
