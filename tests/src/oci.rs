@@ -120,20 +120,16 @@ impl Registry {
     fn wait_up(&self) {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
-            let ok = self
+            let out = self
                 .in_ns("busybox")
                 .args(["wget", "-q", "-O", "/dev/null"])
                 .arg(format!("http://{}/v2/", self.host()))
-                .stderr(Stdio::null())
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false);
-            // An auth-only registry answers /v2/ with 401, which wget reports as a failure; the
-            // log line tells that it listens.
-            let listening = std::fs::read_to_string(self._dir.path().join("registry.log"))
-                .map(|l| l.contains("listening on"))
-                .unwrap_or(false);
-            if ok || listening {
+                .output();
+            // An auth-only registry answers /v2/ with 401, which wget reports as a failure.
+            let up = out.is_ok_and(|o| {
+                o.status.success() || String::from_utf8_lossy(&o.stderr).contains("401")
+            });
+            if up {
                 return;
             }
             assert!(

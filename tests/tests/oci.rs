@@ -137,14 +137,22 @@ impl Tmux {
         }
     }
 
-    /// The exit status of the pane's command once it has ended.
-    fn wait_exit(&self) -> i32 {
+    /// How the pane's command ended, once it has: `status N` or `signal N`.
+    fn wait_exit(&self) -> String {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let dead = self.ok(&["display-message", "-p", "#{pane_dead} #{pane_dead_status}"]);
-            let mut parts = dead.split_whitespace();
-            if parts.next() == Some("1") {
-                return parts.next().and_then(|s| s.parse().ok()).unwrap_or(-1);
+            let dead = self.ok(&[
+                "display-message",
+                "-p",
+                "#{pane_dead} #{pane_dead_status} #{pane_dead_signal}",
+            ]);
+            // A pane reads as dead when its terminal closes, a moment before tmux has reaped
+            // the process and knows how it ended: wait for that too.
+            match dead.split_whitespace().collect::<Vec<&str>>().as_slice() {
+                ["1", status] => return format!("status {status}"),
+                ["1", status, "0"] => return format!("status {status}"),
+                ["1", _, signal] => return format!("signal {signal}"),
+                _ => {}
             }
             assert!(
                 Instant::now() < deadline,
@@ -280,7 +288,7 @@ fn busybox_image_boots_with_the_agent_as_init_and_does_sessions_and_workspaces_w
     tmux.line("echo after-$?");
     tmux.wait_for("after-130");
     tmux.line("exit 3");
-    assert_eq!(tmux.wait_exit(), 3, "{}", tmux.screen());
+    assert_eq!(tmux.wait_exit(), "status 3", "{}", tmux.screen());
     drop(tmux);
 
     // A workspace without sshd: the repo goes through the agent.
