@@ -53,14 +53,15 @@ struct Tmux {
 }
 
 impl Tmux {
-    /// Starts `banger ARGS` in a new 100x30 session whose pane stays after the command exits.
+    /// Starts `banger ARGS` in a new 100x30 session. A wrapper script runs it and then prints
+    /// `banger-exit-STATUS` and, when the terminal's settings are what they were before,
+    /// `terminal-restored`.
     fn start(env: &Env, args: &[&str]) -> Self {
         let socket = env.home().join("tmux.sock");
-        // tmux starts the command through a shell, with the server's environment: a wrapper
-        // script carries banger's environment instead.
+        // tmux starts the command with the server's environment: the script carries banger's.
         let script = env.home().join("session.sh");
         let cmd = env.cmd(args);
-        let mut text = String::from("#!/bin/sh\nexec env");
+        let mut text = String::from("#!/bin/sh\nbefore=$(stty -g)\nenv");
         for (k, v) in cmd.get_envs() {
             if let Some(v) = v {
                 text.push_str(&format!(
@@ -74,7 +75,9 @@ impl Tmux {
         for a in args {
             text.push_str(&format!(" '{a}'"));
         }
-        text.push('\n');
+        text.push_str(
+            "\nrc=$?\n[ \"$(stty -g)\" = \"$before\" ] && echo terminal-restored\necho banger-exit-$rc\nsleep 600\n",
+        );
         std::fs::write(&script, text).unwrap();
         std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .unwrap();
@@ -90,7 +93,6 @@ impl Tmux {
             "tmux: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        t.ok(&["set-option", "-g", "remain-on-exit", "on"]);
         t
     }
 
@@ -132,32 +134,6 @@ impl Tmux {
             assert!(
                 Instant::now() < deadline,
                 "{needle:?} never appeared on the terminal:\n{s}"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    /// How the pane's command ended, once it has: `status N` or `signal N`.
-    fn wait_exit(&self) -> String {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let dead = self.ok(&[
-                "display-message",
-                "-p",
-                "#{pane_dead} #{pane_dead_status} #{pane_dead_signal}",
-            ]);
-            // A pane reads as dead when its terminal closes, a moment before tmux has reaped
-            // the process and knows how it ended: wait for that too.
-            match dead.split_whitespace().collect::<Vec<&str>>().as_slice() {
-                ["1", status] => return format!("status {status}"),
-                ["1", status, "0"] => return format!("status {status}"),
-                ["1", _, signal] => return format!("signal {signal}"),
-                _ => {}
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the session never ended:\n{}",
-                self.screen()
             );
             std::thread::sleep(Duration::from_millis(200));
         }
@@ -288,7 +264,15 @@ fn busybox_image_boots_with_the_agent_as_init_and_does_sessions_and_workspaces_w
     tmux.line("echo after-$?");
     tmux.wait_for("after-130");
     tmux.line("exit 3");
-    assert_eq!(tmux.wait_exit(), "status 3", "{}", tmux.screen());
+    let screen = tmux.wait_for("banger-exit-");
+    assert!(
+        screen.contains("banger-exit-3"),
+        "the session's status is not banger's:\n{screen}"
+    );
+    assert!(
+        screen.contains("terminal-restored"),
+        "the terminal was left changed:\n{screen}"
+    );
     drop(tmux);
 
     // A workspace without sshd: the repo goes through the agent.
