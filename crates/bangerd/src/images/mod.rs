@@ -383,7 +383,18 @@ impl Images {
     ) -> Result<ImageInfo, ApiError> {
         let reference = req.reference.trim().to_owned();
         let resolved = match self.resolve_pull(&reference).await? {
-            PullSource::Oci(r) => return self.pull_oci(r, req.name.clone(), &progress).await,
+            PullSource::Oci(r, None) => return self.pull_oci(r, req.name.clone(), &progress).await,
+            PullSource::Oci(r, Some(catalog_miss)) => {
+                // A name the catalog does not know was tried as an OCI image; if the registry
+                // does not know it either, say both.
+                return match self.pull_oci(r.clone(), req.name.clone(), &progress).await {
+                    Err(e) if e.code == ErrorCode::NotFound => Err(ApiError {
+                        message: format!("{}; as an OCI image, {}: {}", catalog_miss.message, r, e.message),
+                        ..catalog_miss
+                    }),
+                    other => other,
+                };
+            }
             PullSource::Catalog(resolved) => resolved,
         };
         let (manifest_url, manifest_pin) = match resolved {
@@ -435,13 +446,13 @@ impl Images {
     async fn resolve_pull(&self, reference: &str) -> Result<PullSource, ApiError> {
         if reference.starts_with("docker://") {
             if let Some(r) = oci::oci_reference(reference) {
-                return r.map(PullSource::Oci);
+                return r.map(|r| PullSource::Oci(r, None));
             }
         }
         match self.resolve_bundle(reference).await {
             Ok(r) => Ok(PullSource::Catalog(r)),
             Err(e) if e.code == ErrorCode::NotFound => match oci::oci_reference(reference) {
-                Some(r) => r.map(PullSource::Oci),
+                Some(r) => r.map(|r| PullSource::Oci(r, Some(e))),
                 None => Err(e),
             },
             Err(e) => Err(e),
@@ -948,7 +959,8 @@ enum Resolved {
 /// What `image pull` was given.
 enum PullSource {
     Catalog(Resolved),
-    Oci(banger_image::oci::reference::Reference),
+    /// An OCI image, and the catalog's not-found error when it was tried there first.
+    Oci(banger_image::oci::reference::Reference, Option<ApiError>),
 }
 
 /// The store name of a pull: `--name`, else the catalog name; URLs need `--name`.
