@@ -389,7 +389,10 @@ impl Images {
                 // does not know it either, say both.
                 return match self.pull_oci(r.clone(), req.name.clone(), &progress).await {
                     Err(e) if e.code == ErrorCode::NotFound => Err(ApiError {
-                        message: format!("{}; as an OCI image, {}: {}", catalog_miss.message, r, e.message),
+                        message: format!(
+                            "{}; as an OCI image, {}: {}",
+                            catalog_miss.message, r, e.message
+                        ),
                         ..catalog_miss
                     }),
                     other => other,
