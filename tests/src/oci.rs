@@ -305,7 +305,17 @@ pub fn generic_kernel() -> &'static GenericKernel {
         drop(env);
         std::fs::write(&done, "").unwrap();
     }
-    let dir = home.join(".local/state/banger/kernels/generic");
+    // Each version of the generic kernel has its own directory, `generic@SHA12`.
+    let kernels = home.join(".local/state/banger/kernels");
+    let dir = std::fs::read_dir(&kernels)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("generic@"))
+        })
+        .unwrap_or_else(|| panic!("no generic kernel in {}", kernels.display()));
     KERNEL.get_or_init(|| GenericKernel {
         kernel: dir.join("vmlinuz"),
         initrd: dir.join("initrd.img"),

@@ -302,6 +302,48 @@ fn busybox_image_boots_with_the_agent_as_init_and_does_sessions_and_workspaces_w
     e2fsck_clean(&dir.join("root.ext4"));
     e2fsck_clean(&dir.join("work.ext4"));
 
+    // A new push under the same tag: pulling again replaces the image in one step (its old
+    // files go), while the VM made from the old one keeps its own disk.
+    let newer = busybox_image(&[
+        ("srv/hello.txt", "hello from the image\n"),
+        ("etc/motd", "layer 3\n"),
+    ]);
+    registry.push(&newer.layout, &newer.tag, "test/busybox:1", None);
+    let replaced = env.ok(["image", "pull", &reference]);
+    assert!(replaced.stderr.contains("replacing image"), "{replaced}");
+    let after = env.ok(["image", "list", "--json"]).json();
+    let img2 = after
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"] == name.as_str())
+        .unwrap();
+    assert_ne!(img2["oci"]["digest"], img["oci"]["digest"], "{after}");
+    let dirs = tree_listing(&env.state_dir().join("images"));
+    let top: Vec<&String> = dirs
+        .iter()
+        .filter(|d| d.ends_with('/') && !d.trim_end_matches('/').contains('/'))
+        .collect();
+    assert_eq!(
+        top.len(),
+        1,
+        "the old image's files were not removed: {dirs:?}"
+    );
+    let out = env.ok([
+        "vm",
+        "run",
+        "--rm",
+        "--image",
+        &name,
+        "--",
+        "cat",
+        "/etc/motd",
+    ]);
+    assert_eq!(out.stdout, "layer 3\n", "{out}");
+    env.ok(["vm", "start", "bb"]);
+    assert_eq!(exec_sh(&env, "bb", "cat /etc/motd").stdout, "layer 2\n");
+    env.ok(["vm", "stop", "bb"]);
+
     // Deleting the image drops the cached blobs no image needs any more.
     env.ok(["vm", "delete", "bb"]);
     env.ok(["image", "delete", &name]);
@@ -402,4 +444,22 @@ mod base64_auth {
         }
         out
     }
+}
+
+#[test]
+fn the_generic_kernel_is_fetched_once_and_found_current_when_pulled_again() {
+    if !e2e_enabled() {
+        return;
+    }
+    // The shared kernel's own HOME, outside any namespace: `kernel pull generic` asks the
+    // Debian mirror, as the first fetch did.
+    let k = generic_kernel();
+    let home = k.kernel.ancestors().nth(6).unwrap().to_owned();
+    let env = Env::persistent(&home);
+    let out = env.ok(["kernel", "pull", "generic"]);
+    assert!(out.stderr.contains("up to date"), "{out}");
+    assert!(k.kernel.is_file() && k.initrd.is_file());
+    let kernels = env.ok(["kernel", "list", "--json"]).json();
+    assert_eq!(kernels[0]["name"], "generic", "{kernels}");
+    assert_eq!(kernels[0]["kernel"], k.kernel.to_str().unwrap(), "{kernels}");
 }

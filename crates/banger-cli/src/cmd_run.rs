@@ -332,7 +332,7 @@ async fn copy_workspace(
     snap: &workspace::Snapshot,
 ) -> Result<(), CliError> {
     let started = std::time::Instant::now();
-    let (read, write) = nix::unistd::pipe()
+    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| CliError::new(Exit::Failure, format!("cannot make a pipe: {e}")))?;
     let snap2 = snap.clone();
     let writer = std::thread::spawn(move || {
@@ -354,12 +354,16 @@ async fn copy_workspace(
     let status =
         crate::session::run_with_input(client, vm, s, Some(Box::new(std::fs::File::from(read))))
             .await;
-    let packed = writer.join().unwrap_or_else(|_| {
-        Err(CliError::new(
-            Exit::Failure,
-            "the workspace writer panicked",
-        ))
-    });
+    // The writer ends once the pipe's reader is gone; joining it is blocking work.
+    let packed = tokio::task::spawn_blocking(move || writer.join())
+        .await
+        .map_err(|_| CliError::new(Exit::Failure, "the workspace writer was lost"))?
+        .unwrap_or_else(|_| {
+            Err(CliError::new(
+                Exit::Failure,
+                "the workspace writer panicked",
+            ))
+        });
     let status = status?;
     if status != 0 {
         return Err(CliError::new(

@@ -236,8 +236,15 @@ async fn ssh(
         .await?;
     if !vm.ssh {
         let tty = tty || (command.is_empty() && std::io::stdin().is_terminal());
+        // As sshd does: the words are joined and the shell reads them (`vm ssh web -- 'ls | wc
+        // -l'` works the same with and without sshd).
+        let argv = if command.is_empty() {
+            command
+        } else {
+            vec!["sh".into(), "-c".into(), command.join(" ")]
+        };
         let s = Session {
-            argv: command,
+            argv,
             stdin: true,
             tty,
             user: None,

@@ -222,8 +222,8 @@ pub enum VmCmd {
     ///
     /// Guests that run sshd are reached with OpenSSH; the others (images without sshd) through
     /// the guest agent, with a real terminal: window size and resizes, Ctrl-C, Ctrl-D, and your
-    /// terminal restored afterwards. Through the agent a terminal is used when stdin is one, or
-    /// with -t.
+    /// terminal restored afterwards. Through the agent, as with OpenSSH, a login shell gets a
+    /// terminal when stdin is one, and a command (run by `sh -c`) gets one only with -t.
     Ssh {
         /// The VM to log into.
         #[arg(add = ArgValueCandidates::new(complete::vms))]
@@ -274,9 +274,11 @@ pub enum VmCmd {
 pub enum KernelCmd {
     /// List kernels.
     List(JsonFlag),
-    /// Pull only the kernel (and initrd) of a bundle: a catalog name or a manifest URL.
+    /// Pull only the kernel (and initrd) of a bundle: a catalog name or a manifest URL; or
+    /// `generic`, the kernel OCI images boot with (Debian's cloud kernel from its package on
+    /// the Debian mirror), fetched again and replaced when Debian has a newer one.
     Pull {
-        /// Catalog name or manifest URL (http, https, file).
+        /// Catalog name, manifest URL (http, https, file), or `generic`.
         reference: String,
         /// Store the kernel under this name (required for URLs).
         #[arg(long)]

@@ -64,12 +64,23 @@ pub async fn run(paths: Paths) -> anyhow::Result<Startup> {
 
     let config = Config::load(&paths.config_file())?;
     let store = Store::open(&paths.database())?;
-    let images = images::Images::new(paths.clone(), store.clone(), config.clone());
+    let image_locks = crate::image_locks::ImageLocks::default();
+    let images = images::Images::new(
+        paths.clone(),
+        store.clone(),
+        config.clone(),
+        image_locks.clone(),
+    );
     images
         .sweep()
         .await
         .context("cannot clean up after an earlier run")?;
-    let vms = Arc::new(vms::Vms::new(paths.clone(), store.clone(), config.clone())?);
+    let vms = Arc::new(vms::Vms::new(
+        paths.clone(),
+        store.clone(),
+        config.clone(),
+        image_locks,
+    )?);
     vms.reconcile()
         .await
         .context("cannot reconcile VMs with the host")?;

@@ -218,6 +218,24 @@ pub fn insert_kernel(conn: &Connection, k: &KernelInfo) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Points an existing kernel row at new files (a newer version of the same kernel).
+pub fn update_kernel_files(conn: &Connection, k: &KernelInfo) -> anyhow::Result<()> {
+    let n = conn.execute(
+        "UPDATE kernels SET kernel_path = ?2, kernel_sha256 = ?3, initrd_path = ?4,
+                            initrd_sha256 = ?5, created_at = ?6 WHERE name = ?1",
+        params![
+            k.name,
+            k.kernel,
+            k.kernel_sha256,
+            k.initrd,
+            k.initrd_sha256,
+            k.created_at
+        ],
+    )?;
+    anyhow::ensure!(n == 1, "kernel {:?} is not in the store", k.name);
+    Ok(())
+}
+
 pub fn insert_image(conn: &Connection, i: &ImageInfo) -> anyhow::Result<()> {
     conn.execute(
         "INSERT INTO images (name, source, origin, rootfs_path, rootfs_sha256, size_bytes, kernel,

@@ -67,6 +67,8 @@ pub struct Vms {
     /// VMs between "network attached" and "VMM handle recorded": they need the bridge although
     /// the store does not show them running yet.
     starting: Registry<()>,
+    /// Held for reading while a VM is made from an image (see `image_locks`).
+    image_locks: crate::image_locks::ImageLocks,
 }
 
 /// A table shared between request tasks whose entries each live as long as a [`Registered`].
@@ -164,7 +166,12 @@ pub fn tail_lines(path: &Path, n: usize) -> String {
 }
 
 impl Vms {
-    pub fn new(paths: Paths, store: Store, config: Config) -> anyhow::Result<Self> {
+    pub fn new(
+        paths: Paths,
+        store: Store,
+        config: Config,
+        image_locks: crate::image_locks::ImageLocks,
+    ) -> anyhow::Result<Self> {
         let net_config = NetConfig::parse(config.bridge(), config.subnet())
             .context("invalid bridge_name or bridge_subnet in config")?;
         let dns = DnsService::new(net_config.clone());
@@ -201,6 +208,7 @@ impl Vms {
             agents: Mutex::default(),
             exec_sessions: Arc::default(),
             starting: Arc::default(),
+            image_locks,
         })
     }
 
@@ -327,7 +335,10 @@ impl Vms {
     ) -> Result<VmInfo, ApiError> {
         progress.phase("allocate");
         let image_name = req.image.clone();
-        let (image, kernel) = crate::images::image_with_kernel(&self.store, &image_name).await?;
+        let (found, _) = crate::images::image_with_kernel(&self.store, &image_name).await?;
+        // From reading the image to cloning its files, a newer pull may not replace them.
+        let image_held = self.image_locks.read(&found.name).await;
+        let (image, kernel) = crate::images::image_with_kernel(&self.store, &found.name).await?;
         if req.spec.vcpu == 0 || req.spec.memory_mib < 128 || req.spec.disk_bytes < (64 << 20) {
             return Err(api(
                 ErrorCode::BadRequest,
@@ -408,6 +419,7 @@ impl Vms {
         let prepared = self
             .prepare_disks(&row, Path::new(&image.rootfs), &agent_bin, &req, &progress)
             .await;
+        drop(image_held);
         if let Err(e) = prepared {
             self.remove_everything(&row).await;
             return Err(e);
@@ -813,7 +825,14 @@ impl Vms {
         })?;
         let (runtime, out) = (runtime.to_owned(), out.to_owned());
         tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-            let json = std::fs::read(&runtime).unwrap_or_else(|_| b"{}".to_vec());
+            // Without it the image's User, Env and WorkingDir would silently be lost (commands
+            // would run as root): refuse to start instead.
+            let json = std::fs::read(&runtime).with_context(|| {
+                format!(
+                    "cannot read the image settings {} (recreate the VM)",
+                    runtime.display()
+                )
+            })?;
             let mut f = std::io::BufWriter::new(
                 std::fs::File::create(&out)
                     .with_context(|| format!("cannot create {}", out.display()))?,

@@ -40,8 +40,13 @@ pub struct Images {
     /// Names with an operation in flight, so two builds cannot race for one name.
     busy: Arc<Mutex<HashSet<String>>>,
     pull_lock: tokio::sync::Mutex<()>,
-    /// Cached OCI blobs that pulls in progress use (a prune keeps them).
-    in_flight: oci::InFlight,
+    /// OCI pulls hold this for reading from start to finish; pruning the blob cache holds it
+    /// for writing, so it never removes a blob a pull is about to use or has just recorded.
+    pull_gate: tokio::sync::RwLock<()>,
+    /// Fetching the generic kernel, so concurrent first OCI pulls wait for one fetch.
+    generic_kernel: tokio::sync::Mutex<()>,
+    /// Shared with the VM service: creating a VM reads an image, replacing or deleting writes.
+    image_locks: crate::image_locks::ImageLocks,
 }
 
 /// Holds a name busy until dropped.
@@ -79,14 +84,21 @@ fn not_found(kind: &str, name: &str, known: &[String], hint_cmd: &str) -> ApiErr
 }
 
 impl Images {
-    pub fn new(paths: Paths, store: Store, config: Config) -> Self {
+    pub fn new(
+        paths: Paths,
+        store: Store,
+        config: Config,
+        image_locks: crate::image_locks::ImageLocks,
+    ) -> Self {
         Self {
             paths,
             store,
             config,
             busy: Arc::default(),
             pull_lock: tokio::sync::Mutex::new(()),
-            in_flight: oci::InFlight::default(),
+            pull_gate: tokio::sync::RwLock::new(()),
+            generic_kernel: tokio::sync::Mutex::new(()),
+            image_locks,
         }
     }
 
@@ -101,7 +113,8 @@ impl Images {
     }
 
     /// Removes what an interrupted earlier run left: staging directories, and image or kernel
-    /// directories that no row names (their operation never committed).
+    /// directories no row points into (their operation never committed, or a newer version
+    /// replaced them).
     pub async fn sweep(&self) -> anyhow::Result<()> {
         let (images, kernels) = self
             .store
@@ -115,9 +128,12 @@ impl Images {
                     .with_context(|| format!("cannot create {}", dir.display()))?;
             }
             remove_children(&tmp, |_| true);
-            let live: HashSet<String> = images.into_iter().map(|i| i.name).collect();
+            // A directory is live when a row names a file in it (OCI pulls and the generic
+            // kernel use one directory per version, so the name alone does not say).
+            let live: HashSet<String> = images.iter().filter_map(|i| dir_name(&i.rootfs)).collect();
             remove_children(&images_dir, |n| !live.contains(n));
-            let live: HashSet<String> = kernels.into_iter().map(|k| k.name).collect();
+            let live: HashSet<String> =
+                kernels.iter().filter_map(|k| dir_name(&k.kernel)).collect();
             remove_children(&kernels_dir, |n| !live.contains(n));
             Ok(())
         })
@@ -388,13 +404,22 @@ impl Images {
                 // A name the catalog does not know was tried as an OCI image; if the registry
                 // does not know it either, say both.
                 return match self.pull_oci(r.clone(), req.name.clone(), &progress).await {
-                    Err(e) if e.code == ErrorCode::NotFound => Err(ApiError {
-                        message: format!(
-                            "{}; as an OCI image, {}: {}",
-                            catalog_miss.message, r, e.message
-                        ),
-                        ..catalog_miss
-                    }),
+                    // Docker Hub answers 401 for repositories that do not exist.
+                    Err(e) if e.code == ErrorCode::NotFound || e.message.contains("401") => {
+                        let hint = [catalog_miss.hint.as_deref(), e.hint.as_deref()]
+                            .into_iter()
+                            .flatten()
+                            .collect::<Vec<_>>()
+                            .join("; ");
+                        Err(ApiError::new(
+                            ErrorCode::NotFound,
+                            format!(
+                                "{}; as an OCI image, {r}: {}",
+                                catalog_miss.message, e.message
+                            ),
+                        )
+                        .with_hint(hint))
+                    }
                     other => other,
                 };
             }
@@ -504,7 +529,7 @@ impl Images {
     ) -> Result<KernelInfo, ApiError> {
         let reference = req.reference.trim().to_owned();
         if reference == GENERIC_KERNEL && req.name.as_deref().is_none_or(|n| n == GENERIC_KERNEL) {
-            return self.pull_generic_kernel(&progress).await;
+            return self.fetch_generic_kernel(&progress, true).await;
         }
         let (url, pin) = match self.resolve_bundle(&reference).await? {
             Resolved::Bundle { url, pin } => (url, pin),
@@ -634,7 +659,10 @@ impl Images {
     }
 
     pub async fn delete(&self, name: &str) -> Result<Deleted, ApiError> {
-        let (img, _) = self.get(name).await?;
+        let (img, ker) = self.get(name).await?;
+        let ker_path = ker.kernel.clone();
+        // The image's own name, even when it was found by its OCI reference.
+        let name = img.name.as_str();
         let _r = self.reserve(name)?;
         let n = name.to_owned();
         let users = self
@@ -651,6 +679,7 @@ impl Images {
         }
         let n = name.to_owned();
         let kernel = img.kernel.clone();
+        let kernel_path = ker_path.clone();
         // Rows go first: a crash after this leaves only unreferenced files, swept at start-up.
         let drop_kernel = self
             .store
@@ -668,23 +697,34 @@ impl Images {
             })
             .await
             .map_err(internal)?;
-        let _ = tokio::fs::remove_dir_all(self.images_dir().join(name)).await;
+        {
+            // Only now, with no VM being made from it, do the files go.
+            let _w = self.image_locks.write(name).await;
+            if let Some(dir) = store_dir(&self.images_dir(), &img.rootfs) {
+                let _ = tokio::fs::remove_dir_all(dir).await;
+            }
+        }
         if drop_kernel {
-            let _ = tokio::fs::remove_dir_all(self.kernels_dir().join(name)).await;
+            if let Some(dir) = store_dir(&self.kernels_dir(), &kernel_path) {
+                let _ = tokio::fs::remove_dir_all(dir).await;
+            }
         }
         if img.oci.is_some() {
-            let freed = self.prune_blobs().await;
-            tracing::info!(image = name, freed, "pruned the OCI blob cache");
+            // While pulls run, their blobs are not recorded yet: leave pruning to later.
+            if let Some(freed) = self.prune_blobs(false).await {
+                tracing::info!(image = name, freed, "pruned the OCI blob cache");
+            }
         }
         Ok(Deleted {
             name: name.to_owned(),
         })
     }
 
-    /// `image prune`: drops cached OCI blobs (and interrupted downloads) no image needs.
+    /// `image prune`: drops cached OCI blobs (and interrupted downloads) no image needs; waits
+    /// for pulls in progress to finish first.
     pub async fn prune(&self) -> Result<Pruned, ApiError> {
         Ok(Pruned {
-            freed_bytes: self.prune_blobs().await,
+            freed_bytes: self.prune_blobs(true).await.unwrap_or(0),
         })
     }
 
@@ -812,7 +852,11 @@ impl Images {
             .call(move |c| store::delete_kernel(c, &n))
             .await
             .map_err(internal)?;
-        let _ = tokio::fs::remove_dir_all(self.kernels_dir().join(name)).await;
+        if let Some(k) = k {
+            if let Some(dir) = store_dir(&self.kernels_dir(), &k.kernel) {
+                let _ = tokio::fs::remove_dir_all(dir).await;
+            }
+        }
         Ok(Deleted {
             name: name.to_owned(),
         })
@@ -874,6 +918,21 @@ pub async fn image_with_kernel(
             )
         })?;
     Ok((img, ker))
+}
+
+/// The name of the directory holding `file` (`images/NAME@DIGEST/rootfs.ext4` -> `NAME@DIGEST`).
+fn dir_name(file: &str) -> Option<String> {
+    Path::new(file)
+        .parent()?
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+}
+
+/// The store directory holding `file`, if it is a direct child of `root` (a row's path is
+/// never trusted to point elsewhere before something is deleted).
+fn store_dir(root: &Path, file: &str) -> Option<PathBuf> {
+    let dir = Path::new(file).parent()?;
+    (dir.parent() == Some(root)).then(|| dir.to_owned())
 }
 
 fn remove_children(dir: &Path, doomed: impl Fn(&str) -> bool) {

@@ -7,11 +7,11 @@
 //! Pulling a reference again is a no-op when the registry still serves the same manifest
 //! digest; when it serves a new one, the image is replaced (VMs made from the old one keep their
 //! own disks). Blobs stay in `~/.cache/banger/oci/` while an image needs them; `image delete` and
-//! `image prune` drop the rest, never a blob a pull in progress is using.
+//! `image prune` drop the rest, never while a pull is in progress (its blobs are not recorded
+//! until it commits).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 
 use banger_api::{ApiError, Boot, ErrorCode, ImageInfo, OciOrigin, Source};
 use banger_image::digest::Sha256Digest;
@@ -28,50 +28,6 @@ use crate::store;
 
 /// The kernel OCI images boot with (Debian's cloud kernel and banger's modules initramfs).
 pub const GENERIC_KERNEL: &str = "generic";
-
-/// Blobs that pulls in progress are using, with a count per digest, so a prune running at the
-/// same time keeps them.
-#[derive(Default, Clone)]
-pub struct InFlight(Arc<Mutex<HashMap<Sha256Digest, usize>>>);
-
-/// Marks blobs in use until dropped.
-pub struct InFlightGuard {
-    table: InFlight,
-    digests: Vec<Sha256Digest>,
-}
-
-impl InFlight {
-    fn hold(&self, digests: impl IntoIterator<Item = Sha256Digest>) -> InFlightGuard {
-        let digests: Vec<Sha256Digest> = digests.into_iter().collect();
-        let mut t = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        for d in &digests {
-            *t.entry(*d).or_default() += 1;
-        }
-        InFlightGuard {
-            table: self.clone(),
-            digests,
-        }
-    }
-
-    fn digests(&self) -> Vec<Sha256Digest> {
-        let t = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        t.keys().copied().collect()
-    }
-}
-
-impl Drop for InFlightGuard {
-    fn drop(&mut self) {
-        let mut t = self.table.0.lock().unwrap_or_else(|p| p.into_inner());
-        for d in &self.digests {
-            if let Some(n) = t.get_mut(d) {
-                *n -= 1;
-                if *n == 0 {
-                    t.remove(d);
-                }
-            }
-        }
-    }
-}
 
 /// What a pull reference names, in the order banger tries: a catalog entry (or bundle URL or
 /// path) first, then an OCI image. `docker://` forces the latter.
@@ -188,15 +144,14 @@ impl Images {
             }
             _ => (self.reserve_new(&name).await?, None),
         };
+        // Until this pull is recorded, no prune may drop the blobs it fetches.
+        let _pulling = self.pull_gate.read().await;
         let cache = self.blob_cache();
         let resolved = banger_image::oci::manifest::resolve(&reference, &options, &cache, progress)
             .await
             .map_err(|e| oci_err(&e))?;
         // After the image is known to exist and be usable, before the big downloads.
         self.ensure_generic_kernel(progress).await?;
-        let _in_use = self.in_flight.hold(
-            std::iter::once(resolved.config_digest).chain(resolved.layers.iter().map(|l| l.digest)),
-        );
         banger_image::oci::cache::fetch_layers(&resolved, &options, &cache, progress)
             .await
             .map_err(|e| oci_err(&e))?;
@@ -204,44 +159,38 @@ impl Images {
         let staging = self.staging()?;
         let rootfs = staging.path().join("rootfs.ext4");
         flatten(&resolved, &cache, &rootfs, staging.path(), progress).await?;
-        self.commit_oci(&name, &rootfs, &resolved, replacing.is_some(), progress)
+        self.commit_oci(&name, &rootfs, &resolved, replacing.as_ref(), progress)
             .await
     }
 
     /// Makes sure the generic kernel exists, fetching it the first time an OCI image needs it.
     async fn ensure_generic_kernel(&self, progress: &Emitter) -> Result<(), ApiError> {
-        let exists = self
-            .store
-            .call(|c| store::get_kernel(c, GENERIC_KERNEL))
-            .await
-            .map_err(internal)?
-            .is_some();
-        if exists {
-            return Ok(());
-        }
-        progress.notice(&format!(
-            "OCI images boot with banger's generic kernel; fetching it once (`banger kernel pull {GENERIC_KERNEL}`)"
-        ));
-        self.pull_generic_kernel(progress).await.map(drop)
+        self.fetch_generic_kernel(progress, false).await.map(drop)
     }
 
-    /// Moves the flattened rootfs into the store and records the image, replacing an older
-    /// pull of the same name when asked.
+    /// Moves the flattened rootfs into the store and records the image. Each pull gets its own
+    /// directory (`images/NAME@DIGEST12/`), so replacing an older pull of the same name is one
+    /// transaction that points the row at the new files; the old directory goes after that. A
+    /// crash at any point leaves either the old image or the new one, and an unreferenced
+    /// directory the next start-up sweeps.
     async fn commit_oci(
         &self,
         name: &str,
         rootfs: &Path,
         resolved: &ResolvedImage,
-        replace: bool,
+        replacing: Option<&ImageInfo>,
         progress: &dyn Progress,
     ) -> Result<ImageInfo, ApiError> {
         progress.phase("register");
-        let image_dir = self.images_dir().join(name);
-        let tmp = self.tmp_dir();
+        let digest = resolved.manifest_digest.oci();
+        let image_dir = self.images_dir().join(format!(
+            "{name}@{}",
+            &resolved.manifest_digest.to_string()[..12]
+        ));
         let rootfs = rootfs.to_owned();
         let (info_name, canonical) = (name.to_owned(), resolved.reference.to_string());
-        let digest = resolved.manifest_digest.oci();
-        let (info, old_dir) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let dir = image_dir.clone();
+        let info = tokio::task::spawn_blocking(move || -> anyhow::Result<ImageInfo> {
             let sha = fsutil::sha256_file(&rootfs)?;
             let size = std::fs::metadata(&rootfs)?.len();
             let stage = rootfs
@@ -251,30 +200,16 @@ impl Images {
             std::fs::create_dir(&stage)?;
             std::fs::rename(&rootfs, stage.join("rootfs.ext4"))?;
             fsutil::fsync_dir(&stage)?;
-            // An older copy steps aside first (into staging, swept at start-up if we crash) so
-            // the new one can take its place with one rename.
-            let old_dir = if replace && image_dir.exists() {
-                let aside = tempfile::Builder::new()
-                    .prefix("replaced-")
-                    .tempdir_in(&tmp)?
-                    .keep();
-                let target = aside.join("image");
-                std::fs::rename(&image_dir, &target)?;
-                Some(aside)
-            } else {
-                None
-            };
-            if let Err(e) = fsutil::durable_rename(&stage, &image_dir) {
-                if let Some(aside) = &old_dir {
-                    let _ = std::fs::rename(aside.join("image"), &image_dir);
-                }
-                return Err(e);
+            // Left by an interrupted pull of this very digest: no row points into it.
+            if dir.exists() {
+                std::fs::remove_dir_all(&dir)?;
             }
-            let info = ImageInfo {
+            fsutil::durable_rename(&stage, &dir)?;
+            Ok(ImageInfo {
                 name: info_name,
                 source: Source::Oci,
                 origin: canonical.clone(),
-                rootfs: image_dir.join("rootfs.ext4").display().to_string(),
+                rootfs: dir.join("rootfs.ext4").display().to_string(),
                 rootfs_sha256: sha,
                 size_bytes: size,
                 kernel: GENERIC_KERNEL.to_owned(),
@@ -284,8 +219,7 @@ impl Images {
                     reference: canonical,
                     digest,
                 }),
-            };
-            Ok((info, old_dir))
+            })
         })
         .await
         .map_err(|e| internal(e.into()))?
@@ -296,7 +230,10 @@ impl Images {
             .chain(resolved.layers.iter().map(|l| l.digest))
             .map(|d| d.oci())
             .collect();
+        // No VM is being made from the old files while the row switches and they go.
+        let _w = self.image_locks.write(name).await;
         let row = info.clone();
+        let replace = replacing.is_some();
         let inserted = self
             .store
             .call(move |c| {
@@ -310,47 +247,46 @@ impl Images {
                 Ok(())
             })
             .await;
-        match (inserted, old_dir) {
-            (Ok(()), old) => {
-                if let Some(aside) = old {
-                    let _ = tokio::fs::remove_dir_all(aside).await;
-                }
-            }
-            (Err(e), old) => {
-                let _ = std::fs::remove_dir_all(self.images_dir().join(name));
-                if let Some(aside) = old {
-                    let _ = std::fs::rename(aside.join("image"), self.images_dir().join(name));
-                    let _ = std::fs::remove_dir_all(aside);
-                }
-                return Err(internal(e));
-            }
+        if let Err(e) = inserted {
+            let _ = tokio::fs::remove_dir_all(&image_dir).await;
+            return Err(internal(e));
         }
-        if replace {
-            self.prune_blobs().await;
+        if let Some(old) = replacing {
+            match super::store_dir(&self.images_dir(), &old.rootfs) {
+                Some(old_dir) if old_dir != image_dir => {
+                    let _ = tokio::fs::remove_dir_all(old_dir).await;
+                }
+                _ => {}
+            }
         }
         tracing::info!(image = %info.name, reference = %info.origin, "OCI image registered");
         Ok(info)
     }
 
-    /// Removes cached blobs that no image and no pull in progress needs; returns bytes freed.
-    pub(super) async fn prune_blobs(&self) -> u64 {
+    /// Removes cached blobs that no image needs; returns bytes freed, or None when `wait` is
+    /// false and pulls are running (their blobs are not recorded yet, so nothing is pruned).
+    pub(super) async fn prune_blobs(&self, wait: bool) -> Option<u64> {
+        let _exclusive = if wait {
+            self.pull_gate.write().await
+        } else {
+            self.pull_gate.try_write().ok()?
+        };
         let in_use = match self.store.call(|c| store::blobs_in_use(c)).await {
             Ok(v) => v,
             Err(e) => {
                 tracing::warn!("cannot list the blobs images need: {e:#}");
-                return 0;
+                return Some(0);
             }
         };
-        let mut keep: HashSet<Sha256Digest> = in_use
+        let keep: HashSet<Sha256Digest> = in_use
             .iter()
             .filter_map(|d| Sha256Digest::parse_oci(d).ok())
             .collect();
-        keep.extend(self.in_flight.digests());
         match self.blob_cache().prune(&keep).await {
-            Ok(freed) => freed,
+            Ok(freed) => Some(freed),
             Err(e) => {
                 tracing::warn!("cannot prune the OCI blob cache: {e}");
-                0
+                Some(0)
             }
         }
     }
@@ -439,17 +375,5 @@ mod tests {
         assert!(matches!(oci_reference("docker://alpine"), Some(Ok(_))));
         assert!(matches!(oci_reference("docker://Bad Name"), Some(Err(_))));
         assert!(oci_reference("Not A Reference").is_none());
-    }
-
-    #[test]
-    fn in_flight_blobs_are_counted_until_released() {
-        let t = InFlight::default();
-        let d = Sha256Digest::of_bytes(b"x");
-        let a = t.hold([d]);
-        let b = t.hold([d]);
-        drop(a);
-        assert_eq!(t.digests(), vec![d]);
-        drop(b);
-        assert!(t.digests().is_empty());
     }
 }
