@@ -271,13 +271,7 @@ fn content_range_start(v: &str) -> Option<u64> {
 
 async fn hash_prefix(part: &Path) -> Result<(Sha256, u64), DownloadError> {
     let part = part.to_owned();
-    let joined = tokio::task::spawn_blocking(move || -> std::io::Result<(Sha256, u64)> {
-        let mut f = fs_err::File::open(&part)?;
-        let mut h = Sha256::new();
-        let n = std::io::copy(&mut f, &mut h)?;
-        Ok((h, n))
-    })
-    .await;
+    let joined = tokio::task::spawn_blocking(move || crate::digest::hash_file(&part)).await;
     match joined {
         Ok(r) => r.map_err(DownloadError::Io),
         Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
