@@ -9,6 +9,7 @@
 //! [`fetch_resumable`], is shared with the OCI blob cache, which opens registry blobs through its
 //! own [`RangeSource`] (authentication, redirects) and keeps its parts elsewhere.
 
+use crate::capped::{read_body_at_most, read_file_at_most, BodyError};
 use crate::digest::Sha256Digest;
 use crate::progress::{ByteThrottle, Progress};
 use futures_util::StreamExt;
@@ -135,11 +136,10 @@ pub async fn fetch_small(url: &Url, max_bytes: u64) -> Result<Vec<u8>, DownloadE
             url: url.to_string(),
             source,
         };
-        let len = fs_err::tokio::metadata(&path).await.map_err(local)?.len();
-        if len > max_bytes {
-            return Err(too_large());
-        }
-        return fs_err::tokio::read(&path).await.map_err(local);
+        return read_file_at_most(&path, max_bytes)
+            .await
+            .map_err(local)?
+            .ok_or_else(too_large);
     }
     let http = |source| DownloadError::Http {
         url: url.to_string(),
@@ -152,15 +152,12 @@ pub async fn fetch_small(url: &Url, max_bytes: u64) -> Result<Vec<u8>, DownloadE
             status: resp.status(),
         });
     }
-    let mut body = Vec::new();
-    let mut stream = resp.bytes_stream();
-    while let Some(chunk) = stream.next().await {
-        body.extend_from_slice(&chunk.map_err(http)?);
-        if body.len() as u64 > max_bytes {
-            return Err(too_large());
-        }
-    }
-    Ok(body)
+    read_body_at_most(resp, max_bytes)
+        .await
+        .map_err(|e| match e {
+            BodyError::TooLarge => too_large(),
+            BodyError::Http(source) => http(source),
+        })
 }
 
 /// Where [`fetch`] keeps an incomplete download of `dest`.

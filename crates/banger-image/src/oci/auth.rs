@@ -223,26 +223,17 @@ pub async fn lookup(
 }
 
 async fn read_config(path: &Path) -> Result<Option<Vec<u8>>, AuthError> {
-    let read_err = |source| AuthError::Read {
-        path: path.to_owned(),
-        source,
-    };
-    let file = match tokio::fs::File::open(path).await {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(read_err(e)),
-    };
-    let mut buf = Vec::new();
-    file.take(CONFIG_MAX_BYTES + 1)
-        .read_to_end(&mut buf)
-        .await
-        .map_err(read_err)?;
-    if buf.len() as u64 > CONFIG_MAX_BYTES {
-        return Err(AuthError::TooLarge {
+    match crate::capped::read_file_at_most(path, CONFIG_MAX_BYTES).await {
+        Ok(Some(text)) => Ok(Some(text)),
+        Ok(None) => Err(AuthError::TooLarge {
             path: path.to_owned(),
-        });
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(AuthError::Read {
+            path: path.to_owned(),
+            source,
+        }),
     }
-    Ok(Some(buf))
 }
 
 /// Credentials written in the file itself, if the entry has any.

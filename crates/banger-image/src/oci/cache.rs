@@ -126,23 +126,16 @@ impl BlobCache {
 
     /// Reads a small blob file whole (the config), refusing one larger than `max`.
     pub(crate) async fn read_small(&self, path: &Path, max: u64) -> Result<Vec<u8>, OciError> {
-        use tokio::io::AsyncReadExt;
-        let file = tokio::fs::File::open(path)
+        crate::capped::read_file_at_most(path, max)
             .await
-            .map_err(|source| cache_err("cannot open", path, source))?;
-        let mut buf = Vec::new();
-        file.take(max + 1)
-            .read_to_end(&mut buf)
-            .await
-            .map_err(|source| cache_err("cannot read", path, source))?;
-        if buf.len() as u64 > max {
-            return Err(cache_err(
-                "blob is too large",
-                path,
-                std::io::Error::other(format!("more than {max} bytes")),
-            ));
-        }
-        Ok(buf)
+            .map_err(|source| cache_err("cannot read", path, source))?
+            .ok_or_else(|| {
+                cache_err(
+                    "blob is too large",
+                    path,
+                    std::io::Error::other(format!("more than {max} bytes")),
+                )
+            })
     }
 
     /// Deletes every blob and partial whose digest is not in `keep`, and every lock file not in

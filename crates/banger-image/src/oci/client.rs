@@ -25,6 +25,7 @@
 //!
 //! Manifest semantics live in `manifest`, blob storage in `cache`, credentials in `auth`.
 
+use crate::capped::{read_body_at_most, BodyError};
 use crate::digest::Sha256Digest;
 use crate::download::{DownloadError, Source};
 use crate::oci::auth::{self, AuthError, Credentials};
@@ -647,11 +648,11 @@ impl RegistryClient {
         if !status.is_success() {
             return Err(token_err(format!("HTTP {status}")));
         }
-        let body = read_capped(resp, TOKEN_MAX_BYTES)
+        let body = read_body_at_most(resp, TOKEN_MAX_BYTES)
             .await
             .map_err(|e| match e {
-                ReadError::TooLarge => token_err(format!("more than {TOKEN_MAX_BYTES} bytes")),
-                ReadError::Http(e) => self.transport_error(&redact_query(&realm), e),
+                BodyError::TooLarge => token_err(format!("more than {TOKEN_MAX_BYTES} bytes")),
+                BodyError::Http(e) => self.transport_error(&redact_query(&realm), e),
             })?;
         #[derive(serde::Deserialize)]
         struct TokenAnswer {
@@ -692,7 +693,7 @@ impl RegistryClient {
     /// Turns a non-success response into the matching error, reading a capped error body.
     async fn status_error(&self, url: &Url, resp: reqwest::Response) -> OciError {
         let status = resp.status();
-        let detail = match read_capped(resp, ERROR_BODY_MAX_BYTES).await {
+        let detail = match read_body_at_most(resp, ERROR_BODY_MAX_BYTES).await {
             Ok(body) => registry_error_detail(&body),
             Err(_) => String::new(),
         };
@@ -736,13 +737,13 @@ impl RegistryClient {
             .get("docker-content-digest")
             .and_then(|v| v.to_str().ok())
             .and_then(|s| Sha256Digest::parse_oci(s.trim()).ok());
-        let body = read_capped(resp, max).await.map_err(|e| match e {
-            ReadError::TooLarge => OciError::TooLarge {
+        let body = read_body_at_most(resp, max).await.map_err(|e| match e {
+            BodyError::TooLarge => OciError::TooLarge {
                 what: "manifest",
                 url: url.to_string(),
                 max,
             },
-            ReadError::Http(e) => self.transport_error(url.as_str(), e),
+            BodyError::Http(e) => self.transport_error(url.as_str(), e),
         })?;
         Ok(Fetched {
             body,
@@ -868,29 +869,6 @@ fn registry_error_detail(body: &[u8]) -> String {
         }
         None => String::new(),
     }
-}
-
-enum ReadError {
-    TooLarge,
-    Http(reqwest::Error),
-}
-
-/// Reads a body of at most `max` bytes: refused early when Content-Length says more, and cut
-/// off as soon as more arrives (a lying or absent length cannot make banger read more).
-async fn read_capped(resp: reqwest::Response, max: u64) -> Result<Vec<u8>, ReadError> {
-    if resp.content_length().is_some_and(|n| n > max) {
-        return Err(ReadError::TooLarge);
-    }
-    let mut body = Vec::new();
-    let mut stream = resp.bytes_stream();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| ReadError::Http(e.without_url()))?;
-        if body.len() as u64 + chunk.len() as u64 > max {
-            return Err(ReadError::TooLarge);
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
 }
 
 #[cfg(test)]
