@@ -13,7 +13,7 @@ use crate::capped::{read_body_at_most, read_file_at_most, BodyError};
 use crate::digest::Sha256Digest;
 use crate::progress::{ByteThrottle, Progress};
 use futures_util::StreamExt;
-use reqwest::header::{CONTENT_RANGE, RANGE};
+use reqwest::header::{HeaderValue, CONTENT_RANGE, RANGE};
 use reqwest::{StatusCode, Url};
 use sha2::{Digest, Sha256};
 use std::ffi::OsString;
@@ -230,34 +230,63 @@ async fn open_at(url: &Url, offset: u64) -> Result<(Source, u64), DownloadError>
         source,
     };
     let mut req = client(url)?.get(url.clone());
-    if offset > 0 {
-        req = req.header(RANGE, format!("bytes={offset}-"));
+    if let Some(range) = range_from(offset) {
+        req = req.header(RANGE, range);
     }
     let resp = req.send().await.map_err(http)?;
-    let start = match resp.status() {
-        StatusCode::OK => 0,
-        StatusCode::PARTIAL_CONTENT => {
+    let start = match range_answer(&resp, offset) {
+        RangeAnswer::StartsAt(start) => start,
+        RangeAnswer::Restart => return Box::pin(open_at(url, 0)).await,
+        RangeAnswer::Refused => {
+            return Err(DownloadError::HttpStatus {
+                url: url.to_string(),
+                status: resp.status(),
+            })
+        }
+    };
+    Ok((Source::Http(resp.bytes_stream().boxed()), start))
+}
+
+/// The `Range` header that asks for a file from byte `offset` on; none from 0.
+pub(crate) fn range_from(offset: u64) -> Option<HeaderValue> {
+    if offset == 0 {
+        return None;
+    }
+    HeaderValue::from_str(&format!("bytes={offset}-")).ok()
+}
+
+/// What an answer to a GET sent with [`range_from`]`(offset)` means for a resumed download.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RangeAnswer {
+    /// The body starts at this byte: 0 for a `200` (the server ignored the range), `offset`
+    /// for a `206` with exactly the range asked for.
+    StartsAt(u64),
+    /// Ask again from 0: a `206` for another range cannot be appended safely, and a `416`
+    /// means the part is longer than the file is now (it changed). Only when `offset > 0`, so
+    /// a restart never restarts again.
+    Restart,
+    /// Any other status: the caller's error.
+    Refused,
+}
+
+pub(crate) fn range_answer(resp: &reqwest::Response, offset: u64) -> RangeAnswer {
+    match resp.status() {
+        StatusCode::OK => RangeAnswer::StartsAt(0),
+        StatusCode::PARTIAL_CONTENT if offset > 0 => {
             let start = resp
                 .headers()
                 .get(CONTENT_RANGE)
                 .and_then(|v| v.to_str().ok())
                 .and_then(content_range_start);
-            if start != Some(offset) {
-                // A range we did not ask for cannot be appended safely; start over without one.
-                return Box::pin(open_at(url, 0)).await;
+            if start == Some(offset) {
+                RangeAnswer::StartsAt(offset)
+            } else {
+                RangeAnswer::Restart
             }
-            offset
         }
-        // The part is longer than what the server has now: the file changed, start over.
-        StatusCode::RANGE_NOT_SATISFIABLE if offset > 0 => return Box::pin(open_at(url, 0)).await,
-        status => {
-            return Err(DownloadError::HttpStatus {
-                url: url.to_string(),
-                status,
-            })
-        }
-    };
-    Ok((Source::Http(resp.bytes_stream().boxed()), start))
+        StatusCode::RANGE_NOT_SATISFIABLE if offset > 0 => RangeAnswer::Restart,
+        _ => RangeAnswer::Refused,
+    }
 }
 
 /// `bytes START-END/TOTAL` -> START.

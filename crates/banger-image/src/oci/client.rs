@@ -27,15 +27,14 @@
 
 use crate::capped::{read_body_at_most, BodyError};
 use crate::digest::Sha256Digest;
-use crate::download::{DownloadError, Source};
+use crate::download::{range_answer, range_from, DownloadError, RangeAnswer, Source};
 use crate::oci::auth::{self, AuthError, Credentials};
 use crate::oci::manifest::{ManifestError, MANIFEST_ACCEPT};
 use crate::oci::reference::{shorten, Reference};
 use base64::Engine;
 use futures_util::StreamExt;
 use reqwest::header::{
-    HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_RANGE, CONTENT_TYPE, RANGE,
-    WWW_AUTHENTICATE,
+    HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE, RANGE, WWW_AUTHENTICATE,
 };
 use reqwest::{StatusCode, Url};
 use std::ffi::OsString;
@@ -766,30 +765,14 @@ impl RegistryClient {
     ) -> Result<(Source, u64), OciError> {
         let url = self.blob_url(digest);
         let mut headers = HeaderMap::new();
-        if offset > 0 {
-            if let Ok(v) = HeaderValue::from_str(&format!("bytes={offset}-")) {
-                headers.insert(RANGE, v);
-            }
+        if let Some(range) = range_from(offset) {
+            headers.insert(RANGE, range);
         }
         let resp = self.get(&url, headers, None).await?;
-        let start = match resp.status() {
-            StatusCode::OK => 0,
-            StatusCode::PARTIAL_CONTENT if offset > 0 => {
-                let start = resp
-                    .headers()
-                    .get(CONTENT_RANGE)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(content_range_start);
-                if start != Some(offset) {
-                    // A range we did not ask for cannot be appended safely: start over.
-                    return Box::pin(self.open_blob(digest, 0)).await;
-                }
-                offset
-            }
-            StatusCode::RANGE_NOT_SATISFIABLE if offset > 0 => {
-                return Box::pin(self.open_blob(digest, 0)).await
-            }
-            _ => return Err(self.status_error(&url, resp).await),
+        let start = match range_answer(&resp, offset) {
+            RangeAnswer::StartsAt(start) => start,
+            RangeAnswer::Restart => return Box::pin(self.open_blob(digest, 0)).await,
+            RangeAnswer::Refused => return Err(self.status_error(&url, resp).await),
         };
         // Errors lose their URL: after a redirect it may be a signed storage URL.
         let stream = resp.bytes_stream().map(|r| r.map_err(|e| e.without_url()));
@@ -816,12 +799,6 @@ impl RegistryClient {
             actual,
         }
     }
-}
-
-/// `bytes START-END/TOTAL` -> START.
-fn content_range_start(v: &str) -> Option<u64> {
-    let range = v.trim().strip_prefix("bytes ")?;
-    range.split(['-', '/']).next()?.trim().parse().ok()
 }
 
 /// A URL for messages: the query (which may carry a service's parameters) is dropped.
