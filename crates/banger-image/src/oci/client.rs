@@ -10,14 +10,18 @@
 //! - **Scheme.** https, with the system's usual TLS verification. Plain http only for loopback
 //!   registries (`localhost`, `127.0.0.0/8`, `[::1]`, any port), as Docker does, and for those
 //!   the caller lists as insecure (`host` or `host:port`; the `insecure_registries` config key).
-//!   Redirects follow the same rule (no downgrade to plain http elsewhere), at most 10 of them.
+//!   Redirects and token realms ([`url_allowed`]) may be https anywhere; plain http only when
+//!   the registry itself is plain-http (loopback or insecure-listed) and only on that same host.
+//!   So a remote https registry can never send banger to plain http, not even to a loopback
+//!   port (which any user of a shared host can bind). At most 10 redirects.
 //! - **Auth.** Requests go out anonymously. A `401` with `WWW-Authenticate: Bearer realm=...`
 //!   makes the client ask the realm for a token (`?service=...&scope=repository:NAME:pull`, with
 //!   Basic credentials when `auth` finds some) and retry with `Authorization: Bearer`; a `Basic`
-//!   challenge is answered with Basic credentials. The realm must be https, or http only on a
-//!   loopback or insecure-listed host; otherwise banger refuses before sending anything there.
-//!   Credentials are looked up only when a registry asks for them, and go only to the registry
-//!   host and the realm: reqwest drops `Authorization` on redirects to another host or port
+//!   challenge is answered with Basic credentials. Only the registry's own answers are
+//!   challenges: a `401` from wherever a redirect led (blob storage, a CDN, an open redirect on
+//!   it) is a plain error, so such a host can never name a realm to receive the credentials.
+//!   Credentials are looked up only when the registry asks for them, and go only to the registry
+//!   and the realm it names: reqwest drops `Authorization` on redirects to another host or port
 //!   (blob downloads are often redirected to storage), which the integration tests check.
 //!   Secrets never appear in logs, errors or `Debug` output.
 //! - **Caps.** Every untrusted body is read with a cap, never whole: manifests and indexes
@@ -131,9 +135,10 @@ pub enum OciError {
         max: u64,
     },
     #[error(
-        "registry {registry} sends banger to {realm} for a token, which is not https on a \
-         loopback or insecure-listed host; banger sends nothing there\n\
-         hint: if that token service is yours and on a trusted network, add its host to insecure_registries"
+        "registry {registry} sends banger to {realm} for a token, which is plain http away from \
+         the registry's own loopback or insecure-listed host; banger sends nothing there\n\
+         hint: a token service must be https, or plain http on the same host as a registry \
+         that is on loopback or in insecure_registries"
     )]
     InsecureRealm { registry: String, realm: String },
     #[error("registry {registry} asks for authentication banger cannot do: {detail}")]
@@ -250,11 +255,22 @@ fn url_host(url: &Url) -> String {
     }
 }
 
-/// May a request (or a redirect) go to `url`? https always; http per [`plain_http_allowed`].
-fn url_allowed(url: &Url, insecure: &[String]) -> bool {
+/// May a redirect or a token request of the registry at `registry` (its API host, `host[:port]`)
+/// go to `url`? https: always. Plain http: only when the registry itself is reached over plain
+/// http (loopback or insecure-listed) and `url` is on that same host, on a port
+/// [`plain_http_allowed`] allows. A registry reached over https can never send banger to plain
+/// http, loopback included: credentials would cross in clear text to a port any local user may
+/// have bound, and a redirect could reach local services.
+pub fn url_allowed(url: &Url, registry: &str, insecure: &[String]) -> bool {
     match url.scheme() {
         "https" => true,
-        "http" => plain_http_allowed(&url_host(url), insecure),
+        "http" => {
+            let target = url_host(url).to_ascii_lowercase();
+            let registry = registry.to_ascii_lowercase();
+            plain_http_allowed(&registry, insecure)
+                && host_without_port(&target) == host_without_port(&registry)
+                && plain_http_allowed(&target, insecure)
+        }
         _ => false,
     }
 }
@@ -379,6 +395,8 @@ pub(crate) struct RegistryClient {
     registry: String,
     repository: String,
     base: Url,
+    /// `host[:port]` of `base`, for the redirect and realm rules.
+    api_host: String,
     insecure: Vec<String>,
     docker_config: Option<PathBuf>,
     credential_path: Option<OsString>,
@@ -419,12 +437,15 @@ impl RegistryClient {
             detail: format!("cannot form its URL: {e}"),
         })?;
         let insecure = options.insecure.clone();
-        let policy_insecure = insecure.clone();
+        let (policy_insecure, policy_host) = (insecure.clone(), host.to_owned());
         let policy = reqwest::redirect::Policy::custom(move |attempt| {
             if attempt.previous().len() >= MAX_REDIRECTS {
                 attempt.error("too many redirects")
-            } else if !url_allowed(attempt.url(), &policy_insecure) {
-                attempt.error("redirect to plain http on a host that is not loopback or insecure-listed refused")
+            } else if !url_allowed(attempt.url(), &policy_host, &policy_insecure) {
+                attempt.error(
+                    "redirect to plain http away from the registry's own loopback or \
+                     insecure-listed host refused",
+                )
             } else {
                 attempt.follow()
             }
@@ -444,6 +465,7 @@ impl RegistryClient {
             registry: reference.registry().to_owned(),
             repository: reference.repository().to_owned(),
             base,
+            api_host: host.to_owned(),
             insecure,
             docker_config: options.docker_config.clone(),
             credential_path: options.credential_path.clone(),
@@ -468,7 +490,7 @@ impl RegistryClient {
         } else if e.is_redirect() {
             (
                 "a redirect was refused",
-                "the registry redirected to plain http or in a loop; banger does not follow that",
+                "the registry redirected to plain http on another host, or in a loop; banger does not follow that",
             )
         } else if ["certificate", "tls", "handshake", "corrupt message", "peer"]
             .iter()
@@ -520,7 +542,12 @@ impl RegistryClient {
                 .send()
                 .await
                 .map_err(|e| self.transport_error(url.as_str(), e))?;
-            if resp.status() != StatusCode::UNAUTHORIZED || challenged {
+            if resp.status() != StatusCode::UNAUTHORIZED
+                || challenged
+                || !self.answered_by_registry(&resp)
+            {
+                // A 401 from where a redirect led is not the registry's challenge: answering it
+                // would let that host pick the realm the credentials go to.
                 return Ok(resp);
             }
             challenged = true;
@@ -535,6 +562,12 @@ impl RegistryClient {
                 return Ok(resp);
             }
         }
+    }
+
+    /// Whether `resp` came from the registry itself (same scheme, host and port), not from
+    /// wherever a redirect led.
+    fn answered_by_registry(&self, resp: &reqwest::Response) -> bool {
+        resp.url().origin() == self.base.origin()
     }
 
     /// Answers a 401: sets a new Authorization header and returns true, or returns false when
@@ -617,7 +650,7 @@ impl RegistryClient {
         };
         let mut realm = Url::parse(realm_text)
             .map_err(|_| token_err("nothing: its realm is not a URL".into()))?;
-        if !url_allowed(&realm, &self.insecure) || !realm.username().is_empty() {
+        if !url_allowed(&realm, &self.api_host, &self.insecure) || !realm.username().is_empty() {
             return Err(OciError::InsecureRealm {
                 registry: self.registry.clone(),
                 realm: shorten(realm_text),
@@ -692,19 +725,30 @@ impl RegistryClient {
     /// Turns a non-success response into the matching error, reading a capped error body.
     async fn status_error(&self, url: &Url, resp: reqwest::Response) -> OciError {
         let status = resp.status();
+        // Only the host, never the URL: after a redirect it may be a signed storage URL.
+        let redirected_to = (!self.answered_by_registry(&resp)).then(|| url_host(resp.url()));
         let detail = match read_body_at_most(resp, ERROR_BODY_MAX_BYTES).await {
             Ok(body) => registry_error_detail(&body),
             Err(_) => String::new(),
         };
         let url = url.to_string();
-        match status {
-            StatusCode::UNAUTHORIZED => self.unauthorized(url, detail),
-            StatusCode::NOT_FOUND => OciError::NotFound {
+        match (status, redirected_to) {
+            (StatusCode::UNAUTHORIZED, Some(host)) => OciError::Status {
+                reference: self.reference.clone(),
+                url,
+                status,
+                detail: format!(
+                    " after a redirect to {host}{detail}; banger answers authentication \
+                     challenges only from the registry itself"
+                ),
+            },
+            (StatusCode::UNAUTHORIZED, None) => self.unauthorized(url, detail),
+            (StatusCode::NOT_FOUND, _) => OciError::NotFound {
                 reference: self.reference.clone(),
                 url,
                 detail,
             },
-            status => OciError::Status {
+            (status, _) => OciError::Status {
                 reference: self.reference.clone(),
                 url,
                 status,
@@ -932,16 +976,50 @@ mod tests {
     }
 
     #[test]
-    fn realms_and_redirects_follow_the_same_policy() {
+    fn realms_and_redirects_go_to_plain_http_only_on_a_plain_http_registrys_own_host() {
         let none: Vec<String> = vec![];
-        let ok = |u: &str| url_allowed(&Url::parse(u).unwrap(), &none);
-        assert!(ok("https://auth.docker.io/token"));
-        assert!(ok("http://127.0.0.1:9000/token"));
-        assert!(ok("http://[::1]:9000/token"));
-        assert!(!ok("http://auth.example/token"));
-        assert!(!ok("http://10.0.0.1/token"));
-        assert!(!ok("ftp://127.0.0.1/token"));
-        assert!(!ok("file:///etc/passwd"));
+        let ok = |registry: &str, u: &str, insecure: &[String]| {
+            url_allowed(&Url::parse(u).unwrap(), registry, insecure)
+        };
+        // A registry reached over https: https anywhere, plain http nowhere, loopback included.
+        for registry in ["registry-1.docker.io", "ghcr.io", "10.1.2.3:5000"] {
+            assert!(ok(registry, "https://auth.docker.io/token", &none));
+            assert!(ok(registry, "https://127.0.0.1:9000/token", &none));
+            for refused in [
+                "http://127.0.0.1:9000/token",
+                "http://[::1]:9000/token",
+                "http://localhost/token",
+                "http://ghcr.io/token",
+                "http://10.1.2.3:5000/token",
+                "ftp://127.0.0.1/token",
+                "file:///etc/passwd",
+            ] {
+                assert!(!ok(registry, refused, &none), "{registry} -> {refused}");
+            }
+        }
+        // A loopback registry: plain http on its own host (any port), nowhere else.
+        assert!(ok("127.0.0.1:5000", "http://127.0.0.1:9000/token", &none));
+        assert!(ok("127.0.0.1:5000", "http://127.0.0.1/token", &none));
+        assert!(ok("[::1]:5000", "http://[::1]:9000/token", &none));
+        assert!(ok("LOCALHOST:5000", "http://localhost:9000/t", &none));
+        assert!(ok("127.0.0.1:5000", "https://auth.example/token", &none));
+        for refused in [
+            "http://127.0.0.2:9000/token",
+            "http://localhost:9000/token",
+            "http://[::1]:9000/token",
+            "http://auth.example/token",
+            "http://10.0.0.1/token",
+        ] {
+            assert!(!ok("127.0.0.1:5000", refused, &none), "{refused}");
+        }
+        // An insecure-listed registry: its own host, on the ports its entry allows.
+        let listed = vec!["reg.lan:5000".to_string(), "other.lan".to_string()];
+        assert!(ok("reg.lan:5000", "http://reg.lan:5000/token", &listed));
+        assert!(!ok("reg.lan:5000", "http://reg.lan:5001/token", &listed));
+        assert!(!ok("reg.lan:5000", "http://other.lan/token", &listed));
+        assert!(!ok("reg.lan:5000", "http://127.0.0.1:5000/token", &listed));
+        assert!(ok("other.lan", "http://other.lan:8080/token", &listed));
+        assert!(!ok("other.lan", "http://evil.other.lan/token", &listed));
     }
 
     #[test]
