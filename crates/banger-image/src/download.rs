@@ -83,7 +83,7 @@ pub enum DownloadError {
 
 impl DownloadError {
     fn io(path: &Path, e: std::io::Error) -> Self {
-        if e.raw_os_error() == Some(libc::ENOSPC) {
+        if is_disk_full(&e) {
             DownloadError::DiskFull {
                 path: path.to_owned(),
             }
@@ -91,6 +91,12 @@ impl DownloadError {
             DownloadError::Io(e)
         }
     }
+}
+
+/// Whether an I/O error means the file system is full. By kind as well as by errno: fs-err
+/// wraps errors (keeping the kind, losing the raw errno).
+pub(crate) fn is_disk_full(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::StorageFull || e.raw_os_error() == Some(libc::ENOSPC)
 }
 
 /// Parses a URL, or turns an absolute path into a `file://` URL; only http, https and file pass.
@@ -356,7 +362,9 @@ impl RangeSource for UrlSource {
 /// The core of [`fetch`]: streams `source` into `part` (resuming what is there: a source that
 /// starts at the part's length is appended, one that starts at 0 restarts it), stops as soon as
 /// more than `expected_size` bytes arrive (deleting the part), and renames `part` to `dest` only
-/// when size and SHA-256 match. A digest mismatch deletes the part; a broken transfer keeps it.
+/// when size and SHA-256 match. A digest mismatch deletes the part; a broken transfer keeps it;
+/// a full disk deletes it (keeping it would hold the space that ran out, for a resume that
+/// needs more of it).
 pub(crate) async fn fetch_resumable<S: RangeSource>(
     source: &S,
     part: &Path,
@@ -365,6 +373,45 @@ pub(crate) async fn fetch_resumable<S: RangeSource>(
     expected_sha256: &Sha256Digest,
     progress: &dyn Progress,
 ) -> Result<(), S::Error> {
+    let result = fill_part(source, part, dest, expected_size, expected_sha256, progress).await;
+    match result {
+        Ok(()) => Ok(()),
+        Err(Failed::Source(e)) => Err(e),
+        Err(Failed::Local(e)) => {
+            if matches!(e, DownloadError::DiskFull { .. }) {
+                if let Err(rm) = fs_err::tokio::remove_file(part).await {
+                    if rm.kind() != std::io::ErrorKind::NotFound {
+                        tracing::warn!(error = %rm, "cannot remove a partial download after ENOSPC");
+                    }
+                }
+            }
+            Err(e.into())
+        }
+    }
+}
+
+/// Where a [`fill_part`] failure came from: the source (the caller's error) or the download
+/// itself (I/O, size, digest).
+enum Failed<E> {
+    Source(E),
+    Local(DownloadError),
+}
+
+impl<E> From<DownloadError> for Failed<E> {
+    fn from(e: DownloadError) -> Self {
+        Failed::Local(e)
+    }
+}
+
+/// [`fetch_resumable`] up to its clean-up.
+async fn fill_part<S: RangeSource>(
+    source: &S,
+    part: &Path,
+    dest: &Path,
+    expected_size: u64,
+    expected_sha256: &Sha256Digest,
+    progress: &dyn Progress,
+) -> Result<(), Failed<S::Error>> {
     let url = source.location();
     let part = part.to_owned();
     let io = |e| DownloadError::io(&part, e);
@@ -385,7 +432,7 @@ pub(crate) async fn fetch_resumable<S: RangeSource>(
 
     let mut throttle = ByteThrottle::new(PROGRESS_STEP);
     if got < expected_size {
-        let (mut stream, start) = source.open_at(got).await?;
+        let (mut stream, start) = source.open_at(got).await.map_err(Failed::Source)?;
         if start == 0 {
             hasher = Sha256::new();
             got = 0;
@@ -646,6 +693,37 @@ mod tests {
             !dest.exists() && !part_path(&dest).exists(),
             "bad bytes must not stay around"
         );
+    }
+
+    #[tokio::test]
+    async fn a_full_disk_fails_the_download_and_removes_the_partial() {
+        let body = data(3 << 20);
+        let server = TestServer::start().await;
+        server.serve("/f.bin", body.clone());
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("f.bin");
+        // Every write to /dev/full fails with ENOSPC, as on a file system that filled up.
+        std::os::unix::fs::symlink("/dev/full", part_path(&dest)).unwrap();
+        let err = fetch(
+            &server.url("/f.bin"),
+            &dest,
+            body.len() as u64,
+            &Sha256Digest::of_bytes(&body),
+            &RecordingProgress::new(),
+        )
+        .await
+        .unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, DownloadError::DiskFull { .. }), "{msg}");
+        assert!(
+            msg.contains(&part_path(&dest).display().to_string()) && msg.contains("hint:"),
+            "{msg}"
+        );
+        assert!(
+            std::fs::symlink_metadata(part_path(&dest)).is_err(),
+            "the partial download stays behind"
+        );
+        assert!(!dest.exists());
     }
 
     #[tokio::test]
