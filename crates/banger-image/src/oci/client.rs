@@ -172,6 +172,20 @@ pub enum OciError {
         #[source]
         source: AuthError,
     },
+    #[error(
+        "pulling {reference} needs {} MiB more in {}, which has {} MiB free\n\
+         hint: free some space there (`banger image prune` removes blobs no image needs and \
+         unfinished downloads) and pull again",
+        mib_up(*needed), path.display(), free >> 20
+    )]
+    NoSpace {
+        reference: String,
+        path: PathBuf,
+        /// Bytes still to download: declared sizes minus what is cached or partial.
+        needed: u64,
+        /// Bytes an unprivileged user may still write there.
+        free: u64,
+    },
     #[error(transparent)]
     Download(#[from] DownloadError),
     #[error("blob cache: {what} {}", path.display())]
@@ -187,8 +201,8 @@ impl OciError {
     /// True when a disk filled up while writing the cache.
     pub fn is_disk_full(&self) -> bool {
         match self {
-            OciError::Download(DownloadError::DiskFull { .. }) => true,
-            OciError::Cache { source, .. } => source.raw_os_error() == Some(libc::ENOSPC),
+            OciError::Download(DownloadError::DiskFull { .. }) | OciError::NoSpace { .. } => true,
+            OciError::Cache { source, .. } => crate::download::is_disk_full(source),
             _ => false,
         }
     }
@@ -202,6 +216,11 @@ impl OciError {
     pub fn is_not_found(&self) -> bool {
         matches!(self, OciError::NotFound { .. })
     }
+}
+
+/// Bytes in MiB, rounded up (so a need is never shown as 0).
+fn mib_up(bytes: u64) -> u64 {
+    bytes.div_ceil(1 << 20)
 }
 
 /// Whether plain http may be used for `host` (`host`, `host:port`, `[v6]:port`): loopback
