@@ -954,3 +954,41 @@ async fn a_redirect_to_plain_http_on_another_loopback_host_is_refused() {
         elsewhere.requests()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_layer_download_that_fills_the_disk_is_disk_full_and_leaves_no_partial() {
+    let storage = tempfile::tempdir().unwrap();
+    let registry = Registry::start(storage.path(), RegistryAuth::Anonymous).await;
+    let (layout, layers, _) = sample_image();
+    layout.push("v1", &registry.host(), "full/app", false);
+    let cache_dir = tempfile::tempdir().unwrap();
+    let cache = BlobCache::new(cache_dir.path());
+    let r = reference(&registry.host(), "full/app:v1");
+    let img = resolve(&r, &options(), &cache, &RecordingProgress::new())
+        .await
+        .unwrap();
+    // The first layer's partial is /dev/full: every write fails with ENOSPC.
+    let victim = digest(&layers[0].digest());
+    let part = cache.partial_path(&victim);
+    std::fs::create_dir_all(part.parent().unwrap()).unwrap();
+    std::os::unix::fs::symlink("/dev/full", &part).unwrap();
+    let err = fetch_layers(&img, &options(), &cache, &RecordingProgress::new())
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(err.is_disk_full(), "{msg}");
+    assert!(
+        msg.contains("no space left") && msg.contains(&victim.to_string()),
+        "{msg}"
+    );
+    assert!(
+        std::fs::symlink_metadata(&part).is_err(),
+        "the partial stayed behind"
+    );
+    assert!(!cache.blob_path(&victim).exists());
+    // With the disk "freed", the pull completes.
+    fetch_layers(&img, &options(), &cache, &RecordingProgress::new())
+        .await
+        .unwrap();
+    assert_layers_cached(&cache, &layers);
+}
