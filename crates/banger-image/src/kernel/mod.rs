@@ -340,10 +340,17 @@ async fn fetch_release(
                 url: url.to_owned(),
                 why,
             })?;
-    release::parse(&signed, suite).map_err(|why| KernelError::Release {
+    let release = release::parse(&signed, suite).map_err(|why| KernelError::Release {
         url: url.to_owned(),
         why,
-    })
+    })?;
+    release
+        .check_valid_until(time::OffsetDateTime::now_utc())
+        .map_err(|why| KernelError::Release {
+            url: url.to_owned(),
+            why,
+        })?;
+    Ok(release)
 }
 
 /// [`download::fetch`] unless `dest` is already there with the right digest (files land there
