@@ -373,8 +373,13 @@ pub(crate) async fn fetch_resumable<S: RangeSource>(
     expected_sha256: &Sha256Digest,
     progress: &dyn Progress,
 ) -> Result<(), S::Error> {
-    let result = fill_part(source, part, dest, expected_size, expected_sha256, progress).await;
-    match result {
+    let target = Target {
+        part,
+        dest,
+        expected_size,
+        expected_sha256,
+    };
+    match fill_part(source, &target, progress).await {
         Ok(()) => Ok(()),
         Err(Failed::Source(e)) => Err(e),
         Err(Failed::Local(e)) => {
@@ -403,15 +408,26 @@ impl<E> From<DownloadError> for Failed<E> {
     }
 }
 
+/// What [`fill_part`] downloads into: the part, the final name and what must arrive.
+struct Target<'a> {
+    part: &'a Path,
+    dest: &'a Path,
+    expected_size: u64,
+    expected_sha256: &'a Sha256Digest,
+}
+
 /// [`fetch_resumable`] up to its clean-up.
 async fn fill_part<S: RangeSource>(
     source: &S,
-    part: &Path,
-    dest: &Path,
-    expected_size: u64,
-    expected_sha256: &Sha256Digest,
+    target: &Target<'_>,
     progress: &dyn Progress,
 ) -> Result<(), Failed<S::Error>> {
+    let Target {
+        part,
+        dest,
+        expected_size,
+        expected_sha256,
+    } = *target;
     let url = source.location();
     let part = part.to_owned();
     let io = |e| DownloadError::io(&part, e);
@@ -520,6 +536,27 @@ mod tests {
     use crate::progress::{Event, RecordingProgress};
     use crate::testutil::{Fault, TestServer};
 
+    /// A server with `body` at `/f.bin`, a directory and where in it to download that.
+    async fn served(body: &[u8]) -> (TestServer, tempfile::TempDir, PathBuf) {
+        let server = TestServer::start().await;
+        server.serve("/f.bin", body.to_vec());
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("f.bin");
+        (server, dir, dest)
+    }
+
+    /// [`fetch`] of `server`'s `/f.bin` into `dest`, expected to be `body`.
+    async fn fetch_f(server: &TestServer, dest: &Path, body: &[u8]) -> Result<(), DownloadError> {
+        fetch(
+            &server.url("/f.bin"),
+            dest,
+            body.len() as u64,
+            &Sha256Digest::of_bytes(body),
+            &RecordingProgress::new(),
+        )
+        .await
+    }
+
     fn data(n: usize) -> Vec<u8> {
         (0..n).map(|i| (i * 31 % 251) as u8).collect()
     }
@@ -555,10 +592,7 @@ mod tests {
     #[tokio::test]
     async fn fetches_over_http_with_byte_progress() {
         let body = data(3 << 20);
-        let server = TestServer::start().await;
-        server.serve("/f.bin", body.clone());
-        let dir = tempfile::tempdir().unwrap();
-        let dest = dir.path().join("f.bin");
+        let (server, _dir, dest) = served(&body).await;
         let rec = RecordingProgress::new();
         fetch(
             &server.url("/f.bin"),
@@ -588,21 +622,9 @@ mod tests {
     #[tokio::test]
     async fn truncated_transfer_keeps_the_part_and_the_next_fetch_resumes_with_a_range() {
         let body = data(1 << 20);
-        let server = TestServer::start().await;
-        server.serve("/f.bin", body.clone());
+        let (server, _dir, dest) = served(&body).await;
         server.fault("/f.bin", Fault::Truncate { at: 300_000 });
-        let dir = tempfile::tempdir().unwrap();
-        let dest = dir.path().join("f.bin");
-        let digest = Sha256Digest::of_bytes(&body);
-        let err = fetch(
-            &server.url("/f.bin"),
-            &dest,
-            body.len() as u64,
-            &digest,
-            &RecordingProgress::new(),
-        )
-        .await
-        .unwrap_err();
+        let err = fetch_f(&server, &dest, &body).await.unwrap_err();
         match &err {
             DownloadError::Truncated {
                 got,
@@ -622,15 +644,7 @@ mod tests {
         );
         assert_eq!(std::fs::metadata(part_path(&dest)).unwrap().len(), 300_000);
 
-        fetch(
-            &server.url("/f.bin"),
-            &dest,
-            body.len() as u64,
-            &digest,
-            &RecordingProgress::new(),
-        )
-        .await
-        .unwrap();
+        fetch_f(&server, &dest, &body).await.unwrap();
         assert_eq!(std::fs::read(&dest).unwrap(), body);
         assert_eq!(
             server.ranges("/f.bin"),
@@ -641,22 +655,11 @@ mod tests {
     #[tokio::test]
     async fn server_ignoring_the_range_restarts_the_part_from_zero() {
         let body = data(200_000);
-        let server = TestServer::start().await;
-        server.serve("/f.bin", body.clone());
+        let (server, _dir, dest) = served(&body).await;
         server.fault("/f.bin", Fault::IgnoreRange);
-        let dir = tempfile::tempdir().unwrap();
-        let dest = dir.path().join("f.bin");
         // A stale part with wrong bytes: appending to it would corrupt the result.
         std::fs::write(part_path(&dest), vec![0xffu8; 50_000]).unwrap();
-        fetch(
-            &server.url("/f.bin"),
-            &dest,
-            body.len() as u64,
-            &Sha256Digest::of_bytes(&body),
-            &RecordingProgress::new(),
-        )
-        .await
-        .unwrap();
+        fetch_f(&server, &dest, &body).await.unwrap();
         assert_eq!(std::fs::read(&dest).unwrap(), body);
         assert_eq!(server.ranges("/f.bin"), [Some("bytes=50000-".to_string())]);
     }
@@ -664,21 +667,10 @@ mod tests {
     #[tokio::test]
     async fn flipped_byte_is_a_digest_mismatch_naming_file_and_both_digests() {
         let body = data(100_000);
-        let server = TestServer::start().await;
-        server.serve("/f.bin", body.clone());
+        let (server, _dir, dest) = served(&body).await;
         server.fault("/f.bin", Fault::FlipByte { at: 4242 });
-        let dir = tempfile::tempdir().unwrap();
-        let dest = dir.path().join("f.bin");
         let expected = Sha256Digest::of_bytes(&body);
-        let err = fetch(
-            &server.url("/f.bin"),
-            &dest,
-            body.len() as u64,
-            &expected,
-            &RecordingProgress::new(),
-        )
-        .await
-        .unwrap_err();
+        let err = fetch_f(&server, &dest, &body).await.unwrap_err();
         let mut bad = body.clone();
         bad[4242] ^= 0xff;
         let actual = Sha256Digest::of_bytes(&bad);
@@ -698,21 +690,10 @@ mod tests {
     #[tokio::test]
     async fn a_full_disk_fails_the_download_and_removes_the_partial() {
         let body = data(3 << 20);
-        let server = TestServer::start().await;
-        server.serve("/f.bin", body.clone());
-        let dir = tempfile::tempdir().unwrap();
-        let dest = dir.path().join("f.bin");
+        let (server, _dir, dest) = served(&body).await;
         // Every write to /dev/full fails with ENOSPC, as on a file system that filled up.
         std::os::unix::fs::symlink("/dev/full", part_path(&dest)).unwrap();
-        let err = fetch(
-            &server.url("/f.bin"),
-            &dest,
-            body.len() as u64,
-            &Sha256Digest::of_bytes(&body),
-            &RecordingProgress::new(),
-        )
-        .await
-        .unwrap_err();
+        let err = fetch_f(&server, &dest, &body).await.unwrap_err();
         let msg = err.to_string();
         assert!(matches!(err, DownloadError::DiskFull { .. }), "{msg}");
         assert!(
@@ -761,10 +742,7 @@ mod tests {
     #[tokio::test]
     async fn longer_body_than_expected_is_rejected_and_deleted() {
         let body = data(5000);
-        let server = TestServer::start().await;
-        server.serve("/f.bin", body.clone());
-        let dir = tempfile::tempdir().unwrap();
-        let dest = dir.path().join("f.bin");
+        let (server, _dir, dest) = served(&body).await;
         let err = fetch(
             &server.url("/f.bin"),
             &dest,

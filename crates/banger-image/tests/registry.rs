@@ -451,15 +451,7 @@ async fn bearer_token_from_the_realm_with_basic_credentials() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plain_http_realm_elsewhere_is_refused_without_contacting_it() {
-    let fake = fixed(
-        "401 Unauthorized",
-        vec![(
-            "WWW-Authenticate".into(),
-            r#"Bearer realm="http://198.51.100.7/token",service="evil""#.into(),
-        )],
-        b"{}".to_vec(),
-    )
-    .await;
+    let fake = bearer_challenger("http://198.51.100.7/token").await;
     let home = tempfile::tempdir().unwrap();
     let opts = RegistryOptions {
         docker_config: Some(docker_config(home.path(), &fake.host(), "u", "topsecret")),
@@ -844,18 +836,7 @@ async fn a_401_from_where_a_blob_was_redirected_gets_no_credentials() {
     // The "storage" a blob is redirected to asks for a token from a realm of its choosing (on
     // the registry's own loopback host, which the realm rule alone would allow).
     let realm = token_service("stolen".into(), None).await;
-    let storage_server = fixed(
-        "401 Unauthorized",
-        vec![(
-            "WWW-Authenticate".into(),
-            format!(
-                r#"Bearer realm="http://{}/token",service="evil""#,
-                realm.host()
-            ),
-        )],
-        b"{}".to_vec(),
-    )
-    .await;
+    let storage_server = bearer_challenger(&format!("http://{}/token", realm.host())).await;
     let storage = tempfile::tempdir().unwrap();
     let home = tempfile::tempdir().unwrap();
     let (_registry, front, opts) = redirecting_registry(
@@ -904,18 +885,7 @@ async fn a_401_from_where_a_blob_was_redirected_gets_no_credentials() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plain_http_realm_on_another_loopback_host_is_refused() {
     let realm = token_service_on("127.0.0.2", "t".into(), None).await;
-    let fake = fixed(
-        "401 Unauthorized",
-        vec![(
-            "WWW-Authenticate".into(),
-            format!(
-                r#"Bearer realm="http://{}/token",service="s""#,
-                realm.host()
-            ),
-        )],
-        b"{}".to_vec(),
-    )
-    .await;
+    let fake = bearer_challenger(&format!("http://{}/token", realm.host())).await;
     let home = tempfile::tempdir().unwrap();
     let opts = RegistryOptions {
         docker_config: Some(docker_config(home.path(), &fake.host(), "u", "topsecret")),
@@ -958,12 +928,10 @@ async fn a_redirect_to_plain_http_on_another_loopback_host_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_layer_download_that_fills_the_disk_is_disk_full_and_leaves_no_partial() {
     let storage = tempfile::tempdir().unwrap();
-    let registry = Registry::start(storage.path(), RegistryAuth::Anonymous).await;
-    let (layout, layers, _) = sample_image();
-    layout.push("v1", &registry.host(), "full/app", false);
+    let (_registry, proxy, _faults, layers) = behind_proxy(storage.path()).await;
     let cache_dir = tempfile::tempdir().unwrap();
     let cache = BlobCache::new(cache_dir.path());
-    let r = reference(&registry.host(), "full/app:v1");
+    let r = reference(&proxy.host(), "proxied/app:v1");
     let img = resolve(&r, &options(), &cache, &RecordingProgress::new())
         .await
         .unwrap();

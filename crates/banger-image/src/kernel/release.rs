@@ -539,49 +539,33 @@ YW5nZXIgdGVzdCByZXZva2VkIDxyZXZva2VkQHRlc3Q+iJAEExYIADgWIQSTOM2f8+b37fUCbIqyi4cc
 AwULCQgHAgYVCgkICwIEFgIDAQIeAQIXgAAKCRCyi4ccbn8D18QDAQC6mgfynEQtGYvBVNIYftDfGD3qbii6CVC+dci2T7QU
 gQD/b2rUUPE/Asf28kymd8h12Vpj2e26omkLjWNGulPfEQM=";
 
-    /// The same release text clear-signed on 2024-01-01 by each test key.
-    const SIGNED_BY_GOOD: &str = "-----BEGIN PGP SIGNED MESSAGE-----
-Hash: SHA256
+    /// The release text the test keys signed (on 2024-01-01).
+    const TEST_RELEASE: &str = "Suite: bookworm\nSHA256:\n \
+        6777ea16514725f9427f48c240d92e0a6b8496138e37a1491d8597e66774e309 1 main/p\n";
 
-Suite: bookworm
-SHA256:
- 6777ea16514725f9427f48c240d92e0a6b8496138e37a1491d8597e66774e309 1 main/p
------BEGIN PGP SIGNATURE-----
-
-iIAEARYIACgWIQQp1Yv0ikdINeqr0SeX2XiBkkybbwUCZZIAvAocZ29vZEB0ZXN0
+    /// The armored signature lines each test key made over [`TEST_RELEASE`].
+    const SIG_GOOD: &str = "iIAEARYIACgWIQQp1Yv0ikdINeqr0SeX2XiBkkybbwUCZZIAvAocZ29vZEB0ZXN0
 AAoJEJfZeIGSTJtvnWgA/1sasDH64uloTXy8ij5lMt3xCecfUS5Q0Wax1z2cHAzZ
 AP91wLlfKe5/uoN+D/YBwtfq3YMIo7jixI2cpqC8iFJqBg==
 =8oyF
------END PGP SIGNATURE-----
 ";
-    const SIGNED_BY_EXPIRED: &str = "-----BEGIN PGP SIGNED MESSAGE-----
-Hash: SHA256
-
-Suite: bookworm
-SHA256:
- 6777ea16514725f9427f48c240d92e0a6b8496138e37a1491d8597e66774e309 1 main/p
------BEGIN PGP SIGNATURE-----
-
-iIMEARYIACsWIQQ0Ph8zIr5JseBkqScB7LVxtw9R6AUCZZIAvA0cZXhwaXJlZEB0
+    const SIG_EXPIRED: &str = "iIMEARYIACsWIQQ0Ph8zIr5JseBkqScB7LVxtw9R6AUCZZIAvA0cZXhwaXJlZEB0
 ZXN0AAoJEAHstXG3D1HoegkBAJbss5JjRM7sHXC+tNYxpn08QYA9HMEw601pqzSm
 NxQQAP9z72teVhaU5fb9992R+9OPAZIVp5wC848jO/ACRAakDg==
 =g9OS
------END PGP SIGNATURE-----
 ";
-    const SIGNED_BY_REVOKED: &str = "-----BEGIN PGP SIGNED MESSAGE-----
-Hash: SHA256
-
-Suite: bookworm
-SHA256:
- 6777ea16514725f9427f48c240d92e0a6b8496138e37a1491d8597e66774e309 1 main/p
------BEGIN PGP SIGNATURE-----
-
-iIMEARYIACsWIQSTOM2f8+b37fUCbIqyi4ccbn8D1wUCZZIAvA0ccmV2b2tlZEB0
+    const SIG_REVOKED: &str = "iIMEARYIACsWIQSTOM2f8+b37fUCbIqyi4ccbn8D1wUCZZIAvA0ccmV2b2tlZEB0
 ZXN0AAoJELKLhxxufwPX2GkBAP2C40P5aDJ0zi9U2syh9tuEybEtPJbgw8sc3lsl
 FnhsAP4hXzlhPGLpk6hqerVRBXi46N9aQeEQ/UB4z4smvJGjAw==
 =KKYd
------END PGP SIGNATURE-----
 ";
+
+    /// [`TEST_RELEASE`] clear-signed with one of those signatures.
+    fn signed_by(signature: &str) -> String {
+        format!(
+            "{BEGIN_SIGNED}\nHash: SHA256\n\n{TEST_RELEASE}{BEGIN_SIGNATURE}\n\n{signature}{END_SIGNATURE}\n"
+        )
+    }
 
     #[test]
     fn gpgv_accepts_a_good_key_and_refuses_expired_and_revoked_ones() {
@@ -598,7 +582,7 @@ FnhsAP4hXzlhPGLpk6hqerVRBXi46N9aQeEQ/UB4z4smvJGjAw==
         )
         .unwrap();
         let file = dir.path().join("InRelease");
-        std::fs::write(&file, SIGNED_BY_GOOD).unwrap();
+        std::fs::write(&file, signed_by(SIG_GOOD)).unwrap();
         let text = verify(&gpgv, &keyring, &file).unwrap();
         assert!(
             text.starts_with(b"Suite: bookworm\n"),
@@ -607,11 +591,8 @@ FnhsAP4hXzlhPGLpk6hqerVRBXi46N9aQeEQ/UB4z4smvJGjAw==
         );
         parse(&text, "bookworm").unwrap();
         // gpgv itself exits 0 for these: the status lines must refuse them.
-        for (signed, why) in [
-            (SIGNED_BY_EXPIRED, "expired key"),
-            (SIGNED_BY_REVOKED, "revoked key"),
-        ] {
-            std::fs::write(&file, signed).unwrap();
+        for (signed, why) in [(SIG_EXPIRED, "expired key"), (SIG_REVOKED, "revoked key")] {
+            std::fs::write(&file, signed_by(signed)).unwrap();
             let err = verify(&gpgv, &keyring, &file).unwrap_err();
             assert!(err.contains(why), "{err}");
         }

@@ -518,6 +518,24 @@ mod tests {
         OsString::from(format!("{}:/usr/bin:/bin", bin.display()))
     }
 
+    /// A fake helper `name` (see [`helper`]) as the config's `credsStore`: the config's path and
+    /// the PATH to run it with.
+    fn store_helper(dir: &Path, name: &str, body: &str) -> (PathBuf, OsString) {
+        let path = helper(dir, name, body);
+        let cfg = write_config(dir, &format!(r#"{{"credsStore":"{name}"}}"#));
+        (cfg, path)
+    }
+
+    /// The pid a fake helper `name` wrote to `$0.child` for the process it started.
+    fn helper_child(dir: &Path, name: &str) -> u32 {
+        let file = dir.join(format!("bin/docker-credential-{name}.child"));
+        std::fs::read_to_string(file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
     /// True when process `pid` has ended (a zombie that nobody reaped yet counts as ended).
     fn gone(pid: u32) -> bool {
         for _ in 0..50 {
@@ -539,12 +557,11 @@ mod tests {
     #[tokio::test]
     async fn a_helper_that_leaves_a_process_holding_its_output_answers_at_once() {
         let dir = tempfile::tempdir().unwrap();
-        let path = helper(
+        let (cfg, path) = store_helper(
             dir.path(),
             "leaky",
             r#"sleep 300 & echo $! > "$0.child"; echo '{"Username":"lu","Secret":"ls"}'"#,
         );
-        let cfg = write_config(dir.path(), r#"{"credsStore":"leaky"}"#);
         let started = std::time::Instant::now();
         let got = lookup("r.example", &cfg, Some(&path)).await.unwrap();
         assert_eq!(got, Some(Credentials::new("lu", "ls")));
@@ -553,10 +570,8 @@ mod tests {
             "waited {:?} for the helper's output to end",
             started.elapsed()
         );
-        let child =
-            std::fs::read_to_string(dir.path().join("bin/docker-credential-leaky.child")).unwrap();
         assert!(
-            gone(child.trim().parse().unwrap()),
+            gone(helper_child(dir.path(), "leaky")),
             "the process holding the helper's output is still running"
         );
     }
@@ -564,15 +579,11 @@ mod tests {
     #[tokio::test]
     async fn a_failing_helper_shows_only_its_first_line_of_stderr_escaped() {
         let dir = tempfile::tempdir().unwrap();
-        let path = helper(
+        let (cfg, path) = store_helper(
             dir.path(),
             "noisy",
-            r#"printf '
-[31mboom]0;title 
-  SECRET-LINE2
-' >&2; exit 3"#,
+            r#"printf '\n\033[31mboom\033]0;title\007 \001\n  SECRET-LINE2\n' >&2; exit 3"#,
         );
-        let cfg = write_config(dir.path(), r#"{"credsStore":"noisy"}"#);
         let err = lookup("r.example", &cfg, Some(&path)).await.unwrap_err();
         let msg = err.to_string();
         assert!(
@@ -782,10 +793,8 @@ mod tests {
                 (got, want) => panic!("{name}: got {got:?}, want {want:?}"),
             }
         }
-        let slow_child =
-            std::fs::read_to_string(dir.path().join("bin/docker-credential-slow.child")).unwrap();
         assert!(
-            gone(slow_child.trim().parse().unwrap()),
+            gone(helper_child(dir.path(), "slow")),
             "the timed-out helper's child is still running"
         );
         let cfg = write_config(dir.path(), r#"{"credsStore":"absent"}"#);

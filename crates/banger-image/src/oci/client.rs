@@ -198,7 +198,8 @@ pub enum OciError {
 }
 
 impl OciError {
-    /// True when a disk filled up while writing the cache.
+    /// True when the disk filled up while writing the cache, or a pull would not fit in its
+    /// free space.
     pub fn is_disk_full(&self) -> bool {
         match self {
             OciError::Download(DownloadError::DiskFull { .. }) | OciError::NoSpace { .. } => true,

@@ -641,6 +641,19 @@ pub async fn fixed(status: &'static str, headers: Vec<(String, String)>, body: V
     fixed_on("127.0.0.1", status, headers, body).await
 }
 
+/// A registry that answers everything with 401 and a Bearer challenge naming `realm`.
+pub async fn bearer_challenger(realm: &str) -> Server {
+    fixed(
+        "401 Unauthorized",
+        vec![(
+            "WWW-Authenticate".into(),
+            format!(r#"Bearer realm="{realm}",service="s""#),
+        )],
+        b"{}".to_vec(),
+    )
+    .await
+}
+
 /// [`fixed`] on another loopback address.
 pub async fn fixed_on(
     ip: &str,
