@@ -4,10 +4,13 @@
 //! comparisons inside the crate never depend on letter case or stray whitespace. OCI documents
 //! write digests as `sha256:<64 lowercase hex>` ([`Sha256Digest::parse_oci`], [`Sha256Digest::oci`]);
 //! other algorithms are refused, and a digest becomes a file name only after it parsed.
+//! [`Sha256Digest::of_file`] hashes a file (downloads resuming a part use the same reader).
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use sha2::{Digest, Sha256};
 use std::fmt;
+use std::io::Read;
+use std::path::Path;
 use std::str::FromStr;
 
 /// A SHA-256 digest; displays and serialises as 64 lowercase hex digits.
@@ -51,12 +54,36 @@ impl Sha256Digest {
         Self::from_hasher(Sha256::new_with_prefix(data))
     }
 
+    /// The digest of the file at `path`, read in 256 KiB chunks (blocking I/O).
+    pub fn of_file(path: &Path) -> std::io::Result<Self> {
+        hash_file(path).map(|(h, _)| Self::from_hasher(h))
+    }
+
     pub(crate) fn from_hasher(h: Sha256) -> Self {
         Self(h.finalize().into())
     }
 
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0
+    }
+}
+
+/// Hashes the file at `path`; returns the hasher (to go on with, as a resumed download does)
+/// and the number of bytes read. Blocking I/O.
+pub(crate) fn hash_file(path: &Path) -> std::io::Result<(Sha256, u64)> {
+    let mut file = fs_err::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 256 << 10];
+    let mut total = 0u64;
+    loop {
+        let n = match file.read(&mut buf) {
+            Ok(0) => return Ok((hasher, total)),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        hasher.update(&buf[..n]);
+        total += n as u64;
     }
 }
 
@@ -147,6 +174,22 @@ mod tests {
             assert!(err.value.len() <= 100, "{err}");
             assert!(err.to_string().contains("64 lowercase hex"), "{err}");
         }
+    }
+
+    #[test]
+    fn of_file_hashes_the_whole_file_and_names_a_missing_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let data: Vec<u8> = (0..700_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        assert_eq!(
+            Sha256Digest::of_file(&path).unwrap(),
+            Sha256Digest::of_bytes(&data)
+        );
+        let (_, n) = hash_file(&path).unwrap();
+        assert_eq!(n, data.len() as u64);
+        let err = Sha256Digest::of_file(&dir.path().join("missing")).unwrap_err();
+        assert!(err.to_string().contains("missing"), "{err}");
     }
 
     #[test]

@@ -9,10 +9,11 @@
 //! [`fetch_resumable`], is shared with the OCI blob cache, which opens registry blobs through its
 //! own [`RangeSource`] (authentication, redirects) and keeps its parts elsewhere.
 
+use crate::capped::{read_body_at_most, read_file_at_most, BodyError};
 use crate::digest::Sha256Digest;
 use crate::progress::{ByteThrottle, Progress};
 use futures_util::StreamExt;
-use reqwest::header::{CONTENT_RANGE, RANGE};
+use reqwest::header::{HeaderValue, CONTENT_RANGE, RANGE};
 use reqwest::{StatusCode, Url};
 use sha2::{Digest, Sha256};
 use std::ffi::OsString;
@@ -82,7 +83,7 @@ pub enum DownloadError {
 
 impl DownloadError {
     fn io(path: &Path, e: std::io::Error) -> Self {
-        if e.raw_os_error() == Some(libc::ENOSPC) {
+        if is_disk_full(&e) {
             DownloadError::DiskFull {
                 path: path.to_owned(),
             }
@@ -90,6 +91,12 @@ impl DownloadError {
             DownloadError::Io(e)
         }
     }
+}
+
+/// Whether an I/O error means the file system is full. By kind as well as by errno: fs-err
+/// wraps errors (keeping the kind, losing the raw errno).
+pub(crate) fn is_disk_full(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::StorageFull || e.raw_os_error() == Some(libc::ENOSPC)
 }
 
 /// Parses a URL, or turns an absolute path into a `file://` URL; only http, https and file pass.
@@ -135,11 +142,10 @@ pub async fn fetch_small(url: &Url, max_bytes: u64) -> Result<Vec<u8>, DownloadE
             url: url.to_string(),
             source,
         };
-        let len = fs_err::tokio::metadata(&path).await.map_err(local)?.len();
-        if len > max_bytes {
-            return Err(too_large());
-        }
-        return fs_err::tokio::read(&path).await.map_err(local);
+        return read_file_at_most(&path, max_bytes)
+            .await
+            .map_err(local)?
+            .ok_or_else(too_large);
     }
     let http = |source| DownloadError::Http {
         url: url.to_string(),
@@ -152,15 +158,12 @@ pub async fn fetch_small(url: &Url, max_bytes: u64) -> Result<Vec<u8>, DownloadE
             status: resp.status(),
         });
     }
-    let mut body = Vec::new();
-    let mut stream = resp.bytes_stream();
-    while let Some(chunk) = stream.next().await {
-        body.extend_from_slice(&chunk.map_err(http)?);
-        if body.len() as u64 > max_bytes {
-            return Err(too_large());
-        }
-    }
-    Ok(body)
+    read_body_at_most(resp, max_bytes)
+        .await
+        .map_err(|e| match e {
+            BodyError::TooLarge => too_large(),
+            BodyError::Http(source) => http(source),
+        })
 }
 
 /// Where [`fetch`] keeps an incomplete download of `dest`.
@@ -233,34 +236,63 @@ async fn open_at(url: &Url, offset: u64) -> Result<(Source, u64), DownloadError>
         source,
     };
     let mut req = client(url)?.get(url.clone());
-    if offset > 0 {
-        req = req.header(RANGE, format!("bytes={offset}-"));
+    if let Some(range) = range_from(offset) {
+        req = req.header(RANGE, range);
     }
     let resp = req.send().await.map_err(http)?;
-    let start = match resp.status() {
-        StatusCode::OK => 0,
-        StatusCode::PARTIAL_CONTENT => {
+    let start = match range_answer(&resp, offset) {
+        RangeAnswer::StartsAt(start) => start,
+        RangeAnswer::Restart => return Box::pin(open_at(url, 0)).await,
+        RangeAnswer::Refused => {
+            return Err(DownloadError::HttpStatus {
+                url: url.to_string(),
+                status: resp.status(),
+            })
+        }
+    };
+    Ok((Source::Http(resp.bytes_stream().boxed()), start))
+}
+
+/// The `Range` header that asks for a file from byte `offset` on; none from 0.
+pub(crate) fn range_from(offset: u64) -> Option<HeaderValue> {
+    if offset == 0 {
+        return None;
+    }
+    HeaderValue::from_str(&format!("bytes={offset}-")).ok()
+}
+
+/// What an answer to a GET sent with [`range_from`]`(offset)` means for a resumed download.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RangeAnswer {
+    /// The body starts at this byte: 0 for a `200` (the server ignored the range), `offset`
+    /// for a `206` with exactly the range asked for.
+    StartsAt(u64),
+    /// Ask again from 0: a `206` for another range cannot be appended safely, and a `416`
+    /// means the part is longer than the file is now (it changed). Only when `offset > 0`, so
+    /// a restart never restarts again.
+    Restart,
+    /// Any other status: the caller's error.
+    Refused,
+}
+
+pub(crate) fn range_answer(resp: &reqwest::Response, offset: u64) -> RangeAnswer {
+    match resp.status() {
+        StatusCode::OK => RangeAnswer::StartsAt(0),
+        StatusCode::PARTIAL_CONTENT if offset > 0 => {
             let start = resp
                 .headers()
                 .get(CONTENT_RANGE)
                 .and_then(|v| v.to_str().ok())
                 .and_then(content_range_start);
-            if start != Some(offset) {
-                // A range we did not ask for cannot be appended safely; start over without one.
-                return Box::pin(open_at(url, 0)).await;
+            if start == Some(offset) {
+                RangeAnswer::StartsAt(offset)
+            } else {
+                RangeAnswer::Restart
             }
-            offset
         }
-        // The part is longer than what the server has now: the file changed, start over.
-        StatusCode::RANGE_NOT_SATISFIABLE if offset > 0 => return Box::pin(open_at(url, 0)).await,
-        status => {
-            return Err(DownloadError::HttpStatus {
-                url: url.to_string(),
-                status,
-            })
-        }
-    };
-    Ok((Source::Http(resp.bytes_stream().boxed()), start))
+        StatusCode::RANGE_NOT_SATISFIABLE if offset > 0 => RangeAnswer::Restart,
+        _ => RangeAnswer::Refused,
+    }
 }
 
 /// `bytes START-END/TOTAL` -> START.
@@ -271,13 +303,7 @@ fn content_range_start(v: &str) -> Option<u64> {
 
 async fn hash_prefix(part: &Path) -> Result<(Sha256, u64), DownloadError> {
     let part = part.to_owned();
-    let joined = tokio::task::spawn_blocking(move || -> std::io::Result<(Sha256, u64)> {
-        let mut f = fs_err::File::open(&part)?;
-        let mut h = Sha256::new();
-        let n = std::io::copy(&mut f, &mut h)?;
-        Ok((h, n))
-    })
-    .await;
+    let joined = tokio::task::spawn_blocking(move || crate::digest::hash_file(&part)).await;
     match joined {
         Ok(r) => r.map_err(DownloadError::Io),
         Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
@@ -336,7 +362,9 @@ impl RangeSource for UrlSource {
 /// The core of [`fetch`]: streams `source` into `part` (resuming what is there: a source that
 /// starts at the part's length is appended, one that starts at 0 restarts it), stops as soon as
 /// more than `expected_size` bytes arrive (deleting the part), and renames `part` to `dest` only
-/// when size and SHA-256 match. A digest mismatch deletes the part; a broken transfer keeps it.
+/// when size and SHA-256 match. A digest mismatch deletes the part; a broken transfer keeps it;
+/// a full disk deletes it (keeping it would hold the space that ran out, for a resume that
+/// needs more of it).
 pub(crate) async fn fetch_resumable<S: RangeSource>(
     source: &S,
     part: &Path,
@@ -345,6 +373,61 @@ pub(crate) async fn fetch_resumable<S: RangeSource>(
     expected_sha256: &Sha256Digest,
     progress: &dyn Progress,
 ) -> Result<(), S::Error> {
+    let target = Target {
+        part,
+        dest,
+        expected_size,
+        expected_sha256,
+    };
+    match fill_part(source, &target, progress).await {
+        Ok(()) => Ok(()),
+        Err(Failed::Source(e)) => Err(e),
+        Err(Failed::Local(e)) => {
+            if matches!(e, DownloadError::DiskFull { .. }) {
+                if let Err(rm) = fs_err::tokio::remove_file(part).await {
+                    if rm.kind() != std::io::ErrorKind::NotFound {
+                        tracing::warn!(error = %rm, "cannot remove a partial download after ENOSPC");
+                    }
+                }
+            }
+            Err(e.into())
+        }
+    }
+}
+
+/// Where a [`fill_part`] failure came from: the source (the caller's error) or the download
+/// itself (I/O, size, digest).
+enum Failed<E> {
+    Source(E),
+    Local(DownloadError),
+}
+
+impl<E> From<DownloadError> for Failed<E> {
+    fn from(e: DownloadError) -> Self {
+        Failed::Local(e)
+    }
+}
+
+/// What [`fill_part`] downloads into: the part, the final name and what must arrive.
+struct Target<'a> {
+    part: &'a Path,
+    dest: &'a Path,
+    expected_size: u64,
+    expected_sha256: &'a Sha256Digest,
+}
+
+/// [`fetch_resumable`] up to its clean-up.
+async fn fill_part<S: RangeSource>(
+    source: &S,
+    target: &Target<'_>,
+    progress: &dyn Progress,
+) -> Result<(), Failed<S::Error>> {
+    let Target {
+        part,
+        dest,
+        expected_size,
+        expected_sha256,
+    } = *target;
     let url = source.location();
     let part = part.to_owned();
     let io = |e| DownloadError::io(&part, e);
@@ -365,7 +448,7 @@ pub(crate) async fn fetch_resumable<S: RangeSource>(
 
     let mut throttle = ByteThrottle::new(PROGRESS_STEP);
     if got < expected_size {
-        let (mut stream, start) = source.open_at(got).await?;
+        let (mut stream, start) = source.open_at(got).await.map_err(Failed::Source)?;
         if start == 0 {
             hasher = Sha256::new();
             got = 0;
@@ -453,6 +536,27 @@ mod tests {
     use crate::progress::{Event, RecordingProgress};
     use crate::testutil::{Fault, TestServer};
 
+    /// A server with `body` at `/f.bin`, a directory and where in it to download that.
+    async fn served(body: &[u8]) -> (TestServer, tempfile::TempDir, PathBuf) {
+        let server = TestServer::start().await;
+        server.serve("/f.bin", body.to_vec());
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("f.bin");
+        (server, dir, dest)
+    }
+
+    /// [`fetch`] of `server`'s `/f.bin` into `dest`, expected to be `body`.
+    async fn fetch_f(server: &TestServer, dest: &Path, body: &[u8]) -> Result<(), DownloadError> {
+        fetch(
+            &server.url("/f.bin"),
+            dest,
+            body.len() as u64,
+            &Sha256Digest::of_bytes(body),
+            &RecordingProgress::new(),
+        )
+        .await
+    }
+
     fn data(n: usize) -> Vec<u8> {
         (0..n).map(|i| (i * 31 % 251) as u8).collect()
     }
@@ -488,10 +592,7 @@ mod tests {
     #[tokio::test]
     async fn fetches_over_http_with_byte_progress() {
         let body = data(3 << 20);
-        let server = TestServer::start().await;
-        server.serve("/f.bin", body.clone());
-        let dir = tempfile::tempdir().unwrap();
-        let dest = dir.path().join("f.bin");
+        let (server, _dir, dest) = served(&body).await;
         let rec = RecordingProgress::new();
         fetch(
             &server.url("/f.bin"),
@@ -521,21 +622,9 @@ mod tests {
     #[tokio::test]
     async fn truncated_transfer_keeps_the_part_and_the_next_fetch_resumes_with_a_range() {
         let body = data(1 << 20);
-        let server = TestServer::start().await;
-        server.serve("/f.bin", body.clone());
+        let (server, _dir, dest) = served(&body).await;
         server.fault("/f.bin", Fault::Truncate { at: 300_000 });
-        let dir = tempfile::tempdir().unwrap();
-        let dest = dir.path().join("f.bin");
-        let digest = Sha256Digest::of_bytes(&body);
-        let err = fetch(
-            &server.url("/f.bin"),
-            &dest,
-            body.len() as u64,
-            &digest,
-            &RecordingProgress::new(),
-        )
-        .await
-        .unwrap_err();
+        let err = fetch_f(&server, &dest, &body).await.unwrap_err();
         match &err {
             DownloadError::Truncated {
                 got,
@@ -555,15 +644,7 @@ mod tests {
         );
         assert_eq!(std::fs::metadata(part_path(&dest)).unwrap().len(), 300_000);
 
-        fetch(
-            &server.url("/f.bin"),
-            &dest,
-            body.len() as u64,
-            &digest,
-            &RecordingProgress::new(),
-        )
-        .await
-        .unwrap();
+        fetch_f(&server, &dest, &body).await.unwrap();
         assert_eq!(std::fs::read(&dest).unwrap(), body);
         assert_eq!(
             server.ranges("/f.bin"),
@@ -574,22 +655,11 @@ mod tests {
     #[tokio::test]
     async fn server_ignoring_the_range_restarts_the_part_from_zero() {
         let body = data(200_000);
-        let server = TestServer::start().await;
-        server.serve("/f.bin", body.clone());
+        let (server, _dir, dest) = served(&body).await;
         server.fault("/f.bin", Fault::IgnoreRange);
-        let dir = tempfile::tempdir().unwrap();
-        let dest = dir.path().join("f.bin");
         // A stale part with wrong bytes: appending to it would corrupt the result.
         std::fs::write(part_path(&dest), vec![0xffu8; 50_000]).unwrap();
-        fetch(
-            &server.url("/f.bin"),
-            &dest,
-            body.len() as u64,
-            &Sha256Digest::of_bytes(&body),
-            &RecordingProgress::new(),
-        )
-        .await
-        .unwrap();
+        fetch_f(&server, &dest, &body).await.unwrap();
         assert_eq!(std::fs::read(&dest).unwrap(), body);
         assert_eq!(server.ranges("/f.bin"), [Some("bytes=50000-".to_string())]);
     }
@@ -597,21 +667,10 @@ mod tests {
     #[tokio::test]
     async fn flipped_byte_is_a_digest_mismatch_naming_file_and_both_digests() {
         let body = data(100_000);
-        let server = TestServer::start().await;
-        server.serve("/f.bin", body.clone());
+        let (server, _dir, dest) = served(&body).await;
         server.fault("/f.bin", Fault::FlipByte { at: 4242 });
-        let dir = tempfile::tempdir().unwrap();
-        let dest = dir.path().join("f.bin");
         let expected = Sha256Digest::of_bytes(&body);
-        let err = fetch(
-            &server.url("/f.bin"),
-            &dest,
-            body.len() as u64,
-            &expected,
-            &RecordingProgress::new(),
-        )
-        .await
-        .unwrap_err();
+        let err = fetch_f(&server, &dest, &body).await.unwrap_err();
         let mut bad = body.clone();
         bad[4242] ^= 0xff;
         let actual = Sha256Digest::of_bytes(&bad);
@@ -626,6 +685,26 @@ mod tests {
             !dest.exists() && !part_path(&dest).exists(),
             "bad bytes must not stay around"
         );
+    }
+
+    #[tokio::test]
+    async fn a_full_disk_fails_the_download_and_removes_the_partial() {
+        let body = data(3 << 20);
+        let (server, _dir, dest) = served(&body).await;
+        // Every write to /dev/full fails with ENOSPC, as on a file system that filled up.
+        std::os::unix::fs::symlink("/dev/full", part_path(&dest)).unwrap();
+        let err = fetch_f(&server, &dest, &body).await.unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, DownloadError::DiskFull { .. }), "{msg}");
+        assert!(
+            msg.contains(&part_path(&dest).display().to_string()) && msg.contains("hint:"),
+            "{msg}"
+        );
+        assert!(
+            std::fs::symlink_metadata(part_path(&dest)).is_err(),
+            "the partial download stays behind"
+        );
+        assert!(!dest.exists());
     }
 
     #[tokio::test]
@@ -663,10 +742,7 @@ mod tests {
     #[tokio::test]
     async fn longer_body_than_expected_is_rejected_and_deleted() {
         let body = data(5000);
-        let server = TestServer::start().await;
-        server.serve("/f.bin", body.clone());
-        let dir = tempfile::tempdir().unwrap();
-        let dest = dir.path().join("f.bin");
+        let (server, _dir, dest) = served(&body).await;
         let err = fetch(
             &server.url("/f.bin"),
             &dest,

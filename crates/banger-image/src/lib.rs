@@ -13,6 +13,7 @@
 mod blocking;
 pub mod build;
 pub mod bundle;
+mod capped;
 pub mod catalog;
 pub mod digest;
 pub mod download;

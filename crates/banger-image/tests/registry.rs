@@ -451,15 +451,7 @@ async fn bearer_token_from_the_realm_with_basic_credentials() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plain_http_realm_elsewhere_is_refused_without_contacting_it() {
-    let fake = fixed(
-        "401 Unauthorized",
-        vec![(
-            "WWW-Authenticate".into(),
-            r#"Bearer realm="http://198.51.100.7/token",service="evil""#.into(),
-        )],
-        b"{}".to_vec(),
-    )
-    .await;
+    let fake = bearer_challenger("http://198.51.100.7/token").await;
     let home = tempfile::tempdir().unwrap();
     let opts = RegistryOptions {
         docker_config: Some(docker_config(home.path(), &fake.host(), "u", "topsecret")),
@@ -805,4 +797,166 @@ async fn an_unreachable_registry_is_a_connection_error_with_a_hint() {
             && msg.contains("the connection failed\nhint: check the registry name"),
         "{msg}"
     );
+}
+
+/// An image pushed to a registry that wants `carol`'s password, with a proxy in front that
+/// redirects her blob GETs to `storage_base`; returns the options holding her credentials.
+async fn redirecting_registry(
+    storage: &std::path::Path,
+    home: &std::path::Path,
+    storage_base: String,
+) -> (Registry, Server, RegistryOptions) {
+    let (layout, _, _) = sample_image();
+    {
+        let anon = Registry::start(storage, RegistryAuth::Anonymous).await;
+        layout.push("v1", &anon.host(), "redir/app", false);
+    }
+    let registry = Registry::start(
+        storage,
+        RegistryAuth::Htpasswd {
+            user: "carol".into(),
+            password: "pa55word".into(),
+        },
+    )
+    .await;
+    let faults = Arc::new(Mutex::new(Faults {
+        redirect_blobs_to: Some(storage_base),
+        ..Default::default()
+    }));
+    let front = proxy(registry.host(), faults).await;
+    let opts = RegistryOptions {
+        docker_config: Some(docker_config(home, &front.host(), "carol", "pa55word")),
+        ..options()
+    };
+    (registry, front, opts)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_401_from_where_a_blob_was_redirected_gets_no_credentials() {
+    // The "storage" a blob is redirected to asks for a token from a realm of its choosing (on
+    // the registry's own loopback host, which the realm rule alone would allow).
+    let realm = token_service("stolen".into(), None).await;
+    let storage_server = bearer_challenger(&format!("http://{}/token", realm.host())).await;
+    let storage = tempfile::tempdir().unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let (_registry, front, opts) = redirecting_registry(
+        storage.path(),
+        home.path(),
+        format!("http://{}", storage_server.host()),
+    )
+    .await;
+    let cache_dir = tempfile::tempdir().unwrap();
+    let r = reference(&front.host(), "redir/app:v1");
+    let err = resolve(
+        &r,
+        &opts,
+        &BlobCache::new(cache_dir.path()),
+        &RecordingProgress::new(),
+    )
+    .await
+    .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        realm.requests().is_empty(),
+        "the storage host's realm was asked for a token: {:?}",
+        realm.requests()
+    );
+    assert!(
+        matches!(&err, OciError::Status { status, .. } if status.as_u16() == 401),
+        "{msg}"
+    );
+    assert!(
+        !err.is_unauthorized() && !msg.contains("docker login"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains(&storage_server.host()) && msg.contains("redirect"),
+        "{msg}"
+    );
+    for q in storage_server.requests() {
+        assert_eq!(
+            q.header("authorization"),
+            None,
+            "credentials leaked to storage"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_http_realm_on_another_loopback_host_is_refused() {
+    let realm = token_service_on("127.0.0.2", "t".into(), None).await;
+    let fake = bearer_challenger(&format!("http://{}/token", realm.host())).await;
+    let home = tempfile::tempdir().unwrap();
+    let opts = RegistryOptions {
+        docker_config: Some(docker_config(home.path(), &fake.host(), "u", "topsecret")),
+        ..options()
+    };
+    let err = current_digest(&reference(&fake.host(), "x/y:1"), &opts)
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, OciError::InsecureRealm { .. }), "{msg}");
+    assert!(msg.contains(&realm.host()), "{msg}");
+    assert!(realm.requests().is_empty(), "{:?}", realm.requests());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_to_plain_http_on_another_loopback_host_is_refused() {
+    let elsewhere = fixed_on("127.0.0.2", "200 OK", vec![], b"{}".to_vec()).await;
+    let fake = fixed(
+        "307 Temporary Redirect",
+        vec![(
+            "Location".into(),
+            format!("http://{}/v2/x/y/manifests/1", elsewhere.host()),
+        )],
+        b"".to_vec(),
+    )
+    .await;
+    let err = current_digest(&reference(&fake.host(), "x/y:1"), &options())
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, OciError::Transport { .. }), "{msg}");
+    assert!(msg.contains("a redirect was refused"), "{msg}");
+    assert!(
+        elsewhere.requests().is_empty(),
+        "{:?}",
+        elsewhere.requests()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_layer_download_that_fills_the_disk_is_disk_full_and_leaves_no_partial() {
+    let storage = tempfile::tempdir().unwrap();
+    let (_registry, proxy, _faults, layers) = behind_proxy(storage.path()).await;
+    let cache_dir = tempfile::tempdir().unwrap();
+    let cache = BlobCache::new(cache_dir.path());
+    let r = reference(&proxy.host(), "proxied/app:v1");
+    let img = resolve(&r, &options(), &cache, &RecordingProgress::new())
+        .await
+        .unwrap();
+    // The first layer's partial is /dev/full: every write fails with ENOSPC.
+    let victim = digest(&layers[0].digest());
+    let part = cache.partial_path(&victim);
+    std::fs::create_dir_all(part.parent().unwrap()).unwrap();
+    std::os::unix::fs::symlink("/dev/full", &part).unwrap();
+    let err = fetch_layers(&img, &options(), &cache, &RecordingProgress::new())
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(err.is_disk_full(), "{msg}");
+    assert!(
+        msg.contains("no space left") && msg.contains(&victim.to_string()),
+        "{msg}"
+    );
+    assert!(
+        std::fs::symlink_metadata(&part).is_err(),
+        "the partial stayed behind"
+    );
+    assert!(!cache.blob_path(&victim).exists());
+    // With the disk "freed", the pull completes.
+    fetch_layers(&img, &options(), &cache, &RecordingProgress::new())
+        .await
+        .unwrap();
+    assert_layers_cached(&cache, &layers);
 }

@@ -181,9 +181,9 @@ fn read_capped(r: &mut dyn Read, size: u64, max: u64, what: &str) -> Result<Vec<
             "{what} is {size} bytes, more than the {max} accepted"
         )));
     }
-    let mut buf = Vec::with_capacity(size as usize);
-    r.take(max).read_to_end(&mut buf).map_err(DebError::Tar)?;
-    Ok(buf)
+    crate::capped::read_at_most(r, max)
+        .map_err(DebError::Tar)?
+        .ok_or_else(|| DebError::Content(format!("{what} is longer than the {max} bytes accepted")))
 }
 
 /// Runs `each` on every regular file of the package, then checks that dpkg-deb succeeded.

@@ -340,10 +340,17 @@ async fn fetch_release(
                 url: url.to_owned(),
                 why,
             })?;
-    release::parse(&signed, suite).map_err(|why| KernelError::Release {
+    let release = release::parse(&signed, suite).map_err(|why| KernelError::Release {
         url: url.to_owned(),
         why,
-    })
+    })?;
+    release
+        .check_valid_until(time::OffsetDateTime::now_utc())
+        .map_err(|why| KernelError::Release {
+            url: url.to_owned(),
+            why,
+        })?;
+    Ok(release)
 }
 
 /// [`download::fetch`] unless `dest` is already there with the right digest (files land there
@@ -359,7 +366,7 @@ async fn cached_fetch(
     if let Ok(meta) = fs_err::tokio::metadata(dest).await {
         if meta.len() == size {
             let path = dest.to_owned();
-            let actual = run_blocking(progress, move |_| file_digest(&path))
+            let actual = run_blocking(progress, move |_| Sha256Digest::of_file(&path))
                 .await
                 .and_then(|r| r)
                 .map_err(io_err("read", dest))?;
@@ -408,21 +415,6 @@ fn superseded_downloads(downloads: &Path, keep: &[&Path]) -> Vec<PathBuf> {
         .collect();
     old.sort();
     old
-}
-
-fn file_digest(path: &Path) -> std::io::Result<Sha256Digest> {
-    use sha2::Digest;
-    let mut file = fs_err::File::open(path)?;
-    let mut hasher = sha2::Sha256::new();
-    let mut buf = vec![0u8; 256 << 10];
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(Sha256Digest::from_hasher(hasher))
 }
 
 /// Both passes over the package: `vmlinuz`, then the modules initrd at `initrd`. Returns the

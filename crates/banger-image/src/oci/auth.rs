@@ -10,8 +10,11 @@
 //!
 //! The caller passes the path of the file (`$DOCKER_CONFIG/config.json`, else
 //! `~/.docker/config.json`; see [`docker_config_path`]) and the PATH to find helpers on, so nothing
-//! here reads the process environment. The file is read with a 1 MiB cap, helpers run with a
-//! 10 s timeout and capped output, and secrets never appear in `Debug` output or errors.
+//! here reads the process environment. The file is read with a 1 MiB cap. Helpers run in their
+//! own process group with a 10 s timeout (then the whole group is killed) and capped output;
+//! their output counts until they exit, not until every process they left behind closes it.
+//! Secrets never appear in `Debug` output or errors: a failing helper is quoted by the first
+//! line of its stderr only, escaped.
 //! Where credentials may be sent is decided by `client`.
 
 use base64::Engine;
@@ -27,6 +30,8 @@ const CONFIG_MAX_BYTES: u64 = 1 << 20;
 const HELPER_TIMEOUT: Duration = Duration::from_secs(10);
 const HELPER_STDOUT_MAX: usize = 64 << 10;
 const HELPER_STDERR_MAX: usize = 16 << 10;
+/// How long a helper's output is still read after it exited (what it wrote is in the pipe).
+const HELPER_DRAIN: Duration = Duration::from_millis(500);
 /// The key `docker login` uses for Docker Hub, and the server URL its helpers expect.
 const HUB_KEY: &str = "https://index.docker.io/v1/";
 const HUB_NAMES: [&str; 3] = ["docker.io", "index.docker.io", "registry-1.docker.io"];
@@ -223,26 +228,17 @@ pub async fn lookup(
 }
 
 async fn read_config(path: &Path) -> Result<Option<Vec<u8>>, AuthError> {
-    let read_err = |source| AuthError::Read {
-        path: path.to_owned(),
-        source,
-    };
-    let file = match tokio::fs::File::open(path).await {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(read_err(e)),
-    };
-    let mut buf = Vec::new();
-    file.take(CONFIG_MAX_BYTES + 1)
-        .read_to_end(&mut buf)
-        .await
-        .map_err(read_err)?;
-    if buf.len() as u64 > CONFIG_MAX_BYTES {
-        return Err(AuthError::TooLarge {
+    match crate::capped::read_file_at_most(path, CONFIG_MAX_BYTES).await {
+        Ok(Some(text)) => Ok(Some(text)),
+        Ok(None) => Err(AuthError::TooLarge {
             path: path.to_owned(),
-        });
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(AuthError::Read {
+            path: path.to_owned(),
+            source,
+        }),
     }
-    Ok(Some(buf))
 }
 
 /// Credentials written in the file itself, if the entry has any.
@@ -333,6 +329,8 @@ async fn run_helper(
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
+        // Its own process group, so whatever it starts can be ended with it.
+        .process_group(0)
         .kill_on_drop(true);
     if let Some(p) = path_env {
         cmd.env("PATH", p);
@@ -342,31 +340,50 @@ async fn run_helper(
         source,
     };
     let mut child = cmd.spawn().map_err(spawn_err)?;
+    let group = HelperGroup(child.id());
     let (Some(mut stdin), Some(stdout), Some(stderr)) =
         (child.stdin.take(), child.stdout.take(), child.stderr.take())
     else {
         return Err(spawn_err(std::io::Error::other("missing stdio pipe")));
     };
+    let mut out = Captured::new(HELPER_STDOUT_MAX);
+    let mut err = Captured::new(HELPER_STDERR_MAX);
     let talk = async {
         // A helper that exits without reading stdin is fine: its answer still counts.
         let _ = stdin.write_all(server.as_bytes()).await;
         drop(stdin);
-        let (out, err) = tokio::join!(
-            read_capped(stdout, HELPER_STDOUT_MAX),
-            read_capped(stderr, HELPER_STDERR_MAX)
-        );
-        let status = child.wait().await;
-        (out, err, status)
+        let reading = async { tokio::join!(out.fill(stdout), err.fill(stderr)) };
+        tokio::pin!(reading);
+        let wait = child.wait();
+        tokio::pin!(wait);
+        tokio::select! {
+            read = &mut reading => (Some(read), wait.await),
+            // Exited: what it wrote is in the pipes already. Take that, but do not wait for
+            // the end of output that a process it left behind may hold open for good.
+            status = &mut wait => (
+                tokio::time::timeout(HELPER_DRAIN, &mut reading).await.ok(),
+                status,
+            ),
+        }
     };
-    let (out, err, status) = match tokio::time::timeout(HELPER_TIMEOUT, talk).await {
+    let (read, status) = match tokio::time::timeout(HELPER_TIMEOUT, talk).await {
         Ok(r) => r,
-        // Dropping `talk` drops the child, which kill_on_drop kills.
-        Err(_) => return Err(AuthError::HelperTimeout { program }),
+        Err(_) => {
+            group.kill();
+            return Err(AuthError::HelperTimeout { program });
+        }
     };
     let status = status.map_err(spawn_err)?;
-    let (out, out_over) = out.map_err(spawn_err)?;
-    let (err, _) = err.map_err(spawn_err)?;
-    let err_text = String::from_utf8_lossy(&err);
+    match read {
+        Some((out_read, err_read)) => {
+            out_read.map_err(spawn_err)?;
+            err_read.map_err(spawn_err)?;
+        }
+        // Something of the helper's outlived it holding its output: it goes too.
+        None => group.kill(),
+    }
+    let (out, out_over) = (out.buf, out.over);
+    let err_text = String::from_utf8_lossy(&err.buf);
     let out_text = String::from_utf8_lossy(&out);
     if !status.success() {
         if out_text.contains("credentials not found") || err_text.contains("credentials not found")
@@ -376,7 +393,7 @@ async fn run_helper(
         return Err(AuthError::HelperFailed {
             program,
             status: status.to_string(),
-            stderr: super::reference::shorten(err_text.trim()),
+            stderr: first_line(&err_text),
         });
     }
     if out_over {
@@ -401,13 +418,74 @@ async fn run_helper(
     Ok(Some(Credentials::new(answer.username, answer.secret)))
 }
 
-/// Reads at most `max` bytes; the flag says whether there was more (which is then drained no further).
-async fn read_capped(r: impl AsyncRead + Unpin, max: usize) -> std::io::Result<(Vec<u8>, bool)> {
-    let mut buf = Vec::new();
-    r.take(max as u64 + 1).read_to_end(&mut buf).await?;
-    let over = buf.len() > max;
-    buf.truncate(max);
-    Ok((buf, over))
+/// A helper's process group (its pid: it was spawned as the group's leader).
+struct HelperGroup(Option<u32>);
+
+impl HelperGroup {
+    /// SIGKILLs the helper and every process it started that stayed in its group. Daemons that
+    /// left the group (setsid, as gpg-agent does) are not touched.
+    fn kill(&self) {
+        let Some(pgid) = self.0.and_then(|p| libc::pid_t::try_from(p).ok()) else {
+            return;
+        };
+        if pgid <= 1 {
+            return;
+        }
+        // SAFETY: kill(2) takes plain integers and touches no memory of ours. The group id is
+        // the helper's pid, which cannot be reused while the group still has members.
+        unsafe {
+            libc::kill(-pgid, libc::SIGKILL);
+        }
+    }
+}
+
+/// Output of a helper, read up to a cap.
+struct Captured {
+    buf: Vec<u8>,
+    max: usize,
+    /// More than `max` bytes came (the rest was not read).
+    over: bool,
+}
+
+impl Captured {
+    fn new(max: usize) -> Self {
+        Captured {
+            buf: Vec::new(),
+            max,
+            over: false,
+        }
+    }
+
+    /// Reads `r` to its end or to the cap. What was read stays in `buf` even if this future is
+    /// dropped half-way (each chunk is appended as soon as it arrives).
+    async fn fill(&mut self, mut r: impl AsyncRead + Unpin) -> std::io::Result<()> {
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = r.read(&mut chunk).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            let room = self.max - self.buf.len();
+            if n > room {
+                self.buf.extend_from_slice(&chunk[..room]);
+                self.over = true;
+                return Ok(());
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
+
+/// The first non-empty line of a helper's stderr, shortened and with control characters
+/// escaped: enough to say what went wrong, without echoing the rest (which could hold the
+/// secret) or letting the helper drive the user's terminal.
+fn first_line(stderr: &str) -> String {
+    let line = stderr
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or("");
+    super::reference::shorten(line)
 }
 
 #[cfg(test)]
@@ -438,6 +516,86 @@ mod tests {
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
         // Only our bin plus the system dirs the scripts need (cat, sleep).
         OsString::from(format!("{}:/usr/bin:/bin", bin.display()))
+    }
+
+    /// A fake helper `name` (see [`helper`]) as the config's `credsStore`: the config's path and
+    /// the PATH to run it with.
+    fn store_helper(dir: &Path, name: &str, body: &str) -> (PathBuf, OsString) {
+        let path = helper(dir, name, body);
+        let cfg = write_config(dir, &format!(r#"{{"credsStore":"{name}"}}"#));
+        (cfg, path)
+    }
+
+    /// The pid a fake helper `name` wrote to `$0.child` for the process it started.
+    fn helper_child(dir: &Path, name: &str) -> u32 {
+        let file = dir.join(format!("bin/docker-credential-{name}.child"));
+        std::fs::read_to_string(file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    /// True when process `pid` has ended (a zombie that nobody reaped yet counts as ended).
+    fn gone(pid: u32) -> bool {
+        for _ in 0..50 {
+            match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+                Err(_) => return true,
+                Ok(stat) => {
+                    // `PID (COMM) STATE ...`; COMM may hold spaces, STATE follows the last `)`.
+                    let state = stat.rsplit(')').next().unwrap_or("").trim_start();
+                    if state.starts_with('Z') || state.starts_with('X') {
+                        return true;
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    #[tokio::test]
+    async fn a_helper_that_leaves_a_process_holding_its_output_answers_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cfg, path) = store_helper(
+            dir.path(),
+            "leaky",
+            r#"sleep 300 & echo $! > "$0.child"; echo '{"Username":"lu","Secret":"ls"}'"#,
+        );
+        let started = std::time::Instant::now();
+        let got = lookup("r.example", &cfg, Some(&path)).await.unwrap();
+        assert_eq!(got, Some(Credentials::new("lu", "ls")));
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "waited {:?} for the helper's output to end",
+            started.elapsed()
+        );
+        assert!(
+            gone(helper_child(dir.path(), "leaky")),
+            "the process holding the helper's output is still running"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failing_helper_shows_only_its_first_line_of_stderr_escaped() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cfg, path) = store_helper(
+            dir.path(),
+            "noisy",
+            r#"printf '\n\033[31mboom\033]0;title\007 \001\n  SECRET-LINE2\n' >&2; exit 3"#,
+        );
+        let err = lookup("r.example", &cfg, Some(&path)).await.unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("failed (exit status: 3)") && msg.contains("boom"),
+            "{msg}"
+        );
+        assert!(
+            !msg.chars().any(|c| c.is_control() && c != '\n'),
+            "control characters in {msg:?}"
+        );
+        assert!(!msg.contains("SECRET-LINE2"), "{msg}");
+        assert!(!msg.contains('\n'), "{msg:?}");
     }
 
     #[test]
@@ -610,7 +768,12 @@ mod tests {
                 "echo boom >&2; exit 3",
                 Err("failed (exit status: 3): boom"),
             ),
-            ("slow", "exec sleep 30", Err("did not answer within 10 s")),
+            (
+                "slow",
+                // What the helper started goes too, not only the helper.
+                "sleep 300 & echo $! > \"$0.child\"; exec sleep 30",
+                Err("did not answer within 10 s"),
+            ),
         ];
         for (name, body, want) in cases {
             let path = helper(dir.path(), name, body);
@@ -630,6 +793,10 @@ mod tests {
                 (got, want) => panic!("{name}: got {got:?}, want {want:?}"),
             }
         }
+        assert!(
+            gone(helper_child(dir.path(), "slow")),
+            "the timed-out helper's child is still running"
+        );
         let cfg = write_config(dir.path(), r#"{"credsStore":"absent"}"#);
         let err = lookup("r.example", &cfg, Some(OsStr::new("/nonexistent")))
             .await

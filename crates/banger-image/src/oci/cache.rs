@@ -6,9 +6,15 @@
 //!   sha256 while it was written, then fsynced and renamed in (and the directory fsynced).
 //! - `partial/<hex>`: a download in progress or interrupted. The next fetch hashes what is there
 //!   and resumes with `Range`; a `206` from the offset is appended, a `200` restarts. A transfer
-//!   that goes past the declared size stops at once; a digest mismatch deletes the partial.
+//!   that goes past the declared size stops at once; a digest mismatch or a full disk (ENOSPC)
+//!   deletes the partial.
 //! - `locks/<hex>`: per-blob `flock`, held while a blob is fetched, so two pulls of one blob
 //!   (from two images, or two daemons' worth of requests) never write the same partial.
+//!
+//! Before [`fetch_layers`] downloads anything, the bytes still missing (declared sizes minus
+//! cached blobs and partials) must fit in the free space of the cache's file system (`statvfs`,
+//! the space an unprivileged user may fill), so a pull that cannot fit fails at once and says
+//! how much it needs instead of filling the disk; the manifest already capped the declared sizes.
 //!
 //! Names are always formatted from a parsed [`Sha256Digest`], never taken from a document.
 //! [`BlobCache::prune`] deletes what a set of kept digests does not name; the caller must put
@@ -124,25 +130,42 @@ impl BlobCache {
         Ok(dest)
     }
 
+    /// How many bytes fetching `blobs` (digest, declared size) would still write: each size
+    /// minus what the cache holds of it (a complete blob counts whole, a partial by its
+    /// length unless it is longer than the blob, which restarts the download).
+    pub(crate) async fn bytes_to_download(
+        &self,
+        blobs: &[(Sha256Digest, u64)],
+    ) -> Result<u64, OciError> {
+        let mut needed = 0u64;
+        for (digest, size) in blobs {
+            if self.contains(digest, *size).await {
+                continue;
+            }
+            let part = self.partial_path(digest);
+            let have = match tokio::fs::metadata(&part).await {
+                Ok(m) if m.is_file() && m.len() <= *size => m.len(),
+                Ok(_) => 0,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+                Err(source) => return Err(cache_err("cannot inspect", &part, source)),
+            };
+            needed = needed.saturating_add(size - have);
+        }
+        Ok(needed)
+    }
+
     /// Reads a small blob file whole (the config), refusing one larger than `max`.
     pub(crate) async fn read_small(&self, path: &Path, max: u64) -> Result<Vec<u8>, OciError> {
-        use tokio::io::AsyncReadExt;
-        let file = tokio::fs::File::open(path)
+        crate::capped::read_file_at_most(path, max)
             .await
-            .map_err(|source| cache_err("cannot open", path, source))?;
-        let mut buf = Vec::new();
-        file.take(max + 1)
-            .read_to_end(&mut buf)
-            .await
-            .map_err(|source| cache_err("cannot read", path, source))?;
-        if buf.len() as u64 > max {
-            return Err(cache_err(
-                "blob is too large",
-                path,
-                std::io::Error::other(format!("more than {max} bytes")),
-            ));
-        }
-        Ok(buf)
+            .map_err(|source| cache_err("cannot read", path, source))?
+            .ok_or_else(|| {
+                cache_err(
+                    "blob is too large",
+                    path,
+                    std::io::Error::other(format!("more than {max} bytes")),
+                )
+            })
     }
 
     /// Deletes every blob and partial whose digest is not in `keep`, and every lock file not in
@@ -197,6 +220,24 @@ impl BlobCache {
         }
         Ok(freed)
     }
+}
+
+/// Bytes an unprivileged user may still write on the file system holding `path`.
+fn free_bytes(path: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::other("the path holds a NUL byte"))?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c_path` is a NUL-terminated string that outlives the call, and `st` points to
+    // writable memory of the type statvfs fills in.
+    let rc = unsafe { libc::statvfs(c_path.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: statvfs returned 0, so it initialised all of `st`.
+    let st = unsafe { st.assume_init() };
+    // f_bavail, not f_bfree: the blocks reserved for root are not ours to fill.
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
 fn cache_err(what: &'static str, path: &Path, source: std::io::Error) -> OciError {
@@ -383,8 +424,10 @@ impl Progress for LayerProgress<'_> {
 
 /// Downloads every layer of `image` into `cache` (verified against size and sha256), at most
 /// [`PARALLEL_LAYERS`] at once. Progress: one `item` stream per layer (id = `sha256:<hex>`) and
-/// their sum as `bytes`. Layers already cached are reported complete without traffic. On the
-/// first failure the other downloads stop; their partials stay for the next attempt.
+/// their sum as `bytes`. Layers already cached are reported complete without traffic. Before any
+/// download, what is still missing (declared sizes minus cached blobs and partials) must fit in
+/// the cache's free space, else [`OciError::NoSpace`]. On the first failure the other downloads
+/// stop; their partials stay for the next attempt (a full disk deletes the one it hit).
 pub async fn fetch_layers(
     image: &ResolvedImage,
     options: &RegistryOptions,
@@ -414,6 +457,25 @@ pub async fn fetch_layers(
         progress.bytes(total, Some(total));
         return Ok(());
     }
+    // Refuse up front what cannot fit, rather than fill the disk and fail mid-way.
+    cache.ensure_dirs().await?;
+    let wanted: Vec<(Sha256Digest, u64)> = missing.iter().map(|slot| unique[*slot]).collect();
+    let needed = cache.bytes_to_download(&wanted).await?;
+    let free = free_bytes(cache.root()).map_err(|source| {
+        cache_err(
+            "cannot tell how much space is free in",
+            cache.root(),
+            source,
+        )
+    })?;
+    if needed > free {
+        return Err(OciError::NoSpace {
+            reference: image.reference.to_string(),
+            path: cache.root().to_owned(),
+            needed,
+            free,
+        });
+    }
     let client = RegistryClient::new(&image.reference, options)?;
     let (client, done, unique) = (&client, &done, &unique);
     futures_util::stream::iter(missing)
@@ -439,6 +501,7 @@ pub async fn fetch_layers(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::progress::NoProgress;
 
     fn d(n: u8) -> Sha256Digest {
         Sha256Digest::of_bytes(&[n])
@@ -485,6 +548,73 @@ mod tests {
         drop(held);
         assert_eq!(c.prune(&keep_set).await.unwrap(), 30);
         assert!(std::fs::read_dir(c.locks_dir()).unwrap().next().is_none());
+    }
+
+    fn image_with_layers(sizes: &[u64]) -> ResolvedImage {
+        use crate::oci::manifest::{Compression, LayerDescriptor};
+        ResolvedImage {
+            // Nothing listens on port 1: a pull that got as far as the registry fails to connect.
+            reference: crate::oci::reference::Reference::parse("127.0.0.1:1/big/image:1").unwrap(),
+            manifest_digest: d(100),
+            config: Default::default(),
+            config_digest: d(101),
+            layers: sizes
+                .iter()
+                .enumerate()
+                .map(|(i, size)| LayerDescriptor {
+                    digest: d(i as u8),
+                    size: *size,
+                    compression: Compression::Gzip,
+                    diff_id: d(200),
+                })
+                .collect(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_pull_that_cannot_fit_fails_before_downloading_and_says_how_much_is_needed() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = BlobCache::new(dir.path().join("oci"));
+        let free = free_bytes(dir.path()).unwrap();
+        let image = image_with_layers(&[free / 2 + (1 << 30), free / 2 + (1 << 30), 10]);
+        let err = fetch_layers(&image, &RegistryOptions::default(), &c, &NoProgress)
+            .await
+            .unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, OciError::NoSpace { .. }), "{msg}");
+        assert!(err.is_disk_full(), "{msg}");
+        assert!(
+            msg.contains("127.0.0.1:1/big/image:1")
+                && msg.contains(&c.root().display().to_string())
+                && msg.contains("\nhint:"),
+            "{msg}"
+        );
+        let OciError::NoSpace { needed, .. } = err else {
+            unreachable!()
+        };
+        assert_eq!(needed, 2 * (free / 2 + (1 << 30)) + 10);
+    }
+
+    #[tokio::test]
+    async fn partials_and_cached_blobs_count_as_already_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = BlobCache::new(dir.path());
+        c.ensure_dirs().await.unwrap();
+        let image = image_with_layers(&[1000, 5 << 30, 300, 70]);
+        let unique: Vec<(Sha256Digest, u64)> =
+            image.layers.iter().map(|l| (l.digest, l.size)).collect();
+        std::fs::write(c.partial_path(&d(0)), vec![0u8; 400]).unwrap();
+        // A sparse 4 GiB partial: counted by its length, costs no disk here.
+        std::fs::File::create(c.partial_path(&d(1)))
+            .unwrap()
+            .set_len(4 << 30)
+            .unwrap();
+        // Longer than the blob: the download restarts, so it counts for nothing.
+        std::fs::write(c.partial_path(&d(2)), vec![0u8; 301]).unwrap();
+        assert_eq!(
+            c.bytes_to_download(&unique).await.unwrap(),
+            600 + (1 << 30) + 300 + 70
+        );
     }
 
     #[tokio::test]

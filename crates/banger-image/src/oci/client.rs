@@ -10,14 +10,18 @@
 //! - **Scheme.** https, with the system's usual TLS verification. Plain http only for loopback
 //!   registries (`localhost`, `127.0.0.0/8`, `[::1]`, any port), as Docker does, and for those
 //!   the caller lists as insecure (`host` or `host:port`; the `insecure_registries` config key).
-//!   Redirects follow the same rule (no downgrade to plain http elsewhere), at most 10 of them.
+//!   Redirects and token realms ([`url_allowed`]) may be https anywhere; plain http only when
+//!   the registry itself is plain-http (loopback or insecure-listed) and only on that same host.
+//!   So a remote https registry can never send banger to plain http, not even to a loopback
+//!   port (which any user of a shared host can bind). At most 10 redirects.
 //! - **Auth.** Requests go out anonymously. A `401` with `WWW-Authenticate: Bearer realm=...`
 //!   makes the client ask the realm for a token (`?service=...&scope=repository:NAME:pull`, with
 //!   Basic credentials when `auth` finds some) and retry with `Authorization: Bearer`; a `Basic`
-//!   challenge is answered with Basic credentials. The realm must be https, or http only on a
-//!   loopback or insecure-listed host; otherwise banger refuses before sending anything there.
-//!   Credentials are looked up only when a registry asks for them, and go only to the registry
-//!   host and the realm: reqwest drops `Authorization` on redirects to another host or port
+//!   challenge is answered with Basic credentials. Only the registry's own answers are
+//!   challenges: a `401` from wherever a redirect led (blob storage, a CDN, an open redirect on
+//!   it) is a plain error, so such a host can never name a realm to receive the credentials.
+//!   Credentials are looked up only when the registry asks for them, and go only to the registry
+//!   and the realm it names: reqwest drops `Authorization` on redirects to another host or port
 //!   (blob downloads are often redirected to storage), which the integration tests check.
 //!   Secrets never appear in logs, errors or `Debug` output.
 //! - **Caps.** Every untrusted body is read with a cap, never whole: manifests and indexes
@@ -25,16 +29,16 @@
 //!
 //! Manifest semantics live in `manifest`, blob storage in `cache`, credentials in `auth`.
 
+use crate::capped::{read_body_at_most, BodyError};
 use crate::digest::Sha256Digest;
-use crate::download::{DownloadError, Source};
+use crate::download::{range_answer, range_from, DownloadError, RangeAnswer, Source};
 use crate::oci::auth::{self, AuthError, Credentials};
 use crate::oci::manifest::{ManifestError, MANIFEST_ACCEPT};
 use crate::oci::reference::{shorten, Reference};
 use base64::Engine;
 use futures_util::StreamExt;
 use reqwest::header::{
-    HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_RANGE, CONTENT_TYPE, RANGE,
-    WWW_AUTHENTICATE,
+    HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE, RANGE, WWW_AUTHENTICATE,
 };
 use reqwest::{StatusCode, Url};
 use std::ffi::OsString;
@@ -131,9 +135,10 @@ pub enum OciError {
         max: u64,
     },
     #[error(
-        "registry {registry} sends banger to {realm} for a token, which is not https on a \
-         loopback or insecure-listed host; banger sends nothing there\n\
-         hint: if that token service is yours and on a trusted network, add its host to insecure_registries"
+        "registry {registry} sends banger to {realm} for a token, which is plain http away from \
+         the registry's own loopback or insecure-listed host; banger sends nothing there\n\
+         hint: a token service must be https, or plain http on the same host as a registry \
+         that is on loopback or in insecure_registries"
     )]
     InsecureRealm { registry: String, realm: String },
     #[error("registry {registry} asks for authentication banger cannot do: {detail}")]
@@ -167,6 +172,20 @@ pub enum OciError {
         #[source]
         source: AuthError,
     },
+    #[error(
+        "pulling {reference} needs {} MiB more in {}, which has {} MiB free\n\
+         hint: free some space there (`banger image prune` removes blobs no image needs and \
+         unfinished downloads) and pull again",
+        mib_up(*needed), path.display(), free >> 20
+    )]
+    NoSpace {
+        reference: String,
+        path: PathBuf,
+        /// Bytes still to download: declared sizes minus what is cached or partial.
+        needed: u64,
+        /// Bytes an unprivileged user may still write there.
+        free: u64,
+    },
     #[error(transparent)]
     Download(#[from] DownloadError),
     #[error("blob cache: {what} {}", path.display())]
@@ -179,11 +198,12 @@ pub enum OciError {
 }
 
 impl OciError {
-    /// True when a disk filled up while writing the cache.
+    /// True when the disk filled up while writing the cache, or a pull would not fit in its
+    /// free space.
     pub fn is_disk_full(&self) -> bool {
         match self {
-            OciError::Download(DownloadError::DiskFull { .. }) => true,
-            OciError::Cache { source, .. } => source.raw_os_error() == Some(libc::ENOSPC),
+            OciError::Download(DownloadError::DiskFull { .. }) | OciError::NoSpace { .. } => true,
+            OciError::Cache { source, .. } => crate::download::is_disk_full(source),
             _ => false,
         }
     }
@@ -197,6 +217,11 @@ impl OciError {
     pub fn is_not_found(&self) -> bool {
         matches!(self, OciError::NotFound { .. })
     }
+}
+
+/// Bytes in MiB, rounded up (so a need is never shown as 0).
+fn mib_up(bytes: u64) -> u64 {
+    bytes.div_ceil(1 << 20)
 }
 
 /// Whether plain http may be used for `host` (`host`, `host:port`, `[v6]:port`): loopback
@@ -250,11 +275,22 @@ fn url_host(url: &Url) -> String {
     }
 }
 
-/// May a request (or a redirect) go to `url`? https always; http per [`plain_http_allowed`].
-fn url_allowed(url: &Url, insecure: &[String]) -> bool {
+/// May a redirect or a token request of the registry at `registry` (its API host, `host[:port]`)
+/// go to `url`? https: always. Plain http: only when the registry itself is reached over plain
+/// http (loopback or insecure-listed) and `url` is on that same host, on a port
+/// [`plain_http_allowed`] allows. A registry reached over https can never send banger to plain
+/// http, loopback included: credentials would cross in clear text to a port any local user may
+/// have bound, and a redirect could reach local services.
+pub fn url_allowed(url: &Url, registry: &str, insecure: &[String]) -> bool {
     match url.scheme() {
         "https" => true,
-        "http" => plain_http_allowed(&url_host(url), insecure),
+        "http" => {
+            let target = url_host(url).to_ascii_lowercase();
+            let registry = registry.to_ascii_lowercase();
+            plain_http_allowed(&registry, insecure)
+                && host_without_port(&target) == host_without_port(&registry)
+                && plain_http_allowed(&target, insecure)
+        }
         _ => false,
     }
 }
@@ -379,6 +415,8 @@ pub(crate) struct RegistryClient {
     registry: String,
     repository: String,
     base: Url,
+    /// `host[:port]` of `base`, for the redirect and realm rules.
+    api_host: String,
     insecure: Vec<String>,
     docker_config: Option<PathBuf>,
     credential_path: Option<OsString>,
@@ -419,12 +457,15 @@ impl RegistryClient {
             detail: format!("cannot form its URL: {e}"),
         })?;
         let insecure = options.insecure.clone();
-        let policy_insecure = insecure.clone();
+        let (policy_insecure, policy_host) = (insecure.clone(), host.to_owned());
         let policy = reqwest::redirect::Policy::custom(move |attempt| {
             if attempt.previous().len() >= MAX_REDIRECTS {
                 attempt.error("too many redirects")
-            } else if !url_allowed(attempt.url(), &policy_insecure) {
-                attempt.error("redirect to plain http on a host that is not loopback or insecure-listed refused")
+            } else if !url_allowed(attempt.url(), &policy_host, &policy_insecure) {
+                attempt.error(
+                    "redirect to plain http away from the registry's own loopback or \
+                     insecure-listed host refused",
+                )
             } else {
                 attempt.follow()
             }
@@ -444,6 +485,7 @@ impl RegistryClient {
             registry: reference.registry().to_owned(),
             repository: reference.repository().to_owned(),
             base,
+            api_host: host.to_owned(),
             insecure,
             docker_config: options.docker_config.clone(),
             credential_path: options.credential_path.clone(),
@@ -468,7 +510,7 @@ impl RegistryClient {
         } else if e.is_redirect() {
             (
                 "a redirect was refused",
-                "the registry redirected to plain http or in a loop; banger does not follow that",
+                "the registry redirected to plain http on another host, or in a loop; banger does not follow that",
             )
         } else if ["certificate", "tls", "handshake", "corrupt message", "peer"]
             .iter()
@@ -520,7 +562,12 @@ impl RegistryClient {
                 .send()
                 .await
                 .map_err(|e| self.transport_error(url.as_str(), e))?;
-            if resp.status() != StatusCode::UNAUTHORIZED || challenged {
+            if resp.status() != StatusCode::UNAUTHORIZED
+                || challenged
+                || !self.answered_by_registry(&resp)
+            {
+                // A 401 from where a redirect led is not the registry's challenge: answering it
+                // would let that host pick the realm the credentials go to.
                 return Ok(resp);
             }
             challenged = true;
@@ -535,6 +582,12 @@ impl RegistryClient {
                 return Ok(resp);
             }
         }
+    }
+
+    /// Whether `resp` came from the registry itself (same scheme, host and port), not from
+    /// wherever a redirect led.
+    fn answered_by_registry(&self, resp: &reqwest::Response) -> bool {
+        resp.url().origin() == self.base.origin()
     }
 
     /// Answers a 401: sets a new Authorization header and returns true, or returns false when
@@ -617,7 +670,7 @@ impl RegistryClient {
         };
         let mut realm = Url::parse(realm_text)
             .map_err(|_| token_err("nothing: its realm is not a URL".into()))?;
-        if !url_allowed(&realm, &self.insecure) || !realm.username().is_empty() {
+        if !url_allowed(&realm, &self.api_host, &self.insecure) || !realm.username().is_empty() {
             return Err(OciError::InsecureRealm {
                 registry: self.registry.clone(),
                 realm: shorten(realm_text),
@@ -647,11 +700,11 @@ impl RegistryClient {
         if !status.is_success() {
             return Err(token_err(format!("HTTP {status}")));
         }
-        let body = read_capped(resp, TOKEN_MAX_BYTES)
+        let body = read_body_at_most(resp, TOKEN_MAX_BYTES)
             .await
             .map_err(|e| match e {
-                ReadError::TooLarge => token_err(format!("more than {TOKEN_MAX_BYTES} bytes")),
-                ReadError::Http(e) => self.transport_error(&redact_query(&realm), e),
+                BodyError::TooLarge => token_err(format!("more than {TOKEN_MAX_BYTES} bytes")),
+                BodyError::Http(e) => self.transport_error(&redact_query(&realm), e),
             })?;
         #[derive(serde::Deserialize)]
         struct TokenAnswer {
@@ -692,19 +745,30 @@ impl RegistryClient {
     /// Turns a non-success response into the matching error, reading a capped error body.
     async fn status_error(&self, url: &Url, resp: reqwest::Response) -> OciError {
         let status = resp.status();
-        let detail = match read_capped(resp, ERROR_BODY_MAX_BYTES).await {
+        // Only the host, never the URL: after a redirect it may be a signed storage URL.
+        let redirected_to = (!self.answered_by_registry(&resp)).then(|| url_host(resp.url()));
+        let detail = match read_body_at_most(resp, ERROR_BODY_MAX_BYTES).await {
             Ok(body) => registry_error_detail(&body),
             Err(_) => String::new(),
         };
         let url = url.to_string();
-        match status {
-            StatusCode::UNAUTHORIZED => self.unauthorized(url, detail),
-            StatusCode::NOT_FOUND => OciError::NotFound {
+        match (status, redirected_to) {
+            (StatusCode::UNAUTHORIZED, Some(host)) => OciError::Status {
+                reference: self.reference.clone(),
+                url,
+                status,
+                detail: format!(
+                    " after a redirect to {host}{detail}; banger answers authentication \
+                     challenges only from the registry itself"
+                ),
+            },
+            (StatusCode::UNAUTHORIZED, None) => self.unauthorized(url, detail),
+            (StatusCode::NOT_FOUND, _) => OciError::NotFound {
                 reference: self.reference.clone(),
                 url,
                 detail,
             },
-            status => OciError::Status {
+            (status, _) => OciError::Status {
                 reference: self.reference.clone(),
                 url,
                 status,
@@ -736,13 +800,13 @@ impl RegistryClient {
             .get("docker-content-digest")
             .and_then(|v| v.to_str().ok())
             .and_then(|s| Sha256Digest::parse_oci(s.trim()).ok());
-        let body = read_capped(resp, max).await.map_err(|e| match e {
-            ReadError::TooLarge => OciError::TooLarge {
+        let body = read_body_at_most(resp, max).await.map_err(|e| match e {
+            BodyError::TooLarge => OciError::TooLarge {
                 what: "manifest",
                 url: url.to_string(),
                 max,
             },
-            ReadError::Http(e) => self.transport_error(url.as_str(), e),
+            BodyError::Http(e) => self.transport_error(url.as_str(), e),
         })?;
         Ok(Fetched {
             body,
@@ -765,30 +829,14 @@ impl RegistryClient {
     ) -> Result<(Source, u64), OciError> {
         let url = self.blob_url(digest);
         let mut headers = HeaderMap::new();
-        if offset > 0 {
-            if let Ok(v) = HeaderValue::from_str(&format!("bytes={offset}-")) {
-                headers.insert(RANGE, v);
-            }
+        if let Some(range) = range_from(offset) {
+            headers.insert(RANGE, range);
         }
         let resp = self.get(&url, headers, None).await?;
-        let start = match resp.status() {
-            StatusCode::OK => 0,
-            StatusCode::PARTIAL_CONTENT if offset > 0 => {
-                let start = resp
-                    .headers()
-                    .get(CONTENT_RANGE)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(content_range_start);
-                if start != Some(offset) {
-                    // A range we did not ask for cannot be appended safely: start over.
-                    return Box::pin(self.open_blob(digest, 0)).await;
-                }
-                offset
-            }
-            StatusCode::RANGE_NOT_SATISFIABLE if offset > 0 => {
-                return Box::pin(self.open_blob(digest, 0)).await
-            }
-            _ => return Err(self.status_error(&url, resp).await),
+        let start = match range_answer(&resp, offset) {
+            RangeAnswer::StartsAt(start) => start,
+            RangeAnswer::Restart => return Box::pin(self.open_blob(digest, 0)).await,
+            RangeAnswer::Refused => return Err(self.status_error(&url, resp).await),
         };
         // Errors lose their URL: after a redirect it may be a signed storage URL.
         let stream = resp.bytes_stream().map(|r| r.map_err(|e| e.without_url()));
@@ -815,12 +863,6 @@ impl RegistryClient {
             actual,
         }
     }
-}
-
-/// `bytes START-END/TOTAL` -> START.
-fn content_range_start(v: &str) -> Option<u64> {
-    let range = v.trim().strip_prefix("bytes ")?;
-    range.split(['-', '/']).next()?.trim().parse().ok()
 }
 
 /// A URL for messages: the query (which may carry a service's parameters) is dropped.
@@ -868,29 +910,6 @@ fn registry_error_detail(body: &[u8]) -> String {
         }
         None => String::new(),
     }
-}
-
-enum ReadError {
-    TooLarge,
-    Http(reqwest::Error),
-}
-
-/// Reads a body of at most `max` bytes: refused early when Content-Length says more, and cut
-/// off as soon as more arrives (a lying or absent length cannot make banger read more).
-async fn read_capped(resp: reqwest::Response, max: u64) -> Result<Vec<u8>, ReadError> {
-    if resp.content_length().is_some_and(|n| n > max) {
-        return Err(ReadError::TooLarge);
-    }
-    let mut body = Vec::new();
-    let mut stream = resp.bytes_stream();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| ReadError::Http(e.without_url()))?;
-        if body.len() as u64 + chunk.len() as u64 > max {
-            return Err(ReadError::TooLarge);
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
 }
 
 #[cfg(test)]
@@ -977,16 +996,50 @@ mod tests {
     }
 
     #[test]
-    fn realms_and_redirects_follow_the_same_policy() {
+    fn realms_and_redirects_go_to_plain_http_only_on_a_plain_http_registrys_own_host() {
         let none: Vec<String> = vec![];
-        let ok = |u: &str| url_allowed(&Url::parse(u).unwrap(), &none);
-        assert!(ok("https://auth.docker.io/token"));
-        assert!(ok("http://127.0.0.1:9000/token"));
-        assert!(ok("http://[::1]:9000/token"));
-        assert!(!ok("http://auth.example/token"));
-        assert!(!ok("http://10.0.0.1/token"));
-        assert!(!ok("ftp://127.0.0.1/token"));
-        assert!(!ok("file:///etc/passwd"));
+        let ok = |registry: &str, u: &str, insecure: &[String]| {
+            url_allowed(&Url::parse(u).unwrap(), registry, insecure)
+        };
+        // A registry reached over https: https anywhere, plain http nowhere, loopback included.
+        for registry in ["registry-1.docker.io", "ghcr.io", "10.1.2.3:5000"] {
+            assert!(ok(registry, "https://auth.docker.io/token", &none));
+            assert!(ok(registry, "https://127.0.0.1:9000/token", &none));
+            for refused in [
+                "http://127.0.0.1:9000/token",
+                "http://[::1]:9000/token",
+                "http://localhost/token",
+                "http://ghcr.io/token",
+                "http://10.1.2.3:5000/token",
+                "ftp://127.0.0.1/token",
+                "file:///etc/passwd",
+            ] {
+                assert!(!ok(registry, refused, &none), "{registry} -> {refused}");
+            }
+        }
+        // A loopback registry: plain http on its own host (any port), nowhere else.
+        assert!(ok("127.0.0.1:5000", "http://127.0.0.1:9000/token", &none));
+        assert!(ok("127.0.0.1:5000", "http://127.0.0.1/token", &none));
+        assert!(ok("[::1]:5000", "http://[::1]:9000/token", &none));
+        assert!(ok("LOCALHOST:5000", "http://localhost:9000/t", &none));
+        assert!(ok("127.0.0.1:5000", "https://auth.example/token", &none));
+        for refused in [
+            "http://127.0.0.2:9000/token",
+            "http://localhost:9000/token",
+            "http://[::1]:9000/token",
+            "http://auth.example/token",
+            "http://10.0.0.1/token",
+        ] {
+            assert!(!ok("127.0.0.1:5000", refused, &none), "{refused}");
+        }
+        // An insecure-listed registry: its own host, on the ports its entry allows.
+        let listed = vec!["reg.lan:5000".to_string(), "other.lan".to_string()];
+        assert!(ok("reg.lan:5000", "http://reg.lan:5000/token", &listed));
+        assert!(!ok("reg.lan:5000", "http://reg.lan:5001/token", &listed));
+        assert!(!ok("reg.lan:5000", "http://other.lan/token", &listed));
+        assert!(!ok("reg.lan:5000", "http://127.0.0.1:5000/token", &listed));
+        assert!(ok("other.lan", "http://other.lan:8080/token", &listed));
+        assert!(!ok("other.lan", "http://evil.other.lan/token", &listed));
     }
 
     #[test]

@@ -6,8 +6,9 @@
 //! Accepted: OCI image manifest and index, Docker v2 manifest and manifest list (schema 2).
 //! Docker schema 1, artifacts (non-image configs), foreign / non-distributable layers and unknown
 //! layer media types are refused by name. Limits: documents <= 4 MiB (enforced while reading, in
-//! `client`), config <= 1 MiB, <= 128 layers, each declared <= 64 GiB, indexes nested at most
-//! [`INDEX_DEPTH_MAX`] deep. The config must say linux/amd64 and list one diff_id per layer.
+//! `client`), config <= 1 MiB, <= 128 layers, each declared <= 64 GiB and all together
+//! <= [`IMAGE_MAX_BYTES`], indexes nested at most [`INDEX_DEPTH_MAX`] deep. The config must say
+//! linux/amd64 and list one diff_id per layer.
 //!
 //! Types come from `oci-spec` (serde shapes only); every digest in them is re-parsed into
 //! [`Sha256Digest`] here before anything uses it.
@@ -29,6 +30,10 @@ pub const CONFIG_MAX_BYTES: u64 = 1 << 20;
 pub const LAYERS_MAX: usize = 128;
 /// The largest compressed size a layer may declare.
 pub const LAYER_MAX_BYTES: u64 = 64 << 30;
+/// The most compressed bytes an image's layers may declare in all: what a pull may put into the
+/// blob cache. Matches the flattener's default `max_image_bytes` (an image whose compressed
+/// layers exceed it could not be flattened anyway).
+pub const IMAGE_MAX_BYTES: u64 = 64 << 30;
 /// How deep indexes may nest (an index that names an index counts 2).
 pub const INDEX_DEPTH_MAX: usize = 3;
 
@@ -117,6 +122,11 @@ pub enum ManifestError {
     TooManyLayers { count: usize, max: usize },
     #[error("layer {digest} declares {size} bytes; banger accepts at most {max} per layer")]
     LayerTooLarge { digest: String, size: u64, max: u64 },
+    #[error(
+        "its layers declare {total} bytes in all; banger accepts at most {} GiB per image",
+        max >> 30
+    )]
+    ImageTooLarge { total: u64, max: u64 },
     #[error("its config declares {size} bytes; banger accepts at most {max}")]
     ConfigTooLarge { size: u64, max: u64 },
     #[error("the {what} has a digest banger cannot use")]
@@ -403,6 +413,14 @@ pub(crate) fn check_manifest(m: &ImageManifest) -> Result<CheckedManifest, Manif
             },
             compression,
         ));
+    }
+    // Every layer is within its own cap, so the sum cannot overflow (128 x 64 GiB).
+    let total: u64 = layers.iter().map(|(blob, _)| blob.size).sum();
+    if total > IMAGE_MAX_BYTES {
+        return Err(ManifestError::ImageTooLarge {
+            total,
+            max: IMAGE_MAX_BYTES,
+        });
     }
     Ok(CheckedManifest { config, layers })
 }
@@ -711,6 +729,32 @@ mod tests {
             checked(&big_config),
             Err(ManifestError::ConfigTooLarge { .. })
         ));
+    }
+
+    #[test]
+    fn layers_declaring_more_than_the_image_cap_in_all_are_refused() {
+        let tar = "application/vnd.oci.image.layer.v1.tar";
+        // Each under the per-layer cap, together over the image cap.
+        let layers: Vec<(&str, String, u64)> = (0..3)
+            .map(|i| (tar, d(i), IMAGE_MAX_BYTES / 3 + 1))
+            .collect();
+        let err = checked(&manifest_json(OCI_CONFIG, &layers)).unwrap_err();
+        let total = 3 * (IMAGE_MAX_BYTES / 3 + 1);
+        assert!(
+            matches!(err, ManifestError::ImageTooLarge { total: t, max } if t == total && max == IMAGE_MAX_BYTES),
+            "{err}"
+        );
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&total.to_string()) && msg.contains("64 GiB"),
+            "{msg}"
+        );
+        // Up to the cap exactly is fine.
+        let layers: Vec<(&str, String, u64)> = vec![
+            (tar, d(1), IMAGE_MAX_BYTES / 2),
+            (tar, d(2), IMAGE_MAX_BYTES / 2),
+        ];
+        checked(&manifest_json(OCI_CONFIG, &layers)).unwrap();
     }
 
     #[test]

@@ -497,7 +497,13 @@ impl Drop for Server {
 
 impl Server {
     pub async fn start(handler: Handler) -> Server {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Server::start_on("127.0.0.1", handler).await
+    }
+
+    /// [`Server::start`] on another loopback address (`127.0.0.2`: "another host" for the
+    /// rules that allow plain http only on the registry's own host).
+    pub async fn start_on(ip: &str, handler: Handler) -> Server {
+        let listener = TcpListener::bind((ip, 0)).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let s2 = seen.clone();
@@ -632,11 +638,34 @@ pub async fn proxy(upstream: String, faults: Arc<Mutex<Faults>>) -> Server {
 
 /// A server that answers every request with a fixed status, headers and body.
 pub async fn fixed(status: &'static str, headers: Vec<(String, String)>, body: Vec<u8>) -> Server {
+    fixed_on("127.0.0.1", status, headers, body).await
+}
+
+/// A registry that answers everything with 401 and a Bearer challenge naming `realm`.
+pub async fn bearer_challenger(realm: &str) -> Server {
+    fixed(
+        "401 Unauthorized",
+        vec![(
+            "WWW-Authenticate".into(),
+            format!(r#"Bearer realm="{realm}",service="s""#),
+        )],
+        b"{}".to_vec(),
+    )
+    .await
+}
+
+/// [`fixed`] on another loopback address.
+pub async fn fixed_on(
+    ip: &str,
+    status: &'static str,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+) -> Server {
     let h = handler(move |_req, mut conn| {
         let (headers, body) = (headers.clone(), body.clone());
         async move { respond(&mut conn, status, &headers, &body).await }
     });
-    Server::start(h).await
+    Server::start_on(ip, h).await
 }
 
 // ---------------------------------------------------------------- token service
@@ -735,6 +764,11 @@ impl Signer {
 /// A token endpoint at `/token` handing out `token`; with `basic` set it wants exactly that
 /// `Authorization: Basic ...` value and answers 401 otherwise.
 pub async fn token_service(token: String, basic: Option<String>) -> Server {
+    token_service_on("127.0.0.1", token, basic).await
+}
+
+/// [`token_service`] on another loopback address.
+pub async fn token_service_on(ip: &str, token: String, basic: Option<String>) -> Server {
     let h = handler(move |req: Seen, mut conn| {
         let (token, basic) = (token.clone(), basic.clone());
         async move {
@@ -759,7 +793,7 @@ pub async fn token_service(token: String, basic: Option<String>) -> Server {
             }
         }
     });
-    Server::start(h).await
+    Server::start_on(ip, h).await
 }
 
 pub fn basic_header(user: &str, password: &str) -> String {
