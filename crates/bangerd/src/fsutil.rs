@@ -12,7 +12,6 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 
 use anyhow::Context;
-use sha2::{Digest, Sha256};
 
 /// How a copy was made (reported in progress so users know why creation was fast or slow).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,10 +86,9 @@ fn clone_inner(mut from: File, mut to: File, src: &Path, dst: &Path) -> anyhow::
 
 /// sha256 of a file's contents, hex.
 pub fn sha256_file(path: &Path) -> anyhow::Result<String> {
-    let mut f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let mut h = Sha256::new();
-    std::io::copy(&mut f, &mut h).with_context(|| format!("cannot read {}", path.display()))?;
-    Ok(hex::encode(h.finalize()))
+    banger_image::digest::Sha256Digest::of_file(path)
+        .map(|d| d.to_string())
+        .with_context(|| format!("cannot hash {}", path.display()))
 }
 
 /// Makes a rename or create inside `dir` durable.
