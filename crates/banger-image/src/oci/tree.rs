@@ -31,11 +31,15 @@
 //!   never create anything: a missing or non-directory parent makes them no-ops.
 //! - The root directory takes a root entry's metadata; nothing else may replace it.
 //! - Bounds: at most `2 * max_entries` nodes, `max_dir_entries` entries per directory (ext4 and
-//!   debugfs cost grow with it), resolved paths of at most `max_path` bytes, and a budget of
-//!   symlink-resolution steps per path and per image.
+//!   debugfs cost grow with it), resolved paths of at most `max_path` bytes, the xattrs of an
+//!   inode that several hardlink entries added to within ext4's one 4 KiB block, and a budget
+//!   of symlink-resolution steps per path and per image.
 
 use super::flatten::Limits;
-use super::tar::{show, Content, Device, Entry, EntryKind, ImagePath, Meta, Name, Xattr};
+use super::tar::{
+    show, xattr_space, Content, Device, Entry, EntryKind, ImagePath, Meta, Name, Xattr,
+    XATTR_BLOCK_SPACE,
+};
 use std::borrow::Borrow;
 use std::collections::BTreeMap;
 use std::fmt;
@@ -115,6 +119,8 @@ pub enum TreeErrorKind {
     SymlinkLoop,
     #[error("resolving its parent through symlinks takes too many steps")]
     ResolutionBudget,
+    #[error("has extended attributes that, with those its other hardlinks gave the same inode, need {len} bytes; ext4 keeps an inode's attributes in one 4096-byte block, which holds {max}")]
+    XattrsTooLarge { len: usize, max: usize },
     #[error("resolves to a path longer than {max} bytes")]
     PathTooLong { max: usize },
     #[error("resolves through a symlink to a component longer than {max} bytes")]
@@ -446,7 +452,7 @@ impl Tree {
                 }
                 (NodeKind::Leaf(i), EntryKind::Hardlink(_), Some(l)) if *i == l => {
                     self.nodes[old as usize].layer = self.layer;
-                    self.update_inode(l, meta, xattrs);
+                    self.update_inode(l, meta, xattrs)?;
                     return Ok(());
                 }
                 _ => {}
@@ -465,7 +471,7 @@ impl Tree {
             EntryKind::Dir => self.new_dir(meta, xattrs),
             EntryKind::Hardlink(_) => {
                 let l = link_inode.ok_or(TreeErrorKind::RootNotDir)?;
-                self.update_inode(l, meta, xattrs);
+                self.update_inode(l, meta, xattrs)?;
                 Node {
                     layer: self.layer,
                     kind: NodeKind::Leaf(l),
@@ -496,14 +502,34 @@ impl Tree {
         Ok(())
     }
 
-    fn update_inode(&mut self, id: InodeId, meta: Meta, xattrs: Vec<Xattr>) {
+    /// A hardlink entry's metadata and xattrs applied to the inode it names.
+    fn update_inode(
+        &mut self,
+        id: InodeId,
+        meta: Meta,
+        xattrs: Vec<Xattr>,
+    ) -> Result<(), TreeErrorKind> {
         let inode = &mut self.inodes[id as usize];
         inode.meta = meta;
-        for x in xattrs {
-            inode.xattrs.retain(|old| old.name != x.name);
-            inode.xattrs.push(x);
+        if xattrs.is_empty() {
+            return Ok(());
         }
-        inode.xattrs.sort_by(|a, b| a.name.cmp(&b.name));
+        // Each entry's set fits one block (checked at the tar boundary); their union may not.
+        let mut merged = inode.xattrs.clone();
+        for x in xattrs {
+            merged.retain(|old| old.name != x.name);
+            merged.push(x);
+        }
+        let space = xattr_space(&merged);
+        if space > XATTR_BLOCK_SPACE {
+            return Err(TreeErrorKind::XattrsTooLarge {
+                len: space,
+                max: XATTR_BLOCK_SPACE,
+            });
+        }
+        merged.sort_by(|a, b| a.name.cmp(&b.name));
+        inode.xattrs = merged;
+        Ok(())
     }
 
     /// The inode a hardlink target names (last component not followed).
@@ -1054,6 +1080,36 @@ mod tests {
             ),
             Ok(_) => panic!("a path above 4096 bytes was accepted"),
         }
+    }
+
+    #[test]
+    fn hardlinks_cannot_grow_an_inodes_xattrs_past_ext4s_block() {
+        let x = |name: &str, len: usize| Xattr {
+            name: name.as_bytes().into(),
+            value: vec![b'v'; len].into(),
+        };
+        let mut f = file("f", 1);
+        f.xattrs = vec![x("user.a", 2000)];
+        // The same name replaces the value: 3,024 bytes in all.
+        let mut g = hard("g", "f");
+        g.xattrs = vec![x("user.a", 3000)];
+        let mut t = build(vec![vec![f, g]]);
+        assert_eq!(xattr_space(&t.inode(0).xattrs), 3024);
+        // Another name would need 3,024 + 2,024 bytes.
+        let mut h = hard("h", "f");
+        h.xattrs = vec![x("user.b", 2000)];
+        let err = t.apply(0, h).unwrap_err();
+        assert!(
+            matches!(
+                err.kind,
+                TreeErrorKind::XattrsTooLarge {
+                    len: 5048,
+                    max: 4060
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(err.path, "/h");
     }
 
     #[test]
