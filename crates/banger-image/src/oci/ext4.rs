@@ -24,9 +24,13 @@
 //!   and gid 0; `mknod` gives permissions 0. `sif` fixes mode, uid and gid where they differ.
 //! - Times come from `set_current_time`, which `mkdir`, `write`, `symlink` and `mknod` use for
 //!   atime, ctime and mtime (adding entries does not touch a directory's times). It is emitted
-//!   only when the time changes. Time 0 cannot be set that way (0 means "now"), but 2^32 is
-//!   truncated to 0 in the 32-bit inode field; times from 2^31 on need the epoch bits only `sif`
-//!   sets. The current time is reset to now at the end, so the superblock is not in the future.
+//!   only when the time changes, and only for times in `1..2^31`, which every e2fsprogs stores
+//!   as given. Time 0 means "now" to `set_current_time`, and from e2fsprogs 1.47.1 on a new
+//!   inode's times are clamped to `i32` (`ext2fs_inode_xtime_set`), so neither 0 (through 2^32
+//!   truncating, which 1.47.0 did) nor times from 2^31 on can be made that way: those inodes
+//!   get `sif mtime|atime|ctime @T`, which writes the low 32 bits and the epoch bits as given
+//!   (`parse_time` in 1.47.0, `parse_ino_time` in 1.47.1 and later). The current time is reset
+//!   to now at the end, so the superblock is not in the future.
 //! - Hard links: the first name written is the inode; the others are `ln` of its absolute path,
 //!   and `sif links_count` sets the count (`ln` does not). Entries are grouped per directory: one
 //!   `cd ./NAME` in and one `cd ..` out.
@@ -61,6 +65,12 @@ const MAX_PROBLEMS: usize = 20;
 const BLOCK: u64 = 4096;
 /// Times from here on need the ext4 epoch bits, which only `sif` sets.
 const TIME_32: i64 = 1 << 31;
+
+/// Whether time `t` must be set with `sif` (see the module header): `set_current_time` takes 0
+/// as "now", and e2fsprogs 1.47.1 and later clamp what it sets to `i32`.
+fn needs_sif(t: i64) -> bool {
+    t == 0 || t >= TIME_32
+}
 
 const S_IFDIR: u32 = 0o040_000;
 const S_IFREG: u32 = 0o100_000;
@@ -179,14 +189,12 @@ impl Script<'_> {
         Ok(())
     }
 
-    /// Makes the next created inode get time `t` (when `set_current_time` can express it).
+    /// Makes the next created inode get time `t`, unless only `sif` can set it.
     fn time(&mut self, t: i64) -> Result<(), Ext4BuildError> {
-        if t >= TIME_32 || self.now == Some(t) {
+        if needs_sif(t) || self.now == Some(t) {
             return Ok(());
         }
-        // 0 would mean "the real time"; 2^32 truncates to 0 in the inode's 32-bit field.
-        let arg = if t == 0 { 1i64 << 32 } else { t };
-        self.line(&[b"set_current_time", format!("@{arg}").as_bytes()], b"")?;
+        self.line(&[b"set_current_time", format!("@{t}").as_bytes()], b"")?;
         self.now = Some(t);
         Ok(())
     }
@@ -223,7 +231,7 @@ impl Script<'_> {
         if meta.gid != 0 {
             self.sif(target, "gid", &meta.gid.to_string(), path)?;
         }
-        if meta.mtime >= TIME_32 {
+        if needs_sif(meta.mtime) {
             let t = format!("@{}", meta.mtime);
             for field in ["mtime", "atime", "ctime"] {
                 self.sif(target, field, &t, path)?;
@@ -399,13 +407,17 @@ impl Script<'_> {
         )
     }
 
-    /// Times of an inode that already exists (the root, lost+found).
+    /// Times of an inode that already exists (the root, lost+found), unless `finish_inode`
+    /// sets them.
     fn root_like_times(
         &mut self,
         target: &[u8],
         mtime: i64,
         path: &[u8],
     ) -> Result<(), Ext4BuildError> {
+        if needs_sif(mtime) {
+            return Ok(());
+        }
         let t = format!("@{mtime}");
         for field in ["mtime", "atime", "ctime"] {
             self.sif(target, field, &t, path)?;
@@ -711,4 +723,74 @@ fn run_debugfs(
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::oci::flatten::Limits;
+    use crate::oci::tar::{normalise, Content, Entry, EntryKind, ImagePath, Meta};
+
+    fn p(s: &str) -> ImagePath {
+        normalise(s.as_bytes(), &Limits::default()).unwrap()
+    }
+
+    fn entry(path: &str, kind: EntryKind, mtime: i64) -> Entry {
+        Entry {
+            path: p(path),
+            kind,
+            meta: Meta {
+                mode: 0o755,
+                uid: 0,
+                gid: 0,
+                mtime,
+            },
+            xattrs: vec![],
+        }
+    }
+
+    /// The script for `tree`, as text.
+    fn script(tree: &Tree) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let staging = Staging::open(&dir.path().join("staging")).unwrap();
+        let (id, file) = staging.create().unwrap();
+        write_script(tree, &staging, file).unwrap();
+        String::from_utf8(std::fs::read(staging.path(id)).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn times_never_depend_on_how_e2fsprogs_stores_what_set_current_time_sets() {
+        let mut tree = Tree::new(&Limits::default());
+        for (name, t) in [
+            ("zero", 0),
+            ("one", 1),
+            ("y2038", 1 << 31),
+            ("now", 1_700_000_000),
+        ] {
+            tree.apply(0, entry(name, EntryKind::File(Content::Empty), t))
+                .unwrap();
+            tree.apply(0, entry(&format!("{name}.d"), EntryKind::Dir, t))
+                .unwrap();
+        }
+        let text = script(&tree);
+        // `set_current_time` only with times every e2fsprogs stores as given (0 means "now";
+        // 1.47.1 and later clamp to i32, 1.47.0 truncated 2^32 to 0).
+        for line in text.lines().filter(|l| l.starts_with("set_current_time")) {
+            let arg = line.split(' ').nth(1).unwrap();
+            if arg != "now" {
+                let t: i64 = arg.strip_prefix('@').unwrap().parse().unwrap();
+                assert!((1..1 << 31).contains(&t), "{line}");
+            }
+        }
+        for name in ["zero", "zero.d"] {
+            for field in ["mtime", "atime", "ctime"] {
+                let want = format!("sif \"./{name}\" {field} @0");
+                assert!(text.lines().any(|l| l == want), "no `{want}` in\n{text}");
+            }
+        }
+        assert!(text.contains("sif \"./y2038\" mtime @2147483648"), "{text}");
+        assert!(!text.contains("sif \"./one\" mtime"), "{text}");
+        // The root is set once.
+        assert_eq!(text.matches("sif \"/\" mtime").count(), 1, "{text}");
+    }
 }
