@@ -17,7 +17,10 @@
 //! - Names are passed as bare names in the current directory to `mkdir`, `write`, `symlink` and
 //!   `mknod` (which take them literally), and as `./NAME` where debugfs resolves a path
 //!   (`sif`, `ea_set`, `ln`, `cd`): that keeps `<12>` from meaning inode 12 and `-x` from being
-//!   read as an option by `ea_set`'s getopt.
+//!   read as an option by `ea_set`'s getopt. `ea_set`'s last argument, the attribute name, is
+//!   the one taken bare: getopt permutes, so a name starting with `-` would be read as an
+//!   option. Names come only from the namespaces the tar boundary keeps (`user.`, `trusted.`,
+//!   `security.`, `system.posix_acl_*`), and the writer refuses a `-` anyway.
 //! - The only host paths in the script are files of the staging directory: the staged contents
 //!   (`write`) and xattr values (`ea_set -f`).
 //! - `write` gives the new inode the host file's permission bits (staged files are 0600) and uid
@@ -35,7 +38,9 @@
 //!   and `sif links_count` sets the count (`ln` does not). Entries are grouped per directory: one
 //!   `cd ./NAME` in and one `cd ..` out.
 //! - debugfs carries on after a failed command and exits 0, so its output is read: stdout may only
-//!   hold the echoed commands and known progress lines, stderr only the version banner.
+//!   hold the echoed commands and known progress lines, stderr only the version banner. What
+//!   else it printed goes into the error with control characters escaped (it may quote names
+//!   from the image).
 //! - xattr values are staged in files because `ea_set` has no quoting for binary values; it
 //!   reads at most one block (4096 bytes) from the file, so longer values are refused.
 
@@ -100,6 +105,8 @@ pub enum Ext4BuildError {
         name: String,
         len: usize,
     },
+    #[error("extended attribute `{name}` of `{path}` starts with `-`, which debugfs's `ea_set` would read as an option")]
+    BadXattrName { path: String, name: String },
     #[error("mkfs.ext4 of {image} failed ({status}): {output}")]
     Mkfs {
         image: PathBuf,
@@ -244,6 +251,15 @@ impl Script<'_> {
     }
 
     fn xattr(&mut self, target: &[u8], x: &Xattr, path: &[u8]) -> Result<(), Ext4BuildError> {
+        // The name is `ea_set`'s only bare argument, and its getopt permutes: a leading `-`
+        // would be taken as an option. The tar boundary keeps only names in namespaces that
+        // cannot start with one; this keeps the script safe whatever changes there.
+        if x.name.starts_with(b"-") {
+            return Err(Ext4BuildError::BadXattrName {
+                path: show(path),
+                name: show(&x.name),
+            });
+        }
         if x.value.len() > MAX_XATTR_VALUE {
             return Err(Ext4BuildError::XattrTooLarge {
                 path: show(path),
@@ -628,6 +644,36 @@ fn expected_stdout(line: &[u8]) -> bool {
         || line.starts_with(b"Setting current time to ")
 }
 
+/// Reads what debugfs printed: how many commands it echoed, and every other line (at most
+/// [`MAX_PROBLEMS`] from each stream), escaped: it may quote names from the image, which can
+/// hold terminal escape sequences.
+fn read_outputs(stdout: impl BufRead, stderr: &[u8]) -> io::Result<(u64, Vec<String>)> {
+    let mut problems = Vec::new();
+    let mut done = 0u64;
+    for line in stdout.split(b'\n') {
+        let line = line?;
+        if line.starts_with(b"debugfs: ") {
+            done += 1;
+        } else if !expected_stdout(&line) && problems.len() < MAX_PROBLEMS {
+            problems.push(show(&line));
+        }
+    }
+    let mut lines = stderr.split(|&b| b == b'\n');
+    // The first line is the version banner.
+    if let Some(first) = lines.next() {
+        if !first.starts_with(b"debugfs ") && !first.trim_ascii().is_empty() {
+            problems.push(show(first));
+        }
+    }
+    problems.extend(
+        lines
+            .filter(|l| !l.trim_ascii().is_empty())
+            .take(MAX_PROBLEMS)
+            .map(show),
+    );
+    Ok((done, problems))
+}
+
 fn run_debugfs(
     debugfs: &Path,
     script: &Path,
@@ -682,36 +728,14 @@ fn run_debugfs(
     };
     progress.bytes(expected, Some(expected));
 
-    let mut problems = Vec::new();
-    let mut done = 0u64;
-    let stdout =
-        File::open(&stdout_path).map_err(Ext4BuildError::io("cannot read debugfs's output"))?;
-    for line in BufReader::with_capacity(1 << 16, stdout).split(b'\n') {
-        let line = line.map_err(Ext4BuildError::io("cannot read debugfs's output"))?;
-        if line.starts_with(b"debugfs: ") {
-            done += 1;
-        } else if !expected_stdout(&line) && problems.len() < MAX_PROBLEMS {
-            problems.push(String::from_utf8_lossy(&line).into_owned());
-        }
-    }
     let mut stderr = Vec::new();
     File::open(staging.path(stderr_id))
         .and_then(|f| f.take(1 << 20).read_to_end(&mut stderr))
         .map_err(Ext4BuildError::io("cannot read debugfs's stderr file"))?;
-    let stderr = String::from_utf8_lossy(&stderr);
-    let mut lines = stderr.lines();
-    // The first line is the version banner.
-    if let Some(first) = lines.next() {
-        if !first.starts_with("debugfs ") && !first.trim().is_empty() {
-            problems.push(first.to_string());
-        }
-    }
-    problems.extend(
-        lines
-            .filter(|l| !l.trim().is_empty())
-            .take(MAX_PROBLEMS)
-            .map(str::to_string),
-    );
+    let stdout =
+        File::open(&stdout_path).map_err(Ext4BuildError::io("cannot read debugfs's output"))?;
+    let (done, mut problems) = read_outputs(BufReader::with_capacity(1 << 16, stdout), &stderr)
+        .map_err(Ext4BuildError::io("cannot read debugfs's output"))?;
     if !status.success() || !problems.is_empty() || done != commands {
         if done != commands && problems.is_empty() {
             problems.push(format!("debugfs ran {done} of {commands} commands"));
@@ -792,5 +816,43 @@ mod tests {
         assert!(!text.contains("sif \"./one\" mtime"), "{text}");
         // The root is set once.
         assert_eq!(text.matches("sif \"/\" mtime").count(), 1, "{text}");
+    }
+
+    #[test]
+    fn an_xattr_name_starting_with_a_dash_is_never_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let staging = Staging::open(&dir.path().join("staging")).unwrap();
+        let (_, file) = staging.create().unwrap();
+        let mut s = Script {
+            out: BufWriter::new(file),
+            lines: 0,
+            now: None,
+            staging: &staging,
+            empty_file: None,
+            xattr_files: HashMap::new(),
+            written: HashMap::new(),
+            notices: Vec::new(),
+        };
+        let x = Xattr {
+            name: b"-f/etc/shadow"[..].into(),
+            value: b"v"[..].into(),
+        };
+        let err = s.xattr(b"\"./f\"", &x, b"/f").unwrap_err();
+        assert!(matches!(err, Ext4BuildError::BadXattrName { .. }), "{err}");
+        assert_eq!(s.lines, 0);
+    }
+
+    #[test]
+    fn debugfs_output_in_errors_has_control_characters_escaped() {
+        let stdout = b"debugfs: mkdir \"x\"\n\x1b]0;owned\x07mkdir: Could not allocate\n";
+        let stderr = b"debugfs 1.47.0 (5-Feb-2023)\n\"./\x1b[2Jname\": File not found\n";
+        let (done, problems) = read_outputs(&stdout[..], stderr).unwrap();
+        assert_eq!(done, 1);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        for p in &problems {
+            assert!(!p.chars().any(char::is_control), "{p:?}");
+        }
+        assert!(problems[0].contains("\\u{1b}]0;owned\\u{7}mkdir: Could not allocate"));
+        assert!(problems[1].contains("\\u{1b}[2Jname"), "{problems:?}");
     }
 }
