@@ -41,12 +41,16 @@
 //!   hold the echoed commands and known progress lines, stderr only the version banner. What
 //!   else it printed goes into the error with control characters escaped (it may quote names
 //!   from the image).
+//! - Memory: what the writer keeps besides the tree is bounded by the tree's size, never by
+//!   path lengths: directories still to enter and inodes with several names are kept as (node,
+//!   name) pairs, and a path is spelled out only for the directory being written and for each
+//!   `ln` (from each directory's parent, recorded as it is entered).
 //! - xattr values are staged in files because `ea_set` has no quoting for binary values; it
 //!   reads at most one block (4096 bytes) from the file, so longer values are refused.
 
 use super::flatten::{Limits, Staging};
-use super::tar::{show, Device, Xattr};
-use super::tree::{Dir, InodeId, InodeKind, NodeId, NodeRef, Tree};
+use super::tar::{show, Device, Name, Xattr};
+use super::tree::{Dir, InodeId, InodeKind, NodeId, NodeRef, Tree, ROOT};
 use crate::ext4::size_for_tree;
 use crate::hosttools::{require_tool, MissingTool};
 use crate::progress::Progress;
@@ -159,7 +163,7 @@ fn dot_slash(name: &[u8]) -> Vec<u8> {
 }
 
 /// Writes the debugfs script.
-struct Script<'a> {
+struct Script<'a, 't> {
     out: BufWriter<File>,
     lines: u64,
     /// The time `set_current_time` last set (`None`: the real time).
@@ -167,12 +171,29 @@ struct Script<'a> {
     staging: &'a Staging,
     empty_file: Option<Vec<u8>>,
     xattr_files: HashMap<Box<[u8]>, Vec<u8>>,
-    /// Absolute paths of inodes with several names, once written.
-    written: HashMap<InodeId, Vec<u8>>,
+    /// Inodes with several names, once written: the directory and name of the first.
+    written: HashMap<InodeId, (NodeId, &'t Name)>,
+    /// Parent and name of every directory, recorded as its parent is written (for `ln`).
+    parents: HashMap<NodeId, (NodeId, &'t Name)>,
     notices: Vec<String>,
 }
 
-impl Script<'_> {
+impl<'t> Script<'_, 't> {
+    /// The absolute path of `dir/name`, from the recorded parents.
+    fn path_of(&self, mut dir: NodeId, name: &Name) -> Vec<u8> {
+        let mut names = vec![name];
+        while let Some(&(parent, n)) = self.parents.get(&dir) {
+            names.push(n);
+            dir = parent;
+        }
+        let mut out = Vec::new();
+        for n in names.iter().rev() {
+            out.push(b'/');
+            out.extend_from_slice(n.as_bytes());
+        }
+        out
+    }
+
     /// One command; `path` names the entry in an error.
     fn line(&mut self, args: &[&[u8]], path: &[u8]) -> Result<(), Ext4BuildError> {
         let len = args.iter().map(|a| a.len() + 1).sum::<usize>() - 1;
@@ -301,13 +322,14 @@ impl Script<'_> {
     /// to enter next, last first.
     fn dir_contents(
         &mut self,
-        tree: &Tree,
-        dir: &Dir,
+        tree: &'t Tree,
+        dir_id: NodeId,
+        dir: &'t Dir,
         dir_path: &[u8],
-    ) -> Result<Vec<(Vec<u8>, NodeId)>, Ext4BuildError> {
+    ) -> Result<Vec<(NodeId, &'t Name)>, Ext4BuildError> {
         let mut subdirs = Vec::new();
-        for (name, &child) in &dir.children {
-            let name = name.as_bytes();
+        for (entry, &child) in &dir.children {
+            let name = entry.as_bytes();
             let path = [dir_path, b"/", name].concat();
             let at_root = dir_path.is_empty();
             match tree.node(child) {
@@ -331,7 +353,8 @@ impl Script<'_> {
                         &d.xattrs,
                         &path,
                     )?;
-                    subdirs.push((path, child));
+                    self.parents.insert(child, (dir_id, entry));
+                    subdirs.push((child, entry));
                 }
                 Some(NodeRef::Leaf(ino, inode)) => {
                     if at_root && name == b"lost+found" {
@@ -340,8 +363,8 @@ impl Script<'_> {
                         );
                         continue;
                     }
-                    if let Some(primary) = self.written.get(&ino) {
-                        let primary = quote(primary);
+                    if let Some(&(primary_dir, primary_name)) = self.written.get(&ino) {
+                        let primary = quote(&self.path_of(primary_dir, primary_name));
                         self.line(&[b"ln", &primary, &dot_slash(name)], &path)?;
                         continue;
                     }
@@ -389,7 +412,7 @@ impl Script<'_> {
                     self.finish_inode(&target, full_mode, default_mode, m, &inode.xattrs, &path)?;
                     if inode.links > 1 {
                         self.sif(&target, "links_count", &inode.links.to_string(), &path)?;
-                        self.written.insert(ino, path);
+                        self.written.insert(ino, (dir_id, entry));
                     }
                 }
                 None => {}
@@ -553,6 +576,7 @@ fn write_script(
         empty_file: None,
         xattr_files: HashMap::new(),
         written: HashMap::new(),
+        parents: HashMap::new(),
         notices: Vec::new(),
     };
     // The root exists already: only its metadata.
@@ -568,24 +592,24 @@ fn write_script(
         b"/",
     )?;
     s.line(&[b"cd", &slash], b"/")?;
-    struct Frame {
+    struct Frame<'t> {
         path: Vec<u8>,
-        subdirs: Vec<(Vec<u8>, NodeId)>,
+        subdirs: Vec<(NodeId, &'t Name)>,
     }
-    let first = s.dir_contents(tree, root, b"")?;
+    let first = s.dir_contents(tree, ROOT, root, b"")?;
     let mut stack = vec![Frame {
         path: Vec::new(),
         subdirs: first,
     }];
     while let Some(top) = stack.last_mut() {
         match top.subdirs.pop() {
-            Some((path, id)) => {
-                let name = path.rsplit(|&b| b == b'/').next().unwrap_or(&path).to_vec();
-                s.line(&[b"cd", &dot_slash(&name)], &path)?;
+            Some((id, name)) => {
                 let Some(NodeRef::Dir(d)) = tree.node(id) else {
                     continue;
                 };
-                let subdirs = s.dir_contents(tree, d, &path)?;
+                let path = [top.path.as_slice(), b"/", name.as_bytes()].concat();
+                s.line(&[b"cd", &dot_slash(name.as_bytes())], &path)?;
+                let subdirs = s.dir_contents(tree, id, d, &path)?;
                 stack.push(Frame { path, subdirs });
             }
             None => {
@@ -831,6 +855,7 @@ mod tests {
             empty_file: None,
             xattr_files: HashMap::new(),
             written: HashMap::new(),
+            parents: HashMap::new(),
             notices: Vec::new(),
         };
         let x = Xattr {
@@ -854,5 +879,70 @@ mod tests {
         }
         assert!(problems[0].contains("\\u{1b}]0;owned\\u{7}mkdir: Could not allocate"));
         assert!(problems[1].contains("\\u{1b}[2Jname"), "{problems:?}");
+    }
+
+    /// Set in the child process of the memory test.
+    const MEMORY_CHILD: &str = "BANGER_EXT4_MEMORY_CHILD";
+
+    /// (current, peak) resident memory of this process, in KiB.
+    fn rss_kib() -> (u64, u64) {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let field = |name: &str| -> u64 {
+            let line = status.lines().find(|l| l.starts_with(name)).unwrap();
+            line.split_whitespace().nth(1).unwrap().parse().unwrap()
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+
+    #[test]
+    fn the_script_writer_keeps_no_path_per_directory_or_hardlink() {
+        let name = "oci::ext4::tests::the_script_writer_keeps_no_path_per_directory_or_hardlink";
+        if std::env::var_os(MEMORY_CHILD).is_none() {
+            // Peak memory is per process, and the other tests share this one: run alone.
+            let out = Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", name, "--nocapture", "--test-threads=1"])
+                .env(MEMORY_CHILD, "1")
+                .output()
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let extra: u64 = stdout
+                .split_once("SCRIPT-EXTRA-KIB ")
+                .and_then(|(_, r)| r.split_whitespace().next())
+                .unwrap_or_else(|| panic!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr)))
+                .parse()
+                .unwrap();
+            eprintln!("the script writer's peak: {} MiB", extra >> 10);
+            assert!(extra < 32 << 10, "the script writer held {extra} KiB");
+            return;
+        }
+        // A directory 3,765 bytes deep, reached through a short symlink, with 20,000
+        // subdirectories and 20,000 files, each also hardlinked from a later directory: keeping a path
+        // per directory still to enter and per hardlinked inode would hold about 150 MB.
+        const N: u64 = 20_000;
+        let deep = vec!["x".repeat(250); 15].join("/");
+        let mut tree = Tree::new(&Limits::default());
+        let link = EntryKind::Symlink(format!("/{deep}").into_bytes().into());
+        tree.apply(0, entry("l", link, 1)).unwrap();
+        for i in 0..N {
+            tree.apply(0, entry(&format!("l/d{i}"), EntryKind::Dir, 1))
+                .unwrap();
+            let file = EntryKind::File(Content::Empty);
+            tree.apply(0, entry(&format!("l/f{i}"), file, 1)).unwrap();
+            let hard = EntryKind::Hardlink(p(&format!("l/f{i}")));
+            tree.apply(0, entry(&format!("z/{i}"), hard, 1)).unwrap();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let staging = Staging::open(&dir.path().join("staging")).unwrap();
+        let (id, file) = staging.create().unwrap();
+        let (before, _) = rss_kib();
+        write_script(&tree, &staging, file).unwrap();
+        let (_, peak) = rss_kib();
+        let text = std::fs::read(staging.path(id)).unwrap();
+        let lns = text
+            .split(|&b| b == b'\n')
+            .filter(|l| l.starts_with(b"ln "))
+            .count();
+        assert_eq!(lns as u64, N);
+        println!("SCRIPT-EXTRA-KIB {}", peak.saturating_sub(before));
     }
 }
