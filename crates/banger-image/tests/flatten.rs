@@ -463,6 +463,10 @@ fn commands_at_debugfs_line_limit_work_and_longer_ones_are_refused() {
         msg.contains("entry `/n` cannot be written") && msg.contains("line limit"),
         "{msg}"
     );
+    assert!(
+        msg.contains("\nhint: the image has an entry ext4 (or debugfs) cannot hold"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -661,6 +665,16 @@ fn digests_are_parsed_before_any_use_and_never_name_files() {
     layer.diff_id = Sha256Digest::of_bytes(b"something else");
     let msg = refused(&mut arena, &[layer]);
     assert!(msg.contains("diff_id"), "{msg}");
+    // A blob missing from the cache says how to get it back.
+    let mut arena = Arena::new();
+    let mut layer = blob(&arena.blobs, &tar, Compression::Gzip);
+    std::fs::remove_file(&layer.path).unwrap();
+    layer.path = arena.blobs.join("gone");
+    let msg = refused(&mut arena, &[layer]);
+    assert!(
+        msg.contains("cannot open layer blob") && msg.contains("run `banger image pull` again"),
+        "{msg}"
+    );
 }
 
 // ---- Behaviour a user sees. ----

@@ -159,7 +159,7 @@ pub enum FlattenError {
         digest: Sha256Digest,
         source: Box<TreeError>,
     },
-    #[error("cannot build the root file system {out}")]
+    #[error("cannot build the root file system {out}{}", ext4_hint(source))]
     Ext4 {
         out: PathBuf,
         #[source]
@@ -176,6 +176,17 @@ fn tar_hint(e: &TarError) -> &'static str {
         TarErrorKind::MetadataTooLarge { .. } => "real images stay far below this (a 100,000-file distribution image has about 10 MB of names); the image is broken or built to exhaust memory: ask its publisher",
         TarErrorKind::Read(_) | TarErrorKind::Stage(_) => "check the free space of the disk holding banger's state directory, then pull again",
         _ => "the image contains an archive entry banger does not accept; rebuild the image with a standard tool (docker, buildah, umoci)",
+    }
+}
+
+/// The `hint:` line of an ext4 failure (none when the cause carries its own).
+fn ext4_hint(e: &Ext4BuildError) -> &'static str {
+    match e {
+        Ext4BuildError::MissingTool(_) => "",
+        Ext4BuildError::LineTooLong { .. } | Ext4BuildError::XattrTooLarge { .. } => {
+            "\nhint: the image has an entry ext4 (or debugfs) cannot hold; rebuild the image without it"
+        }
+        _ => "\nhint: check the free space of the disk holding banger's state directory and that e2fsprogs works (`debugfs -V`); if both are fine, please report this as a banger bug",
     }
 }
 
