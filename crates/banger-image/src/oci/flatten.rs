@@ -11,7 +11,7 @@
 //! fixed buffers (a few 256 KiB chunks between a layer's threads, a zstd window of at most
 //! 128 MiB). Entries are merged as they stream rather than collected per layer, and every
 //! entry's path, link target and extended attributes, plus a fixed cost per entry, count
-//! against [`Limits::max_metadata`] (192 MiB by default; a 100,000-file image uses about 25 MB
+//! against [`Limits::max_metadata`] (192 MiB by default; a 100,000-file image uses about 20 MB
 //! of it), so what a layer can make the daemon hold is bounded whatever its headers say.
 //!
 //! # Staging
@@ -173,7 +173,7 @@ pub enum FlattenError {
 
 fn tar_hint(e: &TarError) -> &'static str {
     match e.kind {
-        TarErrorKind::MetadataTooLarge { .. } => "real images stay far below this (a 100,000-file distribution image has about 10 MB of names); the image is broken or built to exhaust memory: ask its publisher",
+        TarErrorKind::MetadataTooLarge { .. } => "real images stay far below this (a 100,000-file image needs about 20 MB of it); the image is broken or built to exhaust memory: ask its publisher",
         TarErrorKind::Read(_) | TarErrorKind::Stage(_) => "check the free space of the disk holding banger's state directory, then pull again",
         _ => "the image contains an archive entry banger does not accept; rebuild the image with a standard tool (docker, buildah, umoci)",
     }
