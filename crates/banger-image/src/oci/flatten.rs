@@ -414,12 +414,16 @@ fn apply_layer(
             drain.store(true, Ordering::Release);
         }
         drop(reader);
-        let produced = producer.join().unwrap_or(Err(Some(LayerError::Cancelled)));
+        // A panic on the decompressing thread is a bug like one on this thread.
+        let Ok(produced) = producer.join() else {
+            return Err(Failure::Panic);
+        };
         match (produced, failed) {
             // A broken, oversized or mismatching stream explains more than the tar error.
             (Err(Some(e)), _) => Err(Failure::Layer(e)),
             (Err(None), Some(f)) | (Ok(_), Some(f)) => Err(f),
-            (Err(None), None) => Err(Failure::Layer(LayerError::Cancelled)),
+            // The stream stops early only when the parser does, with its error.
+            (Err(None), None) => Err(Failure::Panic),
             (Ok(_), None) => Ok(notices),
         }
     })
