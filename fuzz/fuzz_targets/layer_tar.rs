@@ -1,11 +1,12 @@
 //! Arbitrary bytes as one uncompressed layer tar, through the tar boundary and the merged tree
 //! (no ext4): parsing returns entries or an error and never panics, every accepted path is
-//! normalised, and merging the entries (first half as a lower layer, the rest as an upper one)
-//! either succeeds or refuses an entry, never panics.
+//! normalised, every accepted entry's xattrs fit ext4's one attribute block, and merging the
+//! entries (first half as a lower layer, the rest as an upper one) either succeeds or refuses
+//! an entry, never panics.
 #![no_main]
 
 use banger_image::oci::flatten::Limits;
-use banger_image::oci::tar::{read_entries, Discard};
+use banger_image::oci::tar::{read_entries, xattr_space, Discard, XATTR_BLOCK_SPACE};
 use banger_image::oci::tree::Tree;
 use libfuzzer_sys::fuzz_target;
 
@@ -26,6 +27,8 @@ fuzz_target!(|data: &[u8]| {
             len += b.len() + 1;
         }
         assert!(len <= limits.max_path);
+        assert!(e.xattrs.iter().all(|x| x.value.len() <= limits.max_xattr_value));
+        assert!(xattr_space(&e.xattrs) <= XATTR_BLOCK_SPACE);
     }
     let mut tree = Tree::new(&limits);
     let half = entries.len() / 2;

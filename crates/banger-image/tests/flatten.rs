@@ -463,6 +463,10 @@ fn commands_at_debugfs_line_limit_work_and_longer_ones_are_refused() {
         msg.contains("entry `/n` cannot be written") && msg.contains("line limit"),
         "{msg}"
     );
+    assert!(
+        msg.contains("\nhint: the image has an entry ext4 (or debugfs) cannot hold"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -562,24 +566,31 @@ fn pax_and_ustar_sizes_that_disagree_list_like_gnu_tar() {
     assert_eq!(cat(&arena.out, b"/outer"), inner);
 }
 
-/// A layer with one file of `size` zero bytes, compressed as a stream (never in memory).
-fn bomb(c: Compression, size: u64) -> Vec<u8> {
+/// A layer with one file of `size` zero bytes, compressed as a stream (never in memory), and
+/// its diff_id.
+fn bomb(c: Compression, size: u64) -> (Vec<u8>, Sha256Digest) {
+    use sha2::Digest;
     use std::io::Write;
     let mut h = header(b"zeros", b'0', 0, 0o644);
     h.set_size(size);
     h.set_cksum();
     let chunk = vec![0u8; 1 << 20];
-    let write_all = |w: &mut dyn Write| {
-        w.write_all(h.as_bytes()).unwrap();
+    let mut diff_id = sha2::Sha256::default();
+    let mut write_all = |w: &mut dyn Write| {
+        let mut put = |bytes: &[u8]| {
+            diff_id.update(bytes);
+            w.write_all(bytes).unwrap();
+        };
+        put(h.as_bytes());
         let mut left = size;
         while left > 0 {
             let n = left.min(chunk.len() as u64) as usize;
-            w.write_all(&chunk[..n]).unwrap();
+            put(&chunk[..n]);
             left -= n as u64;
         }
-        w.write_all(&[0u8; 1024]).unwrap();
+        put(&[0u8; 1024]);
     };
-    match c {
+    let bytes = match c {
         Compression::Gzip => {
             let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
             write_all(&mut e);
@@ -591,14 +602,15 @@ fn bomb(c: Compression, size: u64) -> Vec<u8> {
             e.finish().unwrap()
         }
         Compression::None => unreachable!(),
-    }
+    };
+    (bytes, hex::encode(diff_id.finalize()).parse().unwrap())
 }
 
 #[test]
 fn decompression_bombs_stop_at_the_limit_fast() {
     for c in [Compression::Gzip, Compression::Zstd] {
         let mut arena = Arena::new();
-        let bytes = bomb(c, 256 << 20);
+        let (bytes, _) = bomb(c, 256 << 20);
         assert!(bytes.len() < 1 << 20, "{c}: {} bytes", bytes.len());
         let layer = blob_raw(&arena.blobs, &bytes, c, Sha256Digest::of_bytes(b"unknown"));
         let limits = Limits {
@@ -613,11 +625,13 @@ fn decompression_bombs_stop_at_the_limit_fast() {
             "{msg}"
         );
         assert!(took.as_secs() < 10, "{c} bomb took {took:?}");
-        // The per-image budget counts all layers together.
+        // The per-image budget counts all layers together: the first layer is fine, the
+        // second goes over.
         let mut arena = Arena::new();
-        let a = blob_raw(&arena.blobs, &bytes, c, Sha256Digest::of_bytes(b"unknown"));
+        let (bytes, diff_id) = bomb(c, 48 << 20);
+        let a = blob_raw(&arena.blobs, &bytes, c, diff_id);
         let limits = Limits {
-            max_image_bytes: 300 << 20,
+            max_image_bytes: 64 << 20,
             ..Limits::default()
         };
         let msg = refused_with(&mut arena, &[a.clone(), a], &limits);
@@ -651,6 +665,16 @@ fn digests_are_parsed_before_any_use_and_never_name_files() {
     layer.diff_id = Sha256Digest::of_bytes(b"something else");
     let msg = refused(&mut arena, &[layer]);
     assert!(msg.contains("diff_id"), "{msg}");
+    // A blob missing from the cache says how to get it back.
+    let mut arena = Arena::new();
+    let mut layer = blob(&arena.blobs, &tar, Compression::Gzip);
+    std::fs::remove_file(&layer.path).unwrap();
+    layer.path = arena.blobs.join("gone");
+    let msg = refused(&mut arena, &[layer]);
+    assert!(
+        msg.contains("cannot open layer blob") && msg.contains("run `banger image pull` again"),
+        "{msg}"
+    );
 }
 
 // ---- Behaviour a user sees. ----
@@ -742,9 +766,35 @@ fn xattrs_are_stored_and_oversized_ones_refused() {
     let layers = one_layer(&arena, &tar);
     let msg = refused(&mut arena, &layers);
     assert!(
-        msg.contains("`user.big` of `/f` has a 5000-byte value"),
+        msg.contains("entry `f` (header at byte 5632) has an extended attribute `user.big` with a 5000-byte value; ext4 stores at most 4096"),
         "{msg}"
     );
+    // Values that fit one by one but not together in ext4's block: refused at the entry, or at
+    // the hardlink that would add them to the same inode.
+    let half = vec![b'v'; 2020];
+    for tar in [
+        Tarball::default()
+            .pax(&[
+                ("SCHILY.xattr.user.a", &half),
+                ("SCHILY.xattr.user.b", &half),
+            ])
+            .file("f", b"")
+            .finish(),
+        Tarball::default()
+            .pax(&[("SCHILY.xattr.user.a", &half)])
+            .file("f", b"")
+            .pax(&[("SCHILY.xattr.user.b", &half)])
+            .hardlink("g", "f", 0o644)
+            .finish(),
+    ] {
+        let mut arena = Arena::new();
+        let layers = one_layer(&arena, &tar);
+        let msg = refused(&mut arena, &layers);
+        assert!(
+            msg.contains("need 4088 bytes") && msg.contains("4096-byte block, which holds 4060"),
+            "{msg}"
+        );
+    }
 }
 
 #[test]
@@ -1124,4 +1174,145 @@ fn an_image_without_layers_is_an_empty_root() {
     let mut arena = Arena::new();
     let img = ok(&mut arena, &[]);
     assert!(img.is_empty(), "{img:?}");
+}
+
+// ---- Memory: the flattening process's peak RSS, measured alone in a child process. ----
+
+/// Set in the child process: which layers to flatten (one `PATH DIGEST DIFF_ID` line each).
+const RSS_CHILD_LAYERS: &str = "BANGER_FLATTEN_RSS_LAYERS";
+const RSS_TEST: &str = "peak_memory_stays_under_256_mib_for_a_large_image_and_hostile_xattrs";
+
+/// This process's peak resident memory (VmHWM), in KiB.
+fn peak_rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// The child's side: flatten the layers it was given, print the peak RSS and the outcome.
+fn rss_child(spec: &str) {
+    let layers: Vec<LayerInput> = spec
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            LayerInput {
+                path: f[0].into(),
+                compression: Compression::Gzip,
+                digest: f[1].parse().unwrap(),
+                diff_id: f[2].parse().unwrap(),
+            }
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let start = Instant::now();
+    let result = flatten_to_ext4(
+        &layers,
+        &dir.path().join("root.ext4"),
+        &Limits::default(),
+        &dir.path().join("staging"),
+        &banger_image::NoProgress,
+    );
+    let outcome = match result {
+        Ok(s) => format!("ok entries={}", s.entries),
+        Err(e) => format!("err={}", chain(&e).replace('\n', " ")),
+    };
+    println!(
+        "RSS-RESULT hwm_kib={} secs={:.1} {outcome}",
+        peak_rss_kib(),
+        start.elapsed().as_secs_f64()
+    );
+}
+
+/// Flattens `layers` in a child process running only this test (peak RSS is per process, and
+/// the other tests of this binary share this one): (peak RSS in MiB, Ok or the error chain).
+fn flatten_alone(layers: &[LayerInput]) -> (u64, Result<(), String>) {
+    let spec: Vec<String> = layers
+        .iter()
+        .map(|l| format!("{} {} {}", l.path.display(), l.digest, l.diff_id))
+        .collect();
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", RSS_TEST, "--nocapture", "--test-threads=1"])
+        .env(RSS_CHILD_LAYERS, spec.join("\n"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        // libtest prints the test's name on the same line first.
+        .find_map(|l| l.split_once("RSS-RESULT ").map(|(_, r)| r))
+        .unwrap_or_else(|| {
+            panic!(
+                "the child printed no result: {stdout}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    eprintln!("child: {line}");
+    let (hwm, rest) = line.split_once(' ').unwrap();
+    let hwm: u64 = hwm.strip_prefix("hwm_kib=").unwrap().parse().unwrap();
+    let (_, outcome) = rest.split_once(' ').unwrap();
+    let result = match outcome.strip_prefix("err=") {
+        Some(e) => Err(e.to_string()),
+        None => Ok(()),
+    };
+    (hwm >> 10, result)
+}
+
+#[test]
+fn peak_memory_stays_under_256_mib_for_a_large_image_and_hostile_xattrs() {
+    if let Ok(spec) = std::env::var(RSS_CHILD_LAYERS) {
+        return rss_child(&spec);
+    }
+    require_e2fsprogs();
+    let dir = tempfile::tempdir().unwrap();
+
+    // The reviewer's scenario, scaled down: 400 entries, each with a 1 MiB PAX header of sixteen
+    // 60 KiB values (about 400 MiB held if they were kept).
+    let mut w = LayerWriter::create(&dir.path().join("big-values"));
+    let value = vec![b'v'; 60 << 10];
+    let names: Vec<String> = (0..16).map(|i| format!("SCHILY.xattr.user.{i}")).collect();
+    let records: Vec<(&str, &[u8])> = names.iter().map(|n| (n.as_str(), &value[..])).collect();
+    for i in 0..400 {
+        w.pax(&records).file(&format!("f{i}"), b"");
+    }
+    let (mib, result) = flatten_alone(&[w.finish()]);
+    let err = result.expect_err("60 KiB xattr values were accepted");
+    assert!(err.contains("entry `f0`") && err.contains("4096"), "{err}");
+    assert!(mib < 256, "peak RSS {mib} MiB with 60 KiB xattr values");
+
+    // Values ext4 can store, on 70,000 entries: about 270 MiB of metadata, above the budget.
+    let mut w = LayerWriter::create(&dir.path().join("many-values"));
+    let mut value = vec![b'v'; 3900];
+    for i in 0..70_000u32 {
+        value[..4].copy_from_slice(&i.to_le_bytes());
+        w.pax(&[("SCHILY.xattr.user.x", &value)])
+            .file(&format!("d{}/f{i}", i % 100), b"");
+    }
+    let (mib, result) = flatten_alone(&[w.finish()]);
+    let err = result.expect_err("270 MiB of xattrs were accepted");
+    assert!(err.contains("metadata"), "{err}");
+    assert!(mib < 256, "peak RSS {mib} MiB with 270 MiB of xattrs");
+
+    // A large ordinary image: 100,000 entries in two layers.
+    let mut w = LayerWriter::create(&dir.path().join("large-base"));
+    for d in 0..1000 {
+        w.dir(&format!("usr/share/d{d}"));
+        for f in 0..95 {
+            let name = format!("usr/share/d{d}/file-{f}.txt");
+            if f == 94 {
+                w.symlink(&name, "file-0.txt");
+            } else {
+                w.file(&name, format!("{d}/{f}\n").as_bytes());
+            }
+        }
+    }
+    let base = w.finish();
+    let mut w = LayerWriter::create(&dir.path().join("large-upper"));
+    for d in 0..1000 {
+        for f in 0..4 {
+            w.file(&format!("usr/share/d{d}/new-{f}"), b"new\n");
+        }
+    }
+    let (mib, result) = flatten_alone(&[base, w.finish()]);
+    result.unwrap();
+    assert!(mib < 256, "peak RSS {mib} MiB for 100,000 entries");
 }

@@ -17,27 +17,40 @@
 //! - Names are passed as bare names in the current directory to `mkdir`, `write`, `symlink` and
 //!   `mknod` (which take them literally), and as `./NAME` where debugfs resolves a path
 //!   (`sif`, `ea_set`, `ln`, `cd`): that keeps `<12>` from meaning inode 12 and `-x` from being
-//!   read as an option by `ea_set`'s getopt.
+//!   read as an option by `ea_set`'s getopt. `ea_set`'s last argument, the attribute name, is
+//!   the one taken bare: getopt permutes, so a name starting with `-` would be read as an
+//!   option. Names come only from the namespaces the tar boundary keeps (`user.`, `trusted.`,
+//!   `security.`, `system.posix_acl_*`), and the writer refuses a `-` anyway.
 //! - The only host paths in the script are files of the staging directory: the staged contents
 //!   (`write`) and xattr values (`ea_set -f`).
 //! - `write` gives the new inode the host file's permission bits (staged files are 0600) and uid
 //!   and gid 0; `mknod` gives permissions 0. `sif` fixes mode, uid and gid where they differ.
 //! - Times come from `set_current_time`, which `mkdir`, `write`, `symlink` and `mknod` use for
 //!   atime, ctime and mtime (adding entries does not touch a directory's times). It is emitted
-//!   only when the time changes. Time 0 cannot be set that way (0 means "now"), but 2^32 is
-//!   truncated to 0 in the 32-bit inode field; times from 2^31 on need the epoch bits only `sif`
-//!   sets. The current time is reset to now at the end, so the superblock is not in the future.
+//!   only when the time changes, and only for times in `1..2^31`, which every e2fsprogs stores
+//!   as given. Time 0 means "now" to `set_current_time`, and from e2fsprogs 1.47.1 on a new
+//!   inode's times are clamped to `i32` (`ext2fs_inode_xtime_set`), so neither 0 (through 2^32
+//!   truncating, which 1.47.0 did) nor times from 2^31 on can be made that way: those inodes
+//!   get `sif mtime|atime|ctime @T`, which writes the low 32 bits and the epoch bits as given
+//!   (`parse_time` in 1.47.0, `parse_ino_time` in 1.47.1 and later). The current time is reset
+//!   to now at the end, so the superblock is not in the future.
 //! - Hard links: the first name written is the inode; the others are `ln` of its absolute path,
 //!   and `sif links_count` sets the count (`ln` does not). Entries are grouped per directory: one
 //!   `cd ./NAME` in and one `cd ..` out.
 //! - debugfs carries on after a failed command and exits 0, so its output is read: stdout may only
-//!   hold the echoed commands and known progress lines, stderr only the version banner.
+//!   hold the echoed commands and known progress lines, stderr only the version banner. What
+//!   else it printed goes into the error with control characters escaped (it may quote names
+//!   from the image).
+//! - Memory: what the writer keeps besides the tree is bounded by the tree's size, never by
+//!   path lengths: directories still to enter and inodes with several names are kept as (node,
+//!   name) pairs, and a path is spelled out only for the directory being written and for each
+//!   `ln` (from each directory's parent, recorded as it is entered).
 //! - xattr values are staged in files because `ea_set` has no quoting for binary values; it
 //!   reads at most one block (4096 bytes) from the file, so longer values are refused.
 
 use super::flatten::{Limits, Staging};
-use super::tar::{show, Device, Xattr};
-use super::tree::{Dir, InodeId, InodeKind, NodeId, NodeRef, Tree};
+use super::tar::{show, Device, Name, Xattr};
+use super::tree::{Dir, InodeId, InodeKind, NodeId, NodeRef, Tree, ROOT};
 use crate::ext4::size_for_tree;
 use crate::hosttools::{require_tool, MissingTool};
 use crate::progress::Progress;
@@ -61,6 +74,12 @@ const MAX_PROBLEMS: usize = 20;
 const BLOCK: u64 = 4096;
 /// Times from here on need the ext4 epoch bits, which only `sif` sets.
 const TIME_32: i64 = 1 << 31;
+
+/// Whether time `t` must be set with `sif` (see the module header): `set_current_time` takes 0
+/// as "now", and e2fsprogs 1.47.1 and later clamp what it sets to `i32`.
+fn needs_sif(t: i64) -> bool {
+    t == 0 || t >= TIME_32
+}
 
 const S_IFDIR: u32 = 0o040_000;
 const S_IFREG: u32 = 0o100_000;
@@ -90,6 +109,8 @@ pub enum Ext4BuildError {
         name: String,
         len: usize,
     },
+    #[error("extended attribute `{name}` of `{path}` starts with `-`, which debugfs's `ea_set` would read as an option")]
+    BadXattrName { path: String, name: String },
     #[error("mkfs.ext4 of {image} failed ({status}): {output}")]
     Mkfs {
         image: PathBuf,
@@ -142,7 +163,7 @@ fn dot_slash(name: &[u8]) -> Vec<u8> {
 }
 
 /// Writes the debugfs script.
-struct Script<'a> {
+struct Script<'a, 't> {
     out: BufWriter<File>,
     lines: u64,
     /// The time `set_current_time` last set (`None`: the real time).
@@ -150,12 +171,29 @@ struct Script<'a> {
     staging: &'a Staging,
     empty_file: Option<Vec<u8>>,
     xattr_files: HashMap<Box<[u8]>, Vec<u8>>,
-    /// Absolute paths of inodes with several names, once written.
-    written: HashMap<InodeId, Vec<u8>>,
+    /// Inodes with several names, once written: the directory and name of the first.
+    written: HashMap<InodeId, (NodeId, &'t Name)>,
+    /// Parent and name of every directory, recorded as its parent is written (for `ln`).
+    parents: HashMap<NodeId, (NodeId, &'t Name)>,
     notices: Vec<String>,
 }
 
-impl Script<'_> {
+impl<'t> Script<'_, 't> {
+    /// The absolute path of `dir/name`, from the recorded parents.
+    fn path_of(&self, mut dir: NodeId, name: &Name) -> Vec<u8> {
+        let mut names = vec![name];
+        while let Some(&(parent, n)) = self.parents.get(&dir) {
+            names.push(n);
+            dir = parent;
+        }
+        let mut out = Vec::new();
+        for n in names.iter().rev() {
+            out.push(b'/');
+            out.extend_from_slice(n.as_bytes());
+        }
+        out
+    }
+
     /// One command; `path` names the entry in an error.
     fn line(&mut self, args: &[&[u8]], path: &[u8]) -> Result<(), Ext4BuildError> {
         let len = args.iter().map(|a| a.len() + 1).sum::<usize>() - 1;
@@ -179,14 +217,12 @@ impl Script<'_> {
         Ok(())
     }
 
-    /// Makes the next created inode get time `t` (when `set_current_time` can express it).
+    /// Makes the next created inode get time `t`, unless only `sif` can set it.
     fn time(&mut self, t: i64) -> Result<(), Ext4BuildError> {
-        if t >= TIME_32 || self.now == Some(t) {
+        if needs_sif(t) || self.now == Some(t) {
             return Ok(());
         }
-        // 0 would mean "the real time"; 2^32 truncates to 0 in the inode's 32-bit field.
-        let arg = if t == 0 { 1i64 << 32 } else { t };
-        self.line(&[b"set_current_time", format!("@{arg}").as_bytes()], b"")?;
+        self.line(&[b"set_current_time", format!("@{t}").as_bytes()], b"")?;
         self.now = Some(t);
         Ok(())
     }
@@ -223,7 +259,7 @@ impl Script<'_> {
         if meta.gid != 0 {
             self.sif(target, "gid", &meta.gid.to_string(), path)?;
         }
-        if meta.mtime >= TIME_32 {
+        if needs_sif(meta.mtime) {
             let t = format!("@{}", meta.mtime);
             for field in ["mtime", "atime", "ctime"] {
                 self.sif(target, field, &t, path)?;
@@ -236,6 +272,15 @@ impl Script<'_> {
     }
 
     fn xattr(&mut self, target: &[u8], x: &Xattr, path: &[u8]) -> Result<(), Ext4BuildError> {
+        // The name is `ea_set`'s only bare argument, and its getopt permutes: a leading `-`
+        // would be taken as an option. The tar boundary keeps only names in namespaces that
+        // cannot start with one; this keeps the script safe whatever changes there.
+        if x.name.starts_with(b"-") {
+            return Err(Ext4BuildError::BadXattrName {
+                path: show(path),
+                name: show(&x.name),
+            });
+        }
         if x.value.len() > MAX_XATTR_VALUE {
             return Err(Ext4BuildError::XattrTooLarge {
                 path: show(path),
@@ -277,13 +322,14 @@ impl Script<'_> {
     /// to enter next, last first.
     fn dir_contents(
         &mut self,
-        tree: &Tree,
-        dir: &Dir,
+        tree: &'t Tree,
+        dir_id: NodeId,
+        dir: &'t Dir,
         dir_path: &[u8],
-    ) -> Result<Vec<(Vec<u8>, NodeId)>, Ext4BuildError> {
+    ) -> Result<Vec<(NodeId, &'t Name)>, Ext4BuildError> {
         let mut subdirs = Vec::new();
-        for (name, &child) in &dir.children {
-            let name = name.as_bytes();
+        for (entry, &child) in &dir.children {
+            let name = entry.as_bytes();
             let path = [dir_path, b"/", name].concat();
             let at_root = dir_path.is_empty();
             match tree.node(child) {
@@ -307,7 +353,8 @@ impl Script<'_> {
                         &d.xattrs,
                         &path,
                     )?;
-                    subdirs.push((path, child));
+                    self.parents.insert(child, (dir_id, entry));
+                    subdirs.push((child, entry));
                 }
                 Some(NodeRef::Leaf(ino, inode)) => {
                     if at_root && name == b"lost+found" {
@@ -316,8 +363,8 @@ impl Script<'_> {
                         );
                         continue;
                     }
-                    if let Some(primary) = self.written.get(&ino) {
-                        let primary = quote(primary);
+                    if let Some(&(primary_dir, primary_name)) = self.written.get(&ino) {
+                        let primary = quote(&self.path_of(primary_dir, primary_name));
                         self.line(&[b"ln", &primary, &dot_slash(name)], &path)?;
                         continue;
                     }
@@ -365,7 +412,7 @@ impl Script<'_> {
                     self.finish_inode(&target, full_mode, default_mode, m, &inode.xattrs, &path)?;
                     if inode.links > 1 {
                         self.sif(&target, "links_count", &inode.links.to_string(), &path)?;
-                        self.written.insert(ino, path);
+                        self.written.insert(ino, (dir_id, entry));
                     }
                 }
                 None => {}
@@ -399,13 +446,17 @@ impl Script<'_> {
         )
     }
 
-    /// Times of an inode that already exists (the root, lost+found).
+    /// Times of an inode that already exists (the root, lost+found), unless `finish_inode`
+    /// sets them.
     fn root_like_times(
         &mut self,
         target: &[u8],
         mtime: i64,
         path: &[u8],
     ) -> Result<(), Ext4BuildError> {
+        if needs_sif(mtime) {
+            return Ok(());
+        }
         let t = format!("@{mtime}");
         for field in ["mtime", "atime", "ctime"] {
             self.sif(target, field, &t, path)?;
@@ -525,6 +576,7 @@ fn write_script(
         empty_file: None,
         xattr_files: HashMap::new(),
         written: HashMap::new(),
+        parents: HashMap::new(),
         notices: Vec::new(),
     };
     // The root exists already: only its metadata.
@@ -540,24 +592,24 @@ fn write_script(
         b"/",
     )?;
     s.line(&[b"cd", &slash], b"/")?;
-    struct Frame {
+    struct Frame<'t> {
         path: Vec<u8>,
-        subdirs: Vec<(Vec<u8>, NodeId)>,
+        subdirs: Vec<(NodeId, &'t Name)>,
     }
-    let first = s.dir_contents(tree, root, b"")?;
+    let first = s.dir_contents(tree, ROOT, root, b"")?;
     let mut stack = vec![Frame {
         path: Vec::new(),
         subdirs: first,
     }];
     while let Some(top) = stack.last_mut() {
         match top.subdirs.pop() {
-            Some((path, id)) => {
-                let name = path.rsplit(|&b| b == b'/').next().unwrap_or(&path).to_vec();
-                s.line(&[b"cd", &dot_slash(&name)], &path)?;
+            Some((id, name)) => {
                 let Some(NodeRef::Dir(d)) = tree.node(id) else {
                     continue;
                 };
-                let subdirs = s.dir_contents(tree, d, &path)?;
+                let path = [top.path.as_slice(), b"/", name.as_bytes()].concat();
+                s.line(&[b"cd", &dot_slash(name.as_bytes())], &path)?;
+                let subdirs = s.dir_contents(tree, id, d, &path)?;
                 stack.push(Frame { path, subdirs });
             }
             None => {
@@ -616,6 +668,36 @@ fn expected_stdout(line: &[u8]) -> bool {
         || line.starts_with(b"Setting current time to ")
 }
 
+/// Reads what debugfs printed: how many commands it echoed, and every other line (at most
+/// [`MAX_PROBLEMS`] from each stream), escaped: it may quote names from the image, which can
+/// hold terminal escape sequences.
+fn read_outputs(stdout: impl BufRead, stderr: &[u8]) -> io::Result<(u64, Vec<String>)> {
+    let mut problems = Vec::new();
+    let mut done = 0u64;
+    for line in stdout.split(b'\n') {
+        let line = line?;
+        if line.starts_with(b"debugfs: ") {
+            done += 1;
+        } else if !expected_stdout(&line) && problems.len() < MAX_PROBLEMS {
+            problems.push(show(&line));
+        }
+    }
+    let mut lines = stderr.split(|&b| b == b'\n');
+    // The first line is the version banner.
+    if let Some(first) = lines.next() {
+        if !first.starts_with(b"debugfs ") && !first.trim_ascii().is_empty() {
+            problems.push(show(first));
+        }
+    }
+    problems.extend(
+        lines
+            .filter(|l| !l.trim_ascii().is_empty())
+            .take(MAX_PROBLEMS)
+            .map(show),
+    );
+    Ok((done, problems))
+}
+
 fn run_debugfs(
     debugfs: &Path,
     script: &Path,
@@ -670,36 +752,14 @@ fn run_debugfs(
     };
     progress.bytes(expected, Some(expected));
 
-    let mut problems = Vec::new();
-    let mut done = 0u64;
-    let stdout =
-        File::open(&stdout_path).map_err(Ext4BuildError::io("cannot read debugfs's output"))?;
-    for line in BufReader::with_capacity(1 << 16, stdout).split(b'\n') {
-        let line = line.map_err(Ext4BuildError::io("cannot read debugfs's output"))?;
-        if line.starts_with(b"debugfs: ") {
-            done += 1;
-        } else if !expected_stdout(&line) && problems.len() < MAX_PROBLEMS {
-            problems.push(String::from_utf8_lossy(&line).into_owned());
-        }
-    }
     let mut stderr = Vec::new();
     File::open(staging.path(stderr_id))
         .and_then(|f| f.take(1 << 20).read_to_end(&mut stderr))
         .map_err(Ext4BuildError::io("cannot read debugfs's stderr file"))?;
-    let stderr = String::from_utf8_lossy(&stderr);
-    let mut lines = stderr.lines();
-    // The first line is the version banner.
-    if let Some(first) = lines.next() {
-        if !first.starts_with("debugfs ") && !first.trim().is_empty() {
-            problems.push(first.to_string());
-        }
-    }
-    problems.extend(
-        lines
-            .filter(|l| !l.trim().is_empty())
-            .take(MAX_PROBLEMS)
-            .map(str::to_string),
-    );
+    let stdout =
+        File::open(&stdout_path).map_err(Ext4BuildError::io("cannot read debugfs's output"))?;
+    let (done, mut problems) = read_outputs(BufReader::with_capacity(1 << 16, stdout), &stderr)
+        .map_err(Ext4BuildError::io("cannot read debugfs's output"))?;
     if !status.success() || !problems.is_empty() || done != commands {
         if done != commands && problems.is_empty() {
             problems.push(format!("debugfs ran {done} of {commands} commands"));
@@ -711,4 +771,178 @@ fn run_debugfs(
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::oci::flatten::Limits;
+    use crate::oci::tar::{normalise, Content, Entry, EntryKind, ImagePath, Meta};
+
+    fn p(s: &str) -> ImagePath {
+        normalise(s.as_bytes(), &Limits::default()).unwrap()
+    }
+
+    fn entry(path: &str, kind: EntryKind, mtime: i64) -> Entry {
+        Entry {
+            path: p(path),
+            kind,
+            meta: Meta {
+                mode: 0o755,
+                uid: 0,
+                gid: 0,
+                mtime,
+            },
+            xattrs: vec![],
+        }
+    }
+
+    /// The script for `tree`, as text.
+    fn script(tree: &Tree) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let staging = Staging::open(&dir.path().join("staging")).unwrap();
+        let (id, file) = staging.create().unwrap();
+        write_script(tree, &staging, file).unwrap();
+        String::from_utf8(std::fs::read(staging.path(id)).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn times_never_depend_on_how_e2fsprogs_stores_what_set_current_time_sets() {
+        let mut tree = Tree::new(&Limits::default());
+        for (name, t) in [
+            ("zero", 0),
+            ("one", 1),
+            ("y2038", 1 << 31),
+            ("now", 1_700_000_000),
+        ] {
+            tree.apply(0, entry(name, EntryKind::File(Content::Empty), t))
+                .unwrap();
+            tree.apply(0, entry(&format!("{name}.d"), EntryKind::Dir, t))
+                .unwrap();
+        }
+        let text = script(&tree);
+        // `set_current_time` only with times every e2fsprogs stores as given (0 means "now";
+        // 1.47.1 and later clamp to i32, 1.47.0 truncated 2^32 to 0).
+        for line in text.lines().filter(|l| l.starts_with("set_current_time")) {
+            let arg = line.split(' ').nth(1).unwrap();
+            if arg != "now" {
+                let t: i64 = arg.strip_prefix('@').unwrap().parse().unwrap();
+                assert!((1..1 << 31).contains(&t), "{line}");
+            }
+        }
+        for name in ["zero", "zero.d"] {
+            for field in ["mtime", "atime", "ctime"] {
+                let want = format!("sif \"./{name}\" {field} @0");
+                assert!(text.lines().any(|l| l == want), "no `{want}` in\n{text}");
+            }
+        }
+        assert!(text.contains("sif \"./y2038\" mtime @2147483648"), "{text}");
+        assert!(!text.contains("sif \"./one\" mtime"), "{text}");
+        // The root is set once.
+        assert_eq!(text.matches("sif \"/\" mtime").count(), 1, "{text}");
+    }
+
+    #[test]
+    fn an_xattr_name_starting_with_a_dash_is_never_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let staging = Staging::open(&dir.path().join("staging")).unwrap();
+        let (_, file) = staging.create().unwrap();
+        let mut s = Script {
+            out: BufWriter::new(file),
+            lines: 0,
+            now: None,
+            staging: &staging,
+            empty_file: None,
+            xattr_files: HashMap::new(),
+            written: HashMap::new(),
+            parents: HashMap::new(),
+            notices: Vec::new(),
+        };
+        let x = Xattr {
+            name: b"-f/etc/shadow"[..].into(),
+            value: b"v"[..].into(),
+        };
+        let err = s.xattr(b"\"./f\"", &x, b"/f").unwrap_err();
+        assert!(matches!(err, Ext4BuildError::BadXattrName { .. }), "{err}");
+        assert_eq!(s.lines, 0);
+    }
+
+    #[test]
+    fn debugfs_output_in_errors_has_control_characters_escaped() {
+        let stdout = b"debugfs: mkdir \"x\"\n\x1b]0;owned\x07mkdir: Could not allocate\n";
+        let stderr = b"debugfs 1.47.0 (5-Feb-2023)\n\"./\x1b[2Jname\": File not found\n";
+        let (done, problems) = read_outputs(&stdout[..], stderr).unwrap();
+        assert_eq!(done, 1);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        for p in &problems {
+            assert!(!p.chars().any(char::is_control), "{p:?}");
+        }
+        assert!(problems[0].contains("\\u{1b}]0;owned\\u{7}mkdir: Could not allocate"));
+        assert!(problems[1].contains("\\u{1b}[2Jname"), "{problems:?}");
+    }
+
+    /// Set in the child process of the memory test.
+    const MEMORY_CHILD: &str = "BANGER_EXT4_MEMORY_CHILD";
+
+    /// (current, peak) resident memory of this process, in KiB.
+    fn rss_kib() -> (u64, u64) {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let field = |name: &str| -> u64 {
+            let line = status.lines().find(|l| l.starts_with(name)).unwrap();
+            line.split_whitespace().nth(1).unwrap().parse().unwrap()
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+
+    #[test]
+    fn the_script_writer_keeps_no_path_per_directory_or_hardlink() {
+        let name = "oci::ext4::tests::the_script_writer_keeps_no_path_per_directory_or_hardlink";
+        if std::env::var_os(MEMORY_CHILD).is_none() {
+            // Peak memory is per process, and the other tests share this one: run alone.
+            let out = Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", name, "--nocapture", "--test-threads=1"])
+                .env(MEMORY_CHILD, "1")
+                .output()
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let extra: u64 = stdout
+                .split_once("SCRIPT-EXTRA-KIB ")
+                .and_then(|(_, r)| r.split_whitespace().next())
+                .unwrap_or_else(|| panic!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr)))
+                .parse()
+                .unwrap();
+            eprintln!("the script writer's peak: {} MiB", extra >> 10);
+            assert!(extra < 32 << 10, "the script writer held {extra} KiB");
+            return;
+        }
+        // A directory 3,765 bytes deep, reached through a short symlink, with 20,000
+        // subdirectories and 20,000 files, each also hardlinked from a later directory: keeping a path
+        // per directory still to enter and per hardlinked inode would hold about 150 MB.
+        const N: u64 = 20_000;
+        let deep = vec!["x".repeat(250); 15].join("/");
+        let mut tree = Tree::new(&Limits::default());
+        let link = EntryKind::Symlink(format!("/{deep}").into_bytes().into());
+        tree.apply(0, entry("l", link, 1)).unwrap();
+        for i in 0..N {
+            tree.apply(0, entry(&format!("l/d{i}"), EntryKind::Dir, 1))
+                .unwrap();
+            let file = EntryKind::File(Content::Empty);
+            tree.apply(0, entry(&format!("l/f{i}"), file, 1)).unwrap();
+            let hard = EntryKind::Hardlink(p(&format!("l/f{i}")));
+            tree.apply(0, entry(&format!("z/{i}"), hard, 1)).unwrap();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let staging = Staging::open(&dir.path().join("staging")).unwrap();
+        let (id, file) = staging.create().unwrap();
+        let (before, _) = rss_kib();
+        write_script(&tree, &staging, file).unwrap();
+        let (_, peak) = rss_kib();
+        let text = std::fs::read(staging.path(id)).unwrap();
+        let lns = text
+            .split(|&b| b == b'\n')
+            .filter(|l| l.starts_with(b"ln "))
+            .count();
+        assert_eq!(lns as u64, N);
+        println!("SCRIPT-EXTRA-KIB {}", peak.saturating_sub(before));
+    }
 }

@@ -1,42 +1,54 @@
 //! The flattening driver: verified layer blobs, in order -> one ext4 root file system.
 //!
-//! Owns the pipeline and its resources: the private staging directory; reading up to two layers
-//! at a time, each on two threads (one decompresses and hashes in `oci::layer`, the other parses
-//! in `oci::tar` and streams regular-file bytes into staging); merging them in layer order
-//! (`oci::tree`) as soon as each verified, deleting staged bytes the merge hides; and writing the
-//! image (`oci::ext4`). Blocking: the daemon calls it on a blocking thread. Memory holds metadata
-//! only (entries and the tree; about 25 MB for 34,000 entries), never file content.
+//! Owns the pipeline and its resources: the private staging directory; reading the layers in
+//! order, each on two threads (one decompresses and hashes in `oci::layer`, the other parses in
+//! `oci::tar`, streams regular-file bytes into staging and merges each entry into the tree,
+//! `oci::tree`, as it comes, deleting staged bytes the merge hides); and writing the image
+//! (`oci::ext4`). Blocking: the daemon calls it on a blocking thread.
+//!
+//! # Memory
+//! Memory holds metadata only, never file content: the merged tree, one entry at a time, and
+//! fixed buffers (a few 256 KiB chunks between a layer's threads, a zstd window of at most
+//! 128 MiB). Entries are merged as they stream rather than collected per layer, and every
+//! entry's path, link target and extended attributes, plus a fixed cost per entry, count
+//! against [`Limits::max_metadata`] (192 MiB by default; a 100,000-file image uses about 20 MB
+//! of it), so what a layer can make the daemon hold is bounded whatever its headers say.
 //!
 //! # Staging
 //! Regular-file content goes to `STAGING/<n>`: a flat directory this function creates (0700) or
 //! takes over empty, holding numbered files created with `O_CREAT|O_EXCL|O_NOFOLLOW`, mode 0600,
 //! by the caller's user. No name, path, mode, owner or type from a layer is ever used on the host,
 //! nothing is created outside that directory, and nothing is followed out of it. The directory is
-//! removed at the end, on success and on failure. A layer's entries are used only after both of
-//! its digests verified, and any failure removes the half-written output.
+//! removed at the end, on success and on failure.
+//!
+//! # Verification
+//! Blobs in the cache were verified when they were downloaded, and both digests are checked
+//! again here while the layer streams. Its entries go into the in-memory tree as they are
+//! parsed; if a digest then fails, the tree is thrown away with the error: nothing of a layer
+//! reaches the output before both its digests verified, and any failure removes the
+//! half-written output.
 
 use super::ext4::{self, Ext4BuildError};
 use super::layer::{Budget, Compression, LayerError, LayerStream};
-use super::tar::{Content, Entry, Stager, TarError, TarReader};
+use super::tar::{Content, ImageCounts, Stager, TarError, TarErrorKind, TarReader};
 use super::tree::{Tree, TreeError};
 use crate::digest::Sha256Digest;
 use crate::ext4::MiB;
 use crate::progress::Progress;
-use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-/// Threads reading layers (the machines banger targets have few cores).
-const WORKERS: usize = 2;
 const COPY_BUF: usize = 256 << 10;
 /// Uncompressed bytes per chunk handed between a layer's two threads, and chunks in flight.
 const CHUNK: usize = 256 << 10;
 const CHUNKS_IN_FLIGHT: usize = 4;
+/// How often the bytes read are reported.
+const PROGRESS_EVERY: Duration = Duration::from_millis(200);
 
 /// One layer blob to apply, bottom layer first.
 #[derive(Debug, Clone)]
@@ -65,10 +77,14 @@ pub struct Limits {
     pub max_name: usize,
     /// Bytes of a symlink target (what ext4 stores).
     pub max_link: usize,
-    /// Extended attributes per entry.
+    /// Extended attributes per entry (all of them must also fit ext4's one 4 KiB block).
     pub max_xattrs: usize,
-    /// Bytes of one extended attribute value (ext4 itself stores at most 4096).
+    /// Bytes of one extended attribute value (ext4 stores at most 4096).
     pub max_xattr_value: usize,
+    /// Bytes of paths, link targets and extended attributes over all entries of all layers,
+    /// plus `oci::tar::ENTRY_MEMORY` per entry: bounds the memory the merge holds (see the
+    /// module header).
+    pub max_metadata: u64,
     /// Bytes of one PAX or GNU long-name extension header.
     pub max_extension: u64,
     /// Entries of one directory: ext4 keeps at most 65000 subdirectories, and writing a
@@ -88,7 +104,8 @@ impl Default for Limits {
             max_name: 255,
             max_link: 4095,
             max_xattrs: 64,
-            max_xattr_value: 64 << 10,
+            max_xattr_value: 4096,
+            max_metadata: 192 << 20,
             max_extension: 1 << 20,
             max_dir_entries: 65_000,
             ext4_headroom: MiB(1024),
@@ -125,21 +142,24 @@ pub enum FlattenError {
         #[source]
         source: Box<LayerError>,
     },
-    #[error("layer {index}/{count} (sha256:{digest}) was refused: {source}\nhint: the image contains an archive entry banger does not accept; rebuild the image with a standard tool (docker, buildah, umoci)")]
+    #[error(
+        "layer {index}/{count} (sha256:{digest}) was refused\nhint: {}",
+        tar_hint(source)
+    )]
     Tar {
         index: usize,
         count: usize,
         digest: Sha256Digest,
         source: Box<TarError>,
     },
-    #[error("layer {index}/{count} (sha256:{digest}) was refused: {source}\nhint: the image's layers do something banger does not accept; rebuild the image with a standard tool (docker, buildah, umoci)")]
+    #[error("layer {index}/{count} (sha256:{digest}) was refused\nhint: the image's layers do something banger does not accept; rebuild the image with a standard tool (docker, buildah, umoci)")]
     Tree {
         index: usize,
         count: usize,
         digest: Sha256Digest,
         source: Box<TreeError>,
     },
-    #[error("cannot build the root file system {out}")]
+    #[error("cannot build the root file system {out}{}", ext4_hint(source))]
     Ext4 {
         out: PathBuf,
         #[source]
@@ -149,6 +169,25 @@ pub enum FlattenError {
         "internal error while reading layer {index}/{count} (a bug in banger; please report it)"
     )]
     Panic { index: usize, count: usize },
+}
+
+fn tar_hint(e: &TarError) -> &'static str {
+    match e.kind {
+        TarErrorKind::MetadataTooLarge { .. } => "real images stay far below this (a 100,000-file image needs about 20 MB of it); the image is broken or built to exhaust memory: ask its publisher",
+        TarErrorKind::Read(_) | TarErrorKind::Stage(_) => "check the free space of the disk holding banger's state directory, then pull again",
+        _ => "the image contains an archive entry banger does not accept; rebuild the image with a standard tool (docker, buildah, umoci)",
+    }
+}
+
+/// The `hint:` line of an ext4 failure (none when the cause carries its own).
+fn ext4_hint(e: &Ext4BuildError) -> &'static str {
+    match e {
+        Ext4BuildError::MissingTool(_) => "",
+        Ext4BuildError::LineTooLong { .. } | Ext4BuildError::XattrTooLarge { .. } => {
+            "\nhint: the image has an entry ext4 (or debugfs) cannot hold; rebuild the image without it"
+        }
+        _ => "\nhint: check the free space of the disk holding banger's state directory and that e2fsprogs works (`debugfs -V`); if both are fine, please report this as a banger bug",
+    }
 }
 
 /// The private staging directory (see the module header).
@@ -236,15 +275,11 @@ impl Stager for StagingStager<'_> {
     }
 }
 
-/// A layer read, parsed and verified.
-struct Parsed {
-    entries: Vec<Entry>,
-    notices: Vec<String>,
-}
-
+/// Why a layer could not be applied.
 enum Failure {
     Layer(LayerError),
     Tar(TarError),
+    Tree(TreeError),
     Panic,
 }
 
@@ -280,18 +315,34 @@ impl Read for ChunkReader {
     }
 }
 
-/// Decompresses and hashes the layer on one thread while the tar is parsed and staged on this
-/// one (they cost about the same, and two cores are what banger expects).
-fn read_layer(
+/// What one layer's reading shares with the rest of the image.
+struct Shared<'a> {
+    limits: &'a Limits,
+    staging: &'a Staging,
+    budget: &'a Budget,
+    counts: &'a ImageCounts,
+    /// Compressed bytes read over all layers, and the total (for progress).
+    read_bytes: &'a AtomicU64,
+    total: u64,
+    progress: &'a dyn Progress,
+}
+
+/// Decompresses and hashes the layer on one thread while the tar is parsed, staged and merged
+/// into `tree` on this one (they cost about the same, and two cores are what banger expects).
+/// Returns the layer's notices once both its digests verified.
+fn apply_layer(
     layer: &LayerInput,
-    limits: &Limits,
-    staging: &Staging,
-    budget: &Budget,
-    entry_count: &AtomicU64,
-    read_bytes: &AtomicU64,
-) -> Result<Parsed, Failure> {
-    let mut stream = LayerStream::open(&layer.path, layer.compression, budget, read_bytes)
-        .map_err(Failure::Layer)?;
+    index: u32,
+    tree: &mut Tree,
+    shared: &Shared<'_>,
+) -> Result<Vec<String>, Failure> {
+    let mut stream = LayerStream::open(
+        &layer.path,
+        layer.compression,
+        shared.budget,
+        shared.read_bytes,
+    )
+    .map_err(Failure::Layer)?;
     // Bounded: at most CHUNKS_IN_FLIGHT chunks wait between the threads.
     let (tx, rx) = mpsc::sync_channel::<io::Result<Vec<u8>>>(CHUNKS_IN_FLIGHT);
     // Set once the parser has seen the end of the archive: the rest is still read and hashed.
@@ -299,6 +350,7 @@ fn read_layer(
     std::thread::scope(|s| {
         let producer = s.spawn(|| {
             let mut sending = true;
+            let mut reported = Instant::now();
             loop {
                 let mut chunk = vec![0u8; CHUNK];
                 let n = match stream.read(&mut chunk) {
@@ -320,6 +372,11 @@ fn read_layer(
                     }
                     sending = false;
                 }
+                if reported.elapsed() >= PROGRESS_EVERY {
+                    reported = Instant::now();
+                    let done = shared.read_bytes.load(Ordering::Relaxed);
+                    shared.progress.bytes(done, Some(shared.total));
+                }
                 if n == 0 {
                     break;
                 }
@@ -328,7 +385,7 @@ fn read_layer(
         });
 
         let mut stager = StagingStager {
-            staging,
+            staging: shared.staging,
             buf: vec![0u8; COPY_BUF],
         };
         let chunks = ChunkReader {
@@ -337,13 +394,19 @@ fn read_layer(
             pos: 0,
             done: false,
         };
-        let mut reader = TarReader::new(chunks, limits, entry_count);
-        let mut entries = Vec::new();
+        let mut reader = TarReader::new(chunks, shared.limits, shared.counts);
         let failed = loop {
             match reader.next_entry(&mut stager) {
-                Ok(Some(e)) => entries.push(e),
+                Ok(Some(e)) => {
+                    if let Err(e) = tree.apply(index, e) {
+                        break Some(Failure::Tree(e));
+                    }
+                    for id in tree.take_freed() {
+                        shared.staging.remove(id);
+                    }
+                }
                 Ok(None) => break None,
-                Err(e) => break Some(e),
+                Err(e) => break Some(Failure::Tar(e)),
             }
         };
         let notices = reader.take_notices();
@@ -351,37 +414,19 @@ fn read_layer(
             drain.store(true, Ordering::Release);
         }
         drop(reader);
-        let produced = producer.join().unwrap_or(Err(Some(LayerError::Cancelled)));
+        // A panic on the decompressing thread is a bug like one on this thread.
+        let Ok(produced) = producer.join() else {
+            return Err(Failure::Panic);
+        };
         match (produced, failed) {
             // A broken, oversized or mismatching stream explains more than the tar error.
             (Err(Some(e)), _) => Err(Failure::Layer(e)),
-            (Err(None), Some(tar)) | (Ok(_), Some(tar)) => Err(Failure::Tar(tar)),
-            (Err(None), None) => Err(Failure::Layer(LayerError::Cancelled)),
-            (Ok(_), None) => Ok(Parsed { entries, notices }),
+            (Err(None), Some(f)) | (Ok(_), Some(f)) => Err(f),
+            // The stream stops early only when the parser does, with its error.
+            (Err(None), None) => Err(Failure::Panic),
+            (Ok(_), None) => Ok(notices),
         }
     })
-}
-
-/// Applies one verified layer to the tree, deleting the staged bytes it hides.
-fn merge(
-    tree: &mut Tree,
-    index: usize,
-    parsed: Parsed,
-    staging: &Staging,
-    progress: &dyn Progress,
-    count: usize,
-) -> Result<(), TreeError> {
-    for n in parsed.notices {
-        progress.notice(&format!("layer {}/{count}: {n}", index + 1));
-    }
-    let layer = u32::try_from(index).unwrap_or(u32::MAX);
-    for e in parsed.entries {
-        tree.apply(layer, e)?;
-        for id in tree.take_freed() {
-            staging.remove(id);
-        }
-    }
-    Ok(())
 }
 
 /// Flattens `layers` (bottom first) into a new ext4 image at `out` (which must not exist),
@@ -416,110 +461,65 @@ fn run(
 ) -> Result<FlattenStats, FlattenError> {
     let count = layers.len();
     let budget = Budget::new(limits.max_layer_bytes, limits.max_image_bytes);
-    let entry_count = AtomicU64::new(0);
+    let counts = ImageCounts::default();
     let read_bytes = AtomicU64::new(0);
     let total: u64 = layers
         .iter()
         .filter_map(|l| std::fs::metadata(&l.path).ok())
         .map(|m| m.len())
         .sum();
-    let next = AtomicUsize::new(0);
+    let shared = Shared {
+        limits,
+        staging,
+        budget: &budget,
+        counts: &counts,
+        read_bytes: &read_bytes,
+        total,
+        progress,
+    };
     let mut tree = Tree::new(limits);
-    let mut error: Option<FlattenError> = None;
-    let mut merged = 0usize;
-
-    std::thread::scope(|s| {
-        let (tx, rx) = mpsc::channel();
-        for _ in 0..WORKERS.min(count) {
-            let tx = tx.clone();
-            let (budget, entry_count, read_bytes, next) =
-                (&budget, &entry_count, &read_bytes, &next);
-            s.spawn(move || loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= count {
-                    break;
+    for (i, layer) in layers.iter().enumerate() {
+        progress.phase(&format!("layer {}/{count}", i + 1));
+        let index = u32::try_from(i).unwrap_or(u32::MAX);
+        // A bug hit by a hostile layer must fail this image, not the daemon; the tree it may
+        // have left half-changed is dropped with the error.
+        let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            apply_layer(layer, index, &mut tree, &shared)
+        }))
+        .unwrap_or(Err(Failure::Panic));
+        let (index, digest) = (i + 1, layer.digest);
+        match applied {
+            Ok(notices) => {
+                for n in notices {
+                    progress.notice(&format!("layer {index}/{count}: {n}"));
                 }
-                progress.phase(&format!("layer {}/{count}", i + 1));
-                // A bug hit by a hostile layer must fail this image, not the daemon.
-                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    read_layer(&layers[i], limits, staging, budget, entry_count, read_bytes)
-                }))
-                .unwrap_or(Err(Failure::Panic));
-                let failed = r.is_err();
-                if tx.send((i, r)).is_err() || failed {
-                    break;
-                }
-            });
-        }
-        drop(tx);
-        let mut pending = BTreeMap::new();
-        loop {
-            match rx.recv_timeout(Duration::from_millis(200)) {
-                Ok((i, Ok(parsed))) => {
-                    pending.insert(i, parsed);
-                    while error.is_none() {
-                        let Some(parsed) = pending.remove(&merged) else {
-                            break;
-                        };
-                        if let Err(source) =
-                            merge(&mut tree, merged, parsed, staging, progress, count)
-                        {
-                            budget.cancel();
-                            error = Some(FlattenError::Tree {
-                                index: merged + 1,
-                                count,
-                                digest: layers[merged].digest,
-                                source: Box::new(source),
-                            });
-                        }
-                        merged += 1;
-                    }
-                }
-                Ok((i, Err(failure))) => {
-                    budget.cancel();
-                    let (index, digest) = (i + 1, layers[i].digest);
-                    let e = match failure {
-                        Failure::Layer(source) => FlattenError::Layer {
-                            index,
-                            count,
-                            digest,
-                            source: Box::new(source),
-                        },
-                        Failure::Tar(source) => FlattenError::Tar {
-                            index,
-                            count,
-                            digest,
-                            source: Box::new(source),
-                        },
-                        Failure::Panic => FlattenError::Panic { index, count },
-                    };
-                    // "Cancelled" only echoes another layer's failure.
-                    let echo = |e: &FlattenError| {
-                        matches!(
-                            e,
-                            FlattenError::Layer { source, .. } if matches!(**source, LayerError::Cancelled)
-                        )
-                    };
-                    match &error {
-                        Some(old) if !echo(old) || echo(&e) => {}
-                        _ => error = Some(e),
-                    }
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    progress.bytes(read_bytes.load(Ordering::Relaxed), Some(total));
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
             }
+            Err(Failure::Layer(source)) => {
+                return Err(FlattenError::Layer {
+                    index,
+                    count,
+                    digest,
+                    source: Box::new(source),
+                })
+            }
+            Err(Failure::Tar(source)) => {
+                return Err(FlattenError::Tar {
+                    index,
+                    count,
+                    digest,
+                    source: Box::new(source),
+                })
+            }
+            Err(Failure::Tree(source)) => {
+                return Err(FlattenError::Tree {
+                    index,
+                    count,
+                    digest,
+                    source: Box::new(source),
+                })
+            }
+            Err(Failure::Panic) => return Err(FlattenError::Panic { index, count }),
         }
-    });
-    if let Some(e) = error {
-        return Err(e);
-    }
-    if merged != count {
-        return Err(FlattenError::Panic {
-            index: merged + 1,
-            count,
-        });
     }
     progress.bytes(read_bytes.load(Ordering::Relaxed), Some(total));
 
@@ -536,7 +536,7 @@ fn run(
         progress.notice(&n);
     }
     Ok(FlattenStats {
-        entries: entry_count.load(Ordering::Relaxed),
+        entries: counts.entries.load(Ordering::Relaxed),
         files: stats.files,
         bytes: stats.content_bytes,
         ext4_bytes: output.bytes,

@@ -48,7 +48,7 @@ impl fmt::Display for Compression {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LayerError {
-    #[error("cannot open layer blob {path}")]
+    #[error("cannot open layer blob {path}\nhint: the image's layers are missing from the cache or damaged; run `banger image pull` again (`banger image prune` clears blobs no image needs)")]
     Open {
         path: PathBuf,
         #[source]

@@ -31,11 +31,24 @@
 //!   never create anything: a missing or non-directory parent makes them no-ops.
 //! - The root directory takes a root entry's metadata; nothing else may replace it.
 //! - Bounds: at most `2 * max_entries` nodes, `max_dir_entries` entries per directory (ext4 and
-//!   debugfs cost grow with it), resolved paths of at most `max_path` bytes, and a budget of
-//!   symlink-resolution steps per path and per image.
+//!   debugfs cost grow with it), resolved paths of at most `max_path` bytes, the xattrs of an
+//!   inode that several hardlink entries added to within ext4's one 4 KiB block, a budget of
+//!   symlink-resolution steps per path, and one budget of steps per image that path
+//!   resolution, whiteouts, opaque markers and removals all draw from.
+//!
+//! # Cost of whiteouts
+//! Hiding lower layers walks the subtree under a whiteout or opaque marker. Every node that
+//! walk keeps is marked clean for the current layer: nothing below it belongs to a lower layer
+//! any more, and nothing the same layer adds later can (new nodes are the current layer's). A
+//! later whiteout or opaque marker in the same layer stops at a clean node, so each node is
+//! walked at most once per layer however many markers repeat, and what the walks do is charged
+//! to the image's step budget.
 
 use super::flatten::Limits;
-use super::tar::{show, Content, Device, Entry, EntryKind, ImagePath, Meta, Name, Xattr};
+use super::tar::{
+    show, xattr_space, Content, Device, Entry, EntryKind, ImagePath, Meta, Name, Xattr,
+    XATTR_BLOCK_SPACE,
+};
 use std::borrow::Borrow;
 use std::collections::BTreeMap;
 use std::fmt;
@@ -46,7 +59,8 @@ pub const MAX_SYMLINKS: u32 = 40;
 pub const MAX_LINKS: u32 = 65_000;
 /// Components processed while resolving one path, symlink targets included.
 const MAX_STEPS_PER_PATH: u64 = 8192;
-/// Components processed while resolving all paths of an image.
+/// Steps over the whole image: path components resolved and nodes visited by whiteouts,
+/// opaque markers and removals.
 const MAX_STEPS_PER_IMAGE: u64 = 256 << 20;
 
 pub type NodeId = u32;
@@ -98,6 +112,9 @@ enum NodeKind {
 struct Node {
     /// The layer that last wrote this node (whiteouts only hide lower layers).
     layer: u32,
+    /// The tree's `generation` in which this node's subtree was last known to hold nothing a
+    /// whiteout of that layer would remove (0: never); see "Cost of whiteouts".
+    clean: u32,
     kind: NodeKind,
 }
 
@@ -115,6 +132,12 @@ pub enum TreeErrorKind {
     SymlinkLoop,
     #[error("resolving its parent through symlinks takes too many steps")]
     ResolutionBudget,
+    #[error("takes the image's paths, symlinks and whiteouts above {max} steps to apply (limit)")]
+    WorkBudget { max: u64 },
+    #[error("has extended attributes that, with those its other hardlinks gave the same inode, need {len} bytes; ext4 keeps an inode's attributes in one 4096-byte block, which holds {max}")]
+    XattrsTooLarge { len: usize, max: usize },
+    #[error("comes after more layers than banger can count")]
+    TooManyLayers,
     #[error("resolves to a path longer than {max} bytes")]
     PathTooLong { max: usize },
     #[error("resolves through a symlink to a component longer than {max} bytes")]
@@ -171,7 +194,10 @@ pub struct Tree {
     max_path: usize,
     max_name: usize,
     layer: u32,
+    /// Counts layer changes, from 1: what `Node::clean` refers to.
+    generation: u32,
     steps: u64,
+    max_steps: u64,
     freed: Vec<u64>,
 }
 
@@ -181,6 +207,7 @@ impl Tree {
         Self {
             nodes: vec![Node {
                 layer: 0,
+                clean: 0,
                 kind: NodeKind::Dir(Box::new(Dir {
                     children: BTreeMap::new(),
                     meta: Meta {
@@ -198,7 +225,9 @@ impl Tree {
             max_path: limits.max_path,
             max_name: limits.max_name,
             layer: 0,
+            generation: 1,
             steps: 0,
+            max_steps: MAX_STEPS_PER_IMAGE,
             freed: Vec::new(),
         }
     }
@@ -275,10 +304,10 @@ impl Tree {
         let mut steps = 0u64;
         while let Some(c) = todo.pop() {
             steps += 1;
-            self.steps += 1;
-            if steps > MAX_STEPS_PER_PATH || self.steps > MAX_STEPS_PER_IMAGE {
+            if steps > MAX_STEPS_PER_PATH {
                 return Err(TreeErrorKind::ResolutionBudget);
             }
+            self.charge(1)?;
             match &*c {
                 b"" | b"." => continue,
                 b".." => {
@@ -357,9 +386,30 @@ impl Tree {
         out
     }
 
+    /// Counts `n` steps against the image's budget.
+    fn charge(&mut self, n: u64) -> Result<(), TreeErrorKind> {
+        self.steps = self.steps.saturating_add(n);
+        if self.steps > self.max_steps {
+            return Err(TreeErrorKind::WorkBudget {
+                max: self.max_steps,
+            });
+        }
+        Ok(())
+    }
+
+    /// A node the current layer writes: its (empty or leaf) subtree is clean.
+    fn new_node(&self, kind: NodeKind) -> Node {
+        Node {
+            layer: self.layer,
+            clean: self.generation,
+            kind,
+        }
+    }
+
     fn new_dir(&self, meta: Meta, xattrs: Vec<Xattr>) -> Node {
         Node {
             layer: self.layer,
+            clean: self.generation,
             kind: NodeKind::Dir(Box::new(Dir {
                 children: BTreeMap::new(),
                 meta,
@@ -370,8 +420,20 @@ impl Tree {
 
     /// Applies one entry of layer `layer` (layers must come in order, lowest first).
     pub fn apply(&mut self, layer: u32, entry: Entry) -> Result<(), TreeError> {
-        self.layer = layer;
-        let path = entry.path.to_string();
+        let path = || entry.path.to_string();
+        if layer != self.layer {
+            self.layer = layer;
+            match self.generation.checked_add(1) {
+                Some(g) => self.generation = g,
+                None => {
+                    return Err(TreeError {
+                        path: path(),
+                        kind: TreeErrorKind::TooManyLayers,
+                    })
+                }
+            }
+        }
+        let path = path();
         self.apply_inner(entry)
             .map_err(|kind| TreeError { path, kind })
     }
@@ -389,16 +451,13 @@ impl Tree {
                     return Ok(());
                 };
                 if let Walk::Dir(dir, _) = self.walk(parent, None)? {
-                    self.hide_lower(dir, name.as_bytes());
+                    self.hide_lower(dir, name.as_bytes())?;
                 }
                 return Ok(());
             }
             EntryKind::Opaque => {
                 if let Walk::Dir(dir, _) = self.walk(path.components(), None)? {
-                    let names: Vec<Name> = self.dir(dir).children.keys().cloned().collect();
-                    for name in names {
-                        self.hide_lower(dir, name.as_bytes());
-                    }
+                    self.prune_children(dir)?;
                 }
                 return Ok(());
             }
@@ -446,7 +505,7 @@ impl Tree {
                 }
                 (NodeKind::Leaf(i), EntryKind::Hardlink(_), Some(l)) if *i == l => {
                     self.nodes[old as usize].layer = self.layer;
-                    self.update_inode(l, meta, xattrs);
+                    self.update_inode(l, meta, xattrs)?;
                     return Ok(());
                 }
                 _ => {}
@@ -457,7 +516,7 @@ impl Tree {
                 self.inodes[l as usize].links += 1;
             }
             self.dir_mut(dir).children.remove(name);
-            self.remove_subtree(old);
+            self.remove_subtree(old)?;
         } else if let Some(l) = link_inode {
             self.inodes[l as usize].links += 1;
         }
@@ -465,11 +524,8 @@ impl Tree {
             EntryKind::Dir => self.new_dir(meta, xattrs),
             EntryKind::Hardlink(_) => {
                 let l = link_inode.ok_or(TreeErrorKind::RootNotDir)?;
-                self.update_inode(l, meta, xattrs);
-                Node {
-                    layer: self.layer,
-                    kind: NodeKind::Leaf(l),
-                }
+                self.update_inode(l, meta, xattrs)?;
+                self.new_node(NodeKind::Leaf(l))
             }
             other => {
                 let kind = match other {
@@ -486,24 +542,41 @@ impl Tree {
                     xattrs,
                     links: 1,
                 });
-                Node {
-                    layer: self.layer,
-                    kind: NodeKind::Leaf((self.inodes.len() - 1) as InodeId),
-                }
+                self.new_node(NodeKind::Leaf((self.inodes.len() - 1) as InodeId))
             }
         };
         self.insert_child(dir, name.clone(), node)?;
         Ok(())
     }
 
-    fn update_inode(&mut self, id: InodeId, meta: Meta, xattrs: Vec<Xattr>) {
+    /// A hardlink entry's metadata and xattrs applied to the inode it names.
+    fn update_inode(
+        &mut self,
+        id: InodeId,
+        meta: Meta,
+        xattrs: Vec<Xattr>,
+    ) -> Result<(), TreeErrorKind> {
         let inode = &mut self.inodes[id as usize];
         inode.meta = meta;
-        for x in xattrs {
-            inode.xattrs.retain(|old| old.name != x.name);
-            inode.xattrs.push(x);
+        if xattrs.is_empty() {
+            return Ok(());
         }
-        inode.xattrs.sort_by(|a, b| a.name.cmp(&b.name));
+        // Each entry's set fits one block (checked at the tar boundary); their union may not.
+        let mut merged = inode.xattrs.clone();
+        for x in xattrs {
+            merged.retain(|old| old.name != x.name);
+            merged.push(x);
+        }
+        let space = xattr_space(&merged);
+        if space > XATTR_BLOCK_SPACE {
+            return Err(TreeErrorKind::XattrsTooLarge {
+                len: space,
+                max: XATTR_BLOCK_SPACE,
+            });
+        }
+        merged.sort_by(|a, b| a.name.cmp(&b.name));
+        inode.xattrs = merged;
+        Ok(())
     }
 
     /// The inode a hardlink target names (last component not followed).
@@ -531,37 +604,60 @@ impl Tree {
     }
 
     /// Hides what lower layers put at `dir/name`, keeping what the current layer wrote.
-    fn hide_lower(&mut self, dir: NodeId, name: &[u8]) {
+    fn hide_lower(&mut self, dir: NodeId, name: &[u8]) -> Result<(), TreeErrorKind> {
         let Some(id) = self.dir(dir).children.get(name).copied() else {
-            return;
+            return Ok(());
         };
-        if !self.prune_lower(id) {
+        if !self.prune_lower(id)? {
             self.dir_mut(dir).children.remove(name);
-            self.remove_subtree(id);
+            self.remove_subtree(id)?;
         }
+        Ok(())
     }
 
-    /// Removes lower-layer descendants of `id`; says whether `id` itself stays.
-    fn prune_lower(&mut self, id: NodeId) -> bool {
+    /// Removes lower-layer descendants of `id`; says whether `id` itself stays (it is the
+    /// current layer's, or a directory still holding something that is).
+    fn prune_lower(&mut self, id: NodeId) -> Result<bool, TreeErrorKind> {
+        self.charge(1)?;
         let current = self.nodes[id as usize].layer == self.layer;
-        let children: Vec<(Name, NodeId)> = match &self.nodes[id as usize].kind {
-            NodeKind::Dir(d) => d.children.iter().map(|(n, c)| (n.clone(), *c)).collect(),
-            _ => return current,
-        };
-        for (name, child) in children {
-            // Depth is bounded by max_path / 2.
-            if !self.prune_lower(child) {
-                self.dir_mut(id).children.remove(&name);
-                self.remove_subtree(child);
+        if !matches!(self.nodes[id as usize].kind, NodeKind::Dir(_)) {
+            return Ok(current);
+        }
+        // Depth is bounded by max_path / 2.
+        self.prune_children(id)?;
+        Ok(current || !self.dir(id).children.is_empty())
+    }
+
+    /// Removes lower-layer descendants of the directory `id` (an opaque marker); it stays.
+    fn prune_children(&mut self, id: NodeId) -> Result<(), TreeErrorKind> {
+        if self.nodes[id as usize].clean == self.generation {
+            return Ok(());
+        }
+        let children: Vec<NodeId> = self.dir(id).children.values().copied().collect();
+        let mut gone = Vec::new();
+        for child in children {
+            if !self.prune_lower(child)? {
+                gone.push(child);
             }
         }
-        current || !self.dir(id).children.is_empty()
+        if !gone.is_empty() {
+            gone.sort_unstable();
+            self.dir_mut(id)
+                .children
+                .retain(|_, c| gone.binary_search(c).is_err());
+            for child in gone {
+                self.remove_subtree(child)?;
+            }
+        }
+        self.nodes[id as usize].clean = self.generation;
+        Ok(())
     }
 
     /// Drops a detached node and everything under it, freeing content nobody names any more.
-    fn remove_subtree(&mut self, id: NodeId) {
+    fn remove_subtree(&mut self, id: NodeId) -> Result<(), TreeErrorKind> {
         let mut stack = vec![id];
         while let Some(id) = stack.pop() {
+            self.charge(1)?;
             match std::mem::replace(&mut self.nodes[id as usize].kind, NodeKind::Removed) {
                 NodeKind::Dir(d) => stack.extend(d.children.values()),
                 NodeKind::Leaf(i) => {
@@ -576,6 +672,7 @@ impl Tree {
                 NodeKind::Removed => {}
             }
         }
+        Ok(())
     }
 
     /// Sizes for the ext4 writer.
@@ -1054,6 +1151,83 @@ mod tests {
             ),
             Ok(_) => panic!("a path above 4096 bytes was accepted"),
         }
+    }
+
+    #[test]
+    fn repeated_opaque_markers_and_whiteouts_take_linear_time() {
+        const N: u64 = 50_000;
+        let mut t = Tree::new(&Limits::default());
+        for d in ["d", "l"] {
+            t.apply(0, dir(d)).unwrap();
+            t.apply(0, file(&format!("{d}/old"), 1)).unwrap();
+        }
+        // The upper layer fills both directories, then marks `d` opaque and whites out `l` (a
+        // lower directory it keeps because it wrote into it) again and again.
+        for i in 0..N {
+            t.apply(1, file(&format!("d/f{i}"), 10 + i)).unwrap();
+            t.apply(1, file(&format!("l/f{i}"), 10 + N + i)).unwrap();
+        }
+        let start = std::time::Instant::now();
+        for _ in 0..N {
+            t.apply(1, opq("d")).unwrap();
+            t.apply(1, wh("l")).unwrap();
+        }
+        let took = start.elapsed();
+        assert!(
+            took < std::time::Duration::from_secs(2),
+            "{N} opaque markers and whiteouts took {took:?}"
+        );
+        let stats = t.stats();
+        assert_eq!((stats.dirs, stats.files), (3, 2 * N));
+        let mut freed = t.take_freed();
+        freed.sort();
+        assert_eq!(freed, [1, 1]);
+    }
+
+    #[test]
+    fn whiteout_walks_are_charged_to_the_image_step_budget() {
+        let mut t = Tree::new(&Limits::default());
+        for i in 0..1000 {
+            t.apply(0, file(&format!("d/f{i}"), i)).unwrap();
+        }
+        // Resolving `d` is a step or two; hiding its 1,000 files and the directory is 2,000.
+        t.max_steps = t.steps + 500;
+        let err = t.apply(1, wh("d")).unwrap_err();
+        assert!(
+            matches!(err.kind, TreeErrorKind::WorkBudget { .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("steps to apply (limit)"), "{err}");
+    }
+
+    #[test]
+    fn hardlinks_cannot_grow_an_inodes_xattrs_past_ext4s_block() {
+        let x = |name: &str, len: usize| Xattr {
+            name: name.as_bytes().into(),
+            value: vec![b'v'; len].into(),
+        };
+        let mut f = file("f", 1);
+        f.xattrs = vec![x("user.a", 2000)];
+        // The same name replaces the value: 3,024 bytes in all.
+        let mut g = hard("g", "f");
+        g.xattrs = vec![x("user.a", 3000)];
+        let mut t = build(vec![vec![f, g]]);
+        assert_eq!(xattr_space(&t.inode(0).xattrs), 3024);
+        // Another name would need 3,024 + 2,024 bytes.
+        let mut h = hard("h", "f");
+        h.xattrs = vec![x("user.b", 2000)];
+        let err = t.apply(0, h).unwrap_err();
+        assert!(
+            matches!(
+                err.kind,
+                TreeErrorKind::XattrsTooLarge {
+                    len: 5048,
+                    max: 4060
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(err.path, "/h");
     }
 
     #[test]

@@ -107,16 +107,7 @@ impl Tarball {
     }
     /// A PAX extended header (`x`) for the next entry.
     pub fn pax(&mut self, records: &[(&str, &[u8])]) -> &mut Self {
-        let mut data = Vec::new();
-        for (k, v) in records {
-            let body = [b" ", k.as_bytes(), b"=", v, b"\n"].concat();
-            let mut len = body.len() + 1;
-            while len.to_string().len() + body.len() != len {
-                len += 1;
-            }
-            data.extend_from_slice(len.to_string().as_bytes());
-            data.extend_from_slice(&body);
-        }
+        let data = pax_data(records);
         let h = header(b"././@PaxHeader", b'x', data.len() as u64, 0o644);
         self.raw(&h, &data)
     }
@@ -130,6 +121,94 @@ impl Tarball {
         let mut out = std::mem::take(&mut self.0);
         out.extend_from_slice(&[0u8; 2 * BLOCK]);
         out
+    }
+}
+
+/// The data of a PAX extended header: `LEN KEY=VALUE\n` records.
+pub fn pax_data(records: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut data = Vec::new();
+    for (k, v) in records {
+        let body = [b" ", k.as_bytes(), b"=", v, b"\n"].concat();
+        let mut len = body.len() + 1;
+        while len.to_string().len() + body.len() != len {
+            len += 1;
+        }
+        data.extend_from_slice(len.to_string().as_bytes());
+        data.extend_from_slice(&body);
+    }
+    data
+}
+
+/// A gzip layer written to a file as it is generated, for layers too large to hold in memory;
+/// the tar is hashed on the way (its diff_id).
+pub struct LayerWriter {
+    enc: flate2::write::GzEncoder<std::io::BufWriter<std::fs::File>>,
+    diff_id: sha2::Sha256,
+    path: PathBuf,
+}
+
+impl LayerWriter {
+    pub fn create(path: &Path) -> Self {
+        let file = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+        Self {
+            enc: flate2::write::GzEncoder::new(file, flate2::Compression::fast()),
+            diff_id: sha2::Sha256::default(),
+            path: path.to_owned(),
+        }
+    }
+
+    fn put(&mut self, bytes: &[u8]) {
+        use sha2::Digest;
+        self.diff_id.update(bytes);
+        self.enc.write_all(bytes).unwrap();
+    }
+
+    pub fn raw(&mut self, h: &tar::Header, data: &[u8]) -> &mut Self {
+        self.put(h.as_bytes());
+        self.put(data);
+        let pad = (BLOCK - data.len() % BLOCK) % BLOCK;
+        self.put(&[0u8; BLOCK][..pad]);
+        self
+    }
+
+    pub fn pax(&mut self, records: &[(&str, &[u8])]) -> &mut Self {
+        let data = pax_data(records);
+        let h = header(b"././@PaxHeader", b'x', data.len() as u64, 0o644);
+        self.raw(&h, &data)
+    }
+
+    pub fn file(&mut self, name: &str, data: &[u8]) -> &mut Self {
+        self.raw(
+            &header(name.as_bytes(), b'0', data.len() as u64, 0o644),
+            data,
+        )
+    }
+
+    pub fn dir(&mut self, name: &str) -> &mut Self {
+        self.raw(&header(name.as_bytes(), b'5', 0, 0o755), b"")
+    }
+
+    pub fn symlink(&mut self, name: &str, target: &str) -> &mut Self {
+        let mut h = header(name.as_bytes(), b'2', 0, 0o777);
+        h.as_old_mut().linkname[..target.len()].copy_from_slice(target.as_bytes());
+        h.set_cksum();
+        self.raw(&h, b"")
+    }
+
+    /// Ends the archive and the gzip stream; the blob as a flatten input.
+    pub fn finish(mut self) -> LayerInput {
+        use sha2::Digest;
+        self.put(&[0u8; 2 * BLOCK]);
+        self.enc.finish().unwrap().flush().unwrap();
+        let diff_id = hex::encode(self.diff_id.finalize()).parse().unwrap();
+        let mut blob = sha2::Sha256::default();
+        std::io::copy(&mut std::fs::File::open(&self.path).unwrap(), &mut blob).unwrap();
+        LayerInput {
+            path: self.path,
+            compression: Compression::Gzip,
+            digest: hex::encode(blob.finalize()).parse().unwrap(),
+            diff_id,
+        }
     }
 }
 
