@@ -325,9 +325,18 @@ impl BlobLock {
         }
     }
 
-    /// The lock if nobody holds it, else `None`.
+    /// The lock if nobody holds it, else `None`. A lock whose holder just released it can still
+    /// look held for a moment: a child process forked by another thread shares the descriptor
+    /// until its exec closes it. So a few short retries (50 ms in all) tell that apart from a
+    /// pull that holds the blob for real.
     fn try_acquire(path: &Path) -> std::io::Result<Option<BlobLock>> {
-        BlobLock::lock(path, libc::LOCK_EX | libc::LOCK_NB)
+        for _ in 0..5 {
+            if let Some(lock) = BlobLock::lock(path, libc::LOCK_EX | libc::LOCK_NB)? {
+                return Ok(Some(lock));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        Ok(None)
     }
 
     fn lock(path: &Path, op: libc::c_int) -> std::io::Result<Option<BlobLock>> {
