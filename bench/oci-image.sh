@@ -25,8 +25,14 @@ trap 'rm -rf "$work"' EXIT
 rm -rf "$out"
 umoci init --layout "$out"
 umoci new --image "$out:bench"
-umoci unpack --image "$out:bench" "$work/bundle"
-root=$work/bundle/rootfs
+# Each layer is the difference between a fresh unpack of the image so far and the changed tree
+# (repacking one bundle twice would make every layer hold everything again).
+unpack_image() {
+  rm -rf "$work/bundle"
+  umoci unpack --image "$out:bench" "$work/bundle" >/dev/null
+  root=$work/bundle/rootfs
+}
+unpack_image
 
 echo "layer 1: debootstrap minbase" >&2
 debootstrap --variant=minbase bookworm "$root" "$mirror" >"$work/debootstrap.log" 2>&1 \
@@ -41,14 +47,17 @@ unpack() {
   rm -rf "$work/debs"
 }
 echo "layer 2: python3 and perl" >&2
+unpack_image
 unpack python3.11-minimal libpython3.11-minimal libpython3.11-stdlib perl perl-modules-5.36 libperl5.36
 umoci repack --image "$out:bench" "$work/bundle"
 
 echo "layer 3: gcc and icu" >&2
+unpack_image
 unpack gcc-12 cpp-12 libgcc-12-dev libicu72 binutils-x86-64-linux-gnu
 umoci repack --image "$out:bench" "$work/bundle"
 
 echo "layer 4: deletions" >&2
+unpack_image
 rm -rf "$root/usr/share/doc" "$root/usr/share/man" "$root/var/cache/apt"
 rm -rf "$root/usr/share/locale" && mkdir "$root/usr/share/locale" && echo kept > "$root/usr/share/locale/README"
 umoci repack --image "$out:bench" "$work/bundle"

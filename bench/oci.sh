@@ -64,7 +64,7 @@ sample_rss() {
 # One banger pull with a fresh daemon (so its peak is this pull's): prints "seconds peak_kib".
 banger_pull() {
   b daemon stop >/dev/null 2>&1 || true
-  b image list >/dev/null
+  b image list >/dev/null 2>&1
   local pid; pid=$(b daemon status --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["daemon"]["pid"])')
   rm -f "$work/stop"
   sample_rss "$pid" "$work/stop" > "$work/rss" &
@@ -95,7 +95,7 @@ for r in $(seq 1 "$rounds"); do
   # banger cold: empty blob cache, new image.
   rm -rf "$HOME/.cache/banger/oci"
   banger_pull --name "cold$r" >> "$work/b-cold"
-  size=$(stat -c %s "$HOME/.local/state/banger/images/cold$r/rootfs.ext4")
+  size=$(b image list --json | python3 -c "import json,sys; print([i['size_bytes'] for i in json.load(sys.stdin) if i['name']=='cold$r'][0])")
   # banger warm: blobs cached, converted again under a new name.
   banger_pull --name "warm$r" >> "$work/b-warm"
   # Re-pull of an unchanged digest: the image is current, nothing to do.

@@ -236,6 +236,12 @@ pub fn busybox_image(extra: &[(&str, &str)]) -> TestImage {
     run(Command::new("umoci")
         .args(["repack", "--image", &image])
         .arg(&bundle));
+    // The second layer is the difference against a fresh unpack of the first (repacking the
+    // same bundle again would make it a full copy, without whiteouts).
+    std::fs::remove_dir_all(&bundle).unwrap();
+    run(Command::new("umoci")
+        .args(["unpack", "--image", &image])
+        .arg(&bundle));
     std::fs::remove_dir_all(root.join("var/lib/gone")).unwrap();
     std::fs::write(root.join("etc/motd"), "layer 2\n").unwrap();
     for (path, content) in extra {
