@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use banger_dns::{Forwarder, RunningDns, Zone};
 use banger_net::resolved::{self, Routing};
-use banger_net::{NetConfig, Privileged};
+use banger_net::{BridgeConfig, PrivilegedRunner};
 use tokio::sync::Mutex as AsyncMutex;
 
 pub struct DnsService {
@@ -25,8 +25,8 @@ pub struct DnsService {
     /// (routing through resolved may take a while).
     serving: AtomicBool,
     routed: AtomicBool,
-    net: NetConfig,
-    privileged: Privileged,
+    net: BridgeConfig,
+    privileged: PrivilegedRunner,
 }
 
 struct Running {
@@ -35,14 +35,14 @@ struct Running {
 }
 
 impl DnsService {
-    pub fn new(net: NetConfig) -> Self {
+    pub fn new(net: BridgeConfig) -> Self {
         DnsService {
             zone: Zone::new(),
             running: AsyncMutex::new(None),
             serving: AtomicBool::new(false),
             routed: AtomicBool::new(false),
             net,
-            privileged: Privileged::detect(),
+            privileged: PrivilegedRunner::detect(),
         }
     }
 

@@ -26,7 +26,7 @@ use banger_api::vm::{
 use banger_api::{validate_name, ApiError, Boot, Deleted, ErrorCode};
 use banger_config::{Config, Paths};
 use banger_image::Progress;
-use banger_net::{NetConfig, Network, SystemHostNet};
+use banger_net::{BridgeConfig, Network, SystemHostNet};
 use banger_vmm::{AgentEndpoint, VmConfig, VmHandle, Vmm};
 use tokio::sync::Mutex as AsyncMutex;
 
@@ -172,11 +172,11 @@ impl Vms {
         config: Config,
         image_locks: crate::image_locks::ImageLocks,
     ) -> anyhow::Result<Self> {
-        let net_config = NetConfig::parse(config.bridge(), config.subnet())
+        let net_config = BridgeConfig::parse(config.bridge(), config.subnet())
             .context("invalid bridge_name or bridge_subnet in config")?;
         let dns = DnsService::new(net_config.clone());
         let net = Network::new(
-            SystemHostNet::new(banger_net::Privileged::detect()),
+            SystemHostNet::new(banger_net::PrivilegedRunner::detect()),
             net_config,
         );
         let pref = match config.vmm {
