@@ -461,5 +461,9 @@ fn the_generic_kernel_is_fetched_once_and_found_current_when_pulled_again() {
     assert!(k.kernel.is_file() && k.initrd.is_file());
     let kernels = env.ok(["kernel", "list", "--json"]).json();
     assert_eq!(kernels[0]["name"], "generic", "{kernels}");
-    assert_eq!(kernels[0]["kernel"], k.kernel.to_str().unwrap(), "{kernels}");
+    assert_eq!(
+        kernels[0]["kernel"],
+        k.kernel.to_str().unwrap(),
+        "{kernels}"
+    );
 }

@@ -352,32 +352,11 @@ pub(crate) async fn terminate(
     }
 }
 
-/// The last `max_lines` lines of a log file (reading at most its last 64 KiB); empty when the
-/// file is missing or empty.
-pub(crate) fn tail(path: &Path, max_lines: usize) -> String {
-    use std::io::{Read, Seek, SeekFrom};
-    const MAX: u64 = 64 * 1024;
-    let Ok(mut f) = std::fs::File::open(path) else {
-        return String::new();
-    };
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    if f.seek(SeekFrom::Start(len.saturating_sub(MAX))).is_err() {
-        return String::new();
-    }
-    let mut buf = Vec::new();
-    if f.read_to_end(&mut buf).is_err() {
-        return String::new();
-    }
-    let text = String::from_utf8_lossy(&buf);
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(max_lines)..].join("\n")
-}
-
 /// Formats the tails of the given logs for an error message (empty logs are left out).
 pub(crate) fn format_logs(logs: &[(&str, &Path)]) -> String {
     let mut out = String::new();
     for (label, path) in logs {
-        let t = tail(path, 20);
+        let t = banger_config::logtail::tail(path, 20);
         if !t.trim().is_empty() {
             out.push_str(&format!(
                 "\n--- {label} ({}), last lines ---\n{t}",
@@ -519,15 +498,5 @@ mod tests {
         spec.program = "/nonexistent/vmm-binary".into();
         let err = spawn_detached(&spec).unwrap_err();
         assert!(err.to_string().contains("/nonexistent/vmm-binary"), "{err}");
-    }
-
-    #[test]
-    fn tail_returns_last_lines() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("log");
-        let text: String = (1..=30).map(|i| format!("line {i}\n")).collect();
-        std::fs::write(&p, text).unwrap();
-        assert_eq!(tail(&p, 2), "line 29\nline 30");
-        assert_eq!(tail(&dir.path().join("missing"), 2), "");
     }
 }

@@ -157,14 +157,6 @@ fn agent_endpoint(e: &AgentEndpoint) -> Result<Endpoint, ApiError> {
     }
 }
 
-/// The last `n` lines of a file (for boot failure messages).
-pub fn tail_lines(path: &Path, n: usize) -> String {
-    let text = std::fs::read(path).unwrap_or_default();
-    let text = String::from_utf8_lossy(&text);
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
 impl Vms {
     pub fn new(
         paths: Paths,
@@ -761,17 +753,22 @@ impl Vms {
         let client = match ready {
             Ok((client, _ready)) => client,
             Err(e) => {
+                let console_tail = console.clone();
+                let tail = tokio::task::spawn_blocking(move || {
+                    banger_config::logtail::tail(&console_tail, 15)
+                })
+                .await
+                .unwrap_or_default();
                 return Err(api(
                     ErrorCode::BootTimeout,
                     format!(
-                        "VM {name} did not become ready: {e}\nlast lines of its console:\n{}",
-                        tail_lines(&console, 15)
+                        "VM {name} did not become ready: {e}\nlast lines of its console:\n{tail}"
                     ),
                 )
                 .with_hint(format!(
                     "the VM is kept for inspection: full log {} (`banger vm logs {name}`); delete it with `banger vm delete --force {name}`",
                     console.display()
-                )))
+                )));
             }
         };
         self.agents
