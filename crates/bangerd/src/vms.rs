@@ -27,7 +27,7 @@ use banger_api::{validate_name, ApiError, Boot, Deleted, ErrorCode};
 use banger_config::{Config, Paths};
 use banger_image::Progress;
 use banger_net::{BridgeConfig, Network, SystemHostNet};
-use banger_vmm::{AgentEndpoint, VmConfig, VmHandle, Vmm};
+use banger_vmm::{AgentEndpoint, VmConfig, VmHandle};
 use tokio::sync::Mutex as AsyncMutex;
 
 use crate::dns::DnsService;
@@ -58,8 +58,8 @@ pub struct Vms {
     net: Arc<Network<SystemHostNet>>,
     net_lock: AsyncMutex<()>,
     dns: DnsService,
-    backend: Result<Arc<dyn Vmm>, String>,
-    backend_reason: String,
+    /// The VMM new VMs start on, and the one for each running VM's handle.
+    vmms: banger_vmm::Backends,
     locks: Mutex<HashMap<String, Arc<AsyncMutex<()>>>>,
     agents: Mutex<HashMap<String, AgentClient>>,
     /// Running `vm exec` commands by session id: (VM name, the command's input side).
@@ -137,6 +137,20 @@ pub(crate) fn agent_request(req: &ExecRequest) -> Result<AgentExec, ApiError> {
     Ok(r)
 }
 
+/// The VM's network interface as its row records it (checked again: the row is only text).
+fn nic(row: &VmRow) -> Result<banger_vmm::Nic, ApiError> {
+    let bad = |e: &dyn std::fmt::Display| {
+        api(
+            ErrorCode::Internal,
+            format!("VM {} has a broken network record: {e}", row.name),
+        )
+    };
+    Ok(banger_vmm::Nic {
+        tap: banger_net::TapName::parse(&row.tap).map_err(|e| bad(&e))?,
+        mac: row.mac.parse().map_err(|e| bad(&e))?,
+    })
+}
+
 fn api(code: ErrorCode, msg: impl Into<String>) -> ApiError {
     ApiError::new(code, msg)
 }
@@ -171,22 +185,8 @@ impl Vms {
             SystemHostNet::new(banger_net::PrivilegedRunner::detect()),
             net_config,
         );
-        let pref = match config.vmm {
-            banger_config::VmmChoice::Auto => banger_vmm::VmmPreference::Auto,
-            banger_config::VmmChoice::Firecracker => banger_vmm::VmmPreference::Firecracker,
-            banger_config::VmmChoice::Qemu => banger_vmm::VmmPreference::Qemu,
-        };
-        let (backend, backend_reason) =
-            match banger_vmm::select(pref, config.firecracker_bin.as_deref()) {
-                Ok(sel) => {
-                    tracing::info!("VMM: {}", sel.reason);
-                    (Ok(Arc::from(sel.backend)), sel.reason)
-                }
-                Err(e) => {
-                    tracing::warn!("no usable VMM: {e}");
-                    (Err(e.to_string()), e.to_string())
-                }
-            };
+        let vmms =
+            banger_vmm::Backends::for_this_host(&banger_vmm::VmmSettings::from_config(&config));
         Ok(Self {
             paths,
             store,
@@ -194,8 +194,7 @@ impl Vms {
             net: Arc::new(net),
             net_lock: AsyncMutex::new(()),
             dns,
-            backend,
-            backend_reason,
+            vmms,
             locks: Mutex::default(),
             agents: Mutex::default(),
             exec_sessions: Arc::default(),
@@ -209,7 +208,7 @@ impl Vms {
     }
 
     pub fn backend_reason(&self) -> &str {
-        &self.backend_reason
+        self.vmms.reason()
     }
 
     fn vm_dir(&self, name: &str) -> PathBuf {
@@ -406,7 +405,7 @@ impl Vms {
         let name = row.name.clone();
         let lock = self.lock_for(&name);
         let _guard = lock.lock().await;
-        progress.notice(&format!("VM {name}: {} ({})", row.ip, self.backend_reason));
+        progress.notice(&format!("VM {name}: {} ({})", row.ip, self.vmms.reason()));
 
         let prepared = self
             .prepare_disks(&row, Path::new(&image.rootfs), &agent_bin, &req, &progress)
@@ -530,7 +529,8 @@ impl Vms {
             .as_deref()
             .and_then(|h| serde_json::from_str::<VmHandle>(h).ok())
         {
-            if let Err(e) = banger_vmm::stop(&handle, Duration::ZERO).await {
+            let vmm = self.vmms.for_handle(&handle);
+            if let Err(e) = vmm.stop(&handle, Duration::ZERO).await {
                 tracing::warn!(vm = %row.name, "cannot kill VMM: {e}");
             }
         }
@@ -613,7 +613,7 @@ impl Vms {
                 .with_hint(format!("stop it first with `banger vm stop {name}`")))
             }
         }
-        let backend = self.backend.clone().map_err(|e| {
+        let backend = self.vmms.for_new_vms().cloned().map_err(|e| {
             api(
                 ErrorCode::VmmFailed,
                 format!("no VMM can run VM {name}: {e}"),
@@ -632,6 +632,8 @@ impl Vms {
                     )
                 })?
         };
+
+        let nic = nic(&row)?;
 
         progress.phase("network");
         let uid = nix::unistd::geteuid();
@@ -712,10 +714,7 @@ impl Vms {
             kernel_args,
             root_disk: dir.join("root.ext4"),
             work_disk: dir.join("work.ext4"),
-            net: Some(banger_vmm::NetConfig {
-                tap: row.tap.clone(),
-                mac: row.mac.clone(),
-            }),
+            net: Some(nic),
             vsock_cid: None,
             run_dir: run_dir.clone(),
             console_log: console.clone(),
@@ -856,7 +855,8 @@ impl Vms {
             loop {
                 tokio::time::sleep(SUPERVISE_EVERY).await;
                 let h = handle.clone();
-                let alive = tokio::task::spawn_blocking(move || banger_vmm::is_alive(&h))
+                let vmm = this.vmms.for_handle(&h).clone();
+                let alive = tokio::task::spawn_blocking(move || vmm.is_alive(&h))
                     .await
                     .unwrap_or(true);
                 if alive {
@@ -879,7 +879,11 @@ impl Vms {
                     return;
                 }
                 tracing::warn!(vm = %name, pid = handle.pid, "VMM exited; marking the VM stopped");
-                let _ = banger_vmm::stop(&handle, Duration::ZERO).await;
+                let _ = this
+                    .vmms
+                    .for_handle(&handle)
+                    .stop(&handle, Duration::ZERO)
+                    .await;
                 this.forget_agent(&name);
                 let _ = this
                     .set_state(
@@ -928,7 +932,7 @@ impl Vms {
         let grace = if force { Duration::ZERO } else { GRACEFUL_STOP };
         if !force {
             // The agent's poweroff is the most reliable graceful path; the VMM's own request
-            // (ACPI or Ctrl-Alt-Del) follows inside banger_vmm::stop.
+            // (ACPI or Ctrl-Alt-Del) follows inside the backend's stop.
             let client = self
                 .agents
                 .lock()
@@ -940,7 +944,7 @@ impl Vms {
             }
         }
         self.forget_agent(name);
-        let stopped = banger_vmm::stop(&handle, grace).await;
+        let stopped = self.vmms.for_handle(&handle).stop(&handle, grace).await;
         if let Err(e) = stopped {
             let msg = format!("cannot stop VM {name}: {e}");
             self.set_state(name, VmState::Failed, None, Some(&handle), Some(&msg))
@@ -1310,7 +1314,7 @@ impl Vms {
                     tracing::info!(vm = %row.name, "rolling back a VM whose creation was interrupted");
                     self.remove_everything(row).await;
                 }
-                (_, Some(h)) if banger_vmm::is_alive(&h) => {
+                (_, Some(h)) if self.vmms.for_handle(&h).is_alive(&h) => {
                     tracing::info!(vm = %row.name, pid = h.pid, "re-adopting running VM");
                     live_taps.push(row.tap.clone());
                     if row.state != VmState::Running {
