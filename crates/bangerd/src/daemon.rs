@@ -18,8 +18,9 @@ use banger_config::{Config, Paths};
 use nix::fcntl::{Flock, FlockArg};
 use tokio::sync::watch;
 
+use crate::routes::{images as image_routes, vms as vm_routes};
 use crate::store::Store;
-use crate::{images, vm_routes, vms, AppState};
+use crate::{images, vms, AppState};
 
 /// What happened when we tried to become the daemon.
 pub enum Startup {
@@ -140,15 +141,15 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/version", get(crate::version))
         .route("/v1/daemon/stop", post(crate::stop))
-        .route("/v1/images", get(images::list))
-        .route("/v1/images/build", post(images::build))
-        .route("/v1/images/pull", post(images::pull))
-        .route("/v1/images/export", post(images::export))
-        .route("/v1/images/register", post(images::register))
-        .route("/v1/images/prune", post(images::prune))
+        .route("/v1/images", get(image_routes::list))
+        .route("/v1/images/build", post(image_routes::build))
+        .route("/v1/images/pull", post(image_routes::pull))
+        .route("/v1/images/export", post(image_routes::export))
+        .route("/v1/images/register", post(image_routes::register))
+        .route("/v1/images/prune", post(image_routes::prune))
         .route(
             "/v1/images/{name}",
-            get(images::show).delete(images::delete),
+            get(image_routes::show).delete(image_routes::delete),
         )
         .route("/v1/vms", get(vm_routes::list).post(vm_routes::create))
         .route(
@@ -173,10 +174,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v1/vms/{name}/ssh", get(vm_routes::ssh))
         .route("/v1/vms/{name}/logs", get(vm_routes::logs))
-        .route("/v1/kernels", get(images::list_kernels))
-        .route("/v1/kernels/register", post(images::register_kernel))
-        .route("/v1/kernels/pull", post(images::pull_kernel))
-        .route("/v1/kernels/{name}", delete(images::delete_kernel))
+        .route("/v1/kernels", get(image_routes::list_kernels))
+        .route("/v1/kernels/register", post(image_routes::register_kernel))
+        .route("/v1/kernels/pull", post(image_routes::pull_kernel))
+        .route("/v1/kernels/{name}", delete(image_routes::delete_kernel))
         .layer(axum::middleware::from_fn(crate::server::version_gate))
         .with_state(state)
 }

@@ -13,9 +13,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
-use axum::extract::{Path as UrlPath, State};
-use axum::response::Response;
-use axum::Json;
 use banger_api::{
     validate_name, ApiError, BuildImageRequest, Deleted, ErrorCode, ExportImageRequest,
     ExportResult, ImageInfo, KernelInfo, Pruned, PullImageRequest, PullKernelRequest,
@@ -25,12 +22,12 @@ use banger_config::{Config, Paths};
 use banger_image::Progress;
 
 use crate::fsutil;
-use crate::server::{internal, stream, ApiResult, AppError, Emitter};
+use crate::server::{internal, Emitter};
 
 mod kernel;
 mod oci;
+use crate::now_rfc3339;
 use crate::store::{self, Store};
-use crate::{now_rfc3339, Shared};
 pub use oci::GENERIC_KERNEL;
 
 pub struct Images {
@@ -1072,60 +1069,4 @@ fn bundle_err(e: banger_image::bundle::BundleError) -> ApiError {
 
 fn catalog_err(e: banger_image::catalog::CatalogError) -> ApiError {
     chain_error(ErrorCode::Download, &e)
-}
-
-// ---- HTTP handlers ----
-
-pub async fn list(State(s): Shared) -> ApiResult<Vec<ImageInfo>> {
-    Ok(Json(s.images.list().await?))
-}
-
-pub async fn list_kernels(State(s): Shared) -> ApiResult<Vec<KernelInfo>> {
-    Ok(Json(s.images.kernels().await?))
-}
-
-pub async fn build(State(s): Shared, Json(req): Json<BuildImageRequest>) -> Response {
-    stream(move |e| async move { s.images.build(req, e).await })
-}
-
-pub async fn pull(State(s): Shared, Json(req): Json<PullImageRequest>) -> Response {
-    stream(move |e| async move { s.images.pull(req, e).await })
-}
-
-pub async fn pull_kernel(State(s): Shared, Json(req): Json<PullKernelRequest>) -> Response {
-    stream(move |e| async move { s.images.pull_kernel(req, e).await })
-}
-
-pub async fn export(State(s): Shared, Json(req): Json<ExportImageRequest>) -> Response {
-    stream(move |e| async move { s.images.export(req, e).await })
-}
-
-pub async fn register(State(s): Shared, Json(req): Json<RegisterImageRequest>) -> Response {
-    stream(move |e| async move { s.images.register(req, e).await })
-}
-
-pub async fn show(State(s): Shared, UrlPath(name): UrlPath<String>) -> ApiResult<ImageInfo> {
-    let (img, _) = image_with_kernel(&s.images.store, &name)
-        .await
-        .map_err(AppError)?;
-    Ok(Json(img))
-}
-
-pub async fn prune(State(s): Shared) -> ApiResult<Pruned> {
-    Ok(Json(s.images.prune().await.map_err(AppError)?))
-}
-
-pub async fn delete(State(s): Shared, UrlPath(name): UrlPath<String>) -> ApiResult<Deleted> {
-    Ok(Json(s.images.delete(&name).await.map_err(AppError)?))
-}
-
-pub async fn register_kernel(
-    State(s): Shared,
-    Json(req): Json<RegisterKernelRequest>,
-) -> ApiResult<KernelInfo> {
-    Ok(Json(s.images.register_kernel(req).await.map_err(AppError)?))
-}
-
-pub async fn delete_kernel(State(s): Shared, UrlPath(name): UrlPath<String>) -> ApiResult<Deleted> {
-    Ok(Json(s.images.delete_kernel(&name).await.map_err(AppError)?))
 }
