@@ -15,6 +15,7 @@ pub mod fsutil;
 pub mod image_locks;
 pub mod images;
 pub mod names;
+pub mod registry;
 pub mod routes;
 pub mod server;
 pub mod sshkeys;

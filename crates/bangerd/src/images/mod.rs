@@ -15,7 +15,6 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use banger_api::{validate_name, ApiError, ErrorCode, ImageInfo, KernelInfo, Source};
@@ -23,6 +22,7 @@ use banger_config::{Config, Paths};
 use banger_image::Progress;
 
 use crate::fsutil;
+use crate::registry::{Claim, Registry};
 use crate::server::internal;
 
 mod build;
@@ -42,7 +42,7 @@ pub struct Images {
     store: Store,
     config: Config,
     /// Names with an operation in flight, so two builds cannot race for one name.
-    busy: Arc<Mutex<HashSet<String>>>,
+    busy: Registry<()>,
     pull_lock: tokio::sync::Mutex<()>,
     /// OCI pulls hold this for reading from start to finish; pruning the blob cache holds it
     /// for writing, so it never removes a blob a pull is about to use or has just recorded.
@@ -54,18 +54,7 @@ pub struct Images {
 }
 
 /// Holds a name busy until dropped.
-struct Reservation {
-    busy: Arc<Mutex<HashSet<String>>>,
-    name: String,
-}
-
-impl Drop for Reservation {
-    fn drop(&mut self) {
-        if let Ok(mut b) = self.busy.lock() {
-            b.remove(&self.name);
-        }
-    }
-}
+type Reservation = Claim<()>;
 
 /// Files ready to become an image (they sit in a staging directory).
 pub struct Staged {
@@ -98,7 +87,7 @@ impl Images {
             paths,
             store,
             config,
-            busy: Arc::default(),
+            busy: Registry::default(),
             pull_lock: tokio::sync::Mutex::new(()),
             pull_gate: tokio::sync::RwLock::new(()),
             generic_kernel: tokio::sync::Mutex::new(()),
@@ -145,20 +134,12 @@ impl Images {
     }
 
     fn reserve(&self, name: &str) -> Result<Reservation, ApiError> {
-        let mut busy = self
-            .busy
-            .lock()
-            .map_err(|_| ApiError::new(ErrorCode::Internal, "image lock poisoned"))?;
-        if !busy.insert(name.to_owned()) {
-            return Err(ApiError::new(
+        self.busy.claim(name, ()).ok_or_else(|| {
+            ApiError::new(
                 ErrorCode::InUse,
                 format!("another operation on image {name:?} is in progress"),
             )
-            .with_hint("wait for it to finish"));
-        }
-        Ok(Reservation {
-            busy: self.busy.clone(),
-            name: name.to_owned(),
+            .with_hint("wait for it to finish")
         })
     }
 

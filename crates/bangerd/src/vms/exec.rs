@@ -6,7 +6,7 @@ use banger_agent::protocol::WindowSize;
 use banger_api::vm::{ExecEvent, ExecRequest, ExecResize};
 use banger_api::{ApiError, ErrorCode};
 
-use super::{api, Registered, Vms};
+use super::{api, Vms};
 
 /// The agent request for an API exec request, checked: a command unless a terminal or stdin
 /// can feed a login shell, and a window size only with a terminal.
@@ -71,11 +71,10 @@ impl Vms {
             e => lost(e),
         })?;
         let session = hex::encode(rand::random::<[u8; 12]>());
-        let _session = Registered::insert(
-            &self.exec_sessions,
-            session.clone(),
-            (name.to_owned(), handle.input.clone()),
-        );
+        // 96 random bits: a session id nobody holds yet.
+        let _session = self
+            .exec_sessions
+            .claim(&session, (name.to_owned(), handle.input.clone()));
         let _ = out.send(ExecEvent::Started { session });
         if !req.stdin {
             handle.input.close().await.map_err(lost)?;
@@ -123,13 +122,8 @@ impl Vms {
     }
 
     fn exec_input(&self, name: &str, session: &str) -> Result<ExecInput, ApiError> {
-        match self
-            .exec_sessions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(session)
-        {
-            Some((vm, input)) if vm == name => Ok(input.clone()),
+        match self.exec_sessions.get(session) {
+            Some((vm, input)) if vm == name => Ok(input),
             _ => Err(api(
                 ErrorCode::NotFound,
                 format!("no command with session {session} runs in VM {name}"),

@@ -28,6 +28,7 @@ use banger_vmm::VmHandle;
 use tokio::sync::Mutex as AsyncMutex;
 
 use crate::dns::DnsService;
+use crate::registry::Registry;
 use crate::server::internal;
 use crate::store::{self, Store, VmRow};
 
@@ -61,37 +62,6 @@ pub struct Vms {
     starting: Registry<()>,
     /// Held for reading while a VM is made from an image (see `image_locks`).
     image_locks: crate::image_locks::ImageLocks,
-}
-
-/// A table shared between request tasks whose entries each live as long as a [`Registered`].
-type Registry<V> = Arc<Mutex<HashMap<String, V>>>;
-
-/// An entry in a [`Registry`], removed when this is dropped, however the owning call returns.
-struct Registered<V> {
-    table: Registry<V>,
-    key: String,
-}
-
-impl<V> Registered<V> {
-    fn insert(table: &Registry<V>, key: String, value: V) -> Self {
-        table
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key.clone(), value);
-        Registered {
-            table: table.clone(),
-            key,
-        }
-    }
-}
-
-impl<V> Drop for Registered<V> {
-    fn drop(&mut self) {
-        self.table
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.key);
-    }
 }
 
 /// In the VM's directory: the image's runtime settings (Env, WorkingDir, User) as JSON, copied
@@ -141,8 +111,8 @@ impl Vms {
             vmms,
             locks: Mutex::default(),
             agents: Mutex::default(),
-            exec_sessions: Arc::default(),
-            starting: Arc::default(),
+            exec_sessions: Registry::default(),
+            starting: Registry::default(),
             image_locks,
         })
     }

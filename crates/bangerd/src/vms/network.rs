@@ -21,12 +21,7 @@ impl Vms {
             })
             .await
             .unwrap_or(true)
-            || self
-                .starting
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .keys()
-                .any(|n| *n != row.name);
+            || self.starting.any_key(|n| n != row.name);
         if !others_running {
             // The server is bound to the bridge address, which goes with the bridge.
             self.dns.stop().await;

@@ -16,7 +16,7 @@ use crate::server::{internal, Emitter};
 use crate::store::{self, VmRow};
 
 use super::agent::{agent_binary, agent_endpoint};
-use super::{api, disk_err, Registered, Vms, IMAGE_RUNTIME_FILE};
+use super::{api, disk_err, Vms, IMAGE_RUNTIME_FILE};
 
 /// How long a booting guest has to report ready (TCG guests are slow; KVM ones take a second).
 fn boot_timeout() -> Duration {
@@ -94,7 +94,8 @@ impl Vms {
 
         progress.phase("network");
         let uid = nix::unistd::geteuid();
-        let _starting = Registered::insert(&self.starting, name.to_owned(), ());
+        // The per-VM lock makes this start the only one of this VM.
+        let _starting = self.starting.claim(name, ());
         {
             let _g = self.net_lock.lock().await;
             let net = self.net.clone();
