@@ -16,7 +16,8 @@ use crate::server::{internal, Emitter};
 use crate::store;
 
 use super::pull::{pull_err, pull_name, Resolved};
-use super::{disk_error, not_found, store_dir, Images, Reservation, GENERIC_KERNEL};
+use super::{not_found, store_dir, Images, Reservation, GENERIC_KERNEL};
+use crate::server::disk_error;
 
 impl Images {
     /// `kernel pull`: a bundle's kernel and initrd, without its root filesystem.

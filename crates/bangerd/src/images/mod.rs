@@ -23,7 +23,7 @@ use banger_image::Progress;
 
 use crate::fsutil;
 use crate::registry::{Claim, Registry};
-use crate::server::internal;
+use crate::server::{disk_error, internal};
 
 mod build;
 mod delete;
@@ -407,20 +407,6 @@ fn remove_children(dir: &Path, doomed: impl Fn(&str) -> bool) {
                 tracing::warn!("cannot remove {}: {err}", p.display());
             }
         }
-    }
-}
-
-/// An I/O failure while filling the store; a full disk gets its own code and hint.
-fn disk_error(e: anyhow::Error, what: &str) -> ApiError {
-    let full = e.chain().any(|c| {
-        c.downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.raw_os_error() == Some(libc::ENOSPC))
-    });
-    if full {
-        ApiError::new(ErrorCode::DiskFull, format!("{what}: {e:#}"))
-            .with_hint("the disk holding ~/.local/state/banger is full; free some space and retry")
-    } else {
-        internal(e.context(what.to_owned()))
     }
 }
 

@@ -21,8 +21,9 @@ use banger_image::oci::manifest::ResolvedImage;
 use banger_image::oci::reference::Reference;
 use banger_image::Progress;
 
-use super::{chain_error, disk_error, Images};
+use super::{chain_error, Images};
 use crate::fsutil;
+use crate::server::disk_error;
 use crate::server::{internal, Emitter};
 use crate::store;
 

@@ -9,7 +9,8 @@ use banger_image::Progress;
 use crate::fsutil;
 use crate::server::{internal, Emitter};
 
-use super::{disk_error, Images, Staged};
+use super::{Images, Staged};
+use crate::server::disk_error;
 
 impl Images {
     pub async fn register(

@@ -17,7 +17,8 @@ use crate::store::{self, VmRow};
 use crate::{fsutil, names, now_rfc3339, sshkeys, vmdisk};
 
 use super::agent::agent_binary;
-use super::{api, disk_err, Vms, IMAGE_RUNTIME_FILE};
+use super::{api, Vms, IMAGE_RUNTIME_FILE};
+use crate::server::disk_error;
 
 impl Vms {
     /// Creates a VM (and starts it unless asked not to).
@@ -186,7 +187,7 @@ impl Vms {
         let kind = tokio::task::spawn_blocking(move || fsutil::clone_file(&src, &root))
             .await
             .map_err(|e| internal(e.into()))?
-            .map_err(|e| disk_err(e, "cannot clone the image into the VM's root disk"))?;
+            .map_err(|e| disk_error(e, "cannot clone the image into the VM's root disk"))?;
         progress.log(&format!("root disk: {kind:?}"));
 
         progress.phase("prepare work disk");
@@ -220,7 +221,7 @@ impl Vms {
         })
         .await
         .map_err(|e| internal(e.into()))?
-        .map_err(|e| disk_err(e, "cannot prepare the VM's disks"))?;
+        .map_err(|e| disk_error(e, "cannot prepare the VM's disks"))?;
         Ok(())
     }
 }

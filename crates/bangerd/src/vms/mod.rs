@@ -72,19 +72,6 @@ fn api(code: ErrorCode, msg: impl Into<String>) -> ApiError {
     ApiError::new(code, msg)
 }
 
-fn disk_err(e: anyhow::Error, what: &str) -> ApiError {
-    let full = e.chain().any(|c| {
-        c.downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.raw_os_error() == Some(libc::ENOSPC))
-    });
-    let code = if full {
-        ErrorCode::DiskFull
-    } else {
-        ErrorCode::Internal
-    };
-    api(code, format!("{what}: {e:#}"))
-}
-
 impl Vms {
     pub fn new(
         paths: Paths,

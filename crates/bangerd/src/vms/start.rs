@@ -16,7 +16,8 @@ use crate::server::{internal, Emitter};
 use crate::store::{self, VmRow};
 
 use super::agent::{agent_binary, agent_endpoint};
-use super::{api, disk_err, Vms, IMAGE_RUNTIME_FILE};
+use super::{api, Vms, IMAGE_RUNTIME_FILE};
+use crate::server::disk_error;
 
 /// How long a booting guest has to report ready (TCG guests are slow; KVM ones take a second).
 fn boot_timeout() -> Duration {
@@ -303,7 +304,7 @@ impl Vms {
         })
         .await
         .map_err(|e| internal(e.into()))?
-        .map_err(|e| disk_err(e, "cannot assemble the VM's initramfs"))
+        .map_err(|e| disk_error(e, "cannot assemble the VM's initramfs"))
     }
 
     pub async fn restart(
