@@ -2,14 +2,17 @@
 //! boot with the agent as PID 1) the initramfs, the VMM, then waiting until the guest agent (and
 //! sshd, where the guest has one) answers. Restart is a stop followed by this.
 
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use banger_agent::cmdline::{BootSettings, Ipv4Cidr};
 use banger_api::vm::{VmInfo, VmState};
 use banger_api::{ApiError, Boot, ErrorCode};
 use banger_image::Progress;
+use banger_net::Subnet;
 use banger_vmm::VmConfig;
 
 use crate::server::{internal, Emitter};
@@ -40,6 +43,43 @@ fn nic(row: &VmRow) -> Result<banger_vmm::Nic, ApiError> {
         tap: banger_net::TapName::parse(&row.tap).map_err(|e| bad(&e))?,
         mac: row.mac.parse().map_err(|e| bad(&e))?,
     })
+}
+
+/// This boot's settings for the guest agent: the VM's address on the bridge, the bridge as its
+/// gateway and name server, its name as host name, and the host's clock.
+fn boot_settings(row: &VmRow, subnet: &Subnet) -> Result<BootSettings, ApiError> {
+    let broken = |what: &str| {
+        api(
+            ErrorCode::Internal,
+            format!("VM {} has a broken record: {what}", row.name),
+        )
+    };
+    let ip: Ipv4Addr = row
+        .ip
+        .parse()
+        .map_err(|_| broken(&format!("address {:?}", row.ip)))?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    Ok(BootSettings {
+        ip: Ipv4Cidr::new(ip, subnet.prefix_len()),
+        gateway: Some(subnet.gateway()),
+        // VM names are DNS labels (banger_api::validate_name), so this always parses.
+        hostname: Some(row.name.parse().map_err(|e: String| broken(&e))?),
+        dns: vec![subnet.gateway()],
+        time: Some(now),
+    })
+}
+
+/// The kernel command line of a VM: the console, the root disk, systemd's own words for guests
+/// that boot with it, then the per-boot settings the agent reads.
+fn kernel_command_line(boot: Boot, settings: &BootSettings) -> String {
+    let systemd = match boot {
+        Boot::Systemd => " net.ifnames=0 systemd.show_status=0",
+        Boot::Agent => "",
+    };
+    format!("console=ttyS0 reboot=k panic=1 root=/dev/vda rw rootfstype=ext4{systemd} {settings}")
 }
 
 impl Vms {
@@ -92,6 +132,7 @@ impl Vms {
         };
 
         let nic = nic(&row)?;
+        let settings = boot_settings(&row, &self.net.config().subnet)?;
 
         progress.phase("network");
         let uid = nix::unistd::geteuid();
@@ -128,25 +169,9 @@ impl Vms {
                 format!("cannot prepare {}: {e}", run_dir.display()),
             ));
         }
-        let gateway = self.net.config().subnet.gateway();
-        let prefix = self.net.config().subnet.prefix_len();
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        let settings = format!(
-            "banger.ip={}/{prefix} banger.gw={gateway} banger.hostname={name} \
-             banger.dns={gateway} banger.time={now}",
-            row.ip
-        );
-        let (kernel_args, initrd) = match row.boot {
-            Boot::Systemd => (
-                format!(
-                    "console=ttyS0 reboot=k panic=1 root=/dev/vda rw rootfstype=ext4 \
-                     net.ifnames=0 systemd.show_status=0 {settings}"
-                ),
-                kernel.initrd.as_ref().map(PathBuf::from),
-            ),
+        let kernel_args = kernel_command_line(row.boot, &settings);
+        let initrd = match row.boot {
+            Boot::Systemd => kernel.initrd.as_ref().map(PathBuf::from),
             // banger's initramfs: the kernel's modules plus the agent as /init and the image's
             // runtime settings, assembled for this start (so a new agent takes effect at once).
             Boot::Agent => {
@@ -158,10 +183,7 @@ impl Vms {
                     self.release_network(&row).await;
                     return Err(e);
                 }
-                (
-                    format!("console=ttyS0 reboot=k panic=1 root=/dev/vda rw rootfstype=ext4 {settings}"),
-                    Some(initrd),
-                )
+                Some(initrd)
             }
         };
         let cfg = VmConfig {
@@ -318,5 +340,61 @@ impl Vms {
         self.stop_locked(name, false).await?;
         self.start_locked(name, &progress).await?;
         self.show(name).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use banger_agent::cmdline;
+
+    fn row(boot: Boot) -> VmRow {
+        VmRow {
+            name: "dev-box".into(),
+            id: "0a1b2c3d".into(),
+            image: "img".into(),
+            kernel: "k".into(),
+            state: banger_api::vm::VmState::Stopped,
+            spec: banger_api::vm::VmSpec {
+                vcpu: 1,
+                memory_mib: 256,
+                disk_bytes: 1 << 30,
+            },
+            ip: "172.16.0.2".into(),
+            mac: "02:ba:ac:10:00:02".into(),
+            tap: "bg-0a1b2c3d".into(),
+            vmm: None,
+            handle: None,
+            created_at: "2026-01-01T00:00:00Z".into(),
+            last_error: None,
+            boot,
+        }
+    }
+
+    #[test]
+    fn the_agent_reads_back_every_setting_the_daemon_puts_on_the_command_line() {
+        let subnet: Subnet = "172.16.0.1/24".parse().unwrap();
+        for boot in [Boot::Systemd, Boot::Agent] {
+            let settings = boot_settings(&row(boot), &subnet).unwrap();
+            let line = kernel_command_line(boot, &settings);
+            let parsed = cmdline::parse(&line);
+            assert_eq!(parsed.warnings, Vec::<String>::new(), "{line}");
+            assert_eq!(parsed.settings, settings);
+            assert_eq!(
+                settings.ip.map(|c| c.to_string()).as_deref(),
+                Some("172.16.0.2/24")
+            );
+            assert_eq!(settings.dns, vec![subnet.gateway()]);
+            // The agent as /init mounts the root disk from the same line.
+            let (root, warnings) = cmdline::parse_root(&line);
+            assert!(warnings.is_empty(), "{warnings:?}");
+            assert_eq!(root.device.as_deref(), Some(Path::new("/dev/vda")));
+            assert!(!root.read_only);
+            assert_eq!(
+                line.contains("systemd.show_status=0"),
+                boot == Boot::Systemd,
+                "{line}"
+            );
+        }
     }
 }
