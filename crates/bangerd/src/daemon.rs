@@ -15,9 +15,12 @@ use anyhow::Context;
 use axum::routing::{delete, get, post};
 use axum::Router;
 use banger_config::{Config, Paths};
+use banger_net::{BridgeConfig, HostNet, Network, PrivilegedRunner, SystemHostNet};
+use banger_vmm::{Backends, VmmSettings};
 use nix::fcntl::{Flock, FlockArg};
 use tokio::sync::watch;
 
+use crate::dns::DnsService;
 use crate::routes::{images as image_routes, vms as vm_routes};
 use crate::store::Store;
 use crate::{images, vms, AppState};
@@ -55,6 +58,26 @@ fn take_lock(path: &Path) -> anyhow::Result<Option<Flock<File>>> {
     }
 }
 
+/// The VM service's effects on this host: the real network, the VMM the config and the host
+/// allow, the `.vm` server, sshd over TCP, and the installed guest agent. Made once, here.
+fn host_effects(config: &Config) -> anyhow::Result<vms::Effects> {
+    let bridge = BridgeConfig::parse(config.bridge(), config.subnet())
+        .context("invalid bridge_name or bridge_subnet in config")?;
+    let dns = Arc::new(DnsService::new(bridge.clone()));
+    let net: Arc<Network<dyn HostNet>> = Arc::new(Network::new(
+        SystemHostNet::new(PrivilegedRunner::detect()),
+        bridge,
+    ));
+    Ok(vms::Effects {
+        net,
+        vmms: Backends::for_this_host(&VmmSettings::from_config(config)),
+        dns,
+        sshd: Arc::new(vms::TcpSshd),
+        agent_binary: vms::AgentBinary::Installed,
+        timeouts: vms::Timeouts::from_env(),
+    })
+}
+
 /// Runs the daemon until it is asked to stop or receives SIGTERM/SIGINT.
 pub async fn run(paths: Paths) -> anyhow::Result<Startup> {
     ensure_private_dir(&paths.state_dir)?;
@@ -81,7 +104,8 @@ pub async fn run(paths: Paths) -> anyhow::Result<Startup> {
         store.clone(),
         config.clone(),
         image_locks,
-    )?);
+        host_effects(&config)?,
+    ));
     vms.reconcile()
         .await
         .context("cannot reconcile VMs with the host")?;

@@ -4,31 +4,38 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use banger_agent::host::{AgentClient, Endpoint};
+use banger_agent::host::{wait_ready_with, AgentClient, AgentError, Ready};
 use banger_api::vm::VmState;
 use banger_api::{ApiError, ErrorCode};
-use banger_vmm::{AgentEndpoint, VmHandle};
+use banger_vmm::VmHandle;
 
 use super::{api, Vms};
 
-pub(super) fn agent_endpoint(e: &AgentEndpoint) -> Result<Endpoint, ApiError> {
-    match e {
-        AgentEndpoint::VirtioSerial { socket } => Ok(Endpoint::VirtioSerial {
-            socket: socket.clone(),
-        }),
-        AgentEndpoint::FirecrackerVsock { uds, port } => Ok(Endpoint::FirecrackerVsock {
-            uds: uds.clone(),
-            port: *port,
-        }),
-        AgentEndpoint::Vsock { .. } => Err(api(
-            ErrorCode::Internal,
-            "host vsock agent channels are not supported by this banger",
-        )),
+/// Where the guest agent binary comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentBinary {
+    /// The installed one, looked up at every use (so installing a new agent needs no daemon
+    /// restart): `BANGER_AGENT_BIN`, else `banger-agent` next to bangerd, else on PATH.
+    Installed,
+    /// This file.
+    At(PathBuf),
+}
+
+impl AgentBinary {
+    pub(super) fn find(&self) -> Result<PathBuf, ApiError> {
+        match self {
+            AgentBinary::Installed => installed_agent(),
+            AgentBinary::At(p) if p.is_file() => Ok(p.clone()),
+            AgentBinary::At(p) => Err(api(
+                ErrorCode::MissingTool,
+                format!("the guest agent binary {} does not exist", p.display()),
+            )),
+        }
     }
 }
 
 /// The guest agent binary: `BANGER_AGENT_BIN`, else `banger-agent` next to bangerd, else PATH.
-pub(super) fn agent_binary() -> Result<PathBuf, ApiError> {
+fn installed_agent() -> Result<PathBuf, ApiError> {
     if let Some(p) = std::env::var_os("BANGER_AGENT_BIN") {
         let p = PathBuf::from(p);
         if p.is_file() {
@@ -88,8 +95,8 @@ impl Vms {
                 )
                 .with_hint(format!("start it with `banger vm start {name}`"))
             })?;
-        let endpoint = agent_endpoint(&handle.agent)?;
-        let (client, _) = banger_agent::host::wait_ready(name, &endpoint, Duration::from_secs(20))
+        let (client, _) = self
+            .wait_for_agent(name, &handle, self.timeouts.reconnect)
             .await
             .map_err(|e| {
                 api(
@@ -102,5 +109,21 @@ impl Vms {
             .unwrap_or_else(|p| p.into_inner())
             .insert(name.to_owned(), client.clone());
         Ok(client)
+    }
+
+    /// Connects to the VM's agent through its VMM's channel, and says `hello` until the agent
+    /// answers or `timeout` passes (the guest may still be booting).
+    pub(super) async fn wait_for_agent(
+        &self,
+        name: &str,
+        handle: &VmHandle,
+        timeout: Duration,
+    ) -> Result<(AgentClient, Ready), AgentError> {
+        let vmm = self.vmms.for_handle(handle);
+        wait_ready_with(name, timeout, || async {
+            let stream = vmm.connect_agent(handle).await?;
+            Ok::<_, banger_vmm::VmmError>(AgentClient::new(name, stream))
+        })
+        .await
     }
 }

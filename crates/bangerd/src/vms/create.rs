@@ -16,7 +16,6 @@ use crate::server::{internal, Emitter};
 use crate::store::{self, VmRow};
 use crate::{fsutil, names, now_rfc3339, sshkeys, vmdisk};
 
-use super::agent::agent_binary;
 use super::{api, Vms, IMAGE_RUNTIME_FILE};
 use crate::server::disk_error;
 
@@ -43,7 +42,7 @@ impl Vms {
             )
             .with_hint("use at least 1 vCPU, 128 MiB of memory and a 64M disk"));
         }
-        let agent_bin = agent_binary()?;
+        let agent_bin = self.agent_binary.find()?;
 
         // Name and lease, reserved in one transaction: the row in state `creating` is the lease.
         let requested = req.name.clone();

@@ -17,17 +17,17 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use anyhow::Context;
 use banger_agent::host::{AgentClient, ExecInput};
 use banger_api::vm::{VmInfo, VmState};
 use banger_api::{ApiError, ErrorCode};
 use banger_config::{Config, Paths};
-use banger_net::{BridgeConfig, Network, SystemHostNet};
-use banger_vmm::VmHandle;
+use banger_net::{HostNet, Network};
+use banger_vmm::{Backends, VmHandle};
 use tokio::sync::Mutex as AsyncMutex;
 
-use crate::dns::DnsService;
+use crate::dns::NameService;
 use crate::registry::Registry;
 use crate::server::internal;
 use crate::store::{self, Store, VmRow};
@@ -44,15 +44,74 @@ mod start;
 mod stop;
 mod supervise;
 
+pub use agent::AgentBinary;
+pub use start::{SshdProbe, TcpSshd};
+
+/// What the VM service does to the host beyond its own files and rows, built once by the
+/// daemon (the real host) or by a test (fakes: banger-net's `FakeHostNet`, banger-vmm's
+/// `FakeVmm`), so the lifecycle is tested without root and without a guest.
+pub struct Effects {
+    /// The bridge, taps and NAT.
+    pub net: Arc<Network<dyn HostNet>>,
+    /// The VMM new VMs start on, and the one for each running VM's handle.
+    pub vmms: Backends,
+    /// The `.vm` names and their server.
+    pub dns: Arc<dyn NameService>,
+    /// Whether a booted guest's sshd answers.
+    pub sshd: Arc<dyn SshdProbe>,
+    /// The guest agent binary put into VMs.
+    pub agent_binary: AgentBinary,
+    pub timeouts: Timeouts,
+}
+
+/// How long the lifecycle waits. The defaults suit real guests; tests make them short.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// A booting guest's agent reporting ready: `BANGER_BOOT_TIMEOUT` seconds, else 180 (TCG
+    /// guests are slow; KVM ones take a second).
+    pub boot: Duration,
+    /// sshd answering once the agent has.
+    pub sshd: Duration,
+    /// A guest shutting down when asked, before its VMM is killed.
+    pub graceful_stop: Duration,
+    /// The agent's answer to a power-off request.
+    pub poweroff: Duration,
+    /// Reaching a running VM's agent again (after a daemon restart).
+    pub reconnect: Duration,
+    /// How often a running VM's VMM is checked.
+    pub supervise_every: Duration,
+}
+
+impl Timeouts {
+    pub fn from_env() -> Timeouts {
+        let boot = std::env::var("BANGER_BOOT_TIMEOUT")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .map(Duration::from_secs)
+            .unwrap_or(Duration::from_secs(180));
+        Timeouts {
+            boot,
+            sshd: Duration::from_secs(60),
+            graceful_stop: Duration::from_secs(30),
+            poweroff: Duration::from_secs(5),
+            reconnect: Duration::from_secs(20),
+            supervise_every: Duration::from_millis(250),
+        }
+    }
+}
+
 pub struct Vms {
     paths: Paths,
     store: Store,
     config: Config,
-    net: Arc<Network<SystemHostNet>>,
+    net: Arc<Network<dyn HostNet>>,
     net_lock: AsyncMutex<()>,
-    dns: DnsService,
+    dns: Arc<dyn NameService>,
     /// The VMM new VMs start on, and the one for each running VM's handle.
-    vmms: banger_vmm::Backends,
+    vmms: Backends,
+    sshd: Arc<dyn SshdProbe>,
+    agent_binary: AgentBinary,
+    timeouts: Timeouts,
     locks: Mutex<HashMap<String, Arc<AsyncMutex<()>>>>,
     agents: Mutex<HashMap<String, AgentClient>>,
     /// Running `vm exec` commands by session id: (VM name, the command's input side).
@@ -78,30 +137,33 @@ impl Vms {
         store: Store,
         config: Config,
         image_locks: crate::image_locks::ImageLocks,
-    ) -> anyhow::Result<Self> {
-        let net_config = BridgeConfig::parse(config.bridge(), config.subnet())
-            .context("invalid bridge_name or bridge_subnet in config")?;
-        let dns = DnsService::new(net_config.clone());
-        let net = Network::new(
-            SystemHostNet::new(banger_net::PrivilegedRunner::detect()),
-            net_config,
-        );
-        let vmms =
-            banger_vmm::Backends::for_this_host(&banger_vmm::VmmSettings::from_config(&config));
-        Ok(Self {
+        effects: Effects,
+    ) -> Self {
+        let Effects {
+            net,
+            vmms,
+            dns,
+            sshd,
+            agent_binary,
+            timeouts,
+        } = effects;
+        Self {
             paths,
             store,
             config,
-            net: Arc::new(net),
+            net,
             net_lock: AsyncMutex::new(()),
             dns,
             vmms,
+            sshd,
+            agent_binary,
+            timeouts,
             locks: Mutex::default(),
             agents: Mutex::default(),
             exec_sessions: Registry::default(),
             starting: Registry::default(),
             image_locks,
-        })
+        }
     }
 
     pub fn dns_status(&self) -> banger_api::DnsStatus {

@@ -19,7 +19,8 @@ impl Vms {
         };
         self.dns.set_names(
             rows.iter()
-                .filter_map(|r| Some((r.name.clone(), r.ip.parse().ok()?))),
+                .filter_map(|r| Some((r.name.clone(), r.ip.parse().ok()?)))
+                .collect(),
         );
         let entries: Vec<sshkeys::Pinned> = rows
             .iter()

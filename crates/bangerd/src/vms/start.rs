@@ -14,50 +14,58 @@ use banger_api::{ApiError, Boot, ErrorCode};
 use banger_image::Progress;
 use banger_net::Subnet;
 use banger_vmm::VmConfig;
+use futures_util::future::BoxFuture;
 
 use crate::server::{internal, Emitter};
 use crate::store::{self, VmRow};
 
-use super::agent::{agent_binary, agent_endpoint};
 use super::{api, Vms, IMAGE_RUNTIME_FILE};
 use crate::server::disk_error;
 
-/// How long a booting guest has to report ready (TCG guests are slow; KVM ones take a second).
-fn boot_timeout() -> Duration {
-    std::env::var("BANGER_BOOT_TIMEOUT")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .map(Duration::from_secs)
-        .unwrap_or(Duration::from_secs(180))
+/// Whether a booted guest's sshd answers on `addr`, port 22: one quick attempt (the caller
+/// retries until its deadline). The seam lets tests without a guest say yes or no.
+pub trait SshdProbe: Send + Sync {
+    fn answers(&self, addr: Ipv4Addr) -> BoxFuture<'_, bool>;
 }
 
-/// The VM's network interface as its row records it (checked again: the row is only text).
-fn nic(row: &VmRow) -> Result<banger_vmm::Nic, ApiError> {
-    let bad = |e: &dyn std::fmt::Display| {
-        api(
-            ErrorCode::Internal,
-            format!("VM {} has a broken network record: {e}", row.name),
-        )
-    };
-    Ok(banger_vmm::Nic {
+/// The real probe: a TCP connection, given two seconds.
+pub struct TcpSshd;
+
+impl SshdProbe for TcpSshd {
+    fn answers(&self, addr: Ipv4Addr) -> BoxFuture<'_, bool> {
+        Box::pin(async move {
+            let connect = tokio::net::TcpStream::connect((addr, 22));
+            matches!(
+                tokio::time::timeout(Duration::from_secs(2), connect).await,
+                Ok(Ok(_))
+            )
+        })
+    }
+}
+
+/// A row whose text does not parse back (it was written by banger, so this is a bug or an edit).
+fn broken_record(row: &VmRow, what: &dyn std::fmt::Display) -> ApiError {
+    api(
+        ErrorCode::Internal,
+        format!("VM {} has a broken record: {what}", row.name),
+    )
+}
+
+/// The VM's address and network interface as its row records them (checked again: the row is
+/// only text).
+fn addresses(row: &VmRow) -> Result<(Ipv4Addr, banger_vmm::Nic), ApiError> {
+    let bad = |e: &dyn std::fmt::Display| broken_record(row, e);
+    let ip = row.ip.parse().map_err(|e| bad(&e))?;
+    let nic = banger_vmm::Nic {
         tap: banger_net::TapName::parse(&row.tap).map_err(|e| bad(&e))?,
         mac: row.mac.parse().map_err(|e| bad(&e))?,
-    })
+    };
+    Ok((ip, nic))
 }
 
 /// This boot's settings for the guest agent: the VM's address on the bridge, the bridge as its
 /// gateway and name server, its name as host name, and the host's clock.
-fn boot_settings(row: &VmRow, subnet: &Subnet) -> Result<BootSettings, ApiError> {
-    let broken = |what: &str| {
-        api(
-            ErrorCode::Internal,
-            format!("VM {} has a broken record: {what}", row.name),
-        )
-    };
-    let ip: Ipv4Addr = row
-        .ip
-        .parse()
-        .map_err(|_| broken(&format!("address {:?}", row.ip)))?;
+fn boot_settings(row: &VmRow, ip: Ipv4Addr, subnet: &Subnet) -> Result<BootSettings, ApiError> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -66,7 +74,11 @@ fn boot_settings(row: &VmRow, subnet: &Subnet) -> Result<BootSettings, ApiError>
         ip: Ipv4Cidr::new(ip, subnet.prefix_len()),
         gateway: Some(subnet.gateway()),
         // VM names are DNS labels (banger_api::validate_name), so this always parses.
-        hostname: Some(row.name.parse().map_err(|e: String| broken(&e))?),
+        hostname: Some(
+            row.name
+                .parse()
+                .map_err(|e: String| broken_record(row, &e))?,
+        ),
         dns: vec![subnet.gateway()],
         time: Some(now),
     })
@@ -131,8 +143,8 @@ impl Vms {
                 })?
         };
 
-        let nic = nic(&row)?;
-        let settings = boot_settings(&row, &self.net.config().subnet)?;
+        let (ip, nic) = addresses(&row)?;
+        let settings = boot_settings(&row, ip, &self.net.config().subnet)?;
 
         progress.phase("network");
         let uid = nix::unistd::geteuid();
@@ -228,8 +240,7 @@ impl Vms {
         self.supervise(name.to_owned(), handle.clone());
 
         progress.phase("wait for agent");
-        let endpoint = agent_endpoint(&handle.agent)?;
-        let ready = banger_agent::host::wait_ready(name, &endpoint, boot_timeout()).await;
+        let ready = self.wait_for_agent(name, &handle, self.timeouts.boot).await;
         let client = match ready {
             Ok((client, _ready)) => client,
             Err(e) => {
@@ -262,21 +273,18 @@ impl Vms {
         }
         progress.phase("wait for ssh");
         let addr = format!("{}:22", row.ip);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            match tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(&addr)).await {
-                Ok(Ok(_)) => break,
-                _ if tokio::time::Instant::now() > deadline => {
-                    return Err(api(
-                        ErrorCode::BootTimeout,
-                        format!("VM {name} is up but sshd does not answer on {addr}"),
-                    )
-                    .with_hint(format!(
-                        "the VM is kept; try `banger vm exec {name} -- systemctl status ssh`, or see `banger vm logs {name}`"
-                    )))
-                }
-                _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        let deadline = tokio::time::Instant::now() + self.timeouts.sshd;
+        while !self.sshd.answers(ip).await {
+            if tokio::time::Instant::now() > deadline {
+                return Err(api(
+                    ErrorCode::BootTimeout,
+                    format!("VM {name} is up but sshd does not answer on {addr}"),
+                )
+                .with_hint(format!(
+                    "the VM is kept; try `banger vm exec {name} -- systemctl status ssh`, or see `banger vm logs {name}`"
+                )));
             }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
         Ok(())
     }
@@ -289,7 +297,7 @@ impl Vms {
         runtime: &Path,
         out: &Path,
     ) -> Result<(), ApiError> {
-        let agent = agent_binary()?;
+        let agent = self.agent_binary.find()?;
         let modules = kernel.initrd.as_ref().map(PathBuf::from).ok_or_else(|| {
             api(
                 ErrorCode::InvalidState,
@@ -375,7 +383,8 @@ mod tests {
     fn the_agent_reads_back_every_setting_the_daemon_puts_on_the_command_line() {
         let subnet: Subnet = "172.16.0.1/24".parse().unwrap();
         for boot in [Boot::Systemd, Boot::Agent] {
-            let settings = boot_settings(&row(boot), &subnet).unwrap();
+            let settings =
+                boot_settings(&row(boot), "172.16.0.2".parse().unwrap(), &subnet).unwrap();
             let line = kernel_command_line(boot, &settings);
             let parsed = cmdline::parse(&line);
             assert_eq!(parsed.warnings, Vec::<String>::new(), "{line}");

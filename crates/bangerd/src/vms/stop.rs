@@ -10,8 +10,6 @@ use banger_vmm::VmHandle;
 
 use super::{api, Vms};
 
-const GRACEFUL_STOP: Duration = Duration::from_secs(30);
-
 impl Vms {
     pub async fn stop(&self, name: &str, force: bool) -> Result<VmInfo, ApiError> {
         let lock = self.lock_for(name);
@@ -35,7 +33,11 @@ impl Vms {
         };
         self.set_state(name, VmState::Stopping, None, Some(&handle), None)
             .await?;
-        let grace = if force { Duration::ZERO } else { GRACEFUL_STOP };
+        let grace = if force {
+            Duration::ZERO
+        } else {
+            self.timeouts.graceful_stop
+        };
         if !force {
             // The agent's poweroff is the most reliable graceful path; the VMM's own request
             // (ACPI or Ctrl-Alt-Del) follows inside the backend's stop.
@@ -46,7 +48,7 @@ impl Vms {
                 .get(name)
                 .cloned();
             if let Some(c) = client {
-                let _ = tokio::time::timeout(Duration::from_secs(5), c.poweroff()).await;
+                let _ = tokio::time::timeout(self.timeouts.poweroff, c.poweroff()).await;
             }
         }
         self.forget_agent(name);

@@ -9,15 +9,13 @@ use banger_vmm::VmHandle;
 
 use super::Vms;
 
-const SUPERVISE_EVERY: Duration = Duration::from_millis(250);
-
 impl Vms {
     /// Watches a running VM's VMM; when it dies unasked, marks the VM stopped and frees its tap.
     pub(super) fn supervise(self: &Arc<Self>, name: String, handle: VmHandle) {
         let this = self.clone();
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(SUPERVISE_EVERY).await;
+                tokio::time::sleep(this.timeouts.supervise_every).await;
                 let h = handle.clone();
                 let vmm = this.vmms.for_handle(&h).clone();
                 let alive = tokio::task::spawn_blocking(move || vmm.is_alive(&h))
