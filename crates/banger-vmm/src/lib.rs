@@ -191,6 +191,11 @@ pub trait Vmm: Send + Sync {
         graceful: Duration,
     ) -> BoxFuture<'a, Result<(), VmmError>>;
 
+    /// A VMM of this backend that was started for `vm` in `run_dir` but never recorded: the
+    /// daemon died between starting it and writing its handle down. Found so that it can be
+    /// stopped; `None` when there is none.
+    fn leftover(&self, vm: &str, run_dir: &Path) -> Option<VmHandle>;
+
     /// True when the handle's VMM still runs. For a backend that runs a host process (both do),
     /// that is the same process (pid and start time) as when it started, not a zombie; a zombie
     /// child of ours is reaped. Blocking but quick (reads `/proc`).

@@ -352,6 +352,30 @@ pub(crate) async fn terminate(
     }
 }
 
+/// The process that `pid_file` names, if it still runs and its command line names `marker` (a
+/// path only this VM's VMM is given): a VMM whose starter died before it could record it. The
+/// pid alone could be anyone's by now; the marker makes it ours.
+pub(crate) fn leftover(pid_file: &Path, marker: &Path) -> Option<Spawned> {
+    use std::os::unix::ffi::OsStrExt;
+    let pid: i32 = std::fs::read_to_string(pid_file)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let stat = proc_stat(pid)?;
+    if stat.is_zombie() {
+        try_reap(pid);
+        return None;
+    }
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let marker = marker.as_os_str().as_bytes();
+    let named = !marker.is_empty() && cmdline.windows(marker.len()).any(|w| w == marker);
+    named.then_some(Spawned {
+        pid,
+        start_time: stat.start_time,
+    })
+}
+
 /// Formats the tails of the given logs for an error message (empty logs are left out).
 pub(crate) fn format_logs(logs: &[(&str, &Path)]) -> String {
     let mut out = String::new();
@@ -498,5 +522,28 @@ mod tests {
         spec.program = "/nonexistent/vmm-binary".into();
         let err = spawn_detached(&spec).unwrap_err();
         assert!(err.to_string().contains("/nonexistent/vmm-binary"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_leftover_is_found_by_its_pid_file_only_if_it_names_the_marker() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("qmp.sock");
+        let mut spec = sleep_spec(dir.path());
+        spec.program = "sh".into();
+        spec.args = vec![
+            "-c".into(),
+            "exec sleep 300".into(),
+            marker.clone().into_os_string(),
+        ];
+        let spawned = spawn_detached(&spec).unwrap();
+        let _guard = ProcessGuard::new(spawned.pid, spawned.start_time);
+        let pid_file = dir.path().join("vmm.pid");
+        assert_eq!(leftover(&pid_file, &marker), Some(spawned));
+        assert_eq!(leftover(&pid_file, &dir.path().join("fc.sock")), None);
+        assert_eq!(leftover(&dir.path().join("missing.pid"), &marker), None);
+        terminate(spawned.pid, spawned.start_time, Duration::ZERO)
+            .await
+            .unwrap();
+        assert_eq!(leftover(&pid_file, &marker), None, "gone is not left over");
     }
 }

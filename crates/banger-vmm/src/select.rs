@@ -241,6 +241,19 @@ impl Backends {
         &self.reason
     }
 
+    /// A VMM some backend started for `vm` in `run_dir` that nobody recorded (see
+    /// [`Vmm::leftover`]), with the backend to stop it.
+    pub fn leftover(
+        &self,
+        vm: &str,
+        run_dir: &std::path::Path,
+    ) -> Option<(&Arc<dyn Vmm>, VmHandle)> {
+        self.by_kind
+            .iter()
+            .chain(std::iter::once(&self.fallback))
+            .find_map(|b| Some((b, b.leftover(vm, run_dir)?)))
+    }
+
     /// The backend that started `handle`'s VMM.
     pub fn for_handle(&self, handle: &VmHandle) -> &Arc<dyn Vmm> {
         self.by_kind

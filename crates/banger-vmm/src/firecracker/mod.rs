@@ -200,18 +200,24 @@ impl FirecrackerBackend {
             let _ = process::terminate(spawned.pid, spawned.start_time, Duration::ZERO).await;
             return Err(e);
         }
-        Ok(VmHandle {
-            name: cfg.name.clone(),
-            backend: BackendKind::Firecracker,
-            pid: spawned.pid,
-            pid_start_time: spawned.start_time,
-            agent: AgentEndpoint::FirecrackerVsock {
-                uds: files.vsock_uds,
-                port: AGENT_PORT,
-            },
-            api_socket: Some(files.api_socket),
-            run_dir: cfg.run_dir.clone(),
-        })
+        Ok(handle(&cfg.name, &cfg.run_dir, spawned))
+    }
+}
+
+/// The handle of a Firecracker VM whose files are in `run_dir`.
+fn handle(name: &str, run_dir: &Path, spawned: Spawned) -> VmHandle {
+    let files = Files::new(run_dir);
+    VmHandle {
+        name: name.to_string(),
+        backend: BackendKind::Firecracker,
+        pid: spawned.pid,
+        pid_start_time: spawned.start_time,
+        agent: AgentEndpoint::FirecrackerVsock {
+            uds: files.vsock_uds,
+            port: AGENT_PORT,
+        },
+        api_socket: Some(files.api_socket),
+        run_dir: run_dir.to_path_buf(),
     }
 }
 
@@ -368,6 +374,13 @@ impl Vmm for FirecrackerBackend {
 
     fn start<'a>(&'a self, cfg: &'a VmConfig) -> BoxFuture<'a, Result<VmHandle, VmmError>> {
         Box::pin(self.start_vm(cfg))
+    }
+
+    /// Firecracker's pid file, and its command line naming the VM's API socket.
+    fn leftover(&self, vm: &str, run_dir: &Path) -> Option<VmHandle> {
+        let files = Files::new(run_dir);
+        let spawned = process::leftover(&files.pid_file, &files.api_socket)?;
+        Some(handle(vm, run_dir, spawned))
     }
 
     /// Ctrl-Alt-Del, then SIGKILL after `graceful`.

@@ -163,15 +163,20 @@ impl QemuBackend {
             let _ = process::terminate(spawned.pid, spawned.start_time, Duration::ZERO).await;
             return Err(e);
         }
-        Ok(VmHandle {
-            name: cfg.name.clone(),
-            backend: BackendKind::Qemu,
-            pid: spawned.pid,
-            pid_start_time: spawned.start_time,
-            agent,
-            api_socket: Some(qmp_socket),
-            run_dir: cfg.run_dir.clone(),
-        })
+        Ok(handle(&cfg.name, &cfg.run_dir, spawned, agent))
+    }
+}
+
+/// The handle of a QEMU VM whose files are in `run_dir`.
+fn handle(name: &str, run_dir: &Path, spawned: Spawned, agent: AgentEndpoint) -> VmHandle {
+    VmHandle {
+        name: name.to_string(),
+        backend: BackendKind::Qemu,
+        pid: spawned.pid,
+        pid_start_time: spawned.start_time,
+        agent,
+        api_socket: Some(run_dir.join(QMP_SOCKET)),
+        run_dir: run_dir.to_path_buf(),
     }
 }
 
@@ -251,6 +256,16 @@ impl Vmm for QemuBackend {
 
     fn start<'a>(&'a self, cfg: &'a VmConfig) -> BoxFuture<'a, Result<VmHandle, VmmError>> {
         Box::pin(self.start_vm(cfg))
+    }
+
+    /// QEMU's pid file, and its command line naming the VM's QMP socket.
+    fn leftover(&self, vm: &str, run_dir: &Path) -> Option<VmHandle> {
+        let spawned = process::leftover(&run_dir.join(PID_FILE), &run_dir.join(QMP_SOCKET))?;
+        // Only stopped, never talked to: the agent channel it was given does not matter.
+        let agent = AgentEndpoint::VirtioSerial {
+            socket: run_dir.join(AGENT_SOCKET),
+        };
+        Some(handle(vm, run_dir, spawned, agent))
     }
 
     /// The ACPI power button, then SIGKILL after `graceful`.

@@ -92,6 +92,16 @@ async fn qemu_boots_a_guest_and_stop_kills_it_after_the_grace_period() {
     // The agent's virtio-serial port is served on the host socket.
     connect_agent(&handle.agent).await.unwrap();
 
+    // A daemon that died before recording the handle finds the VMM again by its run directory;
+    // the other backend does not mistake it for one of its own.
+    let left = backend().leftover(&cfg.name, &cfg.run_dir).unwrap();
+    assert_eq!(
+        (left.pid, left.pid_start_time),
+        (handle.pid, handle.pid_start_time)
+    );
+    let firecracker = crate::firecracker::FirecrackerBackend::new("firecracker".into());
+    assert_eq!(firecracker.leftover(&cfg.name, &cfg.run_dir), None);
+
     // A daemon restart re-adopts the VM from the persisted handle, with a backend of its own.
     let persisted = serde_json::to_string(&handle).unwrap();
     let adopted: VmHandle = serde_json::from_str(&persisted).unwrap();

@@ -5,12 +5,14 @@
 //! stay alive until stopped or killed; like real VMMs they outlive whoever started them, so a
 //! second daemon over the same fake re-adopts them. A test can make the next start fail, make
 //! VMMs die as soon as they started, make the guest ignore shutdown requests (so a stop waits out
-//! its grace period and kills) or even a kill, and crash a VMM at any time. The guest agent's
+//! its grace period and kills) or even a kill, crash a VMM at any time, and hold starts until
+//! released (to catch what happens meanwhile). The guest agent's
 //! channel is a socket pair: the test hands the guest's end to whatever plays the agent (the
 //! real serve loop, typically), and a VMM that ends shuts that end down, as a dying guest would.
 
 use std::io;
 use std::os::unix::net::UnixStream as StdUnixStream;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -29,7 +31,8 @@ pub enum FakeCall {
     /// A start, with everything it was asked to boot (also recorded when it was refused).
     Start(VmConfig),
     /// A stop of `vm` with this grace period. `forced` when the VMM still ran after it and was
-    /// killed; false when the guest shut down when asked, or the VMM was gone already.
+    /// killed (always so without a grace period); false when the guest shut down when asked, or
+    /// the VMM was gone already.
     Stop {
         vm: String,
         graceful: Duration,
@@ -40,6 +43,7 @@ pub enum FakeCall {
 /// A VMM process the fake started.
 struct Process {
     name: String,
+    run_dir: PathBuf,
     pid: i32,
     start_time: u64,
     /// `None` while it runs; how it ended once it has.
@@ -75,6 +79,8 @@ struct Inner {
 pub struct FakeVmm {
     kind: BackendKind,
     inner: Mutex<Inner>,
+    /// True while starts wait (after they were recorded) for the test to let them go on.
+    hold: tokio::sync::watch::Sender<bool>,
 }
 
 impl Default for FakeVmm {
@@ -96,6 +102,7 @@ impl FakeVmm {
                 next_pid: 1 << 24,
                 ..Inner::default()
             }),
+            hold: tokio::sync::watch::Sender::new(false),
         }
     }
 
@@ -112,6 +119,11 @@ impl FakeVmm {
     /// Makes the next start fail as a VMM that exits during start-up does.
     pub fn refuse_next_start(&self) {
         self.lock().refuse_next_start = true;
+    }
+
+    /// While `yes`, every start is recorded and then waits until this is called with `false`.
+    pub fn hold_starts(&self, yes: bool) {
+        self.hold.send_replace(yes);
     }
 
     /// Every VMM started from now on dies right after its start returned.
@@ -183,9 +195,11 @@ impl FakeVmm {
             .collect()
     }
 
-    fn start_vm(&self, cfg: &VmConfig) -> Result<VmHandle, VmmError> {
+    async fn start_vm(&self, cfg: &VmConfig) -> Result<VmHandle, VmmError> {
+        self.lock().calls.push(FakeCall::Start(cfg.clone()));
+        // The sender lives as long as `self`, so this only ends when the hold is lifted.
+        let _ = self.hold.subscribe().wait_for(|held| !*held).await;
         let mut inner = self.lock();
-        inner.calls.push(FakeCall::Start(cfg.clone()));
         check_inputs(cfg)?;
         if std::mem::take(&mut inner.refuse_next_start) {
             return Err(VmmError::ExitedDuringStart {
@@ -199,6 +213,7 @@ impl FakeVmm {
         inner.next_pid += 1;
         let mut process = Process {
             name: cfg.name.clone(),
+            run_dir: cfg.run_dir.clone(),
             pid,
             start_time: u64::MAX - pid.unsigned_abs() as u64,
             ended: None,
@@ -260,13 +275,14 @@ impl FakeVmm {
             record(false);
             return Ok(());
         }
+        // A guest shuts down when asked, if it is given any time for it at all.
         let ignored = self.lock().ignore_shutdown;
-        if !ignored {
+        if !ignored && !graceful.is_zero() {
             self.end_by_stop(handle, "exit status 0");
             record(false);
             return Ok(());
         }
-        // The guest ignores the request: the grace period runs out, then the kill.
+        // The grace period runs out (at once, when there is none), then the kill.
         tokio::time::sleep(graceful).await;
         record(true);
         if self.end_by_stop(handle, "killed by SIGKILL") {
@@ -318,7 +334,7 @@ impl Vmm for FakeVmm {
     }
 
     fn start<'a>(&'a self, cfg: &'a VmConfig) -> BoxFuture<'a, Result<VmHandle, VmmError>> {
-        Box::pin(async move { self.start_vm(cfg) })
+        Box::pin(self.start_vm(cfg))
     }
 
     fn stop<'a>(
@@ -327,6 +343,26 @@ impl Vmm for FakeVmm {
         graceful: Duration,
     ) -> BoxFuture<'a, Result<(), VmmError>> {
         Box::pin(self.stop_vm(handle, graceful))
+    }
+
+    /// A running VMM started for `vm` in `run_dir`.
+    fn leftover(&self, vm: &str, run_dir: &Path) -> Option<VmHandle> {
+        let inner = self.lock();
+        let p = inner
+            .processes
+            .iter()
+            .find(|p| p.name == vm && p.run_dir == run_dir && p.ended.is_none())?;
+        Some(VmHandle {
+            name: vm.to_string(),
+            backend: self.kind,
+            pid: p.pid,
+            pid_start_time: p.start_time,
+            agent: AgentEndpoint::VirtioSerial {
+                socket: run_dir.join("agent.sock"),
+            },
+            api_socket: None,
+            run_dir: run_dir.to_path_buf(),
+        })
     }
 
     fn is_alive(&self, handle: &VmHandle) -> bool {
@@ -417,6 +453,25 @@ mod tests {
         let h = fake.start(&config(dir.path(), "b")).await.unwrap();
         let err = fake.stop(&h, Duration::ZERO).await.unwrap_err();
         assert!(matches!(err, VmmError::StillRunning { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_held_start_is_recorded_and_waits_until_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = Arc::new(FakeVmm::new());
+        fake.hold_starts(true);
+        let cfg = config(dir.path(), "a");
+        let f = fake.clone();
+        let start = tokio::spawn(async move { f.start(&cfg).await.map(|h| h.name) });
+        while fake.starts().is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!start.is_finished(), "the start did not wait");
+        assert!(fake.running().is_empty());
+        fake.hold_starts(false);
+        assert_eq!(start.await.unwrap().unwrap(), "a");
+        assert_eq!(fake.running(), ["a"]);
     }
 
     #[tokio::test]

@@ -1,12 +1,14 @@
 //! Start-up repair: re-adopting live VMMs, marking dead ones stopped, rolling back half-made
-//! VMs, removing taps no VM owns, and tearing the network down when nothing runs.
+//! VMs, stopping VMMs that were started but never recorded, removing taps no VM owns, and
+//! tearing the network down when nothing runs.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use banger_api::vm::VmState;
 use banger_vmm::VmHandle;
 
-use crate::store;
+use crate::store::{self, VmRow};
 
 use super::Vms;
 
@@ -21,6 +23,9 @@ impl Vms {
                 .handle
                 .as_deref()
                 .and_then(|h| serde_json::from_str::<VmHandle>(h).ok());
+            if handle.is_none() {
+                self.stop_unrecorded_vmm(row).await;
+            }
             match (row.state, handle) {
                 (VmState::Creating, None) => {
                     tracing::info!(vm = %row.name, "rolling back a VM whose creation was interrupted");
@@ -81,5 +86,18 @@ impl Vms {
         }
         self.refresh_names().await;
         Ok(())
+    }
+
+    /// Stops the VMM a start launched for `row` when the daemon died before recording it: the
+    /// row knows nothing of it, so it would run on, unreachable, for good.
+    async fn stop_unrecorded_vmm(&self, row: &VmRow) {
+        let run_dir = self.run_dir(&row.id);
+        let Some((vmm, handle)) = self.vmms.leftover(&row.name, &run_dir) else {
+            return;
+        };
+        tracing::warn!(vm = %row.name, pid = handle.pid, "stopping a VMM that was started but never recorded");
+        if let Err(e) = vmm.stop(&handle, Duration::ZERO).await {
+            tracing::warn!(vm = %row.name, "cannot stop it: {}", e.report());
+        }
     }
 }
