@@ -43,6 +43,8 @@ mod ssh;
 mod start;
 mod stop;
 mod supervise;
+#[cfg(test)]
+mod tests;
 
 pub use agent::AgentBinary;
 pub use start::{SshdProbe, TcpSshd};
