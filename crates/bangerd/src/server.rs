@@ -42,14 +42,25 @@ pub fn internal(e: anyhow::Error) -> ApiError {
     }
 }
 
+/// Whether an I/O error anywhere in `e`'s chain is a full disk (ENOSPC).
+pub fn is_disk_full(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.raw_os_error() == Some(libc::ENOSPC))
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
 /// An I/O failure while writing banger's files (the store, a VM's disks); a full disk gets its
 /// own code and a hint, anything else is [`internal`].
 pub fn disk_error(e: anyhow::Error, what: &str) -> ApiError {
-    let full = e.chain().any(|c| {
-        c.downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.raw_os_error() == Some(libc::ENOSPC))
-    });
-    if full {
+    if is_disk_full(e.as_ref()) {
         ApiError::new(ErrorCode::DiskFull, format!("{what}: {e:#}"))
             .with_hint("the disk holding ~/.local/state/banger is full; free some space and retry")
     } else {
