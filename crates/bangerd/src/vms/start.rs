@@ -150,18 +150,24 @@ impl Vms {
         let uid = nix::unistd::geteuid();
         // The per-VM lock makes this start the only one of this VM.
         let _starting = self.starting.claim(name, ());
-        {
+        let attached = {
             let _g = self.net_lock.lock().await;
             let net = self.net.clone();
             let id = row.id.clone();
-            tokio::task::spawn_blocking(move || net.attach_vm(&id, uid))
+            let attached = tokio::task::spawn_blocking(move || net.attach_vm(&id, uid))
                 .await
-                .map_err(|e| internal(e.into()))?
-                .map_err(|e| {
-                    api(ErrorCode::VmmFailed, format!("cannot set up the network for VM {name}: {e}"))
-                        .with_hint("banger needs root or passwordless sudo for the bridge, tap and nft rules; see `banger doctor`")
-                })?;
-            self.dns.ensure_running().await;
+                .map_err(|e| internal(e.into()))?;
+            if attached.is_ok() {
+                self.dns.ensure_running().await;
+            }
+            attached
+        };
+        if let Err(e) = attached {
+            // Whatever part of the network was made (the bridge, say) goes again when no
+            // other VM needs it.
+            self.release_network(&row).await;
+            return Err(api(ErrorCode::VmmFailed, format!("cannot set up the network for VM {name}: {e}"))
+                .with_hint("banger needs root or passwordless sudo for the bridge, tap and nft rules; see `banger doctor`"));
         }
 
         progress.phase("boot");

@@ -636,6 +636,15 @@ async fn create_rolls_back_at_each_failing_step_and_leaves_nothing_behind() {
         "{}",
         err.message
     );
+    host.assert_nothing_left(&vms, "x").await;
+    // The same for an existing VM: it stays, stopped, and the bridge goes again.
+    vms.create(request("y", "debian", false), Emitter::sink())
+        .await
+        .unwrap();
+    let err = vms.start("y", Emitter::sink()).await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::VmmFailed);
+    assert!(!host.bridge_up(), "a failed start left the bridge behind");
+    vms.delete("y", false).await.unwrap();
     host.net.host().fail_creating_taps(false);
     host.assert_nothing_left(&vms, "x").await;
     host.vmm.refuse_next_start();
