@@ -1,10 +1,12 @@
-//! The per-boot settings the host passes on the kernel command line, and their parsing.
+//! The per-boot settings the host passes on the kernel command line: [`BootSettings`] is their
+//! one owner, rendered by the daemon (its `Display`) and parsed by the agent ([`parse`]).
 //!
 //! The daemon appends `banger.ip=172.16.0.2/24 banger.gw=172.16.0.1 banger.hostname=NAME
 //! banger.dns=172.16.0.1 banger.time=<unix seconds>` (each optional) to the guest's command
 //! line; the agent reads `/proc/cmdline` at start and applies them. Parsing is pure: values that
 //! do not parse are reported as warnings and left unset, never fatal, so one bad value cannot
-//! keep the agent (and with it `vm exec`) from starting.
+//! keep the agent (and with it `vm exec`) from starting. Every value renders as one word
+//! without spaces or quotes, so what the daemon writes is exactly what the agent reads back.
 //!
 //! When the agent is `/init` (images without an init system), it also reads the kernel's own
 //! root settings ([`parse_root`]) to mount the root file system itself.
@@ -112,6 +114,31 @@ pub struct BootSettings {
     pub dns: Vec<Ipv4Addr>,
     /// The host's clock at VM start, in seconds since the Unix epoch.
     pub time: Option<u64>,
+}
+
+impl fmt::Display for BootSettings {
+    /// The `banger.*` words for these settings, space-separated, in the order the daemon has
+    /// always written them; absent settings are left out.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut words: Vec<String> = Vec::new();
+        if let Some(ip) = self.ip {
+            words.push(format!("banger.ip={ip}"));
+        }
+        if let Some(gw) = self.gateway {
+            words.push(format!("banger.gw={gw}"));
+        }
+        if let Some(hostname) = &self.hostname {
+            words.push(format!("banger.hostname={hostname}"));
+        }
+        if !self.dns.is_empty() {
+            let servers: Vec<String> = self.dns.iter().map(Ipv4Addr::to_string).collect();
+            words.push(format!("banger.dns={}", servers.join(",")));
+        }
+        if let Some(time) = self.time {
+            words.push(format!("banger.time={time}"));
+        }
+        f.write_str(&words.join(" "))
+    }
 }
 
 /// The result of parsing: the settings plus one warning per ignored `banger.*` word.
@@ -254,6 +281,63 @@ mod tests {
         assert_eq!(s.hostname.as_ref().map(Hostname::as_str), Some("dev-box"));
         assert_eq!(s.dns, vec![Ipv4Addr::new(172, 16, 0, 1)]);
         assert_eq!(s.time, Some(1_700_000_000));
+    }
+
+    #[test]
+    fn settings_render_as_the_daemon_writes_them() {
+        let s = BootSettings {
+            ip: Ipv4Cidr::new(Ipv4Addr::new(172, 16, 0, 2), 24),
+            gateway: Some(Ipv4Addr::new(172, 16, 0, 1)),
+            hostname: Some("dev-box".parse().unwrap()),
+            dns: vec![Ipv4Addr::new(172, 16, 0, 1)],
+            time: Some(1_700_000_000),
+        };
+        assert_eq!(
+            s.to_string(),
+            "banger.ip=172.16.0.2/24 banger.gw=172.16.0.1 banger.hostname=dev-box \
+             banger.dns=172.16.0.1 banger.time=1700000000"
+        );
+        assert_eq!(BootSettings::default().to_string(), "");
+    }
+
+    mod round_trip {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn settings() -> impl Strategy<Value = BootSettings> {
+            let ip = proptest::option::of((any::<u32>(), 0u8..=32));
+            let hostname = proptest::option::of("[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?");
+            (
+                ip,
+                proptest::option::of(any::<u32>()),
+                hostname,
+                proptest::collection::vec(any::<u32>(), 0..4),
+                proptest::option::of(any::<u64>()),
+            )
+                .prop_map(|(ip, gw, hostname, dns, time)| BootSettings {
+                    ip: ip.and_then(|(a, p)| Ipv4Cidr::new(Ipv4Addr::from(a), p)),
+                    gateway: gw.map(Ipv4Addr::from),
+                    hostname: hostname.map(|h| h.parse().unwrap()),
+                    dns: dns.into_iter().map(Ipv4Addr::from).collect(),
+                    time,
+                })
+        }
+
+        proptest! {
+            /// What the daemon renders, the agent reads back unchanged and without a warning,
+            /// wherever in the command line it stands.
+            #[test]
+            fn parse_reads_back_what_display_wrote(
+                s in settings(),
+                // Words of the kernel's and the init's own, never `banger.*`.
+                before in "( k[a-z_.]{0,11}(=[a-z0-9/]{0,8})?){0,3}",
+            ) {
+                let line = format!("console=ttyS0{before} {s} quiet\n");
+                let parsed = parse(&line);
+                prop_assert_eq!(parsed.warnings, Vec::<String>::new());
+                prop_assert_eq!(parsed.settings, s);
+            }
+        }
     }
 
     #[test]

@@ -18,12 +18,8 @@ pub fn doctor(ctx: &Ctx, json: bool) -> Result<ExitCode, CliError> {
         .next()
         .and_then(|a| a.parse().ok())
         .unwrap_or(std::net::Ipv4Addr::new(172, 16, 0, 1));
-    let probe = doctor::HostProbe::new(
-        ctx.paths.state_dir.clone(),
-        config.firecracker_bin.clone(),
-        bridge_address,
-    );
-    let checks = doctor::run_checks(&probe);
+    let probe = doctor::HostProbe::new(ctx.paths.state_dir.clone(), bridge_address);
+    let checks = doctor::run_checks(&probe, &banger_vmm::VmmSettings::from_config(&config));
     let resolved = spec::resolve(
         spec::Flags::default(),
         &config.vm_defaults,

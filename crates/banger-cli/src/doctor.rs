@@ -2,10 +2,11 @@
 //! and JSON rendering and the resulting exit status.
 //!
 //! Every fact about the host comes through the [`Probe`] trait so the rules are tested with a
-//! fake; [`HostProbe`] reads the real machine. The rules mirror how banger picks a VMM: with
-//! hardware KVM (kvm_intel/kvm_amd) and Firecracker it uses Firecracker, otherwise QEMU, which
-//! runs under TCG (software emulation) when KVM cannot boot ordinary guests. Effective
-//! `vm_defaults` come from the config crate and are printed by the command, not here.
+//! fake; [`HostProbe`] reads the real machine. The KVM and VMM checks do not judge for
+//! themselves: they ask banger-vmm's own rules (`kvm_mode_of`, each backend's availability and
+//! `select` with the config's `vmm` setting), over the facts the probe reports, so `doctor` says
+//! what the daemon will do. Effective `vm_defaults` come from the config crate and are printed
+//! by the command, not here.
 
 use std::ffi::CStr;
 use std::fs;
@@ -13,6 +14,7 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use banger_vmm::{Availability, BackendKind, Choice, HostFacts, KvmMode, Support, VmmError};
 use serde::Serialize;
 
 const GIB: u64 = 1024 * 1024 * 1024;
@@ -93,8 +95,9 @@ pub trait Probe {
     /// Machine hardware name as `uname -m` prints it.
     fn arch(&self) -> String;
     fn device_access(&self, path: &Path) -> Access;
-    /// Whether a kernel module is loaded (or built in), i.e. `/sys/module/<name>` exists.
-    fn module_loaded(&self, name: &str) -> bool;
+    /// The facts banger-vmm judges KVM and the VMM backends by (`/dev/kvm`, modules, CPU flags,
+    /// programs on PATH).
+    fn vmm_host(&self) -> &dyn HostFacts;
     fn path_exists(&self, path: &Path) -> bool;
     /// Where `program` would be run from, or None if it is not installed.
     fn find_program(&self, program: &str) -> Option<PathBuf>;
@@ -110,18 +113,23 @@ pub trait Probe {
     fn bridge_address(&self) -> Ipv4Addr;
 }
 
-/// Runs every check, in report order.
-pub fn run_checks(probe: &dyn Probe) -> Vec<Check> {
-    let kvm = kvm_facts(probe);
+/// Runs every check, in report order. `vmm` is the config's say in the choice of backend.
+pub fn run_checks(probe: &dyn Probe, vmm: &banger_vmm::VmmSettings) -> Vec<Check> {
+    let host = probe.vmm_host();
     let mut checks = vec![
         check_arch(probe),
-        check_kvm_device(&kvm),
-        check_kvm_mode(&kvm),
+        check_kvm_device(probe),
+        check_kvm_mode(&banger_vmm::kvm_mode_of(host)),
     ];
-    let firecracker = check_firecracker(probe, &kvm);
-    let firecracker_usable = firecracker.level == Level::Pass && kvm.hardware_usable();
-    checks.push(firecracker);
-    checks.push(check_qemu(probe, &kvm, firecracker_usable));
+    let choice = banger_vmm::select(host, vmm);
+    for kind in BackendKind::ALL {
+        let seen = Backend {
+            availability: kind.availability(host, vmm),
+            choice: &choice,
+            named: vmm.preference != banger_config::VmmChoice::Auto,
+        };
+        checks.push(check_backend(probe, &seen));
+    }
     checks.push(check_tun(probe));
     checks.push(check_vhost_vsock(probe));
     checks.push(check_ip_forward(probe));
@@ -171,43 +179,6 @@ pub fn exit_code(checks: &[Check]) -> i32 {
     }
 }
 
-/// Which KVM the host offers, decided once and shared by the KVM and VMM checks.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum KvmProvider {
-    /// kvm_intel or kvm_amd: real virtualization extensions.
-    Hardware(&'static str),
-    /// kvm_pvm: KVM implemented in software inside a VM; it only runs PVM-aware guest kernels.
-    Pvm,
-    None,
-}
-
-struct KvmFacts {
-    device: Access,
-    provider: KvmProvider,
-}
-
-impl KvmFacts {
-    fn hardware_usable(&self) -> bool {
-        matches!(self.provider, KvmProvider::Hardware(_)) && self.device == Access::Ok
-    }
-}
-
-fn kvm_facts(probe: &dyn Probe) -> KvmFacts {
-    let provider = if probe.module_loaded("kvm_intel") {
-        KvmProvider::Hardware("kvm_intel")
-    } else if probe.module_loaded("kvm_amd") {
-        KvmProvider::Hardware("kvm_amd")
-    } else if probe.module_loaded("kvm_pvm") {
-        KvmProvider::Pvm
-    } else {
-        KvmProvider::None
-    };
-    KvmFacts {
-        device: probe.device_access(Path::new("/dev/kvm")),
-        provider,
-    }
-}
-
 fn check_arch(probe: &dyn Probe) -> Check {
     let arch = probe.arch();
     if arch == "x86_64" {
@@ -221,9 +192,9 @@ fn check_arch(probe: &dyn Probe) -> Check {
     }
 }
 
-fn check_kvm_device(kvm: &KvmFacts) -> Check {
+fn check_kvm_device(probe: &dyn Probe) -> Check {
     const NAME: &str = "kvm-device";
-    match &kvm.device {
+    match probe.device_access(Path::new("/dev/kvm")) {
         Access::Ok => Check::pass(NAME, "/dev/kvm is readable and writable"),
         Access::Missing => Check::warn(
             NAME,
@@ -239,24 +210,31 @@ fn check_kvm_device(kvm: &KvmFacts) -> Check {
     }
 }
 
-fn check_kvm_mode(kvm: &KvmFacts) -> Check {
+/// The host's KVM as banger-vmm judges it (the daemon's own verdict).
+fn check_kvm_mode(kvm: &KvmMode) -> Check {
     const NAME: &str = "kvm-mode";
-    match kvm.provider {
-        KvmProvider::Hardware(module) => {
-            Check::pass(NAME, format!("hardware virtualization ({module})"))
+    const MODPROBE: &str = "`sudo modprobe kvm_intel` (or kvm_amd); if that fails, enable \
+                            virtualization in firmware or use a host with nested virtualization";
+    match kvm {
+        KvmMode::HardwareIntel | KvmMode::HardwareAmd => {
+            Check::pass(NAME, format!("hardware virtualization: {}", kvm.describe()))
         }
-        KvmProvider::Pvm => Check::warn(
+        KvmMode::NestedSoftware => Check::warn(
             NAME,
             "kvm_pvm: KVM runs in nested software mode and cannot boot ordinary guest kernels; \
              banger uses the QEMU (TCG) fallback, which works but is several times slower",
             "for fast VMs use a host with hardware KVM (kvm_intel or kvm_amd); \
              nothing to do to keep using QEMU (TCG)",
         ),
-        KvmProvider::None => Check::warn(
+        KvmMode::Absent => Check::warn(
             NAME,
-            "no KVM module loaded (kvm_intel, kvm_amd): banger uses the QEMU (TCG) fallback",
-            "`sudo modprobe kvm_intel` (or kvm_amd); if that fails, enable virtualization in \
-             firmware or use a host with nested virtualization",
+            format!("{}: banger uses the QEMU (TCG) fallback", kvm.describe()),
+            MODPROBE,
+        ),
+        KvmMode::Unusable(reason) => Check::warn(
+            NAME,
+            format!("{reason}: banger uses the QEMU (TCG) fallback"),
+            format!("see the kvm-device check; for hardware KVM, {MODPROBE}"),
         ),
     }
 }
@@ -291,74 +269,137 @@ fn program_version(probe: &dyn Probe, path: &Path, args: &[&str]) -> Result<Stri
     }
 }
 
-fn check_firecracker(probe: &dyn Probe, kvm: &KvmFacts) -> Check {
-    const NAME: &str = "firecracker";
-    const INSTALL: &str = "install the firecracker release binary into PATH, or set \
-                           `firecracker_bin` in ~/.config/banger/config.toml";
-    let Some(path) = probe.find_program("firecracker") else {
-        return if kvm.hardware_usable() {
-            Check::warn(
-                NAME,
-                "not found: VMs run under QEMU instead of Firecracker",
-                INSTALL,
-            )
-        } else {
-            // Installing it would not help: Firecracker needs hardware KVM.
-            Check::pass(
-                NAME,
-                "not installed (not usable here without hardware KVM; QEMU is used)",
-            )
+/// One backend as `doctor` sees it: what the host offers it, and what banger chose.
+struct Backend<'a> {
+    availability: Availability,
+    choice: &'a Result<Choice, VmmError>,
+    /// The config names a backend (`vmm` is not `auto`).
+    named: bool,
+}
+
+impl Backend<'_> {
+    fn kind(&self) -> BackendKind {
+        self.availability.kind
+    }
+
+    fn is_chosen(&self) -> bool {
+        self.choice.as_ref().is_ok_and(|c| c.kind == self.kind())
+    }
+
+    /// The backend new VMs run on, if it is not this one.
+    fn other_chosen(&self) -> Option<BackendKind> {
+        self.choice
+            .as_ref()
+            .ok()
+            .map(|c| c.kind)
+            .filter(|k| *k != self.kind())
+    }
+
+    /// No backend can run VMs, and this one is why (the one the config names, or auto's last
+    /// resort).
+    fn blocks_everything(&self) -> Option<&VmmError> {
+        let error = self.choice.as_ref().err()?;
+        let ours = match error {
+            VmmError::BinaryNotFound { backend, .. } => *backend == self.kind(),
+            VmmError::KvmUnusable { .. } => self.kind() == BackendKind::Firecracker,
+            _ => false,
         };
-    };
-    let version = match program_version(probe, &path, &["--version"]) {
-        Ok(version) => version,
-        Err(err) => return Check::warn(NAME, err, INSTALL),
-    };
-    if kvm.hardware_usable() {
-        Check::pass(NAME, format!("{version} at {}", path.display()))
-    } else {
-        Check::warn(
-            NAME,
-            format!(
-                "{version} at {} is installed but needs hardware KVM; QEMU (TCG) is used instead",
-                path.display()
-            ),
-            "use a host with kvm_intel or kvm_amd and access to /dev/kvm to run Firecracker",
-        )
+        ours.then_some(error)
+    }
+
+    /// Why the host cannot run this backend fully, in a few words.
+    fn limit(&self) -> Option<&str> {
+        match &self.availability.support {
+            Support::Full => None,
+            Support::Limited { why, .. } | Support::Unusable { why, .. } => Some(why),
+        }
     }
 }
 
-fn check_qemu(probe: &dyn Probe, kvm: &KvmFacts, firecracker_usable: bool) -> Check {
-    const NAME: &str = "qemu";
-    const INSTALL: &str = "sudo apt-get install qemu-system-x86";
-    let Some(path) = probe.find_program("qemu-system-x86_64") else {
-        return if firecracker_usable {
-            Check::warn(
-                NAME,
-                "qemu-system-x86_64 not found; Firecracker is used, QEMU is only the fallback",
-                INSTALL,
-            )
-        } else {
-            Check::fail(
-                NAME,
-                "qemu-system-x86_64 not found and Firecracker cannot run here: no VMM can start VMs",
-                INSTALL,
-            )
-        };
+/// A VMM backend: installed or not, working or not, and whether banger uses it, all from
+/// banger-vmm's own judgement of this host.
+fn check_backend(probe: &dyn Probe, b: &Backend<'_>) -> Check {
+    let name = b.kind().as_str();
+    let install = b.kind().install_hint();
+    if let Some(error) = b.blocks_everything() {
+        return Check::fail(
+            name,
+            format!("{error}: no VMM can start VMs"),
+            error.hint().unwrap_or_else(|| install.to_owned()),
+        );
+    }
+    let chosen = b.other_chosen();
+    let Ok(path) = &b.availability.binary else {
+        return check_missing_backend(b, chosen);
     };
-    let version = match program_version(probe, &path, &["--version"]) {
+    let version = match program_version(probe, path, &["--version"]) {
         Ok(version) => version,
-        Err(err) if firecracker_usable => return Check::warn(NAME, err, INSTALL),
-        Err(err) => return Check::fail(NAME, err, INSTALL),
+        Err(err) if b.is_chosen() => {
+            return Check::fail(name, format!("{err}; banger runs new VMs on it"), install)
+        }
+        Err(err) => return Check::warn(name, err, install),
     };
-    let accel = if firecracker_usable {
-        "fallback; Firecracker is preferred"
-    } else if kvm.hardware_usable() {
-        "accel kvm"
+    let found = format!("{version} at {}", path.display());
+    if let Some(c) = b.choice.as_ref().ok().filter(|_| b.is_chosen()) {
+        return Check::pass(name, format!("{found}; new VMs run on it: {}", c.reason));
+    }
+    let instead = chosen.map_or_else(String::new, |other| format!("; {other} is used instead"));
+    match (b.limit(), chosen) {
+        (Some(limit), _) => Check::warn(
+            name,
+            format!("{found} is installed but cannot boot ordinary guests here ({limit}){instead}"),
+            "use a host with hardware KVM (kvm_intel or kvm_amd) and access to /dev/kvm",
+        ),
+        (None, Some(other)) if !b.named => {
+            Check::pass(name, format!("{found} (fallback; {other} is preferred)"))
+        }
+        (None, _) => Check::pass(
+            name,
+            format!("{found} (not used: the config names another VMM)"),
+        ),
+    }
+}
+
+/// A backend whose program is not installed: worth a warning only where banger would use it.
+fn check_missing_backend(b: &Backend<'_>, chosen: Option<BackendKind>) -> Check {
+    let name = b.kind().as_str();
+    let Some(other) = chosen else {
+        return Check::pass(
+            name,
+            match b.limit() {
+                Some(limit) => format!("not installed (not usable here: {limit})"),
+                None => "not installed".to_owned(),
+            },
+        );
+    };
+    if let Some(limit) = b.limit() {
+        return Check::pass(
+            name,
+            format!("not installed (not usable here: {limit}; {other} is used)"),
+        );
+    }
+    if b.named {
+        return Check::pass(
+            name,
+            format!("not installed (not needed: the config names {other})"),
+        );
+    }
+    // `auto` takes backends in BackendKind::ALL's order.
+    let rank = |k: BackendKind| BackendKind::ALL.iter().position(|x| *x == k);
+    let install = b.kind().install_hint();
+    if rank(b.kind()) < rank(other) {
+        Check::warn(
+            name,
+            format!("not found: VMs run under {other} instead of {name}"),
+            install,
+        )
     } else {
-        "accel tcg: software emulation"
-    };
-    Check::pass(NAME, format!("{version} at {} ({accel})", path.display()))
+        Check::warn(
+            name,
+            format!("not found; {other} is used, {name} is only the fallback"),
+            install,
+        )
+    }
 }
 
 fn check_tun(probe: &dyn Probe) -> Check {
@@ -663,24 +704,21 @@ fn check_resolved(probe: &dyn Probe) -> Check {
     )
 }
 
-/// Reads the real host. `firecracker_bin` is the config override; PATH is searched otherwise.
+/// Reads the real host.
 #[derive(Debug, Clone)]
 pub struct HostProbe {
     pub state_dir: PathBuf,
-    pub firecracker_bin: Option<PathBuf>,
     pub bridge_address: Ipv4Addr,
+    /// This machine as banger-vmm reads it, as the daemon does.
+    system: banger_vmm::SystemHost,
 }
 
 impl HostProbe {
-    pub fn new(
-        state_dir: PathBuf,
-        firecracker_bin: Option<PathBuf>,
-        bridge_address: Ipv4Addr,
-    ) -> Self {
+    pub fn new(state_dir: PathBuf, bridge_address: Ipv4Addr) -> Self {
         HostProbe {
             state_dir,
-            firecracker_bin,
             bridge_address,
+            system: banger_vmm::SystemHost::this(),
         }
     }
 }
@@ -719,8 +757,8 @@ impl Probe for HostProbe {
         }
     }
 
-    fn module_loaded(&self, name: &str) -> bool {
-        Path::new("/sys/module").join(name).exists()
+    fn vmm_host(&self) -> &dyn HostFacts {
+        &self.system
     }
 
     fn path_exists(&self, path: &Path) -> bool {
@@ -728,11 +766,6 @@ impl Probe for HostProbe {
     }
 
     fn find_program(&self, program: &str) -> Option<PathBuf> {
-        if program == "firecracker" {
-            if let Some(bin) = &self.firecracker_bin {
-                return is_executable(bin).then(|| bin.clone());
-            }
-        }
         let path_var = std::env::var_os("PATH").unwrap_or_default();
         std::env::split_paths(&path_var)
             .chain(SBIN_DIRS.iter().map(PathBuf::from))
@@ -777,6 +810,7 @@ impl Probe for HostProbe {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use banger_vmm::VmmSettings;
     use std::collections::{HashMap, HashSet};
 
     /// A host described by a few sets and maps; defaults to a healthy hardware-KVM machine.
@@ -894,6 +928,34 @@ mod tests {
         }
     }
 
+    impl HostFacts for FakeProbe {
+        fn open_dev_kvm(&self) -> std::io::Result<()> {
+            match self.device_access(Path::new("/dev/kvm")) {
+                Access::Ok => Ok(()),
+                Access::Missing => Err(std::io::ErrorKind::NotFound.into()),
+                Access::Denied(e) => {
+                    Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, e))
+                }
+            }
+        }
+        fn module_loaded(&self, name: &str) -> bool {
+            self.modules.contains(name)
+        }
+        fn cpuinfo(&self) -> String {
+            self.files.get("/proc/cpuinfo").cloned().unwrap_or_default()
+        }
+        fn find_on_path(&self, name: &std::ffi::OsStr) -> Option<PathBuf> {
+            self.find_program(name.to_str()?)
+        }
+        fn is_executable(&self, path: &Path) -> bool {
+            path.parent() == Some(Path::new("/usr/bin"))
+                && path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| self.programs.contains(n))
+        }
+    }
+
     impl Probe for FakeProbe {
         fn arch(&self) -> String {
             self.arch.clone()
@@ -904,8 +966,8 @@ mod tests {
                 .cloned()
                 .unwrap_or(Access::Missing)
         }
-        fn module_loaded(&self, name: &str) -> bool {
-            self.modules.contains(name)
+        fn vmm_host(&self) -> &dyn HostFacts {
+            self
         }
         fn path_exists(&self, path: &Path) -> bool {
             self.paths.contains(path)
@@ -949,12 +1011,12 @@ mod tests {
     }
 
     fn check(probe: &FakeProbe, name: &str) -> Check {
-        find(&run_checks(probe), name).clone()
+        find(&run_checks(probe, &VmmSettings::default()), name).clone()
     }
 
     #[test]
     fn healthy_host_passes_everything_and_exits_zero() {
-        let checks = run_checks(&FakeProbe::healthy());
+        let checks = run_checks(&FakeProbe::healthy(), &VmmSettings::default());
         for c in &checks {
             assert_eq!(c.level, Level::Pass, "{c:?}");
             assert!(c.fix.is_none());
@@ -970,7 +1032,7 @@ mod tests {
         probe.devices.clear();
         probe.free = Ok(GIB);
         probe.root = false;
-        for c in run_checks(&probe) {
+        for c in run_checks(&probe, &VmmSettings::default()) {
             if c.level != Level::Pass {
                 assert!(c.fix.as_deref().is_some_and(|f| !f.is_empty()), "{c:?}");
             }
@@ -988,7 +1050,7 @@ mod tests {
 
     #[test]
     fn this_machine_kvm_pvm_is_nested_software_mode_with_qemu_fallback() {
-        let checks = run_checks(&FakeProbe::this_machine());
+        let checks = run_checks(&FakeProbe::this_machine(), &VmmSettings::default());
         let mode = find(&checks, "kvm-mode");
         assert_eq!(mode.level, Level::Warn);
         assert!(
@@ -999,7 +1061,11 @@ mod tests {
         assert!(mode.detail.contains("QEMU (TCG)"), "{}", mode.detail);
         let qemu = find(&checks, "qemu");
         assert_eq!(qemu.level, Level::Pass);
-        assert!(qemu.detail.contains("accel tcg"), "{}", qemu.detail);
+        assert!(
+            qemu.detail.contains("new VMs run on it: qemu (TCG)"),
+            "{}",
+            qemu.detail
+        );
         assert_eq!(find(&checks, "firecracker").level, Level::Pass);
         assert_eq!(find(&checks, "vhost-vsock").level, Level::Warn);
         assert_eq!(exit_code(&checks), 0, "{}", render_text(&checks));
@@ -1055,43 +1121,123 @@ mod tests {
         probe.modules = ["kvm", "kvm_pvm"].into_iter().collect();
         let c = check(&probe, "firecracker");
         assert_eq!(c.level, Level::Warn);
-        assert!(c.detail.contains("needs hardware KVM"));
+        assert!(
+            c.detail
+                .contains("cannot boot ordinary guests here (/dev/kvm is kvm_pvm"),
+            "{}",
+            c.detail
+        );
+        assert!(c.detail.ends_with("qemu is used instead"), "{}", c.detail);
     }
 
     #[test]
     fn firecracker_missing_with_hardware_kvm_warns_and_qemu_is_used() {
         let probe = FakeProbe::healthy().without("firecracker");
-        let checks = run_checks(&probe);
+        let checks = run_checks(&probe, &VmmSettings::default());
         let c = find(&checks, "firecracker");
         assert_eq!(c.level, Level::Warn);
         assert!(c.fix.as_deref().unwrap().contains("firecracker_bin"));
-        assert!(find(&checks, "qemu").detail.contains("accel kvm"));
+        let qemu = &find(&checks, "qemu").detail;
+        assert!(qemu.contains("new VMs run on it: qemu (KVM)"), "{qemu}");
     }
 
     #[test]
-    fn broken_firecracker_binary_warns_with_its_error() {
+    fn a_broken_firecracker_that_banger_would_use_fails() {
+        // The daemon picks Firecracker here (binary and hardware KVM), so a binary that does
+        // not run means VMs will not start: doctor must say so, not call it a warning.
         let mut probe = FakeProbe::healthy();
         probe.outputs.insert(
             "firecracker --version".into(),
             Err("Exec format error".into()),
         );
-        let checks = run_checks(&probe);
+        let checks = run_checks(&probe, &VmmSettings::default());
         let c = find(&checks, "firecracker");
-        assert_eq!(c.level, Level::Warn);
-        assert!(c.detail.contains("Exec format error"));
-        // With Firecracker broken, QEMU is the VMM and must not be called a fallback.
-        assert!(find(&checks, "qemu").detail.contains("accel kvm"));
+        assert_eq!(c.level, Level::Fail);
+        assert!(c.detail.contains("Exec format error"), "{}", c.detail);
+        assert!(
+            c.detail.contains("banger runs new VMs on it"),
+            "{}",
+            c.detail
+        );
+        assert!(find(&checks, "qemu")
+            .detail
+            .contains("fallback; firecracker is preferred"));
+    }
+
+    #[test]
+    fn the_vmm_setting_decides_what_is_used() {
+        let qemu = VmmSettings {
+            preference: banger_config::VmmChoice::Qemu,
+            firecracker_bin: None,
+        };
+        let checks = run_checks(&FakeProbe::healthy(), &qemu);
+        let fc = find(&checks, "firecracker");
+        assert_eq!(fc.level, Level::Pass);
+        assert!(fc.detail.contains("not used"), "{}", fc.detail);
+        let q = &find(&checks, "qemu").detail;
+        assert!(
+            q.contains("new VMs run on it: qemu (KVM): configured"),
+            "{q}"
+        );
+
+        // Firecracker named on a host whose KVM cannot run it: nothing starts VMs.
+        let firecracker = VmmSettings {
+            preference: banger_config::VmmChoice::Firecracker,
+            firecracker_bin: None,
+        };
+        let mut probe = FakeProbe::healthy();
+        probe.devices.insert("/dev/kvm", Access::Missing);
+        let checks = run_checks(&probe, &firecracker);
+        let fc = find(&checks, "firecracker");
+        assert_eq!(fc.level, Level::Fail);
+        assert!(fc.detail.contains("no VMM can start VMs"), "{}", fc.detail);
+        assert!(fc.fix.as_deref().unwrap().contains("vmm = \"qemu\""));
+        assert_eq!(exit_code(&checks), 1);
+    }
+
+    #[test]
+    fn a_configured_firecracker_bin_is_what_is_checked() {
+        let mut probe = FakeProbe::healthy().without("firecracker");
+        probe.programs.insert("fc-1.16");
+        probe
+            .outputs
+            .insert("fc-1.16 --version".into(), ok("Firecracker v1.16.1\n", ""));
+        let settings = VmmSettings {
+            preference: banger_config::VmmChoice::Auto,
+            firecracker_bin: Some(PathBuf::from("/usr/bin/fc-1.16")),
+        };
+        let c = find(&run_checks(&probe, &settings), "firecracker").clone();
+        assert_eq!(c.level, Level::Pass, "{c:?}");
+        assert!(
+            c.detail.contains("at /usr/bin/fc-1.16; new VMs run on it"),
+            "{}",
+            c.detail
+        );
+    }
+
+    #[test]
+    fn kvm_pvm_wins_over_a_vendor_module_as_in_the_daemon() {
+        // Both loaded: kvm_pvm is what serves /dev/kvm (banger-vmm's rule); doctor used to
+        // call this hardware KVM while the daemon fell back to TCG.
+        let mut probe = FakeProbe::healthy();
+        probe.modules.insert("kvm_pvm");
+        let checks = run_checks(&probe, &VmmSettings::default());
+        assert_eq!(find(&checks, "kvm-mode").level, Level::Warn);
+        assert!(find(&checks, "qemu").detail.contains("qemu (TCG)"));
     }
 
     #[test]
     fn qemu_missing_without_usable_firecracker_fails_with_apt_hint() {
         let probe = FakeProbe::this_machine().without("qemu-system-x86_64");
-        let checks = run_checks(&probe);
+        let checks = run_checks(&probe, &VmmSettings::default());
         let c = find(&checks, "qemu");
         assert_eq!(c.level, Level::Fail);
-        assert_eq!(
-            c.fix.as_deref(),
-            Some("sudo apt-get install qemu-system-x86")
+        assert!(
+            c.fix
+                .as_deref()
+                .unwrap()
+                .contains("apt-get install qemu-system-x86"),
+            "{c:?}"
         );
         assert_eq!(exit_code(&checks), 1);
     }
@@ -1332,7 +1478,6 @@ mod tests {
     fn host_probe_reads_this_machine() {
         let probe = HostProbe::new(
             std::env::temp_dir().join("banger-doctor-test/state"),
-            None,
             Ipv4Addr::new(172, 16, 0, 1),
         );
         assert_eq!(probe.arch(), "x86_64");
@@ -1341,12 +1486,12 @@ mod tests {
             "e2fsprogs is installed here"
         );
         assert!(probe.free_bytes(Path::new("/")).unwrap() > 0);
-        let checks = run_checks(&probe);
+        let checks = run_checks(&probe, &VmmSettings::default());
         let text = render_text(&checks);
         // Visible with --nocapture: the report as a user on this machine would see it.
         println!("{text}");
         assert_eq!(find(&checks, "arch").level, Level::Pass, "{text}");
-        if probe.module_loaded("kvm_pvm") {
+        if probe.vmm_host().module_loaded("kvm_pvm") {
             assert!(
                 find(&checks, "kvm-mode")
                     .detail

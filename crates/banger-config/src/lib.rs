@@ -4,12 +4,14 @@
 //! CLI and the daemon always agree on the socket and the store. [`Config`] is the parsed
 //! `~/.config/banger/config.toml`: every key optional, unknown keys and bad values rejected with
 //! the file, line and key named. Resolving defaults that depend on the host (vm_defaults) is left
-//! to the callers that know the host; this crate only parses and validates.
+//! to the callers that know the host; this crate only parses and validates. [`logtail`] reads
+//! the end of banger's logs for failure messages, for every crate that quotes one.
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Deserializer};
 
+pub mod logtail;
 mod size;
 pub mod sshconfig;
 

@@ -283,10 +283,14 @@ impl Ctx<'_> {
             Ok(_) => Ok(()),
             Err(PrivError::Failed { status, tail, .. }) => {
                 let log = self.tree.join("debootstrap/debootstrap.log");
-                let mut log_tail = match fs_err::tokio::read_to_string(&log).await {
-                    Ok(text) => last_lines(&text, crate::privileged::TAIL_LINES),
-                    Err(_) => Vec::new(),
-                };
+                // Only the log's end is read: debootstrap's log of a whole system is large.
+                let mut log_tail = tokio::task::spawn_blocking(move || {
+                    banger_config::logtail::last_lines(&log, crate::privileged::TAIL_LINES, |l| {
+                        !l.trim().is_empty()
+                    })
+                })
+                .await
+                .unwrap_or_default();
                 if log_tail.is_empty() {
                     log_tail = tail;
                 } else if tail.iter().any(|l| mentions_enospc(l)) {
@@ -462,14 +466,6 @@ impl Ctx<'_> {
             .arg(&self.tree);
         self.priv_run(cmd).await.map(drop)
     }
-}
-
-fn last_lines(text: &str, n: usize) -> Vec<String> {
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    lines[lines.len().saturating_sub(n)..]
-        .iter()
-        .map(|l| (*l).to_owned())
-        .collect()
 }
 
 /// Orders kernel versions numerically where they are numeric ("6.1.0-10" after "6.1.0-9").
@@ -858,11 +854,5 @@ mod tests {
                 "6.1.0-10-cloud-amd64"
             ]
         );
-    }
-
-    #[test]
-    fn last_lines_skips_blank_lines() {
-        assert_eq!(last_lines("a\n\nb\nc\n\n", 2), ["b", "c"]);
-        assert!(last_lines("", 5).is_empty());
     }
 }

@@ -290,6 +290,34 @@ impl fmt::Display for Mac {
     }
 }
 
+/// A string that is not a MAC of the form `aa:bb:cc:dd:ee:ff`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("MAC {0:?} is not of the form aa:bb:cc:dd:ee:ff")]
+pub struct MacError(String);
+
+impl FromStr for Mac {
+    type Err = MacError;
+
+    /// Six colon-separated pairs of hex digits, either case (the store keeps what `Display`
+    /// wrote, so this reads it back).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || MacError(s.to_owned());
+        let mut octets = [0u8; 6];
+        let mut parts = s.split(':');
+        for octet in &mut octets {
+            let part = parts.next().ok_or_else(bad)?;
+            if part.len() != 2 || !part.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(bad());
+            }
+            *octet = u8::from_str_radix(part, 16).map_err(|_| bad())?;
+        }
+        if parts.next().is_some() {
+            return Err(bad());
+        }
+        Ok(Mac(octets))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -411,6 +439,30 @@ mod tests {
         assert_eq!(s.lease(ip("172.16.0.9")).unwrap().ip(), ip("172.16.0.9"));
         for bad in ["172.16.0.1", "172.16.0.0", "172.16.0.255", "10.0.0.2"] {
             assert!(s.lease(ip(bad)).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn mac_parses_what_it_displays_and_nothing_else() {
+        let mac = Mac::for_ip(ip("172.16.0.2"));
+        assert_eq!(mac.to_string().parse::<Mac>(), Ok(mac));
+        assert_eq!(
+            "06:00:AC:10:00:02".parse::<Mac>().map(|m| m.octets()),
+            Ok([6, 0, 0xac, 0x10, 0, 2])
+        );
+        for bad in [
+            "",
+            "06:00:ac:10:00",
+            "06-00-ac-10-00-02",
+            "06:00:ac:10:00:2",
+            "06:00:ac:10:00:02:03",
+            "+6:00:ac:10:00:02",
+        ] {
+            let err = bad.parse::<Mac>().unwrap_err();
+            assert!(
+                err.to_string().contains("aa:bb:cc:dd:ee:ff"),
+                "{bad:?}: {err}"
+            );
         }
     }
 

@@ -2,7 +2,7 @@
 //! (this crate's `Network`, and the daemon's VM lifecycle).
 //!
 //! It models the same idempotence as the real host (a second `ensure_*` reports no changes) and can be told
-//! to fail deleting a given tap, so error paths are testable too.
+//! to fail creating taps or deleting a given tap, so error paths are testable too.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Mutex, MutexGuard};
@@ -61,6 +61,7 @@ struct Inner {
     state: FakeState,
     calls: Vec<Call>,
     failing_deletes: BTreeSet<TapName>,
+    failing_creates: bool,
 }
 
 #[derive(Debug, Default)]
@@ -99,10 +100,26 @@ impl FakeHostNet {
         );
     }
 
+    /// Makes every later `create_tap` fail (while `yes`), as on a host without the privileges.
+    pub fn fail_creating_taps(&self, yes: bool) {
+        self.lock().failing_creates = yes;
+    }
+
     /// Makes every later `delete_tap(tap)` fail.
     pub fn fail_deleting(&self, tap: TapName) {
         self.lock().failing_deletes.insert(tap);
     }
+}
+
+/// A failure the test asked for, shaped like the real runner's.
+fn injected(op: &'static str, command: String) -> NetError {
+    NetError::Privileged(PrivilegedError::Failed {
+        op,
+        command,
+        status: "exit status: 2".to_owned(),
+        stderr: "injected failure (FakeHostNet)".to_owned(),
+        hint: "none: this is a test double".to_owned(),
+    })
 }
 
 impl HostNet for FakeHostNet {
@@ -156,6 +173,12 @@ impl HostNet for FakeHostNet {
             owner: owner.as_raw(),
             bridge: bridge.clone(),
         });
+        if inner.failing_creates {
+            return Err(injected(
+                "create tap",
+                format!("ip tuntap add dev {tap} mode tap"),
+            ));
+        }
         let wanted = FakeTap {
             owner: owner.as_raw(),
             bridge: Some(bridge.clone()),
@@ -172,13 +195,7 @@ impl HostNet for FakeHostNet {
         let mut inner = self.lock();
         inner.calls.push(Call::DeleteTap { tap: tap.clone() });
         if inner.failing_deletes.contains(tap) {
-            return Err(NetError::Privileged(PrivilegedError::Failed {
-                op: "delete tap",
-                command: format!("ip link del dev {tap}"),
-                status: "exit status: 2".to_owned(),
-                stderr: "injected failure (FakeHostNet)".to_owned(),
-                hint: "none: this is a test double".to_owned(),
-            }));
+            return Err(injected("delete tap", format!("ip link del dev {tap}")));
         }
         let mut changes = Changes::none();
         if inner.state.taps.remove(tap).is_some() {

@@ -31,12 +31,12 @@ pub mod service;
 pub mod system;
 mod tun;
 
-pub use addr::{AllocError, Lease, Mac, Subnet, SubnetError};
+pub use addr::{AllocError, Lease, Mac, MacError, Subnet, SubnetError};
 pub use fake::FakeHostNet;
 pub use host::{Changes, HostNet, NetError};
 pub use names::{BridgeName, NameError, TapName, TAP_PREFIX};
 pub use nat::NatRuleset;
-pub use privileged::{Elevation, Privileged, PrivilegedError};
-pub use service::{AttachedTap, NetConfig, NetConfigError, Network, ReconcileReport};
+pub use privileged::{Elevation, PrivilegedError, PrivilegedRunner};
+pub use service::{AttachedTap, BridgeConfig, BridgeConfigError, Network, ReconcileReport};
 pub use system::SystemHostNet;
 pub use tun::TunError;

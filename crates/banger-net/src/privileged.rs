@@ -1,7 +1,7 @@
 //! The one narrow path for privileged host steps.
 //!
 //! `bangerd` runs as the user; creating bridges and taps, writing nft rules and turning on forwarding need
-//! root. Every such step goes through [`Privileged`], which runs it directly when the process is already
+//! root. Every such step goes through [`PrivilegedRunner`], which runs it directly when the process is already
 //! root and through `sudo -n` (never prompting) otherwise. Each step carries a short human name (`op`)
 //! and is logged with tracing before it runs and when it fails, so the log reads as a list of what banger
 //! did to the host. Reads that need no privilege (`ip -j addr show`, `/proc/sys`) use [`query`] and stay
@@ -66,11 +66,11 @@ pub enum PrivilegedError {
 
 /// Runs privileged host steps, directly or through `sudo -n`. Cheap to clone.
 #[derive(Debug, Clone)]
-pub struct Privileged {
+pub struct PrivilegedRunner {
     elevation: Elevation,
 }
 
-impl Privileged {
+impl PrivilegedRunner {
     /// Direct when the effective uid is 0, sudo otherwise.
     pub fn detect() -> Self {
         let elevation = if geteuid().is_root() {
@@ -78,12 +78,12 @@ impl Privileged {
         } else {
             Elevation::Sudo
         };
-        Privileged { elevation }
+        PrivilegedRunner { elevation }
     }
 
     /// A fixed mode; tests use it to exercise the sudo path while root.
     pub fn with_elevation(elevation: Elevation) -> Self {
-        Privileged { elevation }
+        PrivilegedRunner { elevation }
     }
 
     pub fn elevation(&self) -> Elevation {
@@ -262,7 +262,7 @@ mod tests {
 
     #[test]
     fn failures_carry_op_command_stderr_and_hint() {
-        let err = Privileged::with_elevation(Elevation::Direct)
+        let err = PrivilegedRunner::with_elevation(Elevation::Direct)
             .run("list nothing", &["sh", "-c", "echo boom >&2; exit 3"], None)
             .unwrap_err();
         let msg = err.to_string();
@@ -274,7 +274,7 @@ mod tests {
 
     #[test]
     fn stdin_is_fed_to_the_command() {
-        let out = Privileged::with_elevation(Elevation::Direct)
+        let out = PrivilegedRunner::with_elevation(Elevation::Direct)
             .run("cat", &["cat"], Some(b"table inet banger\n"))
             .unwrap();
         assert_eq!(out, "table inet banger\n");

@@ -14,7 +14,7 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use crate::names::BridgeName;
-use crate::privileged::{Privileged, PrivilegedError};
+use crate::privileged::{PrivilegedError, PrivilegedRunner};
 
 /// resolved's varlink socket: present while resolved runs.
 pub const RESOLVED_SOCKET: &str = "/run/systemd/resolve/io.systemd.Resolve";
@@ -97,7 +97,7 @@ pub fn unroute_command(bridge: &BridgeName) -> Vec<String> {
 /// Applies `route_commands` through the privileged path; if one fails, reverts what the others
 /// did, so the link is never left half-configured.
 pub fn route(
-    privileged: &Privileged,
+    privileged: &PrivilegedRunner,
     bridge: &BridgeName,
     dns: Ipv4Addr,
 ) -> Result<(), PrivilegedError> {
@@ -112,7 +112,7 @@ pub fn route(
 }
 
 /// Applies `unroute_command` through the privileged path.
-pub fn unroute(privileged: &Privileged, bridge: &BridgeName) -> Result<(), PrivilegedError> {
+pub fn unroute(privileged: &PrivilegedRunner, bridge: &BridgeName) -> Result<(), PrivilegedError> {
     let argv = unroute_command(bridge);
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
     privileged

@@ -14,23 +14,23 @@ use crate::nat::NatRuleset;
 
 /// The configured bridge and subnet (config keys `bridge_name`, `bridge_subnet`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct NetConfig {
+pub struct BridgeConfig {
     pub bridge: BridgeName,
     pub subnet: Subnet,
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum NetConfigError {
+pub enum BridgeConfigError {
     #[error(transparent)]
     Bridge(#[from] NameError),
     #[error(transparent)]
     Subnet(#[from] SubnetError),
 }
 
-impl NetConfig {
+impl BridgeConfig {
     /// Parses the two config values (as written in config.toml).
-    pub fn parse(bridge_name: &str, bridge_subnet: &str) -> Result<Self, NetConfigError> {
-        Ok(NetConfig {
+    pub fn parse(bridge_name: &str, bridge_subnet: &str) -> Result<Self, BridgeConfigError> {
+        Ok(BridgeConfig {
             bridge: BridgeName::parse(bridge_name)?,
             subnet: bridge_subnet.parse()?,
         })
@@ -61,19 +61,23 @@ pub struct ReconcileReport {
     pub failed: Vec<(TapName, NetError)>,
 }
 
-/// The network service over some `HostNet`.
+/// The network service over some `HostNet`. `H` may be unsized, so the daemon can hold an
+/// `Arc<Network<dyn HostNet>>` made from either the real host or a fake (the host comes last
+/// for that reason).
 #[derive(Debug)]
-pub struct Network<H> {
+pub struct Network<H: ?Sized> {
+    config: BridgeConfig,
     host: H,
-    config: NetConfig,
 }
 
 impl<H: HostNet> Network<H> {
-    pub fn new(host: H, config: NetConfig) -> Self {
-        Network { host, config }
+    pub fn new(host: H, config: BridgeConfig) -> Self {
+        Network { config, host }
     }
+}
 
-    pub fn config(&self) -> &NetConfig {
+impl<H: HostNet + ?Sized> Network<H> {
+    pub fn config(&self) -> &BridgeConfig {
         &self.config
     }
 
@@ -168,7 +172,7 @@ mod tests {
     use crate::fake::{Call, FakeHostNet};
 
     fn network() -> Network<FakeHostNet> {
-        Network::new(FakeHostNet::new(), NetConfig::default())
+        Network::new(FakeHostNet::new(), BridgeConfig::default())
     }
 
     fn tap(name: &str) -> TapName {
@@ -190,7 +194,7 @@ mod tests {
                 },
                 Call::EnableIpForwarding,
                 Call::EnsureNat {
-                    table: NetConfig::default().ruleset().table().to_owned()
+                    table: BridgeConfig::default().ruleset().table().to_owned()
                 },
             ]
         );
@@ -279,12 +283,12 @@ mod tests {
 
     #[test]
     fn config_parse_uses_the_config_keys_in_errors() {
-        let cfg = NetConfig::parse("br9", "10.9.0.1/24").unwrap();
+        let cfg = BridgeConfig::parse("br9", "10.9.0.1/24").unwrap();
         assert_eq!(cfg.bridge.as_str(), "br9");
         assert_eq!(cfg.subnet.to_string(), "10.9.0.1/24");
-        let err = NetConfig::parse("br9", "10.9.0.1").unwrap_err();
+        let err = BridgeConfig::parse("br9", "10.9.0.1").unwrap_err();
         assert!(err.to_string().contains("bridge_subnet"), "{err}");
-        let err = NetConfig::parse("a-very-long-bridge-name", "10.9.0.1/24").unwrap_err();
+        let err = BridgeConfig::parse("a-very-long-bridge-name", "10.9.0.1/24").unwrap_err();
         assert!(err.to_string().contains("bridge_name"), "{err}");
     }
 
@@ -292,7 +296,7 @@ mod tests {
     fn allocation_goes_through_the_configured_subnet() {
         let net = Network::new(
             FakeHostNet::new(),
-            NetConfig::parse("br9", "10.9.0.1/24").unwrap(),
+            BridgeConfig::parse("br9", "10.9.0.1/24").unwrap(),
         );
         let lease = net.allocate(["10.9.0.2".parse().unwrap()]).unwrap();
         assert_eq!(lease.ip().to_string(), "10.9.0.3");

@@ -5,7 +5,7 @@
 //! running a step twice changes nothing the second time. We shell out to `ip` rather than speak
 //! rtnetlink: the commands are exactly what an admin would type, they work unchanged through `sudo -n`,
 //! and they keep this crate free of an async netlink stack for a handful of calls. Changes go through
-//! [`Privileged`]; taps are created with ioctls when root (see `tun.rs`).
+//! [`PrivilegedRunner`]; taps are created with ioctls when root (see `tun.rs`).
 //!
 //! Everything acts on the network namespace of the calling process, which is what lets the tests run it
 //! for real inside a throwaway namespace.
@@ -19,7 +19,7 @@ use crate::addr::Subnet;
 use crate::host::{Changes, HostNet, NetError};
 use crate::names::{BridgeName, TapName, TAP_PREFIX};
 use crate::nat::{self, NatRuleset, NFT_FAMILY, NFT_TABLE};
-use crate::privileged::{query, Privileged};
+use crate::privileged::{query, PrivilegedRunner};
 
 const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
 const LINKS_COMMAND: &str = "ip -j -d addr show";
@@ -27,15 +27,15 @@ const LINKS_COMMAND: &str = "ip -j -d addr show";
 /// The real host network, acting on the current network namespace.
 #[derive(Debug, Clone)]
 pub struct SystemHostNet {
-    privileged: Privileged,
+    privileged: PrivilegedRunner,
 }
 
 impl SystemHostNet {
-    pub fn new(privileged: Privileged) -> Self {
+    pub fn new(privileged: PrivilegedRunner) -> Self {
         SystemHostNet { privileged }
     }
 
-    pub fn privileged(&self) -> &Privileged {
+    pub fn privileged(&self) -> &PrivilegedRunner {
         &self.privileged
     }
 

@@ -24,7 +24,7 @@ use std::collections::BTreeSet;
 use std::process::Command;
 
 use banger_net::{
-    Elevation, HostNet, NetConfig, NetError, Network, Privileged, SystemHostNet, TapName,
+    BridgeConfig, Elevation, HostNet, NetError, Network, PrivilegedRunner, SystemHostNet, TapName,
 };
 use nix::unistd::Uid;
 use serde_json::Value;
@@ -280,9 +280,9 @@ fn sysfs(dev: &str, attr: &str) -> String {
         .to_owned()
 }
 
-fn system_network(elevation: Elevation, config: NetConfig) -> Network<SystemHostNet> {
+fn system_network(elevation: Elevation, config: BridgeConfig) -> Network<SystemHostNet> {
     Network::new(
-        SystemHostNet::new(Privileged::with_elevation(elevation)),
+        SystemHostNet::new(PrivilegedRunner::with_elevation(elevation)),
         config,
     )
 }
@@ -302,7 +302,7 @@ fn assert_tap_ready(tap: &TapName, bridge: &str, uid: u32) {
 netns_test! {
     fn bridge_and_nat_setup_is_idempotent() {
         assert_eq!(ip_forward(), "0", "a fresh namespace starts with forwarding off");
-        let net = system_network(Elevation::Direct, NetConfig::default());
+        let net = system_network(Elevation::Direct, BridgeConfig::default());
 
         let first = net.ensure_host().unwrap();
         assert_eq!(
@@ -318,7 +318,7 @@ netns_test! {
         );
         let listing = nft_banger_listing();
         assert!(listing.contains("ip saddr 172.16.0.0/24 oifname != \"banger0\" masquerade"), "{listing}");
-        assert!(NetConfig::default().ruleset().matches_listing(&listing), "{listing}");
+        assert!(BridgeConfig::default().ruleset().matches_listing(&listing), "{listing}");
 
         let second = net.ensure_host().unwrap();
         assert!(second.is_empty(), "second run changed: {second}");
@@ -357,7 +357,7 @@ netns_test! {
 
 netns_test! {
     fn taps_attach_detach_reconcile_and_teardown() {
-        let config = NetConfig::parse("bgtest0", "10.200.0.1/24").unwrap();
+        let config = BridgeConfig::parse("bgtest0", "10.200.0.1/24").unwrap();
         let net = system_network(Elevation::Direct, config);
         let owner = Uid::from_raw(1000);
 
@@ -410,7 +410,7 @@ netns_test! {
 netns_test! {
     fn existing_non_bridge_with_the_bridge_name_is_refused() {
         sh(&["ip", "link", "add", "banger0", "type", "veth", "peer", "name", "peer-veth"]);
-        let net = system_network(Elevation::Direct, NetConfig::default());
+        let net = system_network(Elevation::Direct, BridgeConfig::default());
         let err = net.ensure_host().unwrap_err();
         assert!(matches!(err, NetError::NotABridge { .. }), "{err}");
         let msg = err.to_string();
@@ -424,7 +424,7 @@ netns_test! {
     fn sudo_path_sets_up_the_same_network() {
         let found = Command::new("sudo").arg("-V").output().is_ok();
         assert!(found, "`sudo` is not installed; install it (apt-get install sudo)");
-        let net = system_network(Elevation::Sudo, NetConfig::default());
+        let net = system_network(Elevation::Sudo, BridgeConfig::default());
 
         let changes = net.ensure_host().unwrap();
         assert_eq!(changes.as_slice().len(), 5, "{changes}");

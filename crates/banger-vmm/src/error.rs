@@ -115,17 +115,7 @@ impl VmmError {
     /// What the user can do about this error, when there is something to say.
     pub fn hint(&self) -> Option<String> {
         match self {
-            VmmError::BinaryNotFound {
-                backend: BackendKind::Firecracker,
-                ..
-            } => Some(
-                "set firecracker_bin in ~/.config/banger/config.toml, put firecracker on PATH, \
-                 or use vmm = \"qemu\""
-                    .to_string(),
-            ),
-            VmmError::BinaryNotFound { .. } => {
-                Some("apt-get install qemu-system-x86 (as root)".to_string())
-            }
+            VmmError::BinaryNotFound { backend, .. } => Some(backend.install_hint().to_string()),
             VmmError::KvmUnusable { .. } => {
                 Some("use vmm = \"qemu\" or \"auto\": QEMU falls back to TCG".to_string())
             }

@@ -1,11 +1,13 @@
-//! What kind of KVM this host offers, read from `/dev/kvm`, `/sys/module` and `/proc/cpuinfo`.
+//! What kind of KVM a host offers, judged from `/dev/kvm`, `/sys/module` and `/proc/cpuinfo`
+//! (read through [`HostFacts`]).
 //!
 //! `/dev/kvm` existing is not enough: inside some cloud VMs it is served by `kvm_pvm`, a
 //! software nested mode that only boots PVM-enabled guest kernels. Firecracker needs hardware
 //! KVM for ordinary kernels; QEMU can fall back to TCG.
 
 use std::io;
-use std::path::Path;
+
+use crate::host::{HostFacts, SystemHost};
 
 /// The host's KVM, as far as VMM selection cares.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,46 +48,35 @@ impl KvmMode {
 
 /// Probes this host.
 pub fn kvm_mode() -> KvmMode {
-    probe(Path::new("/"))
+    kvm_mode_of(&SystemHost::this())
 }
 
-/// Probes the host whose `/dev`, `/sys` and `/proc` are under `root`.
-pub(crate) fn probe(root: &Path) -> KvmMode {
-    let dev = root.join("dev/kvm");
-    if let Err(e) = std::fs::metadata(&dev) {
+/// Judges the KVM of the host `host` describes: the one rule the daemon and `doctor` share.
+pub fn kvm_mode_of<H: HostFacts + ?Sized>(host: &H) -> KvmMode {
+    // VMMs open it read-write; so must we, to know they can.
+    if let Err(e) = host.open_dev_kvm() {
         return match e.kind() {
             io::ErrorKind::NotFound => KvmMode::Absent,
-            _ => KvmMode::Unusable(format!("cannot stat /dev/kvm: {e}")),
+            io::ErrorKind::PermissionDenied => KvmMode::Unusable(format!(
+                "cannot open /dev/kvm read-write: {e} (add your user to the group that owns \
+                 /dev/kvm, usually kvm)"
+            )),
+            _ => KvmMode::Unusable(format!("cannot open /dev/kvm read-write: {e}")),
         };
     }
-    // VMMs open it read-write; so must we, to know they can.
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&dev)
-    {
-        let extra = if e.kind() == io::ErrorKind::PermissionDenied {
-            " (add your user to the group that owns /dev/kvm, usually kvm)"
-        } else {
-            ""
-        };
-        return KvmMode::Unusable(format!("cannot open /dev/kvm read-write: {e}{extra}"));
-    }
-
-    let module = |name: &str| root.join("sys/module").join(name).exists();
     // kvm_pvm first: if it is loaded, it is what serves /dev/kvm, and treating a PVM host as
     // hardware would send ordinary kernels to a VMM that cannot boot them.
-    if module("kvm_pvm") {
+    if host.module_loaded("kvm_pvm") {
         return KvmMode::NestedSoftware;
     }
-    if module("kvm_intel") {
+    if host.module_loaded("kvm_intel") {
         return KvmMode::HardwareIntel;
     }
-    if module("kvm_amd") {
+    if host.module_loaded("kvm_amd") {
         return KvmMode::HardwareAmd;
     }
     // A vendor module built into the kernel may have no /sys/module entry; the CPU flags tell.
-    let cpuinfo = std::fs::read_to_string(root.join("proc/cpuinfo")).unwrap_or_default();
+    let cpuinfo = host.cpuinfo();
     let has_flag = |flag: &str| {
         cpuinfo
             .lines()
@@ -109,6 +100,10 @@ pub(crate) fn probe(root: &Path) -> KvmMode {
 mod tests {
     use super::*;
     use std::fs;
+
+    fn probe(root: &std::path::Path) -> KvmMode {
+        kvm_mode_of(&SystemHost::at(root, None))
+    }
 
     fn fake_root(dev_kvm: bool, modules: &[&str], cpu_flags: &str) -> tempfile::TempDir {
         let root = tempfile::tempdir().unwrap();

@@ -2,11 +2,15 @@
 //! [`firecracker`] (Firecracker's REST API over a Unix socket) and [`qemu`]
 //! (`qemu-system-x86_64 -M microvm`, KVM when the host has hardware KVM, TCG otherwise).
 //!
-//! It starts a VMM process for a [`VmConfig`], hands back a serialisable [`VmHandle`] that outlives
-//! the daemon (VMM processes run in their own session and are never children that die with it),
-//! and stops it again: a graceful request to the guest, then `SIGKILL` after a grace period.
-//! It also decides which backend a host can run ([`select`], [`kvm_mode`]) and connects to the
-//! guest agent's channel ([`connect_agent`]).
+//! A backend starts a VMM process for a [`VmConfig`], hands back a serialisable [`VmHandle`]
+//! that outlives the daemon (VMM processes run in their own session and are never children that
+//! die with it), tells whether it still runs, opens the guest agent's channel, and stops it again:
+//! a graceful request to the guest, then `SIGKILL` after a grace period. Each backend module also
+//! says whether a host can run it and why not ([`BackendKind::availability`]); [`select`] turns
+//! that and the user's `vmm` setting into the one choice the daemon and `banger doctor` share,
+//! and [`Backends`] is what the daemon keeps of it. A third backend is one more module and one
+//! more [`BackendKind`] variant. With the `testkit` feature, [`testkit::FakeVmm`] stands in for
+//! a real one in the daemon's tests.
 //!
 //! It leaves to its callers everything around the VMM: disks, taps, kernel command lines, VM
 //! state and the agent protocol itself.
@@ -17,6 +21,7 @@
 mod agent;
 mod error;
 pub mod firecracker;
+mod host;
 mod kvm;
 mod process;
 pub mod qemu;
@@ -24,20 +29,23 @@ mod select;
 
 #[cfg(test)]
 mod openapi_check;
-#[cfg(test)]
-mod testkit;
+#[cfg(any(test, feature = "testkit"))]
+pub mod testkit;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
+use banger_net::{Mac, TapName};
 use serde::{Deserialize, Serialize};
 
 pub use agent::{connect_agent, AgentStream, AGENT_PORT, AGENT_SERIAL_PORT_NAME};
 pub use error::VmmError;
-pub use kvm::{kvm_mode, KvmMode};
-pub use select::{select, Selection, VmmPreference};
+pub use host::{HostFacts, SystemHost};
+pub use kvm::{kvm_mode, kvm_mode_of, KvmMode};
+pub use select::{select, Availability, Backends, Choice, Support, VmmSettings};
 
 /// Name of the pid file each backend writes into the VM's run directory.
 pub const PID_FILE: &str = "vmm.pid";
@@ -60,7 +68,7 @@ pub struct VmConfig {
     pub root_disk: PathBuf,
     /// The guest's `/dev/vdb`, attached read-write.
     pub work_disk: PathBuf,
-    pub net: Option<NetConfig>,
+    pub net: Option<Nic>,
     /// Guest CID for host vsock (`vhost-vsock`). QEMU uses vsock for the agent only when this is
     /// set and the host has `/dev/vhost-vsock`; it must then be unique among running VMs and at
     /// least 3. Firecracker's vsock is a per-VM Unix-socket bridge and uses 3 when this is `None`.
@@ -71,13 +79,12 @@ pub struct VmConfig {
     pub console_log: PathBuf,
 }
 
-/// The tap device and guest MAC of the VM's one network interface.
+/// The VM's one network interface: an existing tap on the host and the guest's MAC, both
+/// checked where they were made (banger-net's types), so a backend passes them on as they are.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NetConfig {
-    /// Name of an existing tap device on the host.
-    pub tap: String,
-    /// Guest MAC, `aa:bb:cc:dd:ee:ff`.
-    pub mac: String,
+pub struct Nic {
+    pub tap: TapName,
+    pub mac: Mac,
 }
 
 /// Which VMM runs a VM.
@@ -89,10 +96,46 @@ pub enum BackendKind {
 }
 
 impl BackendKind {
+    /// Every backend, in the order `vmm = "auto"` prefers them.
+    pub const ALL: [BackendKind; 2] = [BackendKind::Firecracker, BackendKind::Qemu];
+
     pub fn as_str(self) -> &'static str {
         match self {
             BackendKind::Firecracker => "firecracker",
             BackendKind::Qemu => "qemu",
+        }
+    }
+
+    /// Whether `host` can run this backend, with the program `settings` point to, and if not,
+    /// why: the backend module's own judgement.
+    pub fn availability(self, host: &dyn HostFacts, settings: &VmmSettings) -> Availability {
+        match self {
+            BackendKind::Firecracker => firecracker::availability(host, settings),
+            BackendKind::Qemu => qemu::availability(host),
+        }
+    }
+
+    /// The backend, running `binary`, on a host with `kvm`.
+    pub(crate) fn backend(self, binary: PathBuf, kvm: KvmMode) -> Arc<dyn Vmm> {
+        match self {
+            BackendKind::Firecracker => Arc::new(firecracker::FirecrackerBackend::new(binary)),
+            BackendKind::Qemu => Arc::new(qemu::QemuBackend::new(binary, kvm)),
+        }
+    }
+
+    /// The program's usual name, looked up on `PATH` unless configured otherwise.
+    pub(crate) fn program(self) -> &'static str {
+        match self {
+            BackendKind::Firecracker => firecracker::PROGRAM,
+            BackendKind::Qemu => qemu::PROGRAM,
+        }
+    }
+
+    /// What to do when the program is missing.
+    pub fn install_hint(self) -> &'static str {
+        match self {
+            BackendKind::Firecracker => firecracker::INSTALL_HINT,
+            BackendKind::Qemu => qemu::INSTALL_HINT,
         }
     }
 }
@@ -131,52 +174,75 @@ pub struct VmHandle {
     pub run_dir: PathBuf,
 }
 
-/// One VMM backend.
+/// One VMM backend: the whole of what the daemon needs from a VMM.
 pub trait Vmm: Send + Sync {
     fn kind(&self) -> BackendKind;
+
     /// Starts the VMM and boots the guest; returns once the VMM runs and answers on its control
     /// socket (not when the guest is up: that is the agent's job to report).
     fn start<'a>(&'a self, cfg: &'a VmConfig) -> BoxFuture<'a, Result<VmHandle, VmmError>>;
+
     /// Asks the guest to shut down, waits up to `graceful`, then kills the VMM and waits until
-    /// the process is gone. Stopping a VMM that is already gone succeeds.
+    /// the process is gone. Stopping a VMM that is already gone succeeds. Works for any handle
+    /// of this backend's kind, including one an earlier daemon started.
     fn stop<'a>(
         &'a self,
         handle: &'a VmHandle,
         graceful: Duration,
     ) -> BoxFuture<'a, Result<(), VmmError>>;
-}
 
-/// True when the handle's process exists, is not a zombie, and is the same process (same start
-/// time) as when it was started. Reaps the process if it is a zombie child of ours.
-pub fn is_alive(handle: &VmHandle) -> bool {
-    process::is_alive(handle.pid, handle.pid_start_time)
-}
+    /// A VMM of this backend that was started for `vm` in `run_dir` but never recorded: the
+    /// daemon died between starting it and writing its handle down. Found so that it can be
+    /// stopped; `None` when there is none.
+    fn leftover(&self, vm: &str, run_dir: &Path) -> Option<VmHandle>;
 
-/// Resolves once the VMM process has exited (and, if it is our child, been reaped), with a
-/// description of how it ended (`exit status 0`, `killed by SIGKILL`, or `exit status unknown`
-/// for a process that is not our child). For supervising a VM whose guest may power off or
-/// reboot by itself; without it (or [`is_alive`] calls) such a child stays a zombie.
-pub async fn wait_for_exit(handle: &VmHandle) -> String {
-    loop {
-        if let Some(status) = process::exit_status_if_gone(handle.pid, handle.pid_start_time) {
-            return status;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    /// True when the handle's VMM still runs. For a backend that runs a host process (both do),
+    /// that is the same process (pid and start time) as when it started, not a zombie; a zombie
+    /// child of ours is reaped. Blocking but quick (reads `/proc`).
+    fn is_alive(&self, handle: &VmHandle) -> bool {
+        process::is_alive(handle.pid, handle.pid_start_time)
+    }
+
+    /// Resolves once the VMM has exited (and, if it is our child, been reaped), with how it ended
+    /// (`exit status 0`, `killed by SIGKILL`, or `exit status unknown` for a process that is not
+    /// our child).
+    fn wait_for_exit<'a>(&'a self, handle: &'a VmHandle) -> BoxFuture<'a, String> {
+        Box::pin(async move {
+            loop {
+                if let Some(status) =
+                    process::exit_status_if_gone(handle.pid, handle.pid_start_time)
+                {
+                    return status;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    }
+
+    /// Opens a byte stream to the guest agent over the channel the VMM gave the guest. Fails
+    /// fast (a few seconds at most); a caller waiting for the guest to come up retries.
+    fn connect_agent<'a>(
+        &'a self,
+        handle: &'a VmHandle,
+    ) -> BoxFuture<'a, Result<AgentStream, VmmError>> {
+        Box::pin(connect_agent(&handle.agent))
     }
 }
 
-/// Stops a VM by its handle, whichever backend started it (e.g. after the configured backend
-/// changed across a daemon restart). Same contract as [`Vmm::stop`].
-pub async fn stop(handle: &VmHandle, graceful: Duration) -> Result<(), VmmError> {
-    match handle.backend {
-        BackendKind::Qemu => qemu::stop(handle, graceful).await,
-        BackendKind::Firecracker => firecracker::stop(handle, graceful).await,
+/// How every backend that runs a host process stops it: nothing to do when it is gone already;
+/// otherwise `ask` the guest to shut down (the backend's own way; `false` when that failed), wait
+/// up to `graceful` for the process to exit (not at all when the request failed), kill it, and
+/// remove the run directory's pid file and sockets.
+async fn stop_process(
+    handle: &VmHandle,
+    graceful: Duration,
+    ask: impl Future<Output = bool>,
+) -> Result<(), VmmError> {
+    if !process::is_alive(handle.pid, handle.pid_start_time) {
+        cleanup_run_dir(handle);
+        return Ok(());
     }
-}
-
-/// The shared tail of both backends' stop: wait for the graceful request to take effect, kill,
-/// wait until the process is gone, and remove the run directory's pid file and sockets.
-async fn finish_stop(handle: &VmHandle, grace: Duration) -> Result<(), VmmError> {
+    let grace = if ask.await { graceful } else { Duration::ZERO };
     let ended = process::terminate(handle.pid, handle.pid_start_time, grace)
         .await
         .map_err(|source| VmmError::Stop {
@@ -255,43 +321,7 @@ fn check_inputs(cfg: &VmConfig) -> Result<(), VmmError> {
             ),
         });
     }
-    if let Some(net) = &cfg.net {
-        net.validate().map_err(|reason| VmmError::InvalidConfig {
-            vm: cfg.name.clone(),
-            reason,
-        })?;
-    }
     Ok(())
-}
-
-impl NetConfig {
-    /// Checks the tap name (a Linux interface name) and the MAC (`aa:bb:cc:dd:ee:ff`).
-    pub fn validate(&self) -> Result<(), String> {
-        let tap_ok = !self.tap.is_empty()
-            && self.tap.len() <= 15
-            && self
-                .tap
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
-        if !tap_ok {
-            return Err(format!(
-                "tap name {:?} is not a valid interface name (1-15 of [A-Za-z0-9._-])",
-                self.tap
-            ));
-        }
-        let parts: Vec<&str> = self.mac.split(':').collect();
-        let mac_ok = parts.len() == 6
-            && parts
-                .iter()
-                .all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()));
-        if !mac_ok {
-            return Err(format!(
-                "MAC {:?} is not of the form aa:bb:cc:dd:ee:ff",
-                self.mac
-            ));
-        }
-        Ok(())
-    }
 }
 
 #[cfg(test)]
@@ -327,8 +357,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let h = handle_for(&["-c", "sleep 0.2; exit 7"], dir.path());
         let _guard = ProcessGuard::new(h.pid, h.pid_start_time);
-        assert_eq!(wait_for_exit(&h).await, "exit status 7");
-        assert!(!is_alive(&h));
+        let qemu = qemu::QemuBackend::new(PathBuf::from(qemu::PROGRAM), KvmMode::Absent);
+        assert_eq!(qemu.wait_for_exit(&h).await, "exit status 7");
+        assert!(!qemu.is_alive(&h));
         assert!(process::proc_stat(h.pid).is_none(), "not reaped");
     }
 
@@ -339,12 +370,13 @@ mod tests {
         let _guard = ProcessGuard::new(h.pid, h.pid_start_time);
         std::fs::write(dir.path().join("agent.sock"), "").unwrap();
         let t = std::time::Instant::now();
-        stop(&h, Duration::from_secs(30)).await.unwrap();
+        let qemu = qemu::QemuBackend::new(PathBuf::from(qemu::PROGRAM), KvmMode::Absent);
+        qemu.stop(&h, Duration::from_secs(30)).await.unwrap();
         assert!(
             t.elapsed() < Duration::from_secs(10),
             "waited for a grace period nobody asked for"
         );
-        assert!(!is_alive(&h));
+        assert!(!qemu.is_alive(&h));
         assert!(!dir.path().join(PID_FILE).exists());
         assert!(!dir.path().join("agent.sock").exists());
     }
@@ -373,28 +405,5 @@ mod tests {
             })
         );
         assert_eq!(serde_json::from_value::<VmHandle>(json).unwrap(), h);
-    }
-
-    #[test]
-    fn net_config_validation() {
-        let ok = NetConfig {
-            tap: "tap-vm_1.0".into(),
-            mac: "06:00:AC:10:00:02".into(),
-        };
-        assert_eq!(ok.validate(), Ok(()));
-        for (tap, mac) in [
-            ("", "06:00:ac:10:00:02"),
-            ("a-very-long-tap-name", "06:00:ac:10:00:02"),
-            ("tap 0", "06:00:ac:10:00:02"),
-            ("tap0", "06:00:ac:10:00"),
-            ("tap0", "06-00-ac-10-00-02"),
-            ("tap0", "06:00:ac:10:00:2"),
-        ] {
-            let n = NetConfig {
-                tap: tap.into(),
-                mac: mac.into(),
-            };
-            assert!(n.validate().is_err(), "{tap:?} {mac:?} accepted");
-        }
     }
 }

@@ -352,32 +352,35 @@ pub(crate) async fn terminate(
     }
 }
 
-/// The last `max_lines` lines of a log file (reading at most its last 64 KiB); empty when the
-/// file is missing or empty.
-pub(crate) fn tail(path: &Path, max_lines: usize) -> String {
-    use std::io::{Read, Seek, SeekFrom};
-    const MAX: u64 = 64 * 1024;
-    let Ok(mut f) = std::fs::File::open(path) else {
-        return String::new();
-    };
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    if f.seek(SeekFrom::Start(len.saturating_sub(MAX))).is_err() {
-        return String::new();
+/// The process that `pid_file` names, if it still runs and its command line names `marker` (a
+/// path only this VM's VMM is given): a VMM whose starter died before it could record it. The
+/// pid alone could be anyone's by now; the marker makes it ours.
+pub(crate) fn leftover(pid_file: &Path, marker: &Path) -> Option<Spawned> {
+    use std::os::unix::ffi::OsStrExt;
+    let pid: i32 = std::fs::read_to_string(pid_file)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let stat = proc_stat(pid)?;
+    if stat.is_zombie() {
+        try_reap(pid);
+        return None;
     }
-    let mut buf = Vec::new();
-    if f.read_to_end(&mut buf).is_err() {
-        return String::new();
-    }
-    let text = String::from_utf8_lossy(&buf);
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(max_lines)..].join("\n")
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let marker = marker.as_os_str().as_bytes();
+    let named = !marker.is_empty() && cmdline.windows(marker.len()).any(|w| w == marker);
+    named.then_some(Spawned {
+        pid,
+        start_time: stat.start_time,
+    })
 }
 
 /// Formats the tails of the given logs for an error message (empty logs are left out).
 pub(crate) fn format_logs(logs: &[(&str, &Path)]) -> String {
     let mut out = String::new();
     for (label, path) in logs {
-        let t = tail(path, 20);
+        let t = banger_config::logtail::tail(path, 20);
         if !t.trim().is_empty() {
             out.push_str(&format!(
                 "\n--- {label} ({}), last lines ---\n{t}",
@@ -521,13 +524,26 @@ mod tests {
         assert!(err.to_string().contains("/nonexistent/vmm-binary"), "{err}");
     }
 
-    #[test]
-    fn tail_returns_last_lines() {
+    #[tokio::test]
+    async fn a_leftover_is_found_by_its_pid_file_only_if_it_names_the_marker() {
         let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("log");
-        let text: String = (1..=30).map(|i| format!("line {i}\n")).collect();
-        std::fs::write(&p, text).unwrap();
-        assert_eq!(tail(&p, 2), "line 29\nline 30");
-        assert_eq!(tail(&dir.path().join("missing"), 2), "");
+        let marker = dir.path().join("qmp.sock");
+        let mut spec = sleep_spec(dir.path());
+        spec.program = "sh".into();
+        spec.args = vec![
+            "-c".into(),
+            "exec sleep 300".into(),
+            marker.clone().into_os_string(),
+        ];
+        let spawned = spawn_detached(&spec).unwrap();
+        let _guard = ProcessGuard::new(spawned.pid, spawned.start_time);
+        let pid_file = dir.path().join("vmm.pid");
+        assert_eq!(leftover(&pid_file, &marker), Some(spawned));
+        assert_eq!(leftover(&pid_file, &dir.path().join("fc.sock")), None);
+        assert_eq!(leftover(&dir.path().join("missing.pid"), &marker), None);
+        terminate(spawned.pid, spawned.start_time, Duration::ZERO)
+            .await
+            .unwrap();
+        assert_eq!(leftover(&pid_file, &marker), None, "gone is not left over");
     }
 }

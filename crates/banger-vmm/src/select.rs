@@ -1,226 +1,320 @@
-//! Choosing the backend: the user's preference (`vmm` in config) against what the host has.
-//! `auto` picks Firecracker only when its binary exists and KVM is hardware KVM; otherwise QEMU,
-//! which uses KVM when it is hardware and TCG when it is not. The reason for the choice is
-//! returned as one line for `doctor` and the daemon log.
+//! Choosing the backend: the user's `vmm` setting against what each backend says about the host
+//! ([`BackendKind::availability`]). `auto` takes the first backend, in [`BackendKind::ALL`]'s
+//! order, that the host runs without a caveat (Firecracker needs its binary and hardware KVM;
+//! QEMU only its binary, and runs under TCG without hardware KVM); a backend named in the config
+//! is taken whenever it can run at all. The reason for the choice is one line for the daemon
+//! log, `vm create` and `doctor`.
+//!
+//! [`select`] is the one rule, for the daemon and `banger doctor` alike; [`Backends`] is what
+//! the daemon keeps of its outcome: the backend new VMs start on, and one backend of every kind
+//! to stop, watch and reach VMs that an earlier configuration started.
 
-use std::ffi::{OsStr, OsString};
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::str::FromStr;
+use std::path::PathBuf;
+use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
+use banger_config::{Config, VmmChoice};
 
-use crate::firecracker::FirecrackerBackend;
-use crate::kvm::{kvm_mode, KvmMode};
-use crate::qemu::QemuBackend;
-use crate::{BackendKind, Vmm, VmmError};
+use crate::host::{HostFacts, SystemHost};
+use crate::kvm::KvmMode;
+use crate::{BackendKind, VmHandle, Vmm, VmmError};
 
-pub(crate) const QEMU_BIN: &str = "qemu-system-x86_64";
-pub(crate) const FIRECRACKER_BIN: &str = "firecracker";
-const QEMU_INSTALL: &str = "it comes with the Debian package qemu-system-x86";
-const FIRECRACKER_INSTALL: &str = "Firecracker is not packaged by Debian: take the \
-     firecracker-vX.Y.Z-x86_64 binary from the release tarball on Firecracker's GitHub releases page";
-
-/// The `vmm` config value.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum VmmPreference {
-    #[default]
-    Auto,
-    Firecracker,
-    Qemu,
+/// The user's say in the choice: config keys `vmm` and `firecracker_bin`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VmmSettings {
+    pub preference: VmmChoice,
+    /// Firecracker's program: a path, or a name looked up on `PATH` (default `firecracker`).
+    pub firecracker_bin: Option<PathBuf>,
 }
 
-impl FromStr for VmmPreference {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "auto" => Ok(VmmPreference::Auto),
-            "firecracker" => Ok(VmmPreference::Firecracker),
-            "qemu" => Ok(VmmPreference::Qemu),
-            other => Err(format!(
-                "unknown vmm {other:?}: expected \"auto\", \"firecracker\" or \"qemu\""
-            )),
+impl VmmSettings {
+    pub fn from_config(config: &Config) -> VmmSettings {
+        VmmSettings {
+            preference: config.vmm,
+            firecracker_bin: config.firecracker_bin.clone(),
+        }
+    }
+}
+
+/// What a host offers one backend, as the backend module judges it.
+#[derive(Debug)]
+pub struct Availability {
+    pub kind: BackendKind,
+    /// Whether the host's virtualization lets the backend boot ordinary guests.
+    pub support: Support,
+    /// The backend's program, or why it was not found.
+    pub binary: Result<PathBuf, VmmError>,
+    /// How reasons name the backend: `firecracker (/usr/bin/firecracker)`, `qemu (TCG)`.
+    pub label: String,
+    /// The host's KVM, as the backend was judged against it.
+    pub kvm: KvmMode,
+}
+
+/// The host's side of [`Availability`].
+#[derive(Debug)]
+pub enum Support {
+    /// Boots ordinary guest kernels here.
+    Full,
+    /// Runs, but with a limit `auto` does not accept (Firecracker on `kvm_pvm`); taken only when
+    /// named in the config.
+    Limited {
+        why: String,
+        consequence: &'static str,
+    },
+    /// Cannot run here; `why` is the short form of `error` for the reasons of others.
+    Unusable { why: String, error: VmmError },
+}
+
+impl Availability {
+    /// Why `auto` passes this backend over; `None` when it runs here without a caveat.
+    pub fn shortfall(&self) -> Option<String> {
+        match (&self.support, &self.binary) {
+            (Support::Unusable { why, .. } | Support::Limited { why, .. }, _) => Some(why.clone()),
+            (
+                Support::Full,
+                Err(VmmError::BinaryNotFound {
+                    binary, searched, ..
+                }),
+            ) => Some(format!("{binary} not found ({searched})")),
+            (Support::Full, Err(e)) => Some(e.to_string()),
+            (Support::Full, Ok(_)) => None,
         }
     }
 }
 
 /// The chosen backend and why.
-pub struct Selection {
-    pub backend: Box<dyn Vmm>,
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Choice {
+    pub kind: BackendKind,
+    pub binary: PathBuf,
+    pub kvm: KvmMode,
     /// One line, e.g. `qemu (TCG): /dev/kvm is kvm_pvm, a nested software mode that ...`.
     pub reason: String,
 }
 
-impl std::fmt::Debug for Selection {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Selection")
-            .field("backend", &self.backend.kind())
-            .field("reason", &self.reason)
-            .finish()
+/// Picks the backend for the host `host` describes.
+pub fn select(host: &dyn HostFacts, settings: &VmmSettings) -> Result<Choice, VmmError> {
+    match settings.preference {
+        VmmChoice::Auto => auto(host, settings),
+        VmmChoice::Firecracker => named(BackendKind::Firecracker.availability(host, settings)),
+        VmmChoice::Qemu => named(BackendKind::Qemu.availability(host, settings)),
     }
 }
 
-/// Picks the backend for this host. `firecracker_bin` is the configured path or name (default:
-/// `firecracker` on PATH).
-pub fn select(pref: VmmPreference, firecracker_bin: Option<&Path>) -> Result<Selection, VmmError> {
-    let kvm = kvm_mode();
-    let choice = decide(
-        pref,
-        firecracker_bin,
-        &kvm,
-        std::env::var_os("PATH").as_deref(),
-    )?;
-    let backend: Box<dyn Vmm> = match choice.kind {
-        BackendKind::Firecracker => Box::new(FirecrackerBackend::new(choice.binary)),
-        BackendKind::Qemu => Box::new(QemuBackend::new(choice.binary, kvm)),
+/// The backend the config names: its program first, then whether the host can run it.
+fn named(a: Availability) -> Result<Choice, VmmError> {
+    let binary = a.binary?;
+    let reason = match a.support {
+        Support::Unusable { error, .. } => return Err(error),
+        Support::Limited { why, consequence } => {
+            format!("{}: configured, but {why}; {consequence}", a.label)
+        }
+        Support::Full => format!("{}: configured; {}", a.label, a.kvm.describe()),
     };
-    Ok(Selection {
-        backend,
-        reason: choice.reason,
+    Ok(Choice {
+        kind: a.kind,
+        binary,
+        kvm: a.kvm,
+        reason,
     })
 }
 
-/// The pure decision behind [`select`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Choice {
-    pub kind: BackendKind,
-    pub binary: PathBuf,
-    pub reason: String,
-}
+/// The backend `auto` falls back to when none before it runs here without a caveat.
+const FALLBACK: BackendKind = BackendKind::ALL[BackendKind::ALL.len() - 1];
 
-pub(crate) fn decide(
-    pref: VmmPreference,
-    firecracker_bin: Option<&Path>,
-    kvm: &KvmMode,
-    path_var: Option<&OsStr>,
-) -> Result<Choice, VmmError> {
-    let accel = if kvm.is_hardware() { "KVM" } else { "TCG" };
-    match pref {
-        VmmPreference::Firecracker => {
-            let binary = resolve_firecracker(firecracker_bin, path_var)?;
-            let reason = match kvm {
-                KvmMode::Absent | KvmMode::Unusable(_) => {
-                    return Err(VmmError::KvmUnusable {
-                        reason: kvm.describe(),
-                    })
-                }
-                KvmMode::NestedSoftware => format!(
-                    "firecracker ({}): configured, but {}; only PVM-enabled guest kernels boot",
-                    binary.display(),
-                    kvm.describe()
-                ),
-                _ => format!(
-                    "firecracker ({}): configured; {}",
-                    binary.display(),
-                    kvm.describe()
-                ),
-            };
-            Ok(Choice {
-                kind: BackendKind::Firecracker,
-                binary,
-                reason,
-            })
-        }
-        VmmPreference::Qemu => {
-            let binary = resolve_qemu(path_var, "configured")?;
-            Ok(Choice {
-                kind: BackendKind::Qemu,
-                reason: format!("qemu ({accel}): configured; {}", kvm.describe()),
-                binary,
-            })
-        }
-        VmmPreference::Auto => {
-            let firecracker = resolve_firecracker(firecracker_bin, path_var);
-            if let (Ok(binary), true) = (&firecracker, kvm.is_hardware()) {
+fn auto(host: &dyn HostFacts, settings: &VmmSettings) -> Result<Choice, VmmError> {
+    let mut passed_over: Vec<String> = Vec::new();
+    for kind in &BackendKind::ALL[..BackendKind::ALL.len() - 1] {
+        let a = kind.availability(host, settings);
+        match (a.shortfall(), a.binary) {
+            (None, Ok(binary)) => {
+                let reason = format!("{}: found, and {}", a.label, a.kvm.describe());
                 return Ok(Choice {
-                    kind: BackendKind::Firecracker,
-                    reason: format!(
-                        "firecracker ({}): found, and {}",
-                        binary.display(),
-                        kvm.describe()
-                    ),
-                    binary: binary.clone(),
+                    kind: a.kind,
+                    binary,
+                    kvm: a.kvm,
+                    reason,
                 });
             }
-            let why = if !kvm.is_hardware() {
-                kvm.describe()
-            } else {
-                match &firecracker {
-                    Err(VmmError::BinaryNotFound {
-                        binary, searched, ..
-                    }) => format!("{binary} not found ({searched})"),
-                    _ => "firecracker unavailable".to_string(),
-                }
-            };
-            let binary = resolve_qemu(path_var, &format!("auto chose QEMU because {why}"))?;
-            Ok(Choice {
-                kind: BackendKind::Qemu,
-                reason: format!("qemu ({accel}): {why}"),
+            (shortfall, _) => passed_over.extend(shortfall),
+        }
+    }
+    let a = FALLBACK.availability(host, settings);
+    let why = passed_over.join("; ");
+    match (a.binary, a.support) {
+        (
+            Err(VmmError::BinaryNotFound {
+                backend,
                 binary,
+                searched,
+                install,
+            }),
+            _,
+        ) => Err(VmmError::BinaryNotFound {
+            backend,
+            binary,
+            searched: format!("{searched}; auto fell back to {FALLBACK} because {why}"),
+            install,
+        }),
+        (Err(e), _) | (Ok(_), Support::Unusable { error: e, .. }) => Err(e),
+        // The last resort is taken even with a caveat, which the reason then names.
+        (Ok(binary), support) => {
+            let limit = match support {
+                Support::Limited { why, consequence } => format!(", but {why}; {consequence}"),
+                _ => String::new(),
+            };
+            Ok(Choice {
+                kind: a.kind,
+                binary,
+                reason: format!("{}: {why}{limit}", a.label),
+                kvm: a.kvm,
             })
         }
     }
 }
 
-fn resolve_qemu(path_var: Option<&OsStr>, context: &str) -> Result<PathBuf, VmmError> {
-    find_in_path(OsStr::new(QEMU_BIN), path_var).ok_or_else(|| VmmError::BinaryNotFound {
-        backend: BackendKind::Qemu,
-        binary: QEMU_BIN.to_string(),
-        searched: format!("searched PATH; {context}"),
-        install: QEMU_INSTALL.to_string(),
-    })
+/// What the daemon keeps of the choice: the backend new VMs start on (or why there is none),
+/// and a backend of every kind for VMs whose handle names another kind (the config changed
+/// while they ran). Cheap to clone.
+#[derive(Clone)]
+pub struct Backends {
+    new_vms: Result<Arc<dyn Vmm>, Arc<VmmError>>,
+    reason: String,
+    by_kind: Vec<Arc<dyn Vmm>>,
+    /// Answers for handles of a kind none of `by_kind` has.
+    fallback: Arc<dyn Vmm>,
 }
 
-fn resolve_firecracker(
-    configured: Option<&Path>,
-    path_var: Option<&OsStr>,
-) -> Result<PathBuf, VmmError> {
-    match configured {
-        // A bare name is looked up on PATH like a shell would; anything with a slash is a path.
-        Some(p) if p.components().count() > 1 || p.is_absolute() => {
-            if is_executable(p) {
-                Ok(p.to_path_buf())
-            } else {
-                Err(VmmError::BinaryNotFound {
-                    backend: BackendKind::Firecracker,
-                    binary: p.display().to_string(),
-                    searched: "configured firecracker_bin is not an executable file".to_string(),
-                    install: FIRECRACKER_INSTALL.to_string(),
-                })
+impl Backends {
+    /// Chooses for this machine ([`select`]) and logs the choice.
+    pub fn for_this_host(settings: &VmmSettings) -> Backends {
+        let choice = select(&SystemHost::this(), settings);
+        match &choice {
+            Ok(c) => tracing::info!("VMM: {}", c.reason),
+            Err(e) => tracing::warn!("no usable VMM: {e}"),
+        }
+        Backends::from_choice(choice)
+    }
+
+    /// The backends for a choice. The other kinds run their usual program name: they only
+    /// stop, watch and reach VMs, which needs no program.
+    pub fn from_choice(choice: Result<Choice, VmmError>) -> Backends {
+        let (new_vms, reason) = match choice {
+            Ok(c) => (Ok(c.kind.backend(c.binary, c.kvm)), c.reason),
+            Err(e) => {
+                let reason = e.to_string();
+                (Err(Arc::new(e)), reason)
+            }
+        };
+        let idle = |kind: BackendKind| kind.backend(PathBuf::from(kind.program()), KvmMode::Absent);
+        let mut by_kind: Vec<Arc<dyn Vmm>> = new_vms.iter().cloned().collect();
+        for kind in BackendKind::ALL {
+            if !by_kind.iter().any(|b| b.kind() == kind) {
+                by_kind.push(idle(kind));
             }
         }
-        other => {
-            let name = other.map_or(OsStr::new(FIRECRACKER_BIN), |p| p.as_os_str());
-            find_in_path(name, path_var).ok_or_else(|| VmmError::BinaryNotFound {
-                backend: BackendKind::Firecracker,
-                binary: name.to_string_lossy().into_owned(),
-                searched: "searched PATH".to_string(),
-                install: FIRECRACKER_INSTALL.to_string(),
-            })
+        let fallback = new_vms.as_ref().map_or_else(|_| idle(FALLBACK), Arc::clone);
+        Backends {
+            new_vms,
+            reason,
+            by_kind,
+            fallback,
         }
     }
-}
 
-/// The first executable `name` in the `PATH`-style list.
-pub(crate) fn find_in_path(name: &OsStr, path_var: Option<&OsStr>) -> Option<PathBuf> {
-    let path_var: OsString = path_var.map(OsStr::to_os_string).unwrap_or_default();
-    std::env::split_paths(&path_var)
-        .filter(|dir| !dir.as_os_str().is_empty())
-        .map(|dir| dir.join(name))
-        .find(|candidate| is_executable(candidate))
-}
+    /// One backend for everything, whatever kind a handle names (tests with a fake VMM).
+    pub fn only(vmm: Arc<dyn Vmm>, reason: impl Into<String>) -> Backends {
+        Backends {
+            new_vms: Ok(vmm.clone()),
+            reason: reason.into(),
+            by_kind: Vec::new(),
+            fallback: vmm,
+        }
+    }
 
-fn is_executable(p: &Path) -> bool {
-    std::fs::metadata(p)
-        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        .unwrap_or(false)
+    /// The backend new VMs start on, or why no VMM can run here.
+    pub fn for_new_vms(&self) -> Result<&Arc<dyn Vmm>, &VmmError> {
+        self.new_vms.as_ref().map_err(|e| &**e)
+    }
+
+    /// Why new VMs run on what they run on (or why nothing can run them): one line.
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+
+    /// A VMM some backend started for `vm` in `run_dir` that nobody recorded (see
+    /// [`Vmm::leftover`]), with the backend to stop it.
+    pub fn leftover(
+        &self,
+        vm: &str,
+        run_dir: &std::path::Path,
+    ) -> Option<(&Arc<dyn Vmm>, VmHandle)> {
+        self.by_kind
+            .iter()
+            .chain(std::iter::once(&self.fallback))
+            .find_map(|b| Some((b, b.leftover(vm, run_dir)?)))
+    }
+
+    /// The backend that started `handle`'s VMM.
+    pub fn for_handle(&self, handle: &VmHandle) -> &Arc<dyn Vmm> {
+        self.by_kind
+            .iter()
+            .find(|b| b.kind() == handle.backend)
+            .unwrap_or(&self.fallback)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::qemu::PROGRAM as QEMU_BIN;
+    use std::ffi::{OsStr, OsString};
     use std::fs;
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::Path;
+
+    /// A host with a fixed KVM mode and programs on the given PATH.
+    struct FakeHost {
+        kvm: KvmMode,
+        path: Option<OsString>,
+    }
+
+    impl HostFacts for FakeHost {
+        fn open_dev_kvm(&self) -> std::io::Result<()> {
+            unreachable!("kvm() answers directly")
+        }
+        fn module_loaded(&self, _: &str) -> bool {
+            unreachable!("kvm() answers directly")
+        }
+        fn cpuinfo(&self) -> String {
+            unreachable!("kvm() answers directly")
+        }
+        fn find_on_path(&self, name: &OsStr) -> Option<PathBuf> {
+            crate::host::find_in_path(name, self.path.as_deref())
+        }
+        fn is_executable(&self, path: &Path) -> bool {
+            SystemHost::this().is_executable(path)
+        }
+        fn kvm(&self) -> KvmMode {
+            self.kvm.clone()
+        }
+    }
+
+    fn decide(
+        preference: VmmChoice,
+        firecracker_bin: Option<&Path>,
+        kvm: &KvmMode,
+        path: Option<&OsString>,
+    ) -> Result<Choice, VmmError> {
+        let host = FakeHost {
+            kvm: kvm.clone(),
+            path: path.cloned(),
+        };
+        let settings = VmmSettings {
+            preference,
+            firecracker_bin: firecracker_bin.map(Path::to_path_buf),
+        };
+        select(&host, &settings)
+    }
 
     /// A PATH with fake executables of the given names.
     fn fake_path(names: &[&str]) -> tempfile::TempDir {
@@ -241,7 +335,7 @@ mod tests {
     fn auto_picks_firecracker_with_binary_and_hardware_kvm() {
         let dir = fake_path(&["firecracker", QEMU_BIN]);
         let c = decide(
-            VmmPreference::Auto,
+            VmmChoice::Auto,
             None,
             &KvmMode::HardwareIntel,
             Some(&path_of(&dir)),
@@ -256,7 +350,7 @@ mod tests {
     fn auto_picks_qemu_tcg_on_kvm_pvm_and_says_why() {
         let dir = fake_path(&["firecracker", QEMU_BIN]);
         let c = decide(
-            VmmPreference::Auto,
+            VmmChoice::Auto,
             None,
             &KvmMode::NestedSoftware,
             Some(&path_of(&dir)),
@@ -273,7 +367,7 @@ mod tests {
     fn auto_picks_qemu_kvm_when_firecracker_is_missing() {
         let dir = fake_path(&[QEMU_BIN]);
         let c = decide(
-            VmmPreference::Auto,
+            VmmChoice::Auto,
             None,
             &KvmMode::HardwareAmd,
             Some(&path_of(&dir)),
@@ -290,7 +384,7 @@ mod tests {
     fn auto_without_any_vmm_names_qemu_and_its_debian_package() {
         let dir = fake_path(&[]);
         let err = decide(
-            VmmPreference::Auto,
+            VmmChoice::Auto,
             None,
             &KvmMode::Absent,
             Some(&path_of(&dir)),
@@ -306,7 +400,7 @@ mod tests {
     fn explicit_firecracker_missing_says_where_to_get_it() {
         let dir = fake_path(&[QEMU_BIN]);
         let err = decide(
-            VmmPreference::Firecracker,
+            VmmChoice::Firecracker,
             None,
             &KvmMode::HardwareIntel,
             Some(&path_of(&dir)),
@@ -326,23 +420,17 @@ mod tests {
         let dir = fake_path(&["fc-1.16"]);
         let bin = dir.path().join("fc-1.16");
         let c = decide(
-            VmmPreference::Firecracker,
+            VmmChoice::Firecracker,
             Some(&bin),
             &KvmMode::HardwareIntel,
             None,
         )
         .unwrap();
         assert_eq!(c.binary, bin);
-        let err = decide(
-            VmmPreference::Firecracker,
-            Some(&bin),
-            &KvmMode::Absent,
-            None,
-        )
-        .unwrap_err();
+        let err = decide(VmmChoice::Firecracker, Some(&bin), &KvmMode::Absent, None).unwrap_err();
         assert!(matches!(err, VmmError::KvmUnusable { .. }), "{err}");
         let err = decide(
-            VmmPreference::Firecracker,
+            VmmChoice::Firecracker,
             Some(&dir.path().join("nope")),
             &KvmMode::HardwareIntel,
             None,
@@ -357,7 +445,7 @@ mod tests {
     fn configured_bare_name_is_searched_on_path() {
         let dir = fake_path(&["firecracker-v1.16.1"]);
         let c = decide(
-            VmmPreference::Auto,
+            VmmChoice::Auto,
             Some(Path::new("firecracker-v1.16.1")),
             &KvmMode::HardwareIntel,
             Some(&path_of(&dir)),
@@ -367,35 +455,16 @@ mod tests {
     }
 
     #[test]
-    fn non_executable_files_are_not_binaries() {
-        let dir = fake_path(&[]);
-        fs::write(dir.path().join(QEMU_BIN), "").unwrap();
-        assert_eq!(
-            find_in_path(OsStr::new(QEMU_BIN), Some(&path_of(&dir))),
-            None
-        );
-    }
-
-    #[test]
-    fn preference_parses_config_values() {
-        assert_eq!("auto".parse(), Ok(VmmPreference::Auto));
-        assert_eq!("qemu".parse(), Ok(VmmPreference::Qemu));
-        assert!("kvm"
-            .parse::<VmmPreference>()
-            .unwrap_err()
-            .contains("\"kvm\""));
-    }
-
-    #[test]
     fn select_on_this_host_finds_qemu() {
         // This machine has qemu-system-x86 installed and no firecracker; whatever KVM it has,
         // auto must produce a working choice with a reason.
-        let s = select(VmmPreference::Auto, None).unwrap();
-        println!("auto on this host: {}", s.reason);
+        let b = Backends::for_this_host(&VmmSettings::default());
+        println!("auto on this host: {}", b.reason());
+        let vmm = b.for_new_vms().unwrap();
         assert!(
-            s.reason.starts_with(s.backend.kind().as_str()),
+            b.reason().starts_with(vmm.kind().as_str()),
             "{}",
-            s.reason
+            b.reason()
         );
     }
 }

@@ -1,22 +1,33 @@
-//! Test helpers: Drop guards that kill processes a test started, and a tiny bootable "kernel"
-//! so QEMU can run a real guest on a host that has no Linux guest kernel.
+//! Test helpers. For other crates (feature `testkit`): [`FakeVmm`], a [`crate::Vmm`] that runs
+//! nothing, so the daemon's lifecycle is tested without a guest. For this crate's own tests:
+//! Drop guards that kill processes a test started, and a tiny bootable "kernel" so QEMU can run
+//! a real guest on a host that has no Linux guest kernel.
 
+#[cfg(test)]
 use std::path::Path;
 
+#[cfg(test)]
 use crate::process;
 
+mod fake_vmm;
+
+pub use fake_vmm::{FakeCall, FakeVmm, GuestAgent};
+
 /// Kills (pid, start time) on drop if it still runs, and reaps it if it is our child.
+#[cfg(test)]
 pub(crate) struct ProcessGuard {
     pid: i32,
     start_time: u64,
 }
 
+#[cfg(test)]
 impl ProcessGuard {
     pub(crate) fn new(pid: i32, start_time: u64) -> ProcessGuard {
         ProcessGuard { pid, start_time }
     }
 }
 
+#[cfg(test)]
 impl Drop for ProcessGuard {
     fn drop(&mut self) {
         if process::is_alive(self.pid, self.start_time) {
@@ -32,6 +43,7 @@ impl Drop for ProcessGuard {
 }
 
 /// The line the test kernel prints on the serial port.
+#[cfg(test)]
 pub(crate) const TEST_KERNEL_GREETING: &str = "banger-test-kernel: hello";
 
 /// Writes a minimal x86 guest that QEMU's microvm boots as a PVH ELF: it prints
@@ -40,6 +52,7 @@ pub(crate) const TEST_KERNEL_GREETING: &str = "banger-test-kernel: hello";
 ///
 /// Layout: ELF64 header, a PT_LOAD of the code at 1 MiB, and a PT_NOTE holding the Xen
 /// `PHYS32_ENTRY` note that marks the 32-bit, paging-off PVH entry point.
+#[cfg(test)]
 pub(crate) fn write_test_kernel(path: &Path) {
     const LOAD: u32 = 0x10_0000;
     const CODE_OFFSET: usize = 0x1000;
@@ -115,6 +128,7 @@ pub(crate) fn write_test_kernel(path: &Path) {
 }
 
 /// Polls `cond` every 50 ms for up to `secs` seconds.
+#[cfg(test)]
 pub(crate) async fn eventually(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
     for _ in 0..secs * 20 {
         if cond() {

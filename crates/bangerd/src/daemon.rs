@@ -15,11 +15,15 @@ use anyhow::Context;
 use axum::routing::{delete, get, post};
 use axum::Router;
 use banger_config::{Config, Paths};
+use banger_net::{BridgeConfig, HostNet, Network, PrivilegedRunner, SystemHostNet};
+use banger_vmm::{Backends, VmmSettings};
 use nix::fcntl::{Flock, FlockArg};
 use tokio::sync::watch;
 
+use crate::dns::DnsService;
+use crate::routes::{images as image_routes, vms as vm_routes};
 use crate::store::Store;
-use crate::{images, vm_routes, vms, AppState};
+use crate::{images, vms, AppState};
 
 /// What happened when we tried to become the daemon.
 pub enum Startup {
@@ -54,6 +58,26 @@ fn take_lock(path: &Path) -> anyhow::Result<Option<Flock<File>>> {
     }
 }
 
+/// The VM service's effects on this host: the real network, the VMM the config and the host
+/// allow, the `.vm` server, sshd over TCP, and the installed guest agent. Made once, here.
+fn host_effects(config: &Config) -> anyhow::Result<vms::Effects> {
+    let bridge = BridgeConfig::parse(config.bridge(), config.subnet())
+        .context("invalid bridge_name or bridge_subnet in config")?;
+    let dns = Arc::new(DnsService::new(bridge.clone()));
+    let net: Arc<Network<dyn HostNet>> = Arc::new(Network::new(
+        SystemHostNet::new(PrivilegedRunner::detect()),
+        bridge,
+    ));
+    Ok(vms::Effects {
+        net,
+        vmms: Backends::for_this_host(&VmmSettings::from_config(config)),
+        dns,
+        sshd: Arc::new(vms::TcpSshd),
+        agent_binary: vms::AgentBinary::Installed,
+        timeouts: vms::Timeouts::from_env(),
+    })
+}
+
 /// Runs the daemon until it is asked to stop or receives SIGTERM/SIGINT.
 pub async fn run(paths: Paths) -> anyhow::Result<Startup> {
     ensure_private_dir(&paths.state_dir)?;
@@ -80,7 +104,8 @@ pub async fn run(paths: Paths) -> anyhow::Result<Startup> {
         store.clone(),
         config.clone(),
         image_locks,
-    )?);
+        host_effects(&config)?,
+    ));
     vms.reconcile()
         .await
         .context("cannot reconcile VMs with the host")?;
@@ -140,15 +165,15 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/version", get(crate::version))
         .route("/v1/daemon/stop", post(crate::stop))
-        .route("/v1/images", get(images::list))
-        .route("/v1/images/build", post(images::build))
-        .route("/v1/images/pull", post(images::pull))
-        .route("/v1/images/export", post(images::export))
-        .route("/v1/images/register", post(images::register))
-        .route("/v1/images/prune", post(images::prune))
+        .route("/v1/images", get(image_routes::list))
+        .route("/v1/images/build", post(image_routes::build))
+        .route("/v1/images/pull", post(image_routes::pull))
+        .route("/v1/images/export", post(image_routes::export))
+        .route("/v1/images/register", post(image_routes::register))
+        .route("/v1/images/prune", post(image_routes::prune))
         .route(
             "/v1/images/{name}",
-            get(images::show).delete(images::delete),
+            get(image_routes::show).delete(image_routes::delete),
         )
         .route("/v1/vms", get(vm_routes::list).post(vm_routes::create))
         .route(
@@ -173,10 +198,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v1/vms/{name}/ssh", get(vm_routes::ssh))
         .route("/v1/vms/{name}/logs", get(vm_routes::logs))
-        .route("/v1/kernels", get(images::list_kernels))
-        .route("/v1/kernels/register", post(images::register_kernel))
-        .route("/v1/kernels/pull", post(images::pull_kernel))
-        .route("/v1/kernels/{name}", delete(images::delete_kernel))
+        .route("/v1/kernels", get(image_routes::list_kernels))
+        .route("/v1/kernels/register", post(image_routes::register_kernel))
+        .route("/v1/kernels/pull", post(image_routes::pull_kernel))
+        .route("/v1/kernels/{name}", delete(image_routes::delete_kernel))
         .layer(axum::middleware::from_fn(crate::server::version_gate))
         .with_state(state)
 }

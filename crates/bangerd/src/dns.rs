@@ -9,14 +9,30 @@
 //! daemon and lists every VM, running or not, since a name's address never changes while it exists.
 //! A server that cannot start is logged and does not fail the VM: names are a convenience, and
 //! `banger vm ssh` does not depend on them.
+//!
+//! The VM service reaches this through the [`NameService`] trait, so its tests run with a
+//! recording fake instead of a server on a bridge that does not exist.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use banger_dns::{Forwarder, RunningDns, Zone};
 use banger_net::resolved::{self, Routing};
-use banger_net::{NetConfig, Privileged};
+use banger_net::{BridgeConfig, PrivilegedRunner};
+use futures_util::future::BoxFuture;
 use tokio::sync::Mutex as AsyncMutex;
+
+/// What the VM service asks of the `.vm` names: the zone's contents, and a server whose
+/// lifetime follows the bridge.
+pub trait NameService: Send + Sync {
+    /// Replaces the served names with `entries` (VM name, address).
+    fn set_names(&self, entries: Vec<(String, Ipv4Addr)>);
+    /// Starts serving (the bridge must be up); does nothing when it runs already.
+    fn ensure_running(&self) -> BoxFuture<'_, ()>;
+    /// Stops serving; called right before the bridge goes away.
+    fn stop(&self) -> BoxFuture<'_, ()>;
+    fn status(&self) -> banger_api::DnsStatus;
+}
 
 pub struct DnsService {
     zone: Zone,
@@ -25,8 +41,8 @@ pub struct DnsService {
     /// (routing through resolved may take a while).
     serving: AtomicBool,
     routed: AtomicBool,
-    net: NetConfig,
-    privileged: Privileged,
+    net: BridgeConfig,
+    privileged: PrivilegedRunner,
 }
 
 struct Running {
@@ -35,20 +51,15 @@ struct Running {
 }
 
 impl DnsService {
-    pub fn new(net: NetConfig) -> Self {
+    pub fn new(net: BridgeConfig) -> Self {
         DnsService {
             zone: Zone::new(),
             running: AsyncMutex::new(None),
             serving: AtomicBool::new(false),
             routed: AtomicBool::new(false),
             net,
-            privileged: Privileged::detect(),
+            privileged: PrivilegedRunner::detect(),
         }
-    }
-
-    /// Replaces the served names with `entries` (VM name, address).
-    pub fn set_names(&self, entries: impl IntoIterator<Item = (String, std::net::Ipv4Addr)>) {
-        self.zone.replace(entries);
     }
 
     /// Where the server listens: the bridge address, on the port banger's nft table DNATs 53 to.
@@ -57,7 +68,7 @@ impl DnsService {
     }
 
     /// Starts the server (the bridge must be up) and routes `.vm` to it. Does nothing when it runs.
-    pub async fn ensure_running(&self) {
+    async fn start(&self) {
         let mut guard = self.running.lock().await;
         if guard.is_some() {
             return;
@@ -131,7 +142,7 @@ impl DnsService {
         }
     }
 
-    pub fn status(&self) -> banger_api::DnsStatus {
+    fn status_now(&self) -> banger_api::DnsStatus {
         banger_api::DnsStatus {
             serving: self.serving.load(Ordering::Relaxed),
             address: format!("{}:53", self.net.subnet.gateway()),
@@ -141,7 +152,7 @@ impl DnsService {
     }
 
     /// Unroutes `.vm` and stops the server; call before the bridge goes away.
-    pub async fn stop(&self) {
+    async fn shut_down(&self) {
         let Some(running) = self.running.lock().await.take() else {
             return;
         };
@@ -158,5 +169,23 @@ impl DnsService {
         }
         running.server.shutdown().await;
         tracing::info!("DNS server stopped with the bridge");
+    }
+}
+
+impl NameService for DnsService {
+    fn set_names(&self, entries: Vec<(String, Ipv4Addr)>) {
+        self.zone.replace(entries);
+    }
+
+    fn ensure_running(&self) -> BoxFuture<'_, ()> {
+        Box::pin(self.start())
+    }
+
+    fn stop(&self) -> BoxFuture<'_, ()> {
+        Box::pin(self.shut_down())
+    }
+
+    fn status(&self) -> banger_api::DnsStatus {
+        self.status_now()
     }
 }

@@ -15,10 +15,11 @@ pub mod fsutil;
 pub mod image_locks;
 pub mod images;
 pub mod names;
+pub mod registry;
+pub mod routes;
 pub mod server;
 pub mod sshkeys;
 pub mod store;
-pub mod vm_routes;
 pub mod vmdisk;
 pub mod vms;
 

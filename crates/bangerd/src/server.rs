@@ -42,6 +42,32 @@ pub fn internal(e: anyhow::Error) -> ApiError {
     }
 }
 
+/// Whether an I/O error anywhere in `e`'s chain is a full disk (ENOSPC).
+pub fn is_disk_full(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.raw_os_error() == Some(libc::ENOSPC))
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// An I/O failure while writing banger's files (the store, a VM's disks); a full disk gets its
+/// own code and a hint, anything else is [`internal`].
+pub fn disk_error(e: anyhow::Error, what: &str) -> ApiError {
+    if is_disk_full(e.as_ref()) {
+        ApiError::new(ErrorCode::DiskFull, format!("{what}: {e:#}"))
+            .with_hint("the disk holding ~/.local/state/banger is full; free some space and retry")
+    } else {
+        internal(e.context(what.to_owned()))
+    }
+}
+
 pub fn status_for(code: ErrorCode) -> StatusCode {
     match code {
         ErrorCode::ApiVersionMismatch => StatusCode::PRECONDITION_FAILED,
@@ -178,4 +204,30 @@ pub fn ndjson_response<T: serde::Serialize + Send + 'static>(
         .header(header::CONTENT_TYPE, banger_api::EVENT_STREAM_CONTENT_TYPE)
         .body(Body::from_stream(body))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_disk_gets_its_own_code_and_anything_else_is_internal() {
+        let full = anyhow::Error::from(std::io::Error::from_raw_os_error(libc::ENOSPC))
+            .context("cannot write /x/root.ext4");
+        let e = disk_error(full, "cannot clone the image");
+        assert_eq!(e.code, ErrorCode::DiskFull);
+        assert!(e
+            .message
+            .starts_with("cannot clone the image: cannot write /x/root.ext4"));
+        assert!(e.hint.as_deref().unwrap().contains("free some space"));
+
+        let other = anyhow::Error::from(std::io::Error::from_raw_os_error(libc::EIO));
+        let e = disk_error(other, "cannot clone the image");
+        assert_eq!(e.code, ErrorCode::Internal);
+        assert!(
+            e.message.starts_with("cannot clone the image: "),
+            "{}",
+            e.message
+        );
+    }
 }

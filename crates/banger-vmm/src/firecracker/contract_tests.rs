@@ -17,7 +17,7 @@ use super::*;
 use crate::openapi_check::Spec;
 use crate::process::{ProcessError, SpawnSpec, Spawned};
 use crate::testkit::ProcessGuard;
-use crate::NetConfig;
+use crate::Nic;
 
 /// One HTTP request as the fake server saw it.
 #[derive(Debug, Clone)]
@@ -209,9 +209,9 @@ fn fixture(name: &str) -> Fixture {
         kernel_args: "console=ttyS0 reboot=k panic=1 banger.ip=172.16.0.2".into(),
         root_disk: d.join("root.ext4"),
         work_disk: d.join("work.ext4"),
-        net: Some(NetConfig {
-            tap: "bgtap0".into(),
-            mac: "06:00:ac:10:00:02".into(),
+        net: Some(Nic {
+            tap: banger_net::TapName::parse("bg-tap0").unwrap(),
+            mac: "06:00:ac:10:00:02".parse().unwrap(),
         }),
         vsock_cid: None,
         run_dir: d.join("run"),
@@ -238,12 +238,12 @@ async fn every_request_of_a_create_start_stop_sequence_conforms_to_the_firecrack
 
     let handle = backend.start(cfg).await.unwrap();
     let _guards = guard_all(&fake);
-    assert!(crate::is_alive(&handle));
+    assert!(crate::process::is_alive(handle.pid, handle.pid_start_time));
     backend
         .stop(&handle, Duration::from_millis(300))
         .await
         .unwrap();
-    assert!(!crate::is_alive(&handle));
+    assert!(!crate::process::is_alive(handle.pid, handle.pid_start_time));
     assert!(
         process::proc_stat(handle.pid).is_none(),
         "stand-in VMM not reaped"
@@ -316,7 +316,7 @@ async fn every_request_of_a_create_start_stop_sequence_conforms_to_the_firecrack
     assert_eq!(body("/drives/work", 0)["is_root_device"], json!(false));
     assert_eq!(
         body("/network-interfaces/eth0", 0),
-        json!({"iface_id": "eth0", "host_dev_name": "bgtap0", "guest_mac": "06:00:ac:10:00:02"})
+        json!({"iface_id": "eth0", "host_dev_name": "bg-tap0", "guest_mac": "06:00:ac:10:00:02"})
     );
     assert_eq!(
         body("/vsock", 0),
@@ -555,7 +555,7 @@ async fn client_reads_typed_responses_and_fault_messages() {
 #[tokio::test]
 #[ignore = "needs a `firecracker` binary on PATH (not installed on the development host)"]
 async fn real_firecracker_accepts_the_configuration_sequence() {
-    let binary = crate::select::find_in_path(
+    let binary = crate::host::find_in_path(
         std::ffi::OsStr::new("firecracker"),
         std::env::var_os("PATH").as_deref(),
     )

@@ -8,18 +8,30 @@
 
 mod api;
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub use api::*;
 
+use crate::host::HostFacts;
+use crate::kvm::KvmMode;
 use crate::process::{self, Launcher, LogMode, RealLauncher, SpawnSpec, Spawned};
+use crate::select::{Availability, Support, VmmSettings};
 use crate::{
     check_inputs, AgentEndpoint, BackendKind, BoxFuture, VmConfig, VmHandle, Vmm, VmmError,
     AGENT_PORT, PID_FILE,
 };
+
+/// Firecracker's program name, looked up on `PATH` unless `firecracker_bin` says otherwise.
+pub(crate) const PROGRAM: &str = "firecracker";
+/// Where to get it, for the message that says it is missing.
+const WHERE_TO_GET: &str = "Firecracker is not packaged by Debian: take the \
+     firecracker-vX.Y.Z-x86_64 binary from the release tarball on Firecracker's GitHub releases page";
+/// What to do when it is missing.
+pub(crate) const INSTALL_HINT: &str = "set firecracker_bin in ~/.config/banger/config.toml, put \
+     firecracker on PATH, or use vmm = \"qemu\"";
 
 pub(crate) const API_SOCKET: &str = "fc.sock";
 pub(crate) const VSOCK_UDS: &str = "fc-vsock.sock";
@@ -28,6 +40,66 @@ pub(crate) const FIRECRACKER_LOG: &str = "firecracker.log";
 const DEFAULT_GUEST_CID: u32 = 3;
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What Firecracker needs of a host: KVM that boots ordinary kernels (hardware KVM; on
+/// `kvm_pvm` only PVM-enabled guest kernels boot), and its program (`firecracker_bin`, a path
+/// or a name on `PATH`).
+pub(crate) fn availability(host: &dyn HostFacts, settings: &VmmSettings) -> Availability {
+    let kvm = host.kvm();
+    let support = match kvm {
+        KvmMode::Absent | KvmMode::Unusable(_) => Support::Unusable {
+            why: kvm.describe(),
+            error: VmmError::KvmUnusable {
+                reason: kvm.describe(),
+            },
+        },
+        KvmMode::NestedSoftware => Support::Limited {
+            why: kvm.describe(),
+            consequence: "only PVM-enabled guest kernels boot",
+        },
+        KvmMode::HardwareIntel | KvmMode::HardwareAmd => Support::Full,
+    };
+    let binary = find_program(host, settings.firecracker_bin.as_deref());
+    let label = match &binary {
+        Ok(b) => format!("firecracker ({})", b.display()),
+        Err(_) => PROGRAM.to_string(),
+    };
+    Availability {
+        kind: BackendKind::Firecracker,
+        support,
+        binary,
+        label,
+        kvm,
+    }
+}
+
+/// The configured program: a bare name is looked up on `PATH` like a shell would; anything with
+/// a slash is a path.
+fn find_program(host: &dyn HostFacts, configured: Option<&Path>) -> Result<PathBuf, VmmError> {
+    let not_found = |binary: String, searched: &str| VmmError::BinaryNotFound {
+        backend: BackendKind::Firecracker,
+        binary,
+        searched: searched.to_string(),
+        install: WHERE_TO_GET.to_string(),
+    };
+    match configured {
+        Some(p) if p.components().count() > 1 || p.is_absolute() => {
+            if host.is_executable(p) {
+                Ok(p.to_path_buf())
+            } else {
+                Err(not_found(
+                    p.display().to_string(),
+                    "configured firecracker_bin is not an executable file",
+                ))
+            }
+        }
+        other => {
+            let name = other.map_or(OsStr::new(PROGRAM), |p| p.as_os_str());
+            host.find_on_path(name)
+                .ok_or_else(|| not_found(name.to_string_lossy().into_owned(), "searched PATH"))
+        }
+    }
+}
 
 /// Runs VMs with Firecracker.
 pub struct FirecrackerBackend {
@@ -128,18 +200,24 @@ impl FirecrackerBackend {
             let _ = process::terminate(spawned.pid, spawned.start_time, Duration::ZERO).await;
             return Err(e);
         }
-        Ok(VmHandle {
-            name: cfg.name.clone(),
-            backend: BackendKind::Firecracker,
-            pid: spawned.pid,
-            pid_start_time: spawned.start_time,
-            agent: AgentEndpoint::FirecrackerVsock {
-                uds: files.vsock_uds,
-                port: AGENT_PORT,
-            },
-            api_socket: Some(files.api_socket),
-            run_dir: cfg.run_dir.clone(),
-        })
+        Ok(handle(&cfg.name, &cfg.run_dir, spawned))
+    }
+}
+
+/// The handle of a Firecracker VM whose files are in `run_dir`.
+fn handle(name: &str, run_dir: &Path, spawned: Spawned) -> VmHandle {
+    let files = Files::new(run_dir);
+    VmHandle {
+        name: name.to_string(),
+        backend: BackendKind::Firecracker,
+        pid: spawned.pid,
+        pid_start_time: spawned.start_time,
+        agent: AgentEndpoint::FirecrackerVsock {
+            uds: files.vsock_uds,
+            port: AGENT_PORT,
+        },
+        api_socket: Some(files.api_socket),
+        run_dir: run_dir.to_path_buf(),
     }
 }
 
@@ -251,8 +329,8 @@ pub(crate) async fn configure(
         client
             .put_network_interface(&NetworkInterface {
                 iface_id: "eth0".to_string(),
-                host_dev_name: net.tap.clone(),
-                guest_mac: Some(net.mac.clone()),
+                host_dev_name: net.tap.as_str().to_owned(),
+                guest_mac: Some(net.mac.to_string()),
                 mtu: None,
             })
             .await
@@ -268,32 +346,25 @@ pub(crate) async fn configure(
     Ok(())
 }
 
-/// Stops a Firecracker VM: Ctrl-Alt-Del (the guest reboots, and Firecracker exits on a guest
-/// reboot), then SIGKILL after `graceful`.
-pub(crate) async fn stop(handle: &VmHandle, graceful: Duration) -> Result<(), VmmError> {
-    if !crate::is_alive(handle) {
-        crate::cleanup_run_dir(handle);
-        return Ok(());
-    }
-    let asked = match &handle.api_socket {
-        Some(socket) => {
-            let client = FirecrackerClient::new(socket).with_timeout(REQUEST_TIMEOUT);
-            match client.action(ActionType::SendCtrlAltDel).await {
-                Ok(()) => true,
-                Err(source) => {
-                    let e = VmmError::Api {
-                        vm: handle.name.clone(),
-                        step: "sending Ctrl-Alt-Del",
-                        source,
-                    };
-                    tracing::warn!(error = %e.report(), "killing Firecracker without a graceful shutdown");
-                    false
-                }
-            }
-        }
-        None => false,
+/// Sends Ctrl-Alt-Del (the guest reboots, and Firecracker exits on a guest reboot); false when
+/// that failed, so the stop kills at once instead of waiting for a request nobody received.
+async fn ask_to_reboot(handle: &VmHandle) -> bool {
+    let Some(socket) = &handle.api_socket else {
+        return false;
     };
-    crate::finish_stop(handle, if asked { graceful } else { Duration::ZERO }).await
+    let client = FirecrackerClient::new(socket).with_timeout(REQUEST_TIMEOUT);
+    match client.action(ActionType::SendCtrlAltDel).await {
+        Ok(()) => true,
+        Err(source) => {
+            let e = VmmError::Api {
+                vm: handle.name.clone(),
+                step: "sending Ctrl-Alt-Del",
+                source,
+            };
+            tracing::warn!(error = %e.report(), "killing Firecracker without a graceful shutdown");
+            false
+        }
+    }
 }
 
 impl Vmm for FirecrackerBackend {
@@ -305,12 +376,20 @@ impl Vmm for FirecrackerBackend {
         Box::pin(self.start_vm(cfg))
     }
 
+    /// Firecracker's pid file, and its command line naming the VM's API socket.
+    fn leftover(&self, vm: &str, run_dir: &Path) -> Option<VmHandle> {
+        let files = Files::new(run_dir);
+        let spawned = process::leftover(&files.pid_file, &files.api_socket)?;
+        Some(handle(vm, run_dir, spawned))
+    }
+
+    /// Ctrl-Alt-Del, then SIGKILL after `graceful`.
     fn stop<'a>(
         &'a self,
         handle: &'a VmHandle,
         graceful: Duration,
     ) -> BoxFuture<'a, Result<(), VmmError>> {
-        Box::pin(crate::stop(handle, graceful))
+        Box::pin(crate::stop_process(handle, graceful, ask_to_reboot(handle)))
     }
 }
 

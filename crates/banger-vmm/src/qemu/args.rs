@@ -140,13 +140,13 @@ pub(crate) fn build_args(cfg: &VmConfig, plan: &Plan) -> Vec<OsString> {
             &"-netdev",
             &opt(
                 "tap,id=net0,ifname=",
-                OsStr::new(&net.tap),
+                OsStr::new(net.tap.as_str()),
                 &format!(",script=no,downscript=no{vhost}"),
             ),
             &"-device",
             &opt(
                 "virtio-net-device,netdev=net0,mac=",
-                OsStr::new(&net.mac),
+                OsStr::new(&net.mac.to_string()),
                 "",
             ),
         ]);
@@ -201,7 +201,7 @@ pub(crate) fn display(program: &Path, args: &[OsString]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::NetConfig;
+    use crate::Nic;
 
     fn cfg() -> VmConfig {
         VmConfig {
@@ -213,9 +213,9 @@ mod tests {
             kernel_args: "console=ttyS0 root=/dev/vda rw banger.ip=172.16.0.2".into(),
             root_disk: "/vms/sandbox/root.ext4".into(),
             work_disk: "/vms/sandbox/work.ext4".into(),
-            net: Some(NetConfig {
-                tap: "bgtap0".into(),
-                mac: "06:00:ac:10:00:02".into(),
+            net: Some(Nic {
+                tap: banger_net::TapName::parse("bg-tap0").unwrap(),
+                mac: "06:00:ac:10:00:02".parse().unwrap(),
             }),
             vsock_cid: None,
             run_dir: "/run/banger/sandbox".into(),
@@ -253,7 +253,7 @@ mod tests {
              -device virtio-blk-device,drive=root,serial=banger-root \
              -drive if=none,id=work,file=/vms/sandbox/work.ext4,format=raw,cache=writeback,discard=unmap \
              -device virtio-blk-device,drive=work,serial=banger-work \
-             -netdev tap,id=net0,ifname=bgtap0,script=no,downscript=no \
+             -netdev tap,id=net0,ifname=bg-tap0,script=no,downscript=no \
              -device virtio-net-device,netdev=net0,mac=06:00:ac:10:00:02 \
              -device virtio-serial-device \
              -chardev socket,id=agent,path=/run/banger/sandbox/agent.sock,server=on,wait=off \

@@ -9,6 +9,7 @@
 mod args;
 mod qmp;
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,13 +17,22 @@ use std::time::{Duration, Instant};
 pub use args::Accel;
 pub use qmp::{Qmp, QmpError};
 
+use crate::host::HostFacts;
 use crate::kvm::KvmMode;
 use crate::process::{self, Launcher, LogMode, RealLauncher, SpawnSpec, Spawned};
+use crate::select::{Availability, Support};
 use crate::{
     check_inputs, AgentEndpoint, BackendKind, BoxFuture, VmConfig, VmHandle, Vmm, VmmError,
     AGENT_PORT, PID_FILE,
 };
 use args::{AgentChannel, Plan};
+
+/// QEMU's program, looked up on `PATH`.
+pub(crate) const PROGRAM: &str = "qemu-system-x86_64";
+/// Where to get it, for the message that says it is missing.
+const WHERE_TO_GET: &str = "it comes with the Debian package qemu-system-x86";
+/// What to do when it is missing.
+pub(crate) const INSTALL_HINT: &str = "apt-get install qemu-system-x86 (as root)";
 
 pub(crate) const QMP_SOCKET: &str = "qmp.sock";
 pub(crate) const AGENT_SOCKET: &str = "agent.sock";
@@ -40,14 +50,46 @@ pub struct QemuBackend {
     launcher: Arc<dyn Launcher>,
 }
 
-impl QemuBackend {
-    /// `kvm` decides the accelerator: KVM only when it is hardware KVM.
-    pub fn new(binary: PathBuf, kvm: KvmMode) -> QemuBackend {
-        let accel = if kvm.is_hardware() {
+/// What QEMU needs of a host: its program, nothing more. It boots ordinary guests everywhere,
+/// with KVM where the host has hardware KVM and under TCG (software emulation) elsewhere.
+pub(crate) fn availability(host: &dyn HostFacts) -> Availability {
+    let kvm = host.kvm();
+    let label = match Accel::for_host(&kvm) {
+        Accel::Kvm => "qemu (KVM)",
+        Accel::Tcg => "qemu (TCG)",
+    };
+    let binary = host
+        .find_on_path(OsStr::new(PROGRAM))
+        .ok_or_else(|| VmmError::BinaryNotFound {
+            backend: BackendKind::Qemu,
+            binary: PROGRAM.to_string(),
+            searched: "searched PATH".to_string(),
+            install: WHERE_TO_GET.to_string(),
+        });
+    Availability {
+        kind: BackendKind::Qemu,
+        support: Support::Full,
+        binary,
+        label: label.to_string(),
+        kvm,
+    }
+}
+
+impl Accel {
+    /// KVM only when it is hardware KVM.
+    fn for_host(kvm: &KvmMode) -> Accel {
+        if kvm.is_hardware() {
             Accel::Kvm
         } else {
             Accel::Tcg
-        };
+        }
+    }
+}
+
+impl QemuBackend {
+    /// `kvm` decides the accelerator: KVM only when it is hardware KVM.
+    pub fn new(binary: PathBuf, kvm: KvmMode) -> QemuBackend {
+        let accel = Accel::for_host(&kvm);
         QemuBackend {
             binary,
             accel,
@@ -121,15 +163,20 @@ impl QemuBackend {
             let _ = process::terminate(spawned.pid, spawned.start_time, Duration::ZERO).await;
             return Err(e);
         }
-        Ok(VmHandle {
-            name: cfg.name.clone(),
-            backend: BackendKind::Qemu,
-            pid: spawned.pid,
-            pid_start_time: spawned.start_time,
-            agent,
-            api_socket: Some(qmp_socket),
-            run_dir: cfg.run_dir.clone(),
-        })
+        Ok(handle(&cfg.name, &cfg.run_dir, spawned, agent))
+    }
+}
+
+/// The handle of a QEMU VM whose files are in `run_dir`.
+fn handle(name: &str, run_dir: &Path, spawned: Spawned, agent: AgentEndpoint) -> VmHandle {
+    VmHandle {
+        name: name.to_string(),
+        backend: BackendKind::Qemu,
+        pid: spawned.pid,
+        pid_start_time: spawned.start_time,
+        agent,
+        api_socket: Some(run_dir.join(QMP_SOCKET)),
+        run_dir: run_dir.to_path_buf(),
     }
 }
 
@@ -182,28 +229,24 @@ async fn powerdown(socket: &Path) -> Result<(), QmpError> {
         .unwrap_or(Err(QmpError::Timeout(REQUEST_TIMEOUT)))
 }
 
-/// Stops a QEMU VM: ACPI power button through QMP, then SIGKILL after `graceful`.
-pub(crate) async fn stop(handle: &VmHandle, graceful: Duration) -> Result<(), VmmError> {
-    if !crate::is_alive(handle) {
-        crate::cleanup_run_dir(handle);
-        return Ok(());
-    }
-    let asked = match &handle.api_socket {
-        Some(socket) => match powerdown(socket).await {
-            Ok(()) => true,
-            Err(e) => {
-                let e = VmmError::Qmp {
-                    vm: handle.name.clone(),
-                    step: "asking the guest to power down",
-                    source: e,
-                };
-                tracing::warn!(error = %e.report(), "killing QEMU without a graceful shutdown");
-                false
-            }
-        },
-        None => false,
+/// Asks the guest to power down (the ACPI power button, through QMP); false when that failed,
+/// so the stop kills at once instead of waiting for a request nobody received.
+async fn ask_to_power_down(handle: &VmHandle) -> bool {
+    let Some(socket) = &handle.api_socket else {
+        return false;
     };
-    crate::finish_stop(handle, if asked { graceful } else { Duration::ZERO }).await
+    match powerdown(socket).await {
+        Ok(()) => true,
+        Err(e) => {
+            let e = VmmError::Qmp {
+                vm: handle.name.clone(),
+                step: "asking the guest to power down",
+                source: e,
+            };
+            tracing::warn!(error = %e.report(), "killing QEMU without a graceful shutdown");
+            false
+        }
+    }
 }
 
 impl Vmm for QemuBackend {
@@ -215,12 +258,27 @@ impl Vmm for QemuBackend {
         Box::pin(self.start_vm(cfg))
     }
 
+    /// QEMU's pid file, and its command line naming the VM's QMP socket.
+    fn leftover(&self, vm: &str, run_dir: &Path) -> Option<VmHandle> {
+        let spawned = process::leftover(&run_dir.join(PID_FILE), &run_dir.join(QMP_SOCKET))?;
+        // Only stopped, never talked to: the agent channel it was given does not matter.
+        let agent = AgentEndpoint::VirtioSerial {
+            socket: run_dir.join(AGENT_SOCKET),
+        };
+        Some(handle(vm, run_dir, spawned, agent))
+    }
+
+    /// The ACPI power button, then SIGKILL after `graceful`.
     fn stop<'a>(
         &'a self,
         handle: &'a VmHandle,
         graceful: Duration,
     ) -> BoxFuture<'a, Result<(), VmmError>> {
-        Box::pin(crate::stop(handle, graceful))
+        Box::pin(crate::stop_process(
+            handle,
+            graceful,
+            ask_to_power_down(handle),
+        ))
     }
 }
 

@@ -16,7 +16,8 @@ use banger_api::{ApiError, ErrorCode, KernelInfo, Source};
 use banger_image::kernel::KernelError;
 use banger_image::Progress;
 
-use super::{chain_error, disk_error, store_dir, Images, GENERIC_KERNEL};
+use super::{chain_error, store_dir, Images, GENERIC_KERNEL};
+use crate::server::disk_error;
 use crate::server::{internal, Emitter};
 use crate::{fsutil, now_rfc3339, store};
 

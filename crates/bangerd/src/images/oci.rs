@@ -21,9 +21,9 @@ use banger_image::oci::manifest::ResolvedImage;
 use banger_image::oci::reference::Reference;
 use banger_image::Progress;
 
-use super::{chain_error, disk_error, Images};
+use super::{chain_error, Images};
 use crate::fsutil;
-use crate::server::{internal, Emitter};
+use crate::server::{disk_error, internal, is_disk_full, Emitter};
 use crate::store;
 
 /// The kernel OCI images boot with (Debian's cloud kernel and banger's modules initramfs).
@@ -309,7 +309,7 @@ async fn flatten(
     )
     .await
     .map_err(|e| {
-        let code = if chain_has_enospc(&e) {
+        let code = if is_disk_full(&e) {
             ErrorCode::DiskFull
         } else {
             ErrorCode::BuildFailed
@@ -321,21 +321,6 @@ async fn flatten(
         stats.entries, stats.files, stats.bytes, stats.ext4_bytes
     ));
     Ok(())
-}
-
-/// Whether an I/O error in `e`'s chain is a full disk.
-fn chain_has_enospc(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur = Some(e);
-    while let Some(err) = cur {
-        if err
-            .downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.raw_os_error() == Some(libc::ENOSPC))
-        {
-            return true;
-        }
-        cur = err.source();
-    }
-    false
 }
 
 #[cfg(test)]

@@ -1,0 +1,226 @@
+//! Creating a VM: name and lease reserved in one transaction (the row in state `creating` is
+//! the lease), the root disk cloned from the image with banger's files written into it, the
+//! work disk made, then the row marked `stopped` (and the VM started unless asked not to). Any
+//! failure before that removes everything the attempt made.
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use banger_api::vm::{CreateVmRequest, VmInfo, VmState};
+use banger_api::{validate_name, ApiError, Boot, ErrorCode};
+use banger_image::Progress;
+
+use crate::server::{internal, Emitter};
+use crate::store::{self, VmRow};
+use crate::{fsutil, names, now_rfc3339, sshkeys, vmdisk};
+
+use super::{api, Vms, IMAGE_RUNTIME_FILE};
+use crate::server::disk_error;
+
+impl Vms {
+    /// Creates a VM (and starts it unless asked not to).
+    pub async fn create(
+        self: &Arc<Self>,
+        req: CreateVmRequest,
+        progress: Emitter,
+    ) -> Result<VmInfo, ApiError> {
+        progress.phase("allocate");
+        let image_name = req.image.clone();
+        let (found, _) = crate::images::image_with_kernel(&self.store, &image_name).await?;
+        // From reading the image to cloning its files, a newer pull may not replace them.
+        let image_held = self.image_locks.read(&found.name).await;
+        let (image, kernel) = crate::images::image_with_kernel(&self.store, &found.name).await?;
+        if req.spec.vcpu == 0 || req.spec.memory_mib < 128 || req.spec.disk_bytes < (64 << 20) {
+            return Err(api(
+                ErrorCode::BadRequest,
+                format!(
+                    "VM spec too small: {} vCPU, {} MiB memory, {} bytes disk",
+                    req.spec.vcpu, req.spec.memory_mib, req.spec.disk_bytes
+                ),
+            )
+            .with_hint("use at least 1 vCPU, 128 MiB of memory and a 64M disk"));
+        }
+        let agent_bin = self.agent_binary.find()?;
+
+        // Name and lease, reserved in one transaction: the row in state `creating` is the lease.
+        let requested = req.name.clone();
+        if let Some(n) = &requested {
+            validate_name("VM", n)?;
+        }
+        let subnet = self.net.config().subnet;
+        let image_for_row = image.name.clone();
+        let kernel_for_row = kernel.name.clone();
+        let boot = image.boot;
+        let spec = req.spec;
+        let row = self
+            .store
+            .call(move |c| {
+                let tx = c.transaction()?;
+                let existing = store::list_vms(&tx)?;
+                let name = match requested {
+                    Some(n) => {
+                        if existing.iter().any(|v| v.name == n) {
+                            return Ok(Err(api(
+                                ErrorCode::AlreadyExists,
+                                format!("a VM named {n:?} already exists"),
+                            )
+                            .with_hint(
+                                "pick another --name, or delete it with `banger vm delete`",
+                            )));
+                        }
+                        n
+                    }
+                    None => names::generate(|n| existing.iter().any(|v| v.name == n)),
+                };
+                let leased = existing
+                    .iter()
+                    .filter_map(|v| v.ip.parse::<Ipv4Addr>().ok());
+                let lease = match subnet.allocate(leased) {
+                    Ok(l) => l,
+                    Err(e) => return Ok(Err(api(ErrorCode::NoFreeAddress, e.to_string()))),
+                };
+                let id = names::short_id();
+                let row = VmRow {
+                    name,
+                    tap: banger_net::TapName::for_vm(&id).as_str().to_owned(),
+                    id,
+                    image: image_for_row,
+                    kernel: kernel_for_row,
+                    state: VmState::Creating,
+                    spec,
+                    ip: lease.ip().to_string(),
+                    mac: lease.mac().to_string(),
+                    vmm: None,
+                    handle: None,
+                    created_at: now_rfc3339(),
+                    last_error: None,
+                    boot,
+                };
+                store::insert_vm(&tx, &row)?;
+                tx.commit()?;
+                Ok(Ok(row))
+            })
+            .await
+            .map_err(internal)??;
+        let name = row.name.clone();
+        let lock = self.lock_for(&name);
+        let _guard = lock.lock().await;
+        progress.notice(&format!("VM {name}: {} ({})", row.ip, self.vmms.reason()));
+
+        let prepared = self
+            .prepare_disks(&row, Path::new(&image.rootfs), &agent_bin, &req, &progress)
+            .await;
+        drop(image_held);
+        if let Err(e) = prepared {
+            self.remove_everything(&row).await;
+            return Err(e);
+        }
+        self.set_state(&name, VmState::Stopped, None, None, None)
+            .await?;
+        self.refresh_names().await;
+        if req.start {
+            if let Err(e) = self.start_locked(&name, &progress).await {
+                // A guest that booted but never became ready is kept for inspection; any other
+                // failure to start leaves no half-made VM behind.
+                if e.code != ErrorCode::BootTimeout {
+                    if let Ok(row) = self.row(&name).await {
+                        self.remove_everything(&row).await;
+                    }
+                }
+                return Err(e);
+            }
+        }
+        self.show(&name).await
+    }
+
+    async fn prepare_disks(
+        &self,
+        row: &VmRow,
+        image_rootfs: &Path,
+        agent_bin: &Path,
+        req: &CreateVmRequest,
+        progress: &Emitter,
+    ) -> Result<(), ApiError> {
+        let dir = self.vm_dir(&row.name);
+        let user_key = sshkeys::ensure_user_key(
+            self.config.ssh_key_path.as_deref(),
+            &self.paths.ssh_dir().join("id_ed25519"),
+        )
+        .await?;
+        let authorized = std::fs::read_to_string(sshkeys::pub_path(&user_key)).map_err(|e| {
+            api(
+                ErrorCode::Internal,
+                format!("cannot read {}.pub: {e}", user_key.display()),
+            )
+        })?;
+        std::fs::create_dir_all(&dir).map_err(|e| {
+            api(
+                ErrorCode::Internal,
+                format!("cannot create {}: {e}", dir.display()),
+            )
+        })?;
+        // Only a guest with sshd needs a host key (pinned in known_hosts); the others hold the
+        // image's runtime settings for the agent, which runs as their PID 1.
+        let runtime = match row.boot {
+            Boot::Systemd => {
+                let host_key = dir.join("ssh_host_ed25519_key");
+                sshkeys::keygen(&host_key, &format!("banger-{}", row.name)).await?;
+                None
+            }
+            Boot::Agent => {
+                let image = row.image.clone();
+                let json = self
+                    .store
+                    .call(move |c| store::image_runtime(c, &image))
+                    .await
+                    .map_err(internal)?
+                    .unwrap_or_else(|| "{}".to_owned());
+                Some(json)
+            }
+        };
+
+        progress.phase("clone root disk");
+        let (src, root) = (image_rootfs.to_owned(), dir.join("root.ext4"));
+        let kind = tokio::task::spawn_blocking(move || fsutil::clone_file(&src, &root))
+            .await
+            .map_err(|e| internal(e.into()))?
+            .map_err(|e| disk_error(e, "cannot clone the image into the VM's root disk"))?;
+        progress.log(&format!("root disk: {kind:?}"));
+
+        progress.phase("prepare work disk");
+        let dir2 = dir.clone();
+        let agent = agent_bin.to_owned();
+        let sync = req.file_sync.clone();
+        let size = req.spec.disk_bytes;
+        tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            let scratch = tempfile::tempdir_in(&dir2)?;
+            let staging = scratch.path().join("work");
+            std::fs::create_dir(&staging)?;
+            vmdisk::make_work_disk(&dir2.join("work.ext4"), size, &authorized, &sync, &staging)?;
+            match runtime {
+                None => vmdisk::inject(
+                    &dir2.join("root.ext4"),
+                    &vmdisk::Injection {
+                        agent_binary: &agent,
+                        unit_text: banger_agent::SYSTEMD_UNIT,
+                        host_key: &dir2.join("ssh_host_ed25519_key"),
+                        host_key_pub: &dir2.join("ssh_host_ed25519_key.pub"),
+                    },
+                    scratch.path(),
+                )?,
+                Some(json) => {
+                    let path = dir2.join(IMAGE_RUNTIME_FILE);
+                    std::fs::write(&path, json)
+                        .with_context(|| format!("cannot write {}", path.display()))?
+                }
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| internal(e.into()))?
+        .map_err(|e| disk_error(e, "cannot prepare the VM's disks"))?;
+        Ok(())
+    }
+}

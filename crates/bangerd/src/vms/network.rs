@@ -1,0 +1,43 @@
+//! The host network's lifetime around VMs: a VM's tap is released when it stops, and the
+//! bridge, NAT and DNS server go with the last running (or starting) VM.
+
+use crate::store::{self, VmRow};
+
+use super::Vms;
+
+impl Vms {
+    /// Deletes the VM's tap, and the whole host network when no other VM runs.
+    pub(super) async fn release_network(&self, row: &VmRow) {
+        let _g = self.net_lock.lock().await;
+        let net = self.net.clone();
+        let id = row.id.clone();
+        let name = row.name.clone();
+        let others_running = self
+            .store
+            .call(move |c| {
+                Ok(store::list_vms(c)?
+                    .iter()
+                    .any(|v| v.name != name && v.handle.is_some()))
+            })
+            .await
+            .unwrap_or(true)
+            || self.starting.any_key(|n| n != row.name);
+        if !others_running {
+            // The server is bound to the bridge address, which goes with the bridge.
+            self.dns.stop().await;
+        }
+        let r = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            let _ = net.detach_vm(&id)?;
+            if !others_running {
+                let _ = net.teardown()?;
+            }
+            Ok(())
+        })
+        .await;
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(vm = %row.name, "cannot release network: {e:#}"),
+            Err(e) => tracing::warn!(vm = %row.name, "network task failed: {e}"),
+        }
+    }
+}

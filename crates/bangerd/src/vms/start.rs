@@ -1,0 +1,415 @@
+//! Starting a VM: the host network and the VM's tap, the kernel command line and (for VMs that
+//! boot with the agent as PID 1) the initramfs, the VMM, then waiting until the guest agent (and
+//! sshd, where the guest has one) answers. Restart is a stop followed by this.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use banger_agent::cmdline::{BootSettings, Ipv4Cidr};
+use banger_api::vm::{VmInfo, VmState};
+use banger_api::{ApiError, Boot, ErrorCode};
+use banger_image::Progress;
+use banger_net::Subnet;
+use banger_vmm::VmConfig;
+use futures_util::future::BoxFuture;
+
+use crate::server::{internal, Emitter};
+use crate::store::{self, VmRow};
+
+use super::{api, Vms, IMAGE_RUNTIME_FILE};
+use crate::server::disk_error;
+
+/// Whether a booted guest's sshd answers on `addr`, port 22: one quick attempt (the caller
+/// retries until its deadline). The seam lets tests without a guest say yes or no.
+pub trait SshdProbe: Send + Sync {
+    fn answers(&self, addr: Ipv4Addr) -> BoxFuture<'_, bool>;
+}
+
+/// The real probe: a TCP connection, given two seconds.
+pub struct TcpSshd;
+
+impl SshdProbe for TcpSshd {
+    fn answers(&self, addr: Ipv4Addr) -> BoxFuture<'_, bool> {
+        Box::pin(async move {
+            let connect = tokio::net::TcpStream::connect((addr, 22));
+            matches!(
+                tokio::time::timeout(Duration::from_secs(2), connect).await,
+                Ok(Ok(_))
+            )
+        })
+    }
+}
+
+/// A row whose text does not parse back (it was written by banger, so this is a bug or an edit).
+fn broken_record(row: &VmRow, what: &dyn std::fmt::Display) -> ApiError {
+    api(
+        ErrorCode::Internal,
+        format!("VM {} has a broken record: {what}", row.name),
+    )
+}
+
+/// The VM's address and network interface as its row records them (checked again: the row is
+/// only text).
+fn addresses(row: &VmRow) -> Result<(Ipv4Addr, banger_vmm::Nic), ApiError> {
+    let bad = |e: &dyn std::fmt::Display| broken_record(row, e);
+    let ip = row.ip.parse().map_err(|e| bad(&e))?;
+    let nic = banger_vmm::Nic {
+        tap: banger_net::TapName::parse(&row.tap).map_err(|e| bad(&e))?,
+        mac: row.mac.parse().map_err(|e| bad(&e))?,
+    };
+    Ok((ip, nic))
+}
+
+/// This boot's settings for the guest agent: the VM's address on the bridge, the bridge as its
+/// gateway and name server, its name as host name, and the host's clock.
+fn boot_settings(row: &VmRow, ip: Ipv4Addr, subnet: &Subnet) -> Result<BootSettings, ApiError> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    Ok(BootSettings {
+        ip: Ipv4Cidr::new(ip, subnet.prefix_len()),
+        gateway: Some(subnet.gateway()),
+        // VM names are DNS labels (banger_api::validate_name), so this always parses.
+        hostname: Some(
+            row.name
+                .parse()
+                .map_err(|e: String| broken_record(row, &e))?,
+        ),
+        dns: vec![subnet.gateway()],
+        time: Some(now),
+    })
+}
+
+/// The kernel command line of a VM: the console, the root disk, systemd's own words for guests
+/// that boot with it, then the per-boot settings the agent reads.
+fn kernel_command_line(boot: Boot, settings: &BootSettings) -> String {
+    let systemd = match boot {
+        Boot::Systemd => " net.ifnames=0 systemd.show_status=0",
+        Boot::Agent => "",
+    };
+    format!("console=ttyS0 reboot=k panic=1 root=/dev/vda rw rootfstype=ext4{systemd} {settings}")
+}
+
+impl Vms {
+    pub async fn start(
+        self: &Arc<Self>,
+        name: &str,
+        progress: Emitter,
+    ) -> Result<VmInfo, ApiError> {
+        let lock = self.lock_for(name);
+        let _guard = lock.lock().await;
+        self.start_locked(name, &progress).await?;
+        self.show(name).await
+    }
+
+    /// Boots a stopped VM and waits until its agent and sshd answer. Caller holds the VM lock.
+    pub(super) async fn start_locked(
+        self: &Arc<Self>,
+        name: &str,
+        progress: &Emitter,
+    ) -> Result<(), ApiError> {
+        let row = self.row(name).await?;
+        match row.state {
+            VmState::Stopped | VmState::Failed => {}
+            other => {
+                return Err(api(
+                    ErrorCode::InvalidState,
+                    format!("VM {name} is {other}, not stopped"),
+                )
+                .with_hint(format!("stop it first with `banger vm stop {name}`")))
+            }
+        }
+        let backend = self.vmms.for_new_vms().cloned().map_err(|e| {
+            api(
+                ErrorCode::VmmFailed,
+                format!("no VMM can run VM {name}: {e}"),
+            )
+        })?;
+        let kernel = {
+            let k = row.kernel.clone();
+            self.store
+                .call(move |c| store::get_kernel(c, &k))
+                .await
+                .map_err(internal)?
+                .ok_or_else(|| {
+                    api(
+                        ErrorCode::NotFound,
+                        format!("kernel {} of VM {name} is missing", row.kernel),
+                    )
+                })?
+        };
+
+        let (ip, nic) = addresses(&row)?;
+        let settings = boot_settings(&row, ip, &self.net.config().subnet)?;
+
+        progress.phase("network");
+        let uid = nix::unistd::geteuid();
+        // The per-VM lock makes this start the only one of this VM.
+        let _starting = self.starting.claim(name, ());
+        let attached = {
+            let _g = self.net_lock.lock().await;
+            let net = self.net.clone();
+            let id = row.id.clone();
+            let attached = tokio::task::spawn_blocking(move || net.attach_vm(&id, uid))
+                .await
+                .map_err(|e| internal(e.into()))?;
+            if attached.is_ok() {
+                self.dns.ensure_running().await;
+            }
+            attached
+        };
+        if let Err(e) = attached {
+            // Whatever part of the network was made (the bridge, say) goes again when no
+            // other VM needs it.
+            self.release_network(&row).await;
+            return Err(api(ErrorCode::VmmFailed, format!("cannot set up the network for VM {name}: {e}"))
+                .with_hint("banger needs root or passwordless sudo for the bridge, tap and nft rules; see `banger doctor`"));
+        }
+
+        progress.phase("boot");
+        let dir = self.vm_dir(name);
+        let run_dir = self.run_dir(&row.id);
+        let console = dir.join("console.log");
+        let prep = (|| -> std::io::Result<()> {
+            let _ = std::fs::remove_dir_all(&run_dir);
+            std::fs::create_dir_all(&run_dir)?;
+            // Each boot starts a fresh console log so its tail is about this boot.
+            std::fs::write(&console, b"")
+        })();
+        if let Err(e) = prep {
+            self.release_network(&row).await;
+            return Err(api(
+                ErrorCode::Internal,
+                format!("cannot prepare {}: {e}", run_dir.display()),
+            ));
+        }
+        let kernel_args = kernel_command_line(row.boot, &settings);
+        let initrd = match row.boot {
+            Boot::Systemd => kernel.initrd.as_ref().map(PathBuf::from),
+            // banger's initramfs: the kernel's modules plus the agent as /init and the image's
+            // runtime settings, assembled for this start (so a new agent takes effect at once).
+            Boot::Agent => {
+                let initrd = run_dir.join("initrd.img");
+                let made = self
+                    .agent_initrd(&kernel, &dir.join(IMAGE_RUNTIME_FILE), &initrd)
+                    .await;
+                if let Err(e) = made {
+                    self.release_network(&row).await;
+                    return Err(e);
+                }
+                Some(initrd)
+            }
+        };
+        let cfg = VmConfig {
+            name: name.to_owned(),
+            vcpus: row.spec.vcpu,
+            memory_mib: row.spec.memory_mib,
+            kernel: PathBuf::from(&kernel.kernel),
+            initrd,
+            kernel_args,
+            root_disk: dir.join("root.ext4"),
+            work_disk: dir.join("work.ext4"),
+            net: Some(nic),
+            vsock_cid: None,
+            run_dir: run_dir.clone(),
+            console_log: console.clone(),
+        };
+        let handle = match backend.start(&cfg).await {
+            Ok(h) => h,
+            Err(e) => {
+                self.release_network(&row).await;
+                let msg = format!("VM {name} failed to start: {e}");
+                self.set_state(
+                    name,
+                    VmState::Failed,
+                    Some(backend.kind().as_str()),
+                    None,
+                    Some(&msg),
+                )
+                .await?;
+                return Err(api(ErrorCode::VmmFailed, msg)
+                    .with_hint(format!("console log: {}", console.display())));
+            }
+        };
+        self.set_state(
+            name,
+            VmState::Running,
+            Some(backend.kind().as_str()),
+            Some(&handle),
+            None,
+        )
+        .await?;
+        self.supervise(name.to_owned(), handle.clone());
+
+        progress.phase("wait for agent");
+        let ready = self.wait_for_agent(name, &handle, self.timeouts.boot).await;
+        let client = match ready {
+            Ok((client, _ready)) => client,
+            Err(e) => {
+                let console_tail = console.clone();
+                let tail = tokio::task::spawn_blocking(move || {
+                    banger_config::logtail::tail(&console_tail, 15)
+                })
+                .await
+                .unwrap_or_default();
+                return Err(api(
+                    ErrorCode::BootTimeout,
+                    format!(
+                        "VM {name} did not become ready: {e}\nlast lines of its console:\n{tail}"
+                    ),
+                )
+                .with_hint(format!(
+                    "the VM is kept for inspection: full log {} (`banger vm logs {name}`); delete it with `banger vm delete --force {name}`",
+                    console.display()
+                )));
+            }
+        };
+        self.agents
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_owned(), client);
+
+        if row.boot != Boot::Systemd {
+            // No sshd in this guest: the agent being up is what "up" means.
+            return Ok(());
+        }
+        progress.phase("wait for ssh");
+        let addr = format!("{}:22", row.ip);
+        let deadline = tokio::time::Instant::now() + self.timeouts.sshd;
+        while !self.sshd.answers(ip).await {
+            if tokio::time::Instant::now() > deadline {
+                return Err(api(
+                    ErrorCode::BootTimeout,
+                    format!("VM {name} is up but sshd does not answer on {addr}"),
+                )
+                .with_hint(format!(
+                    "the VM is kept; try `banger vm exec {name} -- systemctl status ssh`, or see `banger vm logs {name}`"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Ok(())
+    }
+
+    /// Writes the initramfs an agent-booted VM starts with: the kernel's modules archive, then an
+    /// archive with the agent binary as `/init` and the image's runtime settings.
+    async fn agent_initrd(
+        &self,
+        kernel: &banger_api::KernelInfo,
+        runtime: &Path,
+        out: &Path,
+    ) -> Result<(), ApiError> {
+        let agent = self.agent_binary.find()?;
+        let modules = kernel.initrd.as_ref().map(PathBuf::from).ok_or_else(|| {
+            api(
+                ErrorCode::InvalidState,
+                format!(
+                    "kernel {} has no initramfs with modules, which images that boot with the agent need",
+                    kernel.name
+                ),
+            )
+            .with_hint("use the generic kernel: `banger kernel pull generic`")
+        })?;
+        let (runtime, out) = (runtime.to_owned(), out.to_owned());
+        tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            // Without it the image's User, Env and WorkingDir would silently be lost (commands
+            // would run as root): refuse to start instead.
+            let json = std::fs::read(&runtime).with_context(|| {
+                format!(
+                    "cannot read the image settings {} (recreate the VM)",
+                    runtime.display()
+                )
+            })?;
+            let mut f = std::io::BufWriter::new(
+                std::fs::File::create(&out)
+                    .with_context(|| format!("cannot create {}", out.display()))?,
+            );
+            let mut m = std::fs::File::open(&modules)
+                .with_context(|| format!("cannot read {}", modules.display()))?;
+            std::io::copy(&mut m, &mut f)?;
+            banger_image::initramfs::agent_archive(&agent, &json, &mut f).with_context(|| {
+                format!("cannot add the agent {} to the initramfs", agent.display())
+            })?;
+            use std::io::Write;
+            f.flush()?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| internal(e.into()))?
+        .map_err(|e| disk_error(e, "cannot assemble the VM's initramfs"))
+    }
+
+    pub async fn restart(
+        self: &Arc<Self>,
+        name: &str,
+        progress: Emitter,
+    ) -> Result<VmInfo, ApiError> {
+        let lock = self.lock_for(name);
+        let _guard = lock.lock().await;
+        progress.phase("stop");
+        self.stop_locked(name, false).await?;
+        self.start_locked(name, &progress).await?;
+        self.show(name).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use banger_agent::cmdline;
+
+    fn row(boot: Boot) -> VmRow {
+        VmRow {
+            name: "dev-box".into(),
+            id: "0a1b2c3d".into(),
+            image: "img".into(),
+            kernel: "k".into(),
+            state: banger_api::vm::VmState::Stopped,
+            spec: banger_api::vm::VmSpec {
+                vcpu: 1,
+                memory_mib: 256,
+                disk_bytes: 1 << 30,
+            },
+            ip: "172.16.0.2".into(),
+            mac: "02:ba:ac:10:00:02".into(),
+            tap: "bg-0a1b2c3d".into(),
+            vmm: None,
+            handle: None,
+            created_at: "2026-01-01T00:00:00Z".into(),
+            last_error: None,
+            boot,
+        }
+    }
+
+    #[test]
+    fn the_agent_reads_back_every_setting_the_daemon_puts_on_the_command_line() {
+        let subnet: Subnet = "172.16.0.1/24".parse().unwrap();
+        for boot in [Boot::Systemd, Boot::Agent] {
+            let settings =
+                boot_settings(&row(boot), "172.16.0.2".parse().unwrap(), &subnet).unwrap();
+            let line = kernel_command_line(boot, &settings);
+            let parsed = cmdline::parse(&line);
+            assert_eq!(parsed.warnings, Vec::<String>::new(), "{line}");
+            assert_eq!(parsed.settings, settings);
+            assert_eq!(
+                settings.ip.map(|c| c.to_string()).as_deref(),
+                Some("172.16.0.2/24")
+            );
+            assert_eq!(settings.dns, vec![subnet.gateway()]);
+            // The agent as /init mounts the root disk from the same line.
+            let (root, warnings) = cmdline::parse_root(&line);
+            assert!(warnings.is_empty(), "{warnings:?}");
+            assert_eq!(root.device.as_deref(), Some(Path::new("/dev/vda")));
+            assert!(!root.read_only);
+            assert_eq!(
+                line.contains("systemd.show_status=0"),
+                boot == Boot::Systemd,
+                "{line}"
+            );
+        }
+    }
+}

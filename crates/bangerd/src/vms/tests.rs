@@ -1,0 +1,944 @@
+//! The VM lifecycle without root and without a guest: banger-vmm's `FakeVmm` stands in for the
+//! VMM (serving the real agent loop over a socket pair, as banger-agent's own end-to-end tests
+//! do), banger-net's `FakeHostNet` for the host network, and recording fakes for the `.vm` name
+//! service and the sshd probe. Disks are made for real: cloning, `mkfs.ext4` and `debugfs` need
+//! no root and take milliseconds, and a fake would hide the failures worth rolling back from.
+//! Everything lives in a temporary directory that stands for HOME.
+//!
+//! A daemon "crash" runs a daemon on a runtime of its own and drops that runtime: its tasks die
+//! with it, while the store, the fake host network and the fake VMM processes live on, as the
+//! real ones do.
+
+use std::future::Future;
+use std::net::Ipv4Addr;
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use banger_agent::guest::power::PowerControl;
+use banger_agent::guest::serve::{serve_session, FrameWriter, ServeConfig, BASE_ENV};
+use banger_api::vm::{CreateVmRequest, ExecEvent, ExecRequest, VmInfo, VmSpec, VmState};
+use banger_api::{ApiError, Boot, DnsStatus, ErrorCode, ImageInfo, KernelInfo, Source};
+use banger_config::{Config, Paths};
+use banger_net::fake::FakeHostNet;
+use banger_net::{BridgeConfig, BridgeName, HostNet, Network, TapName};
+use banger_vmm::testkit::{FakeCall, FakeVmm};
+use banger_vmm::{Backends, VmConfig, Vmm};
+use futures_util::future::BoxFuture;
+
+use super::{AgentBinary, Effects, SshdProbe, Timeouts, Vms};
+use crate::dns::NameService;
+use crate::image_locks::ImageLocks;
+use crate::server::Emitter;
+use crate::store::{self, Store};
+
+/// Short enough that the tests that wait for a timeout take a moment, long enough for a loaded
+/// two-core machine to do what the others wait for.
+const TIMEOUTS: Timeouts = Timeouts {
+    boot: Duration::from_secs(2),
+    sshd: Duration::from_millis(300),
+    graceful_stop: Duration::from_millis(300),
+    poweroff: Duration::from_secs(2),
+    reconnect: Duration::from_secs(2),
+    supervise_every: Duration::from_millis(20),
+};
+
+/// The image settings OCI images hand their agent.
+const RUNTIME_JSON: &str = r#"{"env":["APP=1"],"working_dir":"/srv","user":null}"#;
+const MODULES: &[u8] = b"modules-cpio-of-the-generic-kernel";
+const AGENT: &[u8] = b"\x7fELF the guest agent";
+
+/// A recording `.vm` name service: whether it serves, and what.
+#[derive(Default)]
+struct FakeNames {
+    serving: AtomicBool,
+    names: Mutex<Vec<(String, Ipv4Addr)>>,
+}
+
+impl NameService for FakeNames {
+    fn set_names(&self, entries: Vec<(String, Ipv4Addr)>) {
+        *self.names.lock().unwrap() = entries;
+    }
+    fn ensure_running(&self) -> BoxFuture<'_, ()> {
+        self.serving.store(true, Ordering::SeqCst);
+        Box::pin(async {})
+    }
+    fn stop(&self) -> BoxFuture<'_, ()> {
+        self.serving.store(false, Ordering::SeqCst);
+        Box::pin(async {})
+    }
+    fn status(&self) -> DnsStatus {
+        DnsStatus {
+            serving: self.serving.load(Ordering::SeqCst),
+            address: "172.16.0.1:53".into(),
+            names: self.names.lock().unwrap().len(),
+            routed_by_resolved: false,
+        }
+    }
+}
+
+impl FakeNames {
+    fn serving(&self) -> bool {
+        self.serving.load(Ordering::SeqCst)
+    }
+    fn names(&self) -> Vec<String> {
+        self.names
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+}
+
+/// sshd in the fake guests: answers unless told not to, and counts the questions.
+struct FakeSshd {
+    up: AtomicBool,
+    asked: AtomicUsize,
+}
+
+impl SshdProbe for FakeSshd {
+    fn answers(&self, _addr: Ipv4Addr) -> BoxFuture<'_, bool> {
+        self.asked.fetch_add(1, Ordering::SeqCst);
+        let up = self.up.load(Ordering::SeqCst);
+        Box::pin(async move { up })
+    }
+}
+
+/// What the guests' agents share: where they run commands, and whether they answer at all.
+struct Guests {
+    cwd: tempfile::TempDir,
+    etc: tempfile::TempDir,
+    agents_answer: AtomicBool,
+    power_offs: AtomicUsize,
+}
+
+/// The agent's power-off in a fake guest: the guest's VMM ends (unless the fake VMM has its
+/// guests ignore shutdown requests).
+struct FakePower {
+    vm: String,
+    vmm: Weak<FakeVmm>,
+    guests: Arc<Guests>,
+}
+
+impl PowerControl for FakePower {
+    fn power_off(&self, accepted: &dyn Fn(Result<(), String>)) {
+        self.guests.power_offs.fetch_add(1, Ordering::SeqCst);
+        accepted(Ok(()));
+        if let Some(vmm) = self.vmm.upgrade() {
+            vmm.power_off(&self.vm);
+        }
+    }
+}
+
+/// What outlives a daemon: HOME with the store and the images, the host network, the VMM
+/// processes and the guests.
+struct Host {
+    dir: tempfile::TempDir,
+    paths: Paths,
+    net: Arc<Network<FakeHostNet>>,
+    vmm: Arc<FakeVmm>,
+    sshd: Arc<FakeSshd>,
+    guests: Arc<Guests>,
+    /// The name service of the latest daemon (it dies with its daemon).
+    dns: Mutex<Arc<FakeNames>>,
+}
+
+fn run(cmd: &mut std::process::Command) {
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{cmd:?}: {out:?}");
+}
+
+/// An ext4 image with the directories banger writes its files into.
+fn make_rootfs(path: &Path, scratch: &Path) {
+    let tree = scratch.join("tree");
+    for d in [
+        "usr/local/bin",
+        "etc/systemd/system/multi-user.target.wants",
+        "etc/ssh",
+    ] {
+        std::fs::create_dir_all(tree.join(d)).unwrap();
+    }
+    std::fs::File::create(path)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    run(std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&tree)
+        .arg(path));
+    std::fs::remove_dir_all(&tree).unwrap();
+}
+
+impl Host {
+    fn new() -> Host {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let paths = Paths {
+            config_dir: d.join("config"),
+            state_dir: d.join("state"),
+            cache_dir: d.join("cache"),
+            runtime_dir: d.join("run"),
+        };
+        for p in [&paths.state_dir, &paths.runtime_dir, &d.join("images")] {
+            std::fs::create_dir_all(p).unwrap();
+        }
+        std::fs::write(d.join("banger-agent"), AGENT).unwrap();
+        let host = Host {
+            paths,
+            net: Arc::new(Network::new(FakeHostNet::new(), BridgeConfig::default())),
+            vmm: Arc::new(FakeVmm::new()),
+            sshd: Arc::new(FakeSshd {
+                up: AtomicBool::new(true),
+                asked: AtomicUsize::new(0),
+            }),
+            guests: Arc::new(Guests {
+                cwd: tempfile::tempdir().unwrap(),
+                etc: tempfile::tempdir().unwrap(),
+                agents_answer: AtomicBool::new(true),
+                power_offs: AtomicUsize::new(0),
+            }),
+            dns: Mutex::default(),
+            dir,
+        };
+        host.serve_agents();
+        host.add_images();
+        host
+    }
+
+    /// Every guest runs the real agent serve loop on its end of the channel.
+    fn serve_agents(&self) {
+        std::fs::write(
+            self.guests.etc.path().join("passwd"),
+            "root:x:0:0:root:/root:/bin/sh\n",
+        )
+        .unwrap();
+        std::fs::write(self.guests.etc.path().join("group"), "root:x:0:\n").unwrap();
+        let vmm = Arc::downgrade(&self.vmm);
+        let guests = self.guests.clone();
+        self.vmm
+            .serve_agent(Arc::new(move |vm: &str, stream: StdUnixStream| {
+                if !guests.agents_answer.load(Ordering::SeqCst) {
+                    // No agent in this guest: the channel opens and closes unanswered.
+                    return;
+                }
+                let cfg = Arc::new(ServeConfig {
+                    default_cwd: guests.cwd.path().to_path_buf(),
+                    base_env: BASE_ENV
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                    user: None,
+                    etc: guests.etc.path().to_path_buf(),
+                    power: Arc::new(FakePower {
+                        vm: vm.to_owned(),
+                        vmm: vmm.clone(),
+                        guests: guests.clone(),
+                    }),
+                });
+                std::thread::spawn(move || {
+                    let writer = Arc::new(FrameWriter::new(stream.try_clone().unwrap()));
+                    let _ = serve_session(&stream, &writer, &cfg);
+                });
+            }));
+    }
+
+    /// `debian` (systemd boot, its own kernel and initrd) and `busybox` (agent boot, the
+    /// generic kernel whose initrd holds modules), plus broken ones for the failure tests.
+    fn add_images(&self) {
+        let d = self.dir.path().join("images");
+        make_rootfs(&d.join("rootfs.ext4"), &d);
+        std::fs::write(d.join("vmlinuz"), b"kernel").unwrap();
+        std::fs::write(d.join("initrd.img"), b"debian initrd").unwrap();
+        std::fs::write(d.join("modules.img"), MODULES).unwrap();
+        std::fs::write(d.join("not-ext4"), vec![0u8; 1 << 20]).unwrap();
+        let path = |f: &str| d.join(f).display().to_string();
+        let kernel = |name: &str, initrd: Option<&str>| KernelInfo {
+            name: name.into(),
+            source: Source::Registered,
+            kernel: path("vmlinuz"),
+            kernel_sha256: "aa".into(),
+            initrd: initrd.map(path),
+            initrd_sha256: None,
+            created_at: "2026-01-01T00:00:00Z".into(),
+        };
+        let image = |name: &str, rootfs: &str, kernel: &str, boot: Boot| ImageInfo {
+            name: name.into(),
+            source: Source::Registered,
+            origin: "test".into(),
+            rootfs: path(rootfs),
+            rootfs_sha256: "bb".into(),
+            size_bytes: 16 << 20,
+            kernel: kernel.into(),
+            created_at: "2026-01-01T00:00:00Z".into(),
+            boot,
+            oci: None,
+        };
+        let store = self.store();
+        let conn = rusqlite::Connection::open(self.paths.database()).unwrap();
+        drop(store);
+        conn.pragma_update(None, "foreign_keys", "ON").unwrap();
+        store::insert_kernel(&conn, &kernel("debian", Some("initrd.img"))).unwrap();
+        store::insert_kernel(&conn, &kernel("generic", Some("modules.img"))).unwrap();
+        store::insert_kernel(&conn, &kernel("bare", None)).unwrap();
+        for img in [
+            image("debian", "rootfs.ext4", "debian", Boot::Systemd),
+            image("busybox", "rootfs.ext4", "generic", Boot::Agent),
+            image("missing-rootfs", "no-such-file", "debian", Boot::Systemd),
+            image("not-ext4", "not-ext4", "debian", Boot::Systemd),
+            image("no-modules", "rootfs.ext4", "bare", Boot::Agent),
+        ] {
+            store::insert_image(&conn, &img).unwrap();
+            if img.boot == Boot::Agent {
+                store::set_oci_details(&conn, &img.name, RUNTIME_JSON, &[]).unwrap();
+            }
+        }
+    }
+
+    fn store(&self) -> Store {
+        Store::open(&self.paths.database()).unwrap()
+    }
+
+    fn effects(&self, agent: AgentBinary) -> Effects {
+        let dns = Arc::new(FakeNames::default());
+        *self.dns.lock().unwrap() = dns.clone();
+        let net: Arc<Network<dyn HostNet>> = self.net.clone();
+        let vmm: Arc<dyn Vmm> = self.vmm.clone();
+        Effects {
+            net,
+            vmms: Backends::only(vmm, "fake VMM (tests)"),
+            dns,
+            sshd: self.sshd.clone(),
+            agent_binary: agent,
+            timeouts: TIMEOUTS,
+        }
+    }
+
+    /// A daemon over this host, as the daemon's start-up makes it (without reconcile).
+    fn daemon(&self) -> Arc<Vms> {
+        let agent = AgentBinary::At(self.dir.path().join("banger-agent"));
+        self.daemon_with(agent)
+    }
+
+    fn daemon_with(&self, agent: AgentBinary) -> Arc<Vms> {
+        Arc::new(Vms::new(
+            self.paths.clone(),
+            self.store(),
+            Config::default(),
+            ImageLocks::default(),
+            self.effects(agent),
+        ))
+    }
+
+    /// A daemon that reconciles first, as after a restart.
+    async fn restarted_daemon(&self) -> Arc<Vms> {
+        let vms = self.daemon();
+        vms.reconcile().await.unwrap();
+        vms
+    }
+
+    /// Runs `op` with a daemon of its own, then kills that daemon and all its tasks.
+    fn crashing_daemon<F, Fut>(&self, op: F)
+    where
+        F: FnOnce(Arc<Vms>) -> Fut + Send + 'static,
+        Fut: Future<Output = ()>,
+    {
+        let vms = self.daemon();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(op(vms));
+            // Dropping the runtime ends every task the daemon spawned (supervisors, agent
+            // connections), as the death of its process would.
+            drop(rt);
+        })
+        .join()
+        .unwrap();
+    }
+
+    fn dns(&self) -> Arc<FakeNames> {
+        self.dns.lock().unwrap().clone()
+    }
+
+    fn host_net(&self) -> banger_net::fake::FakeState {
+        self.net.host().state()
+    }
+
+    fn bridge_up(&self) -> bool {
+        let state = self.host_net();
+        state.bridges.contains_key(&BridgeName::default()) && state.nat.is_some()
+    }
+
+    fn taps(&self) -> Vec<String> {
+        self.host_net()
+            .taps
+            .keys()
+            .map(|t| t.as_str().to_owned())
+            .collect()
+    }
+
+    fn vm_dir(&self, name: &str) -> PathBuf {
+        self.paths.state_dir.join("vms").join(name)
+    }
+
+    fn run_dirs(&self) -> Vec<PathBuf> {
+        match std::fs::read_dir(self.paths.runtime_dir.join("vms")) {
+            Ok(entries) => entries.map(|e| e.unwrap().path()).collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// Nothing of `name` is left: no row (and so no lease), no files, no tap, no VMM, and
+    /// with nothing else running, no bridge, NAT or name server either.
+    async fn assert_nothing_left(&self, vms: &Vms, name: &str) {
+        let listed: Vec<String> = vms
+            .list()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|v| v.name)
+            .collect();
+        assert!(
+            !listed.contains(&name.to_owned()),
+            "{name} still listed: {listed:?}"
+        );
+        assert!(!self.vm_dir(name).exists(), "{name}'s directory is left");
+        assert_eq!(
+            self.run_dirs(),
+            Vec::<PathBuf>::new(),
+            "run directories left"
+        );
+        assert_eq!(self.taps(), Vec::<String>::new(), "taps left");
+        assert!(!self.bridge_up(), "the bridge outlived the last VM");
+        assert!(!self.dns().serving(), "the name server outlived the bridge");
+        assert_eq!(self.vmm.running(), Vec::<String>::new(), "a VMM runs on");
+    }
+}
+
+fn request(name: &str, image: &str, start: bool) -> CreateVmRequest {
+    CreateVmRequest {
+        name: Some(name.into()),
+        image: image.into(),
+        spec: VmSpec {
+            vcpu: 1,
+            memory_mib: 128,
+            disk_bytes: 64 << 20,
+        },
+        start,
+        file_sync: Vec::new(),
+    }
+}
+
+async fn create(vms: &Arc<Vms>, name: &str, image: &str) -> Result<VmInfo, ApiError> {
+    vms.create(request(name, image, true), Emitter::sink())
+        .await
+}
+
+/// Polls `cond` until it holds (5 s at most).
+async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !cond() {
+        assert!(Instant::now() < deadline, "never happened: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Runs `argv` in the VM through its agent and returns its stdout and exit status.
+async fn exec(vms: &Vms, name: &str, argv: &[&str]) -> (String, i32) {
+    use base64::Engine;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let req = ExecRequest {
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        cwd: None,
+        env: Vec::new(),
+        stdin: false,
+        tty: false,
+        rows: None,
+        cols: None,
+        user: None,
+    };
+    vms.exec(name, req, tx).await.unwrap();
+    let (mut out, mut code) = (Vec::new(), None);
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            ExecEvent::Stdout { data } => out.extend(
+                base64::engine::general_purpose::STANDARD
+                    .decode(data)
+                    .unwrap(),
+            ),
+            ExecEvent::Exit { code: c } => code = Some(c),
+            _ => {}
+        }
+    }
+    (String::from_utf8(out).unwrap(), code.unwrap())
+}
+
+fn stops(vmm: &FakeVmm) -> Vec<(Duration, bool)> {
+    vmm.calls()
+        .into_iter()
+        .filter_map(|c| match c {
+            FakeCall::Stop {
+                graceful, forced, ..
+            } => Some((graceful, forced)),
+            FakeCall::Start(_) => None,
+        })
+        .collect()
+}
+
+fn last_start(vmm: &FakeVmm) -> VmConfig {
+    vmm.starts().pop().unwrap()
+}
+
+#[tokio::test]
+async fn a_systemd_vm_boots_on_the_bridge_with_its_names_and_answers_through_its_agent() {
+    let host = Host::new();
+    let vms = host.daemon();
+    let info = create(&vms, "web", "debian").await.unwrap();
+    assert_eq!(info.state, VmState::Running);
+    assert_eq!(info.ip, "172.16.0.2");
+    assert!(info.ssh);
+
+    // The VMM got the image's kernel and initrd, the VM's disks, its tap and MAC, and the
+    // command line the agent reads its settings from.
+    let cfg = last_start(&host.vmm);
+    assert_eq!(
+        cfg.initrd.as_deref(),
+        Some(host.dir.path().join("images/initrd.img").as_path())
+    );
+    assert_eq!(cfg.root_disk, host.vm_dir("web").join("root.ext4"));
+    let nic = cfg.net.unwrap();
+    assert_eq!(nic.tap.as_str(), info.tap);
+    assert_eq!(nic.mac.to_string(), info.mac);
+    assert!(
+        cfg.kernel_args.contains("systemd.show_status=0"),
+        "{}",
+        cfg.kernel_args
+    );
+    let settings = banger_agent::cmdline::parse(&cfg.kernel_args).settings;
+    assert_eq!(settings.hostname.unwrap().as_str(), "web");
+    assert_eq!(settings.ip.unwrap().to_string(), "172.16.0.2/24");
+
+    // The host network exists for it, and its name is served and pinned.
+    assert!(host.bridge_up());
+    assert_eq!(host.taps(), [info.tap.as_str()]);
+    assert!(host.dns().serving());
+    assert_eq!(host.dns().names(), ["web"]);
+    let known_hosts = std::fs::read_to_string(host.paths.known_hosts()).unwrap();
+    assert!(
+        known_hosts.contains("web.vm,172.16.0.2 ssh-ed25519 "),
+        "{known_hosts}"
+    );
+    assert!(
+        host.sshd.asked.load(Ordering::SeqCst) > 0,
+        "start did not wait for sshd"
+    );
+
+    // banger's files went into the root disk with debugfs.
+    let out = std::process::Command::new("debugfs")
+        .args(["-R", "cat /usr/local/bin/banger-agent"])
+        .arg(host.vm_dir("web").join("root.ext4"))
+        .output()
+        .unwrap();
+    assert_eq!(out.stdout, AGENT);
+
+    // The agent the daemon waited for runs commands.
+    let (out, code) = exec(&vms, "web", &["sh", "-c", "echo hello from $0"]).await;
+    assert_eq!((out.as_str(), code), ("hello from sh\n", 0));
+}
+
+#[tokio::test]
+async fn an_agent_booted_vm_starts_with_an_initramfs_of_the_agent_and_waits_for_no_sshd() {
+    let host = Host::new();
+    host.sshd.up.store(false, Ordering::SeqCst);
+    let vms = host.daemon();
+    let info = create(&vms, "box", "busybox").await.unwrap();
+    assert_eq!(info.state, VmState::Running);
+    assert!(!info.ssh);
+    assert_eq!(
+        host.sshd.asked.load(Ordering::SeqCst),
+        0,
+        "asked a guest without sshd"
+    );
+
+    let cfg = last_start(&host.vmm);
+    assert!(!cfg.kernel_args.contains("systemd"), "{}", cfg.kernel_args);
+    // The kernel's modules first, then an archive with the agent as /init and the image's
+    // settings, assembled for this start.
+    let initrd = cfg.initrd.unwrap();
+    assert!(
+        initrd.starts_with(host.paths.runtime_dir.join("vms")),
+        "{initrd:?}"
+    );
+    let bytes = std::fs::read(&initrd).unwrap();
+    assert!(bytes.starts_with(MODULES));
+    let find = |needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
+    assert!(find(AGENT) && find(RUNTIME_JSON.as_bytes()) && find(b"banger/image.json"));
+
+    // No host key, no ssh_config entry; the name is still served.
+    assert!(!host.vm_dir("box").join("ssh_host_ed25519_key").exists());
+    let ssh_config = std::fs::read_to_string(host.paths.ssh_config()).unwrap();
+    assert!(!ssh_config.contains("box.vm"), "{ssh_config}");
+    assert_eq!(host.dns().names(), ["box"]);
+    let err = vms.ssh_target("box").await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::BadRequest);
+}
+
+#[tokio::test]
+async fn create_rolls_back_at_each_failing_step_and_leaves_nothing_behind() {
+    let host = Host::new();
+    let vms = host.daemon();
+
+    // Before anything is made.
+    let err = vms
+        .create(
+            CreateVmRequest {
+                spec: VmSpec {
+                    vcpu: 0,
+                    memory_mib: 128,
+                    disk_bytes: 64 << 20,
+                },
+                ..request("x", "debian", true)
+            },
+            Emitter::sink(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::BadRequest);
+    host.assert_nothing_left(&vms, "x").await;
+    let without_agent = host.daemon_with(AgentBinary::At(host.dir.path().join("missing")));
+    let err = create(&without_agent, "x", "debian").await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::MissingTool);
+    host.assert_nothing_left(&vms, "x").await;
+
+    // Preparing the disks: the image cannot be cloned; debugfs cannot write into it.
+    let err = create(&vms, "x", "missing-rootfs").await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::Internal, "{err:?}");
+    assert!(
+        err.message.contains("cannot clone the image"),
+        "{}",
+        err.message
+    );
+    host.assert_nothing_left(&vms, "x").await;
+    let err = create(&vms, "x", "not-ext4").await.unwrap_err();
+    assert!(err.message.contains("debugfs"), "{}", err.message);
+    host.assert_nothing_left(&vms, "x").await;
+
+    // Starting: no tap for it; the VMM refuses; an agent-booted VM's kernel has no modules.
+    host.net.host().fail_creating_taps(true);
+    let err = create(&vms, "x", "debian").await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::VmmFailed);
+    assert!(
+        err.message.contains("cannot set up the network"),
+        "{}",
+        err.message
+    );
+    host.assert_nothing_left(&vms, "x").await;
+    // The same for an existing VM: it stays, stopped, and the bridge goes again.
+    vms.create(request("y", "debian", false), Emitter::sink())
+        .await
+        .unwrap();
+    let err = vms.start("y", Emitter::sink()).await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::VmmFailed);
+    assert!(!host.bridge_up(), "a failed start left the bridge behind");
+    vms.delete("y", false).await.unwrap();
+    host.net.host().fail_creating_taps(false);
+    host.assert_nothing_left(&vms, "x").await;
+    host.vmm.refuse_next_start();
+    let err = create(&vms, "x", "debian").await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::VmmFailed);
+    assert!(err.message.contains("failed to start"), "{}", err.message);
+    host.assert_nothing_left(&vms, "x").await;
+    let err = create(&vms, "x", "no-modules").await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::InvalidState);
+    host.assert_nothing_left(&vms, "x").await;
+
+    // Every lease was given back: the next VM gets the first address.
+    let info = create(&vms, "x", "debian").await.unwrap();
+    assert_eq!(info.ip, "172.16.0.2");
+}
+
+#[tokio::test]
+async fn a_guest_that_never_becomes_ready_is_kept_for_inspection_until_deleted() {
+    let host = Host::new();
+    let vms = host.daemon();
+    host.guests.agents_answer.store(false, Ordering::SeqCst);
+    let err = create(&vms, "mute", "debian").await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::BootTimeout);
+    assert!(
+        err.message.contains("did not become ready"),
+        "{}",
+        err.message
+    );
+    assert_eq!(vms.show("mute").await.unwrap().state, VmState::Running);
+    assert_eq!(host.vmm.running(), ["mute"]);
+
+    host.guests.agents_answer.store(true, Ordering::SeqCst);
+    host.sshd.up.store(false, Ordering::SeqCst);
+    let err = create(&vms, "nossh", "debian").await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::BootTimeout);
+    assert!(
+        err.message.contains("sshd does not answer"),
+        "{}",
+        err.message
+    );
+    assert_eq!(host.vmm.running(), ["mute", "nossh"]);
+
+    for name in ["mute", "nossh"] {
+        assert_eq!(
+            vms.delete(name, false).await.unwrap_err().code,
+            ErrorCode::InvalidState
+        );
+        vms.delete(name, true).await.unwrap();
+    }
+    host.assert_nothing_left(&vms, "mute").await;
+}
+
+#[tokio::test]
+async fn a_vm_whose_vmm_died_is_marked_stopped_and_starts_again() {
+    let host = Host::new();
+    let vms = host.daemon();
+    let info = create(&vms, "web", "debian").await.unwrap();
+    assert!(host.vmm.crash("web"));
+
+    // The supervisor notices, records it and frees the network.
+    for _ in 0..500 {
+        if vms.show("web").await.unwrap().state == VmState::Stopped {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let shown = vms.show("web").await.unwrap();
+    assert_eq!(shown.state, VmState::Stopped);
+    assert_eq!(shown.last_error.as_deref(), Some("the VMM process exited"));
+    assert_eq!(shown.pid, None);
+    eventually("the network is released", || !host.bridge_up()).await;
+    assert_eq!(host.taps(), Vec::<String>::new());
+    assert!(!host.dns().serving());
+
+    let again = vms.start("web", Emitter::sink()).await.unwrap();
+    assert_eq!(again.state, VmState::Running);
+    assert_eq!(
+        (again.ip.as_str(), again.tap.as_str()),
+        (info.ip.as_str(), info.tap.as_str())
+    );
+    assert_ne!(again.pid, info.pid);
+    assert_eq!(host.vmm.starts().len(), 2);
+    assert!(host.bridge_up());
+    let (out, _) = exec(&vms, "web", &["echo", "back"]).await;
+    assert_eq!(out, "back\n");
+}
+
+#[tokio::test]
+async fn stop_asks_the_guest_first_and_kills_only_after_the_grace_period() {
+    let host = Host::new();
+    let vms = host.daemon();
+
+    // A guest that powers off when its agent asks: no kill, no waiting.
+    create(&vms, "web", "debian").await.unwrap();
+    let t = Instant::now();
+    let info = vms.stop("web", false).await.unwrap();
+    assert!(t.elapsed() < TIMEOUTS.graceful_stop, "waited for nothing");
+    assert_eq!(info.state, VmState::Stopped);
+    assert_eq!(host.guests.power_offs.load(Ordering::SeqCst), 1);
+    assert_eq!(stops(&host.vmm), [(TIMEOUTS.graceful_stop, false)]);
+    assert!(!host.bridge_up() && host.taps().is_empty());
+
+    // A guest that ignores every request: the grace period runs out, then the kill.
+    host.vmm.ignore_shutdown(true);
+    vms.start("web", Emitter::sink()).await.unwrap();
+    let t = Instant::now();
+    let info = vms.stop("web", false).await.unwrap();
+    assert!(t.elapsed() >= TIMEOUTS.graceful_stop);
+    assert_eq!(info.state, VmState::Stopped);
+    assert_eq!(host.guests.power_offs.load(Ordering::SeqCst), 2);
+    assert_eq!(stops(&host.vmm)[1], (TIMEOUTS.graceful_stop, true));
+
+    // --force: no question to the guest, no grace.
+    vms.start("web", Emitter::sink()).await.unwrap();
+    vms.stop("web", true).await.unwrap();
+    assert_eq!(host.guests.power_offs.load(Ordering::SeqCst), 2);
+    assert_eq!(stops(&host.vmm)[2], (Duration::ZERO, true));
+
+    // A VMM that even a kill does not end: the VM is failed, and still owns its network.
+    host.vmm.survive_kill(true);
+    let running = vms.start("web", Emitter::sink()).await.unwrap();
+    let err = vms.stop("web", true).await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::VmmFailed);
+    let failed = vms.show("web").await.unwrap();
+    assert_eq!(failed.state, VmState::Failed);
+    assert_eq!(failed.pid, running.pid);
+    assert!(host.bridge_up());
+}
+
+#[tokio::test]
+async fn deleting_a_running_vm_needs_force_and_then_removes_everything() {
+    let host = Host::new();
+    let vms = host.daemon();
+    create(&vms, "web", "debian").await.unwrap();
+    let err = vms.delete("web", false).await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::InvalidState);
+    assert!(err.hint.unwrap().contains("--force"));
+    assert_eq!(host.vmm.running(), ["web"]);
+
+    vms.delete("web", true).await.unwrap();
+    assert_eq!(stops(&host.vmm), [(Duration::ZERO, true)]);
+    host.assert_nothing_left(&vms, "web").await;
+    assert!(host.dns().names().is_empty());
+    let known_hosts = std::fs::read_to_string(host.paths.known_hosts()).unwrap();
+    assert!(!known_hosts.contains("web.vm"), "{known_hosts}");
+}
+
+#[tokio::test]
+async fn reconcile_rolls_back_a_vm_whose_creation_was_interrupted() {
+    let host = Host::new();
+    let vms = host.daemon();
+    let info = vms
+        .create(request("half", "debian", false), Emitter::sink())
+        .await
+        .unwrap();
+    // The crash came before create recorded it stopped; a tap of it was left on the host.
+    let store = host.store();
+    store
+        .call(|c| store::set_vm_state(c, "half", VmState::Creating, None, None, None))
+        .await
+        .unwrap();
+    host.net
+        .host()
+        .add_tap(TapName::parse(&info.tap).unwrap(), 0);
+    drop(vms);
+
+    let vms = host.restarted_daemon().await;
+    host.assert_nothing_left(&vms, "half").await;
+}
+
+#[tokio::test]
+async fn reconcile_stops_a_vmm_that_was_started_but_never_recorded() {
+    let host = Host::new();
+    let vms = host.daemon();
+    let info = vms
+        .create(request("web", "debian", false), Emitter::sink())
+        .await
+        .unwrap();
+    drop(vms);
+    // What start did before the crash: the network and the tap, then the VMM; the handle
+    // was never written down.
+    let id = info.tap.strip_prefix("bg-").unwrap();
+    host.net.attach_vm(id, nix::unistd::geteuid()).unwrap();
+    let run_dir = host.paths.runtime_dir.join("vms").join(id);
+    std::fs::create_dir_all(&run_dir).unwrap();
+    let images = host.dir.path().join("images");
+    let dir = host.vm_dir("web");
+    host.vmm
+        .start(&VmConfig {
+            name: "web".into(),
+            vcpus: 1,
+            memory_mib: 128,
+            kernel: images.join("vmlinuz"),
+            initrd: Some(images.join("initrd.img")),
+            kernel_args: String::new(),
+            root_disk: dir.join("root.ext4"),
+            work_disk: dir.join("work.ext4"),
+            net: None,
+            vsock_cid: None,
+            run_dir,
+            console_log: dir.join("console.log"),
+        })
+        .await
+        .unwrap();
+
+    let vms = host.restarted_daemon().await;
+    assert_eq!(
+        host.vmm.running(),
+        Vec::<String>::new(),
+        "the VMM runs on, unreachable"
+    );
+    assert_eq!(stops(&host.vmm), [(Duration::ZERO, true)]);
+    assert_eq!(vms.show("web").await.unwrap().state, VmState::Stopped);
+    assert_eq!(host.taps(), Vec::<String>::new());
+    assert!(!host.bridge_up());
+    // And it starts as any stopped VM does.
+    vms.start("web", Emitter::sink()).await.unwrap();
+    assert_eq!(host.vmm.running(), ["web"]);
+}
+
+#[tokio::test]
+async fn reconcile_marks_a_vm_whose_vmm_died_with_the_daemon_stopped() {
+    let host = Host::new();
+    host.crashing_daemon(|vms| async move {
+        create(&vms, "web", "debian").await.unwrap();
+    });
+    assert!(host.vmm.crash("web"));
+
+    let vms = host.restarted_daemon().await;
+    let info = vms.show("web").await.unwrap();
+    assert_eq!((info.state, info.pid), (VmState::Stopped, None));
+    assert_eq!(host.taps(), Vec::<String>::new());
+    assert!(!host.bridge_up());
+    assert!(!host.dns().serving());
+    // Its name still resolves to it (a stopped VM keeps its name and address).
+    assert_eq!(host.dns().names(), ["web"]);
+}
+
+#[tokio::test]
+async fn reconcile_readopts_a_live_vmm_with_its_network_names_and_agent() {
+    let host = Host::new();
+    host.crashing_daemon(|vms| async move {
+        create(&vms, "web", "debian").await.unwrap();
+        create(&vms, "box", "busybox").await.unwrap();
+    });
+    let before = host.taps();
+    assert_eq!(host.vmm.running(), ["web", "box"]);
+
+    let vms = host.restarted_daemon().await;
+    for name in ["web", "box"] {
+        assert_eq!(vms.show(name).await.unwrap().state, VmState::Running);
+    }
+    assert_eq!(host.taps(), before, "the running VMs lost their taps");
+    assert!(host.bridge_up());
+    assert!(host.dns().serving());
+    assert_eq!(host.dns().names(), ["box", "web"]);
+    assert_eq!(host.vmm.starts().len(), 2, "re-adopting started a VMM");
+    // The agent is reached again through the VMM's channel.
+    let (out, code) = exec(&vms, "box", &["echo", "still here"]).await;
+    assert_eq!((out.as_str(), code), ("still here\n", 0));
+    // And the VMs are supervised again.
+    host.vmm.crash("web");
+    eventually("the dead VM's tap is released", || host.taps().len() == 1).await;
+    assert!(host.bridge_up(), "box still runs");
+}
+
+#[tokio::test]
+async fn the_bridge_stays_while_another_vm_is_starting() {
+    let host = Host::new();
+    let vms = host.daemon();
+    create(&vms, "first", "debian").await.unwrap();
+
+    // "second" gets its tap, then its VMM start is held: the store does not show it running.
+    host.vmm.hold_starts(true);
+    let v = vms.clone();
+    let second = tokio::spawn(async move { create(&v, "second", "debian").await });
+    let vmm = host.vmm.clone();
+    eventually("second's VMM is starting", || {
+        vmm.starts().iter().any(|c| c.name == "second")
+    })
+    .await;
+
+    // The last *recorded* VM stops; the bridge and names must stay for the one starting.
+    vms.stop("first", false).await.unwrap();
+    assert!(
+        host.bridge_up(),
+        "the bridge was torn down under a starting VM"
+    );
+    assert!(host.dns().serving());
+    assert_eq!(host.taps().len(), 1);
+
+    host.vmm.hold_starts(false);
+    let info = second.await.unwrap().unwrap();
+    assert_eq!(info.state, VmState::Running);
+    vms.stop("second", false).await.unwrap();
+    assert!(!host.bridge_up());
+}
