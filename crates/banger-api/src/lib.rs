@@ -186,7 +186,11 @@ pub struct ImageInfo {
     /// Recipe name, manifest URL or original path, depending on `source`.
     pub origin: String,
     pub rootfs: String,
-    pub rootfs_sha256: String,
+    /// sha256 of the root file system image. OCI images have none: they are identified by
+    /// their manifest digest (`oci.digest`), and every layer was checked against its digests
+    /// when it was unpacked, so hashing the (mostly sparse) result again would add nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rootfs_sha256: Option<String>,
     /// Apparent size of the root filesystem image in bytes.
     pub size_bytes: u64,
     /// Kernel registered alongside the image.

@@ -131,7 +131,8 @@ impl Read for Hashing<'_> {
 type Blob<'a> = BufReader<Hashing<'a>>;
 
 enum Decoder<'a> {
-    Gzip(flate2::bufread::MultiGzDecoder<Blob<'a>>),
+    // Boxed: zlib-rs's inflate state makes this variant far larger than the others.
+    Gzip(Box<flate2::bufread::MultiGzDecoder<Blob<'a>>>),
     Zstd(zstd::stream::read::Decoder<'static, Blob<'a>>),
     Plain(Blob<'a>),
 }
@@ -147,7 +148,7 @@ impl<'a> Decoder<'a> {
 
     fn into_blob(self) -> Blob<'a> {
         match self {
-            Decoder::Gzip(d) => d.into_inner(),
+            Decoder::Gzip(d) => (*d).into_inner(),
             Decoder::Zstd(d) => d.finish(),
             Decoder::Plain(d) => d,
         }
@@ -204,7 +205,9 @@ impl<'a> LayerStream<'a> {
             },
         );
         let decoder = match compression {
-            Compression::Gzip => Decoder::Gzip(flate2::bufread::MultiGzDecoder::new(blob)),
+            Compression::Gzip => {
+                Decoder::Gzip(Box::new(flate2::bufread::MultiGzDecoder::new(blob)))
+            }
             Compression::Zstd => {
                 let mut d = zstd::stream::read::Decoder::with_buffer(blob).map_err(open_err)?;
                 d.window_log_max(ZSTD_WINDOW_LOG_MAX).map_err(open_err)?;

@@ -251,7 +251,7 @@ impl Images {
                 source,
                 origin,
                 rootfs: image_dir.join("rootfs.ext4").display().to_string(),
-                rootfs_sha256: rootfs_sha,
+                rootfs_sha256: Some(rootfs_sha),
                 size_bytes: size,
                 kernel: ker.name.clone(),
                 created_at,

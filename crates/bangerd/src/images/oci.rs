@@ -191,7 +191,6 @@ impl Images {
         let (info_name, canonical) = (name.to_owned(), resolved.reference.to_string());
         let dir = image_dir.clone();
         let info = tokio::task::spawn_blocking(move || -> anyhow::Result<ImageInfo> {
-            let sha = fsutil::sha256_file(&rootfs)?;
             let size = std::fs::metadata(&rootfs)?.len();
             let stage = rootfs
                 .parent()
@@ -210,7 +209,7 @@ impl Images {
                 source: Source::Oci,
                 origin: canonical.clone(),
                 rootfs: dir.join("rootfs.ext4").display().to_string(),
-                rootfs_sha256: sha,
+                rootfs_sha256: None,
                 size_bytes: size,
                 kernel: GENERIC_KERNEL.to_owned(),
                 created_at: crate::now_rfc3339(),

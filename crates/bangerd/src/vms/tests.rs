@@ -269,7 +269,7 @@ impl Host {
             source: Source::Registered,
             origin: "test".into(),
             rootfs: path(rootfs),
-            rootfs_sha256: "bb".into(),
+            rootfs_sha256: Some("bb".into()),
             size_bytes: 16 << 20,
             kernel: kernel.into(),
             created_at: "2026-01-01T00:00:00Z".into(),
