@@ -11,13 +11,7 @@ use crate::Ctx;
 
 pub fn doctor(ctx: &Ctx, json: bool) -> Result<ExitCode, CliError> {
     let config = banger_config::Config::load(&ctx.paths.config_file())?;
-    // The address part of `bridge_subnet` (written as the bridge's own address, e.g. 172.16.0.1/24).
-    let bridge_address = config
-        .subnet()
-        .split('/')
-        .next()
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(std::net::Ipv4Addr::new(172, 16, 0, 1));
+    let bridge_address = config.bridge().subnet.gateway();
     let probe = doctor::HostProbe::new(ctx.paths.state_dir.clone(), bridge_address);
     let checks = doctor::run_checks(&probe, &banger_vmm::VmmSettings::from_config(&config));
     let resolved = spec::resolve(

@@ -14,6 +14,7 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use banger_config::programs;
 use banger_vmm::{Availability, BackendKind, Choice, HostFacts, KvmMode, Support, VmmError};
 use serde::Serialize;
 
@@ -723,15 +724,6 @@ impl HostProbe {
     }
 }
 
-/// Debian keeps mkfs.ext4, nft, debugfs in sbin dirs that a normal user's PATH lacks, yet
-/// banger runs them (or sudo does), so they count as installed.
-const SBIN_DIRS: [&str; 3] = ["/usr/local/sbin", "/usr/sbin", "/sbin"];
-
-fn is_executable(path: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-}
-
 impl Probe for HostProbe {
     fn arch(&self) -> String {
         let mut uts = std::mem::MaybeUninit::<libc::utsname>::zeroed();
@@ -766,11 +758,9 @@ impl Probe for HostProbe {
     }
 
     fn find_program(&self, program: &str) -> Option<PathBuf> {
-        let path_var = std::env::var_os("PATH").unwrap_or_default();
-        std::env::split_paths(&path_var)
-            .chain(SBIN_DIRS.iter().map(PathBuf::from))
-            .map(|dir| dir.join(program))
-            .find(|candidate| is_executable(candidate))
+        // Programs in sbin count as installed: banger runs them (or sudo does) even when the
+        // user's PATH lacks those directories.
+        programs::find_program(program, None, &programs::SBIN_DIRS)
     }
 
     fn run(&self, program: &Path, args: &[&str]) -> Result<CommandOutput, String> {

@@ -5,13 +5,16 @@
 //! `~/.config/banger/config.toml`: every key optional, unknown keys and bad values rejected with
 //! the file, line and key named. Resolving defaults that depend on the host (vm_defaults) is left
 //! to the callers that know the host; this crate only parses and validates. [`logtail`] reads
-//! the end of banger's logs for failure messages, for every crate that quotes one.
+//! the end of banger's logs for failure messages, for every crate that quotes one, and
+//! [`programs`] is the one `PATH` search for host programs.
 
 use std::path::{Path, PathBuf};
 
+use banger_net::{BridgeConfig, BridgeName, Subnet};
 use serde::{Deserialize, Deserializer};
 
 pub mod logtail;
+pub mod programs;
 mod size;
 pub mod sshconfig;
 
@@ -123,8 +126,11 @@ pub struct Config {
     pub firecracker_bin: Option<PathBuf>,
     #[serde(default)]
     pub vmm: VmmChoice,
-    pub bridge_name: Option<String>,
-    pub bridge_subnet: Option<String>,
+    /// Checked when the file is read, so a bad name is reported with its key and line.
+    #[serde(default, deserialize_with = "bridge_name")]
+    pub bridge_name: Option<BridgeName>,
+    #[serde(default, deserialize_with = "bridge_subnet")]
+    pub bridge_subnet: Option<Subnet>,
     /// Catalog location overriding the compiled-in one (path, file://, http(s)://).
     pub catalog_url: Option<String>,
     /// Debian mirror for local image builds, overriding the host's apt sources.
@@ -140,8 +146,6 @@ pub struct Config {
 }
 
 pub const DEFAULT_IMAGE: &str = "debian-bookworm";
-pub const DEFAULT_BRIDGE: &str = "banger0";
-pub const DEFAULT_SUBNET: &str = "172.16.0.1/24";
 
 impl Config {
     /// Reads the config file; a missing file is an empty config.
@@ -164,11 +168,12 @@ impl Config {
     pub fn default_image(&self) -> &str {
         self.default_image_name.as_deref().unwrap_or(DEFAULT_IMAGE)
     }
-    pub fn bridge(&self) -> &str {
-        self.bridge_name.as_deref().unwrap_or(DEFAULT_BRIDGE)
-    }
-    pub fn subnet(&self) -> &str {
-        self.bridge_subnet.as_deref().unwrap_or(DEFAULT_SUBNET)
+    /// The bridge and subnet guests use, defaults filled in (`banger0`, `172.16.0.1/24`).
+    pub fn bridge(&self) -> BridgeConfig {
+        BridgeConfig {
+            bridge: self.bridge_name.clone().unwrap_or_default(),
+            subnet: self.bridge_subnet.unwrap_or_default(),
+        }
     }
 }
 
@@ -191,6 +196,18 @@ fn located_error(text: &str, path: &Path, e: &toml::de::Error) -> ConfigError {
         key,
         message: e.message().trim().to_owned(),
     }
+}
+
+fn bridge_name<'de, D: Deserializer<'de>>(d: D) -> Result<Option<BridgeName>, D::Error> {
+    let name = String::deserialize(d)?;
+    BridgeName::parse(&name)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
+fn bridge_subnet<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Subnet>, D::Error> {
+    let subnet = String::deserialize(d)?;
+    subnet.parse().map(Some).map_err(serde::de::Error::custom)
 }
 
 fn positive_u32<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
@@ -322,8 +339,8 @@ mod tests {
         let c = parse("").unwrap();
         assert_eq!(c, Config::default());
         assert_eq!(c.default_image(), "debian-bookworm");
-        assert_eq!(c.bridge(), "banger0");
-        assert_eq!(c.subnet(), "172.16.0.1/24");
+        assert_eq!(c.bridge().bridge.as_str(), "banger0");
+        assert_eq!(c.bridge().subnet.to_string(), "172.16.0.1/24");
     }
 
     #[test]
@@ -387,6 +404,35 @@ guest = "/root/.aws"
         }
         let c = parse("insecure_registries = [\"Registry.LAN:5000\"]\n").unwrap();
         assert_eq!(c.insecure_registries, ["registry.lan:5000"]);
+    }
+
+    #[test]
+    fn bridge_keys_are_checked_when_read() {
+        let c = parse("bridge_name = \"br9\"\nbridge_subnet = \"10.9.0.1/24\"\n").unwrap();
+        assert_eq!(c.bridge().bridge.as_str(), "br9");
+        assert_eq!(c.bridge().subnet.to_string(), "10.9.0.1/24");
+        for (text, line, key) in [
+            (
+                "vmm = \"qemu\"\nbridge_subnet = \"10.9.0.0/24\"\n",
+                2,
+                "bridge_subnet",
+            ),
+            ("\n\nbridge_subnet = \"10.9.0.1/31\"\n", 3, "bridge_subnet"),
+            ("bridge_subnet = \"ten\"\n", 1, "bridge_subnet"),
+            ("bridge_name = \"-rf\"\n", 1, "bridge_name"),
+            (
+                "bridge_name = \"a-name-too-long-for-linux\"\n",
+                1,
+                "bridge_name",
+            ),
+        ] {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("config.toml:{line}")),
+                "{text}: {err}"
+            );
+            assert!(err.contains(&format!("key `{key}`")), "{text}: {err}");
+        }
     }
 
     #[test]

@@ -4,10 +4,11 @@
 //! Besides `$PATH`, the sbin directories are searched because a user's `$PATH` often lacks them while
 //! the tools living there (mkfs.ext4, debootstrap, chroot) are still runnable, directly or via sudo.
 
-use std::ffi::OsStr;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
+use banger_config::programs;
+
+// `/usr/bin` too: sudo and a daemon started by systemd may have a minimal `PATH`.
 const FALLBACK_DIRS: [&str; 4] = ["/usr/local/sbin", "/usr/sbin", "/sbin", "/usr/bin"];
 
 /// A host program image work needs is not installed.
@@ -20,29 +21,10 @@ pub struct MissingTool {
 
 /// Returns the absolute path of `bin`, or an error naming `debian_package`.
 pub fn require_tool(bin: &str, debian_package: &str) -> Result<PathBuf, MissingTool> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    find_in(
-        bin,
-        std::env::split_paths(&path).chain(FALLBACK_DIRS.iter().map(PathBuf::from)),
-    )
-    .ok_or_else(|| MissingTool {
+    programs::find_program(bin, None, &FALLBACK_DIRS).ok_or_else(|| MissingTool {
         bin: bin.to_owned(),
         package: debian_package.to_owned(),
     })
-}
-
-fn find_in(bin: &str, dirs: impl Iterator<Item = PathBuf>) -> Option<PathBuf> {
-    if bin.contains('/') {
-        let p = Path::new(bin);
-        return is_executable(p).then(|| p.to_path_buf());
-    }
-    dirs.filter(|d| d.is_absolute())
-        .map(|d| d.join(OsStr::new(bin)))
-        .find(|p| is_executable(p))
-}
-
-fn is_executable(p: &Path) -> bool {
-    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
 #[cfg(test)]
@@ -53,25 +35,6 @@ mod tests {
     fn finds_a_tool_every_debian_host_has() {
         let p = require_tool("sh", "dash").unwrap();
         assert!(p.is_absolute() && p.ends_with("sh"), "{p:?}");
-    }
-
-    #[test]
-    fn finds_sbin_tools_even_when_path_lacks_sbin() {
-        let dir = tempfile::tempdir().unwrap();
-        let exe = dir.path().join("mytool");
-        std::fs::write(&exe, "#!/bin/sh\n").unwrap();
-        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let found = find_in(
-            "mytool",
-            [PathBuf::from("/nonexistent"), dir.path().into()].into_iter(),
-        );
-        assert_eq!(found, Some(exe.clone()));
-        // Not executable means not found.
-        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o644)).unwrap();
-        assert_eq!(
-            find_in("mytool", [dir.path().to_path_buf()].into_iter()),
-            None
-        );
     }
 
     #[test]

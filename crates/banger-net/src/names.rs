@@ -37,6 +37,9 @@ fn ifname_problem(name: &str) -> Option<&'static str> {
         Some("it is longer than 15 characters (the kernel's IFNAMSIZ limit)")
     } else if name == "." || name == ".." {
         Some("\".\" and \"..\" are reserved")
+    } else if name.starts_with('-') {
+        // `ip` and `nft` would read it as an option.
+        Some("it must not start with '-'")
     } else if !name
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
@@ -188,7 +191,16 @@ mod tests {
         assert_eq!(BridgeName::default().as_str(), "banger0");
         assert!(BridgeName::parse("br-test.1").is_ok());
         assert!(BridgeName::parse("fifteen-chars-x").is_ok());
-        for bad in ["", "sixteen-chars-xx", ".", "..", "br 0", "br\"0", "br/0"] {
+        for bad in [
+            "",
+            "sixteen-chars-xx",
+            ".",
+            "..",
+            "br 0",
+            "br\"0",
+            "br/0",
+            "-rf",
+        ] {
             let err = BridgeName::parse(bad).unwrap_err();
             assert!(err.to_string().contains("`bridge_name`"), "{bad:?}");
         }

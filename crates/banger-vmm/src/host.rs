@@ -8,8 +8,9 @@
 
 use std::ffi::{OsStr, OsString};
 use std::io;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+
+use banger_config::programs;
 
 use crate::kvm::{self, KvmMode};
 
@@ -79,29 +80,20 @@ impl HostFacts for SystemHost {
     }
 
     fn is_executable(&self, path: &Path) -> bool {
-        is_executable(path)
+        programs::is_executable(path)
     }
 }
 
-/// The first executable `name` in the `PATH`-style list.
+/// The first executable `name` in the `PATH`-style list (none: nothing is found).
 pub(crate) fn find_in_path(name: &OsStr, path_var: Option<&OsStr>) -> Option<PathBuf> {
-    let path_var: OsString = path_var.map(OsStr::to_os_string).unwrap_or_default();
-    std::env::split_paths(&path_var)
-        .filter(|dir| !dir.as_os_str().is_empty())
-        .map(|dir| dir.join(name))
-        .find(|candidate| is_executable(candidate))
-}
-
-fn is_executable(p: &Path) -> bool {
-    std::fs::metadata(p)
-        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        .unwrap_or(false)
+    programs::find_program(name, Some(path_var.unwrap_or_default()), &[])
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::fs;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn non_executable_files_are_not_programs() {

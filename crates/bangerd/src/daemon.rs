@@ -15,7 +15,7 @@ use anyhow::Context;
 use axum::routing::{delete, get, post};
 use axum::Router;
 use banger_config::{Config, Paths};
-use banger_net::{BridgeConfig, HostNet, Network, PrivilegedRunner, SystemHostNet};
+use banger_net::{HostNet, Network, PrivilegedRunner, SystemHostNet};
 use banger_vmm::{Backends, VmmSettings};
 use nix::fcntl::{Flock, FlockArg};
 use tokio::sync::watch;
@@ -61,8 +61,7 @@ fn take_lock(path: &Path) -> anyhow::Result<Option<Flock<File>>> {
 /// The VM service's effects on this host: the real network, the VMM the config and the host
 /// allow, the `.vm` server, sshd over TCP, and the installed guest agent. Made once, here.
 fn host_effects(config: &Config) -> anyhow::Result<vms::Effects> {
-    let bridge = BridgeConfig::parse(config.bridge(), config.subnet())
-        .context("invalid bridge_name or bridge_subnet in config")?;
+    let bridge = config.bridge();
     let dns = Arc::new(DnsService::new(bridge.clone()));
     let net: Arc<Network<dyn HostNet>> = Arc::new(Network::new(
         SystemHostNet::new(PrivilegedRunner::detect()),

@@ -20,7 +20,7 @@
 use base64::Engine;
 use serde::Deserialize;
 use std::collections::HashMap;
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsStr;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -273,18 +273,9 @@ fn inline(path: &Path, key: &str, entry: &AuthEntry) -> Result<Option<Credential
     Ok(None)
 }
 
-/// `docker-credential-NAME` on `path_env`, as an absolute path.
+/// `docker-credential-NAME` on `path_env` (else `PATH`), as an absolute path.
 fn find_helper(program: &str, path_env: Option<&OsStr>) -> Option<PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
-    let path: OsString = path_env
-        .map(OsStr::to_owned)
-        .or_else(|| std::env::var_os("PATH"))?;
-    std::env::split_paths(&path)
-        .filter(|dir| dir.is_absolute())
-        .map(|dir| dir.join(program))
-        .find(|p| {
-            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        })
+    banger_config::programs::find_program(program, path_env, &[])
 }
 
 #[derive(Deserialize)]
@@ -491,6 +482,7 @@ fn first_line(stderr: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::ffi::OsString;
     use std::os::unix::fs::PermissionsExt;
 
     fn b64(s: &str) -> String {

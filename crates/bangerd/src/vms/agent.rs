@@ -50,13 +50,7 @@ fn installed_agent() -> Result<PathBuf, ApiError> {
         .ok()
         .and_then(|e| e.parent().map(|d| d.join("banger-agent")))
         .filter(|p| p.is_file());
-    let on_path = || {
-        std::env::var_os("PATH").and_then(|path| {
-            std::env::split_paths(&path)
-                .map(|d| d.join("banger-agent"))
-                .find(|p| p.is_file())
-        })
-    };
+    let on_path = || banger_config::programs::find_program("banger-agent", None, &[]);
     beside.or_else(on_path).ok_or_else(|| {
         api(ErrorCode::MissingTool, "the guest agent binary banger-agent is not installed")
             .with_hint("install banger with `make install` (it builds the static agent), or set BANGER_AGENT_BIN")
