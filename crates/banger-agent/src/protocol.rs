@@ -300,13 +300,15 @@ pub enum ExitStatus {
 }
 
 impl ExitStatus {
-    /// Reads the `code`/`signal` pair of an `exit` frame; a frame with neither counts as a
-    /// failure (code 255) rather than a success.
+    /// Reads the `code`/`signal` pair of an `exit` frame, which the guest wrote and which is
+    /// therefore untrusted: a frame with neither, an exit code outside 0-255 or a signal number
+    /// outside 1-127 counts as a failure (code 255), never as a success and never as a number
+    /// that overflows `128 + signal`.
     pub fn from_wire(code: Option<i32>, signal: Option<i32>) -> Self {
         match (code, signal) {
-            (Some(c), _) => ExitStatus::Code(c),
-            (None, Some(s)) => ExitStatus::Signal(s),
-            (None, None) => ExitStatus::Code(255),
+            (Some(c), _) if (0..=255).contains(&c) => ExitStatus::Code(c),
+            (None, Some(s)) if (1..=127).contains(&s) => ExitStatus::Signal(s),
+            _ => ExitStatus::Code(255),
         }
     }
 
@@ -318,7 +320,7 @@ impl ExitStatus {
     pub fn shell_code(self) -> i32 {
         match self {
             ExitStatus::Code(c) => c,
-            ExitStatus::Signal(s) => 128 + s,
+            ExitStatus::Signal(s) => s.saturating_add(128),
         }
     }
 }
@@ -605,6 +607,26 @@ mod tests {
         );
         assert_eq!(ExitStatus::Code(3).to_string(), "exit code 3");
         assert_eq!(ExitStatus::Signal(15).shell_code(), 143);
+        // A hostile guest's numbers: failures, never overflows or successes.
+        for (code, signal) in [
+            (Some(-1), None),
+            (Some(256), None),
+            (Some(i32::MIN), None),
+            (None, Some(i32::MAX)),
+            (None, Some(0)),
+            (None, Some(-9)),
+            (None, Some(128)),
+            (None, None),
+        ] {
+            let status = ExitStatus::from_wire(code, signal);
+            assert_eq!(status, ExitStatus::Code(255), "{code:?} {signal:?}");
+            assert_eq!(status.shell_code(), 255);
+        }
+        assert_eq!(
+            ExitStatus::from_wire(None, Some(64)),
+            ExitStatus::Signal(64)
+        );
+        assert_eq!(ExitStatus::Signal(i32::MAX).shell_code(), i32::MAX);
     }
 
     #[test]

@@ -10,7 +10,7 @@
 
 use std::path::{Path, PathBuf};
 
-use banger_net::{BridgeConfig, BridgeName, Subnet};
+use banger_net::{BridgeConfig, BridgeName, HostAccess, Subnet};
 use serde::{Deserialize, Deserializer};
 
 pub mod logtail;
@@ -131,6 +131,9 @@ pub struct Config {
     pub bridge_name: Option<BridgeName>,
     #[serde(default, deserialize_with = "bridge_subnet")]
     pub bridge_subnet: Option<Subnet>,
+    /// Lets guests reach every service on the host, not only its `.vm` DNS server.
+    #[serde(default)]
+    pub host_access: bool,
     /// Catalog location overriding the compiled-in one (path, file://, http(s)://).
     pub catalog_url: Option<String>,
     /// Debian mirror for local image builds, overriding the host's apt sources.
@@ -173,6 +176,11 @@ impl Config {
         BridgeConfig {
             bridge: self.bridge_name.clone().unwrap_or_default(),
             subnet: self.bridge_subnet.unwrap_or_default(),
+            host_access: if self.host_access {
+                HostAccess::Open
+            } else {
+                HostAccess::DnsOnly
+            },
         }
     }
 }
@@ -353,6 +361,7 @@ firecracker_bin = "/fc"
 vmm = "qemu"
 bridge_name = "br9"
 bridge_subnet = "10.9.0.1/24"
+host_access = true
 catalog_url = "file:///c.toml"
 debian_mirror = "http://mirror.invalid/debian"
 insecure_registries = ["registry.lan:5000", "10.0.0.7", "[fd00::1]:5000"]
@@ -374,6 +383,8 @@ guest = "/root/.aws"
         )
         .unwrap();
         assert_eq!(c.vmm, VmmChoice::Qemu);
+        assert_eq!(c.bridge().host_access, HostAccess::Open);
+        assert_eq!(Config::default().bridge().host_access, HostAccess::DnsOnly);
         assert_eq!(c.vm_defaults.vcpu, Some(2));
         assert_eq!(c.vm_defaults.disk_size, Some(ByteSize(16 << 30)));
         assert_eq!(c.file_sync[0].mode, Some(0o644));

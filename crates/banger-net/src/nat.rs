@@ -7,7 +7,12 @@
 //! replaced as a whole, atomically, and never half-written. Nothing outside this table is touched.
 //!
 //! What the table does: masquerade traffic from the guest subnet that leaves through any interface other
-//! than the bridge, and accept forwarding bridge -> elsewhere plus the replies coming back. It also
+//! than the bridge, and accept forwarding bridge -> elsewhere plus the replies coming back. Guests are
+//! kept away from the host itself: what arrives from the bridge for a host address is dropped unless
+//! it answers a connection the host opened or is DNS for the `.vm` server ([`HostAccess::DnsOnly`],
+//! the default; `host_access = true` opens the host, [`HostAccess::Open`]). Link-local addresses
+//! (169.254.0.0/16, where clouds serve instance metadata and credentials) are dropped from guests
+//! always, whether they are the host's own or lie beyond it. It also
 //! sends DNS (port 53, UDP and TCP) addressed to the bridge address, from guests and from the host
 //! itself, to the daemon's `.vm` server on `DNS_SERVE_PORT`: the daemon runs as the user and cannot
 //! bind port 53, and the rule only matches the bridge address, so no other resolver is affected. It cannot
@@ -16,6 +21,21 @@
 
 use crate::addr::Subnet;
 use crate::names::BridgeName;
+
+/// Where clouds serve instance metadata (and with it, often, credentials): never for guests.
+pub const LINK_LOCAL_V4: &str = "169.254.0.0/16";
+
+/// What guests may reach on the host itself (config key `host_access`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum HostAccess {
+    /// Only the `.vm` DNS server on the bridge address, and replies to connections the host opened
+    /// (ssh into a guest, say). Everything else a guest sends to any host address is dropped.
+    #[default]
+    DnsOnly,
+    /// Every service on every host address, for a guest that must reach a dev server on the host.
+    /// Link-local (metadata) addresses stay closed.
+    Open,
+}
 
 /// nftables family of banger's table. `inet` so one table could later carry IPv6 too.
 pub const NFT_FAMILY: &str = "inet";
@@ -31,7 +51,11 @@ pub struct NatRuleset {
 }
 
 impl NatRuleset {
-    pub fn new(bridge: &BridgeName, subnet: &Subnet) -> Self {
+    pub fn new(bridge: &BridgeName, subnet: &Subnet, access: HostAccess) -> Self {
+        let closed_host = match access {
+            HostAccess::DnsOnly => format!("\t\tiifname \"{}\" drop\n", bridge.as_str()),
+            HostAccess::Open => String::new(),
+        };
         // Written exactly as nft 1.0 lists it (tabs, blank line between chains), so a correct table
         // compares equal to its listing without any parsing. Names are safe to embed: `BridgeName`
         // only admits [A-Za-z0-9._-].
@@ -53,8 +77,17 @@ impl NatRuleset {
              \t\tip saddr {net} oifname != \"{br}\" masquerade\n\
              \t}}\n\
              \n\
+             \tchain input {{\n\
+             \t\ttype filter hook input priority filter; policy accept;\n\
+             \t\tiifname \"{br}\" ct state established,related accept\n\
+             \t\tiifname \"{br}\" ip daddr {gw} meta l4proto {{ tcp, udp }} th dport {DNS_SERVE_PORT} accept\n\
+             \t\tiifname \"{br}\" ip daddr {LINK_LOCAL_V4} drop\n\
+             {closed_host}\
+             \t}}\n\
+             \n\
              \tchain forward {{\n\
              \t\ttype filter hook forward priority filter; policy accept;\n\
+             \t\tiifname \"{br}\" ip daddr {LINK_LOCAL_V4} drop\n\
              \t\tiifname \"{br}\" oifname != \"{br}\" accept\n\
              \t\toifname \"{br}\" ct state established,related accept\n\
              \t}}\n\
@@ -106,7 +139,11 @@ mod tests {
     use super::*;
 
     fn default_ruleset() -> NatRuleset {
-        NatRuleset::new(&BridgeName::default(), &Subnet::DEFAULT)
+        NatRuleset::new(
+            &BridgeName::default(),
+            &Subnet::DEFAULT,
+            HostAccess::default(),
+        )
     }
 
     #[test]
@@ -129,8 +166,17 @@ table inet banger {
 \t\tip saddr 172.16.0.0/24 oifname != \"banger0\" masquerade
 \t}
 
+\tchain input {
+\t\ttype filter hook input priority filter; policy accept;
+\t\tiifname \"banger0\" ct state established,related accept
+\t\tiifname \"banger0\" ip daddr 172.16.0.1 meta l4proto { tcp, udp } th dport 10053 accept
+\t\tiifname \"banger0\" ip daddr 169.254.0.0/16 drop
+\t\tiifname \"banger0\" drop
+\t}
+
 \tchain forward {
 \t\ttype filter hook forward priority filter; policy accept;
+\t\tiifname \"banger0\" ip daddr 169.254.0.0/16 drop
 \t\tiifname \"banger0\" oifname != \"banger0\" accept
 \t\toifname \"banger0\" ct state established,related accept
 \t}
@@ -144,6 +190,7 @@ table inet banger {
         let r = NatRuleset::new(
             &BridgeName::parse("br9").unwrap(),
             &"10.9.0.1/16".parse().unwrap(),
+            HostAccess::DnsOnly,
         );
         assert!(r
             .table()
@@ -152,6 +199,23 @@ table inet banger {
             .table()
             .contains("iifname \"br9\" oifname != \"br9\" accept"));
         assert!(!r.table().contains("banger0"));
+    }
+
+    #[test]
+    fn an_open_host_keeps_link_local_addresses_closed() {
+        let open = NatRuleset::new(&BridgeName::default(), &Subnet::DEFAULT, HostAccess::Open);
+        let t = open.table();
+        assert!(!t.contains("iifname \"banger0\" drop"), "{t}");
+        assert_eq!(t.matches("ip daddr 169.254.0.0/16 drop").count(), 2, "{t}");
+        let closed = default_ruleset();
+        let t = closed.table();
+        // The final drop comes after what stays open.
+        let drop_at = t.find("iifname \"banger0\" drop").unwrap();
+        assert!(t.find("th dport 10053 accept").unwrap() < drop_at, "{t}");
+        assert!(
+            t.find("ct state established,related accept").unwrap() < drop_at,
+            "{t}"
+        );
     }
 
     #[test]
@@ -171,8 +235,14 @@ table inet banger {
         assert!(r.matches_listing(r.table()));
         let edited = r.table().replace(" masquerade", " accept");
         assert!(!r.matches_listing(&edited));
-        let other = NatRuleset::new(&BridgeName::default(), &"10.0.0.1/24".parse().unwrap());
+        let other = NatRuleset::new(
+            &BridgeName::default(),
+            &"10.0.0.1/24".parse().unwrap(),
+            HostAccess::DnsOnly,
+        );
         assert!(!r.matches_listing(other.table()));
+        let open = NatRuleset::new(&BridgeName::default(), &Subnet::DEFAULT, HostAccess::Open);
+        assert!(!r.matches_listing(open.table()));
         assert!(!r.matches_listing(""));
     }
 }

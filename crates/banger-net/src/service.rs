@@ -10,13 +10,15 @@ use nix::unistd::Uid;
 use crate::addr::{AllocError, Lease, Subnet, SubnetError};
 use crate::host::{Changes, HostNet, NetError};
 use crate::names::{BridgeName, NameError, TapName};
-use crate::nat::NatRuleset;
+use crate::nat::{HostAccess, NatRuleset};
 
-/// The configured bridge and subnet (config keys `bridge_name`, `bridge_subnet`).
+/// The configured bridge, subnet and what guests may reach on the host (config keys
+/// `bridge_name`, `bridge_subnet`, `host_access`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BridgeConfig {
     pub bridge: BridgeName,
     pub subnet: Subnet,
+    pub host_access: HostAccess,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -33,11 +35,12 @@ impl BridgeConfig {
         Ok(BridgeConfig {
             bridge: BridgeName::parse(bridge_name)?,
             subnet: bridge_subnet.parse()?,
+            host_access: HostAccess::default(),
         })
     }
 
     pub fn ruleset(&self) -> NatRuleset {
-        NatRuleset::new(&self.bridge, &self.subnet)
+        NatRuleset::new(&self.bridge, &self.subnet, self.host_access)
     }
 }
 

@@ -24,7 +24,8 @@ use std::collections::BTreeSet;
 use std::process::Command;
 
 use banger_net::{
-    BridgeConfig, Elevation, HostNet, NetError, Network, PrivilegedRunner, SystemHostNet, TapName,
+    BridgeConfig, Elevation, HostAccess, HostNet, NetError, Network, PrivilegedRunner,
+    SystemHostNet, TapName,
 };
 use nix::unistd::Uid;
 use serde_json::Value;
@@ -352,6 +353,125 @@ netns_test! {
         assert_eq!(down.as_slice(), ["deleted nft table inet banger", "deleted bridge banger0"]);
         assert!(nft_tables().is_empty());
         assert!(bridges().is_empty());
+    }
+}
+
+/// A stand-in for a guest, for what the host's filter sees of it: a network namespace of its own
+/// (held by a `sleep`, so it disappears with that process) behind a veth pair whose host end is a
+/// port of the bridge, as a VM's tap is. Packets from it reach the host exactly as a VM's do.
+/// Dropping it kills the process; the namespace and both veth ends go with it.
+struct FakeGuest {
+    holder: std::process::Child,
+}
+
+impl FakeGuest {
+    fn attach(bridge: &str, name: &str, cidr: &str, gateway: &str) -> FakeGuest {
+        let holder = Command::new("unshare")
+            .args(["-n", "sleep", "300"])
+            .spawn()
+            .expect("cannot run unshare (util-linux)");
+        let guest = FakeGuest { holder };
+        let pid = guest.holder.id().to_string();
+        // `unshare` moves itself into the new namespace before it runs sleep: wait for that.
+        let own = std::fs::read_link("/proc/self/ns/net").unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::fs::read_link(format!("/proc/{pid}/ns/net"))
+            .ok()
+            .as_ref()
+            == Some(&own)
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "unshare -n did not take effect"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let (host_end, guest_end) = (format!("{name}-h"), format!("{name}-g"));
+        sh(&[
+            "ip", "link", "add", &host_end, "type", "veth", "peer", "name", &guest_end,
+        ]);
+        sh(&["ip", "link", "set", &guest_end, "netns", &pid]);
+        sh(&["ip", "link", "set", &host_end, "master", bridge, "up"]);
+        for cmd in [
+            "ip link set lo up".to_owned(),
+            format!("ip addr add {cidr} dev {guest_end}"),
+            format!("ip link set {guest_end} up"),
+            format!("ip route add default via {gateway}"),
+        ] {
+            assert!(guest.run(&cmd), "in the fake guest: {cmd} failed");
+        }
+        guest
+    }
+
+    /// Runs `script` with bash inside the guest's namespace; whether it succeeded.
+    fn run(&self, script: &str) -> bool {
+        Command::new("nsenter")
+            .args([
+                "-t",
+                &self.holder.id().to_string(),
+                "-n",
+                "bash",
+                "-c",
+                script,
+            ])
+            .status()
+            .expect("cannot run nsenter")
+            .success()
+    }
+
+    /// Whether a TCP connection to `addr:port` opens within two seconds.
+    fn connects(&self, addr: &str, port: u16) -> bool {
+        self.run(&format!(
+            "timeout 2 bash -c 'exec 3<>/dev/tcp/{addr}/{port}'"
+        ))
+    }
+}
+
+impl Drop for FakeGuest {
+    fn drop(&mut self) {
+        let _ = self.holder.kill();
+        let _ = self.holder.wait();
+    }
+}
+
+netns_test! {
+    fn guests_reach_only_dns_on_the_host_and_never_link_local_addresses() {
+        let net = system_network(Elevation::Direct, BridgeConfig::default());
+        let _ = net.ensure_host().unwrap();
+        // Host services: one on the bridge address, the `.vm` DNS server's port, and a
+        // "metadata service" on a link-local address of the host (the test's namespace).
+        sh(&["ip", "link", "set", "lo", "up"]);
+        sh(&["ip", "addr", "add", "169.254.169.254/32", "dev", "lo"]);
+        let _service = std::net::TcpListener::bind("172.16.0.1:8080").unwrap();
+        let _dns = std::net::TcpListener::bind("172.16.0.1:10053").unwrap();
+        let _metadata = std::net::TcpListener::bind("169.254.169.254:80").unwrap();
+        let guest = FakeGuest::attach("banger0", "fg0", "172.16.0.2/24", "172.16.0.1");
+
+        assert!(guest.connects("172.16.0.1", 53), "DNS on the bridge address stays open");
+        assert!(!guest.connects("172.16.0.1", 8080), "a host service on the bridge address");
+        assert!(!guest.connects("169.254.169.254", 80), "a link-local (metadata) address");
+        assert!(!guest.connects("127.0.0.1", 8080), "sanity: the guest's own loopback");
+        // The host still reaches the guest, and the guest's answers come back: nothing listens
+        // on the guest's port 9, so the answer is a reset, seen as "refused" rather than a timeout.
+        let err = std::net::TcpStream::connect_timeout(
+            &"172.16.0.2:9".parse().unwrap(),
+            std::time::Duration::from_secs(3),
+        )
+        .unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+
+        // `host_access = true`: the host opens, link-local addresses do not.
+        let open = BridgeConfig { host_access: HostAccess::Open, ..BridgeConfig::default() };
+        let net = system_network(Elevation::Direct, open.clone());
+        let changes = net.ensure_host().unwrap();
+        assert_eq!(changes.as_slice(), ["replaced nft table inet banger (it differed from banger's)"]);
+        assert!(open.ruleset().matches_listing(&nft_banger_listing()));
+        assert!(guest.connects("172.16.0.1", 8080), "host_access opens the host");
+        assert!(guest.connects("172.16.0.1", 53));
+        assert!(!guest.connects("169.254.169.254", 80), "metadata stays closed with host_access");
+
+        drop(guest);
+        let _ = net.teardown().unwrap();
     }
 }
 

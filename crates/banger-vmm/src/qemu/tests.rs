@@ -62,6 +62,14 @@ async fn qemu_boots_a_guest_and_stop_kills_it_after_the_grace_period() {
 
     assert_eq!(handle.backend, BackendKind::Qemu);
     assert!(crate::process::is_alive(handle.pid, handle.pid_start_time));
+    // QEMU runs under its seccomp filter (mode 2: a filter is installed).
+    let status = std::fs::read_to_string(format!("/proc/{}/status", handle.pid)).unwrap();
+    assert!(
+        status
+            .lines()
+            .any(|l| l.split_whitespace().eq(["Seccomp:", "2"])),
+        "QEMU runs without its seccomp sandbox:\n{status}"
+    );
     assert_eq!(handle.api_socket, Some(cfg.run_dir.join(QMP_SOCKET)));
     assert_eq!(
         handle.agent,
