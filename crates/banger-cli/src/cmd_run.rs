@@ -95,7 +95,8 @@ pub fn resolve_file_sync(
             )
             .hint("file_sync copies files onto the VM's work disk, which is mounted at /root"));
         }
-        let host = expand_tilde(&e.host, home);
+        // The daemon has its own working directory: a relative path means the CLI's.
+        let host = crate::absolute(&expand_tilde(&e.host, home))?;
         if std::fs::symlink_metadata(&host).is_err() {
             return Err(CliError::new(
                 Exit::Usage,
@@ -495,5 +496,20 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.message.contains("file_sync[0].host"), "{}", e.message);
+        // A relative host path is the CLI's, not the daemon's.
+        let here = std::env::current_dir().unwrap();
+        let local = tempfile::tempdir_in(&here).unwrap();
+        std::fs::write(local.path().join("f"), "x").unwrap();
+        let rel = local.path().strip_prefix(&here).unwrap().join("f");
+        let ok = resolve_file_sync(
+            &[banger_config::FileSync {
+                host: rel.display().to_string(),
+                guest: "~/f".into(),
+                mode: None,
+            }],
+            home.path(),
+        )
+        .unwrap();
+        assert_eq!(ok[0].host, here.join(&rel).display().to_string());
     }
 }

@@ -39,6 +39,27 @@ pub fn git_snapshot(root: &Path) -> Result<Snapshot, CliError> {
         )
         .hint("pass --no-git to copy the directory as it is (nothing is ignored then)"));
     }
+    // A subdirectory of a repository is not a workspace: git would list only its files and the
+    // guest would get them without `.git`. Say so now, before any VM exists.
+    let top = PathBuf::from(String::from_utf8_lossy(&top.stdout).trim_end_matches('\n'));
+    let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    if !same(root, &top) {
+        return Err(CliError::new(
+            Exit::Usage,
+            format!(
+                "{} is inside the git repository {}, not its top level",
+                root.display(),
+                top.display()
+            ),
+        )
+        .hint(format!(
+            "pass the repository itself (`banger vm run {}`), or --no-git to copy only this directory",
+            top.display()
+        )));
+    }
     let out = std::process::Command::new("git")
         .arg("-C")
         .arg(root)
@@ -194,6 +215,30 @@ mod tests {
             }
         }
         assert!(seen_link && seen_exec);
+    }
+
+    #[test]
+    fn a_subdirectory_of_a_repository_is_refused_and_the_top_named() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        git(r, &["init", "-q"]);
+        std::fs::create_dir(r.join("sub")).unwrap();
+        std::fs::write(r.join("sub/f"), "f").unwrap();
+        let e = git_snapshot(&r.join("sub")).unwrap_err();
+        assert_eq!(e.exit, Exit::Usage);
+        assert!(e.message.contains("not its top level"), "{}", e.message);
+        let top = r.canonicalize().unwrap().display().to_string();
+        assert!(e.hint.unwrap().contains(&top));
+        // The top itself, reached through a symlink, is the repository.
+        let link = d
+            .path()
+            .parent()
+            .unwrap()
+            .join(format!("link-{}", std::process::id()));
+        std::os::unix::fs::symlink(r, &link).unwrap();
+        let snap = git_snapshot(&link);
+        std::fs::remove_file(&link).unwrap();
+        assert!(snap.is_ok(), "{:?}", snap.err().map(|e| e.message));
     }
 
     #[test]

@@ -158,43 +158,119 @@ pub fn make_work_disk(
 
 /// Copies one file_sync entry (a file or a whole directory) into the staging tree at its guest
 /// path relative to `/root`. Paths were validated by the CLI; they are checked again here
-/// because the daemon trusts nothing that crosses the socket.
+/// because the daemon trusts nothing that crosses the socket. Only regular files, directories
+/// and symlinks are copied: a FIFO would hang the copy and a device (`/dev/zero`) would never
+/// end, so both are refused with the entry named. Symlinks are copied as symlinks, and nothing is
+/// ever written through one: a symlink an earlier entry put in the staging tree must not carry a
+/// later entry's files out of it.
 fn copy_sync_entry(entry: &SyncEntry, staging: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let rel = guest_relative(&entry.guest)?;
-    let dst = staging.join(&rel);
     let src = PathBuf::from(&entry.host);
-    let meta = std::fs::symlink_metadata(&src)
-        .with_context(|| format!("file_sync host path {} cannot be read", src.display()))?;
+    let what = || format!("file_sync entry {} -> {}", src.display(), entry.guest);
+    // The entry itself may be a symlink (`~/.gitconfig` often is): what it names is copied.
+    let meta = std::fs::metadata(&src)
+        .with_context(|| format!("{}: the host path cannot be read", what()))?;
+    let dst = staged_path(staging, &rel).with_context(what)?;
     if let Some(parent) = dst.parent() {
-        std::fs::create_dir_all(parent)?;
+        create_dirs_within(staging, parent).with_context(what)?;
     }
     if meta.is_dir() {
-        copy_dir(&src, &dst)?;
+        copy_dir(&src, &dst).with_context(what)?;
         if let Some(mode) = entry.mode {
             std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(mode))?;
         }
-    } else {
-        std::fs::copy(&src, &dst)
-            .with_context(|| format!("cannot copy {} for file_sync", src.display()))?;
+    } else if meta.is_file() {
+        std::fs::copy(&src, &dst).with_context(|| format!("{}: cannot copy", what()))?;
         let mode = entry.mode.unwrap_or(0o600);
         std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(mode))?;
+    } else {
+        bail!(
+            "{}: {} is {}; file_sync copies regular files, directories and symlinks only",
+            what(),
+            src.display(),
+            kind_of(&meta.file_type())
+        );
     }
     Ok(())
 }
 
+/// `staging/rel`, refused if any part of it already exists as a symlink.
+fn staged_path(staging: &Path, rel: &Path) -> anyhow::Result<PathBuf> {
+    let mut at = staging.to_path_buf();
+    for part in rel.components() {
+        at.push(part);
+        refuse_symlink(&at)?;
+    }
+    Ok(at)
+}
+
+/// `create_dir_all` that never follows a symlink: each level is checked before it is used.
+fn create_dirs_within(staging: &Path, dir: &Path) -> anyhow::Result<()> {
+    let rel = dir.strip_prefix(staging).unwrap_or(dir);
+    let mut at = staging.to_path_buf();
+    for part in rel.components() {
+        at.push(part);
+        refuse_symlink(&at)?;
+        match std::fs::create_dir(&at) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && at.is_dir() => {}
+            Err(e) => return Err(e).with_context(|| format!("cannot create {}", at.display())),
+        }
+    }
+    Ok(())
+}
+
+fn refuse_symlink(p: &Path) -> anyhow::Result<()> {
+    if std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_symlink()) {
+        bail!(
+            "its guest path goes through a symlink an earlier entry put there ({}); \
+             nothing is written through a symlink",
+            p.display()
+        );
+    }
+    Ok(())
+}
+
+fn kind_of(ft: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if ft.is_fifo() {
+        "a FIFO"
+    } else if ft.is_socket() {
+        "a socket"
+    } else if ft.is_char_device() {
+        "a character device"
+    } else if ft.is_block_device() {
+        "a block device"
+    } else {
+        "not a regular file"
+    }
+}
+
 fn copy_dir(src: &Path, dst: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dst)?;
+    refuse_symlink(dst)?;
+    match std::fs::create_dir(dst) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dst.is_dir() => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot create {}", dst.display())),
+    }
     for e in std::fs::read_dir(src).with_context(|| format!("cannot read {}", src.display()))? {
         let e = e?;
         let (from, to) = (e.path(), dst.join(e.file_name()));
+        refuse_symlink(&to)?;
         let ft = e.file_type()?;
         if ft.is_dir() {
             copy_dir(&from, &to)?;
         } else if ft.is_symlink() {
             std::os::unix::fs::symlink(std::fs::read_link(&from)?, &to)?;
-        } else {
+        } else if ft.is_file() {
             std::fs::copy(&from, &to).with_context(|| format!("cannot copy {}", from.display()))?;
+        } else {
+            bail!(
+                "{} is {}; file_sync copies regular files, directories and symlinks only",
+                from.display(),
+                kind_of(&ft)
+            );
         }
     }
     Ok(())
@@ -219,6 +295,82 @@ pub fn guest_relative(guest: &str) -> anyhow::Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn entry(host: &Path, guest: &str) -> SyncEntry {
+        SyncEntry {
+            host: host.display().to_string(),
+            guest: guest.to_owned(),
+            mode: None,
+        }
+    }
+
+    #[test]
+    fn fifos_sockets_and_devices_are_refused_with_the_entry_named() {
+        let d = tempfile::tempdir().unwrap();
+        let fifo = d.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let tree = d.path().join("tree");
+        std::fs::create_dir(&tree).unwrap();
+        std::fs::write(tree.join("ok"), "ok").unwrap();
+        nix::unistd::mkfifo(
+            &tree.join("pipe"),
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+        )
+        .unwrap();
+        let _sock = std::os::unix::net::UnixListener::bind(d.path().join("sock")).unwrap();
+        for (host, kind) in [
+            (fifo.clone(), "a FIFO"),
+            (tree.clone(), "a FIFO"),
+            (d.path().join("sock"), "a socket"),
+            (PathBuf::from("/dev/zero"), "a character device"),
+        ] {
+            let staging = tempfile::tempdir().unwrap();
+            let err = copy_sync_entry(&entry(&host, "/root/x"), staging.path()).unwrap_err();
+            let msg = format!("{err:#}");
+            assert!(msg.contains(kind), "{msg}");
+            assert!(msg.contains(&host.display().to_string()), "{msg}");
+            assert!(msg.contains("/root/x"), "{msg}");
+        }
+    }
+
+    #[test]
+    fn a_symlink_from_one_entry_never_carries_another_out_of_the_staging_tree() {
+        let d = tempfile::tempdir().unwrap();
+        let outside = d.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        // Entry 1: a directory holding a symlink to a directory outside.
+        let tree = d.path().join("tree");
+        std::fs::create_dir(&tree).unwrap();
+        std::os::unix::fs::symlink(&outside, tree.join("link")).unwrap();
+        let file = d.path().join("payload");
+        std::fs::write(&file, "x").unwrap();
+        let other = d.path().join("other");
+        std::fs::create_dir_all(other.join("link")).unwrap();
+        std::fs::write(other.join("link/evil"), "x").unwrap();
+
+        let staging = tempfile::tempdir().unwrap();
+        copy_sync_entry(&entry(&tree, "/root/cfg"), staging.path()).unwrap();
+        assert!(staging
+            .path()
+            .join("cfg/link")
+            .symlink_metadata()
+            .unwrap()
+            .is_symlink());
+        for (host, guest) in [
+            (&file, "/root/cfg/link/evil"),      // a file written through it
+            (&file, "/root/cfg/link/deep/evil"), // directories made through it
+            (&file, "/root/cfg/link"),           // a file written over it
+            (&other, "/root/cfg"),               // a directory merged through it
+        ] {
+            let err = copy_sync_entry(&entry(host, guest), staging.path()).unwrap_err();
+            assert!(format!("{err:#}").contains("symlink"), "{guest}: {err:#}");
+        }
+        assert_eq!(
+            std::fs::read_dir(&outside).unwrap().count(),
+            0,
+            "nothing left the staging tree"
+        );
+    }
 
     #[test]
     fn guest_paths_stay_inside_root() {
