@@ -201,6 +201,6 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let e = git_snapshot(d.path()).unwrap_err();
         assert!(e.message.contains("not a git repository"), "{}", e.message);
-        assert!(e.hint.unwrap().contains("--no-git"));
+        assert!(e.hints[0].contains("--no-git"), "{e}");
     }
 }

@@ -219,7 +219,8 @@ mod tests {
         assert!(e
             .message
             .starts_with("cannot clone the image: cannot write /x/root.ext4"));
-        assert!(e.hint.as_deref().unwrap().contains("free some space"));
+        assert_eq!(e.hints.len(), 1, "{:?}", e.hints);
+        assert!(e.hints[0].contains("free some space"), "{:?}", e.hints);
 
         let other = anyhow::Error::from(std::io::Error::from_raw_os_error(libc::EIO));
         let e = disk_error(other, "cannot clone the image");

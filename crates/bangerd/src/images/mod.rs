@@ -411,7 +411,7 @@ fn remove_children(dir: &Path, doomed: impl Fn(&str) -> bool) {
 }
 
 /// Builds an API error from an error chain: every cause joined by ": " into one message, and
-/// `hint:` lines (which `banger-image` errors carry in their text) moved into the hint.
+/// `hint:` lines (which `banger-image` errors carry in their text) moved into the hints.
 pub fn chain_error(code: ErrorCode, e: &(dyn std::error::Error + 'static)) -> ApiError {
     let mut parts: Vec<String> = Vec::new();
     let mut hints: Vec<String> = Vec::new();
@@ -432,9 +432,7 @@ pub fn chain_error(code: ErrorCode, e: &(dyn std::error::Error + 'static)) -> Ap
         }
         cur = err.source();
     }
-    let mut api = ApiError::new(code, parts.join(": "));
-    if !hints.is_empty() {
-        api = api.with_hint(hints.join("; "));
-    }
-    api
+    hints
+        .into_iter()
+        .fold(ApiError::new(code, parts.join(": ")), ApiError::with_hint)
 }

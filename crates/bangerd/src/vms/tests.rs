@@ -781,7 +781,7 @@ async fn deleting_a_running_vm_needs_force_and_then_removes_everything() {
     create(&vms, "web", "debian").await.unwrap();
     let err = vms.delete("web", false).await.unwrap_err();
     assert_eq!(err.code, ErrorCode::InvalidState);
-    assert!(err.hint.unwrap().contains("--force"));
+    assert!(err.hints[0].contains("--force"), "{err:?}");
     assert_eq!(host.vmm.running(), ["web"]);
 
     vms.delete("web", true).await.unwrap();
