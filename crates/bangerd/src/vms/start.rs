@@ -220,17 +220,20 @@ impl Vms {
             Ok(h) => h,
             Err(e) => {
                 self.release_network(&row).await;
-                let msg = format!("VM {name} failed to start: {e}");
+                // The whole chain (a VmmError's message leaves its cause to `source()`) and
+                // every hint, for the caller and for `last_error` alike.
+                let report = hints::report(&e)
+                    .context(format!("VM {name} failed to start"))
+                    .with_hint(format!("console log: {}", console.display()));
                 self.set_state(
                     name,
                     VmState::Failed,
                     Some(backend.kind().as_str()),
                     None,
-                    Some(&msg),
+                    Some(&report.to_string()),
                 )
                 .await?;
-                return Err(api(ErrorCode::VmmFailed, msg)
-                    .with_hint(format!("console log: {}", console.display())));
+                return Err(hints::api_error(ErrorCode::VmmFailed, report));
             }
         };
         self.set_state(
