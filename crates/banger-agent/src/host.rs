@@ -17,6 +17,7 @@
 //! daemon may get one from its VMM layer), and [`AgentClient::connect`] opens the two host
 //! channels the agent serves — QEMU's virtio-serial Unix socket and Firecracker's vsock bridge.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::future::Future;
@@ -26,6 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use banger_hint::Hint;
 use bytes::Bytes;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
@@ -91,21 +93,29 @@ pub enum AgentError {
     },
 }
 
-impl AgentError {
-    /// What the user can do about it.
-    pub fn hint(&self) -> Option<&'static str> {
+/// The host client's error types that carry hints, for a [`banger_hint::Report`] of an error
+/// chain (re-exported as `banger_agent::HINTS`). Every type here that implements [`Hint`] must
+/// be listed: Rust cannot enumerate a trait's implementations.
+pub const HINTS: &[banger_hint::Probe] = &[banger_hint::probe::<AgentError>];
+
+impl Hint for AgentError {
+    fn hint(&self) -> Option<Cow<'_, str>> {
         match self {
             AgentError::Connect { .. } | AgentError::VsockRefused { .. } => {
-                Some("hint: check that the VM is running (`banger vm list`)")
+                Some("check that the VM is running (`banger vm list`)".into())
             }
             AgentError::ConnectionLost { .. } => {
-                Some("hint: the VM may have shut down or crashed; its console log tells which")
+                Some("the VM may have shut down or crashed; its console log tells which".into())
             }
             AgentError::NoAnswer { .. } | AgentError::NotReady { .. } => Some(
-                "hint: the guest may have failed to boot or lack banger-agent; check the VM's console log",
+                "the guest may have failed to boot or lack banger-agent; check the VM's console \
+                 log"
+                .into(),
             ),
             AgentError::Unsupported { .. } => Some(
-                "hint: the VM's agent is older than this banger; recreate the VM to get the current agent",
+                "the VM's agent is older than this banger; recreate the VM to get the current \
+                 agent"
+                    .into(),
             ),
             AgentError::Guest { .. }
             | AgentError::Poweroff { .. }

@@ -16,6 +16,8 @@ pub mod cmdline;
 pub mod guest;
 #[cfg(any(feature = "host", test))]
 pub mod host;
+#[cfg(any(feature = "host", test))]
+pub use host::HINTS;
 pub mod image;
 pub mod protocol;
 

@@ -42,14 +42,21 @@ pub enum ErrorCode {
 }
 
 /// An error as the daemon reports it: a stable code, one message that already includes its
-/// causes, and optionally a hint telling the user what to do next.
+/// causes, and the hints telling the user what to do next (each one sentence, no `hint:`
+/// prefix; the CLI prints one `hint:` line per hint).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[error("{message}")]
 pub struct ApiError {
     pub code: ErrorCode,
     pub message: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub hint: Option<String>,
+    /// Daemons before the list sent at most one, as `hint`; it is read into the list.
+    #[serde(
+        default,
+        alias = "hint",
+        deserialize_with = "one_or_many",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub hints: Vec<String>,
 }
 
 impl ApiError {
@@ -57,14 +64,33 @@ impl ApiError {
         Self {
             code,
             message: message.into(),
-            hint: None,
+            hints: Vec::new(),
         }
     }
 
+    /// Adds a hint after those already there (unless it is one of them).
     pub fn with_hint(mut self, hint: impl Into<String>) -> Self {
-        self.hint = Some(hint.into());
+        let hint = hint.into();
+        if !self.hints.contains(&hint) {
+            self.hints.push(hint);
+        }
         self
     }
+}
+
+/// `hints` as a list, or as the single string (or null) the old `hint` field held.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match Option::<OneOrMany>::deserialize(d)? {
+        None => Vec::new(),
+        Some(OneOrMany::One(hint)) => vec![hint],
+        Some(OneOrMany::Many(hints)) => hints,
+    })
 }
 
 /// One line of a streamed response.
@@ -370,6 +396,32 @@ mod tests {
         let e = ApiError::new(ErrorCode::NotFound, "no image x").with_hint("see image list");
         let json = serde_json::to_string(&e).unwrap();
         assert!(json.contains(r#""code":"not_found""#));
+        assert!(json.contains(r#""hints":["see image list"]"#), "{json}");
         assert_eq!(serde_json::from_str::<ApiError>(&json).unwrap(), e);
+        let bare = ApiError::new(ErrorCode::Internal, "x");
+        let json = serde_json::to_string(&bare).unwrap();
+        assert!(!json.contains("hint"), "{json}");
+        assert_eq!(serde_json::from_str::<ApiError>(&json).unwrap(), bare);
+    }
+
+    #[test]
+    fn hints_keep_their_order_and_each_is_kept_once() {
+        let e = ApiError::new(ErrorCode::VmmFailed, "x")
+            .with_hint("first")
+            .with_hint("second")
+            .with_hint("first");
+        assert_eq!(e.hints, ["first", "second"]);
+    }
+
+    #[test]
+    fn the_single_hint_of_older_daemons_is_read_into_the_list() {
+        let old = r#"{"code":"api_version_mismatch","message":"m","hint":"restart it"}"#;
+        let e: ApiError = serde_json::from_str(old).unwrap();
+        assert_eq!(e.hints, ["restart it"]);
+        let old = r#"{"code":"internal","message":"m","hint":null}"#;
+        assert!(serde_json::from_str::<ApiError>(old)
+            .unwrap()
+            .hints
+            .is_empty());
     }
 }

@@ -8,6 +8,7 @@
 //! what the daemon will do. Effective `vm_defaults` come from the config crate and are printed
 //! by the command, not here.
 
+use std::borrow::Cow;
 use std::ffi::CStr;
 use std::fs;
 use std::net::Ipv4Addr;
@@ -15,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use banger_config::programs;
+use banger_hint::Hint;
 use banger_vmm::{Availability, BackendKind, Choice, HostFacts, KvmMode, Support, VmmError};
 use serde::Serialize;
 
@@ -326,7 +328,9 @@ fn check_backend(probe: &dyn Probe, b: &Backend<'_>) -> Check {
         return Check::fail(
             name,
             format!("{error}: no VMM can start VMs"),
-            error.hint().unwrap_or_else(|| install.to_owned()),
+            error
+                .hint()
+                .map_or_else(|| install.to_owned(), Cow::into_owned),
         );
     }
     let chosen = b.other_chosen();

@@ -38,12 +38,13 @@ Exit status:
   72   the VM could not be created or started
   73   the VM did not become reachable in time";
 
-/// An error ready to print: message, optional hint, and the exit status it maps to.
+/// An error ready to print: message, its hints (one `hint:` line each), and the exit status it
+/// maps to.
 #[derive(Debug)]
 pub struct CliError {
     pub exit: Exit,
     pub message: String,
-    pub hint: Option<String>,
+    pub hints: Vec<String>,
 }
 
 impl CliError {
@@ -51,12 +52,13 @@ impl CliError {
         Self {
             exit,
             message: message.into(),
-            hint: None,
+            hints: Vec::new(),
         }
     }
 
+    /// Adds a hint after those already there.
     pub fn hint(mut self, hint: impl Into<String>) -> Self {
-        self.hint = Some(hint.into());
+        self.hints.push(hint.into());
         self
     }
 
@@ -80,7 +82,7 @@ impl CliError {
         Self {
             exit,
             message: e.message,
-            hint: e.hint,
+            hints: e.hints,
         }
     }
 }
@@ -94,9 +96,31 @@ impl From<banger_config::ConfigError> for CliError {
 impl std::fmt::Display for CliError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "error: {}", self.message)?;
-        if let Some(h) = &self.hint {
+        for h in &self.hints {
             write!(f, "\nhint: {h}")?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_hint_of_a_daemon_error_gets_its_own_line() {
+        let api = ApiError::new(ErrorCode::VmmFailed, "VM web failed to start: boom")
+            .with_hint("see `banger vm logs web`")
+            .with_hint("console log: /run/web/console.log");
+        let e = CliError::from_api(api);
+        assert_eq!(e.exit, Exit::VmFailed);
+        assert_eq!(
+            e.to_string(),
+            "error: VM web failed to start: boom\n\
+             hint: see `banger vm logs web`\n\
+             hint: console log: /run/web/console.log"
+        );
+        let bare = CliError::new(Exit::Failure, "nope");
+        assert_eq!(bare.to_string(), "error: nope");
     }
 }

@@ -228,7 +228,7 @@ mod tests {
         assert_eq!(e.exit, Exit::Usage);
         assert!(e.message.contains("not its top level"), "{}", e.message);
         let top = r.canonicalize().unwrap().display().to_string();
-        assert!(e.hint.unwrap().contains(&top));
+        assert!(e.hints[0].contains(&top), "{e}");
         // The top itself, reached through a symlink, is the repository.
         let link = d
             .path()
@@ -246,6 +246,6 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let e = git_snapshot(d.path()).unwrap_err();
         assert!(e.message.contains("not a git repository"), "{}", e.message);
-        assert!(e.hint.unwrap().contains("--no-git"));
+        assert!(e.hints[0].contains("--no-git"), "{e}");
     }
 }

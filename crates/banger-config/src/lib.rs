@@ -208,14 +208,20 @@ fn located_error(text: &str, path: &Path, e: &toml::de::Error) -> ConfigError {
 
 fn bridge_name<'de, D: Deserializer<'de>>(d: D) -> Result<Option<BridgeName>, D::Error> {
     let name = String::deserialize(d)?;
-    BridgeName::parse(&name)
-        .map(Some)
-        .map_err(serde::de::Error::custom)
+    BridgeName::parse(&name).map(Some).map_err(with_hint)
 }
 
 fn bridge_subnet<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Subnet>, D::Error> {
     let subnet = String::deserialize(d)?;
-    subnet.parse().map(Some).map_err(serde::de::Error::custom)
+    subnet.parse().map(Some).map_err(with_hint)
+}
+
+/// A value error for serde, its hint kept: a config error is one line of text.
+fn with_hint<E: banger_hint::Hint, D: serde::de::Error>(e: E) -> D {
+    match e.hint() {
+        Some(h) => D::custom(format!("{e} ({h})")),
+        None => D::custom(e),
+    }
 }
 
 fn positive_u32<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {

@@ -16,6 +16,8 @@ use crate::hosttools::{require_tool, MissingTool};
 use crate::privileged::{mentions_enospc, PrivCommand, PrivError, Privileged};
 use crate::progress::Progress;
 use crate::recipe::Recipe;
+use banger_hint::{Hint, Report};
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
 /// The filesystem label of every built root filesystem.
@@ -51,11 +53,10 @@ pub struct BuildOutput {
 pub enum BuildError {
     #[error(transparent)]
     MissingTool(#[from] MissingTool),
-    #[error("mirror `{0}` is not an http://, https:// or file:/ URL\nhint: set a Debian mirror URL in config")]
+    #[error("mirror `{0}` is not an http://, https:// or file:/ URL")]
     BadMirror(String),
     #[error(
-        "debootstrap of {suite} from {mirror} failed: {status}{}\nhint: check that the mirror is \
-         reachable and serves {suite}, and that every package in the recipe exists there",
+        "debootstrap of {suite} from {mirror} failed: {status}{}",
         render_lines("last lines of the debootstrap log", log_tail)
     )]
     Debootstrap {
@@ -64,7 +65,7 @@ pub enum BuildError {
         status: String,
         log_tail: Vec<String>,
     },
-    #[error("no space left on the disk holding {}\nhint: free some space there (a build needs a few GiB) and build again", path.display())]
+    #[error("no space left on the disk holding {}", path.display())]
     DiskFull { path: PathBuf },
     #[error("build step `{step}` failed")]
     Step {
@@ -72,7 +73,7 @@ pub enum BuildError {
         #[source]
         source: PrivError,
     },
-    #[error("the image has no kernel: {} holds no vmlinuz-* file\nhint: the recipe must install a linux-image package", boot.display())]
+    #[error("the image has no kernel: {} holds no vmlinuz-* file", boot.display())]
     NoKernel { boot: PathBuf },
     #[error("could not make the root filesystem")]
     Ext4(#[source] Ext4Error),
@@ -80,6 +81,33 @@ pub enum BuildError {
     BadDu(String),
     #[error(transparent)]
     Io(std::io::Error),
+}
+
+impl Hint for BuildError {
+    fn hint(&self) -> Option<Cow<'_, str>> {
+        match self {
+            // Transparent: the missing tool is not in the chain, so its hint is asked here.
+            BuildError::MissingTool(e) => e.hint(),
+            BuildError::BadMirror(_) => Some("set a Debian mirror URL in config".into()),
+            BuildError::Debootstrap { suite, .. } => Some(
+                format!(
+                    "check that the mirror is reachable and serves {suite}, and that every \
+                     package in the recipe exists there"
+                )
+                .into(),
+            ),
+            BuildError::DiskFull { .. } => {
+                Some("free some space there (a build needs a few GiB) and build again".into())
+            }
+            BuildError::NoKernel { .. } => {
+                Some("the recipe must install a linux-image package".into())
+            }
+            BuildError::Step { .. }
+            | BuildError::Ext4(_)
+            | BuildError::BadDu(_)
+            | BuildError::Io(_) => None,
+        }
+    }
 }
 
 fn render_lines(title: &str, lines: &[String]) -> String {
@@ -179,22 +207,27 @@ pub async fn build(
         (Ok(out), Ok(())) => Ok(out),
         (Ok(out), Err(e)) => {
             // The outputs are complete and verified; a leftover tree is the caller's to delete.
-            progress.notice(&format!(
-                "could not remove the build tree {}: {e}\nhint: delete it as root",
-                ctx.tree.display()
-            ));
+            progress.notice(&leftover_tree(&ctx.tree, &e));
             Ok(out)
         }
         (Err(e), cleanup) => {
             if let Err(c) = cleanup {
-                progress.notice(&format!(
-                    "could not remove the build tree {}: {c}\nhint: delete it as root",
-                    ctx.tree.display()
-                ));
+                progress.notice(&leftover_tree(&ctx.tree, &c));
             }
             Err(classify(e, &req.work_dir))
         }
     }
+}
+
+/// The notice for a build tree that could not be removed: the causes, their hints, and ours.
+fn leftover_tree(tree: &Path, e: &BuildError) -> String {
+    Report::new(e, &[crate::HINTS])
+        .context(format!(
+            "could not remove the build tree {}",
+            tree.display()
+        ))
+        .with_hint("delete it as root")
+        .to_string()
 }
 
 /// Removes a build's scratch directory, including a root-owned tree a crashed build left behind.
@@ -748,7 +781,10 @@ mod tests {
             msg.contains("log line 30") && !msg.contains("log line 11\n"),
             "{msg}"
         );
-        assert!(msg.contains("hint:"), "{msg}");
+        assert!(
+            err.hint().unwrap().contains("every package in the recipe"),
+            "{msg}"
+        );
         assert_eq!(fake.ops(), ["debootstrap", "remove build tree"]);
     }
 
@@ -782,7 +818,7 @@ mod tests {
                 BuildError::DiskFull { path } => assert_eq!(path, &req.work_dir),
                 other => panic!("{failing}: expected DiskFull, got {other}"),
             }
-            assert!(err.to_string().contains("hint: free some space"), "{err}");
+            assert!(err.hint().unwrap().starts_with("free some space"), "{err}");
         }
     }
 
@@ -795,7 +831,7 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, BuildError::NoKernel { .. }), "{err}");
-        assert!(err.to_string().contains("linux-image"), "{err}");
+        assert!(err.hint().unwrap().contains("linux-image"), "{err}");
     }
 
     #[tokio::test]

@@ -11,8 +11,10 @@
 use crate::blocking::run_blocking;
 use crate::digest::Sha256Digest;
 use crate::progress::{ByteThrottle, Progress};
+use banger_hint::Hint;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use std::borrow::Cow;
 use std::io::{Read, Write};
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -102,13 +104,13 @@ pub struct BundleSources {
 pub enum BundleError {
     #[error("bundle manifest is not valid JSON of the expected shape")]
     ManifestJson(#[source] serde_json::Error),
-    #[error("bundle manifest format {found} is not supported; this banger reads format {FORMAT}\nhint: upgrade banger")]
+    #[error("bundle manifest format {found} is not supported; this banger reads format {FORMAT}")]
     UnsupportedFormat { found: u32 },
     #[error("bundle manifest is invalid: {0}")]
     ManifestInvalid(String),
     #[error("bundle name `{0}` must be lowercase letters, digits, '-', '_' or '.'")]
     BadName(String),
-    #[error("no space left on the disk holding {path}\nhint: free some space there and run the command again")]
+    #[error("no space left on the disk holding {path}")]
     DiskFull { path: PathBuf },
     #[error(transparent)]
     Io(std::io::Error),
@@ -129,6 +131,18 @@ pub enum BundleError {
         expected_size: u64,
         actual_size: u64,
     },
+}
+
+impl Hint for BundleError {
+    fn hint(&self) -> Option<Cow<'_, str>> {
+        match self {
+            BundleError::UnsupportedFormat { .. } => Some("upgrade banger".into()),
+            BundleError::DiskFull { .. } => {
+                Some("free some space there and run the command again".into())
+            }
+            _ => None,
+        }
+    }
 }
 
 impl BundleError {
@@ -568,10 +582,11 @@ mod tests {
         let check = |f: &dyn Fn(&mut Manifest), want: &str| {
             let mut m = sample_manifest();
             f(&mut m);
-            let err = Manifest::parse(&m.to_json()).unwrap_err().to_string();
+            let err = Manifest::parse(&m.to_json()).unwrap_err();
+            let err = banger_hint::Report::new(&err, &[crate::HINTS]).to_string();
             assert!(err.contains(want), "want {want:?} in {err}");
         };
-        check(&|m| m.format = 2, "upgrade banger");
+        check(&|m| m.format = 2, "hint: upgrade banger");
         check(&|m| m.arch = "aarch64".into(), "x86_64 guests only");
         check(
             &|m| m.files.pop().map(drop).unwrap_or(()),

@@ -9,8 +9,10 @@
 use crate::digest::Sha256Digest;
 use crate::download::{fetch_small, parse_location, DownloadError};
 use crate::recipe;
+use banger_hint::Hint;
 use reqwest::Url;
 use serde::Deserialize;
+use std::borrow::Cow;
 use std::collections::HashSet;
 
 const BUILTIN: &str = include_str!("../../../images/catalog.toml");
@@ -42,10 +44,16 @@ pub struct Catalog {
 
 /// Lookup of a name the catalog does not have.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown image `{name}`; the catalog has: {}\nhint: `banger image list` shows every image", known.join(", "))]
+#[error("unknown image `{name}`; the catalog has: {}", known.join(", "))]
 pub struct UnknownImage {
     pub name: String,
     pub known: Vec<String>,
+}
+
+impl Hint for UnknownImage {
+    fn hint(&self) -> Option<Cow<'_, str>> {
+        Some("`banger image list` shows every image".into())
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

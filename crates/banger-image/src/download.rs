@@ -12,10 +12,12 @@
 use crate::capped::{read_body_at_most, read_file_at_most, BodyError};
 use crate::digest::Sha256Digest;
 use crate::progress::{ByteThrottle, Progress};
+use banger_hint::Hint;
 use futures_util::StreamExt;
 use reqwest::header::{HeaderValue, CONTENT_RANGE, RANGE};
 use reqwest::{StatusCode, Url};
 use sha2::{Digest, Sha256};
+use std::borrow::Cow;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -44,10 +46,7 @@ pub enum DownloadError {
         #[source]
         source: std::io::Error,
     },
-    #[error(
-        "truncated download: {url} into {file} stopped at {got} of {expected} bytes\n\
-         hint: run the command again to resume from where it stopped"
-    )]
+    #[error("truncated download: {url} into {file} stopped at {got} of {expected} bytes")]
     Truncated {
         url: String,
         file: PathBuf,
@@ -65,7 +64,7 @@ pub enum DownloadError {
     },
     #[error(
         "digest mismatch: download of {url} into {file} is corrupt: expected sha256 {expected}, got {actual}; \
-         the partial file was deleted\nhint: run the command again; if it keeps failing the source is bad"
+         the partial file was deleted"
     )]
     DigestMismatch {
         url: String,
@@ -75,10 +74,27 @@ pub enum DownloadError {
     },
     #[error("{url} is larger than {max} bytes, which is too large for what it should be")]
     TooLarge { url: String, max: u64 },
-    #[error("no space left on the disk holding {path}\nhint: free some space there and run the command again")]
+    #[error("no space left on the disk holding {path}")]
     DiskFull { path: PathBuf },
     #[error(transparent)]
     Io(std::io::Error),
+}
+
+impl Hint for DownloadError {
+    fn hint(&self) -> Option<Cow<'_, str>> {
+        match self {
+            DownloadError::Truncated { .. } => {
+                Some("run the command again to resume from where it stopped".into())
+            }
+            DownloadError::DigestMismatch { .. } => {
+                Some("run the command again; if it keeps failing the source is bad".into())
+            }
+            DownloadError::DiskFull { .. } => {
+                Some("free some space there and run the command again".into())
+            }
+            _ => None,
+        }
+    }
 }
 
 impl DownloadError {
@@ -697,9 +713,10 @@ mod tests {
         let msg = err.to_string();
         assert!(matches!(err, DownloadError::DiskFull { .. }), "{msg}");
         assert!(
-            msg.contains(&part_path(&dest).display().to_string()) && msg.contains("hint:"),
+            msg.contains(&part_path(&dest).display().to_string()),
             "{msg}"
         );
+        assert!(err.hint().unwrap().contains("free some space"), "{msg}");
         assert!(
             std::fs::symlink_metadata(part_path(&dest)).is_err(),
             "the partial download stays behind"

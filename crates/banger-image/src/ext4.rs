@@ -9,7 +9,9 @@
 use crate::hosttools::{require_tool, MissingTool};
 use crate::privileged::{PrivCommand, PrivError, Privileged};
 use crate::progress::Progress;
+use banger_hint::Hint;
 use futures_util::future::BoxFuture;
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
 /// A size in mebibytes (recipes and config speak MiB; files speak bytes).
@@ -59,6 +61,16 @@ pub enum Ext4Error {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl Hint for Ext4Error {
+    fn hint(&self) -> Option<Cow<'_, str>> {
+        match self {
+            // Transparent: the missing tool is not in the chain, so its hint is asked here.
+            Ext4Error::MissingTool(e) => e.hint(),
+            _ => None,
+        }
+    }
 }
 
 impl Ext4Error {

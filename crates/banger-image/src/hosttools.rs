@@ -4,6 +4,8 @@
 //! Besides `$PATH`, the sbin directories are searched because a user's `$PATH` often lacks them while
 //! the tools living there (mkfs.ext4, debootstrap, chroot) are still runnable, directly or via sudo.
 
+use banger_hint::Hint;
+use std::borrow::Cow;
 use std::path::PathBuf;
 
 use banger_config::programs;
@@ -13,10 +15,16 @@ const FALLBACK_DIRS: [&str; 4] = ["/usr/local/sbin", "/usr/sbin", "/sbin", "/usr
 
 /// A host program image work needs is not installed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("required host tool `{bin}` was not found in $PATH or the sbin directories\nhint: apt-get install {package}")]
+#[error("required host tool `{bin}` was not found in $PATH or the sbin directories")]
 pub struct MissingTool {
     pub bin: String,
     pub package: String,
+}
+
+impl Hint for MissingTool {
+    fn hint(&self) -> Option<Cow<'_, str>> {
+        Some(format!("apt-get install {}", self.package).into())
+    }
 }
 
 /// Returns the absolute path of `bin`, or an error naming `debian_package`.
@@ -42,6 +50,6 @@ mod tests {
         let err = require_tool("banger-no-such-tool", "banger-tools").unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("`banger-no-such-tool`"), "{msg}");
-        assert!(msg.contains("hint: apt-get install banger-tools"), "{msg}");
+        assert_eq!(err.hint().as_deref(), Some("apt-get install banger-tools"));
     }
 }

@@ -9,7 +9,9 @@
 
 use crate::hosttools::{require_tool, MissingTool};
 use crate::progress::Progress;
+use banger_hint::Hint;
 use futures_util::future::BoxFuture;
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::ffi::{OsStr, OsString};
 use std::fmt;
@@ -112,7 +114,7 @@ pub enum PrivError {
         #[source]
         source: std::io::Error,
     },
-    #[error("privileged operation `{op}` failed: {status}{}", render_tail(tail, *via_sudo))]
+    #[error("privileged operation `{op}` failed: {status}{}", render_tail(tail))]
     Failed {
         op: String,
         /// Exit status as printed by the OS ("exit status: 1", "signal: 9 (SIGKILL)").
@@ -127,6 +129,23 @@ pub enum PrivError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl Hint for PrivError {
+    fn hint(&self) -> Option<Cow<'_, str>> {
+        match self {
+            PrivError::Failed { tail, via_sudo, .. }
+                if *via_sudo && tail.iter().any(|l| l.contains("sudo:")) =>
+            {
+                Some(
+                    "banger runs this step with `sudo -n`; allow it without a password in \
+                     sudoers, or run as root"
+                        .into(),
+                )
+            }
+            _ => None,
+        }
+    }
 }
 
 impl PrivError {
@@ -164,7 +183,7 @@ pub(crate) fn mentions_enospc(line: &str) -> bool {
     l.contains("no space left on device") || l.contains("enospc")
 }
 
-fn render_tail(tail: &[String], via_sudo: bool) -> String {
+fn render_tail(tail: &[String]) -> String {
     let mut s = String::new();
     if !tail.is_empty() {
         s.push_str("\nlast output lines:");
@@ -172,12 +191,6 @@ fn render_tail(tail: &[String], via_sudo: bool) -> String {
             s.push_str("\n  ");
             s.push_str(l);
         }
-    }
-    if via_sudo && tail.iter().any(|l| l.contains("sudo:")) {
-        s.push_str(
-            "\nhint: banger runs this step with `sudo -n`; allow it without a password in sudoers, \
-             or run as root",
-        );
     }
     s
 }
@@ -522,8 +535,10 @@ mod tests {
             via_sudo: true,
         };
         assert!(err
-            .to_string()
-            .contains("hint: banger runs this step with `sudo -n`"));
+            .hint()
+            .unwrap()
+            .starts_with("banger runs this step with `sudo -n`"));
+        assert!(!err.to_string().contains("hint"), "{err}");
         assert!(!err.is_disk_full());
         let full = PrivError::failed(
             "mkfs",

@@ -11,7 +11,9 @@ use crate::bundle::{unpack_file, BundleError, FileEntry, Manifest, Role, MANIFES
 use crate::digest::Sha256Digest;
 use crate::download::{fetch, fetch_small, parse_location, DownloadError};
 use crate::progress::Progress;
+use banger_hint::Hint;
 use reqwest::Url;
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
 /// A pulled and verified bundle; the paths are inside the staging directory.
@@ -31,10 +33,7 @@ pub enum PullError {
         #[source]
         source: DownloadError,
     },
-    #[error(
-        "bundle manifest {url} has sha256 {actual}, but the catalog pins {expected}\n\
-         hint: the bundle was replaced or tampered with; ask its publisher or update the catalog"
-    )]
+    #[error("bundle manifest {url} has sha256 {actual}, but the catalog pins {expected}")]
     ManifestDigest {
         url: String,
         expected: Sha256Digest,
@@ -66,6 +65,19 @@ pub enum PullError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl Hint for PullError {
+    fn hint(&self) -> Option<Cow<'_, str>> {
+        match self {
+            PullError::ManifestDigest { .. } => Some(
+                "the bundle was replaced or tampered with; ask its publisher or update the catalog"
+                    .into(),
+            ),
+            // The download and bundle errors are sources, and the report asks them itself.
+            _ => None,
+        }
+    }
 }
 
 impl PullError {

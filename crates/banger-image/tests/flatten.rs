@@ -61,15 +61,9 @@ fn refused_with(arena: &mut Arena, layers: &[LayerInput], limits: &Limits) -> St
     chain(&err)
 }
 
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
+/// The error as the daemon shows it: the chain, then each hint on a `hint:` line.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    banger_hint::Report::new(e, &[banger_image::HINTS]).to_string()
 }
 
 fn one_layer(arena: &Arena, tar: &[u8]) -> Vec<LayerInput> {

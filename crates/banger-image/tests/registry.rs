@@ -14,8 +14,14 @@ use banger_image::oci::manifest::{current_digest, resolve, Compression};
 use banger_image::oci::reference::Reference;
 use banger_image::progress::RecordingProgress;
 use registry_util::*;
+use std::error::Error;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// The error as the daemon shows it: the chain, then each hint on a `hint:` line.
+fn report(e: &(dyn Error + 'static)) -> String {
+    banger_hint::Report::new(e, &[banger_image::HINTS]).to_string()
+}
 
 fn sample_layers() -> Vec<Layer> {
     vec![
@@ -239,7 +245,7 @@ async fn index_without_amd64_lists_the_platforms_offered() {
     )
     .await
     .unwrap_err();
-    let msg = format!("{err}: {}", std::error::Error::source(&err).unwrap());
+    let msg = report(&err);
     assert!(msg.contains(&format!("cannot use image {r}")), "{msg}");
     assert!(
         msg.contains("no linux/amd64 image in it; it offers linux/arm64\nhint:"),
@@ -295,7 +301,7 @@ async fn a_missing_tag_is_not_found_with_a_hint() {
     )
     .await
     .unwrap_err();
-    let msg = err.to_string();
+    let msg = report(&err);
     assert!(err.is_not_found(), "{msg}");
     assert!(msg.contains(&r.to_string()) && msg.contains("404"), "{msg}");
     assert!(
@@ -330,7 +336,7 @@ async fn basic_auth_uses_the_docker_config_and_a_wrong_password_gets_the_login_h
     let err = resolve(&r, &options(), &cache, &RecordingProgress::new())
         .await
         .unwrap_err();
-    let msg = err.to_string();
+    let msg = report(&err);
     assert!(err.is_unauthorized(), "{msg}");
     assert!(
         msg.contains(&format!("hint: run `docker login {}`", registry.host())),
@@ -371,7 +377,7 @@ async fn basic_auth_uses_the_docker_config_and_a_wrong_password_gets_the_login_h
         ..options()
     };
     let err = current_digest(&r, &opts).await.unwrap_err();
-    let msg = format!("{err} {err:?}");
+    let msg = format!("{} {err:?}", report(&err));
     assert!(err.is_unauthorized(), "{msg}");
     assert!(
         msg.contains("refused the credentials") && msg.contains("docker login"),
@@ -459,7 +465,7 @@ async fn a_plain_http_realm_elsewhere_is_refused_without_contacting_it() {
     };
     let r = reference(&fake.host(), "x/y:1");
     let err = current_digest(&r, &opts).await.unwrap_err();
-    let msg = err.to_string();
+    let msg = report(&err);
     assert!(matches!(err, OciError::InsecureRealm { .. }), "{msg}");
     assert!(
         msg.contains("http://198.51.100.7/token") && msg.contains("hint:"),
@@ -576,8 +582,7 @@ async fn a_cut_download_resumes_with_a_range_request() {
         "{err}"
     );
     assert!(
-        err.to_string()
-            .contains("hint: run the command again to resume"),
+        report(&err).contains("\nhint: run the command again to resume"),
         "{err}"
     );
     let d = digest(&victim);
@@ -790,11 +795,12 @@ async fn an_unreachable_registry_is_a_connection_error_with_a_hint() {
         .port();
     let r = reference(&format!("127.0.0.1:{port}"), "x/y:1");
     let err = current_digest(&r, &options()).await.unwrap_err();
-    let msg = err.to_string();
+    let msg = report(&err);
     assert!(matches!(err, OciError::Transport { .. }), "{msg}");
     assert!(
         msg.contains(&format!("cannot reach registry 127.0.0.1:{port}"))
-            && msg.contains("the connection failed\nhint: check the registry name"),
+            && msg.contains("the connection failed")
+            && msg.contains("\nhint: check the registry name"),
         "{msg}"
     );
 }

@@ -4,6 +4,8 @@
 //! that set) and returns the lowest free host address. Nothing here touches the host; the bridge itself is
 //! `HostNet`'s job.
 
+use banger_hint::Hint;
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::fmt;
 use std::net::Ipv4Addr;
@@ -22,19 +24,15 @@ pub struct Subnet {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SubnetError {
-    #[error(
-        "`{SUBNET_CONFIG_KEY}` = {input:?} is not an IPv4 address with a prefix length\n\
-         hint: write it as the bridge's own address and prefix, e.g. \"172.16.0.1/24\""
-    )]
+    #[error("`{SUBNET_CONFIG_KEY}` = {input:?} is not an IPv4 address with a prefix length")]
     Syntax { input: String },
     #[error(
-        "`{SUBNET_CONFIG_KEY}` = {input:?} has prefix length /{prefix_len}, which leaves no room for guests\n\
-         hint: use a prefix length between /1 and /30, e.g. \"172.16.0.1/24\""
+        "`{SUBNET_CONFIG_KEY}` = {input:?} has prefix length /{prefix_len}, which leaves no room for guests"
     )]
     PrefixLength { input: String, prefix_len: u8 },
     #[error(
         "`{SUBNET_CONFIG_KEY}` = {input:?}: {gateway} is the {what} address of its subnet, not a usable \
-         bridge address\nhint: use the first host address instead, e.g. \"{suggestion}/{prefix_len}\""
+         bridge address"
     )]
     GatewayNotHost {
         input: String,
@@ -47,23 +45,51 @@ pub enum SubnetError {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AllocError {
-    #[error(
-        "no free guest address in bridge subnet {subnet} ({capacity} usable, all leased)\n\
-         hint: delete VMs you no longer need, or set a larger `{SUBNET_CONFIG_KEY}` in the banger config \
-         (e.g. \"{gateway}/{wider}\")",
-        gateway = subnet.gateway(),
-        wider = subnet.prefix_len().saturating_sub(4).max(1)
-    )]
+    #[error("no free guest address in bridge subnet {subnet} ({capacity} usable, all leased)")]
     NoFreeAddress { subnet: Subnet, capacity: u64 },
-    #[error(
-        "address {ip} is not a guest address of bridge subnet {subnet} ({reason})\n\
-         hint: the VM record predates a change of `{SUBNET_CONFIG_KEY}`; recreate the VM"
-    )]
+    #[error("address {ip} is not a guest address of bridge subnet {subnet} ({reason})")]
     NotAGuestAddress {
         ip: Ipv4Addr,
         subnet: Subnet,
         reason: &'static str,
     },
+}
+
+impl Hint for SubnetError {
+    fn hint(&self) -> Option<Cow<'_, str>> {
+        Some(match self {
+            SubnetError::Syntax { .. } => {
+                "write it as the bridge's own address and prefix, e.g. \"172.16.0.1/24\"".into()
+            }
+            SubnetError::PrefixLength { .. } => {
+                "use a prefix length between /1 and /30, e.g. \"172.16.0.1/24\"".into()
+            }
+            SubnetError::GatewayNotHost {
+                suggestion,
+                prefix_len,
+                ..
+            } => format!("use the first host address instead, e.g. \"{suggestion}/{prefix_len}\"")
+                .into(),
+        })
+    }
+}
+
+impl Hint for AllocError {
+    fn hint(&self) -> Option<Cow<'_, str>> {
+        Some(match self {
+            AllocError::NoFreeAddress { subnet, .. } => format!(
+                "delete VMs you no longer need, or set a larger `{SUBNET_CONFIG_KEY}` in the \
+                 banger config (e.g. \"{}/{}\")",
+                subnet.gateway(),
+                subnet.prefix_len().saturating_sub(4).max(1)
+            )
+            .into(),
+            AllocError::NotAGuestAddress { .. } => {
+                format!("the VM record predates a change of `{SUBNET_CONFIG_KEY}`; recreate the VM")
+                    .into()
+            }
+        })
+    }
 }
 
 impl Subnet {
@@ -388,9 +414,9 @@ mod tests {
         );
         let msg = err.to_string();
         assert!(msg.contains("192.168.7.1/30"), "{msg}");
-        assert!(msg.contains("`bridge_subnet`"), "{msg}");
-        assert!(msg.contains("hint:"), "{msg}");
-        assert!(msg.contains("\"192.168.7.1/26\""), "{msg}");
+        let hint = err.hint().unwrap();
+        assert!(hint.contains("`bridge_subnet`"), "{hint}");
+        assert!(hint.contains("\"192.168.7.1/26\""), "{hint}");
     }
 
     #[test]
@@ -422,7 +448,7 @@ mod tests {
     #[test]
     fn gateway_must_be_a_host_address() {
         let err = "172.16.0.0/24".parse::<Subnet>().unwrap_err();
-        assert!(err.to_string().contains("\"172.16.0.1/24\""), "{err}");
+        assert!(err.hint().unwrap().contains("\"172.16.0.1/24\""), "{err}");
         let err = "172.16.0.255/24".parse::<Subnet>().unwrap_err();
         assert!(matches!(
             err,

@@ -5,8 +5,10 @@
 //! synchronous: each step is a few short commands, and the async daemon calls it from
 //! `tokio::task::spawn_blocking`.
 
+use std::borrow::Cow;
 use std::fmt;
 
+use banger_hint::Hint;
 use nix::unistd::Uid;
 
 use crate::addr::Subnet;
@@ -55,25 +57,39 @@ impl fmt::Display for Changes {
 pub enum NetError {
     #[error(transparent)]
     Privileged(#[from] PrivilegedError),
-    #[error("could not read {what} from `{command}`\nhint: banger expects iproute2 / nftables with JSON output (-j)")]
+    #[error("could not read {what} from `{command}`")]
     Parse {
         what: &'static str,
         command: &'static str,
         #[source]
         source: serde_json::Error,
     },
-    #[error(
-        "interface {name} exists but is a {kind}, not a bridge\n\
-         hint: remove it (`ip link del {name}`) or set `bridge_name` to a free name"
-    )]
+    #[error("interface {name} exists but is a {kind}, not a bridge")]
     NotABridge { name: String, kind: String },
-    #[error(
-        "interface {name} exists but is a {kind}, not a tap; banger will not touch it\n\
-         hint: remove it by hand (`ip link del {name}`) if nothing needs it"
-    )]
+    #[error("interface {name} exists but is a {kind}, not a tap; banger will not touch it")]
     NotATap { name: String, kind: String },
     #[error("could not read IPv4 forwarding state")]
     Forwarding(#[source] std::io::Error),
+}
+
+impl Hint for NetError {
+    fn hint(&self) -> Option<Cow<'_, str>> {
+        match self {
+            // Transparent: the privileged error is not in the chain, so its hint is asked here.
+            NetError::Privileged(e) => e.hint(),
+            NetError::Parse { .. } => {
+                Some("banger expects iproute2 / nftables with JSON output (-j)".into())
+            }
+            NetError::NotABridge { name, .. } => Some(
+                format!("remove it (`ip link del {name}`) or set `bridge_name` to a free name")
+                    .into(),
+            ),
+            NetError::NotATap { name, .. } => {
+                Some(format!("remove it by hand (`ip link del {name}`) if nothing needs it").into())
+            }
+            NetError::Forwarding(_) => None,
+        }
+    }
 }
 
 /// The host's network, as banger needs it. Every method is idempotent.

@@ -4,8 +4,10 @@
 //! Every tap banger creates is named `bg-<short>`; that prefix is how `reconcile` recognises banger's
 //! own taps among everything else on the host.
 
+use std::borrow::Cow;
 use std::fmt;
 
+use banger_hint::Hint;
 use sha2::{Digest, Sha256};
 
 /// Longest interface name the kernel accepts: IFNAMSIZ (16) minus the trailing NUL.
@@ -19,13 +21,24 @@ pub const BRIDGE_CONFIG_KEY: &str = "bridge_name";
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum NameError {
-    #[error(
-        "`{BRIDGE_CONFIG_KEY}` = {name:?} is not a usable interface name: {reason}\n\
-         hint: use 1 to {MAX_IFNAME_LEN} letters, digits, '-', '_' or '.', e.g. \"banger0\""
-    )]
+    #[error("`{BRIDGE_CONFIG_KEY}` = {name:?} is not a usable interface name: {reason}")]
     Bridge { name: String, reason: &'static str },
     #[error("{name:?} is not a banger tap name: {reason}")]
     Tap { name: String, reason: &'static str },
+}
+
+impl Hint for NameError {
+    fn hint(&self) -> Option<Cow<'_, str>> {
+        match self {
+            NameError::Bridge { .. } => Some(
+                format!(
+                    "use 1 to {MAX_IFNAME_LEN} letters, digits, '-', '_' or '.', e.g. \"banger0\""
+                )
+                .into(),
+            ),
+            NameError::Tap { .. } => None,
+        }
+    }
 }
 
 /// Kernel rules (length, no '/', ':' or whitespace, not "." or "..") narrowed to a character set that

@@ -11,10 +11,12 @@
 //! `/dev/net/tun` (see `tun.rs`), because the tap must be owned by the user and persist after we close the
 //! fd. Via sudo the equivalent `ip tuntap add ... user UID` is used.
 
+use std::borrow::Cow;
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
+use banger_hint::{Hint, Report};
 use nix::unistd::{geteuid, Uid};
 
 use crate::names::TapName;
@@ -31,7 +33,7 @@ pub enum Elevation {
 
 #[derive(Debug, thiserror::Error)]
 pub enum PrivilegedError {
-    #[error("{op}: could not start `{command}`\nhint: {hint}")]
+    #[error("{op}: could not start `{command}`")]
     Spawn {
         op: &'static str,
         command: String,
@@ -39,7 +41,7 @@ pub enum PrivilegedError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{op}: `{command}` failed ({status}): {stderr}\nhint: {hint}")]
+    #[error("{op}: `{command}` failed ({status}): {stderr}")]
     Failed {
         op: &'static str,
         command: String,
@@ -47,14 +49,14 @@ pub enum PrivilegedError {
         stderr: String,
         hint: String,
     },
-    #[error("{op}: could not write {path}\nhint: banger needs root (or passwordless sudo) for this step")]
+    #[error("{op}: could not write {path}")]
     Write {
         op: &'static str,
         path: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("{op}: creating tap {tap} failed\nhint: {hint}")]
+    #[error("{op}: creating tap {tap} failed")]
     Tun {
         op: &'static str,
         tap: TapName,
@@ -62,6 +64,20 @@ pub enum PrivilegedError {
         #[source]
         source: tun::TunError,
     },
+}
+
+impl Hint for PrivilegedError {
+    fn hint(&self) -> Option<Cow<'_, str>> {
+        match self {
+            PrivilegedError::Spawn { hint, .. } | PrivilegedError::Failed { hint, .. } => {
+                Some(hint.as_str().into())
+            }
+            PrivilegedError::Write { .. } => {
+                Some("banger needs root (or passwordless sudo) for this step".into())
+            }
+            PrivilegedError::Tun { hint, .. } => Some((*hint).into()),
+        }
+    }
 }
 
 /// Runs privileged host steps, directly or through `sudo -n`. Cheap to clone.
@@ -104,7 +120,7 @@ impl PrivilegedRunner {
         tracing::info!(op, command = %full.join(" "), "privileged host step");
         let result = execute(op, &full, stdin);
         if let Err(err) = &result {
-            tracing::warn!(op, error = %err, "privileged host step failed");
+            tracing::warn!(op, error = %Report::new(err, &[crate::HINTS]), "privileged host step failed");
         }
         result
     }
@@ -269,7 +285,8 @@ mod tests {
         assert!(msg.starts_with("list nothing: `sh -c"), "{msg}");
         assert!(msg.contains("boom"), "{msg}");
         assert!(msg.contains("exit status: 3"), "{msg}");
-        assert!(msg.contains("hint:"), "{msg}");
+        assert!(!msg.contains("hint"), "{msg}");
+        assert!(err.hint().unwrap().contains("by hand"), "{err:?}");
     }
 
     #[test]
@@ -284,6 +301,6 @@ mod tests {
     fn missing_program_says_what_to_install() {
         let err = query("probe", &["banger-no-such-program"]).unwrap_err();
         assert!(matches!(err, PrivilegedError::Spawn { .. }));
-        assert!(err.to_string().contains("not installed"), "{err}");
+        assert!(err.hint().unwrap().contains("not installed"), "{err}");
     }
 }

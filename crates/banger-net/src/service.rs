@@ -2,9 +2,11 @@
 //! then the VM's tap), address allocation against the configured subnet, and reconciling taps against the
 //! VMs the daemon knows. It does not own the lease records (the daemon's store does) nor which VMs exist.
 
+use std::borrow::Cow;
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
+use banger_hint::Hint;
 use nix::unistd::Uid;
 
 use crate::addr::{AllocError, Lease, Subnet, SubnetError};
@@ -27,6 +29,16 @@ pub enum BridgeConfigError {
     Bridge(#[from] NameError),
     #[error(transparent)]
     Subnet(#[from] SubnetError),
+}
+
+impl Hint for BridgeConfigError {
+    fn hint(&self) -> Option<Cow<'_, str>> {
+        // Transparent: the inner error is not in the chain, so its hint is asked here.
+        match self {
+            BridgeConfigError::Bridge(e) => e.hint(),
+            BridgeConfigError::Subnet(e) => e.hint(),
+        }
+    }
 }
 
 impl BridgeConfig {

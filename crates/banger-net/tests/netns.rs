@@ -534,7 +534,9 @@ netns_test! {
         let err = net.ensure_host().unwrap_err();
         assert!(matches!(err, NetError::NotABridge { .. }), "{err}");
         let msg = err.to_string();
-        assert!(msg.contains("veth device") && msg.contains("hint:"), "{msg}");
+        assert!(msg.contains("veth device"), "{msg}");
+        let hint = banger_hint::Hint::hint(&err).unwrap();
+        assert!(hint.contains("ip link del banger0"), "{hint}");
         assert!(nft_tables().is_empty(), "nothing else was set up");
         assert_eq!(kind(&link("banger0").unwrap()), "veth", "and the device was left alone");
     }

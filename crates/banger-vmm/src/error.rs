@@ -1,10 +1,13 @@
 //! The crate's public error type. Each variant says what failed and on which VM, binary or path;
 //! the underlying cause sits in `source()` and is never repeated in the message, so a caller
 //! prints the chain once ([`VmmError::report`] does exactly that). What the user can do about it
-//! comes from [`VmmError::hint`].
+//! comes from its [`Hint`] (listed in [`crate::HINTS`]).
 
+use std::borrow::Cow;
 use std::path::PathBuf;
 use std::time::Duration;
+
+use banger_hint::{Hint, Report};
 
 use crate::firecracker::ApiError;
 use crate::process::ProcessError;
@@ -111,24 +114,23 @@ pub enum VmmError {
     AgentHandshake { endpoint: String, reply: String },
 }
 
-impl VmmError {
-    /// What the user can do about this error, when there is something to say.
-    pub fn hint(&self) -> Option<String> {
+impl Hint for VmmError {
+    fn hint(&self) -> Option<Cow<'_, str>> {
         match self {
-            VmmError::BinaryNotFound { backend, .. } => Some(backend.install_hint().to_string()),
+            VmmError::BinaryNotFound { backend, .. } => Some(backend.install_hint().into()),
             VmmError::KvmUnusable { .. } => {
-                Some("use vmm = \"qemu\" or \"auto\": QEMU falls back to TCG".to_string())
+                Some("use vmm = \"qemu\" or \"auto\": QEMU falls back to TCG".into())
             }
             VmmError::MissingInput { what, .. } if *what == "run directory" => {
-                Some("the caller must create the VM's run directory before start".to_string())
+                Some("the caller must create the VM's run directory before start".into())
             }
             VmmError::ExitedDuringStart { .. } | VmmError::NotReady { .. } => Some(
                 "the VMM's own log and the serial console above say why; see also `banger vm logs`"
-                    .to_string(),
+                    .into(),
             ),
             VmmError::StillRunning { .. } => Some(
                 "the process is likely stuck in the kernel (state D); check `cat /proc/PID/stack`"
-                    .to_string(),
+                    .into(),
             ),
             VmmError::AgentConnect { .. } | VmmError::AgentHandshake { .. } => {
                 Some("the guest agent may not be up yet; retry after the VM reports ready".into())
@@ -136,20 +138,30 @@ impl VmmError {
             _ => None,
         }
     }
+}
 
-    /// The message, its chain of causes (`: `-separated) and a final `hint:` line if any.
+impl VmmError {
+    /// The message, its chain of causes (`: `-separated) and a `hint:` line per hint.
     pub fn report(&self) -> String {
-        let mut out = self.to_string();
-        let mut cause = std::error::Error::source(self);
-        while let Some(c) = cause {
-            out.push_str(": ");
-            out.push_str(&c.to_string());
-            cause = c.source();
-        }
-        if let Some(hint) = self.hint() {
-            out.push_str("\nhint: ");
-            out.push_str(&hint);
-        }
-        out
+        Report::new(self, &[crate::HINTS]).to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_report_lists_the_causes_then_the_hint() {
+        let err = VmmError::AgentConnect {
+            endpoint: "virtio-serial socket /run/a.sock".into(),
+            source: std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused"),
+        };
+        assert_eq!(
+            err.report(),
+            "cannot connect to the guest agent at virtio-serial socket /run/a.sock: refused\n\
+             hint: the guest agent may not be up yet; retry after the VM reports ready"
+        );
+        assert!(!err.to_string().contains("hint"), "{err}");
     }
 }

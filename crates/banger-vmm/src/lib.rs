@@ -47,6 +47,11 @@ pub use host::{HostFacts, SystemHost};
 pub use kvm::{kvm_mode, kvm_mode_of, KvmMode};
 pub use select::{select, Availability, Backends, Choice, Support, VmmSettings};
 
+/// The crate's error types that carry hints, for a [`banger_hint::Report`] of an error chain.
+/// Every type here that implements [`banger_hint::Hint`] must be listed: Rust cannot enumerate a
+/// trait's implementations.
+pub const HINTS: &[banger_hint::Probe] = &[banger_hint::probe::<VmmError>];
+
 /// Name of the pid file each backend writes into the VM's run directory.
 pub const PID_FILE: &str = "vmm.pid";
 

@@ -119,7 +119,10 @@ impl DnsService {
                         true
                     }
                     Ok(Err(e)) => {
-                        tracing::warn!("cannot route `.vm` through systemd-resolved: {e}");
+                        tracing::warn!(
+                            "cannot route `.vm` through systemd-resolved: {}",
+                            crate::hints::report(&e)
+                        );
                         false
                     }
                     Err(e) => {
@@ -164,7 +167,10 @@ impl DnsService {
             let r =
                 tokio::task::spawn_blocking(move || resolved::unroute(&privileged, &bridge)).await;
             if let Ok(Err(e)) = r {
-                tracing::warn!("cannot revert systemd-resolved settings on the bridge: {e}");
+                tracing::warn!(
+                    "cannot revert systemd-resolved settings on the bridge: {}",
+                    crate::hints::report(&e)
+                );
             }
         }
         running.server.shutdown().await;

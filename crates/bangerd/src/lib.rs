@@ -12,6 +12,7 @@ use banger_config::Paths;
 pub mod daemon;
 pub mod dns;
 pub mod fsutil;
+pub mod hints;
 pub mod image_locks;
 pub mod images;
 pub mod names;

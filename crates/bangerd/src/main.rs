@@ -53,8 +53,10 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("bangerd: {e:#}");
+            // The chain once, and the hints of its errors (a bad bridge_subnet says how to write it).
+            let report = bangerd::hints::report(e.as_ref());
+            tracing::error!("{report}");
+            eprintln!("bangerd: {report}");
             ExitCode::FAILURE
         }
     }

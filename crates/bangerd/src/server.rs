@@ -32,13 +32,15 @@ impl From<anyhow::Error> for AppError {
     }
 }
 
-/// Turns an unexpected error into an `internal` API error carrying the whole cause chain.
+/// Turns an unexpected error into an `internal` API error carrying the whole cause chain and
+/// the hints of its errors.
 pub fn internal(e: anyhow::Error) -> ApiError {
     match e.downcast::<ApiError>() {
         Ok(api) => api,
-        Err(e) => ApiError::new(ErrorCode::Internal, format!("{e:#}")).with_hint(
-            "this is a bug in banger or a problem on the host; the daemon log has details",
-        ),
+        Err(e) => crate::hints::api_error(ErrorCode::Internal, crate::hints::report(e.as_ref()))
+            .with_hint(
+                "this is a bug in banger or a problem on the host; the daemon log has details",
+            ),
     }
 }
 
@@ -61,7 +63,7 @@ pub fn is_disk_full(e: &(dyn std::error::Error + 'static)) -> bool {
 /// own code and a hint, anything else is [`internal`].
 pub fn disk_error(e: anyhow::Error, what: &str) -> ApiError {
     if is_disk_full(e.as_ref()) {
-        ApiError::new(ErrorCode::DiskFull, format!("{what}: {e:#}"))
+        crate::hints::failed(ErrorCode::DiskFull, what, e.as_ref())
             .with_hint("the disk holding ~/.local/state/banger is full; free some space and retry")
     } else {
         internal(e.context(what.to_owned()))
@@ -219,7 +221,8 @@ mod tests {
         assert!(e
             .message
             .starts_with("cannot clone the image: cannot write /x/root.ext4"));
-        assert!(e.hint.as_deref().unwrap().contains("free some space"));
+        assert_eq!(e.hints.len(), 1, "{:?}", e.hints);
+        assert!(e.hints[0].contains("free some space"), "{:?}", e.hints);
 
         let other = anyhow::Error::from(std::io::Error::from_raw_os_error(libc::EIO));
         let e = disk_error(other, "cannot clone the image");
@@ -229,5 +232,22 @@ mod tests {
             "{}",
             e.message
         );
+    }
+
+    #[test]
+    fn an_internal_error_keeps_the_hints_of_its_chain() {
+        let tool = banger_image::MissingTool {
+            bin: "debugfs".into(),
+            package: "e2fsprogs".into(),
+        };
+        let e = internal(anyhow::Error::new(tool).context("cannot write the agent into the disk"));
+        assert_eq!(e.code, ErrorCode::Internal);
+        assert_eq!(
+            e.message,
+            "cannot write the agent into the disk: required host tool `debugfs` was not found in \
+             $PATH or the sbin directories"
+        );
+        assert_eq!(e.hints[0], "apt-get install e2fsprogs");
+        assert!(e.hints[1].contains("daemon log"), "{:?}", e.hints);
     }
 }

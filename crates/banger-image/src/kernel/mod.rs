@@ -24,9 +24,12 @@ pub mod modules;
 pub mod packages;
 pub mod release;
 
+use std::borrow::Cow;
 use std::collections::BTreeSet;
 use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
+
+use banger_hint::Hint;
 
 use crate::blocking::run_blocking;
 use crate::digest::Sha256Digest;
@@ -68,9 +71,9 @@ pub struct DebianKernel {
 pub enum KernelError {
     #[error(transparent)]
     Tool(#[from] MissingTool),
-    #[error("{keyring} is missing, so Debian's signatures cannot be checked\nhint: apt-get install debian-archive-keyring")]
+    #[error("{keyring} is missing, so Debian's signatures cannot be checked")]
     NoKeyring { keyring: PathBuf },
-    #[error("`{mirror}` is not a Debian mirror URL\nhint: set `debian_mirror` in the config to a URL such as http://HOST/debian")]
+    #[error("`{mirror}` is not a Debian mirror URL")]
     BadMirror { mirror: String },
     #[error("`{suite}` is not a Debian suite name")]
     BadSuite { suite: String },
@@ -80,7 +83,7 @@ pub enum KernelError {
         #[source]
         source: Box<DownloadError>,
     },
-    #[error("the signature of {url} does not verify: {why}\nhint: the mirror may be mid-update or not serve Debian; try again later or set `debian_mirror` in the config")]
+    #[error("the signature of {url} does not verify: {why}")]
     Signature { url: String, why: String },
     #[error("{url} is not a usable release file: {why}")]
     Release { url: String, why: String },
@@ -109,6 +112,31 @@ pub enum KernelError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl Hint for KernelError {
+    fn hint(&self) -> Option<Cow<'_, str>> {
+        match self {
+            // Transparent: the missing tool is not in the chain, so its hint is asked here.
+            KernelError::Tool(e) => e.hint(),
+            KernelError::NoKeyring { .. } => Some("apt-get install debian-archive-keyring".into()),
+            KernelError::BadMirror { .. } => {
+                Some("set `debian_mirror` in the config to a URL such as http://HOST/debian".into())
+            }
+            KernelError::Signature { .. } => Some(
+                "the mirror may be mid-update or not serve Debian; try again later or set \
+                 `debian_mirror` in the config"
+                    .into(),
+            ),
+            KernelError::BadSuite { .. }
+            | KernelError::Download { .. }
+            | KernelError::Release { .. }
+            | KernelError::Packages { .. }
+            | KernelError::Deb { .. }
+            | KernelError::Modules { .. }
+            | KernelError::Io { .. } => None,
+        }
+    }
 }
 
 fn io_err<'a>(
@@ -547,7 +575,7 @@ mod tests {
         .unwrap_err();
         assert!(matches!(err, KernelError::BadMirror { .. }), "{err}");
         assert!(
-            err.to_string().contains("hint: set `debian_mirror`"),
+            err.hint().unwrap().starts_with("set `debian_mirror`"),
             "{err}"
         );
         let err = fetch_cloud_kernel(
@@ -575,9 +603,9 @@ mod tests {
         )
         .await
         .unwrap_err();
-        assert!(
-            err.to_string()
-                .ends_with("hint: apt-get install debian-archive-keyring"),
+        assert_eq!(
+            err.hint().as_deref(),
+            Some("apt-get install debian-archive-keyring"),
             "{err}"
         );
     }

@@ -17,8 +17,10 @@
 //! line of its stderr only, escaped.
 //! Where credentials may be sent is decided by `client`.
 
+use banger_hint::Hint;
 use base64::Engine;
 use serde::Deserialize;
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fmt;
@@ -80,20 +82,16 @@ pub enum AuthError {
     },
     #[error("{} is larger than {CONFIG_MAX_BYTES} bytes, too large for a Docker config", path.display())]
     TooLarge { path: PathBuf },
-    #[error("{} is not a valid Docker config: {detail}\nhint: fix the file, or log in again with `docker login`", path.display())]
+    #[error("{} is not a valid Docker config: {detail}", path.display())]
     Parse { path: PathBuf, detail: String },
     #[error(
-        "the `auth` of `{key}` in {} is not base64 of USER:PASSWORD\nhint: log in again with `docker login`",
+        "the `auth` of `{key}` in {} is not base64 of USER:PASSWORD",
         path.display()
     )]
     BadAuth { path: PathBuf, key: String },
     #[error("credential helper name `{name}` in {} is not a plain name", path.display())]
     BadHelperName { path: PathBuf, name: String },
-    #[error(
-        "credential helper {program} is not installed (not found on PATH)\n\
-         hint: install it, or remove `credsStore`/`credHelpers` for {registry} from {}",
-        path.display()
-    )]
+    #[error("credential helper {program} is not installed (not found on PATH)")]
     HelperMissing {
         program: String,
         registry: String,
@@ -115,6 +113,25 @@ pub enum AuthError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl Hint for AuthError {
+    fn hint(&self) -> Option<Cow<'_, str>> {
+        match self {
+            AuthError::Parse { .. } => {
+                Some("fix the file, or log in again with `docker login`".into())
+            }
+            AuthError::BadAuth { .. } => Some("log in again with `docker login`".into()),
+            AuthError::HelperMissing { registry, path, .. } => Some(
+                format!(
+                    "install it, or remove `credsStore`/`credHelpers` for {registry} from {}",
+                    path.display()
+                )
+                .into(),
+            ),
+            _ => None,
+        }
+    }
 }
 
 /// Where Docker keeps its config: `$DOCKER_CONFIG/config.json`, else `HOME/.docker/config.json`.

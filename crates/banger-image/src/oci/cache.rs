@@ -511,6 +511,7 @@ pub async fn fetch_layers(
 mod tests {
     use super::*;
     use crate::progress::NoProgress;
+    use banger_hint::Hint;
 
     fn d(n: u8) -> Sha256Digest {
         Sha256Digest::of_bytes(&[n])
@@ -594,10 +595,10 @@ mod tests {
         assert!(err.is_disk_full(), "{msg}");
         assert!(
             msg.contains("127.0.0.1:1/big/image:1")
-                && msg.contains(&c.root().display().to_string())
-                && msg.contains("\nhint:"),
+                && msg.contains(&c.root().display().to_string()),
             "{msg}"
         );
+        assert!(err.hint().unwrap().contains("banger image prune"), "{msg}");
         let OciError::NoSpace { needed, .. } = err else {
             unreachable!()
         };

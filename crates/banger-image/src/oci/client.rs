@@ -35,12 +35,14 @@ use crate::download::{range_answer, range_from, DownloadError, RangeAnswer, Sour
 use crate::oci::auth::{self, AuthError, Credentials};
 use crate::oci::manifest::{ManifestError, MANIFEST_ACCEPT};
 use crate::oci::reference::{shorten, Reference};
+use banger_hint::Hint;
 use base64::Engine;
 use futures_util::StreamExt;
 use reqwest::header::{
     HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE, RANGE, WWW_AUTHENTICATE,
 };
 use reqwest::{StatusCode, Url};
+use std::borrow::Cow;
 use std::ffi::OsString;
 use std::fmt;
 use std::net::{Ipv4Addr, Ipv6Addr};
@@ -92,10 +94,10 @@ impl fmt::Debug for RegistryOptions {
 }
 
 /// Every failure of resolving or fetching an image. Messages name the image, the registry and
-/// the URL (which never holds credentials), and end with a `hint:` line where a user can act.
+/// the URL (which never holds credentials); where a user can act, [`Hint::hint`] says how.
 #[derive(Debug, thiserror::Error)]
 pub enum OciError {
-    #[error("cannot reach registry {registry} at {url}: {reason}\nhint: {hint}")]
+    #[error("cannot reach registry {registry} at {url}: {reason}")]
     Transport {
         registry: String,
         url: String,
@@ -104,7 +106,7 @@ pub enum OciError {
         #[source]
         source: reqwest::Error,
     },
-    #[error("{url} answered 401 Unauthorized for {reference}{detail}\nhint: {hint}")]
+    #[error("{url} answered 401 Unauthorized for {reference}{detail}")]
     Unauthorized {
         reference: String,
         registry: String,
@@ -112,10 +114,7 @@ pub enum OciError {
         detail: String,
         hint: String,
     },
-    #[error(
-        "{reference} was not found: {url} answered 404 Not Found{detail}\n\
-         hint: check the image name and tag (`docker.io/library/NAME:TAG` is what a bare NAME means)"
-    )]
+    #[error("{reference} was not found: {url} answered 404 Not Found{detail}")]
     NotFound {
         reference: String,
         url: String,
@@ -136,9 +135,7 @@ pub enum OciError {
     },
     #[error(
         "registry {registry} sends banger to {realm} for a token, which is plain http away from \
-         the registry's own loopback or insecure-listed host; banger sends nothing there\n\
-         hint: a token service must be https, or plain http on the same host as a registry \
-         that is on loopback or in insecure_registries"
+         the registry's own loopback or insecure-listed host; banger sends nothing there"
     )]
     InsecureRealm { registry: String, realm: String },
     #[error("registry {registry} asks for authentication banger cannot do: {detail}")]
@@ -150,8 +147,7 @@ pub enum OciError {
         detail: String,
     },
     #[error(
-        "manifest {what} of {reference} has digest {}, not {}\n\
-         hint: the registry served other bytes than the digest names; do not trust this registry's answer",
+        "manifest {what} of {reference} has digest {}, not {}",
         actual.oci(), expected.oci()
     )]
     ManifestDigest {
@@ -173,9 +169,7 @@ pub enum OciError {
         source: AuthError,
     },
     #[error(
-        "pulling {reference} needs {} MiB more in {}, which has {} MiB free\n\
-         hint: free some space there (`banger image prune` removes blobs no image needs and \
-         unfinished downloads) and pull again",
+        "pulling {reference} needs {} MiB more in {}, which has {} MiB free",
         mib_up(*needed), path.display(), free >> 20
     )]
     NoSpace {
@@ -195,6 +189,45 @@ pub enum OciError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl Hint for OciError {
+    fn hint(&self) -> Option<Cow<'_, str>> {
+        match self {
+            OciError::Transport { hint, .. } => Some((*hint).into()),
+            OciError::Unauthorized { hint, .. } => Some(hint.as_str().into()),
+            OciError::NotFound { .. } => Some(
+                "check the image name and tag (`docker.io/library/NAME:TAG` is what a bare NAME \
+                 means)"
+                    .into(),
+            ),
+            OciError::InsecureRealm { .. } => Some(
+                "a token service must be https, or plain http on the same host as a registry \
+                 that is on loopback or in insecure_registries"
+                    .into(),
+            ),
+            OciError::ManifestDigest { .. } => Some(
+                "the registry served other bytes than the digest names; do not trust this \
+                 registry's answer"
+                    .into(),
+            ),
+            OciError::NoSpace { .. } => Some(
+                "free some space there (`banger image prune` removes blobs no image needs and \
+                 unfinished downloads) and pull again"
+                    .into(),
+            ),
+            // Transparent: the download error is not in the chain, so its hint is asked here.
+            OciError::Download(e) => e.hint(),
+            // The manifest and credential errors are sources, and the report asks them itself.
+            OciError::Status { .. }
+            | OciError::TooLarge { .. }
+            | OciError::Challenge { .. }
+            | OciError::Token { .. }
+            | OciError::Manifest { .. }
+            | OciError::Credentials { .. }
+            | OciError::Cache { .. } => None,
+        }
+    }
 }
 
 impl OciError {
@@ -1107,10 +1140,12 @@ mod tests {
             detail: String::new(),
         };
         assert!(
-            e.to_string()
-                .contains("\nhint: check the image name and tag"),
+            e.hint()
+                .unwrap()
+                .starts_with("check the image name and tag"),
             "{e}"
         );
+        assert!(!e.to_string().contains("hint"), "{e}");
         assert!(e.is_not_found() && !e.is_disk_full());
     }
 }

@@ -54,6 +54,8 @@ use super::tree::{Dir, InodeId, InodeKind, NodeId, NodeRef, Tree, ROOT};
 use crate::ext4::size_for_tree;
 use crate::hosttools::{require_tool, MissingTool};
 use crate::progress::Progress;
+use banger_hint::Hint;
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
@@ -123,6 +125,17 @@ pub enum Ext4BuildError {
         status: String,
         problems: Vec<String>,
     },
+}
+
+impl Hint for Ext4BuildError {
+    fn hint(&self) -> Option<Cow<'_, str>> {
+        match self {
+            // Transparent: the missing tool is not in the chain, so its hint is asked here.
+            Ext4BuildError::MissingTool(e) => e.hint(),
+            // What to do about the others depends on what was being built: the caller says it.
+            _ => None,
+        }
+    }
 }
 
 impl Ext4BuildError {

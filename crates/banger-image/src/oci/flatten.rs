@@ -35,6 +35,8 @@ use super::tree::{Tree, TreeError};
 use crate::digest::Sha256Digest;
 use crate::ext4::MiB;
 use crate::progress::Progress;
+use banger_hint::Hint;
+use std::borrow::Cow;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -142,24 +144,21 @@ pub enum FlattenError {
         #[source]
         source: Box<LayerError>,
     },
-    #[error(
-        "layer {index}/{count} (sha256:{digest}) was refused\nhint: {}",
-        tar_hint(source)
-    )]
+    #[error("layer {index}/{count} (sha256:{digest}) was refused")]
     Tar {
         index: usize,
         count: usize,
         digest: Sha256Digest,
         source: Box<TarError>,
     },
-    #[error("layer {index}/{count} (sha256:{digest}) was refused\nhint: the image's layers do something banger does not accept; rebuild the image with a standard tool (docker, buildah, umoci)")]
+    #[error("layer {index}/{count} (sha256:{digest}) was refused")]
     Tree {
         index: usize,
         count: usize,
         digest: Sha256Digest,
         source: Box<TreeError>,
     },
-    #[error("cannot build the root file system {out}{}", ext4_hint(source))]
+    #[error("cannot build the root file system {out}")]
     Ext4 {
         out: PathBuf,
         #[source]
@@ -171,6 +170,24 @@ pub enum FlattenError {
     Panic { index: usize, count: usize },
 }
 
+impl Hint for FlattenError {
+    fn hint(&self) -> Option<Cow<'_, str>> {
+        match self {
+            FlattenError::Tar { source, .. } => Some(tar_hint(source).into()),
+            FlattenError::Tree { .. } => Some(
+                "the image's layers do something banger does not accept; rebuild the image with \
+                 a standard tool (docker, buildah, umoci)"
+                    .into(),
+            ),
+            FlattenError::Ext4 { source, .. } => ext4_hint(source).map(Cow::from),
+            // A layer's own error is its source, which the report asks itself.
+            FlattenError::Staging { .. }
+            | FlattenError::Layer { .. }
+            | FlattenError::Panic { .. } => None,
+        }
+    }
+}
+
 fn tar_hint(e: &TarError) -> &'static str {
     match e.kind {
         TarErrorKind::MetadataTooLarge { .. } => "real images stay far below this (a 100,000-file image needs about 20 MB of it); the image is broken or built to exhaust memory: ask its publisher",
@@ -179,14 +196,17 @@ fn tar_hint(e: &TarError) -> &'static str {
     }
 }
 
-/// The `hint:` line of an ext4 failure (none when the cause carries its own).
-fn ext4_hint(e: &Ext4BuildError) -> &'static str {
+/// The hint of an ext4 failure (none when the cause carries its own).
+fn ext4_hint(e: &Ext4BuildError) -> Option<&'static str> {
     match e {
-        Ext4BuildError::MissingTool(_) => "",
-        Ext4BuildError::LineTooLong { .. } | Ext4BuildError::XattrTooLarge { .. } => {
-            "\nhint: the image has an entry ext4 (or debugfs) cannot hold; rebuild the image without it"
-        }
-        _ => "\nhint: check the free space of the disk holding banger's state directory and that e2fsprogs works (`debugfs -V`); if both are fine, please report this as a banger bug",
+        Ext4BuildError::MissingTool(_) => None,
+        Ext4BuildError::LineTooLong { .. } | Ext4BuildError::XattrTooLarge { .. } => Some(
+            "the image has an entry ext4 (or debugfs) cannot hold; rebuild the image without it",
+        ),
+        _ => Some(
+            "check the free space of the disk holding banger's state directory and that \
+             e2fsprogs works (`debugfs -V`); if both are fine, please report this as a banger bug",
+        ),
     }
 }
 

@@ -14,7 +14,9 @@
 //! per-image budgets before the bytes are handed on, so a bomb stops at the limit.
 
 use crate::digest::Sha256Digest;
+use banger_hint::Hint;
 use sha2::{Digest, Sha256};
+use std::borrow::Cow;
 use std::fmt;
 use std::fs::File;
 use std::io::{self, BufReader, Read};
@@ -48,13 +50,13 @@ impl fmt::Display for Compression {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LayerError {
-    #[error("cannot open layer blob {path}\nhint: the image's layers are missing from the cache or damaged; run `banger image pull` again (`banger image prune` clears blobs no image needs)")]
+    #[error("cannot open layer blob {path}")]
     Open {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("cannot read {compression} data of layer blob {path}: {source}\nhint: the cached blob is damaged; remove the image's blobs and pull it again")]
+    #[error("cannot read {compression} data of layer blob {path}: {source}")]
     Decompress {
         path: PathBuf,
         compression: Compression,
@@ -65,19 +67,47 @@ pub enum LayerError {
     LayerTooLarge { limit: u64 },
     #[error("the image's layers uncompress to more than {limit} bytes in total (limit per image); refusing them as a possible decompression bomb")]
     ImageTooLarge { limit: u64 },
-    #[error("layer blob {path} has digest sha256:{actual}, expected sha256:{expected}\nhint: the cached blob is damaged or was replaced; remove the image's blobs and pull it again")]
+    #[error("layer blob {path} has digest sha256:{actual}, expected sha256:{expected}")]
     BlobDigest {
         path: PathBuf,
         expected: Sha256Digest,
         actual: Sha256Digest,
     },
-    #[error("uncompressed layer has diff_id sha256:{actual}, but the image config says sha256:{expected}\nhint: the image is inconsistent (its config does not describe this layer); ask its publisher")]
+    #[error("uncompressed layer has diff_id sha256:{actual}, but the image config says sha256:{expected}")]
     DiffId {
         expected: Sha256Digest,
         actual: Sha256Digest,
     },
     #[error("cancelled because another layer failed")]
     Cancelled,
+}
+
+impl Hint for LayerError {
+    fn hint(&self) -> Option<Cow<'_, str>> {
+        match self {
+            LayerError::Open { .. } => Some(
+                "the image's layers are missing from the cache or damaged; run `banger image \
+                 pull` again (`banger image prune` clears blobs no image needs)"
+                    .into(),
+            ),
+            LayerError::Decompress { .. } => Some(
+                "the cached blob is damaged; remove the image's blobs and pull it again".into(),
+            ),
+            LayerError::BlobDigest { .. } => Some(
+                "the cached blob is damaged or was replaced; remove the image's blobs and pull \
+                 it again"
+                    .into(),
+            ),
+            LayerError::DiffId { .. } => Some(
+                "the image is inconsistent (its config does not describe this layer); ask its \
+                 publisher"
+                    .into(),
+            ),
+            LayerError::LayerTooLarge { .. }
+            | LayerError::ImageTooLarge { .. }
+            | LayerError::Cancelled => None,
+        }
+    }
 }
 
 /// Uncompressed-byte budget of one image, shared by the threads that read its layers.
@@ -440,10 +470,8 @@ mod tests {
         .unwrap_err();
         let msg = err.to_string();
         assert!(matches!(err, LayerError::BlobDigest { .. }), "{msg}");
-        assert!(
-            msg.contains(&good.to_string()) && msg.contains("hint:"),
-            "{msg}"
-        );
+        assert!(msg.contains(&good.to_string()), "{msg}");
+        assert!(err.hint().unwrap().contains("pull it again"), "{msg}");
         b.digest = good;
         let err = read_all(
             &b,

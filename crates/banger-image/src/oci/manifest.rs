@@ -19,8 +19,10 @@ use crate::oci::client::{OciError, RegistryClient, RegistryOptions};
 use crate::oci::config::{ConfigError, ImageRuntime};
 use crate::oci::reference::{shorten, Reference};
 use crate::progress::Progress;
+use banger_hint::Hint;
 use oci_spec::image::{Arch, Descriptor, ImageConfiguration, ImageIndex, ImageManifest, Os};
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 
 /// The largest manifest or index banger reads.
 pub const MANIFEST_MAX_BYTES: u64 = 4 << 20;
@@ -89,34 +91,22 @@ pub struct ResolvedImage {
 pub enum ManifestError {
     #[error("the registry sent a {what} that banger cannot read: {detail}")]
     Malformed { what: &'static str, detail: String },
-    #[error(
-        "the manifest has media type `{media_type}`, which is not an image manifest or index\n\
-         hint: banger pulls OCI and Docker v2 container images"
-    )]
+    #[error("the manifest has media type `{media_type}`, which is not an image manifest or index")]
     UnsupportedMediaType { media_type: String },
-    #[error(
-        "the registry only has a Docker schema 1 manifest for it\n\
-         hint: schema 1 is long deprecated; push the image again with a current Docker or skopeo"
-    )]
+    #[error("the registry only has a Docker schema 1 manifest for it")]
     Schema1,
-    #[error(
-        "there is no linux/amd64 image in it; it offers {offered}\n\
-         hint: banger runs linux/amd64 guests; use a tag built for that platform"
-    )]
+    #[error("there is no linux/amd64 image in it; it offers {offered}")]
     NoPlatform { offered: String },
     #[error("its indexes are nested more than {max} deep")]
     IndexTooDeep { max: usize },
     #[error(
         "layer {digest} has media type {media_type}: a foreign (non-distributable) layer, which \
-         banger does not download\nhint: foreign layers belong to Windows base images; pick a Linux image"
+         banger does not download"
     )]
     ForeignLayer { digest: String, media_type: String },
     #[error("layer {digest} has unknown media type {media_type}")]
     UnknownLayerType { digest: String, media_type: String },
-    #[error(
-        "its config has media type {media_type}, so it is not a container image\n\
-         hint: this reference names another kind of artifact (a chart, a signature, ...)"
-    )]
+    #[error("its config has media type {media_type}, so it is not a container image")]
     NotAnImage { media_type: String },
     #[error("it has {count} layers; banger accepts at most {max}")]
     TooManyLayers { count: usize, max: usize },
@@ -141,9 +131,7 @@ pub enum ManifestError {
         expected: u64,
         actual: u64,
     },
-    #[error(
-        "its config is for {os}/{arch}, not linux/amd64\nhint: banger runs linux/amd64 guests"
-    )]
+    #[error("its config is for {os}/{arch}, not linux/amd64")]
     WrongPlatform { os: String, arch: String },
     #[error("its config's rootfs type is `{typ}`, not `layers`")]
     RootFsType { typ: String },
@@ -151,6 +139,32 @@ pub enum ManifestError {
     DiffIdCount { diff_ids: usize, layers: usize },
     #[error("its config cannot be used")]
     Runtime(#[from] ConfigError),
+}
+
+impl Hint for ManifestError {
+    fn hint(&self) -> Option<Cow<'_, str>> {
+        match self {
+            ManifestError::UnsupportedMediaType { .. } => {
+                Some("banger pulls OCI and Docker v2 container images".into())
+            }
+            ManifestError::Schema1 => Some(
+                "schema 1 is long deprecated; push the image again with a current Docker or \
+                 skopeo"
+                    .into(),
+            ),
+            ManifestError::NoPlatform { .. } => {
+                Some("banger runs linux/amd64 guests; use a tag built for that platform".into())
+            }
+            ManifestError::ForeignLayer { .. } => {
+                Some("foreign layers belong to Windows base images; pick a Linux image".into())
+            }
+            ManifestError::NotAnImage { .. } => Some(
+                "this reference names another kind of artifact (a chart, a signature, ...)".into(),
+            ),
+            ManifestError::WrongPlatform { .. } => Some("banger runs linux/amd64 guests".into()),
+            _ => None,
+        }
+    }
 }
 
 /// A manifest or an index, told apart by media type.
@@ -877,11 +891,13 @@ mod tests {
         let Document::Index(i) = parse_document(i.as_bytes(), None).unwrap() else {
             panic!()
         };
-        let err = select_platform(&i).unwrap_err().to_string();
+        let err = select_platform(&i).unwrap_err();
         assert!(
-            err.contains("it offers linux/arm64/v8, linux/arm/v7, windows/amd64\nhint:"),
+            err.to_string()
+                .ends_with("it offers linux/arm64/v8, linux/arm/v7, windows/amd64"),
             "{err}"
         );
+        assert!(err.hint().unwrap().contains("linux/amd64"), "{err}");
         let attest = format!(
             r#"{{"schemaVersion":2,"mediaType":"{OCI_INDEX}","manifests":[{{"mediaType":"{OCI_MANIFEST}","digest":"{}","size":1,"platform":{{"os":"linux","architecture":"amd64"}},"annotations":{{"vnd.docker.reference.type":"attestation-manifest"}}}}]}}"#,
             d(5)

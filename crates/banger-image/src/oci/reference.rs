@@ -14,6 +14,8 @@
 //! What to connect to (scheme, credentials) is decided by `client` and `auth`.
 
 use crate::digest::Sha256Digest;
+use banger_hint::Hint;
+use std::borrow::Cow;
 use std::fmt;
 use std::str::FromStr;
 
@@ -41,14 +43,21 @@ pub struct Reference {
 
 /// Text that is not an image reference.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "`{input}` is not a valid image reference: {reason}\n\
-     hint: write it like alpine:3.20, ghcr.io/org/tool:1 or registry.example:5000/team/base@sha256:<64 hex digits>"
-)]
+#[error("`{input}` is not a valid image reference: {reason}")]
 pub struct BadReference {
     /// The input, shortened to at most 100 characters and with control characters escaped.
     pub input: String,
     pub reason: String,
+}
+
+impl Hint for BadReference {
+    fn hint(&self) -> Option<Cow<'_, str>> {
+        Some(
+            "write it like alpine:3.20, ghcr.io/org/tool:1 or \
+             registry.example:5000/team/base@sha256:<64 hex digits>"
+                .into(),
+        )
+    }
 }
 
 impl Reference {
@@ -595,7 +604,8 @@ mod tests {
             if !msg.contains(want) {
                 wrong.push(format!("{input:?}: {msg}"));
             }
-            assert!(msg.contains("\nhint: "), "{msg}");
+            assert!(err.hint().is_some(), "{msg}");
+            assert!(!msg.contains('\n'), "one line: {msg}");
             assert!(err.input.chars().count() <= 103, "input shortened: {msg}");
             assert!(
                 !err.input.contains('\n') && !err.input.contains('\0'),

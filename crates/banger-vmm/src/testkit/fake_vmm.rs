@@ -69,6 +69,8 @@ struct Inner {
     processes: Vec<Process>,
     next_pid: i32,
     refuse_next_start: bool,
+    /// Refuses the next start with this error instead (taken by that start).
+    next_start_error: Option<VmmError>,
     die_after_start: bool,
     ignore_shutdown: bool,
     survive_kill: bool,
@@ -119,6 +121,11 @@ impl FakeVmm {
     /// Makes the next start fail as a VMM that exits during start-up does.
     pub fn refuse_next_start(&self) {
         self.lock().refuse_next_start = true;
+    }
+
+    /// Makes the next start fail with `error` (one with a cause and a hint, say).
+    pub fn refuse_next_start_with(&self, error: VmmError) {
+        self.lock().next_start_error = Some(error);
     }
 
     /// While `yes`, every start is recorded and then waits until this is called with `false`.
@@ -201,6 +208,9 @@ impl FakeVmm {
         let _ = self.hold.subscribe().wait_for(|held| !*held).await;
         let mut inner = self.lock();
         check_inputs(cfg)?;
+        if let Some(error) = inner.next_start_error.take() {
+            return Err(error);
+        }
         if std::mem::take(&mut inner.refuse_next_start) {
             return Err(VmmError::ExitedDuringStart {
                 vm: cfg.name.clone(),

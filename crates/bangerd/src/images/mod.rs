@@ -410,31 +410,8 @@ fn remove_children(dir: &Path, doomed: impl Fn(&str) -> bool) {
     }
 }
 
-/// Builds an API error from an error chain: every cause joined by ": " into one message, and
-/// `hint:` lines (which `banger-image` errors carry in their text) moved into the hint.
+/// Builds an API error from an error chain: every cause once, joined by ": " into one message,
+/// and the hints the chain's errors carry (see [`crate::hints`]).
 pub fn chain_error(code: ErrorCode, e: &(dyn std::error::Error + 'static)) -> ApiError {
-    let mut parts: Vec<String> = Vec::new();
-    let mut hints: Vec<String> = Vec::new();
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        let text = err.to_string();
-        let mut own = Vec::new();
-        for line in text.lines() {
-            match line.trim_start().strip_prefix("hint: ") {
-                Some(h) => hints.push(h.to_owned()),
-                None => own.push(line),
-            }
-        }
-        let own = own.join("\n");
-        // transparent wrappers repeat their source's text; print it once
-        if !own.is_empty() && parts.last() != Some(&own) {
-            parts.push(own);
-        }
-        cur = err.source();
-    }
-    let mut api = ApiError::new(code, parts.join(": "));
-    if !hints.is_empty() {
-        api = api.with_hint(hints.join("; "));
-    }
-    api
+    crate::hints::api_error(code, crate::hints::report(e))
 }

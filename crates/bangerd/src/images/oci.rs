@@ -284,7 +284,10 @@ impl Images {
         match self.blob_cache().prune(&keep).await {
             Ok(freed) => Some(freed),
             Err(e) => {
-                tracing::warn!("cannot prune the OCI blob cache: {e}");
+                tracing::warn!(
+                    "cannot prune the OCI blob cache: {}",
+                    crate::hints::report(&e)
+                );
                 Some(0)
             }
         }

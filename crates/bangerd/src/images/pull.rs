@@ -83,19 +83,18 @@ impl Images {
                 return match self.pull_oci(r.clone(), req.name.clone(), &progress).await {
                     // Docker Hub answers 401 for repositories that do not exist.
                     Err(e) if e.code == ErrorCode::NotFound || e.message.contains("401") => {
-                        let hint = [catalog_miss.hint.as_deref(), e.hint.as_deref()]
-                            .into_iter()
-                            .flatten()
-                            .collect::<Vec<_>>()
-                            .join("; ");
-                        Err(ApiError::new(
+                        let both = ApiError::new(
                             ErrorCode::NotFound,
                             format!(
                                 "{}; as an OCI image, {r}: {}",
                                 catalog_miss.message, e.message
                             ),
-                        )
-                        .with_hint(hint))
+                        );
+                        Err(catalog_miss
+                            .hints
+                            .into_iter()
+                            .chain(e.hints)
+                            .fold(both, ApiError::with_hint))
                     }
                     other => other,
                 };

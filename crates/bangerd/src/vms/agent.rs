@@ -93,9 +93,10 @@ impl Vms {
             .wait_for_agent(name, &handle, self.timeouts.reconnect)
             .await
             .map_err(|e| {
-                api(
+                crate::hints::failed(
                     ErrorCode::VmmFailed,
-                    format!("cannot reach the agent of VM {name}: {e}"),
+                    format!("cannot reach the agent of VM {name}"),
+                    &e,
                 )
             })?;
         self.agents

@@ -79,7 +79,13 @@ impl Vms {
                     .filter_map(|v| v.ip.parse::<Ipv4Addr>().ok());
                 let lease = match subnet.allocate(leased) {
                     Ok(l) => l,
-                    Err(e) => return Ok(Err(api(ErrorCode::NoFreeAddress, e.to_string()))),
+                    Err(e) => {
+                        let report = crate::hints::report(&e);
+                        return Ok(Err(crate::hints::api_error(
+                            ErrorCode::NoFreeAddress,
+                            report,
+                        )));
+                    }
                 };
                 let id = names::short_id();
                 let row = VmRow {

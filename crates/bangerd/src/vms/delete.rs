@@ -20,7 +20,7 @@ impl Vms {
         {
             let vmm = self.vmms.for_handle(&handle);
             if let Err(e) = vmm.stop(&handle, Duration::ZERO).await {
-                tracing::warn!(vm = %row.name, "cannot kill VMM: {e}");
+                tracing::warn!(vm = %row.name, "cannot kill VMM: {}", e.report());
             }
         }
         self.release_network(row).await;

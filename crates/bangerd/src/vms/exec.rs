@@ -7,6 +7,7 @@ use banger_api::vm::{ExecEvent, ExecRequest, ExecResize};
 use banger_api::{ApiError, ErrorCode};
 
 use super::{api, Vms};
+use crate::hints;
 
 /// The agent request for an API exec request, checked: a command unless a terminal or stdin
 /// can feed a login shell, and a window size only with a terminal.
@@ -56,17 +57,12 @@ impl Vms {
         let client = self.agent(name).await?;
         let lost = |e: banger_agent::host::AgentError| {
             self.forget_agent(name);
-            api(ErrorCode::VmmFailed, format!("exec in VM {name}: {e}"))
+            hints::failed(ErrorCode::VmmFailed, format!("exec in VM {name}"), &e)
         };
         let mut handle = client.exec(r).await.map_err(|e| match e {
             // The connection is fine; the guest's agent is too old for this request.
             banger_agent::host::AgentError::Unsupported { .. } => {
-                let hint = e.hint().map(|h| h.trim_start_matches("hint: ").to_string());
-                let err = api(ErrorCode::InvalidState, e.to_string());
-                match hint {
-                    Some(h) => err.with_hint(h),
-                    None => err,
-                }
+                hints::api_error(ErrorCode::InvalidState, hints::report(&e))
             }
             e => lost(e),
         })?;
@@ -142,9 +138,10 @@ impl Vms {
         use futures_util::StreamExt;
         let input = self.exec_input(name, session)?;
         let broken = |e: banger_agent::host::AgentError| {
-            api(
+            hints::failed(
                 ErrorCode::VmmFailed,
-                format!("cannot feed stdin of the command in VM {name}: {e}"),
+                format!("cannot feed stdin of the command in VM {name}"),
+                &e,
             )
         };
         let mut stream = body.into_data_stream();
@@ -184,9 +181,10 @@ impl Vms {
         }
         let input = self.exec_input(name, session)?;
         input.signal(signal).await.map_err(|e| {
-            api(
+            hints::failed(
                 ErrorCode::VmmFailed,
-                format!("cannot signal the command in VM {name}: {e}"),
+                format!("cannot signal the command in VM {name}"),
+                &e,
             )
         })
     }
@@ -213,9 +211,10 @@ impl Vms {
             cols: size.cols,
         };
         input.resize(size).await.map_err(|e| {
-            api(
+            hints::failed(
                 ErrorCode::VmmFailed,
-                format!("cannot resize the terminal of the command in VM {name}: {e}"),
+                format!("cannot resize the terminal of the command in VM {name}"),
+                &e,
             )
         })
     }

@@ -36,7 +36,11 @@ impl Vms {
         .await;
         match r {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(vm = %row.name, "cannot release network: {e:#}"),
+            Ok(Err(e)) => tracing::warn!(
+                vm = %row.name,
+                "cannot release network: {}",
+                crate::hints::report(e.as_ref())
+            ),
             Err(e) => tracing::warn!(vm = %row.name, "network task failed: {e}"),
         }
     }

@@ -79,7 +79,10 @@ impl Vms {
         .await?;
         if let Err(e) = net_result {
             // A host where banger may not change the network still serves images and status.
-            tracing::warn!("cannot reconcile the host network: {e:#}");
+            tracing::warn!(
+                "cannot reconcile the host network: {}",
+                crate::hints::report(e.as_ref())
+            );
         } else if any_live {
             // Re-adopted VMs keep their bridge; serve their names again.
             self.dns.ensure_running().await;

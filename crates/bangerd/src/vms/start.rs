@@ -16,6 +16,7 @@ use banger_net::Subnet;
 use banger_vmm::VmConfig;
 use futures_util::future::BoxFuture;
 
+use crate::hints;
 use crate::server::{internal, Emitter};
 use crate::store::{self, VmRow};
 
@@ -124,10 +125,7 @@ impl Vms {
             }
         }
         let backend = self.vmms.for_new_vms().cloned().map_err(|e| {
-            api(
-                ErrorCode::VmmFailed,
-                format!("no VMM can run VM {name}: {e}"),
-            )
+            hints::failed(ErrorCode::VmmFailed, format!("no VMM can run VM {name}"), e)
         })?;
         let kernel = {
             let k = row.kernel.clone();
@@ -166,7 +164,7 @@ impl Vms {
             // Whatever part of the network was made (the bridge, say) goes again when no
             // other VM needs it.
             self.release_network(&row).await;
-            return Err(api(ErrorCode::VmmFailed, format!("cannot set up the network for VM {name}: {e}"))
+            return Err(hints::failed(ErrorCode::VmmFailed, format!("cannot set up the network for VM {name}"), &e)
                 .with_hint("banger needs root or passwordless sudo for the bridge, tap and nft rules; see `banger doctor`"));
         }
 
@@ -222,17 +220,20 @@ impl Vms {
             Ok(h) => h,
             Err(e) => {
                 self.release_network(&row).await;
-                let msg = format!("VM {name} failed to start: {e}");
+                // The whole chain (a VmmError's message leaves its cause to `source()`) and
+                // every hint, for the caller and for `last_error` alike.
+                let report = hints::report(&e)
+                    .context(format!("VM {name} failed to start"))
+                    .with_hint(format!("console log: {}", console.display()));
                 self.set_state(
                     name,
                     VmState::Failed,
                     Some(backend.kind().as_str()),
                     None,
-                    Some(&msg),
+                    Some(&report.to_string()),
                 )
                 .await?;
-                return Err(api(ErrorCode::VmmFailed, msg)
-                    .with_hint(format!("console log: {}", console.display())));
+                return Err(hints::api_error(ErrorCode::VmmFailed, report));
             }
         };
         self.set_state(
@@ -256,16 +257,16 @@ impl Vms {
                 })
                 .await
                 .unwrap_or_default();
-                return Err(api(
-                    ErrorCode::BootTimeout,
-                    format!(
-                        "VM {name} did not become ready: {e}\nlast lines of its console:\n{tail}"
-                    ),
-                )
-                .with_hint(format!(
-                    "the VM is kept for inspection: full log {} (`banger vm logs {name}`); delete it with `banger vm delete --force {name}`",
-                    console.display()
-                )));
+                let report = hints::report(&e)
+                    .context(format!("VM {name} did not become ready"))
+                    .with_hint(format!(
+                        "the VM is kept for inspection: full log {} (`banger vm logs {name}`); delete it with `banger vm delete --force {name}`",
+                        console.display()
+                    ));
+                let mut err = hints::api_error(ErrorCode::BootTimeout, report);
+                err.message
+                    .push_str(&format!("\nlast lines of its console:\n{tail}"));
+                return Err(err);
             }
         };
         self.agents

@@ -8,7 +8,7 @@ use banger_api::vm::{VmInfo, VmState};
 use banger_api::{ApiError, ErrorCode};
 use banger_vmm::VmHandle;
 
-use super::{api, Vms};
+use super::Vms;
 
 impl Vms {
     pub async fn stop(&self, name: &str, force: bool) -> Result<VmInfo, ApiError> {
@@ -54,10 +54,17 @@ impl Vms {
         self.forget_agent(name);
         let stopped = self.vmms.for_handle(&handle).stop(&handle, grace).await;
         if let Err(e) = stopped {
-            let msg = format!("cannot stop VM {name}: {e}");
-            self.set_state(name, VmState::Failed, None, Some(&handle), Some(&msg))
-                .await?;
-            return Err(api(ErrorCode::VmmFailed, msg));
+            // The whole chain and its hints, for the caller and for `last_error` alike.
+            let report = crate::hints::report(&e).context(format!("cannot stop VM {name}"));
+            self.set_state(
+                name,
+                VmState::Failed,
+                None,
+                Some(&handle),
+                Some(&report.to_string()),
+            )
+            .await?;
+            return Err(crate::hints::api_error(ErrorCode::VmmFailed, report));
         }
         self.set_state(name, VmState::Stopped, None, None, None)
             .await?;

@@ -733,6 +733,61 @@ async fn a_vm_whose_vmm_died_is_marked_stopped_and_starts_again() {
 }
 
 #[tokio::test]
+async fn a_refused_start_keeps_the_whole_cause_and_every_hint() {
+    let host = Host::new();
+    let vms = host.daemon();
+    create(&vms, "web", "debian").await.unwrap();
+    vms.stop("web", true).await.unwrap();
+    let console = vms.show("web").await.unwrap().console_log;
+
+    // A VmmError whose message leaves its cause to `source()`: the cause is in the message.
+    host.vmm.refuse_next_start_with(banger_vmm::VmmError::Io {
+        vm: "web".into(),
+        action: "cannot remove a stale file from the run directory".into(),
+        source: std::io::Error::new(std::io::ErrorKind::PermissionDenied, "permission denied"),
+    });
+    let err = vms.start("web", Emitter::sink()).await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::VmmFailed);
+    assert_eq!(
+        err.message,
+        "VM web failed to start: VM web: cannot remove a stale file from the run directory: \
+         permission denied"
+    );
+    assert_eq!(err.hints, [format!("console log: {console}")]);
+    let shown = vms.show("web").await.unwrap();
+    assert_eq!(shown.state, VmState::Failed);
+    assert_eq!(
+        shown.last_error.as_deref(),
+        Some(format!("{}\nhint: console log: {console}", err.message).as_str())
+    );
+
+    // A VmmError with a hint of its own: both hints, the VMM's first.
+    host.vmm.refuse_next_start();
+    let err = vms.start("web", Emitter::sink()).await.unwrap_err();
+    assert!(
+        err.message
+            .starts_with("VM web failed to start: VM web: qemu exited during start-up"),
+        "{}",
+        err.message
+    );
+    assert_eq!(err.hints.len(), 2, "{:?}", err.hints);
+    assert!(err.hints[0].contains("`banger vm logs`"), "{:?}", err.hints);
+    assert_eq!(err.hints[1], format!("console log: {console}"));
+    let last_error = vms.show("web").await.unwrap().last_error.unwrap();
+    assert!(
+        last_error.contains("\nhint: the VMM's own log")
+            && last_error.contains("\nhint: console log: "),
+        "{last_error}"
+    );
+
+    // Nothing of either start stayed: the next one boots.
+    assert_eq!(
+        vms.start("web", Emitter::sink()).await.unwrap().state,
+        VmState::Running
+    );
+}
+
+#[tokio::test]
 async fn stop_asks_the_guest_first_and_kills_only_after_the_grace_period() {
     let host = Host::new();
     let vms = host.daemon();
@@ -768,8 +823,13 @@ async fn stop_asks_the_guest_first_and_kills_only_after_the_grace_period() {
     let running = vms.start("web", Emitter::sink()).await.unwrap();
     let err = vms.stop("web", true).await.unwrap_err();
     assert_eq!(err.code, ErrorCode::VmmFailed);
+    assert!(err.hints[0].contains("stuck in the kernel"), "{err:?}");
     let failed = vms.show("web").await.unwrap();
     assert_eq!(failed.state, VmState::Failed);
+    assert_eq!(
+        failed.last_error,
+        Some(format!("{}\nhint: {}", err.message, err.hints[0]))
+    );
     assert_eq!(failed.pid, running.pid);
     assert!(host.bridge_up());
 }
@@ -781,7 +841,7 @@ async fn deleting_a_running_vm_needs_force_and_then_removes_everything() {
     create(&vms, "web", "debian").await.unwrap();
     let err = vms.delete("web", false).await.unwrap_err();
     assert_eq!(err.code, ErrorCode::InvalidState);
-    assert!(err.hint.unwrap().contains("--force"));
+    assert!(err.hints[0].contains("--force"), "{err:?}");
     assert_eq!(host.vmm.running(), ["web"]);
 
     vms.delete("web", true).await.unwrap();
