@@ -452,7 +452,7 @@ async fn bearer_token_from_the_realm_with_basic_credentials() {
         .await
         .unwrap_err();
     assert!(err.is_unauthorized(), "{err}");
-    assert!(err.to_string().contains("docker login"), "{err}");
+    assert!(report(&err).contains("docker login"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
