@@ -112,6 +112,8 @@ pub enum BundleError {
     BadName(String),
     #[error("no space left on the disk holding {path}")]
     DiskFull { path: PathBuf },
+    #[error("{path} is not empty; a bundle is exported into a new or empty directory")]
+    NotEmpty { path: PathBuf },
     #[error(transparent)]
     Io(std::io::Error),
     #[error("{file} is not valid zstd data")]
@@ -139,6 +141,9 @@ impl Hint for BundleError {
             BundleError::UnsupportedFormat { .. } => Some("upgrade banger".into()),
             BundleError::DiskFull { .. } => {
                 Some("free some space there and run the command again".into())
+            }
+            BundleError::NotEmpty { .. } => {
+                Some("name a directory that does not exist yet, or empty this one".into())
             }
             _ => None,
         }
@@ -288,13 +293,36 @@ fn export_blocking(
     progress: &dyn Progress,
 ) -> Result<Manifest, BundleError> {
     let io = |e| BundleError::io(out_dir, e);
+    let created = !out_dir.exists();
     fs_err::create_dir_all(out_dir).map_err(io)?;
-    let manifest_path = out_dir.join(MANIFEST_NAME);
-    match fs_err::remove_file(&manifest_path) {
-        Ok(()) => sync_dir(out_dir).map_err(io)?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io(e)),
+    // Never mix a bundle into other files, or overwrite one: whatever is there stays as it was.
+    if fs_err::read_dir(out_dir).map_err(io)?.next().is_some() {
+        return Err(BundleError::NotEmpty {
+            path: out_dir.to_owned(),
+        });
     }
+    let result = write_bundle(inputs, name, version, out_dir, progress);
+    if result.is_err() {
+        // The directory was empty (or new): what is in it now is this export's, half-written.
+        // Take it back, so that running the command again is all it takes.
+        if created {
+            let _ = fs_err::remove_dir_all(out_dir);
+        } else if let Ok(entries) = fs_err::read_dir(out_dir) {
+            for e in entries.flatten() {
+                let _ = fs_err::remove_file(e.path());
+            }
+        }
+    }
+    result
+}
+
+fn write_bundle(
+    inputs: &[(Role, PathBuf)],
+    name: String,
+    version: String,
+    out_dir: &Path,
+    progress: &dyn Progress,
+) -> Result<Manifest, BundleError> {
     let mut files = Vec::new();
     for (role, src) in inputs {
         progress.phase(&format!("compress {}", role.as_str()));
@@ -728,7 +756,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn re_export_replaces_the_manifest_last() {
+    async fn export_into_a_non_empty_directory_is_refused_and_changes_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("f");
         std::fs::write(&f, b"one").unwrap();
@@ -742,16 +770,50 @@ mod tests {
             .await
             .unwrap();
         std::fs::write(&f, b"two").unwrap();
-        let m2 = export(&sources, "t", "2", &bundle, &RecordingProgress::new())
+        let err = export(&sources, "t", "2", &bundle, &RecordingProgress::new())
             .await
-            .unwrap();
-        assert_ne!(m1.files[0].raw_sha256, m2.files[0].raw_sha256);
+            .unwrap_err();
+        assert!(matches!(err, BundleError::NotEmpty { .. }), "{err}");
+        assert!(err.hint().is_some());
         let on_disk = Manifest::parse(&std::fs::read(bundle.join(MANIFEST_NAME)).unwrap()).unwrap();
-        assert_eq!(on_disk, m2);
-        assert!(
-            export(&sources, "Bad", "1", &bundle, &RecordingProgress::new())
-                .await
-                .is_err()
+        assert_eq!(on_disk, m1, "the first bundle is untouched");
+        let other = dir.path().join("other");
+        std::fs::create_dir(&other).unwrap();
+        std::fs::write(other.join("notes.txt"), b"mine").unwrap();
+        let err = export(&sources, "t", "2", &other, &RecordingProgress::new())
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("not empty"), "{err}");
+        assert_eq!(std::fs::read_dir(&other).unwrap().count(), 1);
+        // A failed export takes back what it wrote, so the same command can simply run again.
+        let broken = BundleSources {
+            rootfs: f.clone(),
+            kernel: dir.path().join("absent"),
+            initrd: None,
+        };
+        let fresh = dir.path().join("fresh");
+        assert!(export(&broken, "t", "1", &fresh, &RecordingProgress::new())
+            .await
+            .is_err());
+        assert!(!fresh.exists(), "a directory the export made is removed");
+        let empty = dir.path().join("empty");
+        std::fs::create_dir(&empty).unwrap();
+        assert!(export(&broken, "t", "1", &empty, &RecordingProgress::new())
+            .await
+            .is_err());
+        assert_eq!(
+            std::fs::read_dir(&empty).unwrap().count(),
+            0,
+            "an empty one is emptied"
         );
+        assert!(export(
+            &sources,
+            "Bad",
+            "1",
+            &dir.path().join("new"),
+            &RecordingProgress::new()
+        )
+        .await
+        .is_err());
     }
 }

@@ -12,7 +12,7 @@ fn bundle_err(e: banger_image::bundle::BundleError) -> ApiError {
     use banger_image::bundle::BundleError as B;
     let code = match &e {
         B::DiskFull { .. } => ErrorCode::DiskFull,
-        B::BadName(_) => ErrorCode::BadRequest,
+        B::BadName(_) | B::NotEmpty { .. } => ErrorCode::BadRequest,
         _ => ErrorCode::Internal,
     };
     chain_error(code, &e)
