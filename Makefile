@@ -22,7 +22,7 @@ AGENT_RUSTFLAGS := -C target-feature=+crt-static
 APT_RUNTIME := debootstrap qemu-system-x86 nftables e2fsprogs openssh-client zstd iproute2 sudo ca-certificates git \
                gpgv debian-archive-keyring
 APT_TEST    := openssh-server dnsutils dnsmasq-base procps util-linux libc6-dev \
-               docker-registry umoci skopeo busybox-static cpio apache2-utils whois tmux openssl
+               docker-registry umoci skopeo busybox-static cpio apache2-utils whois tmux openssl python3
 # Benchmarks only (`make bench-deps`): the DNS load generator.
 APT_BENCH   := dnsperf
 

@@ -12,7 +12,7 @@ use nix::unistd::Uid;
 use crate::addr::Subnet;
 use crate::host::{Changes, HostNet, NetError};
 use crate::names::{BridgeName, TapName};
-use crate::nat::NatRuleset;
+use crate::nat::{NatRuleset, PortGuard};
 use crate::privileged::PrivilegedError;
 
 /// One `HostNet` call, as recorded.
@@ -32,6 +32,12 @@ pub enum Call {
         bridge: BridgeName,
     },
     DeleteTap {
+        tap: TapName,
+    },
+    GuardPort {
+        tap: TapName,
+    },
+    UnguardPort {
         tap: TapName,
     },
     ListTaps,
@@ -54,6 +60,8 @@ pub struct FakeState {
     pub forwarding: bool,
     pub nat: Option<NatRuleset>,
     pub taps: BTreeMap<TapName, FakeTap>,
+    /// What each guarded tap may send from.
+    pub guards: BTreeMap<TapName, PortGuard>,
 }
 
 #[derive(Debug, Default)]
@@ -204,6 +212,29 @@ impl HostNet for FakeHostNet {
         Ok(changes)
     }
 
+    fn guard_port(&self, tap: &TapName, guard: PortGuard) -> Result<Changes, NetError> {
+        let mut inner = self.lock();
+        inner.calls.push(Call::GuardPort { tap: tap.clone() });
+        let mut changes = Changes::none();
+        if inner.state.guards.insert(tap.clone(), guard) != Some(guard) {
+            changes.push(format!(
+                "{tap} may send from {} {} only",
+                guard.mac, guard.ip
+            ));
+        }
+        Ok(changes)
+    }
+
+    fn unguard_port(&self, tap: &TapName, _guard: PortGuard) -> Result<Changes, NetError> {
+        let mut inner = self.lock();
+        inner.calls.push(Call::UnguardPort { tap: tap.clone() });
+        let mut changes = Changes::none();
+        if inner.state.guards.remove(tap).is_some() {
+            changes.push(format!("{tap} is no longer guarded"));
+        }
+        Ok(changes)
+    }
+
     fn list_taps(&self) -> Result<Vec<TapName>, NetError> {
         let mut inner = self.lock();
         inner.calls.push(Call::ListTaps);
@@ -219,6 +250,8 @@ impl HostNet for FakeHostNet {
         if inner.state.nat.take().is_some() {
             changes.push("deleted nft table inet banger");
         }
+        // The set went with the table.
+        inner.state.guards.clear();
         if inner.state.bridges.remove(bridge).is_some() {
             changes.push(format!("deleted bridge {bridge}"));
         }

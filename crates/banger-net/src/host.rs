@@ -13,7 +13,7 @@ use nix::unistd::Uid;
 
 use crate::addr::Subnet;
 use crate::names::{BridgeName, TapName};
-use crate::nat::NatRuleset;
+use crate::nat::{NatRuleset, PortGuard};
 use crate::privileged::PrivilegedError;
 
 /// What a step changed on the host, in words for logs and progress; empty means "already as wanted".
@@ -114,6 +114,12 @@ pub trait HostNet: Send + Sync {
     /// Deletes the tap; a tap that does not exist is not an error.
     fn delete_tap(&self, tap: &TapName) -> Result<Changes, NetError>;
 
+    /// Lets `tap` send from `guard`'s MAC and IPv4 address, and from nothing else.
+    fn guard_port(&self, tap: &TapName, guard: PortGuard) -> Result<Changes, NetError>;
+
+    /// Takes `tap`'s addresses back; nothing to take back is not an error.
+    fn unguard_port(&self, tap: &TapName, guard: PortGuard) -> Result<Changes, NetError>;
+
     /// Every tap on the host whose name carries banger's prefix, sorted.
     fn list_taps(&self) -> Result<Vec<TapName>, NetError>;
 
@@ -141,6 +147,12 @@ impl<H: HostNet + ?Sized> HostNet for &H {
     }
     fn delete_tap(&self, tap: &TapName) -> Result<Changes, NetError> {
         (**self).delete_tap(tap)
+    }
+    fn guard_port(&self, tap: &TapName, guard: PortGuard) -> Result<Changes, NetError> {
+        (**self).guard_port(tap, guard)
+    }
+    fn unguard_port(&self, tap: &TapName, guard: PortGuard) -> Result<Changes, NetError> {
+        (**self).unguard_port(tap, guard)
     }
     fn list_taps(&self) -> Result<Vec<TapName>, NetError> {
         (**self).list_taps()

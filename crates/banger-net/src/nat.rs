@@ -12,15 +12,22 @@
 //! it answers a connection the host opened or is DNS for the `.vm` server ([`HostAccess::DnsOnly`],
 //! the default; `host_access = true` opens the host, [`HostAccess::Open`]). Link-local addresses
 //! (169.254.0.0/16, where clouds serve instance metadata and credentials) are dropped from guests
-//! always, whether they are the host's own or lie beyond it. It also
+//! always, whether they are the host's own or lie beyond it. A second table, `bridge banger` (the
+//! inet family never sees frames one bridge port sends another), keeps each guest to its own
+//! addresses: a frame from a banger tap passes only if its Ethernet source, and for IPv4 its source
+//! address, for ARP its sender MAC and address, are the ones of that tap's VM ([`PortGuard`],
+//! added to the set `guests` when the tap is attached). Anything else a tap sends (IPv6 included:
+//! banger does not serve it) is dropped. It also
 //! sends DNS (port 53, UDP and TCP) addressed to the bridge address, from guests and from the host
 //! itself, to the daemon's `.vm` server on `DNS_SERVE_PORT`: the daemon runs as the user and cannot
 //! bind port 53, and the rule only matches the bridge address, so no other resolver is affected. It cannot
 //! override a `drop` in another table (nftables evaluates every base chain); `doctor` is where such a
 //! conflict gets reported, not here.
 
-use crate::addr::Subnet;
-use crate::names::BridgeName;
+use std::net::Ipv4Addr;
+
+use crate::addr::{Mac, Subnet};
+use crate::names::{BridgeName, TapName, TAP_PREFIX};
 
 /// Where clouds serve instance metadata (and with it, often, credentials): never for guests.
 pub const LINK_LOCAL_V4: &str = "169.254.0.0/16";
@@ -39,15 +46,27 @@ pub enum HostAccess {
 
 /// nftables family of banger's table. `inet` so one table could later carry IPv6 too.
 pub const NFT_FAMILY: &str = "inet";
-/// Name of banger's table.
+/// Name of banger's tables (one per family).
 pub const NFT_TABLE: &str = "banger";
+/// Family of the anti-spoofing table: only the bridge family sees frames between bridge ports.
+pub const GUARD_FAMILY: &str = "bridge";
+/// The set of (tap, MAC, IPv4 address) each tap may send from.
+pub const GUARD_SET: &str = "guests";
 /// Port the daemon's DNS server binds on the bridge address; port 53 there is DNATed to it.
 pub const DNS_SERVE_PORT: u16 = 10053;
 
-/// The complete `inet banger` table for one bridge and subnet.
+/// The address a VM's tap may send from: its MAC and its IPv4 address (anti-spoofing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PortGuard {
+    pub mac: Mac,
+    pub ip: Ipv4Addr,
+}
+
+/// The complete `inet banger` and `bridge banger` tables for one bridge and subnet.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NatRuleset {
     table: String,
+    guard_table: String,
 }
 
 impl NatRuleset {
@@ -96,30 +115,75 @@ impl NatRuleset {
             gw = subnet.gateway(),
             br = bridge.as_str(),
         );
-        NatRuleset { table }
+        // The guard table, as `nft -t list table bridge banger` prints it (`-t`: without the
+        // set's elements, which come and go with VMs). nft drops the `ether type` a match on
+        // `ip saddr` or `arp saddr` implies, so the rules are written without it.
+        let guard_table = format!(
+            "table {GUARD_FAMILY} {NFT_TABLE} {{\n\
+             \tcomment \"managed by banger: replaced as a whole, do not edit\"\n\
+             \tset {GUARD_SET} {{\n\
+             \t\ttype ifname . ether_addr . ipv4_addr\n\
+             \t\tcomment \"each banger tap with the one MAC and IPv4 address its VM may send from\"\n\
+             \t}}\n\
+             \n\
+             \tchain prerouting {{\n\
+             \t\ttype filter hook prerouting priority filter; policy accept;\n\
+             \t\tiifname != \"{TAP_PREFIX}*\" accept\n\
+             \t\tiifname . ether saddr . ip saddr @{GUARD_SET} accept\n\
+             \t\tiifname . ether saddr . arp saddr ip @{GUARD_SET} iifname . arp saddr ether . arp saddr ip @{GUARD_SET} accept\n\
+             \t\tdrop\n\
+             \t}}\n\
+             }}\n"
+        );
+        NatRuleset { table, guard_table }
     }
 
-    /// The table definition, as `nft list table inet banger` prints it.
+    /// The NAT and filter table, as `nft list table inet banger` prints it.
     pub fn table(&self) -> &str {
         &self.table
     }
 
-    /// Input for `nft -f -` that replaces the table in one transaction. Declaring the table first makes
-    /// the `delete` valid when the table does not exist yet.
+    /// The anti-spoofing table, as `nft -t list table bridge banger` prints it.
+    pub fn guard_table(&self) -> &str {
+        &self.guard_table
+    }
+
+    /// Input for `nft -f -` that replaces both tables in one transaction. Declaring a table
+    /// first makes its `delete` valid when it does not exist yet. The guard set starts empty:
+    /// the caller adds the taps of running VMs again.
     pub fn install_script(&self) -> String {
         format!(
-            "table {NFT_FAMILY} {NFT_TABLE}\ndelete table {NFT_FAMILY} {NFT_TABLE}\n{}",
-            self.table
+            "table {NFT_FAMILY} {NFT_TABLE}\ndelete table {NFT_FAMILY} {NFT_TABLE}\n{}\
+             table {GUARD_FAMILY} {NFT_TABLE}\ndelete table {GUARD_FAMILY} {NFT_TABLE}\n{}",
+            self.table, self.guard_table
         )
     }
 
-    /// Whether `listing` (the output of `nft list table inet banger`) is this ruleset. Whitespace and
-    /// blank lines are ignored; anything else that differs (a rule edited by hand, another subnet, a
-    /// different nft formatting) counts as different, and the caller replaces the table, which is
-    /// always safe.
+    /// Whether `listing` (`nft list table inet banger` followed by `nft -t list table bridge
+    /// banger`) is this ruleset. Whitespace and blank lines are ignored; anything else that
+    /// differs (a rule edited by hand, another subnet, a different nft formatting) counts as
+    /// different, and the caller replaces the tables, which is always safe.
     pub fn matches_listing(&self, listing: &str) -> bool {
-        normalize(listing) == normalize(&self.table)
+        normalize(listing) == normalize(&format!("{}{}", self.table, self.guard_table))
     }
+}
+
+/// Input for `nft -f -` that lets `tap` send from `guard`'s addresses (adding is idempotent).
+pub fn guard_script(tap: &TapName, guard: PortGuard) -> String {
+    format!(
+        "add element {GUARD_FAMILY} {NFT_TABLE} {GUARD_SET} {{ \"{tap}\" . {} . {} }}\n",
+        guard.mac, guard.ip
+    )
+}
+
+/// Input for `nft -f -` that takes `tap`'s addresses out of the set. The element is added first,
+/// in the same transaction, so the delete succeeds whether or not it was there.
+pub fn unguard_script(tap: &TapName, guard: PortGuard) -> String {
+    let element = format!("{{ \"{tap}\" . {} . {} }}", guard.mac, guard.ip);
+    format!(
+        "add element {GUARD_FAMILY} {NFT_TABLE} {GUARD_SET} {element}\n\
+         delete element {GUARD_FAMILY} {NFT_TABLE} {GUARD_SET} {element}\n"
+    )
 }
 
 fn normalize(text: &str) -> Vec<String> {
@@ -129,9 +193,12 @@ fn normalize(text: &str) -> Vec<String> {
         .collect()
 }
 
-/// Input for `nft -f -` that removes banger's table (and only it).
+/// Input for `nft -f -` that removes banger's tables (and only them), whichever exist.
 pub fn delete_script() -> String {
-    format!("delete table {NFT_FAMILY} {NFT_TABLE}\n")
+    format!(
+        "table {NFT_FAMILY} {NFT_TABLE}\ndelete table {NFT_FAMILY} {NFT_TABLE}\n\
+         table {GUARD_FAMILY} {NFT_TABLE}\ndelete table {GUARD_FAMILY} {NFT_TABLE}\n"
+    )
 }
 
 #[cfg(test)]
@@ -219,30 +286,66 @@ table inet banger {
     }
 
     #[test]
-    fn install_script_replaces_the_table_in_one_transaction() {
+    fn install_script_replaces_both_tables_in_one_transaction() {
         let script = default_ruleset().install_script();
         assert!(script
             .starts_with("table inet banger\ndelete table inet banger\ntable inet banger {\n"));
-        assert_eq!(script.matches("delete").count(), 1);
-        assert_eq!(delete_script(), "delete table inet banger\n");
+        assert!(script.contains(
+            "}\ntable bridge banger\ndelete table bridge banger\ntable bridge banger {\n"
+        ));
+        assert_eq!(script.matches("delete").count(), 2);
+        assert_eq!(
+            delete_script(),
+            "table inet banger\ndelete table inet banger\ntable bridge banger\ndelete table bridge banger\n"
+        );
+    }
+
+    #[test]
+    fn the_guard_table_polices_banger_taps_only_and_elements_name_tap_mac_and_address() {
+        let r = default_ruleset();
+        let t = r.guard_table();
+        assert!(t.contains("iifname != \"bg-*\" accept"), "{t}");
+        assert!(t.contains("type ifname . ether_addr . ipv4_addr"), "{t}");
+        assert!(t.trim_end().ends_with("drop\n\t}\n}"), "{t}");
+        let tap = TapName::for_vm("vm1");
+        let ip: Ipv4Addr = "172.16.0.2".parse().unwrap();
+        let guard = PortGuard {
+            mac: Mac::for_ip(ip),
+            ip,
+        };
+        assert_eq!(
+            guard_script(&tap, guard),
+            format!("add element bridge banger guests {{ \"{tap}\" . 02:ba:ac:10:00:02 . 172.16.0.2 }}\n")
+        );
+        let un = unguard_script(&tap, guard);
+        assert!(
+            un.starts_with("add element") && un.contains("\ndelete element"),
+            "{un}"
+        );
+        // The listing compared is both tables; either one differing is a difference.
+        let both = format!("{}{}", r.table(), r.guard_table());
+        assert!(r.matches_listing(&both));
+        assert!(!r.matches_listing(r.table()));
+        assert!(!r.matches_listing(&both.replace("bg-*", "bg*")));
     }
 
     #[test]
     fn listing_comparison_ignores_layout_but_not_content() {
         let r = default_ruleset();
-        let reindented = r.table().replace('\t', "    ").replace("\n\n", "\n");
+        let listing = format!("{}{}", r.table(), r.guard_table());
+        let reindented = listing.replace('\t', "    ").replace("\n\n", "\n");
         assert!(r.matches_listing(&reindented));
-        assert!(r.matches_listing(r.table()));
-        let edited = r.table().replace(" masquerade", " accept");
+        assert!(r.matches_listing(&listing));
+        let edited = listing.replace(" masquerade", " accept");
         assert!(!r.matches_listing(&edited));
         let other = NatRuleset::new(
             &BridgeName::default(),
             &"10.0.0.1/24".parse().unwrap(),
             HostAccess::DnsOnly,
         );
-        assert!(!r.matches_listing(other.table()));
+        assert!(!r.matches_listing(&format!("{}{}", other.table(), other.guard_table())));
         let open = NatRuleset::new(&BridgeName::default(), &Subnet::DEFAULT, HostAccess::Open);
-        assert!(!r.matches_listing(open.table()));
+        assert!(!r.matches_listing(&format!("{}{}", open.table(), open.guard_table())));
         assert!(!r.matches_listing(""));
     }
 }

@@ -12,7 +12,7 @@ use nix::unistd::Uid;
 use crate::addr::{AllocError, Lease, Subnet, SubnetError};
 use crate::host::{Changes, HostNet, NetError};
 use crate::names::{BridgeName, NameError, TapName};
-use crate::nat::{HostAccess, NatRuleset};
+use crate::nat::{HostAccess, NatRuleset, PortGuard};
 
 /// The configured bridge, subnet and what guests may reach on the host (config keys
 /// `bridge_name`, `bridge_subnet`, `host_access`).
@@ -125,19 +125,27 @@ impl<H: HostNet + ?Sized> Network<H> {
     }
 
     /// Makes sure the host network is in place and the VM's tap exists, owned by `owner` (the user the
-    /// VMM runs as), on the bridge and up.
-    pub fn attach_vm(&self, vm_id: &str, owner: Uid) -> Result<AttachedTap, NetError> {
+    /// VMM runs as), on the bridge and up, and able to send from `guard`'s addresses only. The
+    /// guard is in place before the VMM gets the tap, so a guest never sends unguarded.
+    pub fn attach_vm(
+        &self,
+        vm_id: &str,
+        owner: Uid,
+        guard: PortGuard,
+    ) -> Result<AttachedTap, NetError> {
         let mut changes = self.ensure_host()?;
         let tap = TapName::for_vm(vm_id);
         changes.extend(self.host.create_tap(&tap, owner, &self.config.bridge)?);
+        changes.extend(self.host.guard_port(&tap, guard)?);
         tracing::info!(vm_id, %tap, %changes, "VM tap ready");
         Ok(AttachedTap { tap, changes })
     }
 
-    /// Deletes the VM's tap if it exists.
-    pub fn detach_vm(&self, vm_id: &str) -> Result<Changes, NetError> {
+    /// Deletes the VM's tap if it exists, and takes back what it could send from.
+    pub fn detach_vm(&self, vm_id: &str, guard: PortGuard) -> Result<Changes, NetError> {
         let tap = TapName::for_vm(vm_id);
-        let changes = self.host.delete_tap(&tap)?;
+        let mut changes = self.host.delete_tap(&tap)?;
+        changes.extend(self.host.unguard_port(&tap, guard)?);
         tracing::info!(vm_id, %tap, %changes, "VM tap released");
         Ok(changes)
     }
@@ -227,37 +235,61 @@ mod tests {
         assert_eq!(net.host().state(), before);
     }
 
+    fn guard(last: u8) -> PortGuard {
+        let ip = Ipv4Addr::new(172, 16, 0, last);
+        PortGuard {
+            mac: crate::addr::Mac::for_ip(ip),
+            ip,
+        }
+    }
+
     #[test]
-    fn attach_vm_ensures_host_first_and_creates_the_derived_tap() {
+    fn attach_vm_ensures_host_first_and_creates_the_derived_tap_guarded() {
         let net = network();
-        let attached = net.attach_vm("sandbox", Uid::from_raw(1000)).unwrap();
+        let attached = net
+            .attach_vm("sandbox", Uid::from_raw(1000), guard(2))
+            .unwrap();
         assert_eq!(attached.tap.as_str(), "bg-sandbox");
         let calls = net.host().calls();
         assert_eq!(
-            calls.last(),
-            Some(&Call::CreateTap {
-                tap: tap("bg-sandbox"),
-                owner: 1000,
-                bridge: BridgeName::default()
-            })
+            calls[calls.len() - 2..],
+            [
+                Call::CreateTap {
+                    tap: tap("bg-sandbox"),
+                    owner: 1000,
+                    bridge: BridgeName::default()
+                },
+                // Guarded before anyone can hand the tap to a VMM.
+                Call::GuardPort {
+                    tap: tap("bg-sandbox")
+                },
+            ]
         );
         assert!(matches!(calls.first(), Some(Call::EnsureBridge { .. })));
         let state = net.host().state();
         assert_eq!(state.taps[&tap("bg-sandbox")].owner, 1000);
+        assert_eq!(state.guards[&tap("bg-sandbox")], guard(2));
 
-        assert!(!net.detach_vm("sandbox").unwrap().is_empty());
+        assert!(!net.detach_vm("sandbox", guard(2)).unwrap().is_empty());
         assert!(
-            net.detach_vm("sandbox").unwrap().is_empty(),
+            net.detach_vm("sandbox", guard(2)).unwrap().is_empty(),
             "absent tap is fine"
         );
         assert!(net.host().state().taps.is_empty());
+        assert!(net.host().state().guards.is_empty());
     }
 
     #[test]
     fn reconcile_removes_only_unknown_banger_taps() {
         let net = network();
-        let a = net.attach_vm("a", Uid::from_raw(1000)).unwrap().tap;
-        let b = net.attach_vm("b", Uid::from_raw(1000)).unwrap().tap;
+        let a = net
+            .attach_vm("a", Uid::from_raw(1000), guard(2))
+            .unwrap()
+            .tap;
+        let b = net
+            .attach_vm("b", Uid::from_raw(1000), guard(3))
+            .unwrap()
+            .tap;
         net.host().add_tap(tap("bg-orphan"), 1000);
 
         let report = net

@@ -18,7 +18,7 @@ use serde::Deserialize;
 use crate::addr::Subnet;
 use crate::host::{Changes, HostNet, NetError};
 use crate::names::{BridgeName, TapName, TAP_PREFIX};
-use crate::nat::{self, NatRuleset, NFT_FAMILY, NFT_TABLE};
+use crate::nat::{self, NatRuleset, PortGuard, GUARD_FAMILY, NFT_FAMILY, NFT_TABLE};
 use crate::privileged::{query, PrivilegedRunner};
 
 const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
@@ -44,11 +44,41 @@ impl SystemHostNet {
         parse_links(&out)
     }
 
-    fn nft_has_table(&self) -> Result<bool, NetError> {
+    /// Whether banger's `inet` and `bridge` tables exist.
+    fn nft_tables(&self) -> Result<(bool, bool), NetError> {
         let out = self
             .privileged
             .run("list nft tables", &["nft", "-j", "list", "tables"], None)?;
-        has_banger_table(&out)
+        Ok((
+            has_banger_table(&out, NFT_FAMILY)?,
+            has_banger_table(&out, GUARD_FAMILY)?,
+        ))
+    }
+
+    /// Whether the guard set holds exactly this element (false too when there is no set).
+    fn is_guarded(&self, tap: &TapName, guard: PortGuard) -> bool {
+        let element = format!("{{ \"{tap}\" . {} . {} }}", guard.mac, guard.ip);
+        self.privileged
+            .run(
+                "look up tap guard",
+                &[
+                    "nft",
+                    "get",
+                    "element",
+                    GUARD_FAMILY,
+                    NFT_TABLE,
+                    nat::GUARD_SET,
+                    &element,
+                ],
+                None,
+            )
+            .is_ok()
+    }
+
+    fn nft_script(&self, op: &'static str, script: &str) -> Result<(), NetError> {
+        self.privileged
+            .run(op, &["nft", "-f", "-"], Some(script.as_bytes()))?;
+        Ok(())
     }
 
     fn ip(&self, op: &'static str, args: &[&str]) -> Result<(), NetError> {
@@ -108,27 +138,28 @@ impl HostNet for SystemHostNet {
 
     fn ensure_nat(&self, ruleset: &NatRuleset) -> Result<Changes, NetError> {
         let mut changes = Changes::none();
-        let existed = self.nft_has_table()?;
-        if existed {
-            let listing = self.privileged.run(
+        let (inet, guard) = self.nft_tables()?;
+        if inet && guard {
+            let mut listing = self.privileged.run(
                 "read banger nft table",
                 &["nft", "list", "table", NFT_FAMILY, NFT_TABLE],
                 None,
             )?;
+            // Terse: the guard set's elements come and go with VMs; only the rules count.
+            listing.push_str(&self.privileged.run(
+                "read banger nft table",
+                &["nft", "-t", "list", "table", GUARD_FAMILY, NFT_TABLE],
+                None,
+            )?);
             if ruleset.matches_listing(&listing) {
                 return Ok(changes);
             }
         }
-        let script = ruleset.install_script();
-        self.privileged.run(
-            "install banger nft table",
-            &["nft", "-f", "-"],
-            Some(script.as_bytes()),
-        )?;
-        changes.push(if existed {
-            format!("replaced nft table {NFT_FAMILY} {NFT_TABLE} (it differed from banger's)")
+        self.nft_script("install banger nft tables", &ruleset.install_script())?;
+        changes.push(if inet || guard {
+            format!("replaced nft tables {NFT_FAMILY} {NFT_TABLE}, {GUARD_FAMILY} {NFT_TABLE} (they differed from banger's)")
         } else {
-            format!("created nft table {NFT_FAMILY} {NFT_TABLE}")
+            format!("created nft tables {NFT_FAMILY} {NFT_TABLE}, {GUARD_FAMILY} {NFT_TABLE}")
         });
         Ok(changes)
     }
@@ -189,15 +220,38 @@ impl HostNet for SystemHostNet {
         Ok(banger_taps(&self.links()?))
     }
 
+    fn guard_port(&self, tap: &TapName, guard: PortGuard) -> Result<Changes, NetError> {
+        let mut changes = Changes::none();
+        if !self.is_guarded(tap, guard) {
+            self.nft_script("guard tap", &nat::guard_script(tap, guard))?;
+            changes.push(format!(
+                "{tap} may send from {} {} only",
+                guard.mac, guard.ip
+            ));
+        }
+        Ok(changes)
+    }
+
+    fn unguard_port(&self, tap: &TapName, guard: PortGuard) -> Result<Changes, NetError> {
+        let mut changes = Changes::none();
+        if self.is_guarded(tap, guard) {
+            self.nft_script("unguard tap", &nat::unguard_script(tap, guard))?;
+            changes.push(format!(
+                "{tap} no longer sends from {} {}",
+                guard.mac, guard.ip
+            ));
+        }
+        Ok(changes)
+    }
+
     fn teardown(&self, bridge: &BridgeName) -> Result<Changes, NetError> {
         let mut changes = Changes::none();
-        if self.nft_has_table()? {
-            self.privileged.run(
-                "delete banger nft table",
-                &["nft", "-f", "-"],
-                Some(nat::delete_script().as_bytes()),
-            )?;
-            changes.push(format!("deleted nft table {NFT_FAMILY} {NFT_TABLE}"));
+        let (inet, guard) = self.nft_tables()?;
+        if inet || guard {
+            self.nft_script("delete banger nft tables", &nat::delete_script())?;
+            changes.push(format!(
+                "deleted nft tables {NFT_FAMILY} {NFT_TABLE}, {GUARD_FAMILY} {NFT_TABLE}"
+            ));
         }
         let name = bridge.as_str();
         match self.links()?.into_iter().find(|l| l.ifname == name) {
@@ -335,7 +389,7 @@ struct NftDocument {
     nftables: Vec<serde_json::Value>,
 }
 
-fn has_banger_table(json: &str) -> Result<bool, NetError> {
+fn has_banger_table(json: &str, family: &str) -> Result<bool, NetError> {
     let doc: NftDocument = serde_json::from_str(json).map_err(|source| NetError::Parse {
         what: "nft tables",
         command: "nft -j list tables",
@@ -343,7 +397,7 @@ fn has_banger_table(json: &str) -> Result<bool, NetError> {
     })?;
     Ok(doc.nftables.iter().any(|item| {
         item.get("table").is_some_and(|t| {
-            t.get("family").and_then(|f| f.as_str()) == Some(NFT_FAMILY)
+            t.get("family").and_then(|f| f.as_str()) == Some(family)
                 && t.get("name").and_then(|n| n.as_str()) == Some(NFT_TABLE)
         })
     }))
@@ -409,10 +463,10 @@ mod tests {
         let with = r#"{"nftables": [{"metainfo": {"version": "1.0.6"}},
             {"table": {"family": "ip", "name": "banger", "handle": 1}},
             {"table": {"family": "inet", "name": "banger", "handle": 3}}]}"#;
-        assert!(has_banger_table(with).unwrap());
+        assert!(has_banger_table(with, NFT_FAMILY).unwrap());
         let without = r#"{"nftables": [{"metainfo": {"version": "1.0.6"}},
             {"table": {"family": "inet", "name": "filter", "handle": 1}}]}"#;
-        assert!(!has_banger_table(without).unwrap());
-        assert!(has_banger_table("garbage").is_err());
+        assert!(!has_banger_table(without, NFT_FAMILY).unwrap());
+        assert!(has_banger_table("garbage", NFT_FAMILY).is_err());
     }
 }

@@ -24,8 +24,8 @@ use std::collections::BTreeSet;
 use std::process::Command;
 
 use banger_net::{
-    BridgeConfig, Elevation, HostAccess, HostNet, NetError, Network, PrivilegedRunner,
-    SystemHostNet, TapName,
+    BridgeConfig, Elevation, HostAccess, HostNet, Mac, NetError, Network, PortGuard,
+    PrivilegedRunner, SystemHostNet, TapName,
 };
 use nix::unistd::Uid;
 use serde_json::Value;
@@ -263,8 +263,44 @@ fn nft_tables() -> Vec<String> {
         .collect()
 }
 
+/// Both of banger's tables, the guard table without its set's elements (as banger compares them).
 fn nft_banger_listing() -> String {
     sh(&["nft", "list", "table", "inet", "banger"])
+        + &sh(&["nft", "-t", "list", "table", "bridge", "banger"])
+}
+
+fn guard(ip: &str) -> PortGuard {
+    let ip: std::net::Ipv4Addr = ip.parse().unwrap();
+    PortGuard {
+        mac: Mac::for_ip(ip),
+        ip,
+    }
+}
+
+/// The guard set's elements as `TAP MAC IP`, sorted.
+fn guard_elements() -> Vec<String> {
+    let doc: Value = serde_json::from_str(&sh(&[
+        "nft", "-j", "list", "set", "bridge", "banger", "guests",
+    ]))
+    .unwrap();
+    let mut out: Vec<String> = doc["nftables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|i| i.get("set"))
+        .flat_map(|s| s["elem"].as_array().cloned().unwrap_or_default())
+        .map(|e| {
+            let parts: Vec<String> = e["concat"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p.as_str().unwrap().to_owned())
+                .collect();
+            parts.join(" ")
+        })
+        .collect();
+    out.sort();
+    out
 }
 
 fn ip_forward() -> String {
@@ -313,7 +349,7 @@ netns_test! {
                 "assigned 172.16.0.1/24 to banger0",
                 "brought banger0 up",
                 "enabled IPv4 forwarding",
-                "created nft table inet banger",
+                "created nft tables inet banger, bridge banger",
             ],
             "{first}"
         );
@@ -324,7 +360,7 @@ netns_test! {
         let second = net.ensure_host().unwrap();
         assert!(second.is_empty(), "second run changed: {second}");
         assert_eq!(nft_banger_listing(), listing, "table unchanged");
-        assert_eq!(nft_tables(), ["inet banger"], "exactly one banger table");
+        assert_eq!(nft_tables(), ["inet banger", "bridge banger"], "exactly banger's two tables");
         assert_eq!(bridges(), ["banger0"], "exactly one bridge");
         let br = link("banger0").unwrap();
         assert!(is_up(&br));
@@ -344,13 +380,13 @@ netns_test! {
         let repaired = net.ensure_host().unwrap();
         assert_eq!(
             repaired.as_slice(),
-            ["replaced nft table inet banger (it differed from banger's)"]
+            ["replaced nft tables inet banger, bridge banger (they differed from banger's)"]
         );
         assert_eq!(nft_banger_listing(), listing);
-        assert_eq!(nft_tables(), ["inet banger"]);
+        assert_eq!(nft_tables(), ["inet banger", "bridge banger"]);
 
         let down = net.teardown().unwrap();
-        assert_eq!(down.as_slice(), ["deleted nft table inet banger", "deleted bridge banger0"]);
+        assert_eq!(down.as_slice(), ["deleted nft tables inet banger, bridge banger", "deleted bridge banger0"]);
         assert!(nft_tables().is_empty());
         assert!(bridges().is_empty());
     }
@@ -386,7 +422,13 @@ impl FakeGuest {
             );
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        let (host_end, guest_end) = (format!("{name}-h"), format!("{name}-g"));
+        // A port named like a banger tap keeps that name on the host side.
+        let host_end = if name.starts_with("bg-") {
+            name.to_owned()
+        } else {
+            format!("{name}-h")
+        };
+        let guest_end = format!("{name}-g");
         sh(&[
             "ip", "link", "add", &host_end, "type", "veth", "peer", "name", &guest_end,
         ]);
@@ -400,6 +442,15 @@ impl FakeGuest {
         ] {
             assert!(guest.run(&cmd), "in the fake guest: {cmd} failed");
         }
+        guest
+    }
+
+    /// A guest behind a port named like a banger tap (`bg-...`), so banger's guard polices it,
+    /// with the MAC banger gives the address `ip`.
+    fn attach_as_tap(bridge: &str, port: &str, ip: &str) -> FakeGuest {
+        let guest = FakeGuest::attach(bridge, port, &format!("{ip}/24"), "172.16.0.1");
+        let mac = Mac::for_ip(ip.parse().unwrap());
+        assert!(guest.run(&format!("ip link set {port}-g address {mac}")));
         guest
     }
 
@@ -464,7 +515,7 @@ netns_test! {
         let open = BridgeConfig { host_access: HostAccess::Open, ..BridgeConfig::default() };
         let net = system_network(Elevation::Direct, open.clone());
         let changes = net.ensure_host().unwrap();
-        assert_eq!(changes.as_slice(), ["replaced nft table inet banger (it differed from banger's)"]);
+        assert_eq!(changes.as_slice(), ["replaced nft tables inet banger, bridge banger (they differed from banger's)"]);
         assert!(open.ruleset().matches_listing(&nft_banger_listing()));
         assert!(guest.connects("172.16.0.1", 8080), "host_access opens the host");
         assert!(guest.connects("172.16.0.1", 53));
@@ -475,14 +526,87 @@ netns_test! {
     }
 }
 
+/// Python run in a guest: one UDP datagram from address `argv[1]` to the bridge's DNS port. A
+/// datagram needs no answer, so whether the host receives it shows what the filter let through
+/// (a TCP handshake from a spoofed address fails anyway: the answer goes to the real owner).
+const SEND_FROM: &str = "import socket,sys; s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); \
+    s.bind((sys.argv[1],0)); s.sendto(b'hello',('172.16.0.1',53))";
+
+/// The source address of the next datagram `sock` receives within two seconds, if any.
+fn received_from(sock: &std::net::UdpSocket) -> Option<std::net::IpAddr> {
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    sock.recv_from(&mut buf).ok().map(|(_, from)| from.ip())
+}
+
+/// Python run in a guest: sends three gratuitous ARP replies on `dev` saying `ip` is at `mac`.
+const GRATUITOUS_ARP: &str = "import socket,struct,sys; dev,ip,mac=sys.argv[1:4]; \
+    m=bytes.fromhex(mac.replace(':','')); b=b'\\xff'*6; a=socket.inet_aton(ip); \
+    s=socket.socket(socket.AF_PACKET,socket.SOCK_RAW); s.bind((dev,0)); \
+    f=b+m+struct.pack('!H',0x0806)+struct.pack('!HHBBH6s4s6s4s',1,0x0800,6,4,2,m,a,b,a); \
+    [s.send(f) for _ in range(3)]";
+
+netns_test! {
+    fn a_guest_sends_only_from_its_own_mac_and_address() {
+        let net = system_network(Elevation::Direct, BridgeConfig::default());
+        let _ = net.ensure_host().unwrap();
+        let _dns = std::net::TcpListener::bind("172.16.0.1:10053").unwrap();
+        let a = FakeGuest::attach_as_tap("banger0", "bg-fga", "172.16.0.2");
+        let b = FakeGuest::attach_as_tap("banger0", "bg-fgb", "172.16.0.3");
+        let stray = FakeGuest::attach_as_tap("banger0", "bg-fgc", "172.16.0.4");
+        for (port, g) in [("bg-fga", &a), ("bg-fgb", &b)] {
+            let _ = g;
+            let tap = TapName::parse(port).unwrap();
+            let ip = if port == "bg-fga" { "172.16.0.2" } else { "172.16.0.3" };
+            let _ = net.host().guard_port(&tap, guard(ip)).unwrap();
+        }
+
+        assert!(a.connects("172.16.0.1", 53) && b.connects("172.16.0.1", 53));
+        assert!(!stray.connects("172.16.0.1", 53), "a banger port nobody guarded sends nothing");
+        let udp = std::net::UdpSocket::bind("172.16.0.1:10053").unwrap();
+        assert!(a.run(&format!("python3 -c \"{SEND_FROM}\" 172.16.0.2")));
+        assert_eq!(received_from(&udp), Some("172.16.0.2".parse().unwrap()), "sanity: its own address");
+
+        // A takes B's address as well and sends from it: dropped.
+        assert!(a.run("ip addr add 172.16.0.3/32 dev bg-fga-g"));
+        assert!(a.run(&format!("python3 -c \"{SEND_FROM}\" 172.16.0.3")));
+        assert_eq!(received_from(&udp), None, "a spoofed source address got through");
+        assert!(a.run("ip addr del 172.16.0.3/32 dev bg-fga-g"));
+
+        // A takes B's MAC: nothing it sends gets through.
+        let (mac_a, mac_b) = (guard("172.16.0.2").mac, guard("172.16.0.3").mac);
+        assert!(a.run(&format!("ip link set bg-fga-g address {mac_b}")));
+        assert!(!a.connects("172.16.0.1", 53), "a spoofed MAC got through");
+        assert!(a.run(&format!("ip link set bg-fga-g address {mac_a}")));
+        assert!(a.connects("172.16.0.1", 53));
+
+        // A tells the host that B's address is at A's MAC: the host keeps B's.
+        let neigh = || sh(&["ip", "neigh", "show", "172.16.0.3", "dev", "banger0"]);
+        assert!(neigh().contains(&mac_b.to_string()), "the host knows B: {}", neigh());
+        std::thread::sleep(std::time::Duration::from_millis(1200)); // past the kernel's ARP locktime
+        assert!(a.run(&format!("python3 -c \"{GRATUITOUS_ARP}\" bg-fga-g 172.16.0.3 {mac_a}")));
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert!(neigh().contains(&mac_b.to_string()), "ARP poisoned: {}", neigh());
+        assert!(b.connects("172.16.0.1", 53), "B still reaches the host");
+
+        drop((a, b, stray));
+        let _ = net.teardown().unwrap();
+    }
+}
+
 netns_test! {
     fn taps_attach_detach_reconcile_and_teardown() {
         let config = BridgeConfig::parse("bgtest0", "10.200.0.1/24").unwrap();
         let net = system_network(Elevation::Direct, config);
         let owner = Uid::from_raw(1000);
 
-        let vm1 = net.attach_vm("vm1", owner).unwrap();
-        let vm2 = net.attach_vm("01jq8x7k2m3n4p5q6r7s8t9v0w", owner).unwrap();
+        let (g1, g2) = (guard("10.200.0.2"), guard("10.200.0.3"));
+        let vm1 = net.attach_vm("vm1", owner, g1).unwrap();
+        let vm2 = net.attach_vm("01jq8x7k2m3n4p5q6r7s8t9v0w", owner, g2).unwrap();
+        let mut both = vec![format!("{} {} {}", vm1.tap, g1.mac, g1.ip), format!("{} {} {}", vm2.tap, g2.mac, g2.ip)];
+        both.sort();
+        assert_eq!(guard_elements(), both);
         assert_eq!(vm1.tap.as_str(), "bg-vm1");
         assert_eq!(vm2.tap.as_str().len(), 15);
         assert_tap_ready(&vm1.tap, "bgtest0", 1000);
@@ -491,13 +615,14 @@ netns_test! {
         expected.sort();
         assert_eq!(net.host().list_taps().unwrap(), expected);
 
-        let again = net.attach_vm("vm1", owner).unwrap();
+        let again = net.attach_vm("vm1", owner, g1).unwrap();
         assert!(again.changes.is_empty(), "re-attach changed: {}", again.changes);
 
-        let removed = net.detach_vm("01jq8x7k2m3n4p5q6r7s8t9v0w").unwrap();
-        assert_eq!(removed.as_slice().len(), 1, "{removed}");
+        let removed = net.detach_vm("01jq8x7k2m3n4p5q6r7s8t9v0w", g2).unwrap();
+        assert_eq!(removed.as_slice().len(), 2, "{removed}");
         assert!(link(vm2.tap.as_str()).is_none(), "deleted tap is gone");
-        assert!(net.detach_vm("01jq8x7k2m3n4p5q6r7s8t9v0w").unwrap().is_empty());
+        assert_eq!(guard_elements(), [format!("{} {} {}", vm1.tap, g1.mac, g1.ip)]);
+        assert!(net.detach_vm("01jq8x7k2m3n4p5q6r7s8t9v0w", g2).unwrap().is_empty());
         assert_tap_ready(&vm1.tap, "bgtest0", 1000);
 
         // Leftovers: a banger tap nobody owns, plus look-alikes reconcile must not touch.
@@ -519,7 +644,7 @@ netns_test! {
         assert!(matches!(err, NetError::NotATap { .. }), "{err}");
 
         let down = net.teardown().unwrap();
-        assert_eq!(down.as_slice(), ["deleted nft table inet banger", "deleted bridge bgtest0"]);
+        assert_eq!(down.as_slice(), ["deleted nft tables inet banger, bridge banger", "deleted bridge bgtest0"]);
         assert!(nft_tables().is_empty(), "no nft table left");
         assert!(link("bgtest0").is_none(), "no bridge left");
         assert!(bridges().is_empty());
@@ -552,7 +677,7 @@ netns_test! {
         assert_eq!(changes.as_slice().len(), 5, "{changes}");
         assert_eq!(ip_forward(), "1", "forwarding written through `sudo -n tee`");
         assert!(net.ensure_host().unwrap().is_empty());
-        let vm = net.attach_vm("viasudo", Uid::from_raw(4242)).unwrap();
+        let vm = net.attach_vm("viasudo", Uid::from_raw(4242), guard("172.16.0.9")).unwrap();
         assert_tap_ready(&vm.tap, "banger0", 4242);
         assert_eq!(
             net.reconcile(&[]).unwrap().removed,

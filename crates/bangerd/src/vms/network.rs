@@ -26,8 +26,16 @@ impl Vms {
             // The server is bound to the bridge address, which goes with the bridge.
             self.dns.stop().await;
         }
+        // A record that no longer parses has nothing to take back: the set goes with the table.
+        let guard = match (row.mac.parse(), row.ip.parse()) {
+            (Ok(mac), Ok(ip)) => Some(banger_net::PortGuard { mac, ip }),
+            _ => None,
+        };
         let r = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-            let _ = net.detach_vm(&id)?;
+            let _ = match guard {
+                Some(guard) => net.detach_vm(&id, guard)?,
+                None => net.host().delete_tap(&banger_net::TapName::for_vm(&id))?,
+            };
             if !others_running {
                 let _ = net.teardown()?;
             }

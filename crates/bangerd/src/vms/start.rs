@@ -12,7 +12,7 @@ use banger_agent::cmdline::{BootSettings, Ipv4Cidr};
 use banger_api::vm::{VmInfo, VmState};
 use banger_api::{ApiError, Boot, ErrorCode};
 use banger_image::Progress;
-use banger_net::Subnet;
+use banger_net::{PortGuard, Subnet};
 use banger_vmm::VmConfig;
 use futures_util::future::BoxFuture;
 
@@ -152,7 +152,8 @@ impl Vms {
             let _g = self.net_lock.lock().await;
             let net = self.net.clone();
             let id = row.id.clone();
-            let attached = tokio::task::spawn_blocking(move || net.attach_vm(&id, uid))
+            let guard = PortGuard { mac: nic.mac, ip };
+            let attached = tokio::task::spawn_blocking(move || net.attach_vm(&id, uid, guard))
                 .await
                 .map_err(|e| internal(e.into()))?;
             if attached.is_ok() {

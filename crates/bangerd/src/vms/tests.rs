@@ -413,6 +413,10 @@ impl Host {
             "run directories left"
         );
         assert_eq!(self.taps(), Vec::<String>::new(), "taps left");
+        assert!(
+            self.net.host().state().guards.is_empty(),
+            "a tap's guard outlived it"
+        );
         assert!(!self.bridge_up(), "the bridge outlived the last VM");
         assert!(!self.dns().serving(), "the name server outlived the bridge");
         assert_eq!(self.vmm.running(), Vec::<String>::new(), "a VMM runs on");
@@ -525,6 +529,13 @@ async fn a_systemd_vm_boots_on_the_bridge_with_its_names_and_answers_through_its
     // The host network exists for it, and its name is served and pinned.
     assert!(host.bridge_up());
     assert_eq!(host.taps(), [info.tap.as_str()]);
+    // Its tap sends from the VM's own MAC and address only.
+    let guards = host.net.host().state().guards;
+    let guard = guards[&banger_net::TapName::parse(&info.tap).unwrap()];
+    assert_eq!(
+        (guard.mac, guard.ip.to_string()),
+        (nic.mac, info.ip.clone())
+    );
     assert!(host.dns().serving());
     assert_eq!(host.dns().names(), ["web"]);
     let known_hosts = std::fs::read_to_string(host.paths.known_hosts()).unwrap();
@@ -887,7 +898,14 @@ async fn reconcile_stops_a_vmm_that_was_started_but_never_recorded() {
     // What start did before the crash: the network and the tap, then the VMM; the handle
     // was never written down.
     let id = info.tap.strip_prefix("bg-").unwrap();
-    host.net.attach_vm(id, nix::unistd::geteuid()).unwrap();
+    let ip: std::net::Ipv4Addr = info.ip.parse().unwrap();
+    let guard = banger_net::PortGuard {
+        mac: banger_net::Mac::for_ip(ip),
+        ip,
+    };
+    host.net
+        .attach_vm(id, nix::unistd::geteuid(), guard)
+        .unwrap();
     let run_dir = host.paths.runtime_dir.join("vms").join(id);
     std::fs::create_dir_all(&run_dir).unwrap();
     let images = host.dir.path().join("images");
