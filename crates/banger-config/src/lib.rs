@@ -10,7 +10,7 @@
 
 use std::path::{Path, PathBuf};
 
-use banger_net::{BridgeConfig, BridgeName, HostAccess, Subnet};
+use banger_net::{BridgeConfig, BridgeName, GuestLinks, HostAccess, Subnet};
 use serde::{Deserialize, Deserializer};
 
 pub mod logtail;
@@ -134,6 +134,9 @@ pub struct Config {
     /// Lets guests reach every service on the host, not only its `.vm` DNS server.
     #[serde(default)]
     pub host_access: bool,
+    /// Keeps guests from reaching each other.
+    #[serde(default)]
+    pub isolate: bool,
     /// Catalog location overriding the compiled-in one (path, file://, http(s)://).
     pub catalog_url: Option<String>,
     /// Debian mirror for local image builds, overriding the host's apt sources.
@@ -180,6 +183,11 @@ impl Config {
                 HostAccess::Open
             } else {
                 HostAccess::DnsOnly
+            },
+            guest_links: if self.isolate {
+                GuestLinks::Isolated
+            } else {
+                GuestLinks::Open
             },
         }
     }
@@ -368,6 +376,7 @@ vmm = "qemu"
 bridge_name = "br9"
 bridge_subnet = "10.9.0.1/24"
 host_access = true
+isolate = true
 catalog_url = "file:///c.toml"
 debian_mirror = "http://mirror.invalid/debian"
 insecure_registries = ["registry.lan:5000", "10.0.0.7", "[fd00::1]:5000"]
@@ -390,6 +399,8 @@ guest = "/root/.aws"
         .unwrap();
         assert_eq!(c.vmm, VmmChoice::Qemu);
         assert_eq!(c.bridge().host_access, HostAccess::Open);
+        assert_eq!(c.bridge().guest_links, GuestLinks::Isolated);
+        assert_eq!(Config::default().bridge().guest_links, GuestLinks::Open);
         assert_eq!(Config::default().bridge().host_access, HostAccess::DnsOnly);
         assert_eq!(c.vm_defaults.vcpu, Some(2));
         assert_eq!(c.vm_defaults.disk_size, Some(ByteSize(16 << 30)));

@@ -68,6 +68,10 @@ pub enum NetError {
     NotABridge { name: String, kind: String },
     #[error("interface {name} exists but is a {kind}, not a tap; banger will not touch it")]
     NotATap { name: String, kind: String },
+    #[error("bridge {name} exists but banger did not create it; banger will not use or change it")]
+    NotOurs { name: String },
+    #[error("the guests' subnet {subnet} overlaps the host's route {route}")]
+    SubnetOverlap { subnet: Subnet, route: String },
     #[error("could not read IPv4 forwarding state")]
     Forwarding(#[source] std::io::Error),
 }
@@ -82,6 +86,14 @@ impl Hint for NetError {
             }
             NetError::NotABridge { name, .. } => Some(
                 format!("remove it (`ip link del {name}`) or set `bridge_name` to a free name")
+                    .into(),
+            ),
+            NetError::NotOurs { name } => Some(
+                format!("set `bridge_name` to a name no interface has (banger creates it), or remove {name} if it is a leftover")
+                    .into(),
+            ),
+            NetError::SubnetOverlap { .. } => Some(
+                "set `bridge_subnet` to a range the host does not use, e.g. \"10.213.0.1/24\" (`ip -4 route` lists the host's)"
                     .into(),
             ),
             NetError::NotATap { name, .. } => {

@@ -35,7 +35,7 @@ pub use addr::{AllocError, Lease, Mac, MacError, Subnet, SubnetError};
 pub use fake::FakeHostNet;
 pub use host::{Changes, HostNet, NetError};
 pub use names::{BridgeName, NameError, TapName, TAP_PREFIX};
-pub use nat::{HostAccess, NatRuleset, PortGuard};
+pub use nat::{GuestLinks, HostAccess, NatRuleset, PortGuard};
 pub use privileged::{Elevation, PrivilegedError, PrivilegedRunner};
 pub use service::{AttachedTap, BridgeConfig, BridgeConfigError, Network, ReconcileReport};
 pub use system::SystemHostNet;

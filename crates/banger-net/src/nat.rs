@@ -55,6 +55,17 @@ pub const GUARD_SET: &str = "guests";
 /// Port the daemon's DNS server binds on the bridge address; port 53 there is DNATed to it.
 pub const DNS_SERVE_PORT: u16 = 10053;
 
+/// Whether guests reach each other across the bridge (config key `isolate`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum GuestLinks {
+    /// VMs reach each other (and find each other as `NAME.vm`).
+    #[default]
+    Open,
+    /// Nothing passes from one VM's tap to another's; each still reaches the host's DNS and
+    /// the outside.
+    Isolated,
+}
+
 /// The address a VM's tap may send from: its MAC and its IPv4 address (anti-spoofing).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PortGuard {
@@ -71,6 +82,25 @@ pub struct NatRuleset {
 
 impl NatRuleset {
     pub fn new(bridge: &BridgeName, subnet: &Subnet, access: HostAccess) -> Self {
+        Self::with_policy(bridge, subnet, access, GuestLinks::Open)
+    }
+
+    /// [`NatRuleset::new`], with guests kept apart from each other or not.
+    pub fn with_policy(
+        bridge: &BridgeName,
+        subnet: &Subnet,
+        access: HostAccess,
+        links: GuestLinks,
+    ) -> Self {
+        let isolate = match links {
+            GuestLinks::Open => String::new(),
+            GuestLinks::Isolated => format!(
+                "\n\tchain forward {{\n\
+                 \t\ttype filter hook forward priority filter; policy accept;\n\
+                 \t\tiifname \"{TAP_PREFIX}*\" oifname \"{TAP_PREFIX}*\" drop\n\
+                 \t}}\n"
+            ),
+        };
         let closed_host = match access {
             HostAccess::DnsOnly => format!("\t\tiifname \"{}\" drop\n", bridge.as_str()),
             HostAccess::Open => String::new(),
@@ -133,6 +163,7 @@ impl NatRuleset {
              \t\tiifname . ether saddr . arp saddr ip @{GUARD_SET} iifname . arp saddr ether . arp saddr ip @{GUARD_SET} accept\n\
              \t\tdrop\n\
              \t}}\n\
+             {isolate}\
              }}\n"
         );
         NatRuleset { table, guard_table }
@@ -266,6 +297,25 @@ table inet banger {
             .table()
             .contains("iifname \"br9\" oifname != \"br9\" accept"));
         assert!(!r.table().contains("banger0"));
+    }
+
+    #[test]
+    fn isolation_drops_tap_to_tap_forwarding_only() {
+        let open = default_ruleset();
+        assert!(!open.guard_table().contains("chain forward"));
+        let isolated = NatRuleset::with_policy(
+            &BridgeName::default(),
+            &Subnet::DEFAULT,
+            HostAccess::DnsOnly,
+            GuestLinks::Isolated,
+        );
+        let t = isolated.guard_table();
+        assert!(
+            t.ends_with("\tchain forward {\n\t\ttype filter hook forward priority filter; policy accept;\n\t\tiifname \"bg-*\" oifname \"bg-*\" drop\n\t}\n}\n"),
+            "{t}"
+        );
+        assert_eq!(isolated.table(), open.table());
+        assert!(!open.matches_listing(&format!("{}{}", isolated.table(), t)));
     }
 
     #[test]

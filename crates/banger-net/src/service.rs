@@ -12,15 +12,16 @@ use nix::unistd::Uid;
 use crate::addr::{AllocError, Lease, Subnet, SubnetError};
 use crate::host::{Changes, HostNet, NetError};
 use crate::names::{BridgeName, NameError, TapName};
-use crate::nat::{HostAccess, NatRuleset, PortGuard};
+use crate::nat::{GuestLinks, HostAccess, NatRuleset, PortGuard};
 
-/// The configured bridge, subnet and what guests may reach on the host (config keys
-/// `bridge_name`, `bridge_subnet`, `host_access`).
+/// The configured bridge, subnet, what guests may reach on the host and whether they reach each
+/// other (config keys `bridge_name`, `bridge_subnet`, `host_access`, `isolate`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BridgeConfig {
     pub bridge: BridgeName,
     pub subnet: Subnet,
     pub host_access: HostAccess,
+    pub guest_links: GuestLinks,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -48,11 +49,17 @@ impl BridgeConfig {
             bridge: BridgeName::parse(bridge_name)?,
             subnet: bridge_subnet.parse()?,
             host_access: HostAccess::default(),
+            guest_links: GuestLinks::default(),
         })
     }
 
     pub fn ruleset(&self) -> NatRuleset {
-        NatRuleset::new(&self.bridge, &self.subnet, self.host_access)
+        NatRuleset::with_policy(
+            &self.bridge,
+            &self.subnet,
+            self.host_access,
+            self.guest_links,
+        )
     }
 }
 

@@ -22,6 +22,9 @@ use crate::nat::{self, NatRuleset, PortGuard, GUARD_FAMILY, NFT_FAMILY, NFT_TABL
 use crate::privileged::{query, PrivilegedRunner};
 
 const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
+/// The alias banger gives the bridge it creates. A bridge without it is someone else's: banger
+/// neither uses nor deletes it.
+pub const BRIDGE_ALIAS: &str = "managed by banger";
 const LINKS_COMMAND: &str = "ip -j -d addr show";
 
 /// The real host network, acting on the current network namespace.
@@ -42,6 +45,33 @@ impl SystemHostNet {
     fn links(&self) -> Result<Vec<Link>, NetError> {
         let out = query("list links", &["ip", "-j", "-d", "addr", "show"])?;
         parse_links(&out)
+    }
+
+    /// Refuses a subnet that overlaps a route the host already has (other than one on banger's
+    /// own bridge): guests would shadow that network, or it theirs.
+    fn refuse_overlapping_routes(&self, bridge: &str, subnet: &Subnet) -> Result<(), NetError> {
+        let out = query("list routes", &["ip", "-j", "-4", "route", "show"])?;
+        let routes: Vec<Route> = serde_json::from_str(&out).map_err(|source| NetError::Parse {
+            what: "routes",
+            command: "ip -j -4 route show",
+            source,
+        })?;
+        for r in routes {
+            if r.dev.as_deref() == Some(bridge) || r.dst == "default" {
+                continue;
+            }
+            let Some((net, len)) = parse_cidr(&r.dst) else {
+                continue;
+            };
+            if cidrs_overlap(net, len, subnet.network(), subnet.prefix_len()) {
+                let via = r.dev.map(|d| format!(" dev {d}")).unwrap_or_default();
+                return Err(NetError::SubnetOverlap {
+                    subnet: *subnet,
+                    route: format!("{}{via}", r.dst),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Whether banger's `inet` and `bridge` tables exist.
@@ -94,7 +124,14 @@ impl HostNet for SystemHostNet {
         let mut changes = Changes::none();
         let links = self.links()?;
         let link = match links.into_iter().find(|l| l.ifname == name) {
-            Some(link) if link.kind() == "bridge" => link,
+            Some(link) if link.kind() == "bridge" && link.is_bangers() => link,
+            // Someone else's bridge (the host's `br0`, say): using it would put guests on that
+            // network, and tearing it down later would cut the host off it.
+            Some(link) if link.kind() == "bridge" => {
+                return Err(NetError::NotOurs {
+                    name: name.to_owned(),
+                })
+            }
             Some(link) => {
                 return Err(NetError::NotABridge {
                     name: name.to_owned(),
@@ -102,9 +139,14 @@ impl HostNet for SystemHostNet {
                 })
             }
             None => {
+                self.refuse_overlapping_routes(name, subnet)?;
                 self.ip(
                     "create bridge",
                     &["link", "add", "name", name, "type", "bridge"],
+                )?;
+                self.ip(
+                    "mark bridge as banger's",
+                    &["link", "set", "dev", name, "alias", BRIDGE_ALIAS],
                 )?;
                 changes.push(format!("created bridge {name}"));
                 Link::named(name)
@@ -256,10 +298,12 @@ impl HostNet for SystemHostNet {
         let name = bridge.as_str();
         match self.links()?.into_iter().find(|l| l.ifname == name) {
             None => {}
-            Some(link) if link.kind() == "bridge" => {
+            Some(link) if link.kind() == "bridge" && link.is_bangers() => {
                 self.ip("delete bridge", &["link", "del", "dev", name])?;
                 changes.push(format!("deleted bridge {name}"));
             }
+            // Not banger's: never deleted (ensure_bridge refused to use it in the first place).
+            Some(link) if link.kind() == "bridge" => {}
             Some(link) => {
                 return Err(NetError::NotABridge {
                     name: name.to_owned(),
@@ -283,6 +327,38 @@ struct Link {
     linkinfo: Option<LinkInfo>,
     #[serde(default)]
     addr_info: Vec<AddrInfo>,
+    /// `ip link set dev NAME alias ...`: how banger marks the bridge it created.
+    #[serde(default)]
+    ifalias: Option<String>,
+}
+
+/// One entry of `ip -j -4 route show`; only the fields banger reads.
+#[derive(Debug, Deserialize)]
+struct Route {
+    dst: String,
+    #[serde(default)]
+    dev: Option<String>,
+}
+
+/// `10.0.0.0/8` or a bare address (a /32 host route).
+fn parse_cidr(text: &str) -> Option<(std::net::Ipv4Addr, u8)> {
+    let (ip, len) = match text.split_once('/') {
+        Some((ip, len)) => (ip, len.parse().ok()?),
+        None => (text, 32),
+    };
+    (len <= 32).then_some(())?;
+    Some((ip.parse().ok()?, len))
+}
+
+/// Two IPv4 prefixes overlap when the shorter one contains the other's network address.
+fn cidrs_overlap(a: std::net::Ipv4Addr, a_len: u8, b: std::net::Ipv4Addr, b_len: u8) -> bool {
+    let len = a_len.min(b_len);
+    let mask = if len == 0 {
+        0
+    } else {
+        u32::MAX << (32 - u32::from(len))
+    };
+    u32::from(a) & mask == u32::from(b) & mask
 }
 
 #[derive(Debug, Deserialize)]
@@ -312,6 +388,7 @@ impl Link {
             master: None,
             linkinfo: None,
             addr_info: Vec::new(),
+            ifalias: Some(BRIDGE_ALIAS.to_owned()),
         }
     }
 
@@ -334,6 +411,11 @@ impl Link {
 
     fn is_tap(&self) -> bool {
         self.kind() == "tun" && self.tun_type() == Some("tap")
+    }
+
+    /// Whether banger created this link (its alias says so).
+    fn is_bangers(&self) -> bool {
+        self.ifalias.as_deref() == Some(BRIDGE_ALIAS)
     }
 
     fn kind_description(&self) -> String {
@@ -406,6 +488,21 @@ fn has_banger_table(json: &str, family: &str) -> Result<bool, NetError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prefixes_overlap_when_one_contains_the_other() {
+        let ip = |s: &str| s.parse::<std::net::Ipv4Addr>().unwrap();
+        assert!(cidrs_overlap(ip("172.16.0.0"), 12, ip("172.16.0.0"), 24));
+        assert!(cidrs_overlap(ip("172.16.0.0"), 24, ip("172.16.0.0"), 12));
+        assert!(cidrs_overlap(ip("172.16.0.77"), 32, ip("172.16.0.0"), 24));
+        assert!(!cidrs_overlap(ip("172.17.0.0"), 16, ip("172.16.0.0"), 24));
+        assert!(!cidrs_overlap(ip("10.0.0.0"), 8, ip("172.16.0.0"), 24));
+        assert!(cidrs_overlap(ip("0.0.0.0"), 0, ip("172.16.0.0"), 24));
+        assert_eq!(parse_cidr("10.1.0.0/16"), Some((ip("10.1.0.0"), 16)));
+        assert_eq!(parse_cidr("10.1.2.3"), Some((ip("10.1.2.3"), 32)));
+        assert_eq!(parse_cidr("10.1.0.0/33"), None);
+        assert_eq!(parse_cidr("default"), None);
+    }
 
     // Trimmed from real `ip -j -d addr show` output (iproute2 6.1).
     const LINKS: &str = r#"[

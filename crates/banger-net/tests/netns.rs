@@ -24,7 +24,7 @@ use std::collections::BTreeSet;
 use std::process::Command;
 
 use banger_net::{
-    BridgeConfig, Elevation, HostAccess, HostNet, Mac, NetError, Network, PortGuard,
+    BridgeConfig, Elevation, GuestLinks, HostAccess, HostNet, Mac, NetError, Network, PortGuard,
     PrivilegedRunner, SystemHostNet, TapName,
 };
 use nix::unistd::Uid;
@@ -592,6 +592,93 @@ netns_test! {
 
         drop((a, b, stray));
         let _ = net.teardown().unwrap();
+    }
+}
+
+netns_test! {
+    fn a_bridge_banger_did_not_create_is_neither_used_nor_deleted() {
+        sh(&["ip", "link", "add", "name", "banger0", "type", "bridge"]);
+        sh(&["ip", "addr", "add", "192.168.77.1/24", "dev", "banger0"]);
+        let net = system_network(Elevation::Direct, BridgeConfig::default());
+        let err = net.ensure_host().unwrap_err();
+        assert!(matches!(err, NetError::NotOurs { .. }), "{err}");
+        assert!(banger_hint::Hint::hint(&err).unwrap().contains("bridge_name"));
+        assert!(nft_tables().is_empty(), "nothing else was set up");
+        let _ = net.teardown().unwrap();
+        let br = link("banger0").expect("the host's bridge is still there");
+        assert_eq!(br["addr_info"][0]["local"], "192.168.77.1", "and unchanged");
+
+        // banger's own bridge carries its mark, and goes at teardown.
+        sh(&["ip", "link", "del", "banger0"]);
+        let _ = net.ensure_host().unwrap();
+        assert_eq!(link("banger0").unwrap()["ifalias"], banger_net::system::BRIDGE_ALIAS);
+        let _ = net.teardown().unwrap();
+        assert!(link("banger0").is_none());
+    }
+}
+
+netns_test! {
+    fn a_subnet_that_overlaps_a_host_route_is_refused_with_the_route() {
+        // A veth pair stands in for the host's LAN interface (this kernel may lack `dummy`).
+        sh(&["ip", "link", "add", "lan0", "type", "veth", "peer", "name", "lan0p"]);
+        sh(&["ip", "link", "set", "lan0p", "up"]);
+        sh(&["ip", "link", "set", "lan0", "up"]);
+        sh(&["ip", "addr", "add", "172.16.9.1/16", "dev", "lan0"]);
+        let net = system_network(Elevation::Direct, BridgeConfig::default());
+        let err = net.ensure_host().unwrap_err();
+        assert!(matches!(err, NetError::SubnetOverlap { .. }), "{err}");
+        let msg = err.to_string();
+        assert!(msg.contains("172.16.0.1/24") && msg.contains("172.16.0.0/16 dev lan0"), "{msg}");
+        assert!(link("banger0").is_none(), "no bridge was made");
+        // A subnet clear of it is fine.
+        let clear = BridgeConfig::parse("banger0", "10.213.0.1/24").unwrap();
+        let net = system_network(Elevation::Direct, clear);
+        let _ = net.ensure_host().unwrap();
+        let _ = net.teardown().unwrap();
+    }
+}
+
+netns_test! {
+    fn isolated_guests_do_not_reach_each_other_but_still_reach_dns() {
+        let isolated = BridgeConfig { guest_links: GuestLinks::Isolated, ..BridgeConfig::default() };
+        let net = system_network(Elevation::Direct, isolated);
+        let _ = net.ensure_host().unwrap();
+        let _dns = std::net::TcpListener::bind("172.16.0.1:10053").unwrap();
+        let a = FakeGuest::attach_as_tap("banger0", "bg-fga", "172.16.0.2");
+        let b = FakeGuest::attach_as_tap("banger0", "bg-fgb", "172.16.0.3");
+        for (port, ip) in [("bg-fga", "172.16.0.2"), ("bg-fgb", "172.16.0.3")] {
+            let _ = net.host().guard_port(&TapName::parse(port).unwrap(), guard(ip)).unwrap();
+        }
+        // B listens (bash cannot, so a python one-liner in B's namespace does).
+        let listener = std::process::Command::new("nsenter")
+            .args(["-t", &b.holder.id().to_string(), "-n", "python3", "-c",
+                   "import socket,time; s=socket.socket(); s.bind(('0.0.0.0',7000)); s.listen(); time.sleep(60)"])
+            .spawn()
+            .unwrap();
+        let _listener = KillOnDrop(listener);
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        assert!(a.connects("172.16.0.1", 53) && b.connects("172.16.0.1", 53), "DNS stays open");
+        assert!(!a.connects("172.16.0.3", 7000), "A reached B although guests are isolated");
+
+        // Without `isolate`, the same two reach each other.
+        let open = system_network(Elevation::Direct, BridgeConfig::default());
+        let _ = open.ensure_host().unwrap();
+        for (port, ip) in [("bg-fga", "172.16.0.2"), ("bg-fgb", "172.16.0.3")] {
+            let _ = open.host().guard_port(&TapName::parse(port).unwrap(), guard(ip)).unwrap();
+        }
+        assert!(a.connects("172.16.0.3", 7000), "open guests reach each other");
+        drop((a, b));
+        let _ = open.teardown().unwrap();
+    }
+}
+
+/// Kills and reaps a helper process when dropped.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
