@@ -103,6 +103,47 @@ fn assert_nothing_left(env: &Env) {
 }
 
 #[test]
+fn a_start_fails_while_another_program_holds_the_dns_port() {
+    if !e2e_enabled() {
+        return;
+    }
+    let env = vm_env();
+    // Another user's program holds the port banger's port-53 redirect points at (on every
+    // address, so also on the bridge address once the bridge exists). It is in the test's
+    // namespace, so the namespace's removal kills it whatever happens.
+    let ns = env.netns.as_ref().unwrap();
+    let mut squatter = ns
+        .wrap(std::path::Path::new("python3"))
+        .args([
+            "-c",
+            "import socket,time; s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); \
+             s.bind(('0.0.0.0',10053)); print('bound',flush=True); time.sleep(600)",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(squatter.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "bound");
+
+    let out = env.banger(small_vm("squat", "slim", &[]));
+    assert!(!out.success(), "{out}");
+    assert!(
+        out.stderr.contains("cannot serve DNS for VM squat"),
+        "{out}"
+    );
+    assert!(out.stderr.contains("port 10053"), "{out}");
+    // No VM ran and no redirect points at the other program.
+    assert_nothing_left(&env);
+    let _ = squatter.kill();
+    let _ = squatter.wait();
+}
+
+#[test]
 fn create_ssh_exec_restart_keeps_root_and_delete_removes_everything() {
     if !e2e_enabled() {
         return;

@@ -7,8 +7,10 @@
 //! is called right after the network is attached for a VM (and at start-up when running VMs are
 //! re-adopted), `stop` right before the bridge is torn down. The zone itself lives for the whole
 //! daemon and lists every VM, running or not, since a name's address never changes while it exists.
-//! A server that cannot start is logged and does not fail the VM: names are a convenience, and
-//! `banger vm ssh` does not depend on them.
+//! A server that cannot start fails the VM's start: the nft table sends every guest's port 53 on
+//! the bridge address to the server's port, so if anything else holds that port (another user's
+//! program, say), guests' queries would reach it. The start then releases the network, and the
+//! redirect goes with it. (At daemon start-up, re-adopting running VMs, a failure is logged.)
 //!
 //! The VM service reaches this through the [`NameService`] trait, so its tests run with a
 //! recording fake instead of a server on a bridge that does not exist.
@@ -27,8 +29,9 @@ use tokio::sync::Mutex as AsyncMutex;
 pub trait NameService: Send + Sync {
     /// Replaces the served names with `entries` (VM name, address).
     fn set_names(&self, entries: Vec<(String, Ipv4Addr)>);
-    /// Starts serving (the bridge must be up); does nothing when it runs already.
-    fn ensure_running(&self) -> BoxFuture<'_, ()>;
+    /// Starts serving (the bridge must be up); does nothing when it runs already. Fails when
+    /// the server cannot hold its socket.
+    fn ensure_running(&self) -> BoxFuture<'_, anyhow::Result<()>>;
     /// Stops serving; called right before the bridge goes away.
     fn stop(&self) -> BoxFuture<'_, ()>;
     fn status(&self) -> banger_api::DnsStatus;
@@ -68,15 +71,17 @@ impl DnsService {
     }
 
     /// Starts the server (the bridge must be up) and routes `.vm` to it. Does nothing when it runs.
-    async fn start(&self) {
+    async fn start(&self) -> anyhow::Result<()> {
         let mut guard = self.running.lock().await;
         if guard.is_some() {
-            return;
+            return Ok(());
         }
         let gateway = self.net.subnet.gateway();
         let Some(clients) = banger_dns::client_net(gateway, self.net.subnet.prefix_len()) else {
-            tracing::warn!("bridge subnet cannot be an access list; DNS not started");
-            return;
+            anyhow::bail!(
+                "bridge subnet {} cannot be the DNS server's access list",
+                self.net.subnet
+            );
         };
         let forwarder = Forwarder::host(IpAddr::V4(gateway));
         if forwarder.upstreams().is_empty() {
@@ -84,24 +89,13 @@ impl DnsService {
                 "no usable nameserver in /etc/resolv.conf: guests resolve `.vm` names only"
             );
         }
-        let server = match banger_dns::serve(
-            self.listen_addr(),
-            clients,
-            self.zone.clone(),
-            forwarder,
-        )
-        .await
-        {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!("{e}: `.vm` names will not resolve (`banger doctor` helps)");
-                return;
-            }
-        };
+        let server =
+            banger_dns::serve(self.listen_addr(), clients, self.zone.clone(), forwarder).await?;
         self.serving.store(true, Ordering::Relaxed);
         let routed = self.route().await;
         self.routed.store(routed, Ordering::Relaxed);
         *guard = Some(Running { server, routed });
+        Ok(())
     }
 
     async fn route(&self) -> bool {
@@ -183,7 +177,7 @@ impl NameService for DnsService {
         self.zone.replace(entries);
     }
 
-    fn ensure_running(&self) -> BoxFuture<'_, ()> {
+    fn ensure_running(&self) -> BoxFuture<'_, anyhow::Result<()>> {
         Box::pin(self.start())
     }
 

@@ -85,7 +85,12 @@ impl Vms {
             );
         } else if any_live {
             // Re-adopted VMs keep their bridge; serve their names again.
-            self.dns.ensure_running().await;
+            if let Err(e) = self.dns.ensure_running().await {
+                tracing::warn!(
+                    "cannot serve `.vm` names for the running VMs: {}",
+                    crate::hints::report(e.as_ref())
+                );
+            }
         }
         self.refresh_names().await;
         Ok(())

@@ -156,17 +156,28 @@ impl Vms {
             let attached = tokio::task::spawn_blocking(move || net.attach_vm(&id, uid, guard))
                 .await
                 .map_err(|e| internal(e.into()))?;
-            if attached.is_ok() {
-                self.dns.ensure_running().await;
+            match attached {
+                Ok(_) => self.dns.ensure_running().await.map_err(Err),
+                Err(e) => Err(Ok(e)),
             }
-            attached
         };
-        if let Err(e) = attached {
-            // Whatever part of the network was made (the bridge, say) goes again when no
-            // other VM needs it.
-            self.release_network(&row).await;
-            return Err(hints::failed(ErrorCode::VmmFailed, format!("cannot set up the network for VM {name}"), &e)
-                .with_hint("banger needs root or passwordless sudo for the bridge, tap and nft rules; see `banger doctor`"));
+        match attached {
+            Ok(()) => {}
+            Err(Ok(e)) => {
+                // Whatever part of the network was made (the bridge, say) goes again when no
+                // other VM needs it.
+                self.release_network(&row).await;
+                return Err(hints::failed(ErrorCode::VmmFailed, format!("cannot set up the network for VM {name}"), &e)
+                    .with_hint("banger needs root or passwordless sudo for the bridge, tap and nft rules; see `banger doctor`"));
+            }
+            Err(Err(e)) => {
+                // Port 53 on the bridge is redirected to the server's port: with anyone else
+                // on that port, guests' queries would reach them. Nothing runs until it is ours.
+                self.release_network(&row).await;
+                let port = banger_net::nat::DNS_SERVE_PORT;
+                return Err(hints::failed(ErrorCode::InUse, format!("cannot serve DNS for VM {name}"), e.as_ref())
+                    .with_hint(format!("another program holds port {port} on the bridge address; stop it (`ss -lunpt 'sport = :{port}'` names it), or set `bridge_subnet` to another range")));
+            }
         }
 
         progress.phase("boot");

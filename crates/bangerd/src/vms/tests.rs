@@ -54,6 +54,8 @@ const AGENT: &[u8] = b"\x7fELF the guest agent";
 #[derive(Default)]
 struct FakeNames {
     serving: AtomicBool,
+    /// The next start fails, as when another program holds the server's port.
+    refuse: AtomicBool,
     names: Mutex<Vec<(String, Ipv4Addr)>>,
 }
 
@@ -61,9 +63,16 @@ impl NameService for FakeNames {
     fn set_names(&self, entries: Vec<(String, Ipv4Addr)>) {
         *self.names.lock().unwrap() = entries;
     }
-    fn ensure_running(&self) -> BoxFuture<'_, ()> {
+    fn ensure_running(&self) -> BoxFuture<'_, anyhow::Result<()>> {
+        if self.refuse.swap(false, Ordering::SeqCst) {
+            return Box::pin(async {
+                Err(anyhow::anyhow!(
+                    "cannot listen for DNS on 172.16.0.1:10053 (udp): Address in use"
+                ))
+            });
+        }
         self.serving.store(true, Ordering::SeqCst);
-        Box::pin(async {})
+        Box::pin(async { Ok(()) })
     }
     fn stop(&self) -> BoxFuture<'_, ()> {
         self.serving.store(false, Ordering::SeqCst);
@@ -663,6 +672,7 @@ async fn create_rolls_back_at_each_failing_step_and_leaves_nothing_behind() {
     assert_eq!(err.code, ErrorCode::VmmFailed);
     assert!(err.message.contains("failed to start"), "{}", err.message);
     host.assert_nothing_left(&vms, "x").await;
+
     let err = create(&vms, "x", "no-modules").await.unwrap_err();
     assert_eq!(err.code, ErrorCode::InvalidState);
     host.assert_nothing_left(&vms, "x").await;
@@ -670,6 +680,28 @@ async fn create_rolls_back_at_each_failing_step_and_leaves_nothing_behind() {
     // Every lease was given back: the next VM gets the first address.
     let info = create(&vms, "x", "debian").await.unwrap();
     assert_eq!(info.ip, "172.16.0.2");
+}
+
+#[tokio::test]
+async fn a_start_whose_name_server_cannot_hold_its_port_fails_and_leaves_nothing() {
+    // Another program has the server's port: the port-53 redirect must not point there, so
+    // the start fails, says why, and the network (redirect included) goes again.
+    let host = Host::new();
+    let vms = host.daemon();
+    host.dns().refuse.store(true, Ordering::SeqCst);
+    let err = create(&vms, "x", "debian").await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::InUse);
+    assert!(err.message.contains("cannot serve DNS"), "{}", err.message);
+    assert!(err.message.contains("Address in use"), "{}", err.message);
+    assert!(err.hints[0].contains("port 10053"), "{:?}", err.hints);
+    assert!(host.vmm.running().is_empty(), "no VMM was started");
+    assert!(
+        host.net.host().state().nat.is_none(),
+        "the redirect outlived the failed start"
+    );
+    host.assert_nothing_left(&vms, "x").await;
+    // Once the port is free, the same VM starts.
+    create(&vms, "x", "debian").await.unwrap();
 }
 
 #[tokio::test]
