@@ -3,7 +3,7 @@
 //! ours; on guests without sshd, and for `vm exec`, they go through the guest agent
 //! ([`crate::session`]) and exit with the command's status.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::os::unix::process::CommandExt;
 use std::process::ExitCode;
 
@@ -114,7 +114,6 @@ pub async fn vm(ctx: &Ctx, cmd: VmCmd) -> Result<ExitCode, CliError> {
             user,
             command,
         } => {
-            use std::io::IsTerminal;
             // A terminal session always takes what is typed; otherwise stdin is passed on when
             // it is a pipe or a file.
             let stdin = tty || (!no_stdin && !std::io::stdin().is_terminal());
@@ -133,14 +132,23 @@ pub async fn vm(ctx: &Ctx, cmd: VmCmd) -> Result<ExitCode, CliError> {
                 .await?;
             let mut body = resp;
             let mut out = std::io::stdout();
+            // On a terminal the guest's escape sequences are shown, not obeyed; into a file or
+            // a pipe the log goes byte for byte.
+            let mut shown = out.is_terminal().then(crate::safe_text::Printable::default);
             while let Some(frame) = body.frame().await {
                 let frame = frame.map_err(|e| {
                     CliError::new(Exit::DaemonUnreachable, format!("log stream broke: {e}"))
                 })?;
                 if let Some(data) = frame.data_ref() {
-                    let _ = out.write_all(data);
+                    let _ = match shown.as_mut() {
+                        Some(p) => out.write_all(p.push(data).as_bytes()),
+                        None => out.write_all(data),
+                    };
                     let _ = out.flush();
                 }
+            }
+            if let Some(p) = shown.as_mut() {
+                let _ = out.write_all(p.finish().as_bytes());
             }
         }
     }
@@ -230,7 +238,6 @@ async fn ssh(
     tty: bool,
     command: Vec<String>,
 ) -> Result<ExitCode, CliError> {
-    use std::io::IsTerminal;
     let vm: VmInfo = client
         .call(Method::GET, &format!("/v1/vms/{name}"), None::<&()>)
         .await?;

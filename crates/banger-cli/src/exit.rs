@@ -95,9 +95,10 @@ impl From<banger_config::ConfigError> for CliError {
 
 impl std::fmt::Display for CliError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "error: {}", self.message)?;
+        // Messages may quote a guest's console: never let it drive the terminal.
+        write!(f, "error: {}", crate::safe_text::printable(&self.message))?;
         for h in &self.hints {
-            write!(f, "\nhint: {h}")?;
+            write!(f, "\nhint: {}", crate::safe_text::printable(h))?;
         }
         Ok(())
     }

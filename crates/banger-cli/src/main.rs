@@ -18,6 +18,7 @@ mod complete;
 mod doctor;
 mod exit;
 mod render;
+mod safe_text;
 mod session;
 mod spec;
 mod workspace;
