@@ -54,6 +54,14 @@ pub const GUARD_FAMILY: &str = "bridge";
 pub const GUARD_SET: &str = "guests";
 /// Port the daemon's DNS server binds on the bridge address; port 53 there is DNATed to it.
 pub const DNS_SERVE_PORT: u16 = 10053;
+/// DNS queries over UDP one guest may send per second (past a burst), counted by nft before
+/// they reach the daemon: a flooding guest is slowed at the host's door and the others are not.
+pub const DNS_UDP_RATE: u32 = 200;
+/// The burst of [`DNS_UDP_RATE`].
+pub const DNS_UDP_BURST: u32 = 400;
+/// TCP connections to the DNS server one guest may hold at once; more are dropped (a reset is not possible: it would leave from the port after DNAT, not the one the guest asked). Resolvers use
+/// TCP rarely and briefly, so this only stops a guest from holding thousands of them open.
+pub const DNS_TCP_PER_GUEST: u32 = 32;
 
 /// Whether guests reach each other across the bridge (config key `isolate`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
@@ -111,6 +119,19 @@ impl NatRuleset {
         let table = format!(
             "table {NFT_FAMILY} {NFT_TABLE} {{\n\
              \tcomment \"managed by banger: replaced as a whole, do not edit\"\n\
+             \tset dns_tcp {{\n\
+             \t\ttype ipv4_addr\n\
+             \t\tsize 65535\n\
+             \t\tflags dynamic\n\
+             \t}}\n\
+             \n\
+             \tset dns_udp {{\n\
+             \t\ttype ipv4_addr\n\
+             \t\tsize 65535\n\
+             \t\tflags dynamic,timeout\n\
+             \t\ttimeout 10s\n\
+             \t}}\n\
+             \n\
              \tchain prerouting {{\n\
              \t\ttype nat hook prerouting priority dstnat; policy accept;\n\
              \t\tiifname \"{br}\" ip daddr {gw} meta l4proto {{ tcp, udp }} th dport 53 dnat ip to {gw}:{DNS_SERVE_PORT}\n\
@@ -128,6 +149,8 @@ impl NatRuleset {
              \n\
              \tchain input {{\n\
              \t\ttype filter hook input priority filter; policy accept;\n\
+             \t\tiifname \"{br}\" ip daddr {gw} udp dport {DNS_SERVE_PORT} update @dns_udp {{ ip saddr limit rate over {DNS_UDP_RATE}/second burst {DNS_UDP_BURST} packets }} drop\n\
+             \t\tiifname \"{br}\" ip daddr {gw} tcp dport {DNS_SERVE_PORT} ct state new add @dns_tcp {{ ip saddr ct count over {DNS_TCP_PER_GUEST} }} drop\n\
              \t\tiifname \"{br}\" ct state established,related accept\n\
              \t\tiifname \"{br}\" ip daddr {gw} meta l4proto {{ tcp, udp }} th dport {DNS_SERVE_PORT} accept\n\
              \t\tiifname \"{br}\" ip daddr {LINK_LOCAL_V4} drop\n\
@@ -190,8 +213,8 @@ impl NatRuleset {
         )
     }
 
-    /// Whether `listing` (`nft list table inet banger` followed by `nft -t list table bridge
-    /// banger`) is this ruleset. Whitespace and blank lines are ignored; anything else that
+    /// Whether `listing` (`nft -t list table inet banger` followed by `nft -t list table bridge
+    /// banger`: both without set elements) is this ruleset. Whitespace and blank lines are ignored; anything else that
     /// differs (a rule edited by hand, another subnet, a different nft formatting) counts as
     /// different, and the caller replaces the tables, which is always safe.
     pub fn matches_listing(&self, listing: &str) -> bool {
@@ -249,6 +272,19 @@ mod tests {
         let expected = "\
 table inet banger {
 \tcomment \"managed by banger: replaced as a whole, do not edit\"
+\tset dns_tcp {
+\t\ttype ipv4_addr
+\t\tsize 65535
+\t\tflags dynamic
+\t}
+
+\tset dns_udp {
+\t\ttype ipv4_addr
+\t\tsize 65535
+\t\tflags dynamic,timeout
+\t\ttimeout 10s
+\t}
+
 \tchain prerouting {
 \t\ttype nat hook prerouting priority dstnat; policy accept;
 \t\tiifname \"banger0\" ip daddr 172.16.0.1 meta l4proto { tcp, udp } th dport 53 dnat ip to 172.16.0.1:10053
@@ -266,6 +302,8 @@ table inet banger {
 
 \tchain input {
 \t\ttype filter hook input priority filter; policy accept;
+\t\tiifname \"banger0\" ip daddr 172.16.0.1 udp dport 10053 update @dns_udp { ip saddr limit rate over 200/second burst 400 packets } drop
+\t\tiifname \"banger0\" ip daddr 172.16.0.1 tcp dport 10053 ct state new add @dns_tcp { ip saddr ct count over 32 } drop
 \t\tiifname \"banger0\" ct state established,related accept
 \t\tiifname \"banger0\" ip daddr 172.16.0.1 meta l4proto { tcp, udp } th dport 10053 accept
 \t\tiifname \"banger0\" ip daddr 169.254.0.0/16 drop

@@ -182,12 +182,13 @@ impl HostNet for SystemHostNet {
         let mut changes = Changes::none();
         let (inet, guard) = self.nft_tables()?;
         if inet && guard {
+            // Terse (`-t`, no set elements): the DNS limits' and the guard's sets fill and
+            // empty as guests come and go; only the rules count.
             let mut listing = self.privileged.run(
                 "read banger nft table",
-                &["nft", "list", "table", NFT_FAMILY, NFT_TABLE],
+                &["nft", "-t", "list", "table", NFT_FAMILY, NFT_TABLE],
                 None,
             )?;
-            // Terse: the guard set's elements come and go with VMs; only the rules count.
             listing.push_str(&self.privileged.run(
                 "read banger nft table",
                 &["nft", "-t", "list", "table", GUARD_FAMILY, NFT_TABLE],

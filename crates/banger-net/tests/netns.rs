@@ -265,7 +265,7 @@ fn nft_tables() -> Vec<String> {
 
 /// Both of banger's tables, the guard table without its set's elements (as banger compares them).
 fn nft_banger_listing() -> String {
-    sh(&["nft", "list", "table", "inet", "banger"])
+    sh(&["nft", "-t", "list", "table", "inet", "banger"])
         + &sh(&["nft", "-t", "list", "table", "bridge", "banger"])
 }
 
@@ -470,6 +470,27 @@ impl FakeGuest {
             .success()
     }
 
+    /// What `script` prints on stdout, run with bash inside the guest's namespace.
+    fn output(&self, script: &str) -> String {
+        let out = Command::new("nsenter")
+            .args([
+                "-t",
+                &self.holder.id().to_string(),
+                "-n",
+                "bash",
+                "-c",
+                script,
+            ])
+            .output()
+            .expect("cannot run nsenter");
+        assert!(
+            out.status.success(),
+            "{script}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Whether a TCP connection to `addr:port` opens within two seconds.
     fn connects(&self, addr: &str, port: u16) -> bool {
         self.run(&format!(
@@ -666,6 +687,8 @@ netns_test! {
         for (port, ip) in [("bg-fga", "172.16.0.2"), ("bg-fgb", "172.16.0.3")] {
             let _ = open.host().guard_port(&TapName::parse(port).unwrap(), guard(ip)).unwrap();
         }
+        // A's failed attempt above left B's address unresolved in A's ARP cache; start clean.
+        assert!(a.run("ip neigh flush all"));
         assert!(a.connects("172.16.0.3", 7000), "open guests reach each other");
         drop((a, b));
         let _ = open.teardown().unwrap();
@@ -679,6 +702,85 @@ impl Drop for KillOnDrop {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+/// Python run in a guest: opens `argv[1]` TCP connections to the bridge's DNS port, holds them,
+/// and prints how many opened.
+const HOLD_CONNECTIONS: &str = "import socket,sys; n=int(sys.argv[1]); held=[]; \
+    exec('for _ in range(n):\\n try:\\n  s=socket.create_connection((\\'172.16.0.1\\',53),timeout=0.5); held.append(s)\\n except OSError: pass'); \
+    print(len(held))";
+
+/// Python run in a guest: sends `argv[1]` UDP datagrams to the bridge's DNS port, one every
+/// half millisecond (paced, so the host's receiver keeps up and only the filter can drop any).
+const FLOOD_UDP: &str =
+    "import socket,sys,time; s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); \
+    [(s.sendto(b'q',('172.16.0.1',53)), time.sleep(0.0005)) for _ in range(int(sys.argv[1]))]";
+
+/// Counts the datagrams `sock` receives from each address until none has come for a second.
+fn count_datagrams(
+    sock: std::net::UdpSocket,
+) -> std::thread::JoinHandle<std::collections::BTreeMap<String, usize>> {
+    std::thread::spawn(move || {
+        sock.set_read_timeout(Some(std::time::Duration::from_secs(1)))
+            .unwrap();
+        let mut counts = std::collections::BTreeMap::new();
+        let mut buf = [0u8; 16];
+        let mut started = false;
+        loop {
+            match sock.recv_from(&mut buf) {
+                Ok((_, from)) => {
+                    started = true;
+                    *counts.entry(from.ip().to_string()).or_insert(0) += 1;
+                }
+                Err(_) if started => return counts,
+                Err(_) => {}
+            }
+        }
+    })
+}
+
+netns_test! {
+    fn one_guest_can_neither_hold_the_dns_servers_connections_nor_flood_it() {
+        let net = system_network(Elevation::Direct, BridgeConfig::default());
+        let _ = net.ensure_host().unwrap();
+        // The DNS server's sockets: a TCP listener with room for every connection the guest
+        // tries (so only the filter can refuse), and a UDP socket that counts what arrives.
+        let tcp = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        tcp.bind(&"172.16.0.1:10053".parse::<std::net::SocketAddr>().unwrap().into()).unwrap();
+        tcp.listen(1024).unwrap();
+        let udp = std::net::UdpSocket::bind("172.16.0.1:10053").unwrap();
+        let a = FakeGuest::attach("banger0", "fga", "172.16.0.2/24", "172.16.0.1");
+        let b = FakeGuest::attach("banger0", "fgb", "172.16.0.3/24", "172.16.0.1");
+
+        let held = a.output(&format!("python3 -c \"{HOLD_CONNECTIONS}\" 40"));
+        assert_eq!(held.trim(), banger_net::nat::DNS_TCP_PER_GUEST.to_string(), "connections one guest held");
+        assert!(b.connects("172.16.0.1", 53), "another guest still gets a connection");
+
+        // A sends 4,000 queries in about two seconds, B 50 at the same time: A gets the burst
+        // and the rate through, B everything.
+        let counter = count_datagrams(udp);
+        let flood_b = std::thread::spawn({
+            let pid = b.holder.id().to_string();
+            move || {
+                Command::new("nsenter")
+                    .args(["-t", &pid, "-n", "python3", "-c", FLOOD_UDP, "50"])
+                    .status()
+                    .unwrap()
+                    .success()
+            }
+        });
+        let started = std::time::Instant::now();
+        assert!(a.run(&format!("python3 -c \"{FLOOD_UDP}\" 4000")));
+        let secs = started.elapsed().as_secs_f64();
+        assert!(flood_b.join().unwrap());
+        let counts = counter.join().unwrap();
+        let from_a = counts.get("172.16.0.2").copied().unwrap_or(0);
+        let most = banger_net::nat::DNS_UDP_BURST as f64 + banger_net::nat::DNS_UDP_RATE as f64 * (secs + 1.0);
+        assert!(from_a > 0 && (from_a as f64) <= most, "{from_a} of 4000 got through in {secs:.1} s (at most {most})");
+        assert_eq!(counts.get("172.16.0.3").copied(), Some(50), "the other guest was slowed: {counts:?}");
+        drop((a, b, tcp));
+        let _ = net.teardown().unwrap();
     }
 }
 
