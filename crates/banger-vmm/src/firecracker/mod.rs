@@ -160,6 +160,8 @@ impl FirecrackerBackend {
             .open(&files.log)
             .map_err(io("cannot create Firecracker's log file"))?;
 
+        // Never `--no-seccomp` or a `--seccomp-filter` of ours: Firecracker's own default
+        // filters confine it (the contract test pins this exact command line).
         let mut args: Vec<OsString> = vec!["--api-sock".into(), files.api_socket.clone().into()];
         if is_valid_instance_id(&cfg.name) {
             args.extend(["--id".into(), cfg.name.clone().into()]);
