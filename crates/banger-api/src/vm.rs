@@ -76,6 +76,9 @@ pub struct CreateVmRequest {
     pub start: bool,
     #[serde(default)]
     pub file_sync: Vec<SyncEntry>,
+    /// The guest may reach every service on the host (`--host-access`), not only its DNS.
+    #[serde(default)]
+    pub host_access: bool,
 }
 
 fn yes() -> bool {
@@ -108,6 +111,10 @@ pub struct VmInfo {
     /// (a terminal over `exec` with `tty`). Daemons that predate the field only ran such guests.
     #[serde(default = "yes")]
     pub ssh: bool,
+    /// The guest may reach every service on the host, by its own `--host-access` or the
+    /// config's `host_access`; otherwise only the host's DNS.
+    #[serde(default)]
+    pub host_access: bool,
 }
 
 /// `POST /v1/vms/{name}/stop`

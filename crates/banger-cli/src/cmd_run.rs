@@ -157,6 +157,7 @@ pub async fn run(ctx: &Ctx, args: RunArgs) -> Result<ExitCode, CliError> {
         spec: resolved.spec,
         start: true,
         file_sync,
+        host_access: args.vm.host_access,
     };
     let mut renderer = Renderer::new(ctx.verbose);
     let created: Result<VmInfo, CliError> =

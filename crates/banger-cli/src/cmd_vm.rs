@@ -45,6 +45,7 @@ pub async fn vm(ctx: &Ctx, cmd: VmCmd) -> Result<ExitCode, CliError> {
                 spec: resolved.spec,
                 start: !args.no_start,
                 file_sync,
+                host_access: args.vm.host_access,
             };
             let vm: VmInfo = streamed(ctx, &client, "/v1/vms", &req).await?;
             println!("{}", vm.name);
@@ -205,9 +206,18 @@ fn print_vm(v: &VmInfo) {
     println!("name:        {}", v.name);
     println!("state:       {}", v.state);
     if let Some(e) = &v.last_error {
-        println!("last error:  {e}");
+        // It may quote the guest's console.
+        println!("last error:  {}", crate::safe_text::printable(e));
     }
     println!("ip:          {}", v.ip);
+    println!(
+        "network:     {}",
+        if v.host_access {
+            "reaches the host's services (host access)"
+        } else {
+            "reaches the host's DNS only"
+        }
+    );
     println!("mac:         {}", v.mac);
     println!("tap:         {}", v.tap);
     println!("image:       {}", v.image);

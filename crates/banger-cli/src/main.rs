@@ -155,6 +155,10 @@ pub struct NewVmArgs {
     /// Size of the work disk mounted at /root, like 16G.
     #[arg(long, value_parser = spec::parse_disk)]
     pub disk: Option<u64>,
+    /// Let the guest reach services on the host (a dev server, say). Without it, a guest
+    /// reaches only the host's DNS, as with `host_access = false` in the config.
+    #[arg(long)]
+    pub host_access: bool,
 }
 
 impl NewVmArgs {

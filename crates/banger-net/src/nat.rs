@@ -52,6 +52,9 @@ pub const NFT_TABLE: &str = "banger";
 pub const GUARD_FAMILY: &str = "bridge";
 /// The set of (tap, MAC, IPv4 address) each tap may send from.
 pub const GUARD_SET: &str = "guests";
+/// The set of guest addresses that may reach the host's services (`--host-access`); safe to
+/// key by source address because the guard keeps each guest to its own.
+pub const HOST_OPEN_SET: &str = "host_open";
 /// Port the daemon's DNS server binds on the bridge address; port 53 there is DNATed to it.
 pub const DNS_SERVE_PORT: u16 = 10053;
 /// DNS queries over UDP one guest may send per second (past a burst), counted by nft before
@@ -74,11 +77,28 @@ pub enum GuestLinks {
     Isolated,
 }
 
-/// The address a VM's tap may send from: its MAC and its IPv4 address (anti-spoofing).
+/// What a VM's tap may do: send from its MAC and IPv4 address only (anti-spoofing), and reach
+/// the host's services or only its DNS (`vm create --host-access`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PortGuard {
     pub mac: Mac,
     pub ip: Ipv4Addr,
+    pub host: HostAccess,
+}
+
+impl PortGuard {
+    /// A port that may send from `mac` and `ip`, and reach the host's DNS only.
+    pub fn new(mac: Mac, ip: Ipv4Addr) -> Self {
+        PortGuard {
+            mac,
+            ip,
+            host: HostAccess::DnsOnly,
+        }
+    }
+
+    pub fn with_host(self, host: HostAccess) -> Self {
+        PortGuard { host, ..self }
+    }
 }
 
 /// The complete `inet banger` and `bridge banger` tables for one bridge and subnet.
@@ -125,6 +145,11 @@ impl NatRuleset {
              \t\tflags dynamic\n\
              \t}}\n\
              \n\
+             \tset {HOST_OPEN_SET} {{\n\
+             \t\ttype ipv4_addr\n\
+             \t\tcomment \"guests that may reach the host's services (vm create --host-access)\"\n\
+             \t}}\n\
+             \n\
              \tset dns_udp {{\n\
              \t\ttype ipv4_addr\n\
              \t\tsize 65535\n\
@@ -154,6 +179,7 @@ impl NatRuleset {
              \t\tiifname \"{br}\" ct state established,related accept\n\
              \t\tiifname \"{br}\" ip daddr {gw} meta l4proto {{ tcp, udp }} th dport {DNS_SERVE_PORT} accept\n\
              \t\tiifname \"{br}\" ip daddr {LINK_LOCAL_V4} drop\n\
+             \t\tiifname \"{br}\" ip saddr @{HOST_OPEN_SET} accept\n\
              {closed_host}\
              \t}}\n\
              \n\
@@ -222,21 +248,33 @@ impl NatRuleset {
     }
 }
 
-/// Input for `nft -f -` that lets `tap` send from `guard`'s addresses (adding is idempotent).
+/// Input for `nft -f -` that lets `tap` send from `guard`'s addresses, and reach the host if it
+/// may (adding is idempotent).
 pub fn guard_script(tap: &TapName, guard: PortGuard) -> String {
-    format!(
+    let mut script = format!(
         "add element {GUARD_FAMILY} {NFT_TABLE} {GUARD_SET} {{ \"{tap}\" . {} . {} }}\n",
         guard.mac, guard.ip
-    )
+    );
+    if guard.host == HostAccess::Open {
+        script.push_str(&format!(
+            "add element {NFT_FAMILY} {NFT_TABLE} {HOST_OPEN_SET} {{ {} }}\n",
+            guard.ip
+        ));
+    }
+    script
 }
 
-/// Input for `nft -f -` that takes `tap`'s addresses out of the set. The element is added first,
-/// in the same transaction, so the delete succeeds whether or not it was there.
+/// Input for `nft -f -` that takes `tap`'s addresses (and its host access) out of the sets. Each
+/// element is added first, in the same transaction, so the delete succeeds whether or not it
+/// was there.
 pub fn unguard_script(tap: &TapName, guard: PortGuard) -> String {
     let element = format!("{{ \"{tap}\" . {} . {} }}", guard.mac, guard.ip);
+    let host = format!("{{ {} }}", guard.ip);
     format!(
         "add element {GUARD_FAMILY} {NFT_TABLE} {GUARD_SET} {element}\n\
-         delete element {GUARD_FAMILY} {NFT_TABLE} {GUARD_SET} {element}\n"
+         delete element {GUARD_FAMILY} {NFT_TABLE} {GUARD_SET} {element}\n\
+         add element {NFT_FAMILY} {NFT_TABLE} {HOST_OPEN_SET} {host}\n\
+         delete element {NFT_FAMILY} {NFT_TABLE} {HOST_OPEN_SET} {host}\n"
     )
 }
 
@@ -278,6 +316,11 @@ table inet banger {
 \t\tflags dynamic
 \t}
 
+\tset host_open {
+\t\ttype ipv4_addr
+\t\tcomment \"guests that may reach the host's services (vm create --host-access)\"
+\t}
+
 \tset dns_udp {
 \t\ttype ipv4_addr
 \t\tsize 65535
@@ -307,6 +350,7 @@ table inet banger {
 \t\tiifname \"banger0\" ct state established,related accept
 \t\tiifname \"banger0\" ip daddr 172.16.0.1 meta l4proto { tcp, udp } th dport 10053 accept
 \t\tiifname \"banger0\" ip daddr 169.254.0.0/16 drop
+\t\tiifname \"banger0\" ip saddr @host_open accept
 \t\tiifname \"banger0\" drop
 \t}
 
@@ -397,14 +441,13 @@ table inet banger {
         assert!(t.trim_end().ends_with("drop\n\t}\n}"), "{t}");
         let tap = TapName::for_vm("vm1");
         let ip: Ipv4Addr = "172.16.0.2".parse().unwrap();
-        let guard = PortGuard {
-            mac: Mac::for_ip(ip),
-            ip,
-        };
+        let guard = PortGuard::new(Mac::for_ip(ip), ip);
         assert_eq!(
             guard_script(&tap, guard),
             format!("add element bridge banger guests {{ \"{tap}\" . 02:ba:ac:10:00:02 . 172.16.0.2 }}\n")
         );
+        assert!(guard_script(&tap, guard.with_host(HostAccess::Open))
+            .ends_with("\nadd element inet banger host_open { 172.16.0.2 }\n"));
         let un = unguard_script(&tap, guard);
         assert!(
             un.starts_with("add element") && un.contains("\ndelete element"),

@@ -244,10 +244,7 @@ mod tests {
 
     fn guard(last: u8) -> PortGuard {
         let ip = Ipv4Addr::new(172, 16, 0, last);
-        PortGuard {
-            mac: crate::addr::Mac::for_ip(ip),
-            ip,
-        }
+        PortGuard::new(crate::addr::Mac::for_ip(ip), ip)
     }
 
     #[test]

@@ -271,10 +271,7 @@ fn nft_banger_listing() -> String {
 
 fn guard(ip: &str) -> PortGuard {
     let ip: std::net::Ipv4Addr = ip.parse().unwrap();
-    PortGuard {
-        mac: Mac::for_ip(ip),
-        ip,
-    }
+    PortGuard::new(Mac::for_ip(ip), ip)
 }
 
 /// The guard set's elements as `TAP MAC IP`, sorted.
@@ -780,6 +777,31 @@ netns_test! {
         assert!(from_a > 0 && (from_a as f64) <= most, "{from_a} of 4000 got through in {secs:.1} s (at most {most})");
         assert_eq!(counts.get("172.16.0.3").copied(), Some(50), "the other guest was slowed: {counts:?}");
         drop((a, b, tcp));
+        let _ = net.teardown().unwrap();
+    }
+}
+
+netns_test! {
+    fn only_a_guest_given_host_access_reaches_the_hosts_services() {
+        let net = system_network(Elevation::Direct, BridgeConfig::default());
+        let _ = net.ensure_host().unwrap();
+        let _service = std::net::TcpListener::bind("172.16.0.1:8080").unwrap();
+        let a = FakeGuest::attach_as_tap("banger0", "bg-fga", "172.16.0.2");
+        let b = FakeGuest::attach_as_tap("banger0", "bg-fgb", "172.16.0.3");
+        let (tap_a, tap_b) = (TapName::parse("bg-fga").unwrap(), TapName::parse("bg-fgb").unwrap());
+        let open = guard("172.16.0.2").with_host(HostAccess::Open);
+        let _ = net.host().guard_port(&tap_a, open).unwrap();
+        let _ = net.host().guard_port(&tap_b, guard("172.16.0.3")).unwrap();
+
+        assert!(a.connects("172.16.0.1", 8080), "the guest with host access");
+        assert!(!b.connects("172.16.0.1", 8080), "the guest without it");
+        // (B cannot borrow A's access by sending from A's address: the guard drops that, see
+        // `a_guest_sends_only_from_its_own_mac_and_address`.)
+        // Taken back with the guard.
+        let _ = net.host().unguard_port(&tap_a, open).unwrap();
+        let _ = net.host().guard_port(&tap_a, guard("172.16.0.2")).unwrap();
+        assert!(!a.connects("172.16.0.1", 8080), "access outlived its VM's guard");
+        drop((a, b));
         let _ = net.teardown().unwrap();
     }
 }

@@ -68,6 +68,8 @@ const MIGRATIONS: &[&str] = &[
     );",
     // 4: how each VM boots, fixed when it is made (a re-pulled image may change, the VM not).
     "ALTER TABLE vms ADD COLUMN boot TEXT NOT NULL DEFAULT 'systemd';",
+    // 5: whether the VM may reach services on the host (`--host-access`), fixed when it is made.
+    "ALTER TABLE vms ADD COLUMN host_access INTEGER NOT NULL DEFAULT 0;",
 ];
 
 #[derive(Clone)]
@@ -338,6 +340,8 @@ pub struct VmRow {
     pub created_at: String,
     pub last_error: Option<String>,
     pub boot: Boot,
+    /// The guest may reach every service on the host, not only DNS.
+    pub host_access: bool,
 }
 
 fn parse_boot(s: &str) -> Boot {
@@ -368,6 +372,7 @@ fn vm_row(r: &Row<'_>) -> rusqlite::Result<VmRow> {
         created_at: r.get("created_at")?,
         last_error: r.get("last_error")?,
         boot: parse_boot(&r.get::<_, String>("boot")?),
+        host_access: r.get("host_access")?,
     })
 }
 
@@ -386,8 +391,8 @@ pub fn get_vm(conn: &Connection, name: &str) -> anyhow::Result<Option<VmRow>> {
 pub fn insert_vm(conn: &Connection, v: &VmRow) -> anyhow::Result<()> {
     conn.execute(
         "INSERT INTO vms (name, id, image, kernel, state, vcpu, memory_mib, disk_bytes, ip, mac, tap,
-                          vmm, handle, created_at, last_error, boot)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+                          vmm, handle, created_at, last_error, boot, host_access)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
         params![
             v.name,
             v.id,
@@ -404,7 +409,8 @@ pub fn insert_vm(conn: &Connection, v: &VmRow) -> anyhow::Result<()> {
             v.handle,
             v.created_at,
             v.last_error,
-            v.boot.as_str()
+            v.boot.as_str(),
+            v.host_access
         ],
     )?;
     Ok(())

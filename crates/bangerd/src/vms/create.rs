@@ -54,6 +54,7 @@ impl Vms {
         let kernel_for_row = kernel.name.clone();
         let boot = image.boot;
         let spec = req.spec;
+        let host_access = req.host_access;
         let row = self
             .store
             .call(move |c| {
@@ -103,6 +104,7 @@ impl Vms {
                     created_at: now_rfc3339(),
                     last_error: None,
                     boot,
+                    host_access,
                 };
                 store::insert_vm(&tx, &row)?;
                 tx.commit()?;

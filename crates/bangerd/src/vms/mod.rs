@@ -215,6 +215,8 @@ impl Vms {
             last_error: row.last_error.clone(),
             // banger's Debian images run sshd; images booted with the agent as PID 1 do not.
             ssh: row.boot == banger_api::Boot::Systemd,
+            host_access: row.host_access
+                || self.net.config().host_access == banger_net::HostAccess::Open,
         }
     }
 

@@ -28,7 +28,7 @@ impl Vms {
         }
         // A record that no longer parses has nothing to take back: the set goes with the table.
         let guard = match (row.mac.parse(), row.ip.parse()) {
-            (Ok(mac), Ok(ip)) => Some(banger_net::PortGuard { mac, ip }),
+            (Ok(mac), Ok(ip)) => Some(banger_net::PortGuard::new(mac, ip)),
             _ => None,
         };
         let r = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {

@@ -12,7 +12,7 @@ use banger_agent::cmdline::{BootSettings, Ipv4Cidr};
 use banger_api::vm::{VmInfo, VmState};
 use banger_api::{ApiError, Boot, ErrorCode};
 use banger_image::Progress;
-use banger_net::{PortGuard, Subnet};
+use banger_net::{HostAccess, PortGuard, Subnet};
 use banger_vmm::VmConfig;
 use futures_util::future::BoxFuture;
 
@@ -152,7 +152,12 @@ impl Vms {
             let _g = self.net_lock.lock().await;
             let net = self.net.clone();
             let id = row.id.clone();
-            let guard = PortGuard { mac: nic.mac, ip };
+            let host = if row.host_access {
+                HostAccess::Open
+            } else {
+                HostAccess::DnsOnly
+            };
+            let guard = PortGuard::new(nic.mac, ip).with_host(host);
             let attached = tokio::task::spawn_blocking(move || net.attach_vm(&id, uid, guard))
                 .await
                 .map_err(|e| internal(e.into()))?;
@@ -395,6 +400,7 @@ mod tests {
             created_at: "2026-01-01T00:00:00Z".into(),
             last_error: None,
             boot,
+            host_access: false,
         }
     }
 

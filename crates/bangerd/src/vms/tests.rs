@@ -443,6 +443,7 @@ fn request(name: &str, image: &str, start: bool) -> CreateVmRequest {
         },
         start,
         file_sync: Vec::new(),
+        host_access: false,
     }
 }
 
@@ -705,6 +706,37 @@ async fn a_start_whose_name_server_cannot_hold_its_port_fails_and_leaves_nothing
 }
 
 #[tokio::test]
+async fn host_access_is_per_vm_and_goes_with_its_tap() {
+    let host = Host::new();
+    let vms = host.daemon();
+    let open = vms
+        .create(
+            CreateVmRequest {
+                host_access: true,
+                ..request("open", "debian", true)
+            },
+            Emitter::sink(),
+        )
+        .await
+        .unwrap();
+    let closed = create(&vms, "closed", "debian").await.unwrap();
+    assert!(open.host_access && !closed.host_access);
+    let guards = host.net.host().state().guards;
+    let tap = |i: &VmInfo| banger_net::TapName::parse(&i.tap).unwrap();
+    assert_eq!(guards[&tap(&open)].host, banger_net::HostAccess::Open);
+    assert_eq!(guards[&tap(&closed)].host, banger_net::HostAccess::DnsOnly);
+    // Kept across a restart, as the VM's own setting.
+    vms.restart("open", Emitter::sink()).await.unwrap();
+    assert!(vms.show("open").await.unwrap().host_access);
+    assert_eq!(
+        host.net.host().state().guards[&tap(&open)].host,
+        banger_net::HostAccess::Open
+    );
+    vms.delete("open", true).await.unwrap();
+    assert!(!host.net.host().state().guards.contains_key(&tap(&open)));
+}
+
+#[tokio::test]
 async fn a_guest_that_never_becomes_ready_is_kept_for_inspection_until_deleted() {
     let host = Host::new();
     let vms = host.daemon();
@@ -931,10 +963,7 @@ async fn reconcile_stops_a_vmm_that_was_started_but_never_recorded() {
     // was never written down.
     let id = info.tap.strip_prefix("bg-").unwrap();
     let ip: std::net::Ipv4Addr = info.ip.parse().unwrap();
-    let guard = banger_net::PortGuard {
-        mac: banger_net::Mac::for_ip(ip),
-        ip,
-    };
+    let guard = banger_net::PortGuard::new(banger_net::Mac::for_ip(ip), ip);
     host.net
         .attach_vm(id, nix::unistd::geteuid(), guard)
         .unwrap();
