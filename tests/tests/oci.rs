@@ -242,6 +242,43 @@ fn busybox_image_boots_with_the_agent_as_init_and_does_sessions_and_workspaces_w
         "a zombie was left:\n{ps}"
     );
 
+    // The guest reaches the host's DNS and nothing else of the host, and never a metadata
+    // address: a real guest's packets, through its real tap, against banger's real tables.
+    let ns = env.netns.as_ref().unwrap();
+    let host = |args: &[&str]| {
+        let ok = ns
+            .wrap(Path::new(args[0]))
+            .args(&args[1..])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "{args:?} failed in the test's namespace");
+    };
+    host(&["ip", "addr", "add", "169.254.169.254/32", "dev", "lo"]);
+    let mut service = ns
+        .wrap(Path::new("python3"))
+        .args(["-c", "import socket,time; s=socket.socket(); s.bind(('0.0.0.0',8080)); s.listen(); time.sleep(600)"])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let reaches = |addr: &str, port: u16| {
+        exec_sh(&env, "bb", &format!("nc -w 3 {addr} {port} </dev/null")).success()
+    };
+    assert!(
+        reaches("172.16.0.1", 53),
+        "DNS over TCP on the bridge address stays open"
+    );
+    assert!(
+        !reaches("172.16.0.1", 8080),
+        "the guest reached a host service"
+    );
+    assert!(
+        !reaches("169.254.169.254", 8080),
+        "the guest reached a metadata address"
+    );
+    let _ = service.kill();
+    let _ = service.wait();
+
     // A terminal through the agent: size, resize, Ctrl-C, the exit status.
     let tmux = Tmux::start(&env, &["vm", "ssh", "bb"]);
     tmux.line("stty size; echo marker-$((6*7))");
