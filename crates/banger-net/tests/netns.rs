@@ -451,17 +451,23 @@ impl FakeGuest {
         guest
     }
 
+    /// `bash -c script` inside the guest's namespace.
+    fn bash(&self, script: &str) -> Command {
+        let mut c = Command::new("nsenter");
+        c.args([
+            "-t",
+            &self.holder.id().to_string(),
+            "-n",
+            "bash",
+            "-c",
+            script,
+        ]);
+        c
+    }
+
     /// Runs `script` with bash inside the guest's namespace; whether it succeeded.
     fn run(&self, script: &str) -> bool {
-        Command::new("nsenter")
-            .args([
-                "-t",
-                &self.holder.id().to_string(),
-                "-n",
-                "bash",
-                "-c",
-                script,
-            ])
+        self.bash(script)
             .status()
             .expect("cannot run nsenter")
             .success()
@@ -469,17 +475,7 @@ impl FakeGuest {
 
     /// What `script` prints on stdout, run with bash inside the guest's namespace.
     fn output(&self, script: &str) -> String {
-        let out = Command::new("nsenter")
-            .args([
-                "-t",
-                &self.holder.id().to_string(),
-                "-n",
-                "bash",
-                "-c",
-                script,
-            ])
-            .output()
-            .expect("cannot run nsenter");
+        let out = self.bash(script).output().expect("cannot run nsenter");
         assert!(
             out.status.success(),
             "{script}: {}",
