@@ -279,6 +279,55 @@ fn busybox_image_boots_with_the_agent_as_init_and_does_sessions_and_workspaces_w
     let _ = service.kill();
     let _ = service.wait();
 
+    // A guest writes 100 MB to a reader that does not read for 30 s: the output waits in the
+    // guest (its command blocks on the full pipe: it has written only what the buffers along
+    // the way hold) and the daemon's memory stays bounded; then all of it arrives. Under TCG
+    // the agent moves a few MB/s, so without backpressure the command would have written
+    // about 80 MB by then, all of it queued in the daemon.
+    let daemon = env.daemon_pid().expect("the daemon runs");
+    let total: u64 = 100_000_000;
+    let mut flood = env
+        .cmd([
+            "vm",
+            "exec",
+            "bb",
+            "--",
+            "head",
+            "-c",
+            &total.to_string(),
+            "/dev/zero",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(30));
+    let io = exec_sh(&env, "bb", "cat /proc/$(pidof head)/io");
+    let written: u64 = io
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("wchar:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no wchar for head in the guest: {io}"));
+    assert!(
+        written < 32_000_000,
+        "the guest wrote {written} bytes while nobody read them"
+    );
+    let copied = std::io::copy(flood.stdout.as_mut().unwrap(), &mut std::io::sink()).unwrap();
+    assert!(flood.wait().unwrap().success());
+    assert_eq!(copied, total);
+    let status = std::fs::read_to_string(format!("/proc/{daemon}/status")).unwrap();
+    let peak_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    assert!(
+        peak_kib < 256 * 1024,
+        "the daemon's peak RSS was {} MiB",
+        peak_kib / 1024
+    );
+
     // A terminal through the agent: size, resize, Ctrl-C, the exit status.
     let tmux = Tmux::start(&env, &["vm", "ssh", "bb"]);
     tmux.line("stty size; echo marker-$((6*7))");

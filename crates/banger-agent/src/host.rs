@@ -165,6 +165,8 @@ pub struct Capabilities {
     pub tty: bool,
     /// It runs commands as the image's or the request's user.
     pub users: bool,
+    /// It holds a command's output until the host acknowledges it (per-command backpressure).
+    pub output_acks: bool,
 }
 
 /// A command to run in the guest.
@@ -232,9 +234,19 @@ pub struct CollectedOutput {
     pub status: ExitStatus,
 }
 
+/// Output frames held for one command's consumer before the connection stops being read.
+const EXEC_QUEUE: usize = 64;
+
+/// An event for a command's consumer, to be delivered outside the state lock.
+type Delivery = (
+    RequestId,
+    mpsc::Sender<Result<ExecEvent, AgentError>>,
+    Result<ExecEvent, AgentError>,
+);
+
 enum Pending {
     Hello(oneshot::Sender<Result<Ready, AgentError>>),
-    Exec(mpsc::UnboundedSender<Result<ExecEvent, AgentError>>),
+    Exec(mpsc::Sender<Result<ExecEvent, AgentError>>),
     Poweroff(oneshot::Sender<Result<(), AgentError>>),
 }
 
@@ -242,7 +254,8 @@ impl Pending {
     fn fail(self, err: AgentError) {
         match self {
             Pending::Hello(tx) => drop(tx.send(Err(err))),
-            Pending::Exec(tx) => drop(tx.send(Err(err))),
+            // Full means the consumer is behind; it learns of the end when the sender drops.
+            Pending::Exec(tx) => drop(tx.try_send(Err(err))),
             Pending::Poweroff(tx) => drop(tx.send(Err(err))),
         }
     }
@@ -450,18 +463,21 @@ impl AgentClient {
             self.require("run commands as another user", |c| c.users)
                 .await?;
         }
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(EXEC_QUEUE);
         let id = self.register(Pending::Exec(tx))?;
-        let credit = {
+        let (credit, output_acks) = {
             let mut st = lock(&self.inner.state);
-            st.agent
+            let output_acks = st.agent.as_ref().is_some_and(|(_, c)| c.output_acks);
+            let credit = st
+                .agent
                 .as_ref()
                 .is_some_and(|(_, c)| c.stdin_acks)
                 .then(|| {
                     let c = Arc::new(Semaphore::new(STDIN_WINDOW));
                     st.credits.insert(id, c.clone());
                     c
-                })
+                });
+            (credit, output_acks)
         };
         self.send(&HostMessage::Exec {
             id,
@@ -472,6 +488,7 @@ impl AgentClient {
             rows: req.tty.map(|s| s.rows),
             cols: req.tty.map(|s| s.cols),
             user: req.user,
+            output_acks,
         })
         .await?;
         Ok(ExecHandle {
@@ -485,6 +502,7 @@ impl AgentClient {
                 client: self.clone(),
                 rx,
                 done: false,
+                ack: output_acks.then_some(id),
             },
         })
     }
@@ -658,8 +676,10 @@ impl ExecInput {
 #[derive(Debug)]
 pub struct ExecOutput {
     client: AgentClient,
-    rx: mpsc::UnboundedReceiver<Result<ExecEvent, AgentError>>,
+    rx: mpsc::Receiver<Result<ExecEvent, AgentError>>,
     done: bool,
+    /// The request to acknowledge each output frame for, when the agent waits for that.
+    ack: Option<RequestId>,
 }
 
 impl ExecOutput {
@@ -673,7 +693,13 @@ impl ExecOutput {
             .recv()
             .await
             .unwrap_or_else(|| Err(self.client.lost_now()));
-        self.done = !matches!(event, Ok(ExecEvent::Stdout(_) | ExecEvent::Stderr(_)));
+        let output = matches!(event, Ok(ExecEvent::Stdout(_) | ExecEvent::Stderr(_)));
+        self.done = !output;
+        if let (true, Some(id)) = (output, self.ack) {
+            // Taken by the reader: the agent may send one more. A failure to say so means the
+            // connection is gone, which the next event reports.
+            let _ = self.client.send(&HostMessage::OutputAck { id }).await;
+        }
         Some(event)
     }
 
@@ -778,7 +804,14 @@ async fn read_loop<R: AsyncRead + Send + Unpin>(read: R, state: Shared, vm: Stri
         // A frame that does not parse is most likely the tail of one sent to an earlier host
         // connection; skipping it is all there is to do.
         if let Ok(msg) = decode::<GuestMessage>(&line) {
-            dispatch(&state, &vm, msg);
+            if let Some((id, tx, event)) = dispatch(&state, &vm, msg) {
+                // Waits while the command's consumer is behind: the stream stops being read,
+                // the guest's writes block, and so does the command. Memory stays bounded
+                // whatever the guest sends. A consumer that is gone ends the request.
+                if tx.send(event).await.is_err() {
+                    lock(&state).pending.remove(&id);
+                }
+            }
         }
     };
     let mut st = lock(&state);
@@ -798,7 +831,9 @@ async fn read_loop<R: AsyncRead + Send + Unpin>(read: R, state: Shared, vm: Stri
     }
 }
 
-fn dispatch(state: &Mutex<State>, vm: &str, msg: GuestMessage) {
+/// Settles `msg` against the request it answers. Output for a running command comes back to be
+/// delivered by the caller, outside the lock, where it may wait.
+fn dispatch(state: &Mutex<State>, vm: &str, msg: GuestMessage) -> Option<Delivery> {
     let id = msg.id();
     let mut st = lock(state);
     match &msg {
@@ -810,7 +845,7 @@ fn dispatch(state: &Mutex<State>, vm: &str, msg: GuestMessage) {
                     credit.add_permits(1);
                 }
             }
-            return;
+            return None;
         }
         GuestMessage::Exit { .. } | GuestMessage::Error { .. } => {
             if let Some(credit) = st.credits.remove(&id) {
@@ -822,6 +857,7 @@ fn dispatch(state: &Mutex<State>, vm: &str, msg: GuestMessage) {
             stdin_acks,
             tty,
             users,
+            output_acks,
             ..
         } => {
             st.agent = Some((
@@ -830,14 +866,13 @@ fn dispatch(state: &Mutex<State>, vm: &str, msg: GuestMessage) {
                     stdin_acks: *stdin_acks,
                     tty: *tty,
                     users: *users,
+                    output_acks: *output_acks,
                 },
             ))
         }
         _ => {}
     }
-    let Some(pending) = st.pending.remove(&id) else {
-        return;
-    };
+    let pending = st.pending.remove(&id)?;
     match (pending, msg) {
         (
             Pending::Hello(tx),
@@ -848,6 +883,7 @@ fn dispatch(state: &Mutex<State>, vm: &str, msg: GuestMessage) {
                 stdin_acks,
                 tty,
                 users,
+                output_acks,
                 ..
             },
         ) => drop(tx.send(Ok(Ready {
@@ -858,21 +894,23 @@ fn dispatch(state: &Mutex<State>, vm: &str, msg: GuestMessage) {
                 stdin_acks,
                 tty,
                 users,
+                output_acks,
             },
         }))),
         (Pending::Exec(tx), GuestMessage::Stdout { data, .. }) => {
-            // A dropped ExecOutput means nobody wants the rest; forget the request then.
-            if tx.send(Ok(ExecEvent::Stdout(Bytes::from(data.0)))).is_ok() {
-                st.pending.insert(id, Pending::Exec(tx));
-            }
+            st.pending.insert(id, Pending::Exec(tx.clone()));
+            return Some((id, tx, Ok(ExecEvent::Stdout(Bytes::from(data.0)))));
         }
         (Pending::Exec(tx), GuestMessage::Stderr { data, .. }) => {
-            if tx.send(Ok(ExecEvent::Stderr(Bytes::from(data.0)))).is_ok() {
-                st.pending.insert(id, Pending::Exec(tx));
-            }
+            st.pending.insert(id, Pending::Exec(tx.clone()));
+            return Some((id, tx, Ok(ExecEvent::Stderr(Bytes::from(data.0)))));
         }
         (Pending::Exec(tx), GuestMessage::Exit { code, signal, .. }) => {
-            drop(tx.send(Ok(ExecEvent::Exit(ExitStatus::from_wire(code, signal)))))
+            return Some((
+                id,
+                tx,
+                Ok(ExecEvent::Exit(ExitStatus::from_wire(code, signal))),
+            ));
         }
         (Pending::Poweroff(tx), GuestMessage::Exit { code, signal, .. }) => {
             let status = ExitStatus::from_wire(code, signal);
@@ -901,6 +939,7 @@ fn dispatch(state: &Mutex<State>, vm: &str, msg: GuestMessage) {
             st.pending.insert(id, pending);
         }
     }
+    None
 }
 
 /// Reads one line into `buf` (see [`LineAssembler`]).

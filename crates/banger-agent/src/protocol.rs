@@ -12,7 +12,9 @@
 //! - `hello` → `ready` (the host's readiness probe; a virtio-serial guest cannot tell whether a
 //!   host is connected, so readiness is a `ready` reply and nothing else);
 //! - `exec` → any number of `stdout`/`stderr` → one `exit`; meanwhile the host may send
-//!   `stdin`, `stdin_close` and `signal` for that id, and `resize` when it asked for a terminal;
+//!   `stdin`, `stdin_close` and `signal` for that id, `resize` when it asked for a terminal, and
+//!   `output_ack` for each output frame its reader took when it asked for acks (`output_acks`:
+//!   the agent then keeps at most [`OUTPUT_WINDOW`] frames of that command unacknowledged);
 //! - `poweroff` → `exit` (code 0 once the shutdown was started), after which the link drops.
 //!
 //! An `error` ends the request it names: it answers a request the agent could not carry out
@@ -31,7 +33,7 @@
 //! Unknown fields are ignored so that a newer host can talk to an older agent and back; an
 //! unknown `op` with an id is answered with an `error`. Because an old agent would ignore `tty`
 //! and `user` rather than refuse them, `ready` advertises what the agent can do (`stdin_acks`,
-//! `tty`, `users`) and the host refuses requests the agent would misread.
+//! `tty`, `users`, `output_acks`) and the host refuses requests the agent would misread.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -92,6 +94,11 @@ impl LineAssembler {
 /// The guest queues more than this per command, so its frame reader never blocks on a command
 /// that does not read: signals and other requests always get through.
 pub const STDIN_WINDOW: usize = 32;
+
+/// Output frames (`stdout`/`stderr`) of one command the agent sends before it waits for the
+/// host's `output_ack`s, when the host asked for them: a reader that stops reading pauses that
+/// command only, never the stream the other requests share.
+pub const OUTPUT_WINDOW: usize = 32;
 
 /// The largest payload one `stdin`/`stdout`/`stderr` frame carries.
 pub const MAX_CHUNK: usize = 32 * 1024;
@@ -194,7 +201,14 @@ pub enum HostMessage {
         cols: Option<u16>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         user: Option<String>,
+        /// The host acknowledges each output frame ([`HostMessage::OutputAck`]) once its reader
+        /// took it; the agent keeps at most [`OUTPUT_WINDOW`] unacknowledged. Only for agents
+        /// that advertise `output_acks`.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        output_acks: bool,
     },
+    /// One output frame of the command reached its reader (see `Exec::output_acks`).
+    OutputAck { id: RequestId },
     /// Bytes for the command's standard input.
     Stdin { id: RequestId, data: Data },
     /// End of the command's standard input.
@@ -213,6 +227,7 @@ impl HostMessage {
         match self {
             HostMessage::Hello { id }
             | HostMessage::Exec { id, .. }
+            | HostMessage::OutputAck { id }
             | HostMessage::Stdin { id, .. }
             | HostMessage::StdinClose { id }
             | HostMessage::Signal { id, .. }
@@ -246,6 +261,10 @@ pub enum GuestMessage {
         /// omit it (and would run the command as root).
         #[serde(default)]
         users: bool,
+        /// The agent holds a command's output back until the host acknowledges it, when the
+        /// `exec` asks for that. Older agents omit it.
+        #[serde(default)]
+        output_acks: bool,
     },
     /// One stdin chunk of the command was written to it (or dropped, with `closed`, because the
     /// command closed its stdin; later chunks are dropped too).
@@ -409,6 +428,7 @@ mod tests {
             rows: None,
             cols: None,
             user: None,
+            output_acks: false,
         };
         assert_eq!(
             wire(&msg),
@@ -430,6 +450,7 @@ mod tests {
             rows: Some(40),
             cols: Some(132),
             user: Some("app:staff".into()),
+            output_acks: false,
         };
         assert_eq!(
             wire(&msg),
@@ -473,6 +494,7 @@ mod tests {
                 rows: None,
                 cols: None,
                 user: None,
+                output_acks: false,
             }
         );
     }
@@ -509,6 +531,7 @@ mod tests {
                 rows: 50,
                 cols: 200,
             },
+            HostMessage::OutputAck { id: RequestId(7) },
         ];
         let ops = [
             "hello",
@@ -517,6 +540,7 @@ mod tests {
             "signal",
             "poweroff",
             "resize",
+            "output_ack",
         ];
         for (msg, op) in all.iter().zip(ops) {
             assert_eq!(wire(msg)["op"], op);
@@ -535,6 +559,7 @@ mod tests {
                 stdin_acks: true,
                 tty: true,
                 users: true,
+                output_acks: true,
             },
             GuestMessage::StdinAck {
                 id: RequestId(5),
@@ -575,6 +600,7 @@ mod tests {
                 stdin_acks: false,
                 tty: false,
                 users: false,
+                output_acks: false,
                 ..
             }
         ));

@@ -193,14 +193,27 @@ where
 pub fn ndjson_response<T: serde::Serialize + Send + 'static>(
     rx: mpsc::UnboundedReceiver<T>,
 ) -> Response {
-    let body = futures_util::stream::unfold(rx, |mut rx| async move {
-        let item = rx.recv().await?;
+    ndjson_stream(futures_util::stream::unfold(rx, |mut rx| async move {
+        Some((rx.recv().await?, rx))
+    }))
+}
+
+/// [`ndjson_response`] from a bounded channel: its sender waits while the client does not read,
+/// so a command's output backs up to the guest instead of piling up in the daemon.
+pub fn ndjson_bounded<T: serde::Serialize + Send + 'static>(rx: mpsc::Receiver<T>) -> Response {
+    ndjson_stream(futures_util::stream::unfold(rx, |mut rx| async move {
+        Some((rx.recv().await?, rx))
+    }))
+}
+
+fn ndjson_stream<T: serde::Serialize + Send + 'static>(
+    items: impl futures_util::Stream<Item = T> + Send + 'static,
+) -> Response {
+    use futures_util::StreamExt;
+    let body = items.map(|item| {
         let mut line = serde_json::to_vec(&item).unwrap_or_default();
         line.push(b'\n');
-        Some((
-            Ok::<_, std::convert::Infallible>(bytes::Bytes::from(line)),
-            rx,
-        ))
+        Ok::<_, std::convert::Infallible>(bytes::Bytes::from(line))
     });
     Response::builder()
         .header(header::CONTENT_TYPE, banger_api::EVENT_STREAM_CONTENT_TYPE)

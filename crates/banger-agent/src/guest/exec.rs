@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -43,7 +43,9 @@ use nix::unistd::{Gid, Pid, Uid};
 use crate::guest::pty;
 use crate::guest::serve::{report, FrameWriter, ServeConfig};
 use crate::guest::users::{self, Identity};
-use crate::protocol::{Data, GuestMessage, RequestId, WindowSize, MAX_CHUNK, STDIN_WINDOW};
+use crate::protocol::{
+    Data, GuestMessage, RequestId, WindowSize, MAX_CHUNK, OUTPUT_WINDOW, STDIN_WINDOW,
+};
 
 /// How many stdin chunks may wait for a command that is slow to read. Hosts that take acks keep
 /// at most [`STDIN_WINDOW`] in flight, so the queue never fills and the serve loop never blocks on
@@ -54,6 +56,8 @@ const QUIET_AFTER_EXIT: Duration = Duration::from_millis(50);
 /// After the command exited, a pump stops after this long even if background processes keep
 /// writing.
 const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(2);
+/// How long an output pump waits for a credit before it looks again whether the command ended.
+const CREDIT_WAIT: Duration = Duration::from_millis(250);
 /// How often a blocked terminal feeder looks whether its session ended.
 const FEEDER_TICK: Duration = Duration::from_millis(250);
 /// `TERM` for terminal sessions whose request names none.
@@ -72,6 +76,56 @@ pub struct ExecSpec {
     pub terminal: Option<WindowSize>,
     /// Who to run as, overriding [`ServeConfig::user`].
     pub user: Option<String>,
+    /// Hold output back until the host acknowledges it (at most [`OUTPUT_WINDOW`] frames ahead).
+    pub output_acks: bool,
+}
+
+/// Output frames a command may still send before the host acknowledges some. The command's
+/// output pumps take one per frame and wait when none are left: the command then blocks on its
+/// full pipe, and only it, while the stream goes on serving everything else.
+struct Credits {
+    left: Mutex<usize>,
+    more: Condvar,
+}
+
+impl Credits {
+    fn new() -> Arc<Credits> {
+        Arc::new(Credits {
+            left: Mutex::new(OUTPUT_WINDOW),
+            more: Condvar::new(),
+        })
+    }
+
+    /// Takes one credit, waiting at most `wait` for it; false if none came.
+    fn take(&self, wait: Duration) -> bool {
+        let left = self.left.lock().unwrap_or_else(PoisonError::into_inner);
+        let (mut left, _) = self
+            .more
+            .wait_timeout_while(left, wait, |l| *l == 0)
+            .unwrap_or_else(PoisonError::into_inner);
+        if *left == 0 {
+            return false;
+        }
+        *left -= 1;
+        true
+    }
+
+    /// One frame was acknowledged (or not sent after all). Never more than the window: a host
+    /// that acknowledges too much gets no more than it asked for.
+    fn give(&self) {
+        let mut left = self.left.lock().unwrap_or_else(PoisonError::into_inner);
+        if *left < OUTPUT_WINDOW {
+            *left += 1;
+        }
+        self.more.notify_all();
+    }
+
+    /// No more waiting: the connection is gone, so the pumps may run into its end.
+    fn release(&self) {
+        let mut left = self.left.lock().unwrap_or_else(PoisonError::into_inner);
+        *left = usize::MAX;
+        self.more.notify_all();
+    }
 }
 
 /// How the agent reaches a running command.
@@ -105,6 +159,8 @@ struct Running {
     control: Control,
     /// Dropping the sender closes the command's stdin.
     stdin: Option<SyncSender<Vec<u8>>>,
+    /// Present when the host acknowledges output.
+    credits: Option<Arc<Credits>>,
 }
 
 /// The commands running for one host connection, by request id.
@@ -118,6 +174,13 @@ impl ExecTable {
         // A panicking pump cannot leave the map half-updated: every change is one insert or
         // remove, so the data behind a poisoned lock is still consistent.
         self.running.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The host's reader took one output frame of the command.
+    pub(crate) fn output_ack(&self, id: RequestId) {
+        if let Some(credits) = self.lock().get(&id).and_then(|r| r.credits.clone()) {
+            credits.give();
+        }
     }
 
     /// Queues `data` for the command's stdin. Unknown ids (the command already ended) are
@@ -175,6 +238,9 @@ impl ExecTable {
     /// closes and the terminal reads end-of-file in the guest, as when sshd loses its client.
     pub(crate) fn kill_all(&self) {
         for (_, r) in self.lock().drain() {
+            if let Some(credits) = &r.credits {
+                credits.release();
+            }
             match r.control {
                 Control::Pipes { pgid } => drop(killpg(pgid, Signal::SIGKILL)),
                 Control::Terminal {
@@ -274,6 +340,7 @@ pub(crate) fn start(
         path: env.get("PATH").map(String::as_str).unwrap_or(""),
         table,
         writer,
+        credits: spec.output_acks.then(Credits::new),
     };
     match spec.terminal {
         None => {
@@ -365,6 +432,7 @@ struct Launch<'a> {
     path: &'a str,
     table: &'a Arc<ExecTable>,
     writer: &'a Arc<FrameWriter>,
+    credits: Option<Arc<Credits>>,
 }
 
 impl Launch<'_> {
@@ -388,6 +456,7 @@ impl Launch<'_> {
             Running {
                 control: Control::Pipes { pgid },
                 stdin: Some(stdin_tx),
+                credits: self.credits.clone(),
             },
         );
 
@@ -398,24 +467,28 @@ impl Launch<'_> {
         let exited = Arc::new(AtomicBool::new(false));
         let mut pumps = Vec::new();
         if let Some(out) = child.stdout.take() {
-            let (writer, exited) = (self.writer.clone(), exited.clone());
+            let (writer, exited, credits) =
+                (self.writer.clone(), exited.clone(), self.credits.clone());
             pumps.push(thread::spawn(move || {
                 pump(
                     out,
                     &exited,
                     |data| GuestMessage::Stdout { id, data },
                     &writer,
+                    credits.as_deref(),
                 )
             }));
         }
         if let Some(err) = child.stderr.take() {
-            let (writer, exited) = (self.writer.clone(), exited.clone());
+            let (writer, exited, credits) =
+                (self.writer.clone(), exited.clone(), self.credits.clone());
             pumps.push(thread::spawn(move || {
                 pump(
                     err,
                     &exited,
                     |data| GuestMessage::Stderr { id, data },
                     &writer,
+                    credits.as_deref(),
                 )
             }));
         }
@@ -453,6 +526,7 @@ impl Launch<'_> {
                     exited: exited.clone(),
                 },
                 stdin: Some(stdin_tx),
+                credits: self.credits.clone(),
             },
         );
         {
@@ -460,7 +534,8 @@ impl Launch<'_> {
             thread::spawn(move || feed_terminal(input, stdin_rx, id, &writer, &exited));
         }
         let pumps = {
-            let (writer, exited) = (self.writer.clone(), exited.clone());
+            let (writer, exited, credits) =
+                (self.writer.clone(), exited.clone(), self.credits.clone());
             // A terminal merges stdout and stderr; all of it is the command's stdout.
             vec![thread::spawn(move || {
                 pump(
@@ -468,6 +543,7 @@ impl Launch<'_> {
                     &exited,
                     |data| GuestMessage::Stdout { id, data },
                     &writer,
+                    credits.as_deref(),
                 )
             })]
         };
@@ -575,12 +651,13 @@ fn write_to_terminal(master: &File, mut data: &[u8], exited: &AtomicBool) -> io:
 }
 
 /// Forwards one output pipe (or a terminal's master) as frames built by `frame`, chunk by chunk
-/// as the command writes.
+/// as the command writes, each after taking a credit when the host acknowledges output.
 fn pump<R: Read + AsFd>(
     mut pipe: R,
     exited: &AtomicBool,
     frame: impl Fn(Data) -> GuestMessage,
     writer: &FrameWriter,
+    credits: Option<&Credits>,
 ) {
     let mut buf = vec![0u8; MAX_CHUNK];
     let mut drain_until: Option<Instant> = None;
@@ -605,6 +682,16 @@ fn pump<R: Read + AsFd>(
             Ok(_) => {}
             Err(_) => return,
         }
+        if let Some(c) = credits {
+            if !c.take(CREDIT_WAIT) {
+                // Waiting for the reader is not waiting for output: the time the drain after
+                // exit allows does not run meanwhile.
+                if let Some(d) = drain_until.as_mut() {
+                    *d += CREDIT_WAIT;
+                }
+                continue;
+            }
+        }
         match pipe.read(&mut buf) {
             Ok(0) => return,
             Ok(n) => {
@@ -617,7 +704,13 @@ fn pump<R: Read + AsFd>(
                 if matches!(
                     e.kind(),
                     io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock
-                ) => {}
+                ) =>
+            {
+                // Nothing was sent for the credit taken.
+                if let Some(c) = credits {
+                    c.give();
+                }
+            }
             // EIO on a terminal's master: every copy of the slave is closed.
             Err(_) => return,
         }

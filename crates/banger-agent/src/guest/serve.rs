@@ -163,6 +163,7 @@ fn handle(
             rows,
             cols,
             user,
+            output_acks,
         } => {
             let spec = ExecSpec {
                 argv,
@@ -170,11 +171,13 @@ fn handle(
                 cwd,
                 terminal: tty.then(|| WindowSize::or_default(rows, cols)),
                 user,
+                output_acks,
             };
             if let Err(message) = exec::start(id, spec, cfg, execs, writer) {
                 reply(writer, GuestMessage::Error { id, message });
             }
         }
+        HostMessage::OutputAck { id } => execs.output_ack(id),
         HostMessage::Stdin { id, data } => execs.stdin(id, data.0),
         HostMessage::StdinClose { id } => execs.close_stdin(id),
         HostMessage::Signal { id, signal } => {
@@ -223,6 +226,7 @@ fn ready(id: RequestId) -> GuestMessage {
         stdin_acks: true,
         tty: true,
         users: true,
+        output_acks: true,
     }
 }
 

@@ -63,13 +63,14 @@ pub async fn exec(
     UrlPath(name): UrlPath<String>,
     Json(req): Json<ExecRequest>,
 ) -> Response {
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<ExecEvent>();
+    // Bounded: while the client does not read, the command's output waits in the guest.
+    let (tx, rx) = tokio::sync::mpsc::channel::<ExecEvent>(crate::vms::EXEC_EVENTS_IN_FLIGHT);
     tokio::spawn(async move {
         if let Err(error) = s.vms.exec(&name, req, tx.clone()).await {
-            let _ = tx.send(ExecEvent::Failed { error });
+            let _ = tx.send(ExecEvent::Failed { error }).await;
         }
     });
-    crate::server::ndjson_response(rx)
+    crate::server::ndjson_bounded(rx)
 }
 
 pub async fn exec_stdin(

@@ -50,7 +50,7 @@ impl Vms {
         &self,
         name: &str,
         req: ExecRequest,
-        out: tokio::sync::mpsc::UnboundedSender<ExecEvent>,
+        out: tokio::sync::mpsc::Sender<ExecEvent>,
     ) -> Result<(), ApiError> {
         use base64::Engine;
         let r = agent_request(&req)?;
@@ -71,7 +71,7 @@ impl Vms {
         let _session = self
             .exec_sessions
             .claim(&session, (name.to_owned(), handle.input.clone()));
-        let _ = out.send(ExecEvent::Started { session });
+        let _ = out.send(ExecEvent::Started { session }).await;
         if !req.stdin {
             handle.input.close().await.map_err(lost)?;
         }
@@ -92,23 +92,27 @@ impl Vms {
                 }
             };
             let Some(ev) = ev else { break };
-            match ev.map_err(lost)? {
-                AgentEvent::Stdout(b) => {
-                    let _ = out.send(ExecEvent::Stdout {
-                        data: b64.encode(&b),
-                    });
-                }
-                AgentEvent::Stderr(b) => {
-                    let _ = out.send(ExecEvent::Stderr {
-                        data: b64.encode(&b),
-                    });
-                }
+            let event = match ev.map_err(lost)? {
+                AgentEvent::Stdout(b) => ExecEvent::Stdout {
+                    data: b64.encode(&b),
+                },
+                AgentEvent::Stderr(b) => ExecEvent::Stderr {
+                    data: b64.encode(&b),
+                },
                 AgentEvent::Exit(status) => {
-                    let _ = out.send(ExecEvent::Exit {
-                        code: status.shell_code(),
-                    });
+                    let _ = out
+                        .send(ExecEvent::Exit {
+                            code: status.shell_code(),
+                        })
+                        .await;
                     return Ok(());
                 }
+            };
+            // Waits while the client is not reading: the output stays in the guest, whose
+            // command blocks on its full pipe. Once the client is gone, output is dropped
+            // (the loop above hangs the command up and drains it).
+            if !hung_up {
+                let _ = out.send(event).await;
             }
         }
         Err(api(

@@ -47,6 +47,10 @@ mod supervise;
 mod tests;
 
 pub use agent::AgentBinary;
+
+/// Exec events (output chunks of at most the agent's chunk size) the daemon holds for one
+/// client before it stops taking more from the guest.
+pub const EXEC_EVENTS_IN_FLIGHT: usize = 16;
 pub use start::{SshdProbe, TcpSshd};
 
 /// What the VM service does to the host beyond its own files and rows, built once by the

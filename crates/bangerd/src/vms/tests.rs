@@ -464,7 +464,7 @@ async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
 /// Runs `argv` in the VM through its agent and returns its stdout and exit status.
 async fn exec(vms: &Vms, name: &str, argv: &[&str]) -> (String, i32) {
     use base64::Engine;
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
     let req = ExecRequest {
         argv: argv.iter().map(|s| s.to_string()).collect(),
         cwd: None,
