@@ -39,13 +39,9 @@ pub struct Printable {
 impl Printable {
     pub fn push(&mut self, chunk: &[u8]) -> String {
         self.carry.extend_from_slice(chunk);
-        // Keep back at most the 3 bytes of an unfinished sequence at the end.
-        let cut = match std::str::from_utf8(&self.carry) {
-            Ok(_) => self.carry.len(),
-            Err(e) if e.error_len().is_none() => e.valid_up_to(),
-            Err(_) => self.carry.len(),
-        };
-        let rest = self.carry.split_off(cut);
+        // Keep back at most the 3 bytes of an unfinished sequence at the end (whatever came
+        // before it, invalid bytes included).
+        let rest = self.carry.split_off(unfinished_tail(&self.carry));
         let text = String::from_utf8_lossy(&self.carry).into_owned();
         self.carry = rest;
         printable(&text).into_owned()
@@ -56,6 +52,22 @@ impl Printable {
         let text = String::from_utf8_lossy(&std::mem::take(&mut self.carry)).into_owned();
         printable(&text).into_owned()
     }
+}
+
+/// Where an unfinished UTF-8 sequence at the end of `bytes` starts (`bytes.len()` if none).
+fn unfinished_tail(bytes: &[u8]) -> usize {
+    for back in 1..=bytes.len().min(3) {
+        let at = bytes.len() - back;
+        let need = match bytes[at] {
+            0x80..=0xBF => continue, // a continuation byte: its lead is further back
+            0xC2..=0xDF => 2,
+            0xE0..=0xEF => 3,
+            0xF0..=0xF4 => 4,
+            _ => return bytes.len(),
+        };
+        return if need > back { at } else { bytes.len() };
+    }
+    bytes.len()
 }
 
 #[cfg(test)]
@@ -89,5 +101,10 @@ mod tests {
         assert_eq!(p.push(b"a\xffb"), "a\u{fffd}b");
         assert_eq!(p.push(b"\xe2\x9c"), "");
         assert_eq!(p.finish(), "\u{fffd}");
+        // An invalid byte earlier in a chunk does not cost a character split at its end.
+        let mut p = Printable::default();
+        assert_eq!(p.push(b"a\xffb\xe2\x9c"), "a\u{fffd}b");
+        assert_eq!(p.push(b"\x93!"), "\u{2713}!");
+        assert_eq!(p.finish(), "");
     }
 }
