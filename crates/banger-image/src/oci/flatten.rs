@@ -303,6 +303,33 @@ enum Failure {
     Panic,
 }
 
+impl Failure {
+    /// The image's error for layer `index` of `count`.
+    fn into_error(self, index: usize, count: usize, digest: Sha256Digest) -> FlattenError {
+        match self {
+            Failure::Layer(source) => FlattenError::Layer {
+                index,
+                count,
+                digest,
+                source: Box::new(source),
+            },
+            Failure::Tar(source) => FlattenError::Tar {
+                index,
+                count,
+                digest,
+                source: Box::new(source),
+            },
+            Failure::Tree(source) => FlattenError::Tree {
+                index,
+                count,
+                digest,
+                source: Box::new(source),
+            },
+            Failure::Panic => FlattenError::Panic { index, count },
+        }
+    }
+}
+
 /// Chunks of the uncompressed stream handed from the decompressing thread to the parser; an
 /// empty chunk is the end.
 struct ChunkReader {
@@ -514,31 +541,7 @@ fn run(
                     progress.notice(&format!("layer {index}/{count}: {n}"));
                 }
             }
-            Err(Failure::Layer(source)) => {
-                return Err(FlattenError::Layer {
-                    index,
-                    count,
-                    digest,
-                    source: Box::new(source),
-                })
-            }
-            Err(Failure::Tar(source)) => {
-                return Err(FlattenError::Tar {
-                    index,
-                    count,
-                    digest,
-                    source: Box::new(source),
-                })
-            }
-            Err(Failure::Tree(source)) => {
-                return Err(FlattenError::Tree {
-                    index,
-                    count,
-                    digest,
-                    source: Box::new(source),
-                })
-            }
-            Err(Failure::Panic) => return Err(FlattenError::Panic { index, count }),
+            Err(failure) => return Err(failure.into_error(index, count, digest)),
         }
     }
     progress.bytes(read_bytes.load(Ordering::Relaxed), Some(total));
