@@ -117,6 +117,14 @@ impl FakeHostNet {
     pub fn fail_deleting(&self, tap: TapName) {
         self.lock().failing_deletes.insert(tap);
     }
+
+    /// The nft tables go behind banger's back (an upgrade, a hand edit, `nft flush ruleset`):
+    /// the next `ensure_nat` installs them again, with empty sets.
+    pub fn lose_tables(&self) {
+        let mut inner = self.lock();
+        inner.state.nat = None;
+        inner.state.guards.clear();
+    }
 }
 
 /// A failure the test asked for, shaped like the real runner's.
@@ -164,6 +172,8 @@ impl HostNet for FakeHostNet {
         let mut changes = Changes::none();
         if inner.state.nat.as_ref() != Some(ruleset) {
             inner.state.nat = Some(ruleset.clone());
+            // As on a real host: installing the tables empties their sets.
+            inner.state.guards.clear();
             changes.push("installed nft table inet banger");
         }
         Ok(changes)

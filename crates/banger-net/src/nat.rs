@@ -7,7 +7,8 @@
 //! replaced as a whole, atomically, and never half-written. Nothing outside this table is touched.
 //!
 //! What the table does: masquerade traffic from the guest subnet that leaves through any interface other
-//! than the bridge, and accept forwarding bridge -> elsewhere plus the replies coming back. Guests are
+//! than the bridge, and accept forwarding bridge -> elsewhere plus the replies coming back (with
+//! `isolate`, never bridge -> bridge: routing through the host would get around it). Guests are
 //! kept away from the host itself: what arrives from the bridge for a host address is dropped unless
 //! it answers a connection the host opened or is DNS for the `.vm` server ([`HostAccess::DnsOnly`],
 //! the default; `host_access = true` opens the host, [`HostAccess::Open`]). Link-local addresses
@@ -129,6 +130,17 @@ impl NatRuleset {
                  \t}}\n"
             ),
         };
+        // Isolated guests must not reach each other through the host's routing either (a
+        // frame to the bridge's MAC for another guest's address). Only then: where
+        // br_netfilter is loaded (Docker loads it), frames bridged between guests pass this
+        // chain too, and open guests must keep reaching each other.
+        let routed_between_guests = match links {
+            GuestLinks::Open => String::new(),
+            GuestLinks::Isolated => format!(
+                "\t\tiifname \"{br}\" oifname \"{br}\" drop\n",
+                br = bridge.as_str()
+            ),
+        };
         let closed_host = match access {
             HostAccess::DnsOnly => format!("\t\tiifname \"{}\" drop\n", bridge.as_str()),
             HostAccess::Open => String::new(),
@@ -185,6 +197,7 @@ impl NatRuleset {
              \n\
              \tchain forward {{\n\
              \t\ttype filter hook forward priority filter; policy accept;\n\
+             {routed_between_guests}\
              \t\tiifname \"{br}\" ip daddr {LINK_LOCAL_V4} drop\n\
              \t\tiifname \"{br}\" oifname != \"{br}\" accept\n\
              \t\toifname \"{br}\" ct state established,related accept\n\
@@ -396,7 +409,14 @@ table inet banger {
             t.ends_with("\tchain forward {\n\t\ttype filter hook forward priority filter; policy accept;\n\t\tiifname \"bg-*\" oifname \"bg-*\" drop\n\t}\n}\n"),
             "{t}"
         );
-        assert_eq!(isolated.table(), open.table());
+        assert_eq!(
+            isolated
+                .table()
+                .replace("\t\tiifname \"banger0\" oifname \"banger0\" drop\n", ""),
+            open.table(),
+            "isolation adds to the inet table only the drop of guest-to-guest routing"
+        );
+        assert!(isolated.table().contains("\tchain forward {\n\t\ttype filter hook forward priority filter; policy accept;\n\t\tiifname \"banger0\" oifname \"banger0\" drop\n"));
         assert!(!open.matches_listing(&format!("{}{}", isolated.table(), t)));
     }
 

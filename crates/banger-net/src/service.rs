@@ -3,8 +3,9 @@
 //! VMs the daemon knows. It does not own the lease records (the daemon's store does) nor which VMs exist.
 
 use std::borrow::Cow;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
+use std::sync::Mutex;
 
 use banger_hint::Hint;
 use nix::unistd::Uid;
@@ -89,12 +90,20 @@ pub struct ReconcileReport {
 #[derive(Debug)]
 pub struct Network<H: ?Sized> {
     config: BridgeConfig,
+    /// What each attached VM's tap may send from: what the host's guard sets must hold. Kept
+    /// here because installing the tables empties those sets (on first use, an upgrade or a
+    /// hand edit), and every guard must then go back in at once.
+    guards: Mutex<BTreeMap<TapName, PortGuard>>,
     host: H,
 }
 
 impl<H: HostNet> Network<H> {
     pub fn new(host: H, config: BridgeConfig) -> Self {
-        Network { config, host }
+        Network {
+            config,
+            guards: Mutex::default(),
+            host,
+        }
     }
 }
 
@@ -122,7 +131,16 @@ impl<H: HostNet + ?Sized> Network<H> {
             .host
             .ensure_bridge(&self.config.bridge, &self.config.subnet)?;
         changes.extend(self.host.enable_ip_forwarding()?);
-        changes.extend(self.host.ensure_nat(&self.config.ruleset())?);
+        let nat = self.host.ensure_nat(&self.config.ruleset())?;
+        if !nat.is_empty() {
+            // The tables were (re)installed with empty sets: put every known guard back, or
+            // the VMs already running would be cut off (and lose their host access).
+            let guards = self.guards().clone();
+            for (tap, guard) in &guards {
+                changes.extend(self.host.guard_port(tap, *guard)?);
+            }
+        }
+        changes.extend(nat);
         if changes.is_empty() {
             tracing::debug!(bridge = %self.config.bridge, "host network already in place");
         } else {
@@ -143,18 +161,47 @@ impl<H: HostNet + ?Sized> Network<H> {
         let mut changes = self.ensure_host()?;
         let tap = TapName::for_vm(vm_id);
         changes.extend(self.host.create_tap(&tap, owner, &self.config.bridge)?);
-        changes.extend(self.host.guard_port(&tap, guard)?);
+        changes.extend(self.guard_vm(vm_id, guard)?);
         tracing::info!(vm_id, %tap, %changes, "VM tap ready");
         Ok(AttachedTap { tap, changes })
     }
 
-    /// Deletes the VM's tap if it exists, and takes back what it could send from.
+    /// Lets the VM's tap send from `guard`'s addresses only (and reach the host if it may), and
+    /// remembers it, so a reinstall of the tables puts it back. For a VM re-adopted after a
+    /// daemon restart, whose tap exists already. Nothing to do when it is known as it is.
+    pub fn guard_vm(&self, vm_id: &str, guard: PortGuard) -> Result<Changes, NetError> {
+        let tap = TapName::for_vm(vm_id);
+        if self.guards().get(&tap) == Some(&guard) {
+            return Ok(Changes::none());
+        }
+        let changes = self.host.guard_port(&tap, guard)?;
+        self.guards().insert(tap, guard);
+        Ok(changes)
+    }
+
+    /// Deletes the VM's tap if it exists, and takes back what it could send from, even when
+    /// the tap would not go: a stale guard would hand its address (and host access) to the
+    /// next VM that gets it.
     pub fn detach_vm(&self, vm_id: &str, guard: PortGuard) -> Result<Changes, NetError> {
         let tap = TapName::for_vm(vm_id);
-        let mut changes = self.host.delete_tap(&tap)?;
-        changes.extend(self.host.unguard_port(&tap, guard)?);
+        let deleted = self.host.delete_tap(&tap);
+        let known = self.guards().remove(&tap).is_some();
+        // Taken back whether or not this daemon knew of it (it may predate a restart); said
+        // only when it did, so a second detach reports nothing.
+        let unguarded = self.host.unguard_port(&tap, guard)?;
+        let mut changes = deleted?;
+        if known {
+            changes.extend(unguarded);
+        }
         tracing::info!(vm_id, %tap, %changes, "VM tap released");
         Ok(changes)
+    }
+
+    fn guards(&self) -> std::sync::MutexGuard<'_, BTreeMap<TapName, PortGuard>> {
+        // Every change is one insert or remove: a poisoned map is still consistent.
+        self.guards
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Deletes every banger tap not in `known_taps` (the taps of the VMs the daemon has records for).
@@ -191,6 +238,8 @@ impl<H: HostNet + ?Sized> Network<H> {
     /// Removes banger's NAT table and bridge.
     pub fn teardown(&self) -> Result<Changes, NetError> {
         let changes = self.host.teardown(&self.config.bridge)?;
+        // The sets went with the tables.
+        self.guards().clear();
         tracing::info!(bridge = %self.config.bridge, %changes, "host network torn down");
         Ok(changes)
     }
@@ -281,6 +330,37 @@ mod tests {
         );
         assert!(net.host().state().taps.is_empty());
         assert!(net.host().state().guards.is_empty());
+    }
+
+    #[test]
+    fn reinstalled_tables_get_every_running_vms_guard_back() {
+        let net = network();
+        let open = guard(3).with_host(HostAccess::Open);
+        let _ = net.attach_vm("a", Uid::from_raw(1000), guard(2)).unwrap();
+        let _ = net.attach_vm("b", Uid::from_raw(1000), open).unwrap();
+        net.host().lose_tables();
+        assert!(net.host().state().guards.is_empty());
+        let changes = net.ensure_host().unwrap();
+        assert!(!changes.is_empty());
+        let guards = net.host().state().guards;
+        assert_eq!(guards.get(&tap("bg-a")), Some(&guard(2)));
+        assert_eq!(guards.get(&tap("bg-b")), Some(&open));
+    }
+
+    #[test]
+    fn a_detach_takes_the_guard_back_even_when_the_tap_will_not_go() {
+        let net = network();
+        let open = guard(2).with_host(HostAccess::Open);
+        let _ = net.attach_vm("a", Uid::from_raw(1000), open).unwrap();
+        net.host().fail_deleting(tap("bg-a"));
+        assert!(net.detach_vm("a", open).is_err());
+        assert!(
+            net.host().state().guards.is_empty(),
+            "its address and host access outlived it"
+        );
+        // Re-adopting a VM after a restart guards it again; knowing it already changes nothing.
+        assert!(!net.guard_vm("a", open).unwrap().is_empty());
+        assert!(net.guard_vm("a", open).unwrap().is_empty());
     }
 
     #[test]

@@ -85,26 +85,6 @@ impl SystemHostNet {
         ))
     }
 
-    /// Whether the guard set holds exactly this element (false too when there is no set).
-    fn is_guarded(&self, tap: &TapName, guard: PortGuard) -> bool {
-        let element = format!("{{ \"{tap}\" . {} . {} }}", guard.mac, guard.ip);
-        self.privileged
-            .run(
-                "look up tap guard",
-                &[
-                    "nft",
-                    "get",
-                    "element",
-                    GUARD_FAMILY,
-                    NFT_TABLE,
-                    nat::GUARD_SET,
-                    &element,
-                ],
-                None,
-            )
-            .is_ok()
-    }
-
     fn nft_script(&self, op: &'static str, script: &str) -> Result<(), NetError> {
         self.privileged
             .run(op, &["nft", "-f", "-"], Some(script.as_bytes()))?;
@@ -264,20 +244,21 @@ impl HostNet for SystemHostNet {
     }
 
     fn guard_port(&self, tap: &TapName, guard: PortGuard) -> Result<Changes, NetError> {
+        // Adding an element that is there already changes nothing: no need to look first.
+        self.nft_script("guard tap", &nat::guard_script(tap, guard))?;
         let mut changes = Changes::none();
-        if !self.is_guarded(tap, guard) {
-            self.nft_script("guard tap", &nat::guard_script(tap, guard))?;
-            changes.push(format!(
-                "{tap} may send from {} {} only",
-                guard.mac, guard.ip
-            ));
-        }
+        changes.push(format!(
+            "{tap} may send from {} {} only",
+            guard.mac, guard.ip
+        ));
         Ok(changes)
     }
 
     fn unguard_port(&self, tap: &TapName, guard: PortGuard) -> Result<Changes, NetError> {
         let mut changes = Changes::none();
-        if self.is_guarded(tap, guard) {
+        // The script adds, then deletes, each element: it succeeds whether or not they were
+        // there, as long as the tables are.
+        if self.nft_tables()? == (true, true) {
             self.nft_script("unguard tap", &nat::unguard_script(tap, guard))?;
             changes.push(format!(
                 "{tap} no longer sends from {} {}",

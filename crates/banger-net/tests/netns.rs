@@ -673,6 +673,23 @@ netns_test! {
         std::thread::sleep(std::time::Duration::from_millis(500));
         assert!(a.connects("172.16.0.1", 53) && b.connects("172.16.0.1", 53), "DNS stays open");
         assert!(!a.connects("172.16.0.3", 7000), "A reached B although guests are isolated");
+        // Nor through the host: A routes B's address via the gateway (one way is enough to
+        // count, so UDP, with B counting what arrives).
+        assert!(a.run("ip route add 172.16.0.3/32 via 172.16.0.1"));
+        let counter = std::process::Command::new("nsenter")
+            .args(["-t", &b.holder.id().to_string(), "-n", "python3", "-c",
+                   "import socket; s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); \
+                    s.bind(('0.0.0.0',7001)); s.settimeout(3); n=0\n\
+                    try:\n  while True: s.recv(16); n+=1\nexcept OSError: pass\nprint(n)"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        assert!(a.run("python3 -c \"import socket; s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); \
+                       [s.sendto(b'x',('172.16.0.3',7001)) for _ in range(5)]\""));
+        let routed = counter.wait_with_output().unwrap();
+        assert_eq!(String::from_utf8_lossy(&routed.stdout).trim(), "0", "A reached B through the host's routing");
+        assert!(a.run("ip route del 172.16.0.3/32 && ip route flush cache"));
 
         // Without `isolate`, the same two reach each other.
         let open = system_network(Elevation::Direct, BridgeConfig::default());

@@ -18,6 +18,7 @@ impl Vms {
     pub async fn reconcile(self: &Arc<Self>) -> anyhow::Result<()> {
         let rows = self.store.call(|c| store::list_vms(c)).await?;
         let mut live_taps = Vec::new();
+        let mut live_guards = Vec::new();
         for row in &rows {
             let handle = row
                 .handle
@@ -34,6 +35,9 @@ impl Vms {
                 (_, Some(h)) if self.vmms.for_handle(&h).is_alive(&h) => {
                     tracing::info!(vm = %row.name, pid = h.pid, "re-adopting running VM");
                     live_taps.push(row.tap.clone());
+                    if let Some(guard) = super::network::port_guard(row) {
+                        live_guards.push((row.id.clone(), guard));
+                    }
                     if row.state != VmState::Running {
                         self.set_state(&row.name, VmState::Running, None, Some(&h), None)
                             .await
@@ -71,8 +75,12 @@ impl Vms {
                 let _ = net.teardown()?;
             } else {
                 // Re-adopted VMs keep their bridge; this also brings a table written by an
-                // older banger (say, without the DNS redirect) up to date.
+                // older banger (say, without the DNS redirect) up to date. Their guards go
+                // (back) in: a new daemon knows none, and new tables start with empty sets.
                 let _ = net.ensure_host()?;
+                for (id, guard) in &live_guards {
+                    let _ = net.guard_vm(id, *guard)?;
+                }
             }
             Ok(())
         })

@@ -12,7 +12,7 @@ use banger_agent::cmdline::{BootSettings, Ipv4Cidr};
 use banger_api::vm::{VmInfo, VmState};
 use banger_api::{ApiError, Boot, ErrorCode};
 use banger_image::Progress;
-use banger_net::{HostAccess, PortGuard, Subnet};
+use banger_net::Subnet;
 use banger_vmm::VmConfig;
 use futures_util::future::BoxFuture;
 
@@ -152,12 +152,8 @@ impl Vms {
             let _g = self.net_lock.lock().await;
             let net = self.net.clone();
             let id = row.id.clone();
-            let host = if row.host_access {
-                HostAccess::Open
-            } else {
-                HostAccess::DnsOnly
-            };
-            let guard = PortGuard::new(nic.mac, ip).with_host(host);
+            let guard = super::network::port_guard(&row)
+                .ok_or_else(|| broken_record(&row, &"its address or MAC does not parse"))?;
             let attached = tokio::task::spawn_blocking(move || net.attach_vm(&id, uid, guard))
                 .await
                 .map_err(|e| internal(e.into()))?;

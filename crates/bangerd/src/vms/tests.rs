@@ -1031,12 +1031,26 @@ async fn reconcile_readopts_a_live_vmm_with_its_network_names_and_agent() {
     });
     let before = host.taps();
     assert_eq!(host.vmm.running(), ["web", "box"]);
+    // The new daemon brings tables of its own (an upgrade): they start with empty sets.
+    host.net.host().lose_tables();
 
     let vms = host.restarted_daemon().await;
     for name in ["web", "box"] {
         assert_eq!(vms.show(name).await.unwrap().state, VmState::Running);
     }
     assert_eq!(host.taps(), before, "the running VMs lost their taps");
+    let guarded: Vec<String> = host
+        .net
+        .host()
+        .state()
+        .guards
+        .keys()
+        .map(|t| t.to_string())
+        .collect();
+    assert_eq!(
+        guarded, before,
+        "re-adopted VMs were cut off by the new tables"
+    );
     assert!(host.bridge_up());
     assert!(host.dns().serving());
     assert_eq!(host.dns().names(), ["box", "web"]);
