@@ -1036,6 +1036,117 @@ async fn an_agent_without_terminals_is_refused_clearly_for_a_tty_exec() {
     assert_eq!(guest_task.await.unwrap(), vec!["hello"]);
 }
 
+/// A hostile guest for the output limits: answers hello (claiming `output_acks`), then, for the
+/// first exec, writes `frames` stdout frames of `size` bytes without waiting for any ack,
+/// counting the bytes the host took off the stream.
+fn flooding_guest(
+    fake_guest: UnixStream,
+    frames: usize,
+    size: usize,
+    written: Arc<AtomicUsize>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let (read, write) = fake_guest.into_split();
+        let mut write = Some(write);
+        let mut lines = tokio::io::BufReader::new(read).lines();
+        // Keeps reading (the host's acks) while a spawned task floods.
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let msg: serde_json::Value = serde_json::from_str(&line).unwrap();
+            let id = msg["id"].clone();
+            match (msg["op"].as_str(), write.as_mut()) {
+                (Some("hello"), Some(write)) => {
+                    let ready = format!(
+                        "{{\"op\":\"ready\",\"id\":{id},\"hostname\":\"h\",\"agent_version\":\"9\",\"boot_id\":\"b\",\"stdin_acks\":true,\"output_acks\":true}}\n"
+                    );
+                    write.write_all(ready.as_bytes()).await.unwrap();
+                }
+                (Some("exec"), Some(_)) => {
+                    let Some(mut write) = write.take() else {
+                        continue;
+                    };
+                    let written = written.clone();
+                    tokio::spawn(async move {
+                        let data = base64::Engine::encode(
+                            &base64::engine::general_purpose::STANDARD,
+                            vec![b'x'; size],
+                        );
+                        let frame =
+                            format!("{{\"op\":\"stdout\",\"id\":{id},\"data\":\"{data}\"}}\n");
+                        for _ in 0..frames {
+                            if write.write_all(frame.as_bytes()).await.is_err() {
+                                return;
+                            }
+                            written.fetch_add(frame.len(), Ordering::SeqCst);
+                        }
+                    });
+                }
+                _ => {}
+            }
+        }
+    })
+}
+
+#[tokio::test]
+async fn a_guest_that_ignores_the_output_window_is_held_back_not_buffered() {
+    let (host, fake_guest) = UnixStream::pair().unwrap();
+    let client = AgentClient::new(VM, host);
+    let written = Arc::new(AtomicUsize::new(0));
+    // 2,000 frames of 32 KiB: 87 MB on the wire if nothing pushed back.
+    let guest = flooding_guest(
+        fake_guest,
+        2_000,
+        crate::protocol::MAX_CHUNK,
+        written.clone(),
+    );
+    client.hello(Duration::from_secs(5)).await.unwrap();
+    let mut handle = client.exec(sh("flood")).await.unwrap();
+    // Nobody reads the output for a while: the host takes in its queue's worth and stops.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let held = written.load(Ordering::SeqCst);
+    assert!(held < 8 << 20, "the host took {held} bytes nobody read");
+    // Reading goes on where it stopped.
+    let mut got = 0;
+    while got < 2_000 * crate::protocol::MAX_CHUNK {
+        match handle.output.recv().await {
+            Some(Ok(ExecEvent::Stdout(b))) => got += b.len(),
+            other => panic!("unexpected {other:?} after {got} bytes"),
+        }
+    }
+    drop(client);
+    guest.abort();
+}
+
+#[tokio::test]
+async fn an_oversized_output_frame_ends_the_command_with_a_clear_error() {
+    let (host, fake_guest) = UnixStream::pair().unwrap();
+    let client = AgentClient::new(VM, host);
+    let guest = flooding_guest(
+        fake_guest,
+        1,
+        crate::protocol::MAX_CHUNK + 1,
+        Arc::new(AtomicUsize::new(0)),
+    );
+    client.hello(Duration::from_secs(5)).await.unwrap();
+    let mut handle = client.exec(sh("big")).await.unwrap();
+    let err = match handle.output.recv().await {
+        Some(Err(e)) => e,
+        other => panic!("expected an error, got {other:?}"),
+    };
+    assert!(
+        err.to_string().contains("output frame of 32769 bytes"),
+        "{err}"
+    );
+    assert!(
+        handle.output.recv().await.is_none(),
+        "nothing follows the error"
+    );
+    drop(client);
+    guest.abort();
+}
+
 // ---- Users --------------------------------------------------------------------------------
 
 /// Whether to run a test that switches users: it needs root (CI runs the tests as root);

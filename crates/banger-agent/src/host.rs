@@ -897,6 +897,20 @@ fn dispatch(state: &Mutex<State>, vm: &str, msg: GuestMessage) -> Option<Deliver
                 output_acks,
             },
         }))),
+        // The queue bounds frames, so each frame must be bounded too: the agent never sends
+        // more than MAX_CHUNK; a guest that does ends its command, and the frame is not kept.
+        (
+            Pending::Exec(tx),
+            GuestMessage::Stdout { data, .. } | GuestMessage::Stderr { data, .. },
+        ) if data.0.len() > MAX_CHUNK => {
+            let message = format!(
+                "the agent sent an output frame of {} bytes (at most {MAX_CHUNK}); the command's \
+                 output was cut off there",
+                data.0.len()
+            );
+            let vm = vm.to_string();
+            return Some((id, tx, Err(AgentError::Guest { vm, message })));
+        }
         (Pending::Exec(tx), GuestMessage::Stdout { data, .. }) => {
             st.pending.insert(id, Pending::Exec(tx.clone()));
             return Some((id, tx, Ok(ExecEvent::Stdout(Bytes::from(data.0)))));
