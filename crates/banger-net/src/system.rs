@@ -103,8 +103,22 @@ impl HostNet for SystemHostNet {
         let name = bridge.as_str();
         let mut changes = Changes::none();
         let links = self.links()?;
+        // A bridge an older banger made has no mark yet, but carries banger's taps.
+        let has_our_taps = links
+            .iter()
+            .any(|l| l.master.as_deref() == Some(name) && l.ifname.starts_with(TAP_PREFIX));
         let link = match links.into_iter().find(|l| l.ifname == name) {
             Some(link) if link.kind() == "bridge" && link.is_bangers() => link,
+            Some(link) if link.kind() == "bridge" && has_our_taps => {
+                self.ip(
+                    "mark bridge as banger's",
+                    &["link", "set", "dev", name, "alias", BRIDGE_ALIAS],
+                )?;
+                changes.push(format!(
+                    "marked {name} as banger's (it carries banger's taps)"
+                ));
+                link
+            }
             // Someone else's bridge (the host's `br0`, say): using it would put guests on that
             // network, and tearing it down later would cut the host off it.
             Some(link) if link.kind() == "bridge" => {
@@ -124,10 +138,14 @@ impl HostNet for SystemHostNet {
                     "create bridge",
                     &["link", "add", "name", name, "type", "bridge"],
                 )?;
-                self.ip(
+                if let Err(e) = self.ip(
                     "mark bridge as banger's",
                     &["link", "set", "dev", name, "alias", BRIDGE_ALIAS],
-                )?;
+                ) {
+                    // Unmarked, it would be refused (and never removed) from now on.
+                    let _ = self.ip("delete bridge", &["link", "del", "dev", name]);
+                    return Err(e);
+                }
                 changes.push(format!("created bridge {name}"));
                 Link::named(name)
             }

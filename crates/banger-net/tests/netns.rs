@@ -622,8 +622,17 @@ netns_test! {
         let br = link("banger0").expect("the host's bridge is still there");
         assert_eq!(br["addr_info"][0]["local"], "192.168.77.1", "and unchanged");
 
+        // One an older banger made (no mark, but banger's taps on it) is banger's.
+        sh(&["ip", "tuntap", "add", "dev", "bg-old", "mode", "tap"]);
+        sh(&["ip", "link", "set", "bg-old", "master", "banger0"]);
+        let changes = net.ensure_host().unwrap();
+        assert!(changes.as_slice().iter().any(|c| c.contains("marked banger0")), "{changes}");
+        assert_eq!(link("banger0").unwrap()["ifalias"], banger_net::system::BRIDGE_ALIAS);
+        let _ = net.teardown().unwrap();
+        assert!(link("banger0").is_none());
+        sh(&["ip", "link", "del", "bg-old"]);
+
         // banger's own bridge carries its mark, and goes at teardown.
-        sh(&["ip", "link", "del", "banger0"]);
         let _ = net.ensure_host().unwrap();
         assert_eq!(link("banger0").unwrap()["ifalias"], banger_net::system::BRIDGE_ALIAS);
         let _ = net.teardown().unwrap();
