@@ -115,14 +115,19 @@ impl Renderer {
                 }
                 self.bar.set_position(*done);
             }
+            // Log lines and notices may quote a registry or a build (file and layer names):
+            // shown, never obeyed, like a guest's console.
             Event::Log { line } => {
+                let line = crate::safe_text::printable(line);
                 if self.verbose {
                     self.line(format!("    {line}"));
                 }
                 let short: String = line.chars().take(70).collect();
                 self.bar.set_message(short);
             }
-            Event::Notice { message } => self.line(format!("notice: {message}")),
+            Event::Notice { message } => {
+                self.line(format!("notice: {}", crate::safe_text::printable(message)))
+            }
             Event::Done { .. } | Event::Failed { .. } => {}
         }
     }

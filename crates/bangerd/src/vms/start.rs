@@ -176,8 +176,17 @@ impl Vms {
                 // on that port, guests' queries would reach them. Nothing runs until it is ours.
                 self.release_network(&row).await;
                 let port = banger_net::nat::DNS_SERVE_PORT;
-                return Err(hints::failed(ErrorCode::InUse, format!("cannot serve DNS for VM {name}"), e.as_ref())
-                    .with_hint(format!("another program holds port {port} on the bridge address; stop it (`ss -lunpt 'sport = :{port}'` names it), or set `bridge_subnet` to another range")));
+                let taken = e.chain().any(|c| {
+                    c.downcast_ref::<std::io::Error>()
+                        .is_some_and(|io| io.kind() == std::io::ErrorKind::AddrInUse)
+                });
+                let what = format!("cannot serve DNS for VM {name}");
+                return Err(if taken {
+                    hints::failed(ErrorCode::InUse, what, e.as_ref())
+                        .with_hint(format!("another program holds port {port} on the bridge address; stop it (`ss -lunpt 'sport = :{port}'` names it), or set `bridge_subnet` to another range"))
+                } else {
+                    hints::failed(ErrorCode::VmmFailed, what, e.as_ref())
+                });
             }
         }
 

@@ -66,9 +66,11 @@ impl NameService for FakeNames {
     fn ensure_running(&self) -> BoxFuture<'_, anyhow::Result<()>> {
         if self.refuse.swap(false, Ordering::SeqCst) {
             return Box::pin(async {
-                Err(anyhow::anyhow!(
-                    "cannot listen for DNS on 172.16.0.1:10053 (udp): Address in use"
-                ))
+                // As the real server fails: the bind's io error under what it was binding.
+                Err(
+                    anyhow::Error::new(std::io::Error::from(std::io::ErrorKind::AddrInUse))
+                        .context("cannot listen for DNS on 172.16.0.1:10053 (udp)"),
+                )
             });
         }
         self.serving.store(true, Ordering::SeqCst);
@@ -693,7 +695,7 @@ async fn a_start_whose_name_server_cannot_hold_its_port_fails_and_leaves_nothing
     let err = create(&vms, "x", "debian").await.unwrap_err();
     assert_eq!(err.code, ErrorCode::InUse);
     assert!(err.message.contains("cannot serve DNS"), "{}", err.message);
-    assert!(err.message.contains("Address in use"), "{}", err.message);
+    assert!(err.message.contains("address in use"), "{}", err.message);
     assert!(err.hints[0].contains("port 10053"), "{:?}", err.hints);
     assert!(host.vmm.running().is_empty(), "no VMM was started");
     assert!(
