@@ -468,6 +468,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_appended_log_is_held_with_o_append_and_a_truncated_one_without() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spec = sleep_spec(dir.path());
+        for (mode, append) in [(LogMode::Append, true), (LogMode::Truncate, false)] {
+            spec.log_mode = mode;
+            let spawned = spawn_detached(&spec).unwrap();
+            let _guard = ProcessGuard::new(spawned.pid, spawned.start_time);
+            // Firecracker's console log: the daemon may truncate it under the running VMM.
+            assert_eq!(
+                crate::testkit::holds_open_for_append(spawned.pid, &spec.log),
+                append,
+                "{mode:?}"
+            );
+            terminate(spawned.pid, spawned.start_time, Duration::ZERO)
+                .await
+                .unwrap();
+        }
+    }
+
+    #[tokio::test]
     async fn process_that_exits_by_itself_within_grace_is_not_killed() {
         let dir = tempfile::tempdir().unwrap();
         let mut spec = sleep_spec(dir.path());

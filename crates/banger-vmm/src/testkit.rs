@@ -42,6 +42,28 @@ impl Drop for ProcessGuard {
     }
 }
 
+/// Whether process `pid` holds `file` open with `O_APPEND` (from `/proc/PID/fdinfo`): what
+/// lets the daemon truncate a VMM's console log under it (see bangerd's `console_log`).
+#[cfg(test)]
+pub(crate) fn holds_open_for_append(pid: i32, file: &Path) -> bool {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.filter_map(Result::ok)
+        .filter(|fd| std::fs::read_link(fd.path()).is_ok_and(|target| target == file))
+        .any(|fd| {
+            let info = std::fs::read_to_string(format!(
+                "/proc/{pid}/fdinfo/{}",
+                fd.file_name().to_string_lossy()
+            ))
+            .unwrap_or_default();
+            info.lines()
+                .find_map(|l| l.strip_prefix("flags:"))
+                .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
+                .is_some_and(|flags| flags & libc::O_APPEND as u32 != 0)
+        })
+}
+
 /// The line the test kernel prints on the serial port.
 #[cfg(test)]
 pub(crate) const TEST_KERNEL_GREETING: &str = "banger-test-kernel: hello";

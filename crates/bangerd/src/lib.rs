@@ -9,6 +9,7 @@ use axum::Json;
 use banger_api::VersionInfo;
 use banger_config::Paths;
 
+pub mod console_log;
 pub mod daemon;
 pub mod dns;
 pub mod fsutil;

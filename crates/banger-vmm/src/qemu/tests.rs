@@ -96,6 +96,11 @@ async fn qemu_boots_a_guest_and_stop_kills_it_after_the_grace_period() {
         text.starts_with("previous boot\n"),
         "console log was truncated: {text:?}"
     );
+    // `append=on` opens it with O_APPEND, which lets the daemon truncate it under QEMU.
+    assert!(crate::testkit::holds_open_for_append(
+        handle.pid,
+        &cfg.console_log
+    ));
 
     // The agent's virtio-serial port is served on the host socket.
     connect_agent(&handle.agent).await.unwrap();

@@ -13,8 +13,8 @@ use banger_api::vm::{
     StopVmRequest, VmInfo, VmState,
 };
 use banger_api::Deleted;
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
+use crate::console_log::ConsoleReader;
 use crate::server::{stream, ApiResult, AppError};
 use crate::Shared;
 
@@ -107,60 +107,39 @@ pub struct LogsQuery {
     follow: bool,
 }
 
-/// The console log; with `follow`, new output as it is written, until the VM stops.
+/// The console log: `console.log.1` (the older half, see [`crate::console_log`]) then
+/// `console.log`, streamed in chunks; with `follow`, new output as it is written, until the VM
+/// stops.
 pub async fn logs(
     State(s): Shared,
     UrlPath(name): UrlPath<String>,
     Query(q): Query<LogsQuery>,
 ) -> Result<Response, AppError> {
     let info = s.vms.show(&name).await?;
-    let path = std::path::PathBuf::from(&info.console_log);
-    let file = match tokio::fs::File::open(&path).await {
-        Ok(f) => Some(f),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => {
-            return Err(AppError(banger_api::ApiError::new(
+    let reader = ConsoleReader::open(std::path::PathBuf::from(&info.console_log))
+        .await
+        .map_err(|e| {
+            AppError(banger_api::ApiError::new(
                 banger_api::ErrorCode::Internal,
-                format!("cannot read {}: {e}", path.display()),
-            )))
-        }
-    };
+                format!("{e:#}"),
+            ))
+        })?;
     struct Tail {
-        file: Option<tokio::fs::File>,
-        pos: u64,
+        reader: ConsoleReader,
         follow: bool,
         state: std::sync::Arc<crate::AppState>,
         name: String,
-        path: std::path::PathBuf,
     }
     let tail = Tail {
-        file,
-        pos: 0,
+        reader,
         follow: q.follow,
         state: s.clone(),
         name,
-        path,
     };
     let body = futures_util::stream::unfold(tail, |mut t| async move {
         loop {
-            if t.file.is_none() {
-                t.file = tokio::fs::File::open(&t.path).await.ok();
-            }
-            if let Some(f) = t.file.as_mut() {
-                // A restart truncates the log; start over from its beginning.
-                let len = f.metadata().await.map(|m| m.len()).unwrap_or(0);
-                if len < t.pos {
-                    t.pos = 0;
-                }
-                let _ = f.seek(std::io::SeekFrom::Start(t.pos)).await;
-                let mut buf = vec![0u8; 64 * 1024];
-                if let Ok(n) = f.read(&mut buf).await {
-                    if n > 0 {
-                        t.pos += n as u64;
-                        buf.truncate(n);
-                        return Some((Ok::<_, std::io::Error>(bytes::Bytes::from(buf)), t));
-                    }
-                }
+            if let Some(chunk) = t.reader.next_chunk().await {
+                return Some((Ok::<_, std::io::Error>(chunk), t));
             }
             if !t.follow {
                 return None;

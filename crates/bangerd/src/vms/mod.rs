@@ -184,6 +184,11 @@ impl Vms {
         self.paths.state_dir.join("vms").join(name)
     }
 
+    /// The guest's console log (see [`crate::console_log`]).
+    fn console_log(&self, name: &str) -> PathBuf {
+        self.vm_dir(name).join("console.log")
+    }
+
     fn run_dir(&self, id: &str) -> PathBuf {
         self.paths.runtime_dir.join("vms").join(id)
     }
@@ -210,11 +215,7 @@ impl Vms {
             vmm: row.vmm.clone(),
             pid: handle.map(|h| h.pid),
             created_at: row.created_at.clone(),
-            console_log: self
-                .vm_dir(&row.name)
-                .join("console.log")
-                .display()
-                .to_string(),
+            console_log: self.console_log(&row.name).display().to_string(),
             dir: self.vm_dir(&row.name).display().to_string(),
             last_error: row.last_error.clone(),
             // banger's Debian images run sshd; images booted with the agent as PID 1 do not.

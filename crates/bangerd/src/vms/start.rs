@@ -16,6 +16,7 @@ use banger_net::Subnet;
 use banger_vmm::VmConfig;
 use futures_util::future::BoxFuture;
 
+use crate::console_log::ConsoleLog;
 use crate::hints;
 use crate::server::{internal, Emitter};
 use crate::store::{self, VmRow};
@@ -193,18 +194,20 @@ impl Vms {
         progress.phase("boot");
         let dir = self.vm_dir(name);
         let run_dir = self.run_dir(&row.id);
-        let console = dir.join("console.log");
-        let prep = (|| -> std::io::Result<()> {
+        let console = self.console_log(name);
+        let prep = (|| -> anyhow::Result<()> {
             let _ = std::fs::remove_dir_all(&run_dir);
-            std::fs::create_dir_all(&run_dir)?;
-            // Each boot starts a fresh console log so its tail is about this boot.
-            std::fs::write(&console, b"")
+            std::fs::create_dir_all(&run_dir)
+                .with_context(|| format!("cannot create {}", run_dir.display()))?;
+            // Each boot starts a fresh console log (and drops the older half of the last one)
+            // so what `vm logs` and the tails in errors show is about this boot.
+            ConsoleLog::new(console.clone()).start_fresh()
         })();
         if let Err(e) = prep {
             self.release_network(&row).await;
             return Err(api(
                 ErrorCode::Internal,
-                format!("cannot prepare {}: {e}", run_dir.display()),
+                format!("cannot prepare VM {name} to boot: {e:#}"),
             ));
         }
         let kernel_args = kernel_command_line(row.boot, &settings);

@@ -1,5 +1,6 @@
-//! Supervision: watching a running VM's VMM, and marking the VM stopped and freeing its tap
-//! when the VMM dies without being asked.
+//! Supervision: watching a running VM's VMM, marking the VM stopped and freeing its tap when
+//! the VMM dies without being asked, and keeping its console log capped meanwhile
+//! ([`crate::console_log`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,13 +8,21 @@ use std::time::Duration;
 use banger_api::vm::VmState;
 use banger_vmm::VmHandle;
 
+use crate::console_log::{self, AbortOnDrop, ConsoleLog};
+
 use super::Vms;
 
 impl Vms {
     /// Watches a running VM's VMM; when it dies unasked, marks the VM stopped and frees its tap.
+    /// Until then its console log is kept under its cap, as the same clock ticks.
     pub(super) fn supervise(self: &Arc<Self>, name: String, handle: VmHandle) {
         let this = self.clone();
         tokio::spawn(async move {
+            let console = ConsoleLog::new(this.console_log(&name));
+            let every = this.timeouts.supervise_every;
+            // Ends with this run's supervision, whichever way it ends.
+            let _capped =
+                AbortOnDrop(tokio::spawn(console_log::keep_capped(console, every)).abort_handle());
             loop {
                 tokio::time::sleep(this.timeouts.supervise_every).await;
                 let h = handle.clone();

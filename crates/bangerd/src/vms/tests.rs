@@ -1097,3 +1097,57 @@ async fn the_bridge_stays_while_another_vm_is_starting() {
     vms.stop("second", false).await.unwrap();
     assert!(!host.bridge_up());
 }
+
+/// Appends `n` bytes to `log` through an `O_APPEND` descriptor, as a VMM writes the console.
+fn guest_writes(log: &Path, n: u64) {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    let line = [b'x'; 1023];
+    for _ in 0..n / 1024 {
+        f.write_all(&line).unwrap();
+        f.write_all(b"\n").unwrap();
+    }
+}
+
+fn size(p: &Path) -> u64 {
+    std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_running_vms_console_log_is_capped_also_after_a_daemon_restart() {
+    use crate::console_log::CAP;
+    let host = Host::new();
+    host.crashing_daemon(|vms| async move {
+        create(&vms, "web", "debian").await.unwrap();
+    });
+    let log = host.vm_dir("web").join("console.log");
+    let older = crate::console_log::older_path(&log);
+    // No daemon watches: the guest writes past the cap.
+    guest_writes(&log, CAP + (1 << 20));
+    assert!(!older.exists());
+
+    // The next daemon re-adopts the VM and rotates its log at once.
+    let vms = host.restarted_daemon().await;
+    eventually("the log is rotated", || older.exists() && size(&log) < CAP).await;
+    assert_eq!(size(&older), CAP + (1 << 20));
+    // And again as the guest goes on: two files, never a third.
+    guest_writes(&log, CAP);
+    eventually("the log is rotated again", || size(&log) < CAP).await;
+    assert_eq!(size(&older), CAP);
+    let mut files: Vec<String> = std::fs::read_dir(host.vm_dir("web"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("console") || n.starts_with(".console"))
+        .collect();
+    files.sort();
+    assert_eq!(files, ["console.log", "console.log.1"]);
+
+    // A new boot begins a log of its own.
+    vms.restart("web", Emitter::sink()).await.unwrap();
+    assert!(!older.exists(), "the last boot's older log is kept");
+    assert_eq!(size(&log), 0);
+}
