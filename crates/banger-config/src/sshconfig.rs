@@ -141,7 +141,15 @@ pub fn write_atomically(path: &Path, bytes: &[u8], mode_if_new: u32) -> io::Resu
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "config".to_owned());
-    let tmp = dir.join(format!(".{file_name}.banger-tmp.{}", std::process::id()));
+    // The pid tells processes apart and the counter calls within one (the daemon refreshes
+    // names from many tasks): two writers sharing a temporary file could each rename the
+    // other's half-written bytes into place.
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!(
+        ".{file_name}.banger-tmp.{}.{n}",
+        std::process::id()
+    ));
     let result = write_and_rename(&tmp, &target, bytes, mode);
     if result.is_err() {
         // Best effort: the error being returned matters more than a leftover temp file.
@@ -156,7 +164,7 @@ pub fn write_atomically(path: &Path, bytes: &[u8], mode_if_new: u32) -> io::Resu
 }
 
 fn write_and_rename(tmp: &Path, target: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
-    // A leftover from a crashed run with the same pid would make create_new fail.
+    // A leftover from a crashed run with the same pid and count would make create_new fail.
     match fs::remove_file(tmp) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -670,6 +678,30 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(leftovers, vec![std::ffi::OsString::from("config")]);
+    }
+
+    #[test]
+    fn concurrent_writers_each_leave_a_whole_file_and_no_temporary_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ssh_config");
+        let texts: Vec<Vec<u8>> = (0..8u8).map(|i| vec![b'a' + i; 64 << 10]).collect();
+        std::thread::scope(|s| {
+            for text in &texts {
+                let path = &path;
+                s.spawn(move || {
+                    for _ in 0..20 {
+                        write_atomically(path, text, NEW_CONFIG_MODE).unwrap();
+                    }
+                });
+            }
+        });
+        let now = fs::read(&path).unwrap();
+        assert!(texts.contains(&now), "a torn file");
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("ssh_config")]);
     }
 
     #[test]
