@@ -112,6 +112,9 @@ pub struct Vms {
     config: Config,
     net: Arc<Network<dyn HostNet>>,
     net_lock: AsyncMutex<()>,
+    /// Held by a refresh of the names from reading the store to writing the files: refreshes
+    /// running at once would otherwise let an older view of the VMs overwrite a newer one.
+    names_lock: AsyncMutex<()>,
     dns: Arc<dyn NameService>,
     /// The VMM new VMs start on, and the one for each running VM's handle.
     vmms: Backends,
@@ -159,6 +162,7 @@ impl Vms {
             config,
             net,
             net_lock: AsyncMutex::new(()),
+            names_lock: AsyncMutex::new(()),
             dns,
             vmms,
             sshd,

@@ -1,5 +1,12 @@
 //! Keeping everything that maps VM names to VMs in step with the store: the DNS zone,
 //! known_hosts and banger's ssh_config.
+//!
+//! Refreshes come from many tasks at once (five `vm create`s finishing together): each holds
+//! the service's `names_lock` from reading the store to writing the files, so the last one to
+//! write has the newest view. A VM still being created is in the zone (its name and address
+//! are taken) but not yet in known_hosts or ssh_config: its host key may be half-written.
+
+use banger_api::vm::VmState;
 
 use crate::sshkeys;
 use crate::store;
@@ -10,6 +17,7 @@ impl Vms {
     /// Brings everything that maps VM names to VMs up to date with the store: the DNS zone,
     /// known_hosts (every VM's pinned host key) and ~/.config/banger/ssh_config.
     pub async fn refresh_names(&self) {
+        let _one = self.names_lock.lock().await;
         let rows = match self.store.call(|c| store::list_vms(c)).await {
             Ok(r) => r,
             Err(e) => {
@@ -22,21 +30,18 @@ impl Vms {
                 .filter_map(|r| Some((r.name.clone(), r.ip.parse().ok()?)))
                 .collect(),
         );
-        let entries: Vec<sshkeys::Pinned> = rows
+        let made: Vec<_> = rows
+            .into_iter()
+            .filter(|r| r.state != VmState::Creating)
+            .collect();
+        let hosts: Vec<(String, String, std::path::PathBuf)> = made
             .iter()
-            .filter_map(|r| {
-                let key =
-                    std::fs::read_to_string(self.vm_dir(&r.name).join("ssh_host_ed25519_key.pub"))
-                        .ok()?;
-                Some(sshkeys::Pinned {
-                    names: vec![format!("{}.vm", r.name), r.ip.clone()],
-                    public_key: key,
-                })
+            .map(|r| {
+                let key = self.vm_dir(&r.name).join("ssh_host_ed25519_key.pub");
+                (r.name.clone(), r.ip.clone(), key)
             })
             .collect();
-        if let Err(e) = sshkeys::write_known_hosts(&self.paths.known_hosts(), &entries) {
-            tracing::warn!("cannot write known_hosts: {e:#}");
-        }
+        let known_hosts = self.paths.known_hosts();
         // ~/.config/banger/ssh_config: one `Host NAME.vm` per VM, for `ssh NAME.vm` once the
         // user includes it (`banger ssh-config --install`).
         let identity = self
@@ -44,7 +49,7 @@ impl Vms {
             .ssh_key_path
             .clone()
             .unwrap_or_else(|| self.paths.ssh_dir().join("id_ed25519"));
-        let hosts: Vec<banger_config::sshconfig::HostEntry> = rows
+        let entries: Vec<banger_config::sshconfig::HostEntry> = made
             .iter()
             // Only guests that run sshd get a Host entry; the others are reached through the agent.
             .filter(|r| r.boot == banger_api::Boot::Systemd)
@@ -53,17 +58,34 @@ impl Vms {
                     name: r.name.clone(),
                     ip: r.ip.parse().ok()?,
                     identity_file: identity.clone(),
-                    known_hosts: self.paths.known_hosts(),
+                    known_hosts: known_hosts.clone(),
                 })
             })
             .collect();
-        let text = banger_config::sshconfig::render_ssh_config(&hosts);
-        if let Err(e) = banger_config::sshconfig::write_atomically(
-            &self.paths.ssh_config(),
-            text.as_bytes(),
-            0o600,
-        ) {
-            tracing::warn!("cannot write {}: {e}", self.paths.ssh_config().display());
+        let ssh_config = self.paths.ssh_config();
+        let written = tokio::task::spawn_blocking(move || {
+            let pinned: Vec<sshkeys::Pinned> = hosts
+                .into_iter()
+                .filter_map(|(name, ip, key)| {
+                    Some(sshkeys::Pinned {
+                        names: vec![format!("{name}.vm"), ip],
+                        public_key: std::fs::read_to_string(key).ok()?,
+                    })
+                })
+                .collect();
+            if let Err(e) = sshkeys::write_known_hosts(&known_hosts, &pinned) {
+                tracing::warn!("cannot write known_hosts: {e:#}");
+            }
+            let text = banger_config::sshconfig::render_ssh_config(&entries);
+            if let Err(e) =
+                banger_config::sshconfig::write_atomically(&ssh_config, text.as_bytes(), 0o600)
+            {
+                tracing::warn!("cannot write {}: {e}", ssh_config.display());
+            }
+        })
+        .await;
+        if let Err(e) = written {
+            tracing::warn!("cannot refresh known_hosts and ssh_config: {e}");
         }
     }
 }

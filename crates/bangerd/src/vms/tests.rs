@@ -1098,6 +1098,100 @@ async fn the_bridge_stays_while_another_vm_is_starting() {
     assert!(!host.bridge_up());
 }
 
+/// Five `vm create`s at once on a HOME without a user key, known_hosts or ssh_config: all
+/// succeed, one user key is made and every guest authorises it, and each VM is pinned once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn five_vms_created_at_once_on_a_fresh_home_share_one_key_and_are_each_pinned() {
+    let host = Host::new();
+    let vms = host.daemon();
+    assert!(!host.paths.config_dir.exists(), "HOME is not fresh");
+    let names: Vec<String> = (1..=5).map(|i| format!("vm{i}")).collect();
+    let creates: Vec<_> = names
+        .iter()
+        .map(|n| {
+            let (vms, n) = (vms.clone(), n.clone());
+            tokio::spawn(async move { create(&vms, &n, "debian").await })
+        })
+        .collect();
+    let mut infos = Vec::new();
+    for c in creates {
+        let info = c.await.unwrap().unwrap();
+        assert_eq!(info.state, VmState::Running);
+        infos.push(info);
+    }
+
+    // One key pair, whole: its public half is the private key's, and nothing else is left.
+    let ssh_dir = host.paths.ssh_dir();
+    let mut files: Vec<String> = std::fs::read_dir(&ssh_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    assert_eq!(files, ["id_ed25519", "id_ed25519.pub"]);
+    let key = ssh_dir.join("id_ed25519");
+    let derived = std::process::Command::new("ssh-keygen")
+        .arg("-y")
+        .arg("-f")
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(derived.status.success(), "{derived:?}");
+    let first_two = |s: &str| s.split_whitespace().take(2).collect::<Vec<_>>().join(" ");
+    let public = first_two(&std::fs::read_to_string(ssh_dir.join("id_ed25519.pub")).unwrap());
+    assert_eq!(
+        first_two(&String::from_utf8(derived.stdout).unwrap()),
+        public
+    );
+
+    let known_hosts = std::fs::read_to_string(host.paths.known_hosts()).unwrap();
+    let pinned: Vec<&str> = known_hosts
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .collect();
+    assert_eq!(pinned.len(), 5, "{known_hosts}");
+    let ssh_config = std::fs::read_to_string(host.paths.ssh_config()).unwrap();
+    for info in &infos {
+        let name = &info.name;
+        // The guest authorises the one user key.
+        let out = std::process::Command::new("debugfs")
+            .args(["-R", "cat /.ssh/authorized_keys"])
+            .arg(host.vm_dir(name).join("work.ext4"))
+            .output()
+            .unwrap();
+        assert_eq!(
+            first_two(&String::from_utf8_lossy(&out.stdout)),
+            public,
+            "{name}"
+        );
+        // Its own host key is pinned under its name and address, once.
+        let host_key =
+            std::fs::read_to_string(host.vm_dir(name).join("ssh_host_ed25519_key.pub")).unwrap();
+        let line = format!("{name}.vm,{} {}", info.ip, first_two(&host_key));
+        assert_eq!(
+            pinned.iter().filter(|l| **l == line).count(),
+            1,
+            "{line} in\n{known_hosts}"
+        );
+        let stanza = format!("Host {name}.vm\n");
+        assert_eq!(
+            ssh_config.matches(&stanza).count(),
+            1,
+            "{stanza} in\n{ssh_config}"
+        );
+        let target = vms.ssh_target(name).await.unwrap();
+        assert_eq!(Path::new(&target.identity_file), key);
+        assert_eq!(Path::new(&target.known_hosts), host.paths.known_hosts());
+    }
+    assert_eq!(
+        ssh_config
+            .lines()
+            .filter(|l| l.starts_with("Host "))
+            .count(),
+        5,
+        "{ssh_config}"
+    );
+}
+
 /// Appends `n` bytes to `log` through an `O_APPEND` descriptor, as a VMM writes the console.
 fn guest_writes(log: &Path, n: u64) {
     use std::io::Write;
