@@ -11,6 +11,7 @@ use banger_config::Paths;
 
 pub mod daemon;
 pub mod dns;
+pub mod egress;
 pub mod fsutil;
 pub mod hints;
 pub mod image_locks;

@@ -22,6 +22,11 @@ impl Vms {
                 .filter_map(|r| Some((r.name.clone(), r.ip.parse().ok()?)))
                 .collect(),
         );
+        self.dns.set_egress(
+            rows.iter()
+                .filter_map(|r| Some((r.name.clone(), r.ip.parse().ok()?, self.egress(r))))
+                .collect(),
+        );
         let entries: Vec<sshkeys::Pinned> = rows
             .iter()
             .filter_map(|r| {
