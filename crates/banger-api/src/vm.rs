@@ -79,6 +79,32 @@ pub struct CreateVmRequest {
     /// The guest may reach every service on the host (`--host-access`), not only its DNS.
     #[serde(default)]
     pub host_access: bool,
+    /// Names the guest may reach beyond the host (`--allow-host`): its egress becomes an
+    /// allow-list of these (and the config's list, if it has one).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_hosts: Vec<String>,
+    /// Nothing beyond the host, and no other guest (`--no-network`).
+    #[serde(default)]
+    pub no_network: bool,
+}
+
+/// Where a VM may send traffic beyond the host, as `vm show` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EgressInfo {
+    /// `open`, `deny` (nothing beyond the host), `allow` (only `hosts`) or `none`
+    /// (`--no-network`: not even other guests).
+    pub mode: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
+}
+
+impl Default for EgressInfo {
+    fn default() -> Self {
+        EgressInfo {
+            mode: "open".into(),
+            hosts: Vec::new(),
+        }
+    }
 }
 
 fn yes() -> bool {
@@ -115,6 +141,10 @@ pub struct VmInfo {
     /// config's `host_access`; otherwise only the host's DNS.
     #[serde(default)]
     pub host_access: bool,
+    /// Its egress policy: its own flags combined with the config's `[network] egress`, as the
+    /// daemon applies them at the VM's next start.
+    #[serde(default)]
+    pub egress: EgressInfo,
 }
 
 /// `POST /v1/vms/{name}/stop`

@@ -158,6 +158,8 @@ pub async fn run(ctx: &Ctx, args: RunArgs) -> Result<ExitCode, CliError> {
         start: true,
         file_sync,
         host_access: args.vm.host_access,
+        allow_hosts: args.vm.allow_hosts.clone(),
+        no_network: args.vm.no_network,
     };
     let mut renderer = Renderer::new(ctx.verbose);
     let created: Result<VmInfo, CliError> =

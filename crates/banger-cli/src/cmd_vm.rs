@@ -46,6 +46,8 @@ pub async fn vm(ctx: &Ctx, cmd: VmCmd) -> Result<ExitCode, CliError> {
                 start: !args.no_start,
                 file_sync,
                 host_access: args.vm.host_access,
+                allow_hosts: args.vm.allow_hosts.clone(),
+                no_network: args.vm.no_network,
             };
             let vm: VmInfo = streamed(ctx, &client, "/v1/vms", &req).await?;
             println!("{}", vm.name);
@@ -202,6 +204,18 @@ fn list_row(v: &VmInfo) -> Vec<String> {
     ]
 }
 
+/// A VM's egress policy in words. The names were checked by the daemon, but are printed
+/// escaped like anything else that passed through it.
+fn describe_egress(e: &banger_api::vm::EgressInfo) -> String {
+    match e.mode.as_str() {
+        "open" => "open (anywhere)".to_owned(),
+        "deny" => "deny (nothing beyond the host)".to_owned(),
+        "none" => "none (--no-network: nothing beyond the host, no other VM)".to_owned(),
+        "allow" => format!("only {}", crate::safe_text::printable(&e.hosts.join(", "))),
+        other => crate::safe_text::printable(other).into_owned(),
+    }
+}
+
 fn print_vm(v: &VmInfo) {
     println!("name:        {}", v.name);
     println!("state:       {}", v.state);
@@ -218,6 +232,7 @@ fn print_vm(v: &VmInfo) {
             "reaches the host's DNS only"
         }
     );
+    println!("egress:      {}", describe_egress(&v.egress));
     println!("mac:         {}", v.mac);
     println!("tap:         {}", v.tap);
     println!("image:       {}", v.image);

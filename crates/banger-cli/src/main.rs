@@ -159,6 +159,20 @@ pub struct NewVmArgs {
     /// reaches only the host's DNS, as with `host_access = false` in the config.
     #[arg(long)]
     pub host_access: bool,
+    /// Let the guest reach NAME beyond the host (repeatable; `*.example.org` for every name
+    /// under it). The guest's egress becomes an allow-list: these names, plus the config's
+    /// `[network] egress` list if it has one. Other names do not resolve and other addresses
+    /// are unreachable.
+    #[arg(
+        long = "allow-host",
+        value_name = "NAME",
+        conflicts_with = "no_network"
+    )]
+    pub allow_hosts: Vec<String>,
+    /// No traffic beyond the host and none to or from other guests; names outside `.vm` do not
+    /// resolve. The agent (exec, sessions, workspace copy) still works.
+    #[arg(long, conflicts_with = "host_access")]
+    pub no_network: bool,
 }
 
 impl NewVmArgs {

@@ -10,7 +10,7 @@
 
 use std::path::{Path, PathBuf};
 
-use banger_net::{BridgeConfig, BridgeName, GuestLinks, HostAccess, Subnet};
+use banger_net::{BridgeConfig, BridgeName, Egress, GuestLinks, HostAccess, Subnet};
 use serde::{Deserialize, Deserializer};
 
 pub mod logtail;
@@ -117,6 +117,16 @@ pub struct FileSync {
     pub mode: Option<u32>,
 }
 
+/// The `[network]` table.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkSection {
+    /// Where guests may send traffic beyond the host: `"open"` (default), `"deny"`, or a list
+    /// of allowed names (`"github.com"`, `"*.example.org"`).
+    #[serde(default, deserialize_with = "egress")]
+    pub egress: Egress,
+}
+
 /// The whole config file. Every key is optional.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -149,6 +159,8 @@ pub struct Config {
     pub vm_defaults: VmDefaults,
     #[serde(default)]
     pub file_sync: Vec<FileSync>,
+    #[serde(default)]
+    pub network: NetworkSection,
 }
 
 pub const DEFAULT_IMAGE: &str = "debian-bookworm";
@@ -229,6 +241,30 @@ fn with_hint<E: banger_hint::Hint, D: serde::de::Error>(e: E) -> D {
     match e.hint() {
         Some(h) => D::custom(format!("{e} ({h})")),
         None => D::custom(e),
+    }
+}
+
+fn egress<'de, D: Deserializer<'de>>(d: D) -> Result<Egress, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Word(String),
+        List(Vec<String>),
+    }
+    match Raw::deserialize(d).map_err(|_| {
+        serde::de::Error::custom(
+            "must be \"open\", \"deny\" or a list of allowed names like [\"github.com\", \"*.example.org\"]",
+        )
+    })? {
+        Raw::Word(w) if w == "open" => Ok(Egress::Open),
+        Raw::Word(w) if w == "deny" => Ok(Egress::Deny),
+        Raw::Word(w) => Err(serde::de::Error::custom(format!(
+            "must be \"open\", \"deny\" or a list of names, not {w:?} (for one name write [{w:?}])"
+        ))),
+        // An empty list allows nothing: the same as "deny", said plainly.
+        Raw::List(names) => banger_net::egress::parse_hosts(&names)
+            .map(|list| if list.is_empty() { Egress::Deny } else { Egress::Allow(list) })
+            .map_err(with_hint),
     }
 }
 
@@ -381,6 +417,9 @@ catalog_url = "file:///c.toml"
 debian_mirror = "http://mirror.invalid/debian"
 insecure_registries = ["registry.lan:5000", "10.0.0.7", "[fd00::1]:5000"]
 
+[network]
+egress = ["github.com", "*.Example.org"]
+
 [vm_defaults]
 vcpu = 2
 memory_mib = 2048
@@ -398,6 +437,11 @@ guest = "/root/.aws"
         )
         .unwrap();
         assert_eq!(c.vmm, VmmChoice::Qemu);
+        assert_eq!(
+            c.network.egress.to_string(),
+            "only *.example.org, github.com"
+        );
+        assert_eq!(Config::default().network.egress, Egress::Open);
         assert_eq!(c.bridge().host_access, HostAccess::Open);
         assert_eq!(c.bridge().guest_links, GuestLinks::Isolated);
         assert_eq!(Config::default().bridge().guest_links, GuestLinks::Open);
@@ -410,6 +454,30 @@ guest = "/root/.aws"
             c.insecure_registries,
             ["registry.lan:5000", "10.0.0.7", "[fd00::1]:5000"]
         );
+    }
+
+    #[test]
+    fn egress_is_open_deny_or_a_list_of_names() {
+        let egress =
+            |v: &str| parse(&format!("[network]\negress = {v}\n")).map(|c| c.network.egress);
+        assert_eq!(egress("\"open\"").unwrap(), Egress::Open);
+        assert_eq!(egress("\"deny\"").unwrap(), Egress::Deny);
+        assert_eq!(egress("[]").unwrap(), Egress::Deny);
+        for (bad, says) in [
+            ("\"github.com\"", "for one name write [\"github.com\"]"),
+            ("\"allow\"", "must be \"open\""),
+            ("3", "must be \"open\""),
+            ("[\"a b\"]", "`a b` is not a host name"),
+            ("[\"*.org\"]", "wildcard"),
+        ] {
+            let err = egress(bad).unwrap_err().to_string();
+            assert!(err.contains(says), "{bad}: {err}");
+            assert!(err.contains(":2"), "the line is named: {err}");
+        }
+        let err = parse("[network]\negres = \"deny\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("egres"), "{err}");
     }
 
     #[test]

@@ -6,15 +6,18 @@
 //! - `zone`: the name table and the pure answer rules.
 //! - `upstream`: finding the host's resolvers in resolv.conf.
 //! - `forward`: relaying queries upstream.
+//! - `gate`: what egress policies decide for names outside `.vm` (the daemon implements it).
 //! - `server`: the request handler and the listeners.
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod forward;
+pub mod gate;
 pub mod server;
 pub mod upstream;
 pub mod zone;
 
 pub use forward::Forwarder;
-pub use server::{client_net, serve, DnsError, Handler, RunningDns};
+pub use gate::{Decision, EgressGate};
+pub use server::{client_net, serve, serve_handler, DnsError, Handler, RunningDns};
 pub use zone::{Answer, QueryKind, Zone};

@@ -26,6 +26,7 @@ use ipnet::{IpNet, Ipv4Net};
 use tokio::net::{TcpListener, UdpSocket};
 
 use crate::forward::Forwarder;
+use crate::gate::{Decision, EgressGate};
 use crate::zone::{Answer, QueryKind, Zone, TTL_SECS};
 
 /// How long an idle TCP client may hold a connection.
@@ -50,6 +51,7 @@ pub enum DnsError {
 pub struct Handler {
     zone: Zone,
     forwarder: Forwarder,
+    gate: Option<Arc<dyn EgressGate>>,
     soa: Record,
 }
 
@@ -58,7 +60,16 @@ impl Handler {
         Handler {
             zone,
             forwarder,
+            gate: None,
             soa: zone_soa(),
+        }
+    }
+
+    /// Names outside `.vm` go through `gate` (egress policies) before they are forwarded.
+    pub fn with_gate(self, gate: Arc<dyn EgressGate>) -> Self {
+        Handler {
+            gate: Some(gate),
+            ..self
         }
     }
 
@@ -171,12 +182,31 @@ impl RequestHandler for Handler {
             Answer::NotOurs => {
                 let is_tcp = matches!(request.protocol(), hickory_server::net::xfer::Protocol::Tcp);
                 let client = request.src().ip();
+                let decision = self
+                    .gate
+                    .as_ref()
+                    .map_or(Decision::Forward, |g| g.decide(client, &qname));
+                if decision == Decision::Refuse {
+                    let resp = builder.error_msg(&request.metadata, ResponseCode::Refused);
+                    return send(&mut response_handle, resp, request).await;
+                }
                 return match self
                     .forwarder
                     .forward(request.as_slice(), client, is_tcp)
                     .await
                 {
                     Ok(up) => {
+                        if let (Decision::ForwardAndAllow, Some(gate)) = (decision, &self.gate) {
+                            let (addrs, ttl) = answered_addresses(&up);
+                            if !addrs.is_empty() {
+                                if let Err(e) = gate.allow(client, addrs, ttl).await {
+                                    tracing::warn!(name = %qname, %client, "cannot let the guest reach the answer: {e}");
+                                    let resp = builder
+                                        .error_msg(&request.metadata, ResponseCode::ServFail);
+                                    return send(&mut response_handle, resp, request).await;
+                                }
+                            }
+                        }
                         let mut m = up.metadata;
                         m.id = request.metadata.id;
                         m.message_type = MessageType::Response;
@@ -218,6 +248,20 @@ impl RequestHandler for Handler {
             }
         }
     }
+}
+
+/// The IPv4 addresses in an upstream answer's answer section (CNAME chains included: their
+/// A records are there too), and the shortest TTL among them.
+fn answered_addresses(answer: &hickory_proto::op::Message) -> (Vec<Ipv4Addr>, Duration) {
+    let mut ttl = u32::MAX;
+    let mut addrs = Vec::new();
+    for r in &answer.answers {
+        if let RData::A(A(ip)) = r.data {
+            addrs.push(ip);
+            ttl = ttl.min(r.ttl);
+        }
+    }
+    (addrs, Duration::from_secs(u64::from(ttl)))
 }
 
 /// Whether every question name is written out label by label. hickory-server echoes the question
@@ -319,6 +363,15 @@ pub async fn serve(
     zone: Zone,
     forwarder: Forwarder,
 ) -> Result<RunningDns, DnsError> {
+    serve_handler(listen, clients, Handler::new(zone, forwarder)).await
+}
+
+/// [`serve`] with a handler of the caller's (one with an egress gate, say).
+pub async fn serve_handler(
+    listen: SocketAddr,
+    clients: Ipv4Net,
+    handler: Handler,
+) -> Result<RunningDns, DnsError> {
     let udp = UdpSocket::bind(listen)
         .await
         .map_err(|source| DnsError::Bind {
@@ -338,11 +391,7 @@ pub async fn serve(
             proto: "tcp",
             source,
         })?;
-    let mut server = Server::with_access(
-        Handler::new(zone, forwarder),
-        [],
-        [IpNet::V4(clients.trunc())],
-    );
+    let mut server = Server::with_access(handler, [], [IpNet::V4(clients.trunc())]);
     server.register_socket(udp);
     server.register_listener(tcp, TCP_IDLE_TIMEOUT, TCP_RESPONSE_BUFFER);
     tracing::info!(%addr, %clients, "serving the .vm zone");

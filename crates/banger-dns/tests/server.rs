@@ -340,3 +340,94 @@ async fn garbage_bursts_and_oversized_names_leave_the_server_answering() {
     drop(stalled);
     dns.shutdown().await;
 }
+
+/// A gate that refuses names containing `blocked`, lets names containing `open` through
+/// untouched, and records what it allows (failing for names asked while `fail` is set).
+#[derive(Debug, Default)]
+struct RecordingGate {
+    allowed: std::sync::Mutex<Vec<(std::net::IpAddr, Vec<Ipv4Addr>, Duration)>>,
+    fail: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl banger_dns::EgressGate for RecordingGate {
+    fn decide(&self, _client: std::net::IpAddr, name: &str) -> banger_dns::Decision {
+        if name.contains("blocked") {
+            banger_dns::Decision::Refuse
+        } else if name.contains("open") {
+            banger_dns::Decision::Forward
+        } else {
+            banger_dns::Decision::ForwardAndAllow
+        }
+    }
+
+    async fn allow(
+        &self,
+        client: std::net::IpAddr,
+        addrs: Vec<Ipv4Addr>,
+        ttl: Duration,
+    ) -> Result<(), String> {
+        if self.fail.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err("the set is full".into());
+        }
+        self.allowed.lock().unwrap().push((client, addrs, ttl));
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_egress_gate_refuses_names_and_learns_the_addresses_of_allowed_answers() {
+    let zone = Zone::new();
+    zone.replace([("web".to_owned(), Ipv4Addr::new(172, 16, 0, 2))]);
+    let upstream = fake_upstream().await;
+    let gate = std::sync::Arc::new(RecordingGate::default());
+    let handler = banger_dns::Handler::new(
+        zone,
+        Forwarder::with_timeout(vec![upstream], Duration::from_secs(1)),
+    )
+    .with_gate(gate.clone());
+    let dns = banger_dns::serve_handler(
+        "127.0.0.1:0".parse().unwrap(),
+        client_net(Ipv4Addr::new(127, 0, 0, 0), 8).unwrap(),
+        handler,
+    )
+    .await
+    .unwrap();
+    let addr = dns.local_addr();
+    // `.vm` names never reach the gate.
+    assert_eq!(
+        dig_async(addr, &["+short", "web.vm"]).await.trim(),
+        "172.16.0.2"
+    );
+    for proto in ["+notcp", "+tcp"] {
+        let out = dig_async(addr, &[proto, "www.blocked.test"]).await;
+        assert_eq!(status(&out), "REFUSED", "{out}");
+        assert!(!out.contains("192.0.2.7"), "{out}");
+    }
+    assert!(gate.allowed.lock().unwrap().is_empty());
+    assert_eq!(
+        dig_async(addr, &["+short", "open.test"]).await.trim(),
+        "192.0.2.7"
+    );
+    assert!(
+        gate.allowed.lock().unwrap().is_empty(),
+        "an open name is not learnt"
+    );
+    assert_eq!(
+        dig_async(addr, &["+short", "allowed.test"]).await.trim(),
+        "192.0.2.7"
+    );
+    assert_eq!(
+        *gate.allowed.lock().unwrap(),
+        vec![(
+            "127.0.0.1".parse().unwrap(),
+            vec![Ipv4Addr::new(192, 0, 2, 7)],
+            Duration::from_secs(300)
+        )]
+    );
+    // An address the host could not open is not handed out.
+    gate.fail.store(true, std::sync::atomic::Ordering::Relaxed);
+    let out = dig_async(addr, &["allowed.test"]).await;
+    assert_eq!(status(&out), "SERVFAIL", "{out}");
+    dns.shutdown().await;
+}

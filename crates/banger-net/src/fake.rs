@@ -5,7 +5,9 @@
 //! to fail creating taps or deleting a given tap, so error paths are testable too.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
 use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
 
 use nix::unistd::Uid;
 
@@ -40,6 +42,13 @@ pub enum Call {
     UnguardPort {
         tap: TapName,
     },
+    AllowOutbound {
+        guest: Ipv4Addr,
+        destinations: Vec<Ipv4Addr>,
+    },
+    ForgetOutbound {
+        guest: Ipv4Addr,
+    },
     ListTaps,
     Teardown {
         bridge: BridgeName,
@@ -62,6 +71,8 @@ pub struct FakeState {
     pub taps: BTreeMap<TapName, FakeTap>,
     /// What each guarded tap may send from.
     pub guards: BTreeMap<TapName, PortGuard>,
+    /// `guest . destination` pairs an allow-list let through, with their timeout.
+    pub allowed: BTreeMap<(Ipv4Addr, Ipv4Addr), Duration>,
 }
 
 #[derive(Debug, Default)]
@@ -124,6 +135,7 @@ impl FakeHostNet {
         let mut inner = self.lock();
         inner.state.nat = None;
         inner.state.guards.clear();
+        inner.state.allowed.clear();
     }
 }
 
@@ -174,6 +186,7 @@ impl HostNet for FakeHostNet {
             inner.state.nat = Some(ruleset.clone());
             // As on a real host: installing the tables empties their sets.
             inner.state.guards.clear();
+            inner.state.allowed.clear();
             changes.push("installed nft table inet banger");
         }
         Ok(changes)
@@ -245,6 +258,38 @@ impl HostNet for FakeHostNet {
         Ok(changes)
     }
 
+    fn allow_outbound(
+        &self,
+        guest: Ipv4Addr,
+        destinations: &[Ipv4Addr],
+        ttl: Duration,
+    ) -> Result<(), NetError> {
+        let mut inner = self.lock();
+        inner.calls.push(Call::AllowOutbound {
+            guest,
+            destinations: destinations.to_vec(),
+        });
+        let timeout = crate::nat::egress_timeout(ttl);
+        for d in destinations {
+            inner.state.allowed.insert((guest, *d), timeout);
+        }
+        Ok(())
+    }
+
+    fn forget_outbound(&self, guest: Ipv4Addr) -> Result<Changes, NetError> {
+        let mut inner = self.lock();
+        inner.calls.push(Call::ForgetOutbound { guest });
+        let before = inner.state.allowed.len();
+        inner.state.allowed.retain(|(g, _), _| *g != guest);
+        let mut changes = Changes::none();
+        if inner.state.allowed.len() != before {
+            changes.push(format!(
+                "{guest} may no longer reach what its DNS answers allowed"
+            ));
+        }
+        Ok(changes)
+    }
+
     fn list_taps(&self) -> Result<Vec<TapName>, NetError> {
         let mut inner = self.lock();
         inner.calls.push(Call::ListTaps);
@@ -260,8 +305,9 @@ impl HostNet for FakeHostNet {
         if inner.state.nat.take().is_some() {
             changes.push("deleted nft table inet banger");
         }
-        // The set went with the table.
+        // The sets went with the table.
         inner.state.guards.clear();
+        inner.state.allowed.clear();
         if inner.state.bridges.remove(bridge).is_some() {
             changes.push(format!("deleted bridge {bridge}"));
         }

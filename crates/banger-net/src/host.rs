@@ -7,6 +7,8 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::net::Ipv4Addr;
+use std::time::Duration;
 
 use banger_hint::Hint;
 use nix::unistd::Uid;
@@ -132,6 +134,18 @@ pub trait HostNet: Send + Sync {
     /// Takes `tap`'s addresses back; nothing to take back is not an error.
     fn unguard_port(&self, tap: &TapName, guard: PortGuard) -> Result<Changes, NetError>;
 
+    /// Lets `guest` (under an egress allow-list) reach `destinations` for about `ttl` (see
+    /// `nat::egress_timeout`), renewing pairs that are there already.
+    fn allow_outbound(
+        &self,
+        guest: Ipv4Addr,
+        destinations: &[Ipv4Addr],
+        ttl: Duration,
+    ) -> Result<(), NetError>;
+
+    /// Takes back every destination `guest` was allowed to reach; none is not an error.
+    fn forget_outbound(&self, guest: Ipv4Addr) -> Result<Changes, NetError>;
+
     /// Every tap on the host whose name carries banger's prefix, sorted.
     fn list_taps(&self) -> Result<Vec<TapName>, NetError>;
 
@@ -165,6 +179,17 @@ impl<H: HostNet + ?Sized> HostNet for &H {
     }
     fn unguard_port(&self, tap: &TapName, guard: PortGuard) -> Result<Changes, NetError> {
         (**self).unguard_port(tap, guard)
+    }
+    fn allow_outbound(
+        &self,
+        guest: Ipv4Addr,
+        destinations: &[Ipv4Addr],
+        ttl: Duration,
+    ) -> Result<(), NetError> {
+        (**self).allow_outbound(guest, destinations, ttl)
+    }
+    fn forget_outbound(&self, guest: Ipv4Addr) -> Result<Changes, NetError> {
+        (**self).forget_outbound(guest)
     }
     fn list_taps(&self) -> Result<Vec<TapName>, NetError> {
         (**self).list_taps()

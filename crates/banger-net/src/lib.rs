@@ -3,6 +3,7 @@
 //!
 //! Layout:
 //! - `addr`: `Subnet`, `Lease`, `Mac` and lowest-free allocation (pure).
+//! - `egress`: egress policies (open, deny, allow-lists of names, sealed) and name matching (pure).
 //! - `names`: `BridgeName`, `TapName` (`bg-<short>`), checked against IFNAMSIZ (pure).
 //! - `nat`: the generated nft ruleset (pure).
 //! - `host`: the `HostNet` trait, the seam between logic and host effects.
@@ -21,6 +22,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod addr;
+pub mod egress;
 pub mod fake;
 pub mod host;
 pub mod names;
@@ -32,6 +34,7 @@ pub mod system;
 mod tun;
 
 pub use addr::{AllocError, Lease, Mac, MacError, Subnet, SubnetError};
+pub use egress::{Egress, HostPattern, NameVerdict, Outbound, PatternError};
 pub use fake::FakeHostNet;
 pub use host::{Changes, HostNet, NetError};
 pub use names::{BridgeName, NameError, TapName, TAP_PREFIX};
@@ -54,6 +57,7 @@ pub const HINTS: &[banger_hint::Probe] = &[
     probe::<NameError>,
     probe::<PrivilegedError>,
     probe::<BridgeConfigError>,
+    probe::<PatternError>,
 ];
 
 #[cfg(test)]
@@ -79,6 +83,7 @@ mod tests {
                 source: std::io::ErrorKind::PermissionDenied.into(),
             }),
             Box::new(BridgeConfig::parse("banger0", "10.0.0.0/24").unwrap_err()),
+            Box::new(HostPattern::parse("a b").unwrap_err()),
         ]
     }
 

@@ -27,7 +27,10 @@
 
 use std::net::Ipv4Addr;
 
+use std::time::Duration;
+
 use crate::addr::{Mac, Subnet};
+use crate::egress::Outbound;
 use crate::names::{BridgeName, TapName, TAP_PREFIX};
 
 /// Where clouds serve instance metadata (and with it, often, credentials): never for guests.
@@ -56,6 +59,24 @@ pub const GUARD_SET: &str = "guests";
 /// The set of guest addresses that may reach the host's services (`--host-access`); safe to
 /// key by source address because the guard keeps each guest to its own.
 pub const HOST_OPEN_SET: &str = "host_open";
+/// The set of guests whose traffic beyond the host is limited to [`EGRESS_ALLOWED_SET`]
+/// (`egress = "deny"` or an allow-list).
+pub const EGRESS_FILTERED_SET: &str = "egress_filtered";
+/// `guest . destination` pairs banger's DNS server answered for under an allow-list, each
+/// expiring with its record's TTL.
+pub const EGRESS_ALLOWED_SET: &str = "egress_allowed";
+/// Most `guest . destination` pairs [`EGRESS_ALLOWED_SET`] holds, over all guests: a bound on
+/// what lookups can make the kernel (and a listing) hold. When it is full, new answers fail
+/// (SERVFAIL) until older pairs expire.
+pub const EGRESS_ALLOWED_MAX: u32 = 65535;
+/// Guests with `--no-network`: nothing is forwarded from or to them (the inet table, by
+/// address; the bridge table, by tap, under the same name).
+pub const SEALED_SET: &str = "sealed";
+/// Shortest life of an allowed destination: a record with TTL 0 must still be usable for the
+/// connection the guest makes right after the answer.
+pub const EGRESS_MIN_TTL: Duration = Duration::from_secs(30);
+/// Longest life of an allowed destination, whatever the record says.
+pub const EGRESS_MAX_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Port the daemon's DNS server binds on the bridge address; port 53 there is DNATed to it.
 pub const DNS_SERVE_PORT: u16 = 10053;
 /// DNS queries over UDP one guest may send per second (past a burst), counted by nft before
@@ -85,6 +106,7 @@ pub struct PortGuard {
     pub mac: Mac,
     pub ip: Ipv4Addr,
     pub host: HostAccess,
+    pub outbound: Outbound,
 }
 
 impl PortGuard {
@@ -94,11 +116,17 @@ impl PortGuard {
             mac,
             ip,
             host: HostAccess::DnsOnly,
+            outbound: Outbound::Open,
         }
     }
 
     pub fn with_host(self, host: HostAccess) -> Self {
         PortGuard { host, ..self }
+    }
+
+    /// Where the guest's traffic may go beyond the host (its egress policy, on the nft side).
+    pub fn with_outbound(self, outbound: Outbound) -> Self {
+        PortGuard { outbound, ..self }
     }
 }
 
@@ -123,12 +151,9 @@ impl NatRuleset {
     ) -> Self {
         let isolate = match links {
             GuestLinks::Open => String::new(),
-            GuestLinks::Isolated => format!(
-                "\n\tchain forward {{\n\
-                 \t\ttype filter hook forward priority filter; policy accept;\n\
-                 \t\tiifname \"{TAP_PREFIX}*\" oifname \"{TAP_PREFIX}*\" drop\n\
-                 \t}}\n"
-            ),
+            GuestLinks::Isolated => {
+                format!("\t\tiifname \"{TAP_PREFIX}*\" oifname \"{TAP_PREFIX}*\" drop\n")
+            }
         };
         // Isolated guests must not reach each other through the host's routing either (a
         // frame to the bridge's MAC for another guest's address). Only then: where
@@ -169,6 +194,23 @@ impl NatRuleset {
              \t\ttimeout 10s\n\
              \t}}\n\
              \n\
+             \tset {EGRESS_FILTERED_SET} {{\n\
+             \t\ttype ipv4_addr\n\
+             \t\tcomment \"guests whose traffic beyond the host goes only where {EGRESS_ALLOWED_SET} says\"\n\
+             \t}}\n\
+             \n\
+             \tset {EGRESS_ALLOWED_SET} {{\n\
+             \t\ttype ipv4_addr . ipv4_addr\n\
+             \t\tsize {EGRESS_ALLOWED_MAX}\n\
+             \t\tflags timeout\n\
+             \t\tcomment \"guest . destination pairs banger's DNS answered for under an allow-list\"\n\
+             \t}}\n\
+             \n\
+             \tset {SEALED_SET} {{\n\
+             \t\ttype ipv4_addr\n\
+             \t\tcomment \"guests with --no-network\"\n\
+             \t}}\n\
+             \n\
              \tchain prerouting {{\n\
              \t\ttype nat hook prerouting priority dstnat; policy accept;\n\
              \t\tiifname \"{br}\" ip daddr {gw} meta l4proto {{ tcp, udp }} th dport 53 dnat ip to {gw}:{DNS_SERVE_PORT}\n\
@@ -197,8 +239,12 @@ impl NatRuleset {
              \n\
              \tchain forward {{\n\
              \t\ttype filter hook forward priority filter; policy accept;\n\
+             \t\tip saddr @{SEALED_SET} drop\n\
+             \t\tip daddr @{SEALED_SET} drop\n\
              {routed_between_guests}\
              \t\tiifname \"{br}\" ip daddr {LINK_LOCAL_V4} drop\n\
+             \t\tiifname \"{br}\" oifname != \"{br}\" ip saddr @{EGRESS_FILTERED_SET} ct state established,related accept\n\
+             \t\tiifname \"{br}\" oifname != \"{br}\" ip saddr @{EGRESS_FILTERED_SET} ip saddr . ip daddr != @{EGRESS_ALLOWED_SET} drop\n\
              \t\tiifname \"{br}\" oifname != \"{br}\" accept\n\
              \t\toifname \"{br}\" ct state established,related accept\n\
              \t}}\n\
@@ -218,6 +264,11 @@ impl NatRuleset {
              \t\tcomment \"each banger tap with the one MAC and IPv4 address its VM may send from\"\n\
              \t}}\n\
              \n\
+             \tset {SEALED_SET} {{\n\
+             \t\ttype ifname\n\
+             \t\tcomment \"taps of guests with --no-network\"\n\
+             \t}}\n\
+             \n\
              \tchain prerouting {{\n\
              \t\ttype filter hook prerouting priority filter; policy accept;\n\
              \t\tiifname != \"{TAP_PREFIX}*\" accept\n\
@@ -225,7 +276,13 @@ impl NatRuleset {
              \t\tiifname . ether saddr . arp saddr ip @{GUARD_SET} iifname . arp saddr ether . arp saddr ip @{GUARD_SET} accept\n\
              \t\tdrop\n\
              \t}}\n\
+             \n\
+             \tchain forward {{\n\
+             \t\ttype filter hook forward priority filter; policy accept;\n\
+             \t\tiifname @{SEALED_SET} drop\n\
+             \t\toifname @{SEALED_SET} drop\n\
              {isolate}\
+             \t}}\n\
              }}\n"
         );
         NatRuleset { table, guard_table }
@@ -261,34 +318,141 @@ impl NatRuleset {
     }
 }
 
-/// Input for `nft -f -` that lets `tap` send from `guard`'s addresses, and reach the host if it
-/// may (adding is idempotent).
+/// Input for `nft -f -` that lets `tap` send from `guard`'s addresses, reach the host if it
+/// may, and puts it under its egress policy (adding is idempotent).
 pub fn guard_script(tap: &TapName, guard: PortGuard) -> String {
-    let mut script = format!(
+    // What a tap may do is replaced, not added to: a VM re-adopted by a daemon with another
+    // config (or restarted with other flags) must not keep an earlier policy's membership.
+    let mut script = reset_policy(tap, guard.ip);
+    script.push_str(&format!(
         "add element {GUARD_FAMILY} {NFT_TABLE} {GUARD_SET} {{ \"{tap}\" . {} . {} }}\n",
         guard.mac, guard.ip
-    );
+    ));
     if guard.host == HostAccess::Open {
         script.push_str(&format!(
             "add element {NFT_FAMILY} {NFT_TABLE} {HOST_OPEN_SET} {{ {} }}\n",
             guard.ip
         ));
     }
+    match guard.outbound {
+        Outbound::Open => {}
+        Outbound::Filtered => script.push_str(&format!(
+            "add element {NFT_FAMILY} {NFT_TABLE} {EGRESS_FILTERED_SET} {{ {} }}\n",
+            guard.ip
+        )),
+        Outbound::Sealed => script.push_str(&format!(
+            "add element {NFT_FAMILY} {NFT_TABLE} {SEALED_SET} {{ {} }}\n\
+             add element {GUARD_FAMILY} {NFT_TABLE} {SEALED_SET} {{ \"{tap}\" }}\n",
+            guard.ip
+        )),
+    }
     script
 }
 
-/// Input for `nft -f -` that takes `tap`'s addresses (and its host access) out of the sets. Each
-/// element is added first, in the same transaction, so the delete succeeds whether or not it
-/// was there.
+/// Takes `ip` (and `tap`) out of every policy set: host access, egress filter, sealed. Each
+/// element is added first, in the same transaction, so the delete succeeds either way.
+fn reset_policy(tap: &TapName, ip: Ipv4Addr) -> String {
+    let ip = format!("{{ {ip} }}");
+    let tap = format!("{{ \"{tap}\" }}");
+    let mut script = String::new();
+    for (family, set, element) in [
+        (NFT_FAMILY, HOST_OPEN_SET, &ip),
+        (NFT_FAMILY, EGRESS_FILTERED_SET, &ip),
+        (NFT_FAMILY, SEALED_SET, &ip),
+        (GUARD_FAMILY, SEALED_SET, &tap),
+    ] {
+        script.push_str(&format!(
+            "add element {family} {NFT_TABLE} {set} {element}\n\
+             delete element {family} {NFT_TABLE} {set} {element}\n"
+        ));
+    }
+    script
+}
+
+/// Input for `nft -f -` that takes `tap`'s addresses, its host access and its egress policy
+/// out of the sets. Each element is added first, in the same transaction, so the delete
+/// succeeds whether or not it was there.
 pub fn unguard_script(tap: &TapName, guard: PortGuard) -> String {
     let element = format!("{{ \"{tap}\" . {} . {} }}", guard.mac, guard.ip);
-    let host = format!("{{ {} }}", guard.ip);
     format!(
         "add element {GUARD_FAMILY} {NFT_TABLE} {GUARD_SET} {element}\n\
-         delete element {GUARD_FAMILY} {NFT_TABLE} {GUARD_SET} {element}\n\
-         add element {NFT_FAMILY} {NFT_TABLE} {HOST_OPEN_SET} {host}\n\
-         delete element {NFT_FAMILY} {NFT_TABLE} {HOST_OPEN_SET} {host}\n"
+         delete element {GUARD_FAMILY} {NFT_TABLE} {GUARD_SET} {element}\n{}",
+        reset_policy(tap, guard.ip)
     )
+}
+
+/// The life an allowed destination gets for a record of `ttl`, within
+/// [`EGRESS_MIN_TTL`]..=[`EGRESS_MAX_TTL`].
+pub fn egress_timeout(ttl: Duration) -> Duration {
+    ttl.clamp(EGRESS_MIN_TTL, EGRESS_MAX_TTL)
+}
+
+/// Input for `nft -f -` that lets `guest` reach each of `destinations` for `ttl` (see
+/// [`egress_timeout`]). A pair already there gets the new timeout: nft leaves an existing
+/// element's timeout alone on `add`, so each is added, deleted and added again.
+pub fn allow_script(guest: Ipv4Addr, destinations: &[Ipv4Addr], ttl: Duration) -> String {
+    let secs = egress_timeout(ttl).as_secs();
+    let mut script = String::new();
+    for d in destinations {
+        let pair = format!("{guest} . {d}");
+        script.push_str(&format!(
+            "add element {NFT_FAMILY} {NFT_TABLE} {EGRESS_ALLOWED_SET} {{ {pair} }}\n\
+             delete element {NFT_FAMILY} {NFT_TABLE} {EGRESS_ALLOWED_SET} {{ {pair} }}\n\
+             add element {NFT_FAMILY} {NFT_TABLE} {EGRESS_ALLOWED_SET} {{ {pair} timeout {secs}s }}\n"
+        ));
+    }
+    script
+}
+
+/// The destinations `guest` may reach, from `nft -j list set inet banger egress_allowed`.
+/// Anything in the listing that is not a `guest . destination` pair is skipped.
+pub fn allowed_destinations(listing: &serde_json::Value, guest: Ipv4Addr) -> Vec<Ipv4Addr> {
+    let Some(items) = listing.get("nftables").and_then(|v| v.as_array()) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for item in items {
+        let Some(elems) = item
+            .get("set")
+            .and_then(|s| s.get("elem"))
+            .and_then(|e| e.as_array())
+        else {
+            continue;
+        };
+        for e in elems {
+            // With a timeout an element is `{"elem": {"val": {...}, "timeout": ..}}`; without,
+            // the value itself.
+            let val = e.get("elem").and_then(|x| x.get("val")).unwrap_or(e);
+            let Some([g, d]) = val
+                .get("concat")
+                .and_then(|c| c.as_array())
+                .map(Vec::as_slice)
+            else {
+                continue;
+            };
+            let parse = |v: &serde_json::Value| v.as_str().and_then(|s| s.parse::<Ipv4Addr>().ok());
+            if let (Some(g), Some(d)) = (parse(g), parse(d)) {
+                if g == guest {
+                    out.push(d);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Input for `nft -f -` that takes every one of `destinations` away from `guest` (an empty
+/// string when there are none).
+pub fn forget_script(guest: Ipv4Addr, destinations: &[Ipv4Addr]) -> String {
+    destinations
+        .iter()
+        .map(|d| {
+            format!(
+                "add element {NFT_FAMILY} {NFT_TABLE} {EGRESS_ALLOWED_SET} {{ {guest} . {d} }}\n\
+                 delete element {NFT_FAMILY} {NFT_TABLE} {EGRESS_ALLOWED_SET} {{ {guest} . {d} }}\n"
+            )
+        })
+        .collect()
 }
 
 fn normalize(text: &str) -> Vec<String> {
@@ -341,6 +505,23 @@ table inet banger {
 \t\ttimeout 10s
 \t}
 
+\tset egress_filtered {
+\t\ttype ipv4_addr
+\t\tcomment \"guests whose traffic beyond the host goes only where egress_allowed says\"
+\t}
+
+\tset egress_allowed {
+\t\ttype ipv4_addr . ipv4_addr
+\t\tsize 65535
+\t\tflags timeout
+\t\tcomment \"guest . destination pairs banger's DNS answered for under an allow-list\"
+\t}
+
+\tset sealed {
+\t\ttype ipv4_addr
+\t\tcomment \"guests with --no-network\"
+\t}
+
 \tchain prerouting {
 \t\ttype nat hook prerouting priority dstnat; policy accept;
 \t\tiifname \"banger0\" ip daddr 172.16.0.1 meta l4proto { tcp, udp } th dport 53 dnat ip to 172.16.0.1:10053
@@ -369,7 +550,11 @@ table inet banger {
 
 \tchain forward {
 \t\ttype filter hook forward priority filter; policy accept;
+\t\tip saddr @sealed drop
+\t\tip daddr @sealed drop
 \t\tiifname \"banger0\" ip daddr 169.254.0.0/16 drop
+\t\tiifname \"banger0\" oifname != \"banger0\" ip saddr @egress_filtered ct state established,related accept
+\t\tiifname \"banger0\" oifname != \"banger0\" ip saddr @egress_filtered ip saddr . ip daddr != @egress_allowed drop
 \t\tiifname \"banger0\" oifname != \"banger0\" accept
 \t\toifname \"banger0\" ct state established,related accept
 \t}
@@ -397,7 +582,7 @@ table inet banger {
     #[test]
     fn isolation_drops_tap_to_tap_forwarding_only() {
         let open = default_ruleset();
-        assert!(!open.guard_table().contains("chain forward"));
+        assert!(!open.guard_table().contains("oifname \"bg-*\" drop"));
         let isolated = NatRuleset::with_policy(
             &BridgeName::default(),
             &Subnet::DEFAULT,
@@ -406,7 +591,7 @@ table inet banger {
         );
         let t = isolated.guard_table();
         assert!(
-            t.ends_with("\tchain forward {\n\t\ttype filter hook forward priority filter; policy accept;\n\t\tiifname \"bg-*\" oifname \"bg-*\" drop\n\t}\n}\n"),
+            t.ends_with("\tchain forward {\n\t\ttype filter hook forward priority filter; policy accept;\n\t\tiifname @sealed drop\n\t\toifname @sealed drop\n\t\tiifname \"bg-*\" oifname \"bg-*\" drop\n\t}\n}\n"),
             "{t}"
         );
         assert_eq!(
@@ -416,7 +601,9 @@ table inet banger {
             open.table(),
             "isolation adds to the inet table only the drop of guest-to-guest routing"
         );
-        assert!(isolated.table().contains("\tchain forward {\n\t\ttype filter hook forward priority filter; policy accept;\n\t\tiifname \"banger0\" oifname \"banger0\" drop\n"));
+        assert!(isolated.table().contains(
+            "\t\tip daddr @sealed drop\n\t\tiifname \"banger0\" oifname \"banger0\" drop\n"
+        ));
         assert!(!open.matches_listing(&format!("{}{}", isolated.table(), t)));
     }
 
@@ -458,26 +645,80 @@ table inet banger {
         let t = r.guard_table();
         assert!(t.contains("iifname != \"bg-*\" accept"), "{t}");
         assert!(t.contains("type ifname . ether_addr . ipv4_addr"), "{t}");
-        assert!(t.trim_end().ends_with("drop\n\t}\n}"), "{t}");
+        assert!(t.contains("\t\tdrop\n\t}\n"), "{t}");
         let tap = TapName::for_vm("vm1");
         let ip: Ipv4Addr = "172.16.0.2".parse().unwrap();
         let guard = PortGuard::new(Mac::for_ip(ip), ip);
-        assert_eq!(
-            guard_script(&tap, guard),
-            format!("add element bridge banger guests {{ \"{tap}\" . 02:ba:ac:10:00:02 . 172.16.0.2 }}\n")
+        let script = guard_script(&tap, guard);
+        assert!(
+            script.ends_with(&format!("\nadd element bridge banger guests {{ \"{tap}\" . 02:ba:ac:10:00:02 . 172.16.0.2 }}\n")),
+            "{script}"
         );
+        // An earlier policy's membership goes first (added, then deleted: valid either way).
+        for set in [
+            "inet banger host_open",
+            "inet banger egress_filtered",
+            "inet banger sealed",
+        ] {
+            assert!(
+                script.contains(&format!(
+                    "add element {set} {{ 172.16.0.2 }}\ndelete element {set} {{ 172.16.0.2 }}\n"
+                )),
+                "{script}"
+            );
+        }
+        assert!(script.contains("delete element bridge banger sealed { \"bg-vm1\" }\n"));
         assert!(guard_script(&tap, guard.with_host(HostAccess::Open))
             .ends_with("\nadd element inet banger host_open { 172.16.0.2 }\n"));
+        assert!(guard_script(&tap, guard.with_outbound(Outbound::Filtered))
+            .ends_with("\nadd element inet banger egress_filtered { 172.16.0.2 }\n"));
+        assert!(guard_script(&tap, guard.with_outbound(Outbound::Sealed)).ends_with(
+            "\nadd element inet banger sealed { 172.16.0.2 }\nadd element bridge banger sealed { \"bg-vm1\" }\n"
+        ));
         let un = unguard_script(&tap, guard);
         assert!(
-            un.starts_with("add element") && un.contains("\ndelete element"),
+            un.starts_with("add element bridge banger guests")
+                && un.contains("\ndelete element inet banger egress_filtered"),
             "{un}"
         );
+        assert!(!un.lines().last().unwrap().starts_with("add"), "{un}");
         // The listing compared is both tables; either one differing is a difference.
         let both = format!("{}{}", r.table(), r.guard_table());
         assert!(r.matches_listing(&both));
         assert!(!r.matches_listing(r.table()));
         assert!(!r.matches_listing(&both.replace("bg-*", "bg*")));
+    }
+
+    #[test]
+    fn allowed_destinations_are_renewed_and_found_per_guest() {
+        let g: Ipv4Addr = "172.16.0.5".parse().unwrap();
+        let d: Ipv4Addr = "203.0.113.7".parse().unwrap();
+        let script = allow_script(g, &[d], Duration::from_secs(0));
+        assert_eq!(
+            script,
+            "add element inet banger egress_allowed { 172.16.0.5 . 203.0.113.7 }\n\
+             delete element inet banger egress_allowed { 172.16.0.5 . 203.0.113.7 }\n\
+             add element inet banger egress_allowed { 172.16.0.5 . 203.0.113.7 timeout 30s }\n"
+        );
+        assert!(allow_script(g, &[d], Duration::from_secs(u64::MAX / 4))
+            .ends_with("timeout 86400s }\n"));
+        assert!(allow_script(g, &[d], Duration::from_secs(300)).ends_with("timeout 300s }\n"));
+        // As `nft -j list set` prints it (nft 1.0.6), with a stranger and junk mixed in.
+        let listing: serde_json::Value = serde_json::from_str(
+            r#"{"nftables": [{"metainfo": {"version": "1.0.6"}}, {"set": {"family": "inet", "name": "egress_allowed", "table": "banger", "type": ["ipv4_addr", "ipv4_addr"], "flags": ["timeout"], "elem": [{"elem": {"val": {"concat": ["172.16.0.5", "203.0.113.7"]}, "timeout": 90, "expires": 89}}, {"elem": {"val": {"concat": ["172.16.0.6", "203.0.113.8"]}, "timeout": 90, "expires": 89}}, {"concat": ["172.16.0.5", "198.51.100.1"]}, {"elem": {"val": {"concat": ["x", 1]}}}, 7]}}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            allowed_destinations(&listing, g),
+            vec![d, "198.51.100.1".parse::<Ipv4Addr>().unwrap()]
+        );
+        assert!(allowed_destinations(&serde_json::json!({}), g).is_empty());
+        assert_eq!(forget_script(g, &[]), "");
+        assert_eq!(
+            forget_script(g, &[d]),
+            "add element inet banger egress_allowed { 172.16.0.5 . 203.0.113.7 }\n\
+             delete element inet banger egress_allowed { 172.16.0.5 . 203.0.113.7 }\n"
+        );
     }
 
     #[test]

@@ -3,17 +3,21 @@
 //! VMs the daemon knows. It does not own the lease records (the daemon's store does) nor which VMs exist.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use banger_hint::Hint;
 use nix::unistd::Uid;
 
 use crate::addr::{AllocError, Lease, Subnet, SubnetError};
+use crate::egress::Outbound;
 use crate::host::{Changes, HostNet, NetError};
 use crate::names::{BridgeName, NameError, TapName};
-use crate::nat::{GuestLinks, HostAccess, NatRuleset, PortGuard};
+use crate::nat::{
+    egress_timeout, GuestLinks, HostAccess, NatRuleset, PortGuard, EGRESS_ALLOWED_MAX,
+};
 
 /// The configured bridge, subnet, what guests may reach on the host and whether they reach each
 /// other (config keys `bridge_name`, `bridge_subnet`, `host_access`, `isolate`).
@@ -94,6 +98,9 @@ pub struct Network<H: ?Sized> {
     /// here because installing the tables empties those sets (on first use, an upgrade or a
     /// hand edit), and every guard must then go back in at once.
     guards: Mutex<BTreeMap<TapName, PortGuard>>,
+    /// When each `guest . destination` pair put into the host's allow set expires, as far as
+    /// this daemon knows: a lookup repeated well within a pair's life needs no `nft` call.
+    allowed: Mutex<HashMap<(Ipv4Addr, Ipv4Addr), Instant>>,
     host: H,
 }
 
@@ -102,6 +109,7 @@ impl<H: HostNet> Network<H> {
         Network {
             config,
             guards: Mutex::default(),
+            allowed: Mutex::default(),
             host,
         }
     }
@@ -134,7 +142,9 @@ impl<H: HostNet + ?Sized> Network<H> {
         let nat = self.host.ensure_nat(&self.config.ruleset())?;
         if !nat.is_empty() {
             // The tables were (re)installed with empty sets: put every known guard back, or
-            // the VMs already running would be cut off (and lose their host access).
+            // the VMs already running would be cut off (and lose their host access). Their
+            // allowed destinations are gone too; the guests' next lookups bring them back.
+            self.allowed().clear();
             let guards = self.guards().clone();
             for (tap, guard) in &guards {
                 changes.extend(self.host.guard_port(tap, *guard)?);
@@ -174,9 +184,69 @@ impl<H: HostNet + ?Sized> Network<H> {
         if self.guards().get(&tap) == Some(&guard) {
             return Ok(Changes::none());
         }
-        let changes = self.host.guard_port(&tap, guard)?;
+        let mut changes = self.host.guard_port(&tap, guard)?;
         self.guards().insert(tap, guard);
+        if guard.outbound != Outbound::Open {
+            // Pairs left for this address by an earlier VM (or an earlier policy of this
+            // one) would let it reach what its own list does not allow.
+            changes.extend(self.forget_outbound(guard.ip)?);
+        }
         Ok(changes)
+    }
+
+    /// Lets `guest` reach `destinations` (the addresses a DNS answer under its allow-list
+    /// gave it) for about `ttl`. Pairs this daemon put in place recently enough are not
+    /// renewed, so a guest repeating a lookup does not cost an `nft` call each time.
+    pub fn allow_outbound(
+        &self,
+        guest: Ipv4Addr,
+        destinations: &[Ipv4Addr],
+        ttl: Duration,
+    ) -> Result<(), NetError> {
+        let timeout = egress_timeout(ttl);
+        let now = Instant::now();
+        let due: Vec<Ipv4Addr> = {
+            let known = self.allowed();
+            destinations
+                .iter()
+                .copied()
+                .filter(|d| {
+                    // Renewed once less than half of the new life is left.
+                    known
+                        .get(&(guest, *d))
+                        .is_none_or(|exp| *exp < now + timeout / 2)
+                })
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect()
+        };
+        if due.is_empty() {
+            return Ok(());
+        }
+        self.host.allow_outbound(guest, &due, ttl)?;
+        let mut known = self.allowed();
+        if known.len() + due.len() > EGRESS_ALLOWED_MAX as usize {
+            known.retain(|_, exp| *exp > now);
+        }
+        if known.len() + due.len() <= EGRESS_ALLOWED_MAX as usize {
+            for d in due {
+                known.insert((guest, d), now + timeout);
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes back every destination `guest` was allowed.
+    pub fn forget_outbound(&self, guest: Ipv4Addr) -> Result<Changes, NetError> {
+        self.allowed().retain(|(g, _), _| *g != guest);
+        self.host.forget_outbound(guest)
+    }
+
+    fn allowed(&self) -> std::sync::MutexGuard<'_, HashMap<(Ipv4Addr, Ipv4Addr), Instant>> {
+        // Only a cache of what the host holds: a poisoned one is still safe to use.
+        self.allowed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Deletes the VM's tap if it exists, and takes back what it could send from, even when
@@ -192,6 +262,9 @@ impl<H: HostNet + ?Sized> Network<H> {
         let mut changes = deleted?;
         if known {
             changes.extend(unguarded);
+        }
+        if guard.outbound != Outbound::Open {
+            changes.extend(self.forget_outbound(guard.ip)?);
         }
         tracing::info!(vm_id, %tap, %changes, "VM tap released");
         Ok(changes)
@@ -240,6 +313,7 @@ impl<H: HostNet + ?Sized> Network<H> {
         let changes = self.host.teardown(&self.config.bridge)?;
         // The sets went with the tables.
         self.guards().clear();
+        self.allowed().clear();
         tracing::info!(bridge = %self.config.bridge, %changes, "host network torn down");
         Ok(changes)
     }
@@ -361,6 +435,50 @@ mod tests {
         // Re-adopting a VM after a restart guards it again; knowing it already changes nothing.
         assert!(!net.guard_vm("a", open).unwrap().is_empty());
         assert!(net.guard_vm("a", open).unwrap().is_empty());
+    }
+
+    #[test]
+    fn allowed_destinations_are_cached_renewed_late_and_forgotten_with_the_guest() {
+        let net = network();
+        let filtered = guard(2).with_outbound(Outbound::Filtered);
+        let _ = net.attach_vm("a", Uid::from_raw(1000), filtered).unwrap();
+        let d1 = Ipv4Addr::new(203, 0, 113, 1);
+        let d2 = Ipv4Addr::new(203, 0, 113, 2);
+        let ttl = Duration::from_secs(300);
+        net.allow_outbound(filtered.ip, &[d1, d1], ttl).unwrap();
+        // The same answer again within its life: no host call.
+        net.allow_outbound(filtered.ip, &[d1], ttl).unwrap();
+        net.allow_outbound(filtered.ip, &[d1, d2], ttl).unwrap();
+        let allows: Vec<_> = net
+            .host()
+            .calls()
+            .into_iter()
+            .filter_map(|c| match c {
+                Call::AllowOutbound { destinations, .. } => Some(destinations),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(allows, vec![vec![d1], vec![d2]]);
+        assert_eq!(net.host().state().allowed.len(), 2);
+        // A much longer life than the one cached is renewed.
+        net.allow_outbound(filtered.ip, &[d1], Duration::from_secs(3600))
+            .unwrap();
+        assert_eq!(
+            net.host().state().allowed[&(filtered.ip, d1)],
+            Duration::from_secs(3600)
+        );
+        assert!(!net.detach_vm("a", filtered).unwrap().is_empty());
+        assert!(net.host().state().allowed.is_empty());
+        // The next VM with the address starts with nothing allowed, whatever was left.
+        net.host().allow_outbound(filtered.ip, &[d2], ttl).unwrap();
+        let _ = net.attach_vm("b", Uid::from_raw(1000), filtered).unwrap();
+        assert!(net.host().state().allowed.is_empty());
+        // An open VM is not looked up for leftovers (one nft call less per start).
+        let before = net.host().calls().len();
+        let _ = net.attach_vm("c", Uid::from_raw(1000), guard(3)).unwrap();
+        assert!(!net.host().calls()[before..]
+            .iter()
+            .any(|c| matches!(c, Call::ForgetOutbound { .. })));
     }
 
     #[test]

@@ -10,7 +10,9 @@
 //! Everything acts on the network namespace of the calling process, which is what lets the tests run it
 //! for real inside a throwaway namespace.
 
+use std::net::Ipv4Addr;
 use std::path::Path;
+use std::time::Duration;
 
 use nix::unistd::Uid;
 use serde::Deserialize;
@@ -281,6 +283,59 @@ impl HostNet for SystemHostNet {
             changes.push(format!(
                 "{tap} no longer sends from {} {}",
                 guard.mac, guard.ip
+            ));
+        }
+        Ok(changes)
+    }
+
+    fn allow_outbound(
+        &self,
+        guest: Ipv4Addr,
+        destinations: &[Ipv4Addr],
+        ttl: Duration,
+    ) -> Result<(), NetError> {
+        if destinations.is_empty() {
+            return Ok(());
+        }
+        self.nft_script(
+            "allow a guest's destinations",
+            &nat::allow_script(guest, destinations, ttl),
+        )
+    }
+
+    fn forget_outbound(&self, guest: Ipv4Addr) -> Result<Changes, NetError> {
+        let mut changes = Changes::none();
+        if !self.nft_tables()?.0 {
+            return Ok(changes);
+        }
+        let out = self.privileged.run(
+            "list a guest's allowed destinations",
+            &[
+                "nft",
+                "-j",
+                "list",
+                "set",
+                NFT_FAMILY,
+                NFT_TABLE,
+                nat::EGRESS_ALLOWED_SET,
+            ],
+            None,
+        )?;
+        let listing: serde_json::Value =
+            serde_json::from_str(&out).map_err(|source| NetError::Parse {
+                what: "the allowed destinations",
+                command: "nft -j list set inet banger egress_allowed",
+                source,
+            })?;
+        let gone = nat::allowed_destinations(&listing, guest);
+        if !gone.is_empty() {
+            self.nft_script(
+                "forget a guest's destinations",
+                &nat::forget_script(guest, &gone),
+            )?;
+            changes.push(format!(
+                "{guest} may no longer reach the {} address(es) its DNS answers allowed",
+                gone.len()
             ));
         }
         Ok(changes)

@@ -24,8 +24,8 @@ use std::collections::BTreeSet;
 use std::process::Command;
 
 use banger_net::{
-    BridgeConfig, Elevation, GuestLinks, HostAccess, HostNet, Mac, NetError, Network, PortGuard,
-    PrivilegedRunner, SystemHostNet, TapName,
+    BridgeConfig, Elevation, GuestLinks, HostAccess, HostNet, Mac, NetError, Network, Outbound,
+    PortGuard, PrivilegedRunner, SystemHostNet, TapName,
 };
 use nix::unistd::Uid;
 use serde_json::Value;
@@ -711,6 +711,82 @@ netns_test! {
         assert!(a.connects("172.16.0.3", 7000), "open guests reach each other");
         drop((a, b));
         let _ = open.teardown().unwrap();
+    }
+}
+
+/// Starts a TCP listener on `port` in `guest`'s namespace (python: bash cannot listen).
+fn listen_in(guest: &FakeGuest, port: u16) -> KillOnDrop {
+    let child = std::process::Command::new("nsenter")
+        .args(["-t", &guest.holder.id().to_string(), "-n", "python3", "-c",
+               &format!("import socket,time; s=socket.socket(); s.bind(('0.0.0.0',{port})); s.listen(64); time.sleep(120)")])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    KillOnDrop(child)
+}
+
+netns_test! {
+    fn filtered_guests_reach_only_allowed_destinations_and_sealed_ones_nothing() {
+        let net = system_network(Elevation::Direct, BridgeConfig::default());
+        let _ = net.ensure_host().unwrap();
+        let _dns = std::net::TcpListener::bind("172.16.0.1:10053").unwrap();
+        // "The internet": a server beyond the host, on another link (a plain bridge of the
+        // test's own, not banger's), reached through banger's NAT.
+        sh(&["ip", "link", "add", "wan0", "type", "bridge"]);
+        sh(&["ip", "addr", "add", "198.51.100.1/24", "dev", "wan0"]);
+        sh(&["ip", "link", "set", "wan0", "up"]);
+        let server = FakeGuest::attach("wan0", "srv", "198.51.100.2/24", "198.51.100.1");
+        assert!(server.run("ip addr add 198.51.100.3/24 dev srv-g"));
+        let _web = listen_in(&server, 8080);
+        let a = FakeGuest::attach_as_tap("banger0", "bg-fga", "172.16.0.2");
+        let b = FakeGuest::attach_as_tap("banger0", "bg-fgb", "172.16.0.3");
+        let (tap_a, tap_b) = (TapName::parse("bg-fga").unwrap(), TapName::parse("bg-fgb").unwrap());
+        let filtered = guard("172.16.0.2").with_outbound(Outbound::Filtered);
+        let _ = net.host().guard_port(&tap_a, filtered).unwrap();
+        let _ = net.host().guard_port(&tap_b, guard("172.16.0.3")).unwrap();
+        let _b_listens = listen_in(&b, 7000);
+
+        assert!(b.connects("198.51.100.2", 8080), "an open guest reaches the outside");
+        assert!(!a.connects("198.51.100.2", 8080), "a filtered guest reached an address no answer gave it");
+        assert!(a.connects("172.16.0.1", 53), "DNS stays open to a filtered guest");
+        assert!(a.connects("172.16.0.3", 7000), "guests still reach each other (not egress)");
+        // What a DNS answer allowed, and only that, and only for that guest.
+        net.allow_outbound("172.16.0.2".parse().unwrap(), &["198.51.100.2".parse().unwrap()],
+                           std::time::Duration::from_secs(60)).unwrap();
+        assert!(a.connects("198.51.100.2", 8080), "an allowed destination stays closed");
+        assert!(!a.connects("198.51.100.3", 8080), "the other address of the same server");
+        let listing = sh(&["nft", "list", "set", "inet", "banger", "egress_allowed"]);
+        assert!(listing.contains("172.16.0.2 . 198.51.100.2 timeout 1m"), "{listing}");
+        // An established connection outlives its pair; a new one does not.
+        let held = a.bash("exec 3<>/dev/tcp/198.51.100.2/8080; sleep 2; echo ok >&3 && echo held")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let _ = net.forget_outbound("172.16.0.2".parse().unwrap()).unwrap();
+        let held = held.wait_with_output().unwrap();
+        assert_eq!(String::from_utf8_lossy(&held.stdout).trim(), "held");
+        assert!(!a.connects("198.51.100.2", 8080), "a forgotten destination stays open");
+        assert!(!sh(&["nft", "list", "set", "inet", "banger", "egress_allowed"]).contains("172.16.0.2 ."));
+
+        // A new policy replaces the old: A open again, B sealed.
+        let _ = net.host().guard_port(&tap_a, guard("172.16.0.2")).unwrap();
+        let sealed = guard("172.16.0.3").with_outbound(Outbound::Sealed);
+        let _ = net.host().guard_port(&tap_b, sealed).unwrap();
+        assert!(a.connects("198.51.100.2", 8080), "A kept its earlier filter");
+        assert!(!b.connects("198.51.100.2", 8080), "a sealed guest reached the outside");
+        assert!(!a.connects("172.16.0.3", 7000), "a guest reached a sealed one");
+        assert!(b.connects("172.16.0.1", 53), "a sealed guest keeps the host's DNS");
+        let _a_listens = listen_in(&a, 7001);
+        assert!(!b.connects("172.16.0.2", 7001), "a sealed guest reached another guest");
+        // Unguarded, nothing of the policy is left behind.
+        let _ = net.host().unguard_port(&tap_b, sealed).unwrap();
+        for set in [("inet", "sealed"), ("bridge", "sealed"), ("inet", "egress_filtered")] {
+            let l = sh(&["nft", "list", "set", set.0, "banger", set.1]);
+            assert!(!l.contains("elements"), "{set:?} kept elements: {l}");
+        }
+        drop((a, b, server));
+        let _ = net.teardown().unwrap();
     }
 }
 

@@ -61,12 +61,11 @@ fn take_lock(path: &Path) -> anyhow::Result<Option<Flock<File>>> {
 /// The VM service's effects on this host: the real network, the VMM the config and the host
 /// allow, the `.vm` server, sshd over TCP, and the installed guest agent. Made once, here.
 fn host_effects(config: &Config) -> anyhow::Result<vms::Effects> {
-    let bridge = config.bridge();
-    let dns = Arc::new(DnsService::new(bridge.clone()));
     let net: Arc<Network<dyn HostNet>> = Arc::new(Network::new(
         SystemHostNet::new(PrivilegedRunner::detect()),
-        bridge,
+        config.bridge(),
     ));
+    let dns = Arc::new(DnsService::new(net.clone()));
     Ok(vms::Effects {
         net,
         vmms: Backends::for_this_host(&VmmSettings::from_config(config)),

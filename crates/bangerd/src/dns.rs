@@ -20,7 +20,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use banger_dns::{Forwarder, RunningDns, Zone};
 use banger_net::resolved::{self, Routing};
-use banger_net::{BridgeConfig, PrivilegedRunner};
+use banger_net::{BridgeConfig, HostNet, Network, PrivilegedRunner};
+use std::sync::Arc;
+
+use crate::egress::EgressTable;
 use futures_util::future::BoxFuture;
 use tokio::sync::Mutex as AsyncMutex;
 
@@ -29,6 +32,9 @@ use tokio::sync::Mutex as AsyncMutex;
 pub trait NameService: Send + Sync {
     /// Replaces the served names with `entries` (VM name, address).
     fn set_names(&self, entries: Vec<(String, Ipv4Addr)>);
+    /// Replaces every VM's egress policy (VM name, address, policy): what names outside `.vm`
+    /// each guest may resolve.
+    fn set_egress(&self, entries: Vec<(String, Ipv4Addr, banger_net::Egress)>);
     /// Starts serving (the bridge must be up); does nothing when it runs already. Fails when
     /// the server cannot hold its socket.
     fn ensure_running(&self) -> BoxFuture<'_, anyhow::Result<()>>;
@@ -39,6 +45,7 @@ pub trait NameService: Send + Sync {
 
 pub struct DnsService {
     zone: Zone,
+    egress: Arc<EgressTable>,
     running: AsyncMutex<Option<Running>>,
     /// Mirrors of `running` for `status`, which must not wait while a start holds the lock
     /// (routing through resolved may take a while).
@@ -54,13 +61,15 @@ struct Running {
 }
 
 impl DnsService {
-    pub fn new(net: BridgeConfig) -> Self {
+    /// The server for `network`'s bridge; allowed answers open `network`'s firewall.
+    pub fn new(network: Arc<Network<dyn HostNet>>) -> Self {
         DnsService {
             zone: Zone::new(),
             running: AsyncMutex::new(None),
             serving: AtomicBool::new(false),
             routed: AtomicBool::new(false),
-            net,
+            net: network.config().clone(),
+            egress: Arc::new(EgressTable::new(network)),
             privileged: PrivilegedRunner::detect(),
         }
     }
@@ -89,8 +98,9 @@ impl DnsService {
                 "no usable nameserver in /etc/resolv.conf: guests resolve `.vm` names only"
             );
         }
-        let server =
-            banger_dns::serve(self.listen_addr(), clients, self.zone.clone(), forwarder).await?;
+        let handler =
+            banger_dns::Handler::new(self.zone.clone(), forwarder).with_gate(self.egress.clone());
+        let server = banger_dns::serve_handler(self.listen_addr(), clients, handler).await?;
         self.serving.store(true, Ordering::Relaxed);
         let routed = self.route().await;
         self.routed.store(routed, Ordering::Relaxed);
@@ -175,6 +185,10 @@ impl DnsService {
 impl NameService for DnsService {
     fn set_names(&self, entries: Vec<(String, Ipv4Addr)>) {
         self.zone.replace(entries);
+    }
+
+    fn set_egress(&self, entries: Vec<(String, Ipv4Addr, banger_net::Egress)>) {
+        self.egress.replace(entries);
     }
 
     fn ensure_running(&self) -> BoxFuture<'_, anyhow::Result<()>> {

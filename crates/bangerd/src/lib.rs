@@ -12,6 +12,7 @@ use banger_config::Paths;
 pub mod console_log;
 pub mod daemon;
 pub mod dns;
+pub mod egress;
 pub mod fsutil;
 pub mod hints;
 pub mod image_locks;

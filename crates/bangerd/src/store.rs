@@ -70,6 +70,10 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE vms ADD COLUMN boot TEXT NOT NULL DEFAULT 'systemd';",
     // 5: whether the VM may reach services on the host (`--host-access`), fixed when it is made.
     "ALTER TABLE vms ADD COLUMN host_access INTEGER NOT NULL DEFAULT 0;",
+    // 6: the VM's own egress flags (`--allow-host`, one name per line; `--no-network`), fixed
+    // when it is made; the config's `[network] egress` is combined with them at each start.
+    "ALTER TABLE vms ADD COLUMN allow_hosts TEXT NOT NULL DEFAULT '';
+    ALTER TABLE vms ADD COLUMN no_network INTEGER NOT NULL DEFAULT 0;",
 ];
 
 #[derive(Clone)]
@@ -342,6 +346,10 @@ pub struct VmRow {
     pub boot: Boot,
     /// The guest may reach every service on the host, not only DNS.
     pub host_access: bool,
+    /// Names given with `--allow-host`.
+    pub allow_hosts: Vec<banger_net::HostPattern>,
+    /// `--no-network`.
+    pub no_network: bool,
 }
 
 fn parse_boot(s: &str) -> Boot {
@@ -373,7 +381,26 @@ fn vm_row(r: &Row<'_>) -> rusqlite::Result<VmRow> {
         last_error: r.get("last_error")?,
         boot: parse_boot(&r.get::<_, String>("boot")?),
         host_access: r.get("host_access")?,
+        allow_hosts: parse_allow_hosts(&r.get::<_, String>("allow_hosts")?)?,
+        no_network: r.get("no_network")?,
     })
+}
+
+/// The stored `--allow-host` names. They were checked when written; one that no longer parses
+/// makes the row unreadable rather than quietly widen the VM's egress.
+fn parse_allow_hosts(text: &str) -> rusqlite::Result<Vec<banger_net::HostPattern>> {
+    text.lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            banger_net::HostPattern::parse(l).map_err(|e| {
+                rusqlite::Error::FromSqlConversionFailure(
+                    0,
+                    rusqlite::types::Type::Text,
+                    Box::new(e),
+                )
+            })
+        })
+        .collect()
 }
 
 pub fn list_vms(conn: &Connection) -> anyhow::Result<Vec<VmRow>> {
@@ -391,8 +418,10 @@ pub fn get_vm(conn: &Connection, name: &str) -> anyhow::Result<Option<VmRow>> {
 pub fn insert_vm(conn: &Connection, v: &VmRow) -> anyhow::Result<()> {
     conn.execute(
         "INSERT INTO vms (name, id, image, kernel, state, vcpu, memory_mib, disk_bytes, ip, mac, tap,
-                          vmm, handle, created_at, last_error, boot, host_access)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+                          vmm, handle, created_at, last_error, boot, host_access, allow_hosts,
+                          no_network)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18,
+                 ?19)",
         params![
             v.name,
             v.id,
@@ -410,7 +439,12 @@ pub fn insert_vm(conn: &Connection, v: &VmRow) -> anyhow::Result<()> {
             v.created_at,
             v.last_error,
             v.boot.as_str(),
-            v.host_access
+            v.host_access,
+            v.allow_hosts
+                .iter()
+                .map(|p| format!("{p}\n"))
+                .collect::<String>(),
+            v.no_network
         ],
     )?;
     Ok(())

@@ -19,6 +19,26 @@ use crate::{fsutil, names, now_rfc3339, sshkeys, vmdisk};
 use super::{api, Vms, IMAGE_RUNTIME_FILE};
 use crate::server::disk_error;
 
+/// The VM's own egress flags, checked: names that parse, and no flags that contradict.
+fn egress_flags(req: &CreateVmRequest) -> Result<Vec<banger_net::HostPattern>, ApiError> {
+    if req.no_network && !req.allow_hosts.is_empty() {
+        return Err(api(
+            ErrorCode::BadRequest,
+            "--no-network and --allow-host contradict each other".to_owned(),
+        )
+        .with_hint("give one of them"));
+    }
+    if req.no_network && req.host_access {
+        return Err(api(
+            ErrorCode::BadRequest,
+            "--no-network and --host-access contradict each other".to_owned(),
+        )
+        .with_hint("give one of them"));
+    }
+    banger_net::egress::parse_hosts(&req.allow_hosts)
+        .map_err(|e| crate::hints::api_error(ErrorCode::BadRequest, crate::hints::report(&e)))
+}
+
 impl Vms {
     /// Creates a VM (and starts it unless asked not to).
     pub async fn create(
@@ -55,6 +75,8 @@ impl Vms {
         let boot = image.boot;
         let spec = req.spec;
         let host_access = req.host_access;
+        let no_network = req.no_network;
+        let allow_hosts = egress_flags(&req)?;
         let row = self
             .store
             .call(move |c| {
@@ -105,6 +127,8 @@ impl Vms {
                     last_error: None,
                     boot,
                     host_access,
+                    allow_hosts,
+                    no_network,
                 };
                 store::insert_vm(&tx, &row)?;
                 tx.commit()?;

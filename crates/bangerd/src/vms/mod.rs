@@ -226,6 +226,13 @@ impl Vms {
             ssh: row.boot == banger_api::Boot::Systemd,
             host_access: row.host_access
                 || self.net.config().host_access == banger_net::HostAccess::Open,
+            egress: {
+                let e = self.egress(row);
+                banger_api::vm::EgressInfo {
+                    mode: e.mode().to_owned(),
+                    hosts: e.hosts().iter().map(ToString::to_string).collect(),
+                }
+            },
         }
     }
 

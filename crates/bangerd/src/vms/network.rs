@@ -1,24 +1,37 @@
 //! The host network's lifetime around VMs: a VM's tap is released when it stops, and the
 //! bridge, NAT and DNS server go with the last running (or starting) VM.
 
-use banger_net::{HostAccess, PortGuard};
+use banger_net::{Egress, HostAccess, PortGuard};
 
 use crate::store::{self, VmRow};
 
 use super::Vms;
 
-/// What the VM's tap may send from and reach, from its record (`None` if the record's address
-/// or MAC no longer parses).
-pub(super) fn port_guard(row: &VmRow) -> Option<PortGuard> {
-    let host = if row.host_access {
-        HostAccess::Open
-    } else {
-        HostAccess::DnsOnly
-    };
-    Some(PortGuard::new(row.mac.parse().ok()?, row.ip.parse().ok()?).with_host(host))
-}
-
 impl Vms {
+    /// The VM's egress policy: its own flags combined with the config's `[network] egress`.
+    pub(super) fn egress(&self, row: &VmRow) -> Egress {
+        Egress::for_vm(
+            &self.config.network.egress,
+            &row.allow_hosts,
+            row.no_network,
+        )
+    }
+
+    /// What the VM's tap may send from and reach, from its record (`None` if the record's
+    /// address or MAC no longer parses).
+    pub(super) fn port_guard(&self, row: &VmRow) -> Option<PortGuard> {
+        let host = if row.host_access {
+            HostAccess::Open
+        } else {
+            HostAccess::DnsOnly
+        };
+        Some(
+            PortGuard::new(row.mac.parse().ok()?, row.ip.parse().ok()?)
+                .with_host(host)
+                .with_outbound(self.egress(row).outbound()),
+        )
+    }
+
     /// Deletes the VM's tap, and the whole host network when no other VM runs.
     pub(super) async fn release_network(&self, row: &VmRow) {
         let _g = self.net_lock.lock().await;
@@ -40,7 +53,7 @@ impl Vms {
             self.dns.stop().await;
         }
         // A record that no longer parses has nothing to take back: the set goes with the table.
-        let guard = port_guard(row);
+        let guard = self.port_guard(row);
         let r = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
             let _ = match guard {
                 Some(guard) => net.detach_vm(&id, guard)?,

@@ -35,7 +35,7 @@ impl Vms {
                 (_, Some(h)) if self.vmms.for_handle(&h).is_alive(&h) => {
                     tracing::info!(vm = %row.name, pid = h.pid, "re-adopting running VM");
                     live_taps.push(row.tap.clone());
-                    if let Some(guard) = super::network::port_guard(row) {
+                    if let Some(guard) = self.port_guard(row) {
                         live_guards.push((row.id.clone(), guard));
                     }
                     if row.state != VmState::Running {

@@ -30,6 +30,11 @@ impl Vms {
                 .filter_map(|r| Some((r.name.clone(), r.ip.parse().ok()?)))
                 .collect(),
         );
+        self.dns.set_egress(
+            rows.iter()
+                .filter_map(|r| Some((r.name.clone(), r.ip.parse().ok()?, self.egress(r))))
+                .collect(),
+        );
         let made: Vec<_> = rows
             .into_iter()
             .filter(|r| r.state != VmState::Creating)

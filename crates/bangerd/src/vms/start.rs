@@ -153,7 +153,8 @@ impl Vms {
             let _g = self.net_lock.lock().await;
             let net = self.net.clone();
             let id = row.id.clone();
-            let guard = super::network::port_guard(&row)
+            let guard = self
+                .port_guard(&row)
                 .ok_or_else(|| broken_record(&row, &"its address or MAC does not parse"))?;
             let attached = tokio::task::spawn_blocking(move || net.attach_vm(&id, uid, guard))
                 .await
@@ -409,6 +410,8 @@ mod tests {
             last_error: None,
             boot,
             host_access: false,
+            allow_hosts: Vec::new(),
+            no_network: false,
         }
     }
 

@@ -57,11 +57,15 @@ struct FakeNames {
     /// The next start fails, as when another program holds the server's port.
     refuse: AtomicBool,
     names: Mutex<Vec<(String, Ipv4Addr)>>,
+    egress: Mutex<Vec<(String, Ipv4Addr, banger_net::Egress)>>,
 }
 
 impl NameService for FakeNames {
     fn set_names(&self, entries: Vec<(String, Ipv4Addr)>) {
         *self.names.lock().unwrap() = entries;
+    }
+    fn set_egress(&self, entries: Vec<(String, Ipv4Addr, banger_net::Egress)>) {
+        *self.egress.lock().unwrap() = entries;
     }
     fn ensure_running(&self) -> BoxFuture<'_, anyhow::Result<()>> {
         if self.refuse.swap(false, Ordering::SeqCst) {
@@ -334,10 +338,14 @@ impl Host {
     }
 
     fn daemon_with(&self, agent: AgentBinary) -> Arc<Vms> {
+        self.daemon_configured(agent, Config::default())
+    }
+
+    fn daemon_configured(&self, agent: AgentBinary, config: Config) -> Arc<Vms> {
         Arc::new(Vms::new(
             self.paths.clone(),
             self.store(),
-            Config::default(),
+            config,
             ImageLocks::default(),
             self.effects(agent),
         ))
@@ -446,6 +454,8 @@ fn request(name: &str, image: &str, start: bool) -> CreateVmRequest {
         start,
         file_sync: Vec::new(),
         host_access: false,
+        allow_hosts: Vec::new(),
+        no_network: false,
     }
 }
 
@@ -736,6 +746,110 @@ async fn host_access_is_per_vm_and_goes_with_its_tap() {
     );
     vms.delete("open", true).await.unwrap();
     assert!(!host.net.host().state().guards.contains_key(&tap(&open)));
+}
+
+#[tokio::test]
+async fn egress_combines_the_vms_flags_with_the_config_and_reaches_its_tap_and_dns() {
+    use banger_net::{Egress, HostPattern, Outbound};
+    let host = Host::new();
+    let agent = || AgentBinary::At(host.dir.path().join("banger-agent"));
+    let pattern = |s: &str| HostPattern::parse(s).unwrap();
+    let mut config = Config::default();
+    config.network.egress = Egress::Allow(vec![pattern("a.com")]);
+    let vms = host.daemon_configured(agent(), config);
+    let listed = create(&vms, "listed", "debian").await.unwrap();
+    let extra = vms
+        .create(
+            CreateVmRequest {
+                allow_hosts: vec!["B.com".into(), "*.c.org".into()],
+                ..request("extra", "busybox", true)
+            },
+            Emitter::sink(),
+        )
+        .await
+        .unwrap();
+    let sealed = vms
+        .create(
+            CreateVmRequest {
+                no_network: true,
+                ..request("sealed", "busybox", true)
+            },
+            Emitter::sink(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(listed.egress.mode, "allow");
+    assert_eq!(listed.egress.hosts, ["a.com"]);
+    assert_eq!(extra.egress.hosts, ["a.com", "b.com", "*.c.org"]);
+    assert_eq!(sealed.egress.mode, "none");
+    let tap = |i: &VmInfo| banger_net::TapName::parse(&i.tap).unwrap();
+    let guards = host.net.host().state().guards;
+    assert_eq!(guards[&tap(&listed)].outbound, Outbound::Filtered);
+    assert_eq!(guards[&tap(&extra)].outbound, Outbound::Filtered);
+    assert_eq!(guards[&tap(&sealed)].outbound, Outbound::Sealed);
+    // DNS knows each VM's policy by its address.
+    let dns = host.dns.lock().unwrap().clone();
+    let policies = dns.egress.lock().unwrap().clone();
+    let of = |name: &str| policies.iter().find(|(n, ..)| n == name).cloned().unwrap();
+    assert_eq!(of("sealed").2, Egress::Sealed);
+    assert_eq!(of("extra").1.to_string(), extra.ip);
+    assert_eq!(
+        of("extra").2,
+        Egress::Allow(vec![pattern("a.com"), pattern("b.com"), pattern("*.c.org")])
+    );
+
+    // Flags that contradict each other, or a name that is not one, are refused before
+    // anything is made.
+    for (req, says) in [
+        (
+            CreateVmRequest {
+                no_network: true,
+                allow_hosts: vec!["a.com".into()],
+                ..request("bad", "busybox", true)
+            },
+            "--no-network and --allow-host",
+        ),
+        (
+            CreateVmRequest {
+                no_network: true,
+                host_access: true,
+                ..request("bad", "busybox", true)
+            },
+            "--no-network and --host-access",
+        ),
+        (
+            CreateVmRequest {
+                allow_hosts: vec!["a.com; rm -rf /".into()],
+                ..request("bad", "busybox", true)
+            },
+            "is not a host name",
+        ),
+    ] {
+        let err = vms.create(req, Emitter::sink()).await.unwrap_err();
+        assert_eq!(err.code, ErrorCode::BadRequest, "{}", err.message);
+        assert!(err.message.contains(says), "{}", err.message);
+        assert!(!err.hints.is_empty(), "{}", err.message);
+    }
+    assert!(vms.show("bad").await.is_err());
+
+    // The config changes and the daemon restarts: running VMs are put under the new policy
+    // at once (their own flags still count), and so is every later start.
+    drop(vms);
+    let vms = host.daemon_configured(agent(), Config::default());
+    vms.reconcile().await.unwrap();
+    let guards = host.net.host().state().guards;
+    assert_eq!(guards[&tap(&listed)].outbound, Outbound::Open);
+    assert_eq!(guards[&tap(&extra)].outbound, Outbound::Filtered);
+    assert_eq!(vms.show("listed").await.unwrap().egress.mode, "open");
+    assert_eq!(
+        vms.show("extra").await.unwrap().egress.hosts,
+        ["b.com", "*.c.org"]
+    );
+    vms.restart("sealed", Emitter::sink()).await.unwrap();
+    assert_eq!(
+        host.net.host().state().guards[&tap(&sealed)].outbound,
+        Outbound::Sealed
+    );
 }
 
 #[tokio::test]

@@ -1,0 +1,296 @@
+//! Egress policy from a real guest, in a private network namespace: a second namespace plays
+//! "the internet" (a web server on two addresses and an upstream DNS server, dnsmasq, that the
+//! daemon forwards to through the namespace's own resolv.conf). With an allow-list the allowed
+//! name resolves and its server answers; another name is refused, its address is unreachable
+//! even typed by hand, and so are other DNS servers and DNS-over-TLS. `--no-network` reaches
+//! nothing. A changed list takes effect when the VM restarts (after the daemon, which reads the
+//! config, restarts too), and nothing of the old list stays open.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
+
+use std::path::Path;
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use banger_e2e::oci::*;
+use banger_e2e::*;
+
+/// The other end of the test's uplink: 10.99.0.1 ("allowed.test"), 10.99.0.2 ("denied.test")
+/// and 10.99.0.53 (the DNS server) in a namespace of its own, removed on drop with its servers.
+struct Internet {
+    ns: Netns,
+    servers: Vec<Child>,
+    _root: tempfile::TempDir,
+}
+
+impl Internet {
+    /// Links `host` (the namespace the daemon runs in) to a new "internet" namespace.
+    fn start(host: &Netns) -> Internet {
+        let ns = Netns::new();
+        let in_host = |args: &[&str]| run(host.wrap(Path::new(args[0])).args(&args[1..]));
+        let in_net = |args: &[&str]| run(ns.wrap(Path::new(args[0])).args(&args[1..]));
+        in_host(&[
+            "ip", "link", "add", "wan0", "type", "veth", "peer", "name", "wan1", "netns", &ns.name,
+        ]);
+        in_host(&["ip", "addr", "add", "10.99.0.254/24", "dev", "wan0"]);
+        in_host(&["ip", "link", "set", "wan0", "up"]);
+        for a in ["10.99.0.1/24", "10.99.0.2/24", "10.99.0.53/24"] {
+            in_net(&["ip", "addr", "add", a, "dev", "wan1"]);
+        }
+        in_net(&["ip", "link", "set", "wan1", "up"]);
+        let root = tempfile::tempdir().unwrap();
+        std::fs::write(root.path().join("index.html"), "hello from the internet\n").unwrap();
+        let mut servers = vec![
+            ns.wrap(Path::new("python3"))
+                .args(["-m", "http.server", "8080", "--bind", "0.0.0.0", "--directory"])
+                .arg(root.path())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+            // A DNS-over-TLS port: only whether a connection opens matters.
+            ns.wrap(Path::new("python3"))
+                .args(["-c", "import socket,time; s=socket.socket(); s.bind(('0.0.0.0',853)); s.listen(16); time.sleep(900)"])
+                .spawn()
+                .unwrap(),
+        ];
+        servers.push(
+            ns.wrap(Path::new("dnsmasq"))
+                .args([
+                    "--keep-in-foreground",
+                    "--conf-file=/dev/null",
+                    "--no-resolv",
+                    "--no-hosts",
+                    "--bind-interfaces",
+                    "--listen-address=10.99.0.53",
+                    "--local-ttl=60",
+                    "--address=/allowed.test/10.99.0.1",
+                    "--address=/denied.test/10.99.0.2",
+                    "--pid-file=",
+                ])
+                .spawn()
+                .expect("dnsmasq (package dnsmasq-base)"),
+        );
+        let internet = Internet {
+            ns,
+            servers,
+            _root: root,
+        };
+        // Both answer before the test goes on.
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let dig = Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &host.name,
+                    "dig",
+                    "+short",
+                    "+time=1",
+                    "+tries=1",
+                    "@10.99.0.53",
+                    "allowed.test",
+                ])
+                .output()
+                .unwrap();
+            let web = Command::new("ip")
+                .args(["netns", "exec", &host.name, "python3", "-c",
+                       "import urllib.request; urllib.request.urlopen('http://10.99.0.2:8080/', timeout=1)"])
+                .status()
+                .unwrap();
+            if String::from_utf8_lossy(&dig.stdout).trim() == "10.99.0.1" && web.success() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the internet namespace did not come up"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        internet
+    }
+}
+
+impl Drop for Internet {
+    fn drop(&mut self) {
+        for s in &mut self.servers {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+        let _ = &self.ns; // removed after its servers
+    }
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn exec_sh(env: &Env, vm: &str, script: &str) -> Out {
+    env.banger(["vm", "exec", vm, "--", "sh", "-c", script])
+}
+
+/// Whether the guest fetches the test page from the web server at `addr`. (With nc:
+/// busybox-static's wget crashes, glibc's resolver being out of reach of a static binary.)
+fn fetches(env: &Env, vm: &str, addr: &str) -> bool {
+    let out = exec_sh(
+        env,
+        vm,
+        &format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {addr} 8080"),
+    );
+    out.stdout.contains("hello from the internet")
+}
+
+/// The address the guest's resolver gives `name`, if any.
+fn resolves(env: &Env, vm: &str, name: &str) -> Option<String> {
+    resolves_via(env, vm, name, "")
+}
+
+/// The address `server` (the guest's resolver when empty) gives `name`, if any.
+fn resolves_via(env: &Env, vm: &str, name: &str, server: &str) -> Option<String> {
+    let out = exec_sh(env, vm, &format!("nslookup {name} {server}"));
+    // busybox nslookup prints the server first, then "Name: ... Address: ..." per answer.
+    out.stdout
+        .split(&format!("Name:\t{name}"))
+        .nth(1)
+        .and_then(|rest| rest.split("Address: ").nth(1))
+        .map(|a| a.split_whitespace().next().unwrap_or("").to_owned())
+}
+
+fn config(egress: &str) -> String {
+    format!(
+        "vmm = \"qemu\"\n[vm_defaults]\nvcpu = 1\nmemory_mib = 256\ndisk_size = \"128M\"\n\
+         [network]\negress = {egress}\n"
+    )
+}
+
+#[test]
+fn an_allow_list_lets_a_real_guest_reach_its_names_and_nothing_else() {
+    if !e2e_enabled() {
+        return;
+    }
+    assert!(
+        agent_bin().is_some(),
+        "the static guest agent is missing: run `make agent` (make test does)"
+    );
+    require_oci_tools();
+    let env = Env::with_netns();
+    let host_ns = env.netns.as_ref().unwrap();
+    let _internet = Internet::start(host_ns);
+    // The daemon (started by the first command below) forwards names to "the internet".
+    host_ns.set_resolv_conf("nameserver 10.99.0.53\n");
+    env.write_config(&config("[\"allowed.test\"]"));
+    register_generic_kernel(&env);
+    let registry = Registry::start(env.netns.as_ref(), None);
+    let image = busybox_image(&[]);
+    registry.push(&image.layout, &image.tag, "test/busybox:1", None);
+    let reference = format!("{}/test/busybox:1", registry.host());
+    env.ok(["image", "pull", &reference, "--name", "busybox"]);
+    env.ok(["vm", "create", "--image", "busybox", "--name", "bb"]);
+
+    let show = env.ok(["vm", "show", "bb"]).stdout;
+    assert!(show.contains("egress:      only allowed.test"), "{show}");
+    let json = env.ok(["vm", "show", "bb", "--json"]).json();
+    assert_eq!(json["egress"]["mode"], "allow", "{json}");
+
+    assert_eq!(
+        resolves(&env, "bb", "allowed.test").as_deref(),
+        Some("10.99.0.1")
+    );
+    // The lookup above is what opened the way. The same lookup straight from the server
+    // works from the host, so a refusal below is banger's doing.
+    let direct = host_ns
+        .wrap(Path::new("dig"))
+        .args(["+short", "@10.99.0.53", "denied.test"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&direct.stdout).trim(), "10.99.0.2");
+    assert!(
+        fetches(&env, "bb", "10.99.0.1"),
+        "the allowed name's server"
+    );
+    assert_eq!(
+        resolves(&env, "bb", "denied.test"),
+        None,
+        "a name outside the list resolved"
+    );
+    let refused = exec_sh(&env, "bb", "nslookup denied.test");
+    assert!(
+        refused.stdout.contains("REFUSED") || refused.stderr.contains("REFUSED"),
+        "{refused}"
+    );
+    assert!(
+        !fetches(&env, "bb", "10.99.0.2"),
+        "an address typed by hand"
+    );
+    assert_eq!(
+        resolves_via(&env, "bb", "denied.test", "10.99.0.53"),
+        None,
+        "another DNS server answered the guest"
+    );
+    assert!(
+        !exec_sh(&env, "bb", "nc -w 3 10.99.0.53 853 </dev/null").success(),
+        "DNS-over-TLS reached its server"
+    );
+    // `.vm` names still resolve.
+    assert_eq!(
+        resolves(&env, "bb", "bb.vm").as_deref(),
+        Some(json["ip"].as_str().unwrap())
+    );
+    // The daemon log names the refused name, once however often it was asked.
+    let log = std::fs::read_to_string(env.state_dir().join("bangerd.log")).unwrap();
+    assert_eq!(
+        log.matches("refused \"denied.test\"").count(),
+        1,
+        "refusals in the daemon log:\n{}",
+        log.lines()
+            .filter(|l| l.contains("refused"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+
+    // --no-network: not even the allowed name.
+    let out = env.banger([
+        "vm",
+        "run",
+        "--rm",
+        "--image",
+        "busybox",
+        "--no-network",
+        "--",
+        "sh",
+        "-c",
+        "nslookup allowed.test || echo no-name; nc -w 3 10.99.0.1 8080 </dev/null || echo no-web",
+    ]);
+    assert!(out.success(), "{out}");
+    assert!(
+        out.stdout.contains("no-name") && out.stdout.contains("no-web"),
+        "{out}"
+    );
+
+    // Another list: after the daemon reads it and the VM restarts, the new name works, and
+    // the old one's address, allowed a minute ago, is closed at once.
+    env.write_config(&config("[\"denied.test\"]"));
+    env.ok(["daemon", "restart"]);
+    env.ok(["vm", "restart", "bb"]);
+    assert!(env
+        .ok(["vm", "show", "bb"])
+        .stdout
+        .contains("egress:      only denied.test"));
+    assert_eq!(
+        resolves(&env, "bb", "denied.test").as_deref(),
+        Some("10.99.0.2")
+    );
+    assert!(fetches(&env, "bb", "10.99.0.2"), "the newly allowed name");
+    assert_eq!(resolves(&env, "bb", "allowed.test"), None);
+    assert!(
+        !fetches(&env, "bb", "10.99.0.1"),
+        "the old list's address stayed open"
+    );
+
+    env.ok(["vm", "delete", "bb", "--force"]);
+    env.stop_daemon();
+}
