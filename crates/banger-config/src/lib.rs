@@ -201,6 +201,8 @@ impl Config {
             } else {
                 GuestLinks::Open
             },
+            // Not a config key: the daemon names itself.
+            owner: banger_net::BridgeOwner::default(),
         }
     }
 }

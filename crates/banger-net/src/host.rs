@@ -72,6 +72,8 @@ pub enum NetError {
     NotATap { name: String, kind: String },
     #[error("bridge {name} exists but banger did not create it; banger will not use or change it")]
     NotOurs { name: String },
+    #[error("bridge {name} belongs to another banger daemon ({owner}); this one will not use or change it")]
+    OtherDaemon { name: String, owner: String },
     #[error("the guests' subnet {subnet} overlaps the host's route {route}")]
     SubnetOverlap { subnet: Subnet, route: String },
     #[error("could not read IPv4 forwarding state")]
@@ -92,6 +94,10 @@ impl Hint for NetError {
             ),
             NetError::NotOurs { name } => Some(
                 format!("set `bridge_name` to a name no interface has (banger creates it), or remove {name} if it is a leftover")
+                    .into(),
+            ),
+            NetError::OtherDaemon { .. } => Some(
+                "give this daemon a bridge of its own: set `bridge_name` and `bridge_subnet` in config.toml (e.g. \"banger1\" and \"172.16.1.1/24\"), then `banger daemon restart`"
                     .into(),
             ),
             NetError::SubnetOverlap { .. } => Some(

@@ -37,7 +37,7 @@ pub use addr::{AllocError, Lease, Mac, MacError, Subnet, SubnetError};
 pub use egress::{Egress, HostPattern, NameVerdict, Outbound, PatternError};
 pub use fake::FakeHostNet;
 pub use host::{Changes, HostNet, NetError};
-pub use names::{BridgeName, NameError, TapName, TAP_PREFIX};
+pub use names::{BridgeName, BridgeOwner, NameError, Ownership, TapName, BRIDGE_MARK, TAP_PREFIX};
 pub use nat::{GuestLinks, HostAccess, NatRuleset, PortGuard};
 pub use privileged::{Elevation, PrivilegedError, PrivilegedRunner};
 pub use service::{AttachedTap, BridgeConfig, BridgeConfigError, Network, ReconcileReport};

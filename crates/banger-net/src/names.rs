@@ -10,6 +10,82 @@ use std::fmt;
 use banger_hint::Hint;
 use sha2::{Digest, Sha256};
 
+/// What every bridge banger creates says in its alias (`ip link set dev BR alias ...`).
+pub const BRIDGE_MARK: &str = "managed by banger";
+
+/// Which banger daemon a bridge belongs to: written into the alias of the bridge it creates,
+/// so a second daemon on the host (another user, or another state directory) never uses,
+/// changes or deletes it. Without an identity (tests, and bridges older bangers made) the alias
+/// is the bare mark.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct BridgeOwner(Option<String>);
+
+/// What a bridge's alias says about who owns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ownership {
+    /// This daemon's.
+    Mine,
+    /// A banger bridge without an identity (made before banger marked one): this daemon's to
+    /// take, if it carries this daemon's taps.
+    Unclaimed,
+    /// Another banger daemon's; the text after the mark says whose.
+    Other(String),
+    /// Not banger's at all.
+    Foreign,
+}
+
+impl BridgeOwner {
+    /// The daemon of user `uid` with its state in `state_dir` (hashed: the alias is public,
+    /// and short).
+    pub fn new(uid: u32, state_dir: &std::path::Path) -> Self {
+        let digest = Sha256::digest(state_dir.as_os_str().as_encoded_bytes());
+        BridgeOwner(Some(format!(
+            "uid {uid}, state {}",
+            hex::encode(&digest[..4])
+        )))
+    }
+
+    /// The interface group this daemon puts its taps in (1 to 2^31-1, never 0, the
+    /// default group). Every daemon's bridge table polices the taps of its own group and those
+    /// in group 0 (left by a crash, or made before groups), and leaves the taps of other
+    /// daemons' groups to their own tables: nft cannot match the bridge a frame is on here.
+    pub fn group(&self) -> u32 {
+        let digest = Sha256::digest(self.alias().as_bytes());
+        let n = u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]);
+        1 + n % (i32::MAX as u32 - 1)
+    }
+
+    /// The alias banger gives a bridge it creates for this owner.
+    pub fn alias(&self) -> String {
+        match &self.0 {
+            Some(id) => format!("{BRIDGE_MARK} ({id})"),
+            None => BRIDGE_MARK.to_owned(),
+        }
+    }
+
+    /// Whose a bridge with `alias` is, from this owner's point of view.
+    pub fn ownership(&self, alias: Option<&str>) -> Ownership {
+        let Some(alias) = alias else {
+            return Ownership::Foreign;
+        };
+        if alias == self.alias() {
+            return Ownership::Mine;
+        }
+        if alias == BRIDGE_MARK {
+            return Ownership::Unclaimed;
+        }
+        match alias.strip_prefix(BRIDGE_MARK) {
+            Some(rest) => Ownership::Other(
+                rest.trim()
+                    .trim_start_matches('(')
+                    .trim_end_matches(')')
+                    .to_owned(),
+            ),
+            None => Ownership::Foreign,
+        }
+    }
+}
+
 /// Longest interface name the kernel accepts: IFNAMSIZ (16) minus the trailing NUL.
 pub const MAX_IFNAME_LEN: usize = 15;
 
@@ -154,6 +230,33 @@ impl fmt::Display for TapName {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn owners_tell_their_bridges_from_other_daemons_and_from_strangers() {
+        let me = BridgeOwner::new(1000, std::path::Path::new("/home/me/.local/state/banger"));
+        let other = BridgeOwner::new(1000, std::path::Path::new("/srv/other/banger"));
+        assert!(
+            me.alias()
+                .starts_with("managed by banger (uid 1000, state "),
+            "{}",
+            me.alias()
+        );
+        assert_ne!(me.alias(), other.alias());
+        assert_eq!(me.ownership(Some(&me.alias())), Ownership::Mine);
+        assert_eq!(me.ownership(Some(BRIDGE_MARK)), Ownership::Unclaimed);
+        assert!(
+            matches!(me.ownership(Some(&other.alias())), Ownership::Other(w) if w.starts_with("uid 1000, state "))
+        );
+        assert_eq!(me.ownership(Some("uplink")), Ownership::Foreign);
+        assert_eq!(me.ownership(None), Ownership::Foreign);
+        let anonymous = BridgeOwner::default();
+        assert_eq!(anonymous.alias(), BRIDGE_MARK);
+        assert_eq!(anonymous.ownership(Some(BRIDGE_MARK)), Ownership::Mine);
+        assert!(matches!(
+            anonymous.ownership(Some(&me.alias())),
+            Ownership::Other(_)
+        ));
+    }
 
     #[test]
     fn short_ids_stay_readable() {

@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use crate::addr::{Mac, Subnet};
 use crate::egress::Outbound;
-use crate::names::{BridgeName, TapName, TAP_PREFIX};
+use crate::names::{BridgeName, BridgeOwner, TapName, TAP_PREFIX};
 
 /// Where clouds serve instance metadata (and with it, often, credentials): never for guests.
 pub const LINK_LOCAL_V4: &str = "169.254.0.0/16";
@@ -52,6 +52,17 @@ pub enum HostAccess {
 pub const NFT_FAMILY: &str = "inet";
 /// Name of banger's tables (one per family).
 pub const NFT_TABLE: &str = "banger";
+
+/// The name of the tables of the network on `bridge`: `banger` for the default bridge (as
+/// before there could be others), `banger-BRIDGE` for any other. Two daemons on one host use
+/// two bridges, hence two pairs of tables, and never replace or delete each other's.
+pub fn table_name(bridge: &BridgeName) -> String {
+    if *bridge == BridgeName::default() {
+        NFT_TABLE.to_owned()
+    } else {
+        format!("{NFT_TABLE}-{}", bridge.as_str())
+    }
+}
 /// Family of the anti-spoofing table: only the bridge family sees frames between bridge ports.
 pub const GUARD_FAMILY: &str = "bridge";
 /// The set of (tap, MAC, IPv4 address) each tap may send from.
@@ -133,26 +144,36 @@ impl PortGuard {
 /// The complete `inet banger` and `bridge banger` tables for one bridge and subnet.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NatRuleset {
+    /// The name both tables share (see [`table_name`]).
+    name: String,
     table: String,
     guard_table: String,
 }
 
 impl NatRuleset {
     pub fn new(bridge: &BridgeName, subnet: &Subnet, access: HostAccess) -> Self {
-        Self::with_policy(bridge, subnet, access, GuestLinks::Open)
+        Self::with_policy(
+            bridge,
+            subnet,
+            access,
+            GuestLinks::Open,
+            BridgeOwner::default().group(),
+        )
     }
 
-    /// [`NatRuleset::new`], with guests kept apart from each other or not.
+    /// [`NatRuleset::new`], with guests kept apart from each other or not, for the daemon
+    /// whose taps are in interface group `group` ([`BridgeOwner::group`]).
     pub fn with_policy(
         bridge: &BridgeName,
         subnet: &Subnet,
         access: HostAccess,
         links: GuestLinks,
+        group: u32,
     ) -> Self {
         let isolate = match links {
             GuestLinks::Open => String::new(),
             GuestLinks::Isolated => {
-                format!("\t\tiifname \"{TAP_PREFIX}*\" oifname \"{TAP_PREFIX}*\" drop\n")
+                format!("\t\tiifgroup {group} oifgroup {group} drop\n")
             }
         };
         // Isolated guests must not reach each other through the host's routing either (a
@@ -170,11 +191,12 @@ impl NatRuleset {
             HostAccess::DnsOnly => format!("\t\tiifname \"{}\" drop\n", bridge.as_str()),
             HostAccess::Open => String::new(),
         };
+        let name = table_name(bridge);
         // Written exactly as nft 1.0 lists it (tabs, blank line between chains), so a correct table
         // compares equal to its listing without any parsing. Names are safe to embed: `BridgeName`
         // only admits [A-Za-z0-9._-].
         let table = format!(
-            "table {NFT_FAMILY} {NFT_TABLE} {{\n\
+            "table {NFT_FAMILY} {name} {{\n\
              \tcomment \"managed by banger: replaced as a whole, do not edit\"\n\
              \tset dns_tcp {{\n\
              \t\ttype ipv4_addr\n\
@@ -257,7 +279,7 @@ impl NatRuleset {
         // set's elements, which come and go with VMs). nft drops the `ether type` a match on
         // `ip saddr` or `arp saddr` implies, so the rules are written without it.
         let guard_table = format!(
-            "table {GUARD_FAMILY} {NFT_TABLE} {{\n\
+            "table {GUARD_FAMILY} {name} {{\n\
              \tcomment \"managed by banger: replaced as a whole, do not edit\"\n\
              \tset {GUARD_SET} {{\n\
              \t\ttype ifname . ether_addr . ipv4_addr\n\
@@ -272,6 +294,7 @@ impl NatRuleset {
              \tchain prerouting {{\n\
              \t\ttype filter hook prerouting priority filter; policy accept;\n\
              \t\tiifname != \"{TAP_PREFIX}*\" accept\n\
+             \t\tiifgroup != {group} iifgroup != 0 accept\n\
              \t\tiifname . ether saddr . ip saddr @{GUARD_SET} accept\n\
              \t\tiifname . ether saddr . arp saddr ip @{GUARD_SET} iifname . arp saddr ether . arp saddr ip @{GUARD_SET} accept\n\
              \t\tdrop\n\
@@ -285,7 +308,16 @@ impl NatRuleset {
              \t}}\n\
              }}\n"
         );
-        NatRuleset { table, guard_table }
+        NatRuleset {
+            name,
+            table,
+            guard_table,
+        }
+    }
+
+    /// The name both tables share.
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     /// The NAT and filter table, as `nft list table inet banger` prints it.
@@ -303,9 +335,11 @@ impl NatRuleset {
     /// the caller adds the taps of running VMs again.
     pub fn install_script(&self) -> String {
         format!(
-            "table {NFT_FAMILY} {NFT_TABLE}\ndelete table {NFT_FAMILY} {NFT_TABLE}\n{}\
-             table {GUARD_FAMILY} {NFT_TABLE}\ndelete table {GUARD_FAMILY} {NFT_TABLE}\n{}",
-            self.table, self.guard_table
+            "table {NFT_FAMILY} {name}\ndelete table {NFT_FAMILY} {name}\n{}\
+             table {GUARD_FAMILY} {name}\ndelete table {GUARD_FAMILY} {name}\n{}",
+            self.table,
+            self.guard_table,
+            name = self.name
         )
     }
 
@@ -320,29 +354,29 @@ impl NatRuleset {
 
 /// Input for `nft -f -` that lets `tap` send from `guard`'s addresses, reach the host if it
 /// may, and puts it under its egress policy (adding is idempotent).
-pub fn guard_script(tap: &TapName, guard: PortGuard) -> String {
+pub fn guard_script(table: &str, tap: &TapName, guard: PortGuard) -> String {
     // What a tap may do is replaced, not added to: a VM re-adopted by a daemon with another
     // config (or restarted with other flags) must not keep an earlier policy's membership.
-    let mut script = reset_policy(tap, guard.ip);
+    let mut script = reset_policy(table, tap, guard.ip);
     script.push_str(&format!(
-        "add element {GUARD_FAMILY} {NFT_TABLE} {GUARD_SET} {{ \"{tap}\" . {} . {} }}\n",
+        "add element {GUARD_FAMILY} {table} {GUARD_SET} {{ \"{tap}\" . {} . {} }}\n",
         guard.mac, guard.ip
     ));
     if guard.host == HostAccess::Open {
         script.push_str(&format!(
-            "add element {NFT_FAMILY} {NFT_TABLE} {HOST_OPEN_SET} {{ {} }}\n",
+            "add element {NFT_FAMILY} {table} {HOST_OPEN_SET} {{ {} }}\n",
             guard.ip
         ));
     }
     match guard.outbound {
         Outbound::Open => {}
         Outbound::Filtered => script.push_str(&format!(
-            "add element {NFT_FAMILY} {NFT_TABLE} {EGRESS_FILTERED_SET} {{ {} }}\n",
+            "add element {NFT_FAMILY} {table} {EGRESS_FILTERED_SET} {{ {} }}\n",
             guard.ip
         )),
         Outbound::Sealed => script.push_str(&format!(
-            "add element {NFT_FAMILY} {NFT_TABLE} {SEALED_SET} {{ {} }}\n\
-             add element {GUARD_FAMILY} {NFT_TABLE} {SEALED_SET} {{ \"{tap}\" }}\n",
+            "add element {NFT_FAMILY} {table} {SEALED_SET} {{ {} }}\n\
+             add element {GUARD_FAMILY} {table} {SEALED_SET} {{ \"{tap}\" }}\n",
             guard.ip
         )),
     }
@@ -351,7 +385,7 @@ pub fn guard_script(tap: &TapName, guard: PortGuard) -> String {
 
 /// Takes `ip` (and `tap`) out of every policy set: host access, egress filter, sealed. Each
 /// element is added first, in the same transaction, so the delete succeeds either way.
-fn reset_policy(tap: &TapName, ip: Ipv4Addr) -> String {
+fn reset_policy(table: &str, tap: &TapName, ip: Ipv4Addr) -> String {
     let ip = format!("{{ {ip} }}");
     let tap = format!("{{ \"{tap}\" }}");
     let mut script = String::new();
@@ -362,8 +396,8 @@ fn reset_policy(tap: &TapName, ip: Ipv4Addr) -> String {
         (GUARD_FAMILY, SEALED_SET, &tap),
     ] {
         script.push_str(&format!(
-            "add element {family} {NFT_TABLE} {set} {element}\n\
-             delete element {family} {NFT_TABLE} {set} {element}\n"
+            "add element {family} {table} {set} {element}\n\
+             delete element {family} {table} {set} {element}\n"
         ));
     }
     script
@@ -372,12 +406,12 @@ fn reset_policy(tap: &TapName, ip: Ipv4Addr) -> String {
 /// Input for `nft -f -` that takes `tap`'s addresses, its host access and its egress policy
 /// out of the sets. Each element is added first, in the same transaction, so the delete
 /// succeeds whether or not it was there.
-pub fn unguard_script(tap: &TapName, guard: PortGuard) -> String {
+pub fn unguard_script(table: &str, tap: &TapName, guard: PortGuard) -> String {
     let element = format!("{{ \"{tap}\" . {} . {} }}", guard.mac, guard.ip);
     format!(
-        "add element {GUARD_FAMILY} {NFT_TABLE} {GUARD_SET} {element}\n\
-         delete element {GUARD_FAMILY} {NFT_TABLE} {GUARD_SET} {element}\n{}",
-        reset_policy(tap, guard.ip)
+        "add element {GUARD_FAMILY} {table} {GUARD_SET} {element}\n\
+         delete element {GUARD_FAMILY} {table} {GUARD_SET} {element}\n{}",
+        reset_policy(table, tap, guard.ip)
     )
 }
 
@@ -390,15 +424,20 @@ pub fn egress_timeout(ttl: Duration) -> Duration {
 /// Input for `nft -f -` that lets `guest` reach each of `destinations` for `ttl` (see
 /// [`egress_timeout`]). A pair already there gets the new timeout: nft leaves an existing
 /// element's timeout alone on `add`, so each is added, deleted and added again.
-pub fn allow_script(guest: Ipv4Addr, destinations: &[Ipv4Addr], ttl: Duration) -> String {
+pub fn allow_script(
+    table: &str,
+    guest: Ipv4Addr,
+    destinations: &[Ipv4Addr],
+    ttl: Duration,
+) -> String {
     let secs = egress_timeout(ttl).as_secs();
     let mut script = String::new();
     for d in destinations {
         let pair = format!("{guest} . {d}");
         script.push_str(&format!(
-            "add element {NFT_FAMILY} {NFT_TABLE} {EGRESS_ALLOWED_SET} {{ {pair} }}\n\
-             delete element {NFT_FAMILY} {NFT_TABLE} {EGRESS_ALLOWED_SET} {{ {pair} }}\n\
-             add element {NFT_FAMILY} {NFT_TABLE} {EGRESS_ALLOWED_SET} {{ {pair} timeout {secs}s }}\n"
+            "add element {NFT_FAMILY} {table} {EGRESS_ALLOWED_SET} {{ {pair} }}\n\
+             delete element {NFT_FAMILY} {table} {EGRESS_ALLOWED_SET} {{ {pair} }}\n\
+             add element {NFT_FAMILY} {table} {EGRESS_ALLOWED_SET} {{ {pair} timeout {secs}s }}\n"
         ));
     }
     script
@@ -443,30 +482,33 @@ pub fn allowed_destinations(listing: &serde_json::Value, guest: Ipv4Addr) -> Vec
 
 /// Input for `nft -f -` that takes every one of `destinations` away from `guest` (an empty
 /// string when there are none).
-pub fn forget_script(guest: Ipv4Addr, destinations: &[Ipv4Addr]) -> String {
+pub fn forget_script(table: &str, guest: Ipv4Addr, destinations: &[Ipv4Addr]) -> String {
     destinations
         .iter()
         .map(|d| {
             format!(
-                "add element {NFT_FAMILY} {NFT_TABLE} {EGRESS_ALLOWED_SET} {{ {guest} . {d} }}\n\
-                 delete element {NFT_FAMILY} {NFT_TABLE} {EGRESS_ALLOWED_SET} {{ {guest} . {d} }}\n"
+                "add element {NFT_FAMILY} {table} {EGRESS_ALLOWED_SET} {{ {guest} . {d} }}\n\
+                 delete element {NFT_FAMILY} {table} {EGRESS_ALLOWED_SET} {{ {guest} . {d} }}\n"
             )
         })
         .collect()
 }
 
 fn normalize(text: &str) -> Vec<String> {
-    text.lines()
+    // nft names interface group 0 after /etc/iproute2/group ("default") where that file says
+    // so, and prints the number elsewhere.
+    text.replace("iifgroup != \"default\"", "iifgroup != 0")
+        .lines()
         .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
         .filter(|l| !l.is_empty())
         .collect()
 }
 
-/// Input for `nft -f -` that removes banger's tables (and only them), whichever exist.
-pub fn delete_script() -> String {
+/// Input for `nft -f -` that removes the tables named `table` (and only them), whichever exist.
+pub fn delete_script(table: &str) -> String {
     format!(
-        "table {NFT_FAMILY} {NFT_TABLE}\ndelete table {NFT_FAMILY} {NFT_TABLE}\n\
-         table {GUARD_FAMILY} {NFT_TABLE}\ndelete table {GUARD_FAMILY} {NFT_TABLE}\n"
+        "table {NFT_FAMILY} {table}\ndelete table {NFT_FAMILY} {table}\n\
+         table {GUARD_FAMILY} {table}\ndelete table {GUARD_FAMILY} {table}\n"
     )
 }
 
@@ -582,16 +624,18 @@ table inet banger {
     #[test]
     fn isolation_drops_tap_to_tap_forwarding_only() {
         let open = default_ruleset();
-        assert!(!open.guard_table().contains("oifname \"bg-*\" drop"));
+        assert!(!open.guard_table().contains("oifgroup"));
+        let group = BridgeOwner::default().group();
         let isolated = NatRuleset::with_policy(
             &BridgeName::default(),
             &Subnet::DEFAULT,
             HostAccess::DnsOnly,
             GuestLinks::Isolated,
+            group,
         );
         let t = isolated.guard_table();
         assert!(
-            t.ends_with("\tchain forward {\n\t\ttype filter hook forward priority filter; policy accept;\n\t\tiifname @sealed drop\n\t\toifname @sealed drop\n\t\tiifname \"bg-*\" oifname \"bg-*\" drop\n\t}\n}\n"),
+            t.ends_with(&format!("\tchain forward {{\n\t\ttype filter hook forward priority filter; policy accept;\n\t\tiifname @sealed drop\n\t\toifname @sealed drop\n\t\tiifgroup {group} oifgroup {group} drop\n\t}}\n}}\n")),
             "{t}"
         );
         assert_eq!(
@@ -634,7 +678,7 @@ table inet banger {
         ));
         assert_eq!(script.matches("delete").count(), 2);
         assert_eq!(
-            delete_script(),
+            delete_script(NFT_TABLE),
             "table inet banger\ndelete table inet banger\ntable bridge banger\ndelete table bridge banger\n"
         );
     }
@@ -649,7 +693,7 @@ table inet banger {
         let tap = TapName::for_vm("vm1");
         let ip: Ipv4Addr = "172.16.0.2".parse().unwrap();
         let guard = PortGuard::new(Mac::for_ip(ip), ip);
-        let script = guard_script(&tap, guard);
+        let script = guard_script(NFT_TABLE, &tap, guard);
         assert!(
             script.ends_with(&format!("\nadd element bridge banger guests {{ \"{tap}\" . 02:ba:ac:10:00:02 . 172.16.0.2 }}\n")),
             "{script}"
@@ -668,14 +712,18 @@ table inet banger {
             );
         }
         assert!(script.contains("delete element bridge banger sealed { \"bg-vm1\" }\n"));
-        assert!(guard_script(&tap, guard.with_host(HostAccess::Open))
-            .ends_with("\nadd element inet banger host_open { 172.16.0.2 }\n"));
-        assert!(guard_script(&tap, guard.with_outbound(Outbound::Filtered))
-            .ends_with("\nadd element inet banger egress_filtered { 172.16.0.2 }\n"));
-        assert!(guard_script(&tap, guard.with_outbound(Outbound::Sealed)).ends_with(
+        assert!(
+            guard_script(NFT_TABLE, &tap, guard.with_host(HostAccess::Open))
+                .ends_with("\nadd element inet banger host_open { 172.16.0.2 }\n")
+        );
+        assert!(
+            guard_script(NFT_TABLE, &tap, guard.with_outbound(Outbound::Filtered))
+                .ends_with("\nadd element inet banger egress_filtered { 172.16.0.2 }\n")
+        );
+        assert!(guard_script(NFT_TABLE, &tap, guard.with_outbound(Outbound::Sealed)).ends_with(
             "\nadd element inet banger sealed { 172.16.0.2 }\nadd element bridge banger sealed { \"bg-vm1\" }\n"
         ));
-        let un = unguard_script(&tap, guard);
+        let un = unguard_script(NFT_TABLE, &tap, guard);
         assert!(
             un.starts_with("add element bridge banger guests")
                 && un.contains("\ndelete element inet banger egress_filtered"),
@@ -693,16 +741,19 @@ table inet banger {
     fn allowed_destinations_are_renewed_and_found_per_guest() {
         let g: Ipv4Addr = "172.16.0.5".parse().unwrap();
         let d: Ipv4Addr = "203.0.113.7".parse().unwrap();
-        let script = allow_script(g, &[d], Duration::from_secs(0));
+        let script = allow_script(NFT_TABLE, g, &[d], Duration::from_secs(0));
         assert_eq!(
             script,
             "add element inet banger egress_allowed { 172.16.0.5 . 203.0.113.7 }\n\
              delete element inet banger egress_allowed { 172.16.0.5 . 203.0.113.7 }\n\
              add element inet banger egress_allowed { 172.16.0.5 . 203.0.113.7 timeout 30s }\n"
         );
-        assert!(allow_script(g, &[d], Duration::from_secs(u64::MAX / 4))
-            .ends_with("timeout 86400s }\n"));
-        assert!(allow_script(g, &[d], Duration::from_secs(300)).ends_with("timeout 300s }\n"));
+        assert!(
+            allow_script(NFT_TABLE, g, &[d], Duration::from_secs(u64::MAX / 4))
+                .ends_with("timeout 86400s }\n")
+        );
+        assert!(allow_script(NFT_TABLE, g, &[d], Duration::from_secs(300))
+            .ends_with("timeout 300s }\n"));
         // As `nft -j list set` prints it (nft 1.0.6), with a stranger and junk mixed in.
         let listing: serde_json::Value = serde_json::from_str(
             r#"{"nftables": [{"metainfo": {"version": "1.0.6"}}, {"set": {"family": "inet", "name": "egress_allowed", "table": "banger", "type": ["ipv4_addr", "ipv4_addr"], "flags": ["timeout"], "elem": [{"elem": {"val": {"concat": ["172.16.0.5", "203.0.113.7"]}, "timeout": 90, "expires": 89}}, {"elem": {"val": {"concat": ["172.16.0.6", "203.0.113.8"]}, "timeout": 90, "expires": 89}}, {"concat": ["172.16.0.5", "198.51.100.1"]}, {"elem": {"val": {"concat": ["x", 1]}}}, 7]}}]}"#,
@@ -713,12 +764,45 @@ table inet banger {
             vec![d, "198.51.100.1".parse::<Ipv4Addr>().unwrap()]
         );
         assert!(allowed_destinations(&serde_json::json!({}), g).is_empty());
-        assert_eq!(forget_script(g, &[]), "");
+        assert_eq!(forget_script(NFT_TABLE, g, &[]), "");
         assert_eq!(
-            forget_script(g, &[d]),
+            forget_script(NFT_TABLE, g, &[d]),
             "add element inet banger egress_allowed { 172.16.0.5 . 203.0.113.7 }\n\
              delete element inet banger egress_allowed { 172.16.0.5 . 203.0.113.7 }\n"
         );
+    }
+
+    #[test]
+    fn each_bridge_has_tables_of_its_own_that_police_its_own_taps() {
+        let br9 = BridgeName::parse("br9").unwrap();
+        assert_eq!(table_name(&BridgeName::default()), "banger");
+        assert_eq!(table_name(&br9), "banger-br9");
+        let r = NatRuleset::with_policy(
+            &br9,
+            &"10.9.0.1/24".parse().unwrap(),
+            HostAccess::DnsOnly,
+            GuestLinks::Open,
+            77,
+        );
+        assert_eq!(r.name(), "banger-br9");
+        assert!(r.table().starts_with("table inet banger-br9 {"));
+        assert!(r.guard_table().starts_with("table bridge banger-br9 {"));
+        assert!(r
+            .install_script()
+            .contains("delete table bridge banger-br9\n"));
+        assert!(!r.install_script().contains("table inet banger\n"));
+        // Another daemon's taps (another group) pass; unknown ones (group 0) are policed.
+        assert!(
+            r.guard_table()
+                .contains("\t\tiifgroup != 77 iifgroup != 0 accept\n"),
+            "{}",
+            r.guard_table()
+        );
+        // nft may print group 0 by its name.
+        let listed = format!("{}{}", r.table(), r.guard_table())
+            .replace("iifgroup != 0", "iifgroup != \"default\"");
+        assert!(r.matches_listing(&listed));
+        assert_eq!(delete_script("banger-br9"), "table inet banger-br9\ndelete table inet banger-br9\ntable bridge banger-br9\ndelete table bridge banger-br9\n");
     }
 
     #[test]

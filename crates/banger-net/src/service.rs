@@ -14,7 +14,7 @@ use nix::unistd::Uid;
 use crate::addr::{AllocError, Lease, Subnet, SubnetError};
 use crate::egress::Outbound;
 use crate::host::{Changes, HostNet, NetError};
-use crate::names::{BridgeName, NameError, TapName};
+use crate::names::{BridgeName, BridgeOwner, NameError, TapName};
 use crate::nat::{
     egress_timeout, GuestLinks, HostAccess, NatRuleset, PortGuard, EGRESS_ALLOWED_MAX,
 };
@@ -27,6 +27,8 @@ pub struct BridgeConfig {
     pub subnet: Subnet,
     pub host_access: HostAccess,
     pub guest_links: GuestLinks,
+    /// Which daemon the bridge belongs to (marked on it; not a config key).
+    pub owner: BridgeOwner,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +57,7 @@ impl BridgeConfig {
             subnet: bridge_subnet.parse()?,
             host_access: HostAccess::default(),
             guest_links: GuestLinks::default(),
+            owner: BridgeOwner::default(),
         })
     }
 
@@ -64,6 +67,7 @@ impl BridgeConfig {
             &self.subnet,
             self.host_access,
             self.guest_links,
+            self.owner.group(),
         )
     }
 }

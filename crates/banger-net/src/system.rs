@@ -19,25 +19,35 @@ use serde::Deserialize;
 
 use crate::addr::Subnet;
 use crate::host::{Changes, HostNet, NetError};
-use crate::names::{BridgeName, TapName, TAP_PREFIX};
-use crate::nat::{self, NatRuleset, PortGuard, GUARD_FAMILY, NFT_FAMILY, NFT_TABLE};
+use crate::names::{BridgeName, TapName, BRIDGE_MARK, TAP_PREFIX};
+use crate::names::{BridgeOwner, Ownership};
+use crate::nat::{self, NatRuleset, PortGuard, GUARD_FAMILY, NFT_FAMILY};
 use crate::privileged::{query, PrivilegedRunner};
+use crate::service::BridgeConfig;
 
 const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
-/// The alias banger gives the bridge it creates. A bridge without it is someone else's: banger
-/// neither uses nor deletes it.
-pub const BRIDGE_ALIAS: &str = "managed by banger";
 const LINKS_COMMAND: &str = "ip -j -d addr show";
 
-/// The real host network, acting on the current network namespace.
+/// The real host network of one daemon, acting on the current network namespace: its bridge
+/// (marked with its owner), its taps and its pair of nft tables (named after the bridge).
 #[derive(Debug, Clone)]
 pub struct SystemHostNet {
     privileged: PrivilegedRunner,
+    /// The name of this daemon's nft tables.
+    table: String,
+    bridge: BridgeName,
+    owner: BridgeOwner,
 }
 
 impl SystemHostNet {
-    pub fn new(privileged: PrivilegedRunner) -> Self {
-        SystemHostNet { privileged }
+    /// The network `config` describes (its bridge, tables and owner).
+    pub fn new(privileged: PrivilegedRunner, config: &BridgeConfig) -> Self {
+        SystemHostNet {
+            privileged,
+            table: nat::table_name(&config.bridge),
+            bridge: config.bridge.clone(),
+            owner: config.owner.clone(),
+        }
     }
 
     pub fn privileged(&self) -> &PrivilegedRunner {
@@ -82,8 +92,8 @@ impl SystemHostNet {
             .privileged
             .run("list nft tables", &["nft", "-j", "list", "tables"], None)?;
         Ok((
-            has_banger_table(&out, NFT_FAMILY)?,
-            has_banger_table(&out, GUARD_FAMILY)?,
+            has_banger_table(&out, NFT_FAMILY, &self.table)?,
+            has_banger_table(&out, GUARD_FAMILY, &self.table)?,
         ))
     }
 
@@ -109,24 +119,38 @@ impl HostNet for SystemHostNet {
         let has_our_taps = links
             .iter()
             .any(|l| l.master.as_deref() == Some(name) && l.ifname.starts_with(TAP_PREFIX));
+        let alias = self.owner.alias();
         let link = match links.into_iter().find(|l| l.ifname == name) {
-            Some(link) if link.kind() == "bridge" && link.is_bangers() => link,
-            Some(link) if link.kind() == "bridge" && has_our_taps => {
-                self.ip(
-                    "mark bridge as banger's",
-                    &["link", "set", "dev", name, "alias", BRIDGE_ALIAS],
-                )?;
-                changes.push(format!(
-                    "marked {name} as banger's (it carries banger's taps)"
-                ));
-                link
-            }
-            // Someone else's bridge (the host's `br0`, say): using it would put guests on that
-            // network, and tearing it down later would cut the host off it.
             Some(link) if link.kind() == "bridge" => {
-                return Err(NetError::NotOurs {
-                    name: name.to_owned(),
-                })
+                match self.owner.ownership(link.ifalias.as_deref()) {
+                    Ownership::Mine => link,
+                    // Made by a banger that did not yet name the owner, or (no mark at all)
+                    // one that did not mark bridges, still carrying its taps: this daemon's
+                    // from now on.
+                    Ownership::Unclaimed | Ownership::Foreign
+                        if has_our_taps || link.ifalias.as_deref() == Some(BRIDGE_MARK) =>
+                    {
+                        self.ip(
+                            "mark bridge as banger's",
+                            &["link", "set", "dev", name, "alias", &alias],
+                        )?;
+                        changes.push(format!("marked {name} as this banger's"));
+                        link
+                    }
+                    Ownership::Other(owner) => {
+                        return Err(NetError::OtherDaemon {
+                            name: name.to_owned(),
+                            owner,
+                        })
+                    }
+                    // Someone else's bridge (the host's `br0`, say): using it would put guests on
+                    // that network, and tearing it down later would cut the host off it.
+                    Ownership::Unclaimed | Ownership::Foreign => {
+                        return Err(NetError::NotOurs {
+                            name: name.to_owned(),
+                        })
+                    }
+                }
             }
             Some(link) => {
                 return Err(NetError::NotABridge {
@@ -142,14 +166,14 @@ impl HostNet for SystemHostNet {
                 )?;
                 if let Err(e) = self.ip(
                     "mark bridge as banger's",
-                    &["link", "set", "dev", name, "alias", BRIDGE_ALIAS],
+                    &["link", "set", "dev", name, "alias", &alias],
                 ) {
                     // Unmarked, it would be refused (and never removed) from now on.
                     let _ = self.ip("delete bridge", &["link", "del", "dev", name]);
                     return Err(e);
                 }
                 changes.push(format!("created bridge {name}"));
-                Link::named(name)
+                Link::named(name, Some(alias.clone()))
             }
         };
 
@@ -186,12 +210,12 @@ impl HostNet for SystemHostNet {
             // empty as guests come and go; only the rules count.
             let mut listing = self.privileged.run(
                 "read banger nft table",
-                &["nft", "-t", "list", "table", NFT_FAMILY, NFT_TABLE],
+                &["nft", "-t", "list", "table", NFT_FAMILY, &self.table],
                 None,
             )?;
             listing.push_str(&self.privileged.run(
                 "read banger nft table",
-                &["nft", "-t", "list", "table", GUARD_FAMILY, NFT_TABLE],
+                &["nft", "-t", "list", "table", GUARD_FAMILY, &self.table],
                 None,
             )?);
             if ruleset.matches_listing(&listing) {
@@ -200,9 +224,9 @@ impl HostNet for SystemHostNet {
         }
         self.nft_script("install banger nft tables", &ruleset.install_script())?;
         changes.push(if inet || guard {
-            format!("replaced nft tables {NFT_FAMILY} {NFT_TABLE}, {GUARD_FAMILY} {NFT_TABLE} (they differed from banger's)")
+            format!("replaced nft tables {NFT_FAMILY} {t}, {GUARD_FAMILY} {t} (they differed from banger's)", t = self.table)
         } else {
-            format!("created nft tables {NFT_FAMILY} {NFT_TABLE}, {GUARD_FAMILY} {NFT_TABLE}")
+            format!("created nft tables {NFT_FAMILY} {t}, {GUARD_FAMILY} {t}", t = self.table)
         });
         Ok(changes)
     }
@@ -227,13 +251,29 @@ impl HostNet for SystemHostNet {
             None => {
                 self.privileged.create_tap("create tap", tap, owner)?;
                 changes.push(format!("created tap {name} owned by uid {owner}"));
-                Link::named(name)
+                Link::named(name, None)
             }
         };
-        if link.master.as_deref() != Some(bridge.as_str()) || !link.is_up() {
+        let group = self.owner.group().to_string();
+        if link.master.as_deref() != Some(bridge.as_str())
+            || !link.is_up()
+            || link.group.as_deref() != Some(group.as_str())
+        {
+            // In this daemon's interface group before it is up: its bridge table polices it
+            // (and other daemons' tables leave it to this one).
             self.ip(
                 "attach tap to bridge",
-                &["link", "set", "dev", name, "master", bridge.as_str(), "up"],
+                &[
+                    "link",
+                    "set",
+                    "dev",
+                    name,
+                    "group",
+                    &group,
+                    "master",
+                    bridge.as_str(),
+                    "up",
+                ],
             )?;
             changes.push(format!("attached {name} to {bridge} and brought it up"));
         }
@@ -260,12 +300,19 @@ impl HostNet for SystemHostNet {
     }
 
     fn list_taps(&self) -> Result<Vec<TapName>, NetError> {
-        Ok(banger_taps(&self.links()?))
+        // Taps on another bridge are another banger daemon's; unattached ones are listed
+        // (a tap is attached right after it is made, so one left unattached is a leftover).
+        let links = self.links()?;
+        let mine: Vec<Link> = links
+            .into_iter()
+            .filter(|l| l.master.is_none() || l.master.as_deref() == Some(self.bridge.as_str()))
+            .collect();
+        Ok(banger_taps(&mine))
     }
 
     fn guard_port(&self, tap: &TapName, guard: PortGuard) -> Result<Changes, NetError> {
         // Adding an element that is there already changes nothing: no need to look first.
-        self.nft_script("guard tap", &nat::guard_script(tap, guard))?;
+        self.nft_script("guard tap", &nat::guard_script(&self.table, tap, guard))?;
         let mut changes = Changes::none();
         changes.push(format!(
             "{tap} may send from {} {} only",
@@ -279,7 +326,7 @@ impl HostNet for SystemHostNet {
         // The script adds, then deletes, each element: it succeeds whether or not they were
         // there, as long as the tables are.
         if self.nft_tables()? == (true, true) {
-            self.nft_script("unguard tap", &nat::unguard_script(tap, guard))?;
+            self.nft_script("unguard tap", &nat::unguard_script(&self.table, tap, guard))?;
             changes.push(format!(
                 "{tap} no longer sends from {} {}",
                 guard.mac, guard.ip
@@ -299,7 +346,7 @@ impl HostNet for SystemHostNet {
         }
         self.nft_script(
             "allow a guest's destinations",
-            &nat::allow_script(guest, destinations, ttl),
+            &nat::allow_script(&self.table, guest, destinations, ttl),
         )
     }
 
@@ -316,7 +363,7 @@ impl HostNet for SystemHostNet {
                 "list",
                 "set",
                 NFT_FAMILY,
-                NFT_TABLE,
+                &self.table,
                 nat::EGRESS_ALLOWED_SET,
             ],
             None,
@@ -331,7 +378,7 @@ impl HostNet for SystemHostNet {
         if !gone.is_empty() {
             self.nft_script(
                 "forget a guest's destinations",
-                &nat::forget_script(guest, &gone),
+                &nat::forget_script(&self.table, guest, &gone),
             )?;
             changes.push(format!(
                 "{guest} may no longer reach the {} address(es) its DNS answers allowed",
@@ -343,28 +390,39 @@ impl HostNet for SystemHostNet {
 
     fn teardown(&self, bridge: &BridgeName) -> Result<Changes, NetError> {
         let mut changes = Changes::none();
-        let (inet, guard) = self.nft_tables()?;
-        if inet || guard {
-            self.nft_script("delete banger nft tables", &nat::delete_script())?;
-            changes.push(format!(
-                "deleted nft tables {NFT_FAMILY} {NFT_TABLE}, {GUARD_FAMILY} {NFT_TABLE}"
-            ));
-        }
         let name = bridge.as_str();
-        match self.links()?.into_iter().find(|l| l.ifname == name) {
-            None => {}
-            Some(link) if link.kind() == "bridge" && link.is_bangers() => {
-                self.ip("delete bridge", &["link", "del", "dev", name])?;
-                changes.push(format!("deleted bridge {name}"));
+        let delete_bridge = match self.links()?.into_iter().find(|l| l.ifname == name) {
+            None => false,
+            Some(link)
+                if link.kind() == "bridge"
+                    && matches!(
+                        self.owner.ownership(link.ifalias.as_deref()),
+                        Ownership::Mine | Ownership::Unclaimed
+                    ) =>
+            {
+                true
             }
-            // Not banger's: never deleted (ensure_bridge refused to use it in the first place).
-            Some(link) if link.kind() == "bridge" => {}
+            // Not this banger's (ensure_bridge refused to use it): neither the bridge nor the
+            // tables named after it, which are its owner's, are touched.
+            Some(link) if link.kind() == "bridge" => return Ok(changes),
             Some(link) => {
                 return Err(NetError::NotABridge {
                     name: name.to_owned(),
                     kind: link.kind_description(),
                 })
             }
+        };
+        let (inet, guard) = self.nft_tables()?;
+        if inet || guard {
+            self.nft_script("delete banger nft tables", &nat::delete_script(&self.table))?;
+            changes.push(format!(
+                "deleted nft tables {NFT_FAMILY} {t}, {GUARD_FAMILY} {t}",
+                t = self.table
+            ));
+        }
+        if delete_bridge {
+            self.ip("delete bridge", &["link", "del", "dev", name])?;
+            changes.push(format!("deleted bridge {name}"));
         }
         Ok(changes)
     }
@@ -385,6 +443,9 @@ struct Link {
     /// `ip link set dev NAME alias ...`: how banger marks the bridge it created.
     #[serde(default)]
     ifalias: Option<String>,
+    /// The interface group, as a number or its name (`default` for 0).
+    #[serde(default)]
+    group: Option<String>,
 }
 
 /// One entry of `ip -j -4 route show`; only the fields banger reads.
@@ -436,14 +497,15 @@ struct AddrInfo {
 
 impl Link {
     /// A link we have just created: no address, down, no master.
-    fn named(name: &str) -> Link {
+    fn named(name: &str, alias: Option<String>) -> Link {
         Link {
             ifname: name.to_owned(),
             flags: Vec::new(),
             master: None,
             linkinfo: None,
             addr_info: Vec::new(),
-            ifalias: Some(BRIDGE_ALIAS.to_owned()),
+            ifalias: alias,
+            group: None,
         }
     }
 
@@ -466,11 +528,6 @@ impl Link {
 
     fn is_tap(&self) -> bool {
         self.kind() == "tun" && self.tun_type() == Some("tap")
-    }
-
-    /// Whether banger created this link (its alias says so).
-    fn is_bangers(&self) -> bool {
-        self.ifalias.as_deref() == Some(BRIDGE_ALIAS)
     }
 
     fn kind_description(&self) -> String {
@@ -526,7 +583,7 @@ struct NftDocument {
     nftables: Vec<serde_json::Value>,
 }
 
-fn has_banger_table(json: &str, family: &str) -> Result<bool, NetError> {
+fn has_banger_table(json: &str, family: &str, table: &str) -> Result<bool, NetError> {
     let doc: NftDocument = serde_json::from_str(json).map_err(|source| NetError::Parse {
         what: "nft tables",
         command: "nft -j list tables",
@@ -535,7 +592,7 @@ fn has_banger_table(json: &str, family: &str) -> Result<bool, NetError> {
     Ok(doc.nftables.iter().any(|item| {
         item.get("table").is_some_and(|t| {
             t.get("family").and_then(|f| f.as_str()) == Some(family)
-                && t.get("name").and_then(|n| n.as_str()) == Some(NFT_TABLE)
+                && t.get("name").and_then(|n| n.as_str()) == Some(table)
         })
     }))
 }
@@ -615,10 +672,10 @@ mod tests {
         let with = r#"{"nftables": [{"metainfo": {"version": "1.0.6"}},
             {"table": {"family": "ip", "name": "banger", "handle": 1}},
             {"table": {"family": "inet", "name": "banger", "handle": 3}}]}"#;
-        assert!(has_banger_table(with, NFT_FAMILY).unwrap());
+        assert!(has_banger_table(with, NFT_FAMILY, "banger").unwrap());
         let without = r#"{"nftables": [{"metainfo": {"version": "1.0.6"}},
             {"table": {"family": "inet", "name": "filter", "handle": 1}}]}"#;
-        assert!(!has_banger_table(without, NFT_FAMILY).unwrap());
-        assert!(has_banger_table("garbage", NFT_FAMILY).is_err());
+        assert!(!has_banger_table(without, NFT_FAMILY, "banger").unwrap());
+        assert!(has_banger_table("garbage", NFT_FAMILY, "banger").is_err());
     }
 }

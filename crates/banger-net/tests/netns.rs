@@ -274,10 +274,10 @@ fn guard(ip: &str) -> PortGuard {
     PortGuard::new(Mac::for_ip(ip), ip)
 }
 
-/// The guard set's elements as `TAP MAC IP`, sorted.
-fn guard_elements() -> Vec<String> {
+/// The guard set's elements of the tables named `table`.
+fn guard_elements_of(table: &str) -> Vec<String> {
     let doc: Value = serde_json::from_str(&sh(&[
-        "nft", "-j", "list", "set", "bridge", "banger", "guests",
+        "nft", "-j", "list", "set", "bridge", table, "guests",
     ]))
     .unwrap();
     let mut out: Vec<String> = doc["nftables"]
@@ -316,7 +316,7 @@ fn sysfs(dev: &str, attr: &str) -> String {
 
 fn system_network(elevation: Elevation, config: BridgeConfig) -> Network<SystemHostNet> {
     Network::new(
-        SystemHostNet::new(PrivilegedRunner::with_elevation(elevation)),
+        SystemHostNet::new(PrivilegedRunner::with_elevation(elevation), &config),
         config,
     )
 }
@@ -627,16 +627,78 @@ netns_test! {
         sh(&["ip", "link", "set", "bg-old", "master", "banger0"]);
         let changes = net.ensure_host().unwrap();
         assert!(changes.as_slice().iter().any(|c| c.contains("marked banger0")), "{changes}");
-        assert_eq!(link("banger0").unwrap()["ifalias"], banger_net::system::BRIDGE_ALIAS);
+        assert_eq!(link("banger0").unwrap()["ifalias"], banger_net::BRIDGE_MARK);
         let _ = net.teardown().unwrap();
         assert!(link("banger0").is_none());
         sh(&["ip", "link", "del", "bg-old"]);
 
         // banger's own bridge carries its mark, and goes at teardown.
         let _ = net.ensure_host().unwrap();
-        assert_eq!(link("banger0").unwrap()["ifalias"], banger_net::system::BRIDGE_ALIAS);
+        assert_eq!(link("banger0").unwrap()["ifalias"], banger_net::BRIDGE_MARK);
         let _ = net.teardown().unwrap();
         assert!(link("banger0").is_none());
+    }
+}
+
+netns_test! {
+    fn two_daemons_on_one_host_never_touch_each_others_network() {
+        let owner = |state: &str| banger_net::BridgeOwner::new(1000, std::path::Path::new(state));
+        let cfg_a = BridgeConfig { owner: owner("/home/a/.local/state/banger"), ..BridgeConfig::default() };
+        let cfg_b = BridgeConfig {
+            owner: owner("/home/b/.local/state/banger"),
+            ..BridgeConfig::parse("banger1", "172.16.1.1/24").unwrap()
+        };
+        let a = system_network(Elevation::Direct, cfg_a.clone());
+        let b = system_network(Elevation::Direct, cfg_b.clone());
+        let tap_a = a.attach_vm("vma", Uid::from_raw(0), guard("172.16.0.2")).unwrap().tap;
+        let ip_b: std::net::Ipv4Addr = "172.16.1.2".parse().unwrap();
+        let tap_b = b.attach_vm("vmb", Uid::from_raw(0), PortGuard::new(Mac::for_ip(ip_b), ip_b)).unwrap().tap;
+        let mut tables = nft_tables();
+        tables.sort();
+        assert_eq!(tables, ["bridge banger", "bridge banger-banger1", "inet banger", "inet banger-banger1"]);
+        assert_eq!(link("banger0").unwrap()["ifalias"], cfg_a.owner.alias());
+        assert_eq!(link("banger1").unwrap()["ifalias"], cfg_b.owner.alias());
+        // B's guest, a real one on B's bridge, reaches B's DNS throughout.
+        let _dns_b = std::net::TcpListener::bind("172.16.1.1:10053").unwrap();
+        let guest = FakeGuest::attach("banger1", "bg-fgb", "172.16.1.3/24", "172.16.1.1");
+        // In B's interface group, as B's own taps are (A's table leaves those to B's).
+        sh(&["ip", "link", "set", "bg-fgb", "group", &cfg_b.owner.group().to_string()]);
+        let ip_g: std::net::Ipv4Addr = "172.16.1.3".parse().unwrap();
+        assert!(guest.run(&format!("ip link set bg-fgb-g address {}", Mac::for_ip(ip_g))));
+        let _ = b.host().guard_port(&TapName::parse("bg-fgb").unwrap(), PortGuard::new(Mac::for_ip(ip_g), ip_g)).unwrap();
+        assert!(guest.connects("172.16.1.1", 53));
+
+        // A's start-up reconcile knows only its own VM: B's taps are not its to delete.
+        let report = a.reconcile(&[tap_a.to_string()]).unwrap();
+        assert!(report.removed.is_empty(), "{:?}", report.removed);
+        assert!(link(tap_b.as_str()).is_some() && link("bg-fgb").is_some());
+        // A stops its last VM and tears its network down; B's stays whole.
+        let _ = a.detach_vm("vma", guard("172.16.0.2")).unwrap();
+        let _ = a.teardown().unwrap();
+        assert!(link("banger0").is_none());
+        assert_eq!(nft_tables().len(), 2, "{:?}", nft_tables());
+        assert!(link("banger1").is_some() && link(tap_b.as_str()).is_some());
+        assert!(guest.connects("172.16.1.1", 53), "A's teardown broke B's guest");
+        assert!(b.ensure_host().unwrap().is_empty(), "B's network changed under it");
+
+        // A third daemon configured onto B's bridge is refused, and B's bridge left alone.
+        let cfg_c = BridgeConfig { owner: owner("/srv/c/banger"), ..cfg_b.clone() };
+        let c = system_network(Elevation::Direct, cfg_c);
+        let err = c.ensure_host().unwrap_err();
+        assert!(matches!(err, NetError::OtherDaemon { .. }), "{err}");
+        assert!(err.to_string().contains("uid 1000, state "), "{err}");
+        assert!(banger_hint::Hint::hint(&err).unwrap().contains("bridge_name"));
+        // (A failed start releases the network: that must not take B's tables with it.)
+        assert!(c.teardown().unwrap().is_empty());
+        assert_eq!(link("banger1").unwrap()["ifalias"], cfg_b.owner.alias());
+        assert_eq!(nft_tables().len(), 2, "{:?}", nft_tables());
+        assert!(guest.connects("172.16.1.1", 53));
+
+        drop(guest);
+        let _ = b.detach_vm("vmb", PortGuard::new(Mac::for_ip(ip_b), ip_b)).unwrap();
+        let _ = b.teardown().unwrap();
+        assert!(nft_tables().is_empty());
+        assert!(link("banger1").is_none());
     }
 }
 
@@ -915,7 +977,7 @@ netns_test! {
         let vm2 = net.attach_vm("01jq8x7k2m3n4p5q6r7s8t9v0w", owner, g2).unwrap();
         let mut both = vec![format!("{} {} {}", vm1.tap, g1.mac, g1.ip), format!("{} {} {}", vm2.tap, g2.mac, g2.ip)];
         both.sort();
-        assert_eq!(guard_elements(), both);
+        assert_eq!(guard_elements_of("banger-bgtest0"), both);
         assert_eq!(vm1.tap.as_str(), "bg-vm1");
         assert_eq!(vm2.tap.as_str().len(), 15);
         assert_tap_ready(&vm1.tap, "bgtest0", 1000);
@@ -930,7 +992,7 @@ netns_test! {
         let removed = net.detach_vm("01jq8x7k2m3n4p5q6r7s8t9v0w", g2).unwrap();
         assert_eq!(removed.as_slice().len(), 2, "{removed}");
         assert!(link(vm2.tap.as_str()).is_none(), "deleted tap is gone");
-        assert_eq!(guard_elements(), [format!("{} {} {}", vm1.tap, g1.mac, g1.ip)]);
+        assert_eq!(guard_elements_of("banger-bgtest0"), [format!("{} {} {}", vm1.tap, g1.mac, g1.ip)]);
         assert!(net.detach_vm("01jq8x7k2m3n4p5q6r7s8t9v0w", g2).unwrap().is_empty());
         assert_tap_ready(&vm1.tap, "bgtest0", 1000);
 
@@ -953,7 +1015,7 @@ netns_test! {
         assert!(matches!(err, NetError::NotATap { .. }), "{err}");
 
         let down = net.teardown().unwrap();
-        assert_eq!(down.as_slice(), ["deleted nft tables inet banger, bridge banger", "deleted bridge bgtest0"]);
+        assert_eq!(down.as_slice(), ["deleted nft tables inet banger-bgtest0, bridge banger-bgtest0", "deleted bridge bgtest0"]);
         assert!(nft_tables().is_empty(), "no nft table left");
         assert!(link("bgtest0").is_none(), "no bridge left");
         assert!(bridges().is_empty());

@@ -60,10 +60,14 @@ fn take_lock(path: &Path) -> anyhow::Result<Option<Flock<File>>> {
 
 /// The VM service's effects on this host: the real network, the VMM the config and the host
 /// allow, the `.vm` server, sshd over TCP, and the installed guest agent. Made once, here.
-fn host_effects(config: &Config) -> anyhow::Result<vms::Effects> {
+fn host_effects(config: &Config, paths: &Paths) -> anyhow::Result<vms::Effects> {
+    let mut bridge = config.bridge();
+    // Marked on the bridge it creates, so another daemon (another user, another state
+    // directory) never uses or deletes it.
+    bridge.owner = banger_net::BridgeOwner::new(nix::unistd::geteuid().as_raw(), &paths.state_dir);
     let net: Arc<Network<dyn HostNet>> = Arc::new(Network::new(
-        SystemHostNet::new(PrivilegedRunner::detect()),
-        config.bridge(),
+        SystemHostNet::new(PrivilegedRunner::detect(), &bridge),
+        bridge,
     ));
     let dns = Arc::new(DnsService::new(net.clone()));
     Ok(vms::Effects {
@@ -102,7 +106,7 @@ pub async fn run(paths: Paths) -> anyhow::Result<Startup> {
         store.clone(),
         config.clone(),
         image_locks,
-        host_effects(&config)?,
+        host_effects(&config, &paths)?,
     ));
     vms.reconcile()
         .await
