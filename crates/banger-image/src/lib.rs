@@ -5,7 +5,8 @@
 //! resumable downloads (`download`), pulling bundles (`pull`), the image catalog (`catalog`), and
 //! container images from OCI registries with their content-addressed blob cache (`oci`), and
 //! banger's generic guest kernel from Debian's package (`kernel`) with its initramfs (`initramfs`).
-//! Host commands that need root go through `privileged`; progress is reported through `progress`
+//! Host commands that need root go through `privileged` (each under a guard that kills it with
+//! everything it started when its caller cancels or dies); progress is reported through `progress`
 //! and never drawn. Leaves to the daemon: the SQLite store, image registration, choosing
 //! directories, locking, and turning progress into API events.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
@@ -28,6 +29,8 @@ pub mod progress;
 pub mod pull;
 pub mod recipe;
 #[cfg(test)]
+mod testproc;
+#[cfg(test)]
 mod testutil;
 
 pub use build::{build, BuildError, BuildOutput, BuildRequest};
@@ -40,7 +43,9 @@ pub use download::{fetch, DownloadError};
 pub use ext4::MiB;
 pub use hosttools::{require_tool, MissingTool};
 pub use mirror::host_debian_mirror;
-pub use privileged::{HostPrivileged, PrivCommand, PrivError, Privileged, RecordingPrivileged};
+pub use privileged::{
+    Cancellable, HostPrivileged, PrivCommand, PrivError, Privileged, RecordingPrivileged,
+};
 pub use progress::{NoProgress, Progress, RecordingProgress};
 pub use pull::{pull_bundle, PullError, PulledBundle};
 pub use recipe::Recipe;
