@@ -6,7 +6,8 @@
 //! container images from OCI registries with their content-addressed blob cache (`oci`), and
 //! banger's generic guest kernel from Debian's package (`kernel`) with its initramfs (`initramfs`).
 //! Host commands that need root go through `privileged` (each under a guard that kills it with
-//! everything it started when its caller cancels or dies); progress is reported through `progress`
+//! everything it started when its caller cancels or dies), and root-owned work directories are
+//! removed, mounts first, by `workdir`; progress is reported through `progress`
 //! and never drawn. Leaves to the daemon: the SQLite store, image registration, choosing
 //! directories, locking, and turning progress into API events.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
@@ -32,6 +33,7 @@ pub mod recipe;
 mod testproc;
 #[cfg(test)]
 mod testutil;
+pub mod workdir;
 
 pub use build::{build, BuildError, BuildOutput, BuildRequest};
 pub use bundle::{export, BundleError, BundleSources, FileEntry, Manifest, Role};
@@ -49,6 +51,7 @@ pub use privileged::{
 pub use progress::{NoProgress, Progress, RecordingProgress};
 pub use pull::{pull_bundle, PullError, PulledBundle};
 pub use recipe::Recipe;
+pub use workdir::{remove_leftover, ProcMounts, Removal, WorkDirError};
 
 use banger_hint::probe;
 
@@ -73,6 +76,7 @@ pub const HINTS: &[banger_hint::Probe] = &[
     probe::<oci::layer::LayerError>,
     probe::<oci::ext4::Ext4BuildError>,
     probe::<oci::flatten::FlattenError>,
+    probe::<WorkDirError>,
 ];
 
 #[cfg(test)]
@@ -138,6 +142,10 @@ mod tests {
                     path: "/a".into(),
                     len: 9000,
                 }),
+            }),
+            Box::new(WorkDirError::NeedsRoot {
+                dir: "/s/tmp/op-1".into(),
+                source: None,
             }),
         ]
     }

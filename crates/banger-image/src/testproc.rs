@@ -1,8 +1,8 @@
-//! Test helpers for tests with real processes: whether a process still runs, waiting for
-//! processes to end, and a guard that kills a test's processes even when the test fails
-//! half-way.
+//! Test helpers for tests with real processes and mounts: whether a process still runs, waiting
+//! for processes to end, and guards that kill a test's processes and unmount its mounts even
+//! when the test fails half-way.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -64,4 +64,29 @@ impl Drop for Reaper {
             }
         }
     }
+}
+
+/// Lazily unmounts everything at or below a directory and removes it, when dropped.
+pub struct MountGuard(pub PathBuf);
+
+impl Drop for MountGuard {
+    fn drop(&mut self) {
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        for point in crate::workdir::mounts_under(&info, &self.0) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&point)
+                .status();
+        }
+        let _ = std::process::Command::new("rm")
+            .args(["-rf", "--one-file-system", "--"])
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Whether anything is mounted at or below `dir` (canonical).
+pub fn mounted_under(dir: &Path) -> Vec<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    crate::workdir::mounts_under(&info, dir)
 }

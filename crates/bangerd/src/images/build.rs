@@ -52,6 +52,7 @@ impl Images {
             recipe: recipe.clone(),
             mirror,
             work_dir: staging.path().to_owned(),
+            cancel: tokio_util::sync::CancellationToken::new(),
         };
         let built = banger_image::build::build(&req, &privileged, progress).await;
         let out = match built {
