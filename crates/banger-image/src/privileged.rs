@@ -843,6 +843,10 @@ mod tests {
             let cancel = async {
                 let pids = pids_in(&file).await;
                 reaper.add(&pids);
+                // Its output streams while it runs.
+                while !rec.logs().iter().any(|l| l == "started") {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
                 assert!(pids.iter().all(|&p| alive(p)));
                 token.cancel();
                 pids
@@ -860,7 +864,6 @@ mod tests {
             // SIGKILL is sent to the whole group before the run returns; the orphaned
             // grandchild's end only needs a moment.
             gone_within(&[grandchild], Duration::from_secs(2)).await;
-            assert!(rec.logs().iter().any(|l| l == "started"));
             // Nothing starts once cancelled.
             let err = host.run_until(&cmd, &rec, &token).await.unwrap_err();
             assert!(matches!(err, PrivError::Cancelled { .. }), "{err}");
