@@ -252,6 +252,7 @@ impl Host {
                         vmm: vmm.clone(),
                         guests: guests.clone(),
                     }),
+                    identity: Arc::new(banger_agent::guest::identity::RecordingIdentity::default()),
                 });
                 std::thread::spawn(move || {
                     let writer = Arc::new(FrameWriter::new(stream.try_clone().unwrap()));
