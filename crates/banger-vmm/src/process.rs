@@ -550,9 +550,11 @@ mod tests {
         let marker = dir.path().join("qmp.sock");
         let mut spec = sleep_spec(dir.path());
         spec.program = "sh".into();
+        // The shell stays (no `exec`): its command line, with the marker as `$0`, is what is
+        // read. An `exec sleep` could replace it before the check, and the marker with it.
         spec.args = vec![
             "-c".into(),
-            "exec sleep 300".into(),
+            "while :; do sleep 1; done".into(),
             marker.clone().into_os_string(),
         ];
         let spawned = spawn_detached(&spec).unwrap();
