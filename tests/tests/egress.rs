@@ -153,8 +153,8 @@ fn resolves(env: &Env, vm: &str, name: &str) -> Option<String> {
 }
 
 /// The address `server` (the guest's resolver when empty) gives `name`, if any. A lookup that
-/// got no answer at all (a timeout or SERVFAIL: TCG guests on a loaded machine are slow) is
-/// tried again; a refusal or an answer is final.
+/// got no address (TCG guests on a loaded machine are slow, and an allowed answer waits for
+/// the host's firewall) is tried again; a refusal or an address is final.
 fn resolves_via(env: &Env, vm: &str, name: &str, server: &str) -> Option<String> {
     let mut last = None;
     for _ in 0..3 {
@@ -166,8 +166,10 @@ fn resolves_via(env: &Env, vm: &str, name: &str, server: &str) -> Option<String>
             .nth(1)
             .and_then(|rest| rest.split("Address: ").nth(1))
             .map(|a| a.split_whitespace().next().unwrap_or("").to_owned());
+        // A refusal is final; anything else without the address (a timeout, SERVFAIL, or only
+        // the AAAA half answered, as NXDOMAIN, while the A half was late) is tried again.
         let text = format!("{}{}", out.stdout, out.stderr);
-        if found.is_some() || text.contains("REFUSED") || text.contains("NXDOMAIN") {
+        if found.is_some() || text.contains("REFUSED") {
             return found;
         }
         eprintln!("nslookup {name} {server}: no answer, trying again:\n{out}");
