@@ -1,14 +1,24 @@
-//! A minimal QMP (QEMU Machine Protocol) client: just enough to know QEMU is up and to ask the
-//! guest to power down.
+//! A minimal QMP (QEMU Machine Protocol) client: just enough to know QEMU is up, to ask the
+//! guest to power down, and to save and load a VM's state through a file descriptor.
 //!
 //! The protocol: on connect QEMU sends a greeting `{"QMP": {...}}`; the client must send
 //! `{"execute": "qmp_capabilities"}` and get `{"return": {}}` before any other command. Every
 //! message is one JSON object per line. Asynchronous events (`{"event": ...}`) may arrive at
 //! any time, including between a command and its reply, and are skipped here. A reply is
 //! either `{"return": ...}` or `{"error": {"class": ..., "desc": ...}}`.
+//!
+//! File descriptors travel as `SCM_RIGHTS` ancillary data on the line of a `getfd` command, which
+//! names the descriptor inside QEMU; a migration URI `fd:NAME` then uses it. That is how state
+//! reaches a file while QEMU runs under `-sandbox ...,spawn=deny` (no `exec:`) and has no `file:`
+//! migration (QEMU 7.2).
 
+use std::io::IoSlice;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
+use tokio::io::Interest;
 
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -45,6 +55,7 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Qmp {
     reader: BufReader<OwnedReadHalf>,
     writer: OwnedWriteHalf,
+    reply_timeout: Duration,
 }
 
 impl Qmp {
@@ -60,6 +71,7 @@ impl Qmp {
         let mut qmp = Qmp {
             reader: BufReader::new(r),
             writer: w,
+            reply_timeout: REPLY_TIMEOUT,
         };
         let greeting = qmp.read_message().await?;
         if greeting.get("QMP").is_none() {
@@ -71,19 +83,55 @@ impl Qmp {
         Ok(qmp)
     }
 
+    /// How long each reply may take from now on. A QEMU loading a state from a file answers
+    /// only once the load is done: its main loop reads the whole file in one go.
+    pub fn set_reply_timeout(&mut self, timeout: Duration) {
+        self.reply_timeout = timeout;
+    }
+
     /// Runs one command and returns its `return` value.
     pub async fn execute(
         &mut self,
         command: &str,
         arguments: Option<Value>,
     ) -> Result<Value, QmpError> {
-        let mut msg = json!({ "execute": command });
-        if let Some(args) = arguments {
-            msg["arguments"] = args;
-        }
-        let mut line = msg.to_string();
-        line.push('\n');
+        let line = command_line(command, arguments);
         self.writer.write_all(line.as_bytes()).await?;
+        self.reply(command).await
+    }
+
+    /// Hands `fd` to QEMU under `name` (`getfd`), for a later `fd:NAME` migration URI. QEMU
+    /// keeps its own copy; the caller may close `fd` afterwards.
+    pub async fn send_fd(&mut self, name: &str, fd: BorrowedFd<'_>) -> Result<(), QmpError> {
+        let line = command_line("getfd", Some(json!({ "fdname": name })));
+        let bytes = line.as_bytes();
+        let stream = self.writer.as_ref();
+        let fds = [fd.as_raw_fd()];
+        // The descriptor rides on the first byte sent; a short write sends the rest plainly.
+        let sent = loop {
+            stream.writable().await?;
+            let attempt = stream.try_io(Interest::WRITABLE, || {
+                sendmsg::<UnixAddr>(
+                    stream.as_raw_fd(),
+                    &[IoSlice::new(bytes)],
+                    &[ControlMessage::ScmRights(&fds)],
+                    MsgFlags::MSG_NOSIGNAL,
+                    None,
+                )
+                .map_err(std::io::Error::from)
+            });
+            match attempt {
+                Ok(n) => break n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e.into()),
+            }
+        };
+        self.writer.write_all(&bytes[sent..]).await?;
+        self.reply("getfd").await.map(|_| ())
+    }
+
+    /// Waits for the reply to `command`, skipping events.
+    async fn reply(&mut self, command: &str) -> Result<Value, QmpError> {
         loop {
             let reply = self.read_message().await?;
             if reply.get("event").is_some() {
@@ -106,15 +154,26 @@ impl Qmp {
 
     async fn read_message(&mut self) -> Result<Value, QmpError> {
         let mut line = String::new();
-        let n = tokio::time::timeout(REPLY_TIMEOUT, self.reader.read_line(&mut line))
+        let n = tokio::time::timeout(self.reply_timeout, self.reader.read_line(&mut line))
             .await
-            .map_err(|_| QmpError::Timeout(REPLY_TIMEOUT))??;
+            .map_err(|_| QmpError::Timeout(self.reply_timeout))??;
         if n == 0 {
             return Err(QmpError::Closed);
         }
         serde_json::from_str(line.trim_end())
             .map_err(|e| QmpError::Protocol(format!("{e}: {line:?}")))
     }
+}
+
+/// One command as the line QMP reads.
+fn command_line(command: &str, arguments: Option<Value>) -> String {
+    let mut msg = json!({ "execute": command });
+    if let Some(args) = arguments {
+        msg["arguments"] = args;
+    }
+    let mut line = msg.to_string();
+    line.push('\n');
+    line
 }
 
 #[cfg(test)]
