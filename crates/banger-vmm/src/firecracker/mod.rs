@@ -7,6 +7,7 @@
 //! which is appended to the configured console log together with its stderr.
 
 mod api;
+mod snapshot;
 
 use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
@@ -20,8 +21,8 @@ use crate::kvm::KvmMode;
 use crate::process::{self, Launcher, LogMode, RealLauncher, SpawnSpec, Spawned};
 use crate::select::{Availability, Support, VmmSettings};
 use crate::{
-    check_inputs, AgentEndpoint, BackendKind, BoxFuture, VmConfig, VmHandle, Vmm, VmmError,
-    AGENT_PORT, PID_FILE,
+    check_inputs, AgentEndpoint, BackendKind, BoxFuture, SnapshotInfo, SnapshotPaths, VmConfig,
+    VmHandle, Vmm, VmmError, WhilePaused, AGENT_PORT, PID_FILE,
 };
 
 /// Firecracker's program name, looked up on `PATH` unless `firecracker_bin` says otherwise.
@@ -142,6 +143,33 @@ impl FirecrackerBackend {
 
     async fn start_vm(&self, cfg: &VmConfig) -> Result<VmHandle, VmmError> {
         check_inputs(cfg)?;
+        let (spawned, client, files) = self.launch(cfg).await?;
+        let booted = async {
+            configure(&client, cfg, &files).await?;
+            client
+                .action(ActionType::InstanceStart)
+                .await
+                .map_err(|source| VmmError::Api {
+                    vm: cfg.name.clone(),
+                    step: "starting the instance",
+                    source,
+                })
+        }
+        .await;
+        if let Err(e) = booted {
+            // Never leave a half-configured Firecracker behind.
+            let _ = process::terminate(spawned.pid, spawned.start_time, Duration::ZERO).await;
+            return Err(e);
+        }
+        Ok(handle(&cfg.name, &cfg.run_dir, spawned))
+    }
+
+    /// Spawns a fresh Firecracker for `cfg` (inputs already checked) and waits until its API
+    /// answers; nothing is configured yet. Start and restore share it.
+    async fn launch(
+        &self,
+        cfg: &VmConfig,
+    ) -> Result<(Spawned, FirecrackerClient, Files), VmmError> {
         let files = Files::new(&cfg.run_dir);
         let io = |action: &str| {
             let vm = cfg.name.clone();
@@ -184,25 +212,11 @@ impl FirecrackerBackend {
             })?;
 
         let client = FirecrackerClient::new(&files.api_socket);
-        let booted = async {
-            wait_ready(cfg, spawned, &client, &files).await?;
-            configure(&client, cfg, &files).await?;
-            client
-                .action(ActionType::InstanceStart)
-                .await
-                .map_err(|source| VmmError::Api {
-                    vm: cfg.name.clone(),
-                    step: "starting the instance",
-                    source,
-                })
-        }
-        .await;
-        if let Err(e) = booted {
-            // Never leave a half-configured Firecracker behind.
+        if let Err(e) = wait_ready(cfg, spawned, &client, &files).await {
             let _ = process::terminate(spawned.pid, spawned.start_time, Duration::ZERO).await;
             return Err(e);
         }
-        Ok(handle(&cfg.name, &cfg.run_dir, spawned))
+        Ok((spawned, client, files))
     }
 }
 
@@ -281,16 +295,7 @@ pub(crate) async fn configure(
         let vm = cfg.name.clone();
         move |source| VmmError::Api { vm, step, source }
     };
-    client
-        .put_logger(&Logger {
-            log_path: Some(files.log.clone()),
-            level: Some(LogLevel::Info),
-            show_level: Some(true),
-            show_log_origin: None,
-            module: None,
-        })
-        .await
-        .map_err(step("configuring the logger"))?;
+    configure_logger(client, cfg, files).await?;
     client
         .put_machine_config(&MachineConfiguration {
             vcpu_count: cfg.vcpus,
@@ -330,7 +335,7 @@ pub(crate) async fn configure(
     if let Some(net) = &cfg.net {
         client
             .put_network_interface(&NetworkInterface {
-                iface_id: "eth0".to_string(),
+                iface_id: snapshot::IFACE_ID.to_string(),
                 host_dev_name: net.tap.as_str().to_owned(),
                 guest_mac: Some(net.mac.to_string()),
                 mtu: None,
@@ -346,6 +351,29 @@ pub(crate) async fn configure(
         .await
         .map_err(step("attaching the vsock device"))?;
     Ok(())
+}
+
+/// Points Firecracker's own log at the run directory: the first request of a start and of a
+/// restore (a snapshot load accepts only the logger and metrics before it).
+pub(crate) async fn configure_logger(
+    client: &FirecrackerClient,
+    cfg: &VmConfig,
+    files: &Files,
+) -> Result<(), VmmError> {
+    client
+        .put_logger(&Logger {
+            log_path: Some(files.log.clone()),
+            level: Some(LogLevel::Info),
+            show_level: Some(true),
+            show_log_origin: None,
+            module: None,
+        })
+        .await
+        .map_err(|source| VmmError::Api {
+            vm: cfg.name.clone(),
+            step: "configuring the logger",
+            source,
+        })
 }
 
 /// Sends Ctrl-Alt-Del (the guest reboots, and Firecracker exits on a guest reboot); false when
@@ -376,6 +404,26 @@ impl Vmm for FirecrackerBackend {
 
     fn start<'a>(&'a self, cfg: &'a VmConfig) -> BoxFuture<'a, Result<VmHandle, VmmError>> {
         Box::pin(self.start_vm(cfg))
+    }
+
+    /// `PATCH /vm` Paused, `PUT /snapshot/create` (Full), then `PATCH /vm` Resumed.
+    fn snapshot<'a>(
+        &'a self,
+        handle: &'a VmHandle,
+        dest: &'a SnapshotPaths,
+        while_paused: WhilePaused<'a>,
+    ) -> BoxFuture<'a, Result<SnapshotInfo, VmmError>> {
+        Box::pin(self.snapshot_vm(handle, dest, while_paused))
+    }
+
+    /// A fresh Firecracker, its logger, then `PUT /snapshot/load` with the new tap and vsock
+    /// socket, resuming the guest.
+    fn restore<'a>(
+        &'a self,
+        cfg: &'a VmConfig,
+        snapshot: &'a SnapshotPaths,
+    ) -> BoxFuture<'a, Result<VmHandle, VmmError>> {
+        Box::pin(self.restore_vm(cfg, snapshot))
     }
 
     /// Firecracker's pid file, and its command line naming the VM's API socket.
