@@ -368,6 +368,7 @@ mod tests {
             log: dir.join("out.log"),
             log_mode: LogMode::Truncate,
             pid_file: dir.join(PID_FILE),
+            cwd: None,
         })
         .unwrap();
         VmHandle {

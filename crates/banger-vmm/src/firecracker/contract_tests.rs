@@ -323,10 +323,21 @@ async fn every_request_of_a_create_start_stop_sequence_conforms_to_the_firecrack
         json!({"kernel_image_path": cfg.kernel, "initrd_path": cfg.initrd,
                "boot_args": cfg.kernel_args})
     );
+    // Disks by names relative to the run directory Firecracker runs in, linked to the VM's own
+    // disks, so that a snapshot of it restores onto another VM's disks.
     assert_eq!(
         body("/drives/rootfs", 0),
-        json!({"drive_id": "rootfs", "path_on_host": cfg.root_disk, "is_root_device": true,
+        json!({"drive_id": "rootfs", "path_on_host": "rootfs.disk", "is_root_device": true,
                "is_read_only": false, "cache_type": "Writeback"})
+    );
+    assert_eq!(body("/drives/work", 0)["path_on_host"], json!("work.disk"));
+    assert_eq!(
+        std::fs::read_link(run.join(ROOT_LINK)).unwrap(),
+        cfg.root_disk
+    );
+    assert_eq!(
+        std::fs::read_link(run.join(WORK_LINK)).unwrap(),
+        cfg.work_disk
     );
     assert_eq!(body("/drives/work", 0)["is_root_device"], json!(false));
     assert_eq!(
@@ -359,6 +370,7 @@ async fn every_request_of_a_create_start_stop_sequence_conforms_to_the_firecrack
         ] as [std::ffi::OsString; 4]
     );
     assert_eq!(spec0.log, cfg.console_log);
+    assert_eq!(spec0.cwd.as_deref(), Some(run.as_path()));
     assert_eq!(spec0.log_mode, LogMode::Append);
     assert_eq!(
         handle.agent,
@@ -425,6 +437,14 @@ async fn snapshot_and_restore_requests_conform_to_the_firecracker_api() {
     assert!(matches!(err, VmmError::SnapshotMismatch { .. }), "{err}");
     let restored = backend.restore(&cfg2, &paths).await.unwrap();
     let _guards = guard_all(&fake);
+    // The snapshot names the disks relative to Firecracker's working directory: the restored
+    // VM's run directory, whose links lead to its own disks.
+    let (spec, _) = fake.spawned.lock().unwrap()[1].clone();
+    assert_eq!(spec.cwd.as_deref(), Some(cfg2.run_dir.as_path()));
+    assert_eq!(
+        std::fs::read_link(cfg2.run_dir.join(ROOT_LINK)).unwrap(),
+        cfg2.root_disk
+    );
     assert_eq!(restored.api_socket, Some(cfg2.run_dir.join(API_SOCKET)));
     assert_eq!(
         fake.spawned.lock().unwrap().len(),
@@ -780,6 +800,7 @@ async fn real_firecracker_accepts_the_configuration_sequence() {
         log: cfg.console_log.clone(),
         log_mode: LogMode::Append,
         pid_file: files.pid_file.clone(),
+        cwd: Some(cfg.run_dir.clone()),
     })
     .unwrap();
     let _guard = ProcessGuard::new(spawned.pid, spawned.start_time);

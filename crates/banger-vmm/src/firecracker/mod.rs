@@ -3,8 +3,12 @@
 //!
 //! Per-VM files in `run_dir`: `fc.sock` (API), `fc-vsock.sock` (vsock bridge; the agent is
 //! reached through it on port [`AGENT_PORT`]), `firecracker.log` (Firecracker's own log, set via
-//! `PUT /logger`) and `vmm.pid`. Firecracker writes the guest's serial console to its stdout,
-//! which is appended to the configured console log together with its stderr.
+//! `PUT /logger`), `vmm.pid`, and `rootfs.disk` and `work.disk`, symlinks to the VM's disks.
+//! Firecracker runs in `run_dir` and is given the disks by those relative names: a snapshot
+//! records the paths it was given and Firecracker's snapshot load cannot override them, so a VM
+//! restored in its own run directory opens its own disks, never the snapshotted VM's. Firecracker
+//! writes the guest's serial console to its stdout, which is appended to the configured console
+//! log together with its stderr.
 
 mod api;
 mod snapshot;
@@ -37,6 +41,8 @@ pub(crate) const INSTALL_HINT: &str = "set firecracker_bin in ~/.config/banger/c
 pub(crate) const API_SOCKET: &str = "fc.sock";
 pub(crate) const VSOCK_UDS: &str = "fc-vsock.sock";
 pub(crate) const FIRECRACKER_LOG: &str = "firecracker.log";
+pub(crate) const ROOT_LINK: &str = "rootfs.disk";
+pub(crate) const WORK_LINK: &str = "work.disk";
 /// Guest CID when the config has none: Firecracker's vsock is per-VM, so any CID >= 3 works.
 const DEFAULT_GUEST_CID: u32 = 3;
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -115,6 +121,10 @@ pub(crate) struct Files {
     pub vsock_uds: PathBuf,
     pub log: PathBuf,
     pub pid_file: PathBuf,
+    /// The symlinks to the root and work disks, which Firecracker is given as [`ROOT_LINK`]
+    /// and [`WORK_LINK`], relative to the run directory it runs in.
+    pub root_link: PathBuf,
+    pub work_link: PathBuf,
 }
 
 impl Files {
@@ -124,6 +134,8 @@ impl Files {
             vsock_uds: run_dir.join(VSOCK_UDS),
             log: run_dir.join(FIRECRACKER_LOG),
             pid_file: run_dir.join(PID_FILE),
+            root_link: run_dir.join(ROOT_LINK),
+            work_link: run_dir.join(WORK_LINK),
         }
     }
 }
@@ -181,6 +193,18 @@ impl FirecrackerBackend {
             process::remove_stale(stale)
                 .map_err(io("cannot remove a stale file from the run directory"))?;
         }
+        // The disks by relative names (see the module's header); a stale link is replaced.
+        for (link, disk) in [
+            (&files.root_link, &cfg.root_disk),
+            (&files.work_link, &cfg.work_disk),
+        ] {
+            process::remove_stale(link)
+                .map_err(io("cannot remove a stale disk link from the run directory"))?;
+            let target =
+                std::path::absolute(disk).map_err(io("cannot make the disk's path absolute"))?;
+            fs_err::os::unix::fs::symlink(&target, link)
+                .map_err(io("cannot link the disk into the run directory"))?;
+        }
         // The logger opens its file without creating it.
         fs_err::OpenOptions::new()
             .create(true)
@@ -200,6 +224,7 @@ impl FirecrackerBackend {
             log: cfg.console_log.clone(),
             log_mode: LogMode::Append,
             pid_file: files.pid_file.clone(),
+            cwd: Some(cfg.run_dir.clone()),
         };
         tracing::info!(vm = %cfg.name, binary = %self.binary.display(), "starting firecracker");
         let spawned = self
@@ -315,14 +340,11 @@ pub(crate) async fn configure(
         .await
         .map_err(step("setting the kernel and its command line"))?;
     // The root device is always /dev/vda; Firecracker orders it first.
-    for (id, path, root) in [
-        ("rootfs", &cfg.root_disk, true),
-        ("work", &cfg.work_disk, false),
-    ] {
+    for (id, link, root) in [("rootfs", ROOT_LINK, true), ("work", WORK_LINK, false)] {
         client
             .put_drive(&Drive {
                 drive_id: id.to_string(),
-                path_on_host: path.clone(),
+                path_on_host: PathBuf::from(link),
                 is_root_device: root,
                 is_read_only: Some(false),
                 partuuid: None,

@@ -7,8 +7,9 @@
 //! Firecracker accepts only before anything else is configured: memory from the file, the new
 //! VM's tap in place of the old one (`network_overrides`), its own vsock socket
 //! (`vsock_override`), kvmclock advanced by the time the snapshot slept (`clock_realtime`), and
-//! the guest resumed. Firecracker reopens the disks at the paths the snapshot recorded: its API
-//! has no override for drives.
+//! the guest resumed. Firecracker reopens the disks by the names the snapshot recorded (its API
+//! has no override for drives): relative names of links in the run directory, which the restored
+//! VM's launch points at its own disks.
 //!
 //! Firecracker cannot run on the development host (no hardware KVM): the contract tests check
 //! every request against the OpenAPI description instead.

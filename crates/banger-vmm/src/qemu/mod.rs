@@ -163,6 +163,7 @@ impl QemuBackend {
             log: log.clone(),
             log_mode: LogMode::Truncate,
             pid_file,
+            cwd: None,
         };
         let spawned = self
             .launcher
