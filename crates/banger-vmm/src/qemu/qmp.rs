@@ -179,6 +179,7 @@ fn command_line(command: &str, arguments: Option<Value>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsFd;
     use tokio::net::UnixListener;
 
     /// A scripted QMP server: sends the greeting, then answers each received line with the next
@@ -255,6 +256,61 @@ mod tests {
             err.to_string(),
             "QEMU refused nope: CommandNotFound: The command nope has not been found"
         );
+    }
+
+    #[tokio::test]
+    async fn send_fd_hands_the_descriptor_over_with_the_getfd_line() {
+        use nix::sys::socket::{recvmsg, ControlMessageOwned};
+        use std::io::{BufRead, IoSliceMut, Write};
+        use std::os::fd::{FromRawFd, OwnedFd};
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        // A QEMU stand-in: greeting, capabilities, then one message read with recvmsg; it
+        // writes into the descriptor it received.
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            s.write_all(b"{\"QMP\": {}}\r\n").unwrap();
+            let mut line = String::new();
+            std::io::BufReader::new(s.try_clone().unwrap())
+                .read_line(&mut line)
+                .unwrap();
+            s.write_all(b"{\"return\": {}}\r\n").unwrap();
+            let mut buf = [0u8; 256];
+            let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+            let (n, fds) = {
+                let mut iov = [IoSliceMut::new(&mut buf)];
+                let msg =
+                    recvmsg::<()>(s.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::empty())
+                        .unwrap();
+                let fds: Vec<_> = msg
+                    .cmsgs()
+                    .unwrap()
+                    .flat_map(|c| match c {
+                        ControlMessageOwned::ScmRights(fds) => fds,
+                        _ => Vec::new(),
+                    })
+                    .collect();
+                (msg.bytes, fds)
+            };
+            assert_eq!(fds.len(), 1, "no descriptor arrived");
+            // SAFETY: the kernel just installed this descriptor for us.
+            let mut f = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fds[0]) });
+            f.write_all(b"written by QEMU").unwrap();
+            s.write_all(b"{\"return\": {}}\r\n").unwrap();
+            String::from_utf8_lossy(&buf[..n]).into_owned()
+        });
+        let target = dir.path().join("state");
+        let file = std::fs::File::create(&target).unwrap();
+        let mut qmp = Qmp::connect(&path).await.unwrap();
+        qmp.send_fd("banger-state", file.as_fd()).await.unwrap();
+        let line = server.join().unwrap();
+        assert_eq!(
+            line,
+            "{\"arguments\":{\"fdname\":\"banger-state\"},\"execute\":\"getfd\"}\n"
+        );
+        assert_eq!(std::fs::read(&target).unwrap(), b"written by QEMU");
     }
 
     #[tokio::test]
