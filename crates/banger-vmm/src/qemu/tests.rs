@@ -558,3 +558,37 @@ async fn a_snapshot_that_cannot_be_written_leaves_nothing_and_the_vm_runs_on() {
     assert!(matches!(err, VmmError::SnapshotManifest { .. }), "{err}");
     b.stop(&h, Duration::ZERO).await.unwrap();
 }
+
+/// A state QEMU cannot load (a damaged file under a good manifest): the restore fails with
+/// QEMU's own reason and hint, and no QEMU is left running.
+#[tokio::test]
+async fn a_damaged_state_fails_the_restore_with_qemus_reason_and_leaves_no_qemu() {
+    let fx = fixture("qemu-snap-damaged");
+    let b = backend();
+    let snap = fx.cfg.run_dir.parent().unwrap().join("snap");
+    std::fs::create_dir(&snap).unwrap();
+    let paths = SnapshotPaths::new(&snap);
+    let shape = crate::Shape {
+        backend: BackendKind::Qemu,
+        vcpus: 1,
+        memory_mib: 64,
+        network: false,
+        layout: args::layout(b.accel(), false),
+    };
+    crate::Manifest::new(shape, 10).write(&paths, "t").unwrap();
+    std::fs::write(paths.state(), b"not a QEMU migration stream").unwrap();
+    let err = b.restore(&fx.cfg, &paths).await.unwrap_err();
+    let report = err.report();
+    assert!(matches!(err, VmmError::LoadState { .. }), "{report}");
+    assert!(report.contains("QEMU exited (exit status 1)"), "{report}");
+    assert!(report.contains("hint: "), "{report}");
+    let pid: i32 = std::fs::read_to_string(fx.cfg.run_dir.join(PID_FILE))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        crate::process::proc_stat(pid).is_none(),
+        "QEMU {pid} left behind"
+    );
+}
