@@ -12,6 +12,7 @@ use banger_hint::{Hint, Report};
 use crate::firecracker::ApiError;
 use crate::process::ProcessError;
 use crate::qemu::QmpError;
+use crate::snapshot::ManifestError;
 use crate::BackendKind;
 
 #[derive(Debug, thiserror::Error)]
@@ -112,6 +113,53 @@ pub enum VmmError {
 
     #[error("guest agent at {endpoint}: the vsock bridge refused CONNECT (reply {reply:?})")]
     AgentHandshake { endpoint: String, reply: String },
+
+    #[error("VM {vm}: snapshot {manifest} does not fit this VM: {reason}")]
+    SnapshotMismatch {
+        vm: String,
+        manifest: PathBuf,
+        reason: String,
+    },
+
+    #[error("VM {vm}: snapshot manifest {path} is unusable")]
+    SnapshotManifest {
+        vm: String,
+        path: PathBuf,
+        #[source]
+        source: ManifestError,
+    },
+
+    /// The VMM said why (QEMU's migration `error-desc`, say); the guest was resumed.
+    #[error("VM {vm}: saving its state to {path} failed: {reason}")]
+    SaveState {
+        vm: String,
+        path: PathBuf,
+        reason: String,
+    },
+
+    #[error("VM {vm}: loading its state from {path} failed: {reason}{logs}")]
+    LoadState {
+        vm: String,
+        path: PathBuf,
+        reason: String,
+        /// The last lines of the VMM's own log, already formatted.
+        logs: String,
+    },
+
+    #[error("VM {vm}: the caller's work while the VM was paused for a snapshot failed")]
+    WhilePaused {
+        vm: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+
+    /// The worst outcome of a snapshot: the guest stays paused.
+    #[error("VM {vm}: cannot resume the guest after a snapshot; it is left paused")]
+    NotResumed {
+        vm: String,
+        #[source]
+        source: Box<VmmError>,
+    },
 }
 
 impl Hint for VmmError {
@@ -134,6 +182,24 @@ impl Hint for VmmError {
             ),
             VmmError::AgentConnect { .. } | VmmError::AgentHandshake { .. } => {
                 Some("the guest agent may not be up yet; retry after the VM reports ready".into())
+            }
+            VmmError::SnapshotMismatch { .. } => Some(
+                "restore it into a VM of the snapshot's shape, or boot this VM without the snapshot"
+                    .into(),
+            ),
+            VmmError::SnapshotManifest { .. } => {
+                Some("the snapshot is incomplete or damaged: take it again".into())
+            }
+            VmmError::SaveState { .. } => Some(
+                "check free space and permissions where the snapshot is written; the VM runs on"
+                    .into(),
+            ),
+            VmmError::LoadState { .. } => Some(
+                "the snapshot may be damaged or from another VMM version: take it again or boot cold"
+                    .into(),
+            ),
+            VmmError::NotResumed { .. } => {
+                Some("stop the VM and start it again to get it running".into())
             }
             _ => None,
         }

@@ -2,10 +2,12 @@
 //! [`firecracker`] (Firecracker's REST API over a Unix socket) and [`qemu`]
 //! (`qemu-system-x86_64 -M microvm`, KVM when the host has hardware KVM, TCG otherwise).
 //!
-//! A backend starts a VMM process for a [`VmConfig`], hands back a serialisable [`VmHandle`]
-//! that outlives the daemon (VMM processes run in their own session and are never children that
-//! die with it), tells whether it still runs, opens the guest agent's channel, and stops it again:
-//! a graceful request to the guest, then `SIGKILL` after a grace period. Each backend module also
+//! A backend starts a VMM process for a [`VmConfig`] (booting it, or restoring a snapshot that
+//! [`Vmm::snapshot`] took: the `snapshot` module holds what backends share there), hands back a
+//! serialisable [`VmHandle`] that outlives the daemon (VMM processes run in their own session and
+//! are never children that die with it), tells whether it still runs, opens the guest agent's
+//! channel, and stops it again: a graceful request to the guest, then `SIGKILL` after a grace
+//! period. Each backend module also
 //! says whether a host can run it and why not ([`BackendKind::availability`]); [`select`] turns
 //! that and the user's `vmm` setting into the one choice the daemon and `banger doctor` share,
 //! and [`Backends`] is what the daemon keeps of it. A third backend is one more module and one
@@ -26,6 +28,7 @@ mod kvm;
 mod process;
 pub mod qemu;
 mod select;
+mod snapshot;
 
 #[cfg(test)]
 mod openapi_check;
@@ -46,6 +49,7 @@ pub use error::VmmError;
 pub use host::{HostFacts, SystemHost};
 pub use kvm::{kvm_mode, kvm_mode_of, KvmMode};
 pub use select::{select, Availability, Backends, Choice, Support, VmmSettings};
+pub use snapshot::{Manifest, ManifestError, Shape, SnapshotInfo, SnapshotPaths, WhilePaused};
 
 /// The crate's error types that carry hints, for a [`banger_hint::Report`] of an error chain.
 /// Every type here that implements [`banger_hint::Hint`] must be listed: Rust cannot enumerate a
@@ -196,6 +200,28 @@ pub trait Vmm: Send + Sync {
         graceful: Duration,
     ) -> BoxFuture<'a, Result<(), VmmError>>;
 
+    /// Takes a snapshot of a running VM into `dest`: pauses the guest, saves the VMM's state
+    /// (devices and memory), runs `while_paused` (the caller copies the disks there, so they
+    /// agree with the saved memory), writes the manifest, and resumes the guest. The guest is
+    /// resumed whatever failed, and on failure nothing this call wrote is left in `dest`.
+    /// Refuses to overwrite a snapshot already in `dest`.
+    fn snapshot<'a>(
+        &'a self,
+        handle: &'a VmHandle,
+        dest: &'a SnapshotPaths,
+        while_paused: WhilePaused<'a>,
+    ) -> BoxFuture<'a, Result<SnapshotInfo, VmmError>>;
+
+    /// Starts a new VMM for `cfg` (its own run directory, disks, tap and MAC) from the state in
+    /// `snapshot`; the guest runs on from where it was paused when this returns. `cfg` must have
+    /// the snapshot's shape (vCPUs, memory, network interface or not): checked against the
+    /// manifest before any VMM starts. The kernel and command line in `cfg` are not booted.
+    fn restore<'a>(
+        &'a self,
+        cfg: &'a VmConfig,
+        snapshot: &'a SnapshotPaths,
+    ) -> BoxFuture<'a, Result<VmHandle, VmmError>>;
+
     /// A VMM of this backend that was started for `vm` in `run_dir` but never recorded: the
     /// daemon died between starting it and writing its handle down. Found so that it can be
     /// stopped; `None` when there is none.
@@ -342,6 +368,7 @@ mod tests {
             log: dir.join("out.log"),
             log_mode: LogMode::Truncate,
             pid_file: dir.join(PID_FILE),
+            cwd: None,
         })
         .unwrap();
         VmHandle {

@@ -58,6 +58,8 @@ pub(crate) struct SpawnSpec {
     pub log: PathBuf,
     pub log_mode: LogMode,
     pub pid_file: PathBuf,
+    /// Working directory; the caller's own when `None`.
+    pub cwd: Option<PathBuf>,
 }
 
 /// A spawned process's identity.
@@ -93,6 +95,9 @@ pub(crate) fn spawn_detached(spec: &SpawnSpec) -> Result<Spawned, ProcessError> 
     let err = out.try_clone().map_err(ProcessError::Log)?;
 
     let mut cmd = Command::new(&spec.program);
+    if let Some(dir) = &spec.cwd {
+        cmd.current_dir(dir);
+    }
     cmd.args(&spec.args)
         .stdin(Stdio::null())
         .stdout(Stdio::from(out))
@@ -441,6 +446,7 @@ mod tests {
             log: dir.join("out.log"),
             log_mode: LogMode::Truncate,
             pid_file: dir.join("vmm.pid"),
+            cwd: None,
         }
     }
 

@@ -76,6 +76,30 @@ pub(crate) const TEST_KERNEL_GREETING: &str = "banger-test-kernel: hello";
 /// `PHYS32_ENTRY` note that marks the 32-bit, paging-off PVH entry point.
 #[cfg(test)]
 pub(crate) fn write_test_kernel(path: &Path) {
+    write_kernel(path, false);
+}
+
+/// Like [`write_test_kernel`], but after the greeting it counts for ever: each line on COM1 is
+/// the next value of a 32-bit counter in 8 hex digits, with a busy-wait between lines (tens of
+/// milliseconds under TCG). A restored guest goes on counting from where it was saved; a
+/// rebooted one would greet again and start at 0.
+#[cfg(test)]
+pub(crate) fn write_counting_test_kernel(path: &Path) {
+    write_kernel(path, true);
+}
+
+/// The counter lines a counting test kernel printed, in order (the greeting left out).
+#[cfg(test)]
+pub(crate) fn counter_lines(console: &str) -> Vec<u32> {
+    console
+        .lines()
+        .filter(|l| l.len() == 8)
+        .filter_map(|l| u32::from_str_radix(l, 16).ok())
+        .collect()
+}
+
+#[cfg(test)]
+fn write_kernel(path: &Path, count: bool) {
     const LOAD: u32 = 0x10_0000;
     const CODE_OFFSET: usize = 0x1000;
 
@@ -88,17 +112,49 @@ pub(crate) fn write_test_kernel(path: &Path) {
     let print = code.len();
     code.push(0xAC); // lodsb
     code.extend_from_slice(&[0x84, 0xC0]); // test al, al
-    code.extend_from_slice(&[0x74, 0x03]); // jz halt
+    code.extend_from_slice(&[0x74, 0x03]); // jz done
     code.push(0xEE); // out dx, al
     let back = print as i64 - (code.len() as i64 + 2);
     code.extend_from_slice(&[0xEB, back as i8 as u8]); // jmp print
-    let halt = code.len();
-    code.extend_from_slice(&[0xFA, 0xF4]); // cli; hlt
-    let back = halt as i64 - (code.len() as i64 + 2);
-    code.extend_from_slice(&[0xEB, back as i8 as u8]); // jmp halt
+    let mut hex_at = None;
+    if count {
+        // done: edi counts; each round prints it as 8 hex digits and a newline, then waits.
+        code.extend_from_slice(&[0x31, 0xFF]); // xor edi, edi
+        let round = code.len();
+        code.extend_from_slice(&[0xB9, 8, 0, 0, 0]); // mov ecx, 8
+        code.extend_from_slice(&[0x89, 0xFB]); // mov ebx, edi
+        let digit = code.len();
+        code.extend_from_slice(&[0xC1, 0xC3, 0x04]); // rol ebx, 4
+        code.extend_from_slice(&[0x89, 0xD8]); // mov eax, ebx
+        code.extend_from_slice(&[0x83, 0xE0, 0x0F]); // and eax, 0xf
+        code.extend_from_slice(&[0x8A, 0x80]); // mov al, [eax + hex]
+        hex_at = Some(code.len());
+        code.extend_from_slice(&[0; 4]);
+        code.push(0xEE); // out dx, al
+        code.push(0x49); // dec ecx
+        let back = digit as i64 - (code.len() as i64 + 2);
+        code.extend_from_slice(&[0x75, back as i8 as u8]); // jnz digit
+        code.extend_from_slice(&[0xB0, 0x0A, 0xEE]); // mov al, '\n'; out dx, al
+        code.push(0x47); // inc edi
+        code.push(0xB9); // mov ecx, delay
+        code.extend_from_slice(&0x0400_0000u32.to_le_bytes());
+        code.extend_from_slice(&[0x49, 0x75, 0xFD]); // wait: dec ecx; jnz wait
+        let back = round as i64 - (code.len() as i64 + 2);
+        code.extend_from_slice(&[0xEB, back as i8 as u8]); // jmp round
+    } else {
+        let halt = code.len();
+        code.extend_from_slice(&[0xFA, 0xF4]); // cli; hlt
+        let back = halt as i64 - (code.len() as i64 + 2);
+        code.extend_from_slice(&[0xEB, back as i8 as u8]); // jmp halt
+    }
     let msg_addr = LOAD + code.len() as u32;
     code[1..5].copy_from_slice(&msg_addr.to_le_bytes());
     code.extend_from_slice(&msg);
+    if let Some(at) = hex_at {
+        let hex_addr = LOAD + code.len() as u32;
+        code[at..at + 4].copy_from_slice(&hex_addr.to_le_bytes());
+        code.extend_from_slice(b"0123456789abcdef");
+    }
 
     let mut note = Vec::new();
     note.extend_from_slice(&4u32.to_le_bytes()); // namesz

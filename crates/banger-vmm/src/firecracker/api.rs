@@ -119,14 +119,15 @@ pub enum IoEngine {
     Async,
 }
 
-/// `PUT /network-interfaces/{iface_id}` (definition `NetworkInterface`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// `PUT /network-interfaces/{iface_id}` (definition `NetworkInterface`); also read back in
+/// [`FullVmConfiguration`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetworkInterface {
     pub iface_id: String,
     pub host_dev_name: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_mac: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtu: Option<u16>,
 }
 
@@ -173,6 +174,87 @@ pub enum ActionType {
     InstanceStart,
     SendCtrlAltDel,
     FlushMetrics,
+}
+
+/// `PATCH /vm` (definition `Vm`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Vm {
+    pub state: VmState,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum VmState {
+    Paused,
+    Resumed,
+}
+
+/// `PUT /snapshot/create` (definition `SnapshotCreateParams`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SnapshotCreateParams {
+    pub mem_file_path: PathBuf,
+    pub snapshot_path: PathBuf,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshot_type: Option<SnapshotType>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum SnapshotType {
+    Full,
+    Diff,
+}
+
+/// `PUT /snapshot/load` (definition `SnapshotLoadParams`; the deprecated `mem_file_path` and
+/// `enable_diff_snapshots` are left out).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SnapshotLoadParams {
+    pub snapshot_path: PathBuf,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mem_backend: Option<MemoryBackend>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resume_vm: Option<bool>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub network_overrides: Vec<NetworkOverride>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vsock_override: Option<VsockOverride>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub track_dirty_pages: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clock_realtime: Option<bool>,
+}
+
+/// Definition `MemoryBackend`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MemoryBackend {
+    pub backend_type: MemoryBackendType,
+    pub backend_path: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum MemoryBackendType {
+    File,
+    Uffd,
+}
+
+/// Definition `NetworkOverride`: another tap for an interface of a loaded snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NetworkOverride {
+    pub iface_id: String,
+    pub host_dev_name: String,
+}
+
+/// Definition `VsockOverride`: another host socket for the loaded vsock device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VsockOverride {
+    pub uds_path: PathBuf,
+}
+
+/// `GET /vm/config` (definition `FullVmConfiguration`): the parts banger reads.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct FullVmConfiguration {
+    #[serde(rename = "machine-config")]
+    pub machine_config: Option<MachineConfiguration>,
+    #[serde(rename = "network-interfaces", default)]
+    pub network_interfaces: Vec<NetworkInterface>,
 }
 
 /// `GET /` (definition `InstanceInfo`).
@@ -258,6 +340,22 @@ impl FirecrackerClient {
         self.put("/logger", body).await
     }
 
+    pub async fn vm_config(&self) -> Result<FullVmConfiguration, ApiError> {
+        self.get("/vm/config").await
+    }
+
+    pub async fn patch_vm(&self, state: VmState) -> Result<(), ApiError> {
+        self.send_json(Method::PATCH, "/vm", &Vm { state }).await
+    }
+
+    pub async fn create_snapshot(&self, body: &SnapshotCreateParams) -> Result<(), ApiError> {
+        self.put("/snapshot/create", body).await
+    }
+
+    pub async fn load_snapshot(&self, body: &SnapshotLoadParams) -> Result<(), ApiError> {
+        self.put("/snapshot/load", body).await
+    }
+
     pub async fn action(&self, action_type: ActionType) -> Result<(), ApiError> {
         self.put("/actions", &InstanceActionInfo { action_type })
             .await
@@ -273,11 +371,20 @@ impl FirecrackerClient {
     }
 
     async fn put<B: Serialize>(&self, path: &str, body: &B) -> Result<(), ApiError> {
+        self.send_json(Method::PUT, path, body).await
+    }
+
+    async fn send_json<B: Serialize>(
+        &self,
+        method: Method,
+        path: &str,
+        body: &B,
+    ) -> Result<(), ApiError> {
         let json = serde_json::to_vec(body).map_err(|source| ApiError::Encode {
             path: path.to_string(),
             source,
         })?;
-        self.send(Method::PUT, path, Some(json)).await.map(|_| ())
+        self.send(method, path, Some(json)).await.map(|_| ())
     }
 
     async fn send(

@@ -17,7 +17,7 @@ use super::*;
 use crate::openapi_check::Spec;
 use crate::process::{ProcessError, SpawnSpec, Spawned};
 use crate::testkit::ProcessGuard;
-use crate::Nic;
+use crate::{Nic, SnapshotPaths};
 
 /// One HTTP request as the fake server saw it.
 #[derive(Debug, Clone)]
@@ -128,10 +128,25 @@ fn serve_connection(conn: UnixStream, log: &Mutex<Vec<Recorded>>, behaviour: &Be
             method: method.clone(),
             path: path.clone(),
             headers,
-            body,
+            body: body.clone(),
         });
 
+        if (method.as_str(), path.as_str()) == ("PUT", "/snapshot/create") {
+            // Firecracker writes both files (partly, when it then fails).
+            let b = body.as_ref().unwrap();
+            for key in ["snapshot_path", "mem_file_path"] {
+                std::fs::write(b[key].as_str().unwrap(), b"state").unwrap();
+            }
+        }
         let (status, payload) = match (method.as_str(), path.as_str()) {
+            ("GET", "/vm/config") => (
+                "200 OK",
+                json!({"machine-config": {"vcpu_count": 2, "mem_size_mib": 1024, "smt": false},
+                       "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "bg-tap0",
+                                               "guest_mac": "06:00:ac:10:00:02"}],
+                       "drives": []})
+                .to_string(),
+            ),
             ("GET", "/") => (
                 "200 OK",
                 json!({"app_name": "Firecracker", "id": "anonymous-instance",
@@ -308,10 +323,21 @@ async fn every_request_of_a_create_start_stop_sequence_conforms_to_the_firecrack
         json!({"kernel_image_path": cfg.kernel, "initrd_path": cfg.initrd,
                "boot_args": cfg.kernel_args})
     );
+    // Disks by names relative to the run directory Firecracker runs in, linked to the VM's own
+    // disks, so that a snapshot of it restores onto another VM's disks.
     assert_eq!(
         body("/drives/rootfs", 0),
-        json!({"drive_id": "rootfs", "path_on_host": cfg.root_disk, "is_root_device": true,
+        json!({"drive_id": "rootfs", "path_on_host": "rootfs.disk", "is_root_device": true,
                "is_read_only": false, "cache_type": "Writeback"})
+    );
+    assert_eq!(body("/drives/work", 0)["path_on_host"], json!("work.disk"));
+    assert_eq!(
+        std::fs::read_link(run.join(ROOT_LINK)).unwrap(),
+        cfg.root_disk
+    );
+    assert_eq!(
+        std::fs::read_link(run.join(WORK_LINK)).unwrap(),
+        cfg.work_disk
     );
     assert_eq!(body("/drives/work", 0)["is_root_device"], json!(false));
     assert_eq!(
@@ -344,6 +370,7 @@ async fn every_request_of_a_create_start_stop_sequence_conforms_to_the_firecrack
         ] as [std::ffi::OsString; 4]
     );
     assert_eq!(spec0.log, cfg.console_log);
+    assert_eq!(spec0.cwd.as_deref(), Some(run.as_path()));
     assert_eq!(spec0.log_mode, LogMode::Append);
     assert_eq!(
         handle.agent,
@@ -357,6 +384,163 @@ async fn every_request_of_a_create_start_stop_sequence_conforms_to_the_firecrack
         !run.join(PID_FILE).exists(),
         "pid file left behind after stop"
     );
+}
+
+/// Every request problem of `requests` against the API description.
+fn violations(requests: &[Recorded]) -> Vec<String> {
+    let spec = Spec::firecracker();
+    let mut problems = Vec::new();
+    for r in requests {
+        problems.extend(spec.check_request(&r.method, &r.path, r.body.as_ref()));
+        if r.body.is_some() && r.header("Content-Type") != Some("application/json") {
+            problems.push(format!(
+                "{} {}: body without JSON content type",
+                r.method, r.path
+            ));
+        }
+    }
+    problems
+}
+
+#[tokio::test]
+async fn snapshot_and_restore_requests_conform_to_the_firecracker_api() {
+    let fx = fixture("fc-snap");
+    let fake = Arc::new(FakeFirecracker::default());
+    let backend = FirecrackerBackend::with_launcher("firecracker".into(), fake.clone());
+    let handle = backend.start(&fx.cfg).await.unwrap();
+    let booted = fake.requests.lock().unwrap().len();
+
+    let snap = fx.cfg.run_dir.parent().unwrap().join("snap");
+    std::fs::create_dir(&snap).unwrap();
+    let paths = SnapshotPaths::new(&snap);
+    let info = backend
+        .snapshot(&handle, &paths, Box::pin(async { Ok(()) }))
+        .await
+        .unwrap();
+    assert_eq!(info.state_bytes, 10, "state and memory files, 5 bytes each");
+    let shape = crate::Manifest::read(&paths, "x").unwrap().shape;
+    assert_eq!(
+        (shape.vcpus, shape.memory_mib, shape.network),
+        (2, 1024, true)
+    );
+
+    // The restore: another VM, with its own run directory and tap.
+    let fx2 = fixture("fc-restored");
+    let mut cfg2 = fx2.cfg.clone();
+    cfg2.net = Some(Nic {
+        tap: banger_net::TapName::parse("bg-tap1").unwrap(),
+        mac: "06:00:ac:10:00:03".parse().unwrap(),
+    });
+    let mut wrong = cfg2.clone();
+    wrong.vcpus = 1;
+    let err = backend.restore(&wrong, &paths).await.unwrap_err();
+    assert!(matches!(err, VmmError::SnapshotMismatch { .. }), "{err}");
+    let restored = backend.restore(&cfg2, &paths).await.unwrap();
+    let _guards = guard_all(&fake);
+    // The snapshot names the disks relative to Firecracker's working directory: the restored
+    // VM's run directory, whose links lead to its own disks.
+    let (spec, _) = fake.spawned.lock().unwrap()[1].clone();
+    assert_eq!(spec.cwd.as_deref(), Some(cfg2.run_dir.as_path()));
+    assert_eq!(
+        std::fs::read_link(cfg2.run_dir.join(ROOT_LINK)).unwrap(),
+        cfg2.root_disk
+    );
+    assert_eq!(restored.api_socket, Some(cfg2.run_dir.join(API_SOCKET)));
+    assert_eq!(
+        fake.spawned.lock().unwrap().len(),
+        2,
+        "the refused restore spawned"
+    );
+
+    let requests = fake.requests.lock().unwrap().clone();
+    let problems = violations(&requests);
+    assert!(
+        problems.is_empty(),
+        "requests violate the API:\n{}",
+        problems.join("\n")
+    );
+    let mut seq: Vec<String> = requests[booted..]
+        .iter()
+        .map(|r| format!("{} {}", r.method, r.path))
+        .collect();
+    seq.dedup();
+    assert_eq!(
+        seq,
+        [
+            "GET /vm/config",
+            "PATCH /vm",
+            "PUT /snapshot/create",
+            "PATCH /vm",
+            "GET /",
+            "PUT /logger",
+            "PUT /snapshot/load",
+        ]
+    );
+    let bodies: Vec<Value> = requests[booted..]
+        .iter()
+        .filter_map(|r| r.body.clone())
+        .collect();
+    assert_eq!(bodies[0], json!({"state": "Paused"}));
+    assert_eq!(
+        bodies[1],
+        json!({"snapshot_type": "Full", "snapshot_path": paths.state(),
+               "mem_file_path": paths.memory()})
+    );
+    assert_eq!(bodies[2], json!({"state": "Resumed"}));
+    assert_eq!(
+        bodies[4],
+        json!({"snapshot_path": paths.state(),
+               "mem_backend": {"backend_type": "File", "backend_path": paths.memory()},
+               "resume_vm": true,
+               "network_overrides": [{"iface_id": "eth0", "host_dev_name": "bg-tap1"}],
+               "vsock_override": {"uds_path": cfg2.run_dir.join(VSOCK_UDS)},
+               "clock_realtime": true})
+    );
+    backend.stop(&restored, Duration::ZERO).await.unwrap();
+    backend.stop(&handle, Duration::ZERO).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_refused_snapshot_resumes_the_guest_and_leaves_no_files() {
+    let fx = fixture("fc-snap-fail");
+    let fake = Arc::new(FakeFirecracker {
+        behaviour: Behaviour {
+            fail_put: Some(("/snapshot/create", "No space left on device (os error 28)")),
+            crash_script: None,
+        },
+        ..Default::default()
+    });
+    let backend = FirecrackerBackend::with_launcher("firecracker".into(), fake.clone());
+    let handle = backend.start(&fx.cfg).await.unwrap();
+    let _guards = guard_all(&fake);
+    let snap = fx.cfg.run_dir.parent().unwrap().join("snap");
+    std::fs::create_dir(&snap).unwrap();
+    let paths = SnapshotPaths::new(&snap);
+    let err = backend
+        .snapshot(&handle, &paths, Box::pin(async { Ok(()) }))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "VM fc-snap-fail: Firecracker API request failed while saving the state"
+    );
+    assert!(
+        err.report().contains("No space left on device"),
+        "{}",
+        err.report()
+    );
+    assert_eq!(
+        std::fs::read_dir(&snap).unwrap().count(),
+        0,
+        "files left behind"
+    );
+    let requests = fake.requests.lock().unwrap().clone();
+    let last = requests.last().unwrap();
+    assert_eq!(
+        (last.method.as_str(), last.path.as_str(), last.body.clone()),
+        ("PATCH", "/vm", Some(json!({"state": "Resumed"})))
+    );
+    backend.stop(&handle, Duration::ZERO).await.unwrap();
 }
 
 #[tokio::test]
@@ -511,6 +695,47 @@ fn every_request_model_with_every_field_set_conforms() {
         })
         .unwrap(),
     );
+    for snapshot_type in [SnapshotType::Full, SnapshotType::Diff] {
+        check(
+            "/snapshot/create",
+            serde_json::to_value(SnapshotCreateParams {
+                mem_file_path: "/s/vm.mem".into(),
+                snapshot_path: "/s/vm.state".into(),
+                snapshot_type: Some(snapshot_type),
+            })
+            .unwrap(),
+        );
+    }
+    for backend_type in [MemoryBackendType::File, MemoryBackendType::Uffd] {
+        check(
+            "/snapshot/load",
+            serde_json::to_value(SnapshotLoadParams {
+                snapshot_path: "/s/vm.state".into(),
+                mem_backend: Some(MemoryBackend {
+                    backend_type,
+                    backend_path: "/s/vm.mem".into(),
+                }),
+                resume_vm: Some(false),
+                network_overrides: vec![NetworkOverride {
+                    iface_id: "eth0".into(),
+                    host_dev_name: "tap1".into(),
+                }],
+                vsock_override: Some(VsockOverride {
+                    uds_path: "/r/v.sock".into(),
+                }),
+                track_dirty_pages: Some(true),
+                clock_realtime: Some(false),
+            })
+            .unwrap(),
+        );
+    }
+    for state in [VmState::Paused, VmState::Resumed] {
+        problems.extend(spec.check_request(
+            "PATCH",
+            "/vm",
+            Some(&serde_json::to_value(Vm { state }).unwrap()),
+        ));
+    }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
 
@@ -575,6 +800,7 @@ async fn real_firecracker_accepts_the_configuration_sequence() {
         log: cfg.console_log.clone(),
         log_mode: LogMode::Append,
         pid_file: files.pid_file.clone(),
+        cwd: Some(cfg.run_dir.clone()),
     })
     .unwrap();
     let _guard = ProcessGuard::new(spawned.pid, spawned.start_time);

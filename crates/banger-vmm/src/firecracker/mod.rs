@@ -3,10 +3,15 @@
 //!
 //! Per-VM files in `run_dir`: `fc.sock` (API), `fc-vsock.sock` (vsock bridge; the agent is
 //! reached through it on port [`AGENT_PORT`]), `firecracker.log` (Firecracker's own log, set via
-//! `PUT /logger`) and `vmm.pid`. Firecracker writes the guest's serial console to its stdout,
-//! which is appended to the configured console log together with its stderr.
+//! `PUT /logger`), `vmm.pid`, and `rootfs.disk` and `work.disk`, symlinks to the VM's disks.
+//! Firecracker runs in `run_dir` and is given the disks by those relative names: a snapshot
+//! records the paths it was given and Firecracker's snapshot load cannot override them, so a VM
+//! restored in its own run directory opens its own disks, never the snapshotted VM's. Firecracker
+//! writes the guest's serial console to its stdout, which is appended to the configured console
+//! log together with its stderr.
 
 mod api;
+mod snapshot;
 
 use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
@@ -20,8 +25,8 @@ use crate::kvm::KvmMode;
 use crate::process::{self, Launcher, LogMode, RealLauncher, SpawnSpec, Spawned};
 use crate::select::{Availability, Support, VmmSettings};
 use crate::{
-    check_inputs, AgentEndpoint, BackendKind, BoxFuture, VmConfig, VmHandle, Vmm, VmmError,
-    AGENT_PORT, PID_FILE,
+    check_inputs, AgentEndpoint, BackendKind, BoxFuture, SnapshotInfo, SnapshotPaths, VmConfig,
+    VmHandle, Vmm, VmmError, WhilePaused, AGENT_PORT, PID_FILE,
 };
 
 /// Firecracker's program name, looked up on `PATH` unless `firecracker_bin` says otherwise.
@@ -36,6 +41,8 @@ pub(crate) const INSTALL_HINT: &str = "set firecracker_bin in ~/.config/banger/c
 pub(crate) const API_SOCKET: &str = "fc.sock";
 pub(crate) const VSOCK_UDS: &str = "fc-vsock.sock";
 pub(crate) const FIRECRACKER_LOG: &str = "firecracker.log";
+pub(crate) const ROOT_LINK: &str = "rootfs.disk";
+pub(crate) const WORK_LINK: &str = "work.disk";
 /// Guest CID when the config has none: Firecracker's vsock is per-VM, so any CID >= 3 works.
 const DEFAULT_GUEST_CID: u32 = 3;
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -114,6 +121,10 @@ pub(crate) struct Files {
     pub vsock_uds: PathBuf,
     pub log: PathBuf,
     pub pid_file: PathBuf,
+    /// The symlinks to the root and work disks, which Firecracker is given as [`ROOT_LINK`]
+    /// and [`WORK_LINK`], relative to the run directory it runs in.
+    pub root_link: PathBuf,
+    pub work_link: PathBuf,
 }
 
 impl Files {
@@ -123,6 +134,8 @@ impl Files {
             vsock_uds: run_dir.join(VSOCK_UDS),
             log: run_dir.join(FIRECRACKER_LOG),
             pid_file: run_dir.join(PID_FILE),
+            root_link: run_dir.join(ROOT_LINK),
+            work_link: run_dir.join(WORK_LINK),
         }
     }
 }
@@ -142,6 +155,33 @@ impl FirecrackerBackend {
 
     async fn start_vm(&self, cfg: &VmConfig) -> Result<VmHandle, VmmError> {
         check_inputs(cfg)?;
+        let (spawned, client, files) = self.launch(cfg).await?;
+        let booted = async {
+            configure(&client, cfg, &files).await?;
+            client
+                .action(ActionType::InstanceStart)
+                .await
+                .map_err(|source| VmmError::Api {
+                    vm: cfg.name.clone(),
+                    step: "starting the instance",
+                    source,
+                })
+        }
+        .await;
+        if let Err(e) = booted {
+            // Never leave a half-configured Firecracker behind.
+            let _ = process::terminate(spawned.pid, spawned.start_time, Duration::ZERO).await;
+            return Err(e);
+        }
+        Ok(handle(&cfg.name, &cfg.run_dir, spawned))
+    }
+
+    /// Spawns a fresh Firecracker for `cfg` (inputs already checked) and waits until its API
+    /// answers; nothing is configured yet. Start and restore share it.
+    async fn launch(
+        &self,
+        cfg: &VmConfig,
+    ) -> Result<(Spawned, FirecrackerClient, Files), VmmError> {
         let files = Files::new(&cfg.run_dir);
         let io = |action: &str| {
             let vm = cfg.name.clone();
@@ -152,6 +192,18 @@ impl FirecrackerBackend {
         for stale in [&files.api_socket, &files.vsock_uds, &files.pid_file] {
             process::remove_stale(stale)
                 .map_err(io("cannot remove a stale file from the run directory"))?;
+        }
+        // The disks by relative names (see the module's header); a stale link is replaced.
+        for (link, disk) in [
+            (&files.root_link, &cfg.root_disk),
+            (&files.work_link, &cfg.work_disk),
+        ] {
+            process::remove_stale(link)
+                .map_err(io("cannot remove a stale disk link from the run directory"))?;
+            let target =
+                std::path::absolute(disk).map_err(io("cannot make the disk's path absolute"))?;
+            fs_err::os::unix::fs::symlink(&target, link)
+                .map_err(io("cannot link the disk into the run directory"))?;
         }
         // The logger opens its file without creating it.
         fs_err::OpenOptions::new()
@@ -172,6 +224,7 @@ impl FirecrackerBackend {
             log: cfg.console_log.clone(),
             log_mode: LogMode::Append,
             pid_file: files.pid_file.clone(),
+            cwd: Some(cfg.run_dir.clone()),
         };
         tracing::info!(vm = %cfg.name, binary = %self.binary.display(), "starting firecracker");
         let spawned = self
@@ -184,25 +237,11 @@ impl FirecrackerBackend {
             })?;
 
         let client = FirecrackerClient::new(&files.api_socket);
-        let booted = async {
-            wait_ready(cfg, spawned, &client, &files).await?;
-            configure(&client, cfg, &files).await?;
-            client
-                .action(ActionType::InstanceStart)
-                .await
-                .map_err(|source| VmmError::Api {
-                    vm: cfg.name.clone(),
-                    step: "starting the instance",
-                    source,
-                })
-        }
-        .await;
-        if let Err(e) = booted {
-            // Never leave a half-configured Firecracker behind.
+        if let Err(e) = wait_ready(cfg, spawned, &client, &files).await {
             let _ = process::terminate(spawned.pid, spawned.start_time, Duration::ZERO).await;
             return Err(e);
         }
-        Ok(handle(&cfg.name, &cfg.run_dir, spawned))
+        Ok((spawned, client, files))
     }
 }
 
@@ -281,16 +320,7 @@ pub(crate) async fn configure(
         let vm = cfg.name.clone();
         move |source| VmmError::Api { vm, step, source }
     };
-    client
-        .put_logger(&Logger {
-            log_path: Some(files.log.clone()),
-            level: Some(LogLevel::Info),
-            show_level: Some(true),
-            show_log_origin: None,
-            module: None,
-        })
-        .await
-        .map_err(step("configuring the logger"))?;
+    configure_logger(client, cfg, files).await?;
     client
         .put_machine_config(&MachineConfiguration {
             vcpu_count: cfg.vcpus,
@@ -310,14 +340,11 @@ pub(crate) async fn configure(
         .await
         .map_err(step("setting the kernel and its command line"))?;
     // The root device is always /dev/vda; Firecracker orders it first.
-    for (id, path, root) in [
-        ("rootfs", &cfg.root_disk, true),
-        ("work", &cfg.work_disk, false),
-    ] {
+    for (id, link, root) in [("rootfs", ROOT_LINK, true), ("work", WORK_LINK, false)] {
         client
             .put_drive(&Drive {
                 drive_id: id.to_string(),
-                path_on_host: path.clone(),
+                path_on_host: PathBuf::from(link),
                 is_root_device: root,
                 is_read_only: Some(false),
                 partuuid: None,
@@ -330,7 +357,7 @@ pub(crate) async fn configure(
     if let Some(net) = &cfg.net {
         client
             .put_network_interface(&NetworkInterface {
-                iface_id: "eth0".to_string(),
+                iface_id: snapshot::IFACE_ID.to_string(),
                 host_dev_name: net.tap.as_str().to_owned(),
                 guest_mac: Some(net.mac.to_string()),
                 mtu: None,
@@ -346,6 +373,29 @@ pub(crate) async fn configure(
         .await
         .map_err(step("attaching the vsock device"))?;
     Ok(())
+}
+
+/// Points Firecracker's own log at the run directory: the first request of a start and of a
+/// restore (a snapshot load accepts only the logger and metrics before it).
+pub(crate) async fn configure_logger(
+    client: &FirecrackerClient,
+    cfg: &VmConfig,
+    files: &Files,
+) -> Result<(), VmmError> {
+    client
+        .put_logger(&Logger {
+            log_path: Some(files.log.clone()),
+            level: Some(LogLevel::Info),
+            show_level: Some(true),
+            show_log_origin: None,
+            module: None,
+        })
+        .await
+        .map_err(|source| VmmError::Api {
+            vm: cfg.name.clone(),
+            step: "configuring the logger",
+            source,
+        })
 }
 
 /// Sends Ctrl-Alt-Del (the guest reboots, and Firecracker exits on a guest reboot); false when
@@ -376,6 +426,26 @@ impl Vmm for FirecrackerBackend {
 
     fn start<'a>(&'a self, cfg: &'a VmConfig) -> BoxFuture<'a, Result<VmHandle, VmmError>> {
         Box::pin(self.start_vm(cfg))
+    }
+
+    /// `PATCH /vm` Paused, `PUT /snapshot/create` (Full), then `PATCH /vm` Resumed.
+    fn snapshot<'a>(
+        &'a self,
+        handle: &'a VmHandle,
+        dest: &'a SnapshotPaths,
+        while_paused: WhilePaused<'a>,
+    ) -> BoxFuture<'a, Result<SnapshotInfo, VmmError>> {
+        Box::pin(self.snapshot_vm(handle, dest, while_paused))
+    }
+
+    /// A fresh Firecracker, its logger, then `PUT /snapshot/load` with the new tap and vsock
+    /// socket, resuming the guest.
+    fn restore<'a>(
+        &'a self,
+        cfg: &'a VmConfig,
+        snapshot: &'a SnapshotPaths,
+    ) -> BoxFuture<'a, Result<VmHandle, VmmError>> {
+        Box::pin(self.restore_vm(cfg, snapshot))
     }
 
     /// Firecracker's pid file, and its command line naming the VM's API socket.

@@ -6,6 +6,10 @@
 //! `virtio-*-device` (MMIO), each disk with a `serial=` so the guest can also find it as
 //! `/dev/disk/by-id/virtio-banger-root|work`. Values inside QEMU option lists have their commas
 //! doubled, QEMU's own escape, so a path with a comma cannot inject options.
+//!
+//! A restore runs the very same command line plus `-incoming defer`: QEMU loads a saved state
+//! only into a machine with the same devices in the same order, so there is one builder and the
+//! restore cannot drift from the boot.
 
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
@@ -45,6 +49,26 @@ pub(crate) struct Plan {
     pub vhost_net: bool,
     /// Host TSC frequency, handed to TCG guests (see `build_args`).
     pub tsc_khz: Option<u64>,
+    /// Wait for a saved state over QMP (`migrate-incoming`) instead of booting the kernel.
+    pub incoming: bool,
+}
+
+impl Plan {
+    /// The part of the device layout a saved state depends on beyond vCPUs, memory and the
+    /// network interface, as a snapshot's manifest records it.
+    pub(crate) fn layout(&self) -> String {
+        layout(self.accel, matches!(self.agent, AgentChannel::Vsock { .. }))
+    }
+}
+
+/// See [`Plan::layout`]; also computed from a running VM's handle.
+pub(crate) fn layout(accel: Accel, vsock: bool) -> String {
+    let accel = match accel {
+        Accel::Kvm => "kvm",
+        Accel::Tcg => "tcg",
+    };
+    let agent = if vsock { "vsock" } else { "virtio-serial" };
+    format!("qemu microvm accel={accel} agent={agent}")
 }
 
 /// Doubles commas: QEMU's escape inside `key=value,key=value` option lists.
@@ -188,6 +212,9 @@ pub(crate) fn build_args(cfg: &VmConfig, plan: &Plan) -> Vec<OsString> {
         &"-mon",
         &"chardev=qmp,mode=control",
     ]);
+    if plan.incoming {
+        push(&[&"-incoming", &"defer"]);
+    }
     a
 }
 
@@ -240,6 +267,7 @@ mod tests {
             qmp_socket: "/run/banger/sandbox/qmp.sock".into(),
             vhost_net: true,
             tsc_khz: None,
+            incoming: false,
         }
     }
 
@@ -270,6 +298,21 @@ mod tests {
              -chardev socket,id=qmp,path=/run/banger/sandbox/qmp.sock,server=on,wait=off \
              -mon chardev=qmp,mode=control"
         );
+    }
+
+    #[test]
+    fn a_restore_runs_the_boot_command_line_plus_incoming_defer() {
+        for accel in [Accel::Tcg, Accel::Kvm] {
+            let boot = build_args(&cfg(), &plan(accel));
+            let mut p = plan(accel);
+            p.incoming = true;
+            let mut restore = build_args(&cfg(), &p);
+            assert_eq!(
+                restore.split_off(boot.len()),
+                [OsString::from("-incoming"), OsString::from("defer")]
+            );
+            assert_eq!(restore, boot);
+        }
     }
 
     #[test]

@@ -2,12 +2,15 @@
 //! TCG otherwise. It owns QEMU's command line ([`args`]), the QMP client used to see that QEMU is
 //! up and to power the guest down ([`qmp`]), and QEMU's process lifecycle.
 //!
+//! Snapshots ([`snapshot`]) are QEMU migrations into a file and back, started through QMP.
+//!
 //! Per-VM files in `run_dir`: `qmp.sock` (QMP), `agent.sock` (agent's virtio-serial port when
 //! there is no vhost-vsock), `qemu.log` (QEMU's own stdout/stderr, rewritten on each start) and
 //! `vmm.pid`. The serial console is appended to the configured console log.
 
 mod args;
 mod qmp;
+mod snapshot;
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
@@ -22,8 +25,8 @@ use crate::kvm::KvmMode;
 use crate::process::{self, Launcher, LogMode, RealLauncher, SpawnSpec, Spawned};
 use crate::select::{Availability, Support};
 use crate::{
-    check_inputs, AgentEndpoint, BackendKind, BoxFuture, VmConfig, VmHandle, Vmm, VmmError,
-    AGENT_PORT, PID_FILE,
+    check_inputs, AgentEndpoint, BackendKind, BoxFuture, SnapshotInfo, SnapshotPaths, VmConfig,
+    VmHandle, Vmm, VmmError, WhilePaused, AGENT_PORT, PID_FILE,
 };
 use args::{AgentChannel, Plan};
 
@@ -103,17 +106,12 @@ impl QemuBackend {
 
     async fn start_vm(&self, cfg: &VmConfig) -> Result<VmHandle, VmmError> {
         check_inputs(cfg)?;
-        let qmp_socket = cfg.run_dir.join(QMP_SOCKET);
-        let agent_socket = cfg.run_dir.join(AGENT_SOCKET);
-        let pid_file = cfg.run_dir.join(PID_FILE);
-        for stale in [&qmp_socket, &agent_socket, &pid_file] {
-            process::remove_stale(stale).map_err(|source| VmmError::Io {
-                vm: cfg.name.clone(),
-                action: "cannot remove a stale file from the run directory".into(),
-                source,
-            })?;
-        }
+        self.launch(cfg, false).await.map(|l| l.handle)
+    }
 
+    /// The agent channel and the rest of the command line's host-dependent plan for `cfg`.
+    fn plan(&self, cfg: &VmConfig, incoming: bool) -> (Plan, AgentEndpoint) {
+        let agent_socket = cfg.run_dir.join(AGENT_SOCKET);
         let (channel, agent) = match cfg.vsock_cid {
             Some(cid) if Path::new("/dev/vhost-vsock").exists() => (
                 AgentChannel::Vsock { cid },
@@ -134,10 +132,27 @@ impl QemuBackend {
         let plan = Plan {
             accel: self.accel,
             agent: channel,
-            qmp_socket: qmp_socket.clone(),
+            qmp_socket: cfg.run_dir.join(QMP_SOCKET),
             vhost_net: Path::new("/dev/vhost-net").exists(),
             tsc_khz: host_tsc_khz(),
+            incoming,
         };
+        (plan, agent)
+    }
+
+    /// Spawns QEMU for `cfg` (inputs already checked) and waits until it answers QMP: booting
+    /// the guest, or with `incoming` waiting for a state to load. Start and restore share it.
+    async fn launch(&self, cfg: &VmConfig, incoming: bool) -> Result<Launched, VmmError> {
+        let (plan, agent) = self.plan(cfg, incoming);
+        let qmp_socket = plan.qmp_socket.clone();
+        let pid_file = cfg.run_dir.join(PID_FILE);
+        for stale in [&qmp_socket, &cfg.run_dir.join(AGENT_SOCKET), &pid_file] {
+            process::remove_stale(stale).map_err(|source| VmmError::Io {
+                vm: cfg.name.clone(),
+                action: "cannot remove a stale file from the run directory".into(),
+                source,
+            })?;
+        }
         let argv = args::build_args(cfg, &plan);
         tracing::info!(vm = %cfg.name, command = %args::display(&self.binary, &argv), "starting qemu");
 
@@ -148,6 +163,7 @@ impl QemuBackend {
             log: log.clone(),
             log_mode: LogMode::Truncate,
             pid_file,
+            cwd: None,
         };
         let spawned = self
             .launcher
@@ -163,8 +179,20 @@ impl QemuBackend {
             let _ = process::terminate(spawned.pid, spawned.start_time, Duration::ZERO).await;
             return Err(e);
         }
-        Ok(handle(&cfg.name, &cfg.run_dir, spawned, agent))
+        Ok(Launched {
+            handle: handle(&cfg.name, &cfg.run_dir, spawned, agent),
+            spawned,
+            log,
+        })
     }
+}
+
+/// A QEMU that [`QemuBackend::launch`] started and that answers QMP.
+struct Launched {
+    handle: VmHandle,
+    spawned: Spawned,
+    /// QEMU's own output.
+    log: PathBuf,
 }
 
 /// The handle of a QEMU VM whose files are in `run_dir`.
@@ -256,6 +284,27 @@ impl Vmm for QemuBackend {
 
     fn start<'a>(&'a self, cfg: &'a VmConfig) -> BoxFuture<'a, Result<VmHandle, VmmError>> {
         Box::pin(self.start_vm(cfg))
+    }
+
+    /// `stop`, then a migration into the state file through a descriptor passed over QMP,
+    /// then `cont`.
+    fn snapshot<'a>(
+        &'a self,
+        handle: &'a VmHandle,
+        dest: &'a SnapshotPaths,
+        while_paused: WhilePaused<'a>,
+    ) -> BoxFuture<'a, Result<SnapshotInfo, VmmError>> {
+        Box::pin(self.snapshot_vm(handle, dest, while_paused))
+    }
+
+    /// The boot command line plus `-incoming defer`, then `migrate-incoming` from the state
+    /// file through a descriptor passed over QMP.
+    fn restore<'a>(
+        &'a self,
+        cfg: &'a VmConfig,
+        snapshot: &'a SnapshotPaths,
+    ) -> BoxFuture<'a, Result<VmHandle, VmmError>> {
+        Box::pin(self.restore_vm(cfg, snapshot))
     }
 
     /// QEMU's pid file, and its command line naming the VM's QMP socket.

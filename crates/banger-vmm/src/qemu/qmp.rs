@@ -1,14 +1,24 @@
-//! A minimal QMP (QEMU Machine Protocol) client: just enough to know QEMU is up and to ask the
-//! guest to power down.
+//! A minimal QMP (QEMU Machine Protocol) client: just enough to know QEMU is up, to ask the
+//! guest to power down, and to save and load a VM's state through a file descriptor.
 //!
 //! The protocol: on connect QEMU sends a greeting `{"QMP": {...}}`; the client must send
 //! `{"execute": "qmp_capabilities"}` and get `{"return": {}}` before any other command. Every
 //! message is one JSON object per line. Asynchronous events (`{"event": ...}`) may arrive at
 //! any time, including between a command and its reply, and are skipped here. A reply is
 //! either `{"return": ...}` or `{"error": {"class": ..., "desc": ...}}`.
+//!
+//! File descriptors travel as `SCM_RIGHTS` ancillary data on the line of a `getfd` command, which
+//! names the descriptor inside QEMU; a migration URI `fd:NAME` then uses it. That is how state
+//! reaches a file while QEMU runs under `-sandbox ...,spawn=deny` (no `exec:`) and has no `file:`
+//! migration (QEMU 7.2).
 
+use std::io::IoSlice;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
+use tokio::io::Interest;
 
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -45,6 +55,7 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Qmp {
     reader: BufReader<OwnedReadHalf>,
     writer: OwnedWriteHalf,
+    reply_timeout: Duration,
 }
 
 impl Qmp {
@@ -60,6 +71,7 @@ impl Qmp {
         let mut qmp = Qmp {
             reader: BufReader::new(r),
             writer: w,
+            reply_timeout: REPLY_TIMEOUT,
         };
         let greeting = qmp.read_message().await?;
         if greeting.get("QMP").is_none() {
@@ -71,19 +83,55 @@ impl Qmp {
         Ok(qmp)
     }
 
+    /// How long each reply may take from now on. A QEMU loading a state from a file answers
+    /// only once the load is done: its main loop reads the whole file in one go.
+    pub fn set_reply_timeout(&mut self, timeout: Duration) {
+        self.reply_timeout = timeout;
+    }
+
     /// Runs one command and returns its `return` value.
     pub async fn execute(
         &mut self,
         command: &str,
         arguments: Option<Value>,
     ) -> Result<Value, QmpError> {
-        let mut msg = json!({ "execute": command });
-        if let Some(args) = arguments {
-            msg["arguments"] = args;
-        }
-        let mut line = msg.to_string();
-        line.push('\n');
+        let line = command_line(command, arguments);
         self.writer.write_all(line.as_bytes()).await?;
+        self.reply(command).await
+    }
+
+    /// Hands `fd` to QEMU under `name` (`getfd`), for a later `fd:NAME` migration URI. QEMU
+    /// keeps its own copy; the caller may close `fd` afterwards.
+    pub async fn send_fd(&mut self, name: &str, fd: BorrowedFd<'_>) -> Result<(), QmpError> {
+        let line = command_line("getfd", Some(json!({ "fdname": name })));
+        let bytes = line.as_bytes();
+        let stream = self.writer.as_ref();
+        let fds = [fd.as_raw_fd()];
+        // The descriptor rides on the first byte sent; a short write sends the rest plainly.
+        let sent = loop {
+            stream.writable().await?;
+            let attempt = stream.try_io(Interest::WRITABLE, || {
+                sendmsg::<UnixAddr>(
+                    stream.as_raw_fd(),
+                    &[IoSlice::new(bytes)],
+                    &[ControlMessage::ScmRights(&fds)],
+                    MsgFlags::MSG_NOSIGNAL,
+                    None,
+                )
+                .map_err(std::io::Error::from)
+            });
+            match attempt {
+                Ok(n) => break n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e.into()),
+            }
+        };
+        self.writer.write_all(&bytes[sent..]).await?;
+        self.reply("getfd").await.map(|_| ())
+    }
+
+    /// Waits for the reply to `command`, skipping events.
+    async fn reply(&mut self, command: &str) -> Result<Value, QmpError> {
         loop {
             let reply = self.read_message().await?;
             if reply.get("event").is_some() {
@@ -106,9 +154,9 @@ impl Qmp {
 
     async fn read_message(&mut self) -> Result<Value, QmpError> {
         let mut line = String::new();
-        let n = tokio::time::timeout(REPLY_TIMEOUT, self.reader.read_line(&mut line))
+        let n = tokio::time::timeout(self.reply_timeout, self.reader.read_line(&mut line))
             .await
-            .map_err(|_| QmpError::Timeout(REPLY_TIMEOUT))??;
+            .map_err(|_| QmpError::Timeout(self.reply_timeout))??;
         if n == 0 {
             return Err(QmpError::Closed);
         }
@@ -117,9 +165,21 @@ impl Qmp {
     }
 }
 
+/// One command as the line QMP reads.
+fn command_line(command: &str, arguments: Option<Value>) -> String {
+    let mut msg = json!({ "execute": command });
+    if let Some(args) = arguments {
+        msg["arguments"] = args;
+    }
+    let mut line = msg.to_string();
+    line.push('\n');
+    line
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsFd;
     use tokio::net::UnixListener;
 
     /// A scripted QMP server: sends the greeting, then answers each received line with the next
@@ -196,6 +256,61 @@ mod tests {
             err.to_string(),
             "QEMU refused nope: CommandNotFound: The command nope has not been found"
         );
+    }
+
+    #[tokio::test]
+    async fn send_fd_hands_the_descriptor_over_with_the_getfd_line() {
+        use nix::sys::socket::{recvmsg, ControlMessageOwned};
+        use std::io::{BufRead, IoSliceMut, Write};
+        use std::os::fd::{FromRawFd, OwnedFd};
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        // A QEMU stand-in: greeting, capabilities, then one message read with recvmsg; it
+        // writes into the descriptor it received.
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            s.write_all(b"{\"QMP\": {}}\r\n").unwrap();
+            let mut line = String::new();
+            std::io::BufReader::new(s.try_clone().unwrap())
+                .read_line(&mut line)
+                .unwrap();
+            s.write_all(b"{\"return\": {}}\r\n").unwrap();
+            let mut buf = [0u8; 256];
+            let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+            let (n, fds) = {
+                let mut iov = [IoSliceMut::new(&mut buf)];
+                let msg =
+                    recvmsg::<()>(s.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::empty())
+                        .unwrap();
+                let fds: Vec<_> = msg
+                    .cmsgs()
+                    .unwrap()
+                    .flat_map(|c| match c {
+                        ControlMessageOwned::ScmRights(fds) => fds,
+                        _ => Vec::new(),
+                    })
+                    .collect();
+                (msg.bytes, fds)
+            };
+            assert_eq!(fds.len(), 1, "no descriptor arrived");
+            // SAFETY: the kernel just installed this descriptor for us.
+            let mut f = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fds[0]) });
+            f.write_all(b"written by QEMU").unwrap();
+            s.write_all(b"{\"return\": {}}\r\n").unwrap();
+            String::from_utf8_lossy(&buf[..n]).into_owned()
+        });
+        let target = dir.path().join("state");
+        let file = std::fs::File::create(&target).unwrap();
+        let mut qmp = Qmp::connect(&path).await.unwrap();
+        qmp.send_fd("banger-state", file.as_fd()).await.unwrap();
+        let line = server.join().unwrap();
+        assert_eq!(
+            line,
+            "{\"arguments\":{\"fdname\":\"banger-state\"},\"execute\":\"getfd\"}\n"
+        );
+        assert_eq!(std::fs::read(&target).unwrap(), b"written by QEMU");
     }
 
     #[tokio::test]

@@ -3,7 +3,9 @@
 //!
 //! It records every start and stop, and models the VMM processes it "started" as entries that
 //! stay alive until stopped or killed; like real VMMs they outlive whoever started them, so a
-//! second daemon over the same fake re-adopts them. A test can make the next start fail, make
+//! second daemon over the same fake re-adopts them. Snapshots are recorded and write a small
+//! state file and a real manifest around the caller's work; a restore checks that manifest like
+//! the real backends do and then behaves like a start. A test can make the next start fail, make
 //! VMMs die as soon as they started, make the guest ignore shutdown requests (so a stop waits out
 //! its grace period and kills) or even a kill, crash a VMM at any time, and hold starts until
 //! released (to catch what happens meanwhile). The guest agent's
@@ -17,8 +19,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use crate::{
-    check_inputs, AgentEndpoint, AgentStream, BackendKind, BoxFuture, VmConfig, VmHandle, Vmm,
-    VmmError,
+    check_inputs, AgentEndpoint, AgentStream, BackendKind, BoxFuture, Manifest, Shape,
+    SnapshotInfo, SnapshotPaths, VmConfig, VmHandle, Vmm, VmmError, WhilePaused,
 };
 
 /// Plays the guest agent of a fake VM: called with the VM's name and the guest's end of each
@@ -38,11 +40,17 @@ pub enum FakeCall {
         graceful: Duration,
         forced: bool,
     },
+    /// A snapshot of `vm` into the directory `dest` (also recorded when it failed).
+    Snapshot { vm: String, dest: PathBuf },
+    /// A restore of `cfg` from the snapshot in `snapshot` (also recorded when it was refused).
+    Restore { cfg: VmConfig, snapshot: PathBuf },
 }
 
 /// A VMM process the fake started.
 struct Process {
     name: String,
+    /// The shape a snapshot of it records.
+    shape: Shape,
     run_dir: PathBuf,
     pid: i32,
     start_time: u64,
@@ -197,13 +205,18 @@ impl FakeVmm {
             .iter()
             .filter_map(|c| match c {
                 FakeCall::Start(cfg) => Some(cfg.clone()),
-                FakeCall::Stop { .. } => None,
+                _ => None,
             })
             .collect()
     }
 
     async fn start_vm(&self, cfg: &VmConfig) -> Result<VmHandle, VmmError> {
         self.lock().calls.push(FakeCall::Start(cfg.clone()));
+        self.boot(cfg).await
+    }
+
+    /// What a start and a restore share: the hold, the refusals, a new "process".
+    async fn boot(&self, cfg: &VmConfig) -> Result<VmHandle, VmmError> {
         // The sender lives as long as `self`, so this only ends when the hold is lifted.
         let _ = self.hold.subscribe().wait_for(|held| !*held).await;
         let mut inner = self.lock();
@@ -223,6 +236,7 @@ impl FakeVmm {
         inner.next_pid += 1;
         let mut process = Process {
             name: cfg.name.clone(),
+            shape: shape_of(self.kind, cfg),
             run_dir: cfg.run_dir.clone(),
             pid,
             start_time: u64::MAX - pid.unsigned_abs() as u64,
@@ -245,6 +259,73 @@ impl FakeVmm {
         };
         inner.processes.push(process);
         Ok(handle)
+    }
+
+    /// Records the snapshot; writes a small state file and the manifest of the VM's shape
+    /// around the caller's `while_paused`, as a real backend does, and removes them again when
+    /// that fails.
+    async fn snapshot_vm(
+        &self,
+        handle: &VmHandle,
+        dest: &SnapshotPaths,
+        while_paused: WhilePaused<'_>,
+    ) -> Result<SnapshotInfo, VmmError> {
+        let vm = handle.name.as_str();
+        let shape = {
+            let mut inner = self.lock();
+            inner.calls.push(FakeCall::Snapshot {
+                vm: vm.to_string(),
+                dest: dest.dir().to_path_buf(),
+            });
+            inner
+                .processes
+                .iter()
+                .find(|p| {
+                    p.pid == handle.pid
+                        && p.start_time == handle.pid_start_time
+                        && p.ended.is_none()
+                })
+                .map(|p| p.shape.clone())
+        };
+        let Some(shape) = shape else {
+            return Err(VmmError::SaveState {
+                vm: vm.to_string(),
+                path: dest.state(),
+                reason: "the VMM is not running".into(),
+            });
+        };
+        crate::snapshot::require_fresh(dest, vm)?;
+        let paused_at = std::time::Instant::now();
+        let saved = async {
+            fs_err::write(dest.state(), FAKE_STATE).map_err(|source| VmmError::Io {
+                vm: vm.to_string(),
+                action: format!("cannot write the state file {}", dest.state().display()),
+                source,
+            })?;
+            crate::snapshot::after_save(vm, dest, &[dest.state()], shape, paused_at, while_paused)
+                .await
+        }
+        .await;
+        crate::snapshot::conclude(vm, dest, saved, Ok(()), paused_at)
+    }
+
+    /// Records the restore, refuses a snapshot of another shape as the real backends do, then
+    /// behaves like a start (holds, refusals and all).
+    async fn restore_vm(
+        &self,
+        cfg: &VmConfig,
+        snapshot: &SnapshotPaths,
+    ) -> Result<VmHandle, VmmError> {
+        self.lock().calls.push(FakeCall::Restore {
+            cfg: cfg.clone(),
+            snapshot: snapshot.dir().to_path_buf(),
+        });
+        check_inputs(cfg)?;
+        let manifest = Manifest::read(snapshot, &cfg.name)?;
+        manifest
+            .shape
+            .require_equal(&shape_of(self.kind, cfg), &cfg.name, &snapshot.manifest())?;
+        self.boot(cfg).await
     }
 
     /// How the handle's process ended; `None` while it runs. A handle the fake never issued is
@@ -338,6 +419,20 @@ impl FakeVmm {
     }
 }
 
+/// What the fake's state file holds.
+const FAKE_STATE: &[u8] = b"banger fake VMM state\n";
+
+/// The shape a fake VM of `cfg` has.
+fn shape_of(kind: BackendKind, cfg: &VmConfig) -> Shape {
+    Shape {
+        backend: kind,
+        vcpus: cfg.vcpus,
+        memory_mib: cfg.memory_mib,
+        network: cfg.net.is_some(),
+        layout: "fake".to_string(),
+    }
+}
+
 impl Vmm for FakeVmm {
     fn kind(&self) -> BackendKind {
         self.kind
@@ -353,6 +448,23 @@ impl Vmm for FakeVmm {
         graceful: Duration,
     ) -> BoxFuture<'a, Result<(), VmmError>> {
         Box::pin(self.stop_vm(handle, graceful))
+    }
+
+    fn snapshot<'a>(
+        &'a self,
+        handle: &'a VmHandle,
+        dest: &'a SnapshotPaths,
+        while_paused: WhilePaused<'a>,
+    ) -> BoxFuture<'a, Result<SnapshotInfo, VmmError>> {
+        Box::pin(self.snapshot_vm(handle, dest, while_paused))
+    }
+
+    fn restore<'a>(
+        &'a self,
+        cfg: &'a VmConfig,
+        snapshot: &'a SnapshotPaths,
+    ) -> BoxFuture<'a, Result<VmHandle, VmmError>> {
+        Box::pin(self.restore_vm(cfg, snapshot))
     }
 
     /// A running VMM started for `vm` in `run_dir`.
@@ -445,6 +557,79 @@ mod tests {
                 forced: false
             })
         );
+    }
+
+    #[tokio::test]
+    async fn snapshots_are_recorded_and_a_restore_behaves_like_a_start_of_the_same_shape() {
+        let dir = tempfile::tempdir().unwrap();
+        let snap = dir.path().join("snap");
+        std::fs::create_dir(&snap).unwrap();
+        let paths = SnapshotPaths::new(&snap);
+        let fake = FakeVmm::new();
+        let h = fake.start(&config(dir.path(), "a")).await.unwrap();
+
+        let copied = Arc::new(Mutex::new(false));
+        let c = copied.clone();
+        let info = fake
+            .snapshot(
+                &h,
+                &paths,
+                Box::pin(async move {
+                    *c.lock().unwrap() = true;
+                    Ok(())
+                }),
+            )
+            .await
+            .unwrap();
+        assert!(*copied.lock().unwrap(), "the work while paused did not run");
+        assert_eq!(info.state_bytes, FAKE_STATE.len() as u64);
+        assert!(fake.is_alive(&h), "the snapshot stopped the VM");
+        assert_eq!(Manifest::read(&paths, "b").unwrap().shape.memory_mib, 128);
+
+        let mut wide = config(dir.path(), "b");
+        wide.vcpus = 4;
+        let err = fake.restore(&wide, &paths).await.unwrap_err();
+        assert!(matches!(err, VmmError::SnapshotMismatch { .. }), "{err}");
+        let h2 = fake
+            .restore(&config(dir.path(), "b"), &paths)
+            .await
+            .unwrap();
+        assert!(fake.is_alive(&h2));
+        assert_eq!(fake.running(), ["a", "b"]);
+        let kinds: Vec<_> = fake
+            .calls()
+            .into_iter()
+            .map(|c| match c {
+                FakeCall::Start(cfg) => format!("start {}", cfg.name),
+                FakeCall::Snapshot { vm, .. } => format!("snapshot {vm}"),
+                FakeCall::Restore { cfg, .. } => format!("restore {}", cfg.name),
+                FakeCall::Stop { vm, .. } => format!("stop {vm}"),
+            })
+            .collect();
+        assert_eq!(kinds, ["start a", "snapshot a", "restore b", "restore b"]);
+
+        // A failing step while paused leaves nothing behind; a second snapshot into the same
+        // directory is refused.
+        let err = fake
+            .snapshot(&h, &paths, Box::pin(async { Ok(()) }))
+            .await
+            .unwrap_err();
+        assert!(
+            err.report().contains("a snapshot is already there"),
+            "{}",
+            err.report()
+        );
+        let other = SnapshotPaths::new(dir.path());
+        let err = fake
+            .snapshot(&h, &other, Box::pin(async { Err("disk full".into()) }))
+            .await
+            .unwrap_err();
+        assert!(
+            err.report().ends_with("failed: disk full"),
+            "{}",
+            err.report()
+        );
+        assert!(!other.state().exists() && !other.manifest().exists());
     }
 
     #[tokio::test]

@@ -511,7 +511,7 @@ fn stops(vmm: &FakeVmm) -> Vec<(Duration, bool)> {
             FakeCall::Stop {
                 graceful, forced, ..
             } => Some((graceful, forced)),
-            FakeCall::Start(_) => None,
+            _ => None,
         })
         .collect()
 }
