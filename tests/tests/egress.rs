@@ -5,6 +5,9 @@
 //! even typed by hand, and so are other DNS servers and DNS-over-TLS. `--no-network` reaches
 //! nothing. A changed list takes effect when the VM restarts (after the daemon, which reads the
 //! config, restarts too), and nothing of the old list stays open.
+//!
+//! Also here, as it needs the same running bridge: a flood of TCP connections to the bridge's
+//! DNS port leaves the daemon holding few of them, and its API answering.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
 
 use std::path::Path;
@@ -306,6 +309,123 @@ fn an_allow_list_lets_a_real_guest_reach_its_names_and_nothing_else() {
         "the old list's address stayed open"
     );
 
+    env.ok(["vm", "delete", "bb", "--force"]);
+    env.stop_daemon();
+}
+
+/// Python for the flood: opens `argv[1]` TCP connections to banger's DNS on the bridge address
+/// without waiting, prints how many are established after five seconds, then holds them.
+const HOLD_CONNECTIONS: &str = "import resource,socket,sys,time
+n=int(sys.argv[1]); resource.setrlimit(resource.RLIMIT_NOFILE,(n+64,n+64)); socks=[]
+for i in range(n):
+    s=socket.socket(); s.setblocking(False)
+    try: s.connect(('172.16.0.1',53))
+    except BlockingIOError: pass
+    except OSError: continue
+    socks.append(s)
+time.sleep(5); ok=0
+for s in socks:
+    try: s.getpeername(); ok+=1
+    except OSError: pass
+print(ok, flush=True); time.sleep(300)";
+
+/// Sockets the process `pid` holds.
+fn sockets_of(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|t| t.to_string_lossy().starts_with("socket:"))
+        .count()
+}
+
+#[test]
+fn three_thousand_connections_to_the_dns_port_leave_the_daemon_answering() {
+    if !e2e_enabled() {
+        return;
+    }
+    assert!(
+        agent_bin().is_some(),
+        "the static guest agent is missing: run `make agent` (make test does)"
+    );
+    require_oci_tools();
+    let env = Env::with_netns();
+    let host_ns = env.netns.as_ref().unwrap();
+    env.write_config(&config("\"open\""));
+    register_generic_kernel(&env);
+    let registry = Registry::start(env.netns.as_ref(), None);
+    let image = busybox_image(&[]);
+    registry.push(&image.layout, &image.tag, "test/busybox:1", None);
+    let reference = format!("{}/test/busybox:1", registry.host());
+    env.ok(["image", "pull", &reference, "--name", "busybox"]);
+    env.ok(["vm", "create", "--image", "busybox", "--name", "bb"]);
+    let daemon = env.daemon_pid().expect("the daemon runs");
+    let before = sockets_of(daemon);
+
+    // The flooder sits on the bridge like a guest (a plain veth port: an address in the guest
+    // subnet is all banger's per-guest limit keys on). A busybox guest cannot hold 3,000
+    // sockets in its memory; the host's python can, from the same place on the network.
+    let flooder = Netns::new();
+    run(host_ns.wrap(Path::new("ip")).args([
+        "link",
+        "add",
+        "fl0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "fl1",
+        "netns",
+        &flooder.name,
+    ]));
+    run(host_ns
+        .wrap(Path::new("ip"))
+        .args(["link", "set", "fl0", "master", "banger0", "up"]));
+    run(flooder
+        .wrap(Path::new("ip"))
+        .args(["addr", "add", "172.16.0.250/24", "dev", "fl1"]));
+    run(flooder
+        .wrap(Path::new("ip"))
+        .args(["link", "set", "fl1", "up"]));
+    let mut flood = flooder
+        .wrap(Path::new("python3"))
+        .args(["-c", HOLD_CONNECTIONS, "3000"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(flood.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let held: usize = line
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("flooder said {line:?}"));
+    // Some got through (the flood reached the server), the per-address limit's worth at most.
+    assert!(
+        held > 0 && held <= banger_net::nat::DNS_TCP_PER_GUEST as usize,
+        "one address held {held} connections to the DNS server"
+    );
+    eprintln!("the flooder holds {held} connections");
+    // While the flood holds: the daemon holds few sockets more than before, and its API, its
+    // agent channel and its DNS still answer.
+    let during = sockets_of(daemon);
+    eprintln!("the daemon holds {during} sockets (before the flood: {before})");
+    assert!(
+        during <= before + banger_net::nat::DNS_TCP_PER_GUEST as usize + 8,
+        "the daemon went from {before} to {during} sockets"
+    );
+    let list = env.ok(["vm", "list", "--json"]).json();
+    assert_eq!(list[0]["name"], "bb", "{list}");
+    let out = exec_sh(&env, "bb", "nslookup bb.vm");
+    assert!(
+        out.success() && out.stdout.contains("Name:\tbb.vm"),
+        "{out}"
+    );
+    let _ = flood.kill();
+    let _ = flood.wait();
+    drop(flooder);
     env.ok(["vm", "delete", "bb", "--force"]);
     env.stop_daemon();
 }

@@ -279,13 +279,14 @@ fn busybox_image_boots_with_the_agent_as_init_and_does_sessions_and_workspaces_w
     let _ = service.kill();
     let _ = service.wait();
 
-    // A guest writes 100 MB to a reader that does not read for 30 s: the output waits in the
+    // A guest writes 1.5 GB to a reader that does not read for 30 s: the output waits in the
     // guest (its command blocks on the full pipe: it has written only what the buffers along
-    // the way hold) and the daemon's memory stays bounded; then all of it arrives. Under TCG
-    // the agent moves a few MB/s, so without backpressure the command would have written
-    // about 80 MB by then, all of it queued in the daemon.
+    // the way hold) and the daemon's memory stays bounded. Under TCG the agent moves a few
+    // MB/s, so without backpressure the command would have written about 80 MB by then, all
+    // of it queued in the daemon. Then the reader reads a while (the flow resumes) and goes
+    // away: the command in the guest ends with it instead of waiting for a reader forever.
     let daemon = env.daemon_pid().expect("the daemon runs");
-    let total: u64 = 100_000_000;
+    let total: u64 = 1_500_000_000;
     let mut flood = env
         .cmd([
             "vm",
@@ -302,20 +303,33 @@ fn busybox_image_boots_with_the_agent_as_init_and_does_sessions_and_workspaces_w
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_secs(30));
-    let io = exec_sh(&env, "bb", "cat /proc/$(pidof head)/io");
-    let written: u64 = io
-        .stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("wchar:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no wchar for head in the guest: {io}"));
+    let wchar = |env: &Env| -> u64 {
+        let io = exec_sh(env, "bb", "cat /proc/$(pidof head)/io");
+        io.stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("wchar:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no wchar for head in the guest: {io}"))
+    };
+    let written = wchar(&env);
     assert!(
         written < 32_000_000,
         "the guest wrote {written} bytes while nobody read them"
     );
-    let copied = std::io::copy(flood.stdout.as_mut().unwrap(), &mut std::io::sink()).unwrap();
-    assert!(flood.wait().unwrap().success());
-    assert_eq!(copied, total);
+    let mut first = vec![0u8; 20_000_000];
+    std::io::Read::read_exact(flood.stdout.as_mut().unwrap(), &mut first).unwrap();
+    assert!(first.iter().all(|b| *b == 0));
+    assert!(wchar(&env) > written, "the command did not go on once read");
+    let _ = flood.kill();
+    let _ = flood.wait();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while exec_sh(&env, "bb", "pidof head").success() {
+        assert!(
+            Instant::now() < deadline,
+            "the guest's command outlived its reader"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
     let status = std::fs::read_to_string(format!("/proc/{daemon}/status")).unwrap();
     let peak_kib: u64 = status
         .lines()

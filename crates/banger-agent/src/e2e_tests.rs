@@ -44,6 +44,7 @@ struct Guest {
     /// A fake `/etc` with users and groups for the tests that switch users.
     etc: tempfile::TempDir,
     user: Option<String>,
+    identity: Arc<crate::guest::identity::RecordingIdentity>,
 }
 
 const PASSWD: &str = "\
@@ -72,6 +73,7 @@ impl Guest {
                 calls: AtomicUsize::new(0),
                 refuse,
             }),
+            identity: Arc::default(),
             etc,
             user: None,
         }
@@ -95,6 +97,7 @@ impl Guest {
             user: self.user.clone(),
             etc: self.etc.path().to_path_buf(),
             power: self.power.clone(),
+            identity: self.identity.clone(),
         })
     }
 
@@ -464,6 +467,43 @@ async fn poweroff_is_handed_to_the_power_control_and_acknowledged() {
         err.to_string(),
         "VM test-vm: the guest did not power off: `systemctl poweroff` failed (exit status: 1)"
     );
+}
+
+#[tokio::test]
+async fn a_restored_guest_takes_on_the_identity_the_host_gives_it_or_says_why_not() {
+    let guest = Guest::new();
+    let (client, _g) = guest.connect();
+    let identity = crate::host::Identity {
+        boot: crate::cmdline::parse(
+            "banger.ip=172.16.0.9/24 banger.gw=172.16.0.1 banger.hostname=web2 banger.time=1796221963",
+        )
+        .settings,
+        mac: "02:ba:ac:10:00:09".into(),
+        machine_id: "0123456789abcdef0123456789abcdef".into(),
+        seed: vec![9; 32],
+        ssh_host_key: None,
+    };
+    let ready = client
+        .reidentify(identity.clone(), Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(ready.capabilities.reidentify);
+    let seen = guest.identity.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].mac, [0x02, 0xba, 0xac, 0x10, 0x00, 0x09]);
+    assert_eq!(seen[0].seed, vec![9; 32]);
+    assert_eq!(seen[0].boot, identity.boot);
+    // A request the guest refuses changes nothing and says why.
+    let bad = crate::host::Identity {
+        mac: "not a mac".into(),
+        ..identity
+    };
+    let err = client
+        .reidentify(bad, Duration::from_secs(5))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("is not a MAC address"), "{err}");
+    assert_eq!(guest.identity.seen.lock().unwrap().len(), 1);
 }
 
 /// Talks raw protocol to the guest: one line out, one line back.

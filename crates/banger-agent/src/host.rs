@@ -167,6 +167,33 @@ pub struct Capabilities {
     pub users: bool,
     /// It holds a command's output until the host acknowledges it (per-command backpressure).
     pub output_acks: bool,
+    /// It takes on a new identity when asked (guests restored from a snapshot).
+    pub reidentify: bool,
+}
+
+/// Who a guest restored from a snapshot becomes (see [`AgentClient::reidentify`]).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The `banger.*` settings, as for a kernel command line (address, gateway, host name,
+    /// DNS, the host's clock).
+    pub boot: crate::cmdline::BootSettings,
+    pub mac: String,
+    /// 32 lowercase hex digits.
+    pub machine_id: String,
+    /// Fresh randomness for the guest kernel's pool.
+    pub seed: Vec<u8>,
+    pub ssh_host_key: Option<crate::protocol::SshHostKey>,
+}
+
+impl fmt::Debug for Identity {
+    /// Neither the seed nor the private key reach a log.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Identity")
+            .field("boot", &self.boot.to_string())
+            .field("mac", &self.mac)
+            .field("machine_id", &self.machine_id)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A command to run in the guest.
@@ -439,6 +466,40 @@ impl AgentClient {
         let (tx, rx) = oneshot::channel();
         let id = self.register(Pending::Hello(tx))?;
         self.send(&HostMessage::Hello { id }).await?;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(answer) => answer.unwrap_or_else(|_| Err(self.lost_now())),
+            Err(_) => {
+                lock(&self.inner.state).pending.remove(&id);
+                Err(AgentError::NoAnswer {
+                    vm: self.inner.vm.clone(),
+                    waited: timeout,
+                })
+            }
+        }
+    }
+
+    /// Makes a guest restored from a snapshot the VM `identity` describes, and returns its
+    /// answer once all of it is in place. Needs an agent that advertised `reidentify`.
+    pub async fn reidentify(
+        &self,
+        identity: Identity,
+        timeout: Duration,
+    ) -> Result<Ready, AgentError> {
+        self.require("take on a new identity (a VM made from a snapshot)", |c| {
+            c.reidentify
+        })
+        .await?;
+        let (tx, rx) = oneshot::channel();
+        let id = self.register(Pending::Hello(tx))?;
+        self.send(&HostMessage::Reidentify {
+            id,
+            boot: identity.boot.to_string(),
+            mac: identity.mac,
+            machine_id: identity.machine_id,
+            seed: crate::protocol::Data(identity.seed),
+            ssh_host_key: identity.ssh_host_key,
+        })
+        .await?;
         match tokio::time::timeout(timeout, rx).await {
             Ok(answer) => answer.unwrap_or_else(|_| Err(self.lost_now())),
             Err(_) => {
@@ -858,6 +919,7 @@ fn dispatch(state: &Mutex<State>, vm: &str, msg: GuestMessage) -> Option<Deliver
             tty,
             users,
             output_acks,
+            reidentify,
             ..
         } => {
             st.agent = Some((
@@ -867,6 +929,7 @@ fn dispatch(state: &Mutex<State>, vm: &str, msg: GuestMessage) -> Option<Deliver
                     tty: *tty,
                     users: *users,
                     output_acks: *output_acks,
+                    reidentify: *reidentify,
                 },
             ))
         }
@@ -884,6 +947,7 @@ fn dispatch(state: &Mutex<State>, vm: &str, msg: GuestMessage) -> Option<Deliver
                 tty,
                 users,
                 output_acks,
+                reidentify,
                 ..
             },
         ) => drop(tx.send(Ok(Ready {
@@ -895,6 +959,7 @@ fn dispatch(state: &Mutex<State>, vm: &str, msg: GuestMessage) -> Option<Deliver
                 tty,
                 users,
                 output_acks,
+                reidentify,
             },
         }))),
         // The queue bounds frames, so each frame must be bounded too: the agent never sends

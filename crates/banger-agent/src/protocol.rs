@@ -220,6 +220,39 @@ pub enum HostMessage {
     Resize { id: RequestId, rows: u16, cols: u16 },
     /// Shut the guest down.
     Poweroff { id: RequestId },
+    /// Become the VM the host says: what a guest restored from a snapshot does before it is
+    /// used, so no two VMs share an address, MAC, name, host key, machine-id or random state.
+    /// `boot` holds the new settings as `banger.*` words, exactly as a kernel command line
+    /// carries them (address, gateway, host name, DNS, the host's clock); `mac` is the
+    /// interface's new MAC, `machine_id` 32 hex digits, `seed` fresh randomness for the
+    /// kernel's pool, `ssh_host_key` the VM's own host key (pinned on the host) for guests
+    /// that run sshd. Answered by `ready` once all of it is in place, or `error` (the guest
+    /// is then in no state to be used). Only agents that advertise `reidentify`.
+    Reidentify {
+        id: RequestId,
+        boot: String,
+        mac: String,
+        machine_id: String,
+        seed: Data,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ssh_host_key: Option<SshHostKey>,
+    },
+}
+
+/// An SSH host key pair, as OpenSSH writes it (`ssh_host_ed25519_key` and its `.pub`).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SshHostKey {
+    pub private: String,
+    pub public: String,
+}
+
+impl fmt::Debug for SshHostKey {
+    /// The private half never reaches a log.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SshHostKey")
+            .field("public", &self.public)
+            .finish_non_exhaustive()
+    }
 }
 
 impl HostMessage {
@@ -232,7 +265,8 @@ impl HostMessage {
             | HostMessage::StdinClose { id }
             | HostMessage::Signal { id, .. }
             | HostMessage::Resize { id, .. }
-            | HostMessage::Poweroff { id } => *id,
+            | HostMessage::Poweroff { id }
+            | HostMessage::Reidentify { id, .. } => *id,
         }
     }
 }
@@ -265,6 +299,9 @@ pub enum GuestMessage {
         /// `exec` asks for that. Older agents omit it.
         #[serde(default)]
         output_acks: bool,
+        /// The agent understands `reidentify`. Older agents omit it.
+        #[serde(default)]
+        reidentify: bool,
     },
     /// One stdin chunk of the command was written to it (or dropped, with `closed`, because the
     /// command closed its stdin; later chunks are dropped too).
@@ -532,6 +569,17 @@ mod tests {
                 cols: 200,
             },
             HostMessage::OutputAck { id: RequestId(7) },
+            HostMessage::Reidentify {
+                id: RequestId(8),
+                boot: "banger.ip=172.16.0.9/24 banger.hostname=web2".into(),
+                mac: "02:ba:ac:10:00:09".into(),
+                machine_id: "0123456789abcdef0123456789abcdef".into(),
+                seed: Data(vec![7; 32]),
+                ssh_host_key: Some(SshHostKey {
+                    private: "-----BEGIN OPENSSH PRIVATE KEY-----".into(),
+                    public: "ssh-ed25519 AAAA".into(),
+                }),
+            },
         ];
         let ops = [
             "hello",
@@ -541,6 +589,7 @@ mod tests {
             "poweroff",
             "resize",
             "output_ack",
+            "reidentify",
         ];
         for (msg, op) in all.iter().zip(ops) {
             assert_eq!(wire(msg)["op"], op);
@@ -560,6 +609,7 @@ mod tests {
                 tty: true,
                 users: true,
                 output_acks: true,
+                reidentify: true,
             },
             GuestMessage::StdinAck {
                 id: RequestId(5),
@@ -601,6 +651,7 @@ mod tests {
                 tty: false,
                 users: false,
                 output_acks: false,
+                reidentify: false,
                 ..
             }
         ));

@@ -10,15 +10,22 @@
 //!
 //! Inside `work_dir`: `tree/` is the debootstrapped root (removed at the end, also on failure) and
 //! `out/` receives `rootfs.ext4`, `vmlinuz-VERSION` and `initrd.img-VERSION`.
+//!
+//! Cancelling [`BuildRequest::cancel`] stops a build between or during its steps: the running
+//! command is killed with every process it started and waited for (see [`crate::privileged`]),
+//! no further step starts, the tree is removed (whatever a killed debootstrap left mounted in
+//! it first, see [`crate::workdir`]) and the build ends with [`BuildError::Cancelled`].
 
 use crate::ext4::{make_ext4, size_for_tree, Ext4Error, PrivilegedMkfs};
 use crate::hosttools::{require_tool, MissingTool};
-use crate::privileged::{mentions_enospc, PrivCommand, PrivError, Privileged};
+use crate::privileged::{mentions_enospc, Cancellable, PrivCommand, PrivError, Privileged};
 use crate::progress::Progress;
 use crate::recipe::Recipe;
+use crate::workdir::{remove_as_root, ProcMounts, WorkDirError};
 use banger_hint::{Hint, Report};
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
+use tokio_util::sync::CancellationToken;
 
 /// The filesystem label of every built root filesystem.
 pub const ROOT_LABEL: &str = "banger-root";
@@ -35,6 +42,9 @@ pub struct BuildRequest {
     pub mirror: String,
     /// Scratch directory; the caller deletes it after taking the outputs.
     pub work_dir: PathBuf,
+    /// Cancels the build (see the module documentation); `CancellationToken::new()` for a build
+    /// that runs to its end.
+    pub cancel: CancellationToken,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,6 +91,10 @@ pub enum BuildError {
     BadDu(String),
     #[error(transparent)]
     Io(std::io::Error),
+    #[error(transparent)]
+    WorkDir(#[from] WorkDirError),
+    #[error("the build was cancelled")]
+    Cancelled,
 }
 
 impl Hint for BuildError {
@@ -102,10 +116,13 @@ impl Hint for BuildError {
             BuildError::NoKernel { .. } => {
                 Some("the recipe must install a linux-image package".into())
             }
+            // Transparent too.
+            BuildError::WorkDir(e) => e.hint(),
             BuildError::Step { .. }
             | BuildError::Ext4(_)
             | BuildError::BadDu(_)
-            | BuildError::Io(_) => None,
+            | BuildError::Io(_)
+            | BuildError::Cancelled => None,
         }
     }
 }
@@ -140,17 +157,19 @@ struct Tools {
     chroot: PathBuf,
     du: PathBuf,
     install: PathBuf,
-    rm: PathBuf,
 }
 
 impl Tools {
     fn find() -> Result<Tools, MissingTool> {
+        // Removing the tree (crate::workdir) finds these itself; checked here, before a
+        // minute of debootstrap.
+        require_tool("rm", "coreutils")?;
+        require_tool("umount", "mount")?;
         Ok(Tools {
             debootstrap: require_tool("debootstrap", "debootstrap")?,
             chroot: require_tool("chroot", "coreutils")?,
             du: require_tool("du", "coreutils")?,
             install: require_tool("install", "coreutils")?,
-            rm: require_tool("rm", "coreutils")?,
         })
     }
 }
@@ -160,7 +179,10 @@ struct Ctx<'a> {
     tools: Tools,
     tree: PathBuf,
     out: PathBuf,
+    /// Runs the build's steps; stops when the build is cancelled.
     privileged: &'a dyn Privileged,
+    /// Runs the clean-up, which must work after a cancellation too.
+    root: &'a dyn Privileged,
     progress: &'a dyn Progress,
 }
 
@@ -185,12 +207,14 @@ pub async fn build(
     if privileged.file_owner().0 != 0 {
         require_tool("sudo", "sudo")?;
     }
+    let steps = Cancellable::new(privileged, req.cancel.clone());
     let ctx = Ctx {
         req,
         tools,
         tree: req.work_dir.join("tree"),
         out: req.work_dir.join("out"),
-        privileged,
+        privileged: &steps,
+        root: privileged,
         progress,
     };
     let io = |e| classify(BuildError::Io(e), &req.work_dir);
@@ -200,7 +224,11 @@ pub async fn build(
         .await
         .map_err(|e| classify(e, &req.work_dir))?;
 
-    let result = ctx.run().await;
+    let result = match ctx.run().await {
+        // Whichever step noticed it (a killed command, one refused to start), say why.
+        Err(_) if req.cancel.is_cancelled() => Err(BuildError::Cancelled),
+        other => other,
+    };
     progress.phase("clean up");
     let cleanup = ctx.remove_tree().await;
     match (result, cleanup) {
@@ -230,27 +258,22 @@ fn leftover_tree(tree: &Path, e: &BuildError) -> String {
         .to_string()
 }
 
-/// Removes a build's scratch directory, including a root-owned tree a crashed build left behind.
+/// Removes a build's scratch directory, including a root-owned tree a crashed or cancelled
+/// build left behind and whatever is still mounted inside it.
 pub async fn cleanup_work_dir(
     work_dir: &Path,
     privileged: &dyn Privileged,
     progress: &dyn Progress,
-) -> Result<(), BuildError> {
-    if fs_err::tokio::symlink_metadata(work_dir).await.is_err() {
-        return Ok(());
-    }
-    let rm = require_tool("rm", "coreutils")?;
-    let cmd = PrivCommand::new("remove build directory", rm)
-        .args(["-rf", "--one-file-system", "--"])
-        .arg(work_dir);
-    privileged
-        .run(&cmd, progress)
-        .await
-        .map(drop)
-        .map_err(|source| BuildError::Step {
-            step: "remove build directory".into(),
-            source,
-        })
+) -> Result<(), WorkDirError> {
+    remove_as_root(
+        work_dir,
+        "build directory",
+        privileged,
+        &ProcMounts,
+        progress,
+    )
+    .await
+    .map(drop)
 }
 
 fn classify(e: BuildError, work_dir: &Path) -> BuildError {
@@ -488,16 +511,18 @@ impl Ctx<'_> {
         Ok((out, size))
     }
 
+    /// Removes the tree through the clean-up runner, after unmounting what a killed debootstrap
+    /// left mounted in it (its /proc and /sys).
     async fn remove_tree(&self) -> Result<(), BuildError> {
-        if fs_err::tokio::symlink_metadata(&self.tree).await.is_err() {
-            return Ok(());
-        }
-        // --one-file-system: should a mount (say a /proc debootstrap failed to unmount) remain
-        // inside the tree, rm stops there instead of descending into the host's files.
-        let cmd = PrivCommand::new("remove build tree", &self.tools.rm)
-            .args(["-rf", "--one-file-system", "--"])
-            .arg(&self.tree);
-        self.priv_run(cmd).await.map(drop)
+        remove_as_root(
+            &self.tree,
+            "build tree",
+            self.root,
+            &ProcMounts,
+            self.progress,
+        )
+        .await?;
+        Ok(())
     }
 }
 
@@ -528,6 +553,7 @@ mod tests {
     use crate::recipe::builtin;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
+    use std::time::Duration;
 
     const DU_BYTES: u64 = 300 << 20;
 
@@ -571,6 +597,7 @@ mod tests {
             recipe: builtin(recipe).unwrap(),
             mirror: "http://mirror.example/debian".into(),
             work_dir: dir.join("work"),
+            cancel: CancellationToken::new(),
         }
     }
 
@@ -872,6 +899,132 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, BuildError::BadMirror(_)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_build_runs_no_further_step_and_still_removes_its_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        let req = request(dir.path(), "debian-bookworm-slim");
+        let cancel = req.cancel.clone();
+        // The client goes away while the first chroot step runs.
+        let fake = fake_host(move |c| {
+            c.op.starts_with("write ").then(|| {
+                cancel.cancel();
+                Err(PrivError::Cancelled { op: c.op.clone() })
+            })
+        });
+        let rec = RecordingProgress::new();
+        let err = build(&req, &fake, &rec).await.unwrap_err();
+        assert!(matches!(err, BuildError::Cancelled), "{err}");
+        assert_eq!(err.to_string(), "the build was cancelled");
+        let first_write = format!("write {}", req.recipe.files[0].path);
+        assert_eq!(
+            fake.ops(),
+            ["debootstrap", &first_write, "remove build tree"]
+        );
+        assert_eq!(rec.phases().last().map(String::as_str), Some("clean up"));
+    }
+
+    #[tokio::test]
+    async fn a_build_cancelled_before_it_starts_runs_nothing_but_the_clean_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let req = request(dir.path(), "debian-bookworm-slim");
+        std::fs::create_dir_all(req.work_dir.join("tree")).unwrap();
+        req.cancel.cancel();
+        let fake = fake_host(|_| None);
+        let err = build(&req, &fake, &RecordingProgress::new())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, BuildError::Cancelled), "{err}");
+        assert_eq!(fake.ops(), ["remove build tree", "remove build tree"]);
+    }
+
+    /// The real runner, with debootstrap replaced by a stand-in script.
+    struct StandIn {
+        host: crate::privileged::HostPrivileged,
+        debootstrap: PathBuf,
+    }
+
+    impl Privileged for StandIn {
+        fn run_until<'a>(
+            &'a self,
+            cmd: &'a PrivCommand,
+            progress: &'a dyn Progress,
+            cancel: &'a CancellationToken,
+        ) -> futures_util::future::BoxFuture<'a, Result<PrivOutput, PrivError>> {
+            Box::pin(async move {
+                if cmd.op == "debootstrap" {
+                    let mut c = cmd.clone();
+                    c.program = self.debootstrap.clone();
+                    self.host.run_until(&c, progress, cancel).await
+                } else {
+                    self.host.run_until(cmd, progress, cancel).await
+                }
+            })
+        }
+
+        fn file_owner(&self) -> (u32, u32) {
+            self.host.file_owner()
+        }
+    }
+
+    #[tokio::test]
+    async fn cancelling_a_real_debootstrap_kills_it_and_its_children_and_unmounts_its_proc() {
+        use crate::testproc::{alive, gone_within, mounted_under, pids_in, MountGuard, Reaper};
+        use std::os::unix::fs::PermissionsExt;
+
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().canonicalize().unwrap();
+        let _mounts = MountGuard(root.clone());
+        let reaper = Reaper::new();
+        let pids = root.join("pids");
+        // Like debootstrap: writes root-owned files into the tree (its 6th argument), mounts
+        // a /proc there, and has a child of its own at work.
+        let script = root.join("debootstrap");
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\ntree=$6\nmkdir -p \"$tree/proc\" \"$tree/etc\"\n\
+                 echo x > \"$tree/etc/passwd\"\nmount -t tmpfs banger-test \"$tree/proc\"\n\
+                 sleep 1000 &\necho $$ $! > {p}.new\nmv {p}.new {p}\n\
+                 echo 'I: Retrieving InRelease'\nwait\n",
+                p = pids.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let host = crate::privileged::HostPrivileged::detect().unwrap();
+        let runner = StandIn {
+            host,
+            debootstrap: script,
+        };
+        let req = request(&root, "debian-bookworm-slim");
+        let rec = RecordingProgress::new();
+        let cancel = async {
+            let p = pids_in(&pids).await;
+            reaper.add(&p);
+            // Its output streams while it runs.
+            while !rec.logs().iter().any(|l| l == "I: Retrieving InRelease") {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            assert_eq!(mounted_under(&req.work_dir.join("tree")).len(), 1);
+            req.cancel.cancel();
+            p
+        };
+        let (result, p) = tokio::join!(build(&req, &runner, &rec), cancel);
+        let err = result.unwrap_err();
+        assert!(matches!(err, BuildError::Cancelled), "{err}");
+        assert!(!alive(p[0]), "debootstrap ended before the build returned");
+        gone_within(&p[1..], Duration::from_secs(2)).await;
+        assert!(!req.work_dir.join("tree").exists(), "{:?}", rec.logs());
+        assert!(mounted_under(&root).is_empty());
+        assert!(
+            rec.logs()
+                .iter()
+                .any(|l| l.starts_with("+ ") && l.contains("umount -l")),
+            "{:?}",
+            rec.logs()
+        );
     }
 
     #[test]

@@ -5,7 +5,9 @@
 //! resumable downloads (`download`), pulling bundles (`pull`), the image catalog (`catalog`), and
 //! container images from OCI registries with their content-addressed blob cache (`oci`), and
 //! banger's generic guest kernel from Debian's package (`kernel`) with its initramfs (`initramfs`).
-//! Host commands that need root go through `privileged`; progress is reported through `progress`
+//! Host commands that need root go through `privileged` (each under a guard that kills it with
+//! everything it started when its caller cancels or dies), and root-owned work directories are
+//! removed, mounts first, by `workdir`; progress is reported through `progress`
 //! and never drawn. Leaves to the daemon: the SQLite store, image registration, choosing
 //! directories, locking, and turning progress into API events.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
@@ -28,7 +30,10 @@ pub mod progress;
 pub mod pull;
 pub mod recipe;
 #[cfg(test)]
+mod testproc;
+#[cfg(test)]
 mod testutil;
+pub mod workdir;
 
 pub use build::{build, BuildError, BuildOutput, BuildRequest};
 pub use bundle::{export, BundleError, BundleSources, FileEntry, Manifest, Role};
@@ -40,10 +45,13 @@ pub use download::{fetch, DownloadError};
 pub use ext4::MiB;
 pub use hosttools::{require_tool, MissingTool};
 pub use mirror::host_debian_mirror;
-pub use privileged::{HostPrivileged, PrivCommand, PrivError, Privileged, RecordingPrivileged};
+pub use privileged::{
+    Cancellable, HostPrivileged, PrivCommand, PrivError, Privileged, RecordingPrivileged,
+};
 pub use progress::{NoProgress, Progress, RecordingProgress};
 pub use pull::{pull_bundle, PullError, PulledBundle};
 pub use recipe::Recipe;
+pub use workdir::{remove_leftover, ProcMounts, Removal, WorkDirError};
 
 use banger_hint::probe;
 
@@ -68,6 +76,7 @@ pub const HINTS: &[banger_hint::Probe] = &[
     probe::<oci::layer::LayerError>,
     probe::<oci::ext4::Ext4BuildError>,
     probe::<oci::flatten::FlattenError>,
+    probe::<WorkDirError>,
 ];
 
 #[cfg(test)]
@@ -133,6 +142,10 @@ mod tests {
                     path: "/a".into(),
                     len: 9000,
                 }),
+            }),
+            Box::new(WorkDirError::NeedsRoot {
+                dir: "/s/tmp/op-1".into(),
+                source: None,
             }),
         ]
     }

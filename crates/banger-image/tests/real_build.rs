@@ -78,6 +78,7 @@ async fn real_slim_build_produces_a_clean_hardened_bootable_looking_image() {
         recipe,
         mirror,
         work_dir: scratch.0.clone(),
+        cancel: Default::default(),
     };
     let host = HostPrivileged::detect().unwrap();
 

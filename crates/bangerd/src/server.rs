@@ -1,9 +1,12 @@
 //! HTTP plumbing of the API: version gate, error mapping and event streams.
 //!
-//! Handlers return `Result<Json<T>, AppError>` for quick calls, or [`stream`] for long ones. The
-//! version gate refuses any request whose `x-banger-api-version` differs from ours, except the
-//! two calls a mismatched CLI needs to recover (`GET /v1/version` and `POST /v1/daemon/stop`).
-//! What each route does lives in the service modules; this module knows only HTTP.
+//! Handlers return `Result<Json<T>, AppError>` for quick calls, or [`stream`] for long ones. An
+//! operation learns that its client went away through [`Emitter::client_gone`]: the response
+//! body holds the receiving end of the event channel, and hyper drops the body when it reads the
+//! end of a connection mid-response (a killed CLI). The version gate refuses any request whose
+//! `x-banger-api-version` differs from ours, except the two calls a mismatched CLI needs to
+//! recover (`GET /v1/version` and `POST /v1/daemon/stop`). What each route does lives in the
+//! service modules; this module knows only HTTP.
 
 use std::future::Future;
 
@@ -118,18 +121,34 @@ pub async fn version_gate(req: Request, next: Next) -> Response {
 #[derive(Clone)]
 pub struct Emitter {
     tx: mpsc::UnboundedSender<Event>,
+    /// False for a sink, whose receiver is gone from the start without a client leaving.
+    has_client: bool,
 }
 
 impl Emitter {
     pub fn emit(&self, event: Event) {
-        // A client that went away does not stop the operation: half-made state is worse.
+        // A client that went away does not stop the operation by itself: half-made state is
+        // worse. An operation that can stop cleanly (a build) watches `client_gone`.
         let _ = self.tx.send(event);
+    }
+
+    /// Resolves once the client is gone: its connection closed and the response body, which
+    /// holds the receiving end, was dropped. Never resolves for a [`Emitter::sink`].
+    pub async fn client_gone(&self) {
+        if self.has_client {
+            self.tx.closed().await;
+        } else {
+            std::future::pending::<()>().await;
+        }
     }
 
     /// An emitter that drops everything (for internal callers).
     pub fn sink() -> Self {
         let (tx, _rx) = mpsc::unbounded_channel();
-        Self { tx }
+        Self {
+            tx,
+            has_client: false,
+        }
     }
 }
 
@@ -161,7 +180,9 @@ impl banger_image::Progress for Emitter {
     }
 }
 
-/// Runs `op` in its own task and streams its events, ending with `done` or `failed`.
+/// Runs `op` in its own task and streams its events, ending with `done` or `failed`. The task is
+/// not cancelled when the client leaves (that would drop the operation at any await, half-way
+/// through a rename or a transaction); `op` watches [`Emitter::client_gone`] where it can stop.
 pub fn stream<F, Fut, T>(op: F) -> Response
 where
     F: FnOnce(Emitter) -> Fut,
@@ -169,7 +190,10 @@ where
     T: serde::Serialize,
 {
     let (tx, rx) = mpsc::unbounded_channel();
-    let emitter = Emitter { tx: tx.clone() };
+    let emitter = Emitter {
+        tx: tx.clone(),
+        has_client: true,
+    };
     let fut = op(emitter);
     tokio::spawn(async move {
         let last = match fut.await {
@@ -245,6 +269,59 @@ mod tests {
             "{}",
             e.message
         );
+    }
+
+    #[tokio::test]
+    async fn an_operation_learns_that_its_client_went_away_and_a_sink_never_does() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dir = tempfile::tempdir().unwrap();
+        let (gone_tx, mut gone) = mpsc::unbounded_channel::<()>();
+        let app = axum::Router::new().route(
+            "/op",
+            axum::routing::post(move || {
+                let gone_tx = gone_tx.clone();
+                async move {
+                    stream(move |e| async move {
+                        e.emit(Event::Phase {
+                            name: "started".into(),
+                        });
+                        e.client_gone().await;
+                        let _ = gone_tx.send(());
+                        Ok::<_, ApiError>(())
+                    })
+                }
+            }),
+        );
+        let sock = dir.path().join("api.sock");
+        let listener = tokio::net::UnixListener::bind(&sock).unwrap();
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+        let mut client = tokio::net::UnixStream::connect(&sock).await.unwrap();
+        client
+            .write_all(b"POST /op HTTP/1.1\r\nhost: banger\r\ncontent-length: 0\r\n\r\n")
+            .await
+            .unwrap();
+        let mut seen = Vec::new();
+        while !String::from_utf8_lossy(&seen).contains("started") {
+            let mut buf = [0u8; 1024];
+            let n = client.read(&mut buf).await.unwrap();
+            assert!(n > 0, "{}", String::from_utf8_lossy(&seen));
+            seen.extend_from_slice(&buf[..n]);
+        }
+        // Connected and quiet is not gone.
+        let early = tokio::time::timeout(std::time::Duration::from_millis(300), gone.recv()).await;
+        assert!(early.is_err(), "gone while the client was still there");
+        drop(client);
+        tokio::time::timeout(std::time::Duration::from_secs(5), gone.recv())
+            .await
+            .expect("the operation never learnt that its client left")
+            .unwrap();
+        server.abort();
+
+        let sink = Emitter::sink();
+        let waited =
+            tokio::time::timeout(std::time::Duration::from_millis(100), sink.client_gone()).await;
+        assert!(waited.is_err(), "a sink has no client to lose");
     }
 
     #[test]

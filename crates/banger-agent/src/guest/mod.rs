@@ -17,6 +17,7 @@ pub mod dns;
 pub mod exec;
 mod fsutil;
 pub mod hostname;
+pub mod identity;
 pub mod init;
 pub mod network;
 pub mod notify;

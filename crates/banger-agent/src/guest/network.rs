@@ -219,6 +219,83 @@ impl ConfigSocket {
     }
 }
 
+impl ConfigSocket {
+    fn set_flags(&self, name: &IfName, label: &str, up: bool) -> Result<(), NetError> {
+        let fail = |action: &'static str| {
+            move |source| NetError::Ioctl {
+                action: action.to_string(),
+                name: label.to_string(),
+                source,
+            }
+        };
+        let mut req = name.ifreq();
+        self.ifreq_ioctl(libc::SIOCGIFFLAGS, &mut req)
+            .map_err(fail("read the interface flags"))?;
+        // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
+        let flags = unsafe { req.ifr_ifru.ifru_flags };
+        let up_flag = libc::IFF_UP as libc::c_short;
+        req.ifr_ifru.ifru_flags = if up {
+            flags | up_flag
+        } else {
+            flags & !up_flag
+        };
+        self.ifreq_ioctl(libc::SIOCSIFFLAGS, &mut req)
+            .map_err(fail(if up {
+                "bring the interface up"
+            } else {
+                "take the interface down"
+            }))
+    }
+
+    fn set_hwaddr(&self, name: &IfName, label: &str, mac: [u8; 6]) -> Result<(), NetError> {
+        let mut req = name.ifreq();
+        let mut addr = libc::sockaddr {
+            sa_family: libc::ARPHRD_ETHER,
+            sa_data: [0; 14],
+        };
+        for (dst, src) in addr.sa_data.iter_mut().zip(mac) {
+            *dst = src as libc::c_char;
+        }
+        req.ifr_ifru.ifru_hwaddr = addr;
+        self.ifreq_ioctl(libc::SIOCSIFHWADDR, &mut req)
+            .map_err(|source| NetError::Ioctl {
+                action: format!("set MAC address {}", format_mac(mac)),
+                name: label.to_string(),
+                source,
+            })
+    }
+}
+
+/// `02:ba:ac:10:00:02`.
+pub fn format_mac(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Gives `name` a new MAC address and a new IPv4 address: down (so the old address sends
+/// nothing more), new MAC, new address, up, default route via `gateway`. What a guest restored
+/// from a snapshot does to become a VM of its own.
+pub fn readdress(
+    name: &str,
+    mac: [u8; 6],
+    cidr: Ipv4Cidr,
+    gateway: Option<Ipv4Addr>,
+) -> Result<RouteOutcome, NetError> {
+    let ifname = IfName::new(name)?;
+    let sock = ConfigSocket::open()?;
+    sock.set_flags(&ifname, name, false)?;
+    sock.set_hwaddr(&ifname, name, mac)?;
+    sock.set_addr(&ifname, name, cidr)?;
+    sock.set_flags(&ifname, name, true)?;
+    // Taking the link down dropped the routes through it.
+    match gateway {
+        Some(gw) => sock.add_default_route(name, gw),
+        None => Ok(RouteOutcome::NotRequested),
+    }
+}
+
 /// Brings interface `name` up (loopback needs nothing more).
 pub fn set_link_up(name: &str) -> Result<(), NetError> {
     let ifname = IfName::new(name)?;
@@ -341,6 +418,13 @@ mod tests {
                 configure("eth0", cidr, Some(gw)).unwrap(),
                 RouteOutcome::AlreadyPresent
             );
+            // A guest restored from a snapshot becomes another VM: new MAC, new address, the
+            // old one gone, the default route back.
+            let mac = [0x02, 0xba, 0xac, 0x10, 0x00, 0x09];
+            assert_eq!(
+                readdress("eth0", mac, "172.16.0.9/24".parse().unwrap(), Some(gw)).unwrap(),
+                RouteOutcome::Added
+            );
             return;
         }
 
@@ -391,7 +475,11 @@ mod tests {
             .filter(|a| a["family"] == "inet")
             .collect();
         assert_eq!(v4.len(), 1, "{addrs}");
-        assert_eq!(v4[0]["local"], "172.16.0.2");
+        assert_eq!(
+            v4[0]["local"], "172.16.0.9",
+            "the restored guest's own address"
+        );
+        assert_eq!(addrs[0]["address"], "02:ba:ac:10:00:09", "{addrs}");
         assert_eq!(v4[0]["prefixlen"], 24);
         let flags = addrs[0]["flags"].as_array().unwrap();
         assert!(flags.iter().any(|f| f == "UP"), "eth0 not up: {addrs}");

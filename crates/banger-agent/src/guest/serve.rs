@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
 
 use crate::guest::exec::{self, ExecSpec, ExecTable};
+use crate::guest::identity::{Identity, IdentityControl, SystemIdentity};
 use crate::guest::power::{PowerControl, SystemPower};
 use crate::protocol::{
     decode, encode, is_blank, Frame, GuestMessage, HostMessage, LineAssembler, RequestId,
@@ -68,6 +69,8 @@ pub struct ServeConfig {
     /// The guest's `/etc`, where users and groups are looked up.
     pub etc: PathBuf,
     pub power: Arc<dyn PowerControl>,
+    /// How the guest takes on a new identity (`reidentify`, after a restore).
+    pub identity: Arc<dyn IdentityControl>,
 }
 
 impl ServeConfig {
@@ -82,6 +85,7 @@ impl ServeConfig {
             user: None,
             etc: PathBuf::from("/etc"),
             power: Arc::new(SystemPower),
+            identity: Arc::new(SystemIdentity::default()),
         }
     }
 }
@@ -190,6 +194,33 @@ fn handle(
                 log(format_args!("resize: {e}"));
             }
         }
+        HostMessage::Reidentify {
+            id,
+            boot,
+            mac,
+            machine_id,
+            seed,
+            ssh_host_key,
+        } => {
+            let result = Identity::from_request(&boot, &mac, &machine_id, seed.0, ssh_host_key)
+                .and_then(|identity| {
+                    log(format_args!("becoming {identity:?}"));
+                    cfg.identity.become_vm(&identity)
+                });
+            match result {
+                Ok(()) => reply(writer, ready(id)),
+                Err(message) => {
+                    log(format_args!("reidentify: FAILED: {message}"));
+                    reply(
+                        writer,
+                        GuestMessage::Error {
+                            id,
+                            message: format!("cannot take on the new identity: {message}"),
+                        },
+                    );
+                }
+            }
+        }
         HostMessage::Poweroff { id } => {
             log(format_args!("poweroff requested by the host"));
             let (writer, power) = (writer.clone(), cfg.power.clone());
@@ -227,6 +258,7 @@ fn ready(id: RequestId) -> GuestMessage {
         tty: true,
         users: true,
         output_acks: true,
+        reidentify: true,
     }
 }
 

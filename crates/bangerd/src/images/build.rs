@@ -1,7 +1,15 @@
 //! `image build`: a recipe run through debootstrap in a staging directory, then committed to
 //! the store like any other image.
+//!
+//! A build is the one streamed operation that stops when its client goes away (a killed or
+//! interrupted CLI): nothing of it is in the store yet, and its debootstrap would otherwise run
+//! on for minutes as root. The build is cancelled, which kills the running command with every
+//! process it started (`banger_image::privileged`), removes the tree, and then the staging
+//! directory. Its staging directory is not a `TempDir`, whose drop would walk a tree that may
+//! still hold mounts; if the daemon dies instead, the next start's sweep removes it.
 
 use banger_api::{ApiError, BuildImageRequest, ErrorCode, ImageInfo, Source};
+use tokio_util::sync::CancellationToken;
 
 use crate::server::Emitter;
 
@@ -45,37 +53,59 @@ impl Images {
         progress: &Emitter,
     ) -> Result<ImageInfo, ApiError> {
         let mirror = self.debian_mirror()?;
-        let privileged = banger_image::privileged::HostPrivileged::detect()
+        let privileged = self
+            .privileged()
             .map_err(|e| chain_error(ErrorCode::MissingTool, &e))?;
-        let staging = self.staging()?;
+        let work_dir = self.staging()?.keep();
+        let cancel = CancellationToken::new();
         let req = banger_image::build::BuildRequest {
             recipe: recipe.clone(),
             mirror,
-            work_dir: staging.path().to_owned(),
+            work_dir: work_dir.clone(),
+            cancel: cancel.clone(),
         };
-        let built = banger_image::build::build(&req, &privileged, progress).await;
-        let out = match built {
-            Ok(out) => out,
-            Err(e) => {
-                // The builder removes its tree itself; this also catches a tree left by a crash.
-                let _ =
-                    banger_image::build::cleanup_work_dir(staging.path(), &privileged, progress)
-                        .await;
-                return Err(build_err(e));
+        let built = {
+            let build = banger_image::build::build(&req, privileged.as_ref(), progress);
+            tokio::pin!(build);
+            tokio::select! {
+                r = &mut build => r,
+                () = progress.client_gone() => {
+                    tracing::info!(image = name, "the client went away; cancelling the build");
+                    cancel.cancel();
+                    build.await
+                }
             }
         };
-        let staged = Staged {
-            rootfs: out.rootfs,
-            kernel: out.kernel,
-            initrd: out.initrd,
+        let result = match built {
+            Ok(out) => {
+                let staged = Staged {
+                    rootfs: out.rootfs,
+                    kernel: out.kernel,
+                    initrd: out.initrd,
+                };
+                self.commit(
+                    name,
+                    staged,
+                    Source::Built,
+                    format!("recipe {}", recipe.name),
+                    progress,
+                )
+                .await
+            }
+            Err(e) => Err(build_err(e)),
         };
-        self.commit(
-            name,
-            staged,
-            Source::Built,
-            format!("recipe {}", recipe.name),
+        // The builder removes its tree itself; this removes the rest, and a tree the builder
+        // could not remove (mounts first).
+        let removed = banger_image::remove_leftover(
+            &work_dir,
+            Some(privileged.as_ref()),
+            &banger_image::ProcMounts,
             progress,
         )
-        .await
+        .await;
+        if let Err(e) = removed {
+            tracing::warn!("{} (the next start tries again)", crate::hints::report(&e));
+        }
+        result
     }
 }

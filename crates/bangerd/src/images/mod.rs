@@ -5,7 +5,9 @@
 //! Every operation works in a private staging directory under `STATE/tmp/`, moves finished
 //! files into place with renames, and only then inserts the rows, in one transaction. A crash at
 //! any point leaves either nothing (staging is swept at start-up, as are directories no row
-//! names) or a complete image. The heavy lifting (debootstrap, bundles, downloads) is
+//! names) or a complete image. An interrupted build's staging directory may hold a root-owned
+//! tree with file systems a killed debootstrap left mounted in it; the sweep unmounts those and
+//! removes it as root (`banger_image::workdir`), and never walks into a mount. The heavy lifting (debootstrap, bundles, downloads) is
 //! `banger-image`'s; this module decides names, locations and what the store believes.
 //!
 //! One file per operation: [`build`], [`pull`] (catalog images and bundles; OCI images are
@@ -15,11 +17,12 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::Context;
 use banger_api::{validate_name, ApiError, ErrorCode, ImageInfo, KernelInfo, Source};
 use banger_config::{Config, Paths};
-use banger_image::Progress;
+use banger_image::{MissingTool, Privileged, Progress};
 
 use crate::fsutil;
 use crate::registry::{Claim, Registry};
@@ -33,6 +36,8 @@ mod kernels;
 mod oci;
 mod pull;
 mod register;
+#[cfg(test)]
+mod tests;
 use crate::now_rfc3339;
 use crate::store::{self, Store};
 pub use oci::GENERIC_KERNEL;
@@ -51,6 +56,8 @@ pub struct Images {
     generic_kernel: tokio::sync::Mutex<()>,
     /// Shared with the VM service: creating a VM reads an image, replacing or deleting writes.
     image_locks: crate::image_locks::ImageLocks,
+    /// Runs what needs root (builds, removing their trees); `None` finds sudo when needed.
+    privileged: Option<Arc<dyn Privileged>>,
 }
 
 /// Holds a name busy until dropped.
@@ -92,6 +99,22 @@ impl Images {
             pull_gate: tokio::sync::RwLock::new(()),
             generic_kernel: tokio::sync::Mutex::new(()),
             image_locks,
+            privileged: None,
+        }
+    }
+
+    /// Runs privileged commands through `privileged` instead of this host's root or sudo
+    /// (tests use a runner whose debootstrap is a stand-in).
+    pub fn with_privileged(mut self, privileged: Arc<dyn Privileged>) -> Self {
+        self.privileged = Some(privileged);
+        self
+    }
+
+    /// The runner for commands that need root: direct as root, `sudo -n` otherwise.
+    fn privileged(&self) -> Result<Arc<dyn Privileged>, MissingTool> {
+        match &self.privileged {
+            Some(p) => Ok(p.clone()),
+            None => Ok(Arc::new(banger_image::HostPrivileged::detect()?)),
         }
     }
 
@@ -105,9 +128,9 @@ impl Images {
         self.paths.state_dir.join("tmp")
     }
 
-    /// Removes what an interrupted earlier run left: staging directories, and image or kernel
-    /// directories no row points into (their operation never committed, or a newer version
-    /// replaced them).
+    /// Removes what an interrupted earlier run left: staging directories (see
+    /// [`Images::sweep_staging`]), and image or kernel directories no row points into (their
+    /// operation never committed, or a newer version replaced them).
     pub async fn sweep(&self) -> anyhow::Result<()> {
         let (images, kernels) = self
             .store
@@ -120,7 +143,6 @@ impl Images {
                 std::fs::create_dir_all(dir)
                     .with_context(|| format!("cannot create {}", dir.display()))?;
             }
-            remove_children(&tmp, |_| true);
             // A directory is live when a row names a file in it (OCI pulls and the generic
             // kernel use one directory per version, so the name alone does not say).
             let live: HashSet<String> = images.iter().filter_map(|i| dir_name(&i.rootfs)).collect();
@@ -130,7 +152,56 @@ impl Images {
             remove_children(&kernels_dir, |n| !live.contains(n));
             Ok(())
         })
-        .await?
+        .await??;
+        self.sweep_staging().await;
+        Ok(())
+    }
+
+    /// Removes every staging directory an earlier run left. An interrupted build's holds a
+    /// root-owned tree, maybe with /proc or /sys still mounted in it (its debootstrap was killed
+    /// with the daemon): those are unmounted and removed as root. Anything that cannot be
+    /// removed is logged with what to do, and the daemon starts anyway.
+    pub async fn sweep_staging(&self) {
+        let tmp = self.tmp_dir();
+        let leftovers: Vec<PathBuf> = match std::fs::read_dir(&tmp) {
+            Ok(entries) => entries.flatten().map(|e| e.path()).collect(),
+            Err(e) => {
+                tracing::warn!("cannot list {}: {e}", tmp.display());
+                return;
+            }
+        };
+        if leftovers.is_empty() {
+            return;
+        }
+        // Only needed for a build's leftovers; without sudo the rest is still removed.
+        let privileged = self.privileged();
+        let privileged = match &privileged {
+            Ok(p) => Some(p.as_ref()),
+            Err(e) => {
+                tracing::debug!("no privileged runner for the sweep: {e}");
+                None
+            }
+        };
+        for dir in leftovers {
+            let removed = banger_image::remove_leftover(
+                &dir,
+                privileged,
+                &banger_image::ProcMounts,
+                &banger_image::NoProgress,
+            )
+            .await;
+            match removed {
+                Ok(banger_image::Removal::AsUser) => {
+                    tracing::info!("removed leftover {}", dir.display());
+                }
+                Ok(banger_image::Removal::AsRoot { unmounted }) => tracing::info!(
+                    unmounted = ?unmounted,
+                    "removed leftover {} as root",
+                    dir.display()
+                ),
+                Err(e) => tracing::warn!("{}", crate::hints::report(&e)),
+            }
+        }
     }
 
     fn reserve(&self, name: &str) -> Result<Reservation, ApiError> {

@@ -252,6 +252,7 @@ impl Host {
                         vmm: vmm.clone(),
                         guests: guests.clone(),
                     }),
+                    identity: Arc::new(banger_agent::guest::identity::RecordingIdentity::default()),
                 });
                 std::thread::spawn(move || {
                     let writer = Arc::new(FrameWriter::new(stream.try_clone().unwrap()));
@@ -832,8 +833,17 @@ async fn egress_combines_the_vms_flags_with_the_config_and_reaches_its_tap_and_d
     }
     assert!(vms.show("bad").await.is_err());
 
+    // A restart keeps the VM's own flags.
+    vms.restart("sealed", Emitter::sink()).await.unwrap();
+    assert_eq!(
+        host.net.host().state().guards[&tap(&sealed)].outbound,
+        Outbound::Sealed
+    );
+
     // The config changes and the daemon restarts: running VMs are put under the new policy
-    // at once (their own flags still count), and so is every later start.
+    // at once (their own flags still count), and so is every later start. (The old daemon's
+    // tasks live on in this runtime, as a crashed daemon's VMMs do: nothing here stops a VM
+    // under them.)
     drop(vms);
     let vms = host.daemon_configured(agent(), Config::default());
     vms.reconcile().await.unwrap();
@@ -844,11 +854,6 @@ async fn egress_combines_the_vms_flags_with_the_config_and_reaches_its_tap_and_d
     assert_eq!(
         vms.show("extra").await.unwrap().egress.hosts,
         ["b.com", "*.c.org"]
-    );
-    vms.restart("sealed", Emitter::sink()).await.unwrap();
-    assert_eq!(
-        host.net.host().state().guards[&tap(&sealed)].outbound,
-        Outbound::Sealed
     );
 }
 

@@ -27,6 +27,7 @@ pub fn serve_config(runtime: Option<&ImageRuntime>) -> (ServeConfig, Vec<String>
         // The image's User (OCI syntax), resolved per command against the image's /etc.
         user: runtime.user.clone().filter(|u| !u.trim().is_empty()),
         etc: std::path::PathBuf::from("/etc"),
+        identity: Arc::new(crate::guest::identity::SystemIdentity::default()),
     };
     (cfg, warnings)
 }
