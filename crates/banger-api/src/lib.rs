@@ -9,6 +9,7 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod snapshot;
 pub mod vm;
 
 /// Bumped on any incompatible change to a request, response or event.

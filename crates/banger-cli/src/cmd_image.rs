@@ -45,7 +45,7 @@ fn origin(i: &ImageInfo) -> String {
     }
 }
 
-fn created_short(rfc3339: &str) -> String {
+pub(crate) fn created_short(rfc3339: &str) -> String {
     rfc3339.get(..16).unwrap_or(rfc3339).replace('T', " ")
 }
 

@@ -129,6 +129,9 @@ pub async fn vm(ctx: &Ctx, cmd: VmCmd) -> Result<ExitCode, CliError> {
             };
             return crate::session::run(&client, &name, s).await;
         }
+        VmCmd::Snapshot { name, snapshot } => {
+            return crate::cmd_snapshot::take(ctx, &name, snapshot).await;
+        }
         VmCmd::Logs { name, follow } => {
             let resp = client
                 .get_stream(&format!("/v1/vms/{name}/logs?follow={follow}"))

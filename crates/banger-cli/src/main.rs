@@ -13,6 +13,7 @@ mod cmd_daemon;
 mod cmd_host;
 mod cmd_image;
 mod cmd_run;
+mod cmd_snapshot;
 mod cmd_vm;
 mod complete;
 mod doctor;
@@ -47,6 +48,9 @@ enum Command {
     /// Manage kernels in the store.
     #[command(subcommand)]
     Kernel(KernelCmd),
+    /// Manage snapshots of VMs (take one with `banger vm snapshot`).
+    #[command(subcommand)]
+    Snapshot(SnapshotCmd),
     /// Manage the banger daemon (started automatically by any command).
     #[command(subcommand)]
     Daemon(DaemonCmd),
@@ -279,6 +283,15 @@ pub enum VmCmd {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Snapshot a running VM: pause it, save its memory, devices and disks, and resume it
+    /// (a second or two; the guest notices only the pause). Prints the snapshot's name.
+    Snapshot {
+        #[arg(add = ArgValueCandidates::new(complete::vms))]
+        name: String,
+        /// Name the snapshot (default: VM-1, VM-2, ...).
+        #[arg(long = "name", id = "snapshot_name", value_name = "SNAP")]
+        snapshot: Option<String>,
+    },
     /// Print a VM's serial console and boot log.
     Logs {
         #[arg(add = ArgValueCandidates::new(complete::vms))]
@@ -287,6 +300,14 @@ pub enum VmCmd {
         #[arg(short, long)]
         follow: bool,
     },
+}
+
+#[derive(Subcommand)]
+pub enum SnapshotCmd {
+    /// List snapshots: name, VM, image, VMM, shape, size.
+    List(JsonFlag),
+    /// Delete a snapshot and its files.
+    Delete { name: String },
 }
 
 #[derive(Subcommand)]
@@ -379,6 +400,7 @@ async fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Vm(c) => cmd_vm::vm(&ctx, c).await,
         Command::Image(c) => cmd_image::image(&ctx, c).await,
         Command::Kernel(c) => cmd_image::kernel(&ctx, c).await,
+        Command::Snapshot(c) => cmd_snapshot::snapshot(&ctx, c).await,
         Command::Daemon(c) => cmd_daemon::daemon(&ctx, c).await,
         Command::Doctor(f) => cmd_host::doctor(&ctx, f.json),
         Command::Completion { shell } => complete::print_script(&shell),

@@ -74,6 +74,21 @@ const MIGRATIONS: &[&str] = &[
     // when it is made; the config's `[network] egress` is combined with them at each start.
     "ALTER TABLE vms ADD COLUMN allow_hosts TEXT NOT NULL DEFAULT '';
     ALTER TABLE vms ADD COLUMN no_network INTEGER NOT NULL DEFAULT 0;",
+    // 7: snapshots of running VMs (memory, devices and disks, in STATE/snapshots/NAME/). The
+    // row is written once the files are whole, so a row always names a usable snapshot.
+    "CREATE TABLE snapshots (
+        name        TEXT PRIMARY KEY,
+        vm          TEXT NOT NULL,
+        image       TEXT NOT NULL,
+        kernel      TEXT NOT NULL,
+        boot        TEXT NOT NULL,
+        vmm         TEXT NOT NULL,
+        vcpu        INTEGER NOT NULL,
+        memory_mib  INTEGER NOT NULL,
+        disk_bytes  INTEGER NOT NULL,
+        bytes       INTEGER NOT NULL,
+        created_at  TEXT NOT NULL
+    );",
 ];
 
 #[derive(Clone)]
@@ -475,6 +490,81 @@ pub fn vms_using_image(conn: &Connection, image: &str) -> anyhow::Result<Vec<Str
     let mut stmt = conn.prepare("SELECT name FROM vms WHERE image = ?1 ORDER BY name")?;
     let rows = stmt.query_map([image], |r| r.get(0))?;
     Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// A snapshot as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotRow {
+    pub name: String,
+    pub vm: String,
+    pub image: String,
+    pub kernel: String,
+    pub boot: Boot,
+    pub vmm: String,
+    pub spec: VmSpec,
+    pub bytes: u64,
+    pub created_at: String,
+}
+
+fn snapshot_row(r: &Row<'_>) -> rusqlite::Result<SnapshotRow> {
+    Ok(SnapshotRow {
+        name: r.get("name")?,
+        vm: r.get("vm")?,
+        image: r.get("image")?,
+        kernel: r.get("kernel")?,
+        boot: parse_boot(&r.get::<_, String>("boot")?),
+        vmm: r.get("vmm")?,
+        spec: VmSpec {
+            vcpu: r.get("vcpu")?,
+            memory_mib: r.get("memory_mib")?,
+            disk_bytes: u64::try_from(r.get::<_, i64>("disk_bytes")?).unwrap_or(0),
+        },
+        bytes: u64::try_from(r.get::<_, i64>("bytes")?).unwrap_or(0),
+        created_at: r.get("created_at")?,
+    })
+}
+
+pub fn list_snapshots(conn: &Connection) -> anyhow::Result<Vec<SnapshotRow>> {
+    let mut stmt = conn.prepare("SELECT * FROM snapshots ORDER BY name")?;
+    let rows = stmt.query_map([], snapshot_row)?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+pub fn get_snapshot(conn: &Connection, name: &str) -> anyhow::Result<Option<SnapshotRow>> {
+    Ok(conn
+        .query_row(
+            "SELECT * FROM snapshots WHERE name = ?1",
+            [name],
+            snapshot_row,
+        )
+        .optional()?)
+}
+
+pub fn insert_snapshot(conn: &Connection, s: &SnapshotRow) -> anyhow::Result<()> {
+    conn.execute(
+        "INSERT INTO snapshots (name, vm, image, kernel, boot, vmm, vcpu, memory_mib, disk_bytes,
+                                bytes, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+        params![
+            s.name,
+            s.vm,
+            s.image,
+            s.kernel,
+            s.boot.as_str(),
+            s.vmm,
+            s.spec.vcpu,
+            s.spec.memory_mib,
+            i64::try_from(s.spec.disk_bytes).unwrap_or(i64::MAX),
+            i64::try_from(s.bytes).unwrap_or(i64::MAX),
+            s.created_at
+        ],
+    )?;
+    Ok(())
+}
+
+/// Deletes the snapshot's row; whether there was one.
+pub fn delete_snapshot(conn: &Connection, name: &str) -> anyhow::Result<bool> {
+    Ok(conn.execute("DELETE FROM snapshots WHERE name = ?1", [name])? > 0)
 }
 
 #[cfg(test)]

@@ -168,3 +168,27 @@ pub async fn logs(
     )
         .into_response())
 }
+
+/// `POST /v1/vms/{name}/snapshot`
+pub async fn snapshot(
+    State(s): Shared,
+    UrlPath(name): UrlPath<String>,
+    Json(req): Json<banger_api::snapshot::CreateSnapshotRequest>,
+) -> ApiResult<banger_api::snapshot::SnapshotInfo> {
+    Ok(Json(s.vms.snapshot(&name, req.name).await?))
+}
+
+/// `GET /v1/snapshots`
+pub async fn list_snapshots(
+    State(s): Shared,
+) -> ApiResult<Vec<banger_api::snapshot::SnapshotInfo>> {
+    Ok(Json(s.vms.list_snapshots().await?))
+}
+
+/// `DELETE /v1/snapshots/{name}`
+pub async fn delete_snapshot(
+    State(s): Shared,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult<Deleted> {
+    Ok(Json(s.vms.delete_snapshot(&name).await?))
+}

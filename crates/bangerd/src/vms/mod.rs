@@ -39,6 +39,7 @@ mod exec;
 mod network;
 mod reconcile;
 mod refresh_names;
+mod snapshot;
 mod ssh;
 mod start;
 mod stop;

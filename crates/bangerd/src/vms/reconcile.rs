@@ -101,6 +101,7 @@ impl Vms {
             }
         }
         self.refresh_names().await;
+        self.sweep_snapshots().await;
         Ok(())
     }
 

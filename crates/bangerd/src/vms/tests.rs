@@ -858,6 +858,76 @@ async fn egress_combines_the_vms_flags_with_the_config_and_reaches_its_tap_and_d
 }
 
 #[tokio::test]
+async fn snapshots_of_running_vms_are_taken_listed_and_deleted_whole() {
+    let host = Host::new();
+    let vms = host.daemon();
+    create(&vms, "web", "debian").await.unwrap();
+    let first = vms.snapshot("web", None).await.unwrap();
+    assert_eq!(first.name, "web-1");
+    assert_eq!((first.vm.as_str(), first.image.as_str()), ("web", "debian"));
+    assert_eq!(first.vmm, "qemu");
+    let dir = PathBuf::from(&first.dir);
+    // The disks as they were while the guest was paused, next to the VMM's files.
+    for disk in ["root.ext4", "work.ext4"] {
+        assert_eq!(
+            std::fs::read(dir.join(disk)).unwrap(),
+            std::fs::read(host.paths.state_dir.join("vms/web").join(disk)).unwrap(),
+            "{disk}"
+        );
+    }
+    assert!(dir.join("vm-snapshot.json").is_file());
+    assert!(first.bytes > 0);
+    assert!(host
+        .vmm
+        .calls()
+        .iter()
+        .any(|c| matches!(c, banger_vmm::testkit::FakeCall::Snapshot { vm, .. } if vm == "web")));
+    // The VM runs on.
+    assert_eq!(vms.show("web").await.unwrap().state, VmState::Running);
+    let second = vms.snapshot("web", None).await.unwrap();
+    assert_eq!(second.name, "web-2");
+    let named = vms.snapshot("web", Some("base".into())).await.unwrap();
+    assert_eq!(named.name, "base");
+    let err = vms.snapshot("web", Some("base".into())).await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::AlreadyExists);
+    let err = vms
+        .snapshot("web", Some("Bad Name".into()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::BadRequest);
+    let names: Vec<String> = vms
+        .list_snapshots()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    assert_eq!(names, ["base", "web-1", "web-2"]);
+
+    // Only a running VM.
+    vms.stop("web", true).await.unwrap();
+    let err = vms.snapshot("web", None).await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::InvalidState, "{}", err.message);
+    assert!(err.hints[0].contains("banger vm start web"));
+
+    // Deleting takes the files too; an unknown name lists the ones there are.
+    vms.delete_snapshot("web-1").await.unwrap();
+    assert!(!dir.exists());
+    let err = vms.delete_snapshot("web-1").await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::NotFound);
+    assert!(err.hints[0].contains("base, web-2"), "{:?}", err.hints);
+
+    // What a crash mid-snapshot leaves is gone after the next start; recorded ones stay.
+    let partial = host.paths.state_dir.join("snapshots/.web-3.partial");
+    std::fs::create_dir_all(&partial).unwrap();
+    std::fs::write(partial.join("vm.state"), "half").unwrap();
+    let vms = host.restarted_daemon().await;
+    assert!(!partial.exists());
+    assert_eq!(vms.list_snapshots().await.unwrap().len(), 2);
+    assert!(PathBuf::from(&named.dir).join("root.ext4").is_file());
+}
+
+#[tokio::test]
 async fn a_guest_that_never_becomes_ready_is_kept_for_inspection_until_deleted() {
     let host = Host::new();
     let vms = host.daemon();
