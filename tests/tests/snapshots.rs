@@ -1,0 +1,87 @@
+//! Snapshots from a real guest, in a private network namespace: a busybox VM on QEMU (TCG) is
+//! snapshotted while it runs (QEMU saves through a file descriptor under its seccomp sandbox),
+//! goes on running, and the snapshot is listed with its files and deleted whole.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
+
+use std::path::PathBuf;
+
+use banger_e2e::oci::*;
+use banger_e2e::*;
+
+#[test]
+fn a_running_guest_is_snapshotted_and_runs_on() {
+    if !e2e_enabled() {
+        return;
+    }
+    assert!(
+        agent_bin().is_some(),
+        "the static guest agent is missing: run `make agent` (make test does)"
+    );
+    require_oci_tools();
+    let env = Env::with_netns();
+    env.write_config(
+        "vmm = \"qemu\"\n[vm_defaults]\nvcpu = 1\nmemory_mib = 256\ndisk_size = \"128M\"\n",
+    );
+    register_generic_kernel(&env);
+    let registry = Registry::start(env.netns.as_ref(), None);
+    let image = busybox_image(&[]);
+    registry.push(&image.layout, &image.tag, "test/busybox:1", None);
+    let reference = format!("{}/test/busybox:1", registry.host());
+    env.ok(["image", "pull", &reference, "--name", "busybox"]);
+    env.ok(["vm", "create", "--image", "busybox", "--name", "bb"]);
+    env.ok([
+        "vm",
+        "exec",
+        "bb",
+        "--",
+        "sh",
+        "-c",
+        "echo before > /root/mark",
+    ]);
+
+    let out = env.ok(["vm", "snapshot", "bb", "--name", "base"]);
+    assert_eq!(out.stdout.trim(), "base", "{out}");
+    let list = env.ok(["snapshot", "list", "--json"]).json();
+    let snap = &list[0];
+    assert_eq!(snap["name"], "base", "{list}");
+    assert_eq!(snap["vm"], "bb");
+    assert_eq!(snap["vmm"], "qemu");
+    let dir = PathBuf::from(snap["dir"].as_str().unwrap());
+    for file in ["vm.state", "vm-snapshot.json", "root.ext4", "work.ext4"] {
+        assert!(
+            dir.join(file).is_file(),
+            "{file} missing in {}",
+            dir.display()
+        );
+    }
+    // 256 MiB of guest memory, most of it never touched: the state is real but not huge.
+    let state = std::fs::metadata(dir.join("vm.state")).unwrap().len();
+    assert!(state > 1_000_000, "a state of {state} bytes");
+    let table = env.ok(["snapshot", "list"]).stdout;
+    assert!(
+        table.contains("base") && table.contains("bb") && table.contains("qemu"),
+        "{table}"
+    );
+
+    // The guest ran on: the same machine, its file still there, new commands answered.
+    let out = env.ok(["vm", "exec", "bb", "--", "cat", "/root/mark"]);
+    assert_eq!(out.stdout, "before\n");
+    assert_eq!(
+        env.ok(["vm", "show", "bb", "--json"]).json()["state"],
+        "running"
+    );
+
+    let err = env.banger(["vm", "snapshot", "bb", "--name", "base"]);
+    assert!(
+        !err.success() && err.stderr.contains("already exists"),
+        "{err}"
+    );
+    env.ok(["snapshot", "delete", "base"]);
+    assert!(!dir.exists(), "the snapshot's files stayed");
+    assert_eq!(
+        env.ok(["snapshot", "list", "--json"]).json(),
+        serde_json::json!([])
+    );
+    env.ok(["vm", "delete", "bb", "--force"]);
+    env.stop_daemon();
+}
