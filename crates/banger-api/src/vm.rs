@@ -86,6 +86,10 @@ pub struct CreateVmRequest {
     /// Nothing beyond the host, and no other guest (`--no-network`).
     #[serde(default)]
     pub no_network: bool,
+    /// Make the VM from this snapshot (`--from`): its image, shape, memory and disks, running
+    /// at once, with an identity of its own. `image` and `spec` are then the snapshot's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
 }
 
 /// Where a VM may send traffic beyond the host, as `vm show` reports it.

@@ -160,6 +160,7 @@ pub async fn run(ctx: &Ctx, args: RunArgs) -> Result<ExitCode, CliError> {
         host_access: args.vm.host_access,
         allow_hosts: args.vm.allow_hosts.clone(),
         no_network: args.vm.no_network,
+        from: None,
     };
     let mut renderer = Renderer::new(ctx.verbose);
     let created: Result<VmInfo, CliError> =

@@ -38,7 +38,10 @@ pub async fn vm(ctx: &Ctx, cmd: VmCmd) -> Result<ExitCode, CliError> {
                 .vm
                 .image
                 .unwrap_or_else(|| config.default_image().to_owned());
-            eprintln!("spec: {}, image {image}", resolved.describe());
+            match &args.from {
+                None => eprintln!("spec: {}, image {image}", resolved.describe()),
+                Some(snap) => eprintln!("from snapshot {snap} (its image and shape)"),
+            }
             let req = CreateVmRequest {
                 name: args.vm.name,
                 image,
@@ -48,6 +51,7 @@ pub async fn vm(ctx: &Ctx, cmd: VmCmd) -> Result<ExitCode, CliError> {
                 host_access: args.vm.host_access,
                 allow_hosts: args.vm.allow_hosts.clone(),
                 no_network: args.vm.no_network,
+                from: args.from,
             };
             let vm: VmInfo = streamed(ctx, &client, "/v1/vms", &req).await?;
             println!("{}", vm.name);

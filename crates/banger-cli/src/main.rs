@@ -194,8 +194,13 @@ pub struct CreateArgs {
     #[command(flatten)]
     vm: NewVmArgs,
     /// Create the VM without booting it.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "from")]
     no_start: bool,
+    /// Make the VM from a snapshot (`banger snapshot list`): running in a moment, as the
+    /// snapshotted VM was, with its own address, MAC, name, keys and machine-id. Its image
+    /// and shape are the snapshot's.
+    #[arg(long, value_name = "SNAP", conflicts_with_all = ["image", "vcpu", "memory", "disk"])]
+    from: Option<String>,
 }
 
 #[derive(Subcommand)]

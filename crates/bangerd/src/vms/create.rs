@@ -47,6 +47,28 @@ impl Vms {
         progress: Emitter,
     ) -> Result<VmInfo, ApiError> {
         progress.phase("allocate");
+        // From a snapshot: its image and shape, whatever the request says.
+        let mut req = req;
+        let from = match &req.from {
+            None => None,
+            Some(snap) => {
+                let snap = self.snapshot_row(snap).await?;
+                let images = crate::images::image_with_kernel(&self.store, &snap.image).await;
+                if let Err(e) = images {
+                    return Err(api(
+                        ErrorCode::NotFound,
+                        format!(
+                            "snapshot {} was taken of image {}, which is no longer here: {}",
+                            snap.name, snap.image, e.message
+                        ),
+                    )
+                    .with_hint("delete the snapshot (`banger snapshot delete`), or pull or build the image again under its name"));
+                }
+                req.image = snap.image.clone();
+                req.spec = snap.spec;
+                Some(snap)
+            }
+        };
         let image_name = req.image.clone();
         let (found, _) = crate::images::image_with_kernel(&self.store, &image_name).await?;
         // From reading the image to cloning its files, a newer pull may not replace them.
@@ -141,9 +163,13 @@ impl Vms {
         let _guard = lock.lock().await;
         progress.notice(&format!("VM {name}: {} ({})", row.ip, self.vmms.reason()));
 
-        let prepared = self
-            .prepare_disks(&row, Path::new(&image.rootfs), &agent_bin, &req, &progress)
-            .await;
+        let prepared = match &from {
+            None => {
+                self.prepare_disks(&row, Path::new(&image.rootfs), &agent_bin, &req, &progress)
+                    .await
+            }
+            Some(snap) => self.disks_from_snapshot(&row, snap, &progress).await,
+        };
         drop(image_held);
         if let Err(e) = prepared {
             self.remove_everything(&row).await;
@@ -153,7 +179,10 @@ impl Vms {
             .await?;
         self.refresh_names().await;
         if req.start {
-            if let Err(e) = self.start_locked(&name, &progress).await {
+            let restore = from
+                .as_ref()
+                .map(|s| banger_vmm::SnapshotPaths::new(self.snapshot_dir(&s.name)));
+            if let Err(e) = self.start_locked(&name, &progress, restore.as_ref()).await {
                 // A guest that booted but never became ready is kept for inspection; any other
                 // failure to start leaves no half-made VM behind.
                 if e.code != ErrorCode::BootTimeout {
@@ -165,6 +194,57 @@ impl Vms {
             }
         }
         self.show(&name).await
+    }
+
+    /// A VM's disks from a snapshot: its root and work disks cloned (reflinks where the file
+    /// system can), a host key of its own for a guest with sshd (handed to the guest when it
+    /// takes on its identity), the image's settings for one without.
+    async fn disks_from_snapshot(
+        &self,
+        row: &VmRow,
+        snap: &store::SnapshotRow,
+        progress: &Emitter,
+    ) -> Result<(), ApiError> {
+        let dir = self.vm_dir(&row.name);
+        std::fs::create_dir_all(&dir).map_err(|e| {
+            api(
+                ErrorCode::Internal,
+                format!("cannot create {}: {e}", dir.display()),
+            )
+        })?;
+        match row.boot {
+            Boot::Systemd => {
+                let host_key = dir.join("ssh_host_ed25519_key");
+                sshkeys::keygen(&host_key, &format!("banger-{}", row.name)).await?;
+            }
+            Boot::Agent => {
+                let image = row.image.clone();
+                let json = self
+                    .store
+                    .call(move |c| store::image_runtime(c, &image))
+                    .await
+                    .map_err(internal)?
+                    .unwrap_or_else(|| "{}".to_owned());
+                let path = dir.join(IMAGE_RUNTIME_FILE);
+                std::fs::write(&path, json).map_err(|e| {
+                    api(
+                        ErrorCode::Internal,
+                        format!("cannot write {}: {e}", path.display()),
+                    )
+                })?;
+            }
+        }
+        progress.phase("clone snapshot disks");
+        let from = self.snapshot_dir(&snap.name);
+        tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            for disk in super::snapshot::DISKS {
+                fsutil::clone_file(&from.join(disk), &dir.join(disk))?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| internal(e.into()))?
+        .map_err(|e| disk_error(e, "cannot clone the snapshot's disks"))
     }
 
     async fn prepare_disks(

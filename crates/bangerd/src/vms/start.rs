@@ -104,15 +104,18 @@ impl Vms {
     ) -> Result<VmInfo, ApiError> {
         let lock = self.lock_for(name);
         let _guard = lock.lock().await;
-        self.start_locked(name, &progress).await?;
+        self.start_locked(name, &progress, None).await?;
         self.show(name).await
     }
 
-    /// Boots a stopped VM and waits until its agent and sshd answer. Caller holds the VM lock.
+    /// Boots a stopped VM (or, with `restore`, starts it from that snapshot, then has the guest
+    /// take on the VM's own identity) and waits until its agent and sshd answer. Caller holds
+    /// the VM lock.
     pub(super) async fn start_locked(
         self: &Arc<Self>,
         name: &str,
         progress: &Emitter,
+        restore: Option<&banger_vmm::SnapshotPaths>,
     ) -> Result<(), ApiError> {
         let row = self.row(name).await?;
         match row.state {
@@ -242,7 +245,14 @@ impl Vms {
             run_dir: run_dir.clone(),
             console_log: console.clone(),
         };
-        let handle = match backend.start(&cfg).await {
+        let started = match restore {
+            None => backend.start(&cfg).await,
+            Some(snapshot) => {
+                progress.phase("restore");
+                backend.restore(&cfg, snapshot).await
+            }
+        };
+        let handle = match started {
             Ok(h) => h,
             Err(e) => {
                 self.release_network(&row).await;
@@ -274,6 +284,19 @@ impl Vms {
 
         progress.phase("wait for agent");
         let ready = self.wait_for_agent(name, &handle, self.timeouts.boot).await;
+        let ready = match (ready, restore) {
+            (Ok((client, _)), Some(_)) => {
+                // Until this answers, the guest is a copy of the snapshot's: its packets, from
+                // the old address and MAC, go nowhere (the tap's guard knows only the new).
+                progress.phase("new identity");
+                let identity = self.identity(&row, settings.clone())?;
+                client
+                    .reidentify(identity, self.timeouts.boot)
+                    .await
+                    .map(|ready| (client, ready))
+            }
+            (ready, _) => ready,
+        };
         let client = match ready {
             Ok((client, _ready)) => client,
             Err(e) => {
@@ -320,6 +343,43 @@ impl Vms {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         Ok(())
+    }
+
+    /// Who a guest restored from a snapshot becomes: this VM's address, name and clock
+    /// (`settings`), its MAC, a new machine-id and random seed, and for a guest with sshd the
+    /// host key made for this VM (pinned in known_hosts).
+    fn identity(
+        &self,
+        row: &VmRow,
+        settings: BootSettings,
+    ) -> Result<banger_agent::host::Identity, ApiError> {
+        let machine_id = hex::encode(rand::random::<[u8; 16]>());
+        let seed = rand::random::<[u8; 64]>().to_vec();
+        let ssh_host_key = match row.boot {
+            Boot::Agent => None,
+            Boot::Systemd => {
+                let dir = self.vm_dir(&row.name);
+                let read = |file: &str| {
+                    std::fs::read_to_string(dir.join(file)).map_err(|e| {
+                        api(
+                            ErrorCode::Internal,
+                            format!("cannot read VM {}'s host key {file}: {e}", row.name),
+                        )
+                    })
+                };
+                Some(banger_agent::protocol::SshHostKey {
+                    private: read("ssh_host_ed25519_key")?,
+                    public: read("ssh_host_ed25519_key.pub")?.trim_end().to_owned(),
+                })
+            }
+        };
+        Ok(banger_agent::host::Identity {
+            boot: settings,
+            mac: row.mac.clone(),
+            machine_id,
+            seed,
+            ssh_host_key,
+        })
     }
 
     /// Writes the initramfs an agent-booted VM starts with: the kernel's modules archive, then an
@@ -379,7 +439,7 @@ impl Vms {
         let _guard = lock.lock().await;
         progress.phase("stop");
         self.stop_locked(name, false).await?;
-        self.start_locked(name, &progress).await?;
+        self.start_locked(name, &progress, None).await?;
         self.show(name).await
     }
 }

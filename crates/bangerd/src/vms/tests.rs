@@ -128,6 +128,8 @@ struct Guests {
     etc: tempfile::TempDir,
     agents_answer: AtomicBool,
     power_offs: AtomicUsize,
+    /// What the guests were asked to become (after a restore).
+    identities: Arc<banger_agent::guest::identity::RecordingIdentity>,
 }
 
 /// The agent's power-off in a fake guest: the guest's VMM ends (unless the fake VMM has its
@@ -214,6 +216,7 @@ impl Host {
                 etc: tempfile::tempdir().unwrap(),
                 agents_answer: AtomicBool::new(true),
                 power_offs: AtomicUsize::new(0),
+                identities: Arc::default(),
             }),
             dns: Mutex::default(),
             dir,
@@ -252,7 +255,7 @@ impl Host {
                         vmm: vmm.clone(),
                         guests: guests.clone(),
                     }),
-                    identity: Arc::new(banger_agent::guest::identity::RecordingIdentity::default()),
+                    identity: guests.identities.clone(),
                 });
                 std::thread::spawn(move || {
                     let writer = Arc::new(FrameWriter::new(stream.try_clone().unwrap()));
@@ -457,6 +460,7 @@ fn request(name: &str, image: &str, start: bool) -> CreateVmRequest {
         host_access: false,
         allow_hosts: Vec::new(),
         no_network: false,
+        from: None,
     }
 }
 
@@ -925,6 +929,145 @@ async fn snapshots_of_running_vms_are_taken_listed_and_deleted_whole() {
     assert!(!partial.exists());
     assert_eq!(vms.list_snapshots().await.unwrap().len(), 2);
     assert!(PathBuf::from(&named.dir).join("root.ext4").is_file());
+}
+
+#[tokio::test]
+async fn vms_made_from_a_snapshot_are_restored_and_each_made_its_own() {
+    let host = Host::new();
+    let vms = host.daemon();
+    create(&vms, "web", "debian").await.unwrap();
+    vms.snapshot("web", Some("base".into())).await.unwrap();
+    let mut made = Vec::new();
+    for name in ["copy1", "copy2"] {
+        let vm = vms
+            .create(
+                CreateVmRequest {
+                    from: Some("base".into()),
+                    // The snapshot's image and shape, whatever the request says.
+                    spec: VmSpec {
+                        vcpu: 4,
+                        memory_mib: 4096,
+                        disk_bytes: 1 << 30,
+                    },
+                    ..request(name, "busybox", true)
+                },
+                Emitter::sink(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(vm.state, VmState::Running);
+        assert_eq!(vm.image, "debian");
+        made.push(vm);
+    }
+    let web = vms.show("web").await.unwrap();
+    assert_eq!(made[0].spec, web.spec);
+    // Each its own lease, MAC and tap, restored (not booted) from the snapshot's files.
+    let ips: std::collections::BTreeSet<_> = [&web, &made[0], &made[1]]
+        .iter()
+        .map(|v| v.ip.clone())
+        .collect();
+    assert_eq!(ips.len(), 3);
+    let restores: Vec<VmConfig> = host
+        .vmm
+        .calls()
+        .into_iter()
+        .filter_map(|c| match c {
+            banger_vmm::testkit::FakeCall::Restore { cfg, snapshot } => {
+                assert!(
+                    snapshot.ends_with("snapshots/base"),
+                    "{}",
+                    snapshot.display()
+                );
+                Some(cfg)
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(restores.len(), 2);
+    assert_eq!(
+        restores[0].net.as_ref().unwrap().mac.to_string(),
+        made[0].mac
+    );
+    assert_ne!(
+        restores[0].net.as_ref().unwrap().tap.as_str(),
+        restores[1].net.as_ref().unwrap().tap.as_str()
+    );
+    // The disks are the snapshot's copies.
+    assert_eq!(
+        std::fs::read(host.paths.state_dir.join("vms/copy1/work.ext4")).unwrap(),
+        std::fs::read(host.paths.state_dir.join("snapshots/base/work.ext4")).unwrap()
+    );
+    // Each guest was told who it is before it was reported running: its own address, MAC,
+    // name, machine-id, random seed and SSH host key (the one pinned for it).
+    let seen = host.guests.identities.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2);
+    for (identity, vm) in seen.iter().zip(&made) {
+        assert_eq!(identity.boot.ip.unwrap().addr().to_string(), vm.ip);
+        assert_eq!(
+            banger_agent::guest::network::format_mac(identity.mac),
+            vm.mac
+        );
+        assert_eq!(
+            identity.boot.hostname.as_ref().unwrap().to_string(),
+            vm.name
+        );
+        let pinned = std::fs::read_to_string(
+            host.paths
+                .state_dir
+                .join("vms")
+                .join(&vm.name)
+                .join("ssh_host_ed25519_key.pub"),
+        )
+        .unwrap();
+        assert_eq!(
+            identity.ssh_host_key.as_ref().unwrap().public,
+            pinned.trim_end()
+        );
+    }
+    assert_ne!(seen[0].machine_id, seen[1].machine_id);
+    assert_ne!(seen[0].seed, seen[1].seed);
+    let known_hosts = std::fs::read_to_string(host.paths.known_hosts()).unwrap();
+    assert!(
+        known_hosts.contains("copy1.vm") && known_hosts.contains("copy2.vm"),
+        "{known_hosts}"
+    );
+
+    // An unknown snapshot, and one whose image is gone, are refused before anything is made.
+    let err = vms
+        .create(
+            CreateVmRequest {
+                from: Some("nope".into()),
+                ..request("x", "debian", true)
+            },
+            Emitter::sink(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::NotFound);
+    assert!(err.hints[0].contains("base"), "{:?}", err.hints);
+    host.store()
+        .call(|c| {
+            c.execute(
+                "UPDATE snapshots SET image = 'deleted-image' WHERE name = 'base'",
+                [],
+            )?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+    let err = vms
+        .create(
+            CreateVmRequest {
+                from: Some("base".into()),
+                ..request("y", "debian", true)
+            },
+            Emitter::sink(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::NotFound);
+    assert!(err.message.contains("deleted-image"), "{}", err.message);
+    assert!(vms.show("y").await.is_err());
 }
 
 #[tokio::test]
