@@ -1,6 +1,8 @@
 //! Snapshots from a real guest, in a private network namespace: a busybox VM on QEMU (TCG) is
 //! snapshotted while it runs (QEMU saves through a file descriptor under its seccomp sandbox),
-//! goes on running, and the snapshot is listed with its files and deleted whole.
+//! goes on running; two VMs made from the snapshot run at once, each with its own address, MAC,
+//! name, machine-id, randomness and the host's clock; the snapshot is listed with its files and
+//! deleted whole.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
 
 use std::path::PathBuf;
@@ -71,6 +73,61 @@ fn a_running_guest_is_snapshotted_and_runs_on() {
         "running"
     );
 
+    // Two VMs from the snapshot, running at once, each its own machine: the file written
+    // before the snapshot, but their own address, MAC, name, machine-id, randomness and clock.
+    env.ok(["vm", "create", "--from", "base", "--name", "c1"]);
+    env.ok(["vm", "create", "--from", "base", "--name", "c2"]);
+    let facts = |vm: &str| -> Vec<String> {
+        let out = env.ok([
+            "vm",
+            "exec",
+            vm,
+            "--",
+            "sh",
+            "-c",
+            "cat /root/mark; hostname; cat /etc/machine-id; \
+             ip -o -4 addr show eth0 | awk '{print $4}'; cat /sys/class/net/eth0/address; \
+             head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n'; echo; date +%s",
+        ]);
+        out.stdout.lines().map(str::to_owned).collect()
+    };
+    let (f1, f2) = (facts("c1"), facts("c2"));
+    for (f, vm) in [(&f1, "c1"), (&f2, "c2")] {
+        assert_eq!(f.len(), 7, "{vm}: {f:?}");
+        assert_eq!(f[0], "before", "{vm} lost the file: {f:?}");
+        assert_eq!(f[1], vm, "{f:?}");
+        let show = env.ok(["vm", "show", vm, "--json"]).json();
+        assert_eq!(
+            f[3].split('/').next().unwrap(),
+            show["ip"].as_str().unwrap(),
+            "{f:?}"
+        );
+        assert_eq!(f[4], show["mac"].as_str().unwrap(), "{f:?}");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let guest: i64 = f[6].parse().unwrap();
+        assert!(
+            (now - guest).abs() <= 2,
+            "{vm}'s clock is {} s off",
+            now - guest
+        );
+    }
+    for i in 2..6 {
+        assert_ne!(f1[i], f2[i], "c1 and c2 share line {i}: {f1:?} {f2:?}");
+    }
+    // And each reaches the other by name (the bridge knows them by their own addresses).
+    let ping = env.ok([
+        "vm", "exec", "c1", "--", "ping", "-c", "1", "-W", "3", "c2.vm",
+    ]);
+    assert!(ping.stdout.contains("1 packets received"), "{ping}");
+    // The snapshotted VM runs on beside them.
+    assert_eq!(
+        env.ok(["vm", "exec", "bb", "--", "hostname"]).stdout.trim(),
+        "bb"
+    );
+
     let err = env.banger(["vm", "snapshot", "bb", "--name", "base"]);
     assert!(
         !err.success() && err.stderr.contains("already exists"),
@@ -82,6 +139,8 @@ fn a_running_guest_is_snapshotted_and_runs_on() {
         env.ok(["snapshot", "list", "--json"]).json(),
         serde_json::json!([])
     );
-    env.ok(["vm", "delete", "bb", "--force"]);
+    for vm in ["bb", "c1", "c2"] {
+        env.ok(["vm", "delete", vm, "--force"]);
+    }
     env.stop_daemon();
 }
