@@ -1,8 +1,9 @@
 //! Snapshots from a real guest, in a private network namespace: a busybox VM on QEMU (TCG) is
 //! snapshotted while it runs (QEMU saves through a file descriptor under its seccomp sandbox),
 //! goes on running; two VMs made from the snapshot run at once, each with its own address, MAC,
-//! name, machine-id, randomness and the host's clock; the snapshot is listed with its files and
-//! deleted whole.
+//! name, machine-id, randomness and the host's clock; `vm fork` makes two children that have
+//! the parent's file and running process; the snapshot is listed with its files and deleted
+//! whole.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
 
 use std::path::PathBuf;
@@ -39,6 +40,17 @@ fn a_running_guest_is_snapshotted_and_runs_on() {
         "sh",
         "-c",
         "echo before > /root/mark",
+    ]);
+    // A process that outlives its command, to be found running in the forks.
+    env.ok([
+        "vm",
+        "exec",
+        "bb",
+        "--",
+        "sh",
+        "-c",
+        "echo 'while :; do sleep 1; done' > /root/loop.sh; \
+         setsid sh /root/loop.sh </dev/null >/dev/null 2>&1 &",
     ]);
 
     let out = env.ok(["vm", "snapshot", "bb", "--name", "base"]);
@@ -122,6 +134,35 @@ fn a_running_guest_is_snapshotted_and_runs_on() {
         "vm", "exec", "c1", "--", "ping", "-c", "1", "-W", "3", "c2.vm",
     ]);
     assert!(ping.stdout.contains("1 packets received"), "{ping}");
+    // A fork: two children of the running VM, with its file and its process.
+    let out = env.ok(["vm", "fork", "bb", "-n", "2"]);
+    assert_eq!(out.stdout, "bb-1\nbb-2\n", "{out}");
+    for kid in ["bb-1", "bb-2"] {
+        let out = env.ok([
+            "vm",
+            "exec",
+            kid,
+            "--",
+            "sh",
+            "-c",
+            "cat /root/mark; ps; hostname",
+        ]);
+        assert!(out.stdout.starts_with("before\n"), "{kid}: {out}");
+        assert!(
+            out.stdout.contains("sh /root/loop.sh"),
+            "{kid} lost the process: {out}"
+        );
+        assert!(out.stdout.trim_end().ends_with(kid), "{out}");
+    }
+    assert_eq!(
+        env.ok(["snapshot", "list", "--json"])
+            .json()
+            .as_array()
+            .unwrap()
+            .len(),
+        1,
+        "the fork's snapshot stayed"
+    );
     // The snapshotted VM runs on beside them.
     assert_eq!(
         env.ok(["vm", "exec", "bb", "--", "hostname"]).stdout.trim(),
@@ -139,7 +180,7 @@ fn a_running_guest_is_snapshotted_and_runs_on() {
         env.ok(["snapshot", "list", "--json"]).json(),
         serde_json::json!([])
     );
-    for vm in ["bb", "c1", "c2"] {
+    for vm in ["bb", "c1", "c2", "bb-1", "bb-2"] {
         env.ok(["vm", "delete", vm, "--force"]);
     }
     env.stop_daemon();

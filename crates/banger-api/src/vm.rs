@@ -151,6 +151,13 @@ pub struct VmInfo {
     pub egress: EgressInfo,
 }
 
+/// `POST /v1/vms/{name}/fork` (streamed; answers the new VMs)
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForkVmRequest {
+    /// How many VMs to make.
+    pub count: u32,
+}
+
 /// `POST /v1/vms/{name}/stop`
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StopVmRequest {

@@ -133,6 +133,15 @@ pub async fn vm(ctx: &Ctx, cmd: VmCmd) -> Result<ExitCode, CliError> {
             };
             return crate::session::run(&client, &name, s).await;
         }
+        VmCmd::Fork { name, count } => {
+            let req = banger_api::vm::ForkVmRequest { count };
+            let vms: Vec<VmInfo> =
+                streamed(ctx, &client, &format!("/v1/vms/{name}/fork"), &req).await?;
+            for vm in &vms {
+                println!("{}", vm.name);
+                eprintln!("VM {} is {} at {}", vm.name, vm.state, vm.ip);
+            }
+        }
         VmCmd::Snapshot { name, snapshot } => {
             return crate::cmd_snapshot::take(ctx, &name, snapshot).await;
         }

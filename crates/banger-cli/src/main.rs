@@ -297,6 +297,15 @@ pub enum VmCmd {
         #[arg(long = "name", id = "snapshot_name", value_name = "SNAP")]
         snapshot: Option<String>,
     },
+    /// Make N new VMs from a running VM's current state (its files and processes), each with
+    /// its own address, MAC, name, keys and machine-id; the VM runs on. Prints their names.
+    Fork {
+        #[arg(add = ArgValueCandidates::new(complete::vms))]
+        name: String,
+        /// How many.
+        #[arg(short = 'n', long, default_value_t = 1)]
+        count: u32,
+    },
     /// Print a VM's serial console and boot log.
     Logs {
         #[arg(add = ArgValueCandidates::new(complete::vms))]

@@ -201,6 +201,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/vms/{name}/ssh", get(vm_routes::ssh))
         .route("/v1/vms/{name}/logs", get(vm_routes::logs))
         .route("/v1/vms/{name}/snapshot", post(vm_routes::snapshot))
+        .route("/v1/vms/{name}/fork", post(vm_routes::fork))
         .route("/v1/snapshots", get(vm_routes::list_snapshots))
         .route("/v1/snapshots/{name}", delete(vm_routes::delete_snapshot))
         .route("/v1/kernels", get(image_routes::list_kernels))

@@ -192,3 +192,12 @@ pub async fn delete_snapshot(
 ) -> ApiResult<Deleted> {
     Ok(Json(s.vms.delete_snapshot(&name).await?))
 }
+
+/// `POST /v1/vms/{name}/fork` (streamed)
+pub async fn fork(
+    State(s): Shared,
+    UrlPath(name): UrlPath<String>,
+    Json(req): Json<banger_api::vm::ForkVmRequest>,
+) -> Response {
+    stream(move |e| async move { s.vms.fork(&name, req.count, e).await })
+}

@@ -36,6 +36,7 @@ mod agent;
 mod create;
 mod delete;
 mod exec;
+mod fork;
 mod network;
 mod reconcile;
 mod refresh_names;

@@ -1071,6 +1071,37 @@ async fn vms_made_from_a_snapshot_are_restored_and_each_made_its_own() {
 }
 
 #[tokio::test]
+async fn a_fork_makes_running_children_named_after_the_parent_and_keeps_no_snapshot() {
+    let host = Host::new();
+    let vms = host.daemon();
+    create(&vms, "web", "debian").await.unwrap();
+    let kids = vms.fork("web", 2, Emitter::sink()).await.unwrap();
+    let names: Vec<&str> = kids.iter().map(|v| v.name.as_str()).collect();
+    assert_eq!(names, ["web-1", "web-2"]);
+    assert!(kids
+        .iter()
+        .all(|v| v.state == VmState::Running && v.image == "debian"));
+    assert_eq!(host.guests.identities.seen.lock().unwrap().len(), 2);
+    assert!(
+        vms.list_snapshots().await.unwrap().is_empty(),
+        "the fork's snapshot stayed"
+    );
+    assert_eq!(vms.show("web").await.unwrap().state, VmState::Running);
+    // The next fork takes the next free names.
+    let more = vms.fork("web", 1, Emitter::sink()).await.unwrap();
+    assert_eq!(more[0].name, "web-3");
+    for bad in [0, MAX_FORKS_FOR_TEST + 1] {
+        let err = vms.fork("web", bad, Emitter::sink()).await.unwrap_err();
+        assert_eq!(err.code, ErrorCode::BadRequest);
+    }
+    vms.stop("web", true).await.unwrap();
+    let err = vms.fork("web", 1, Emitter::sink()).await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::InvalidState);
+}
+
+const MAX_FORKS_FOR_TEST: u32 = 16;
+
+#[tokio::test]
 async fn a_guest_that_never_becomes_ready_is_kept_for_inspection_until_deleted() {
     let host = Host::new();
     let vms = host.daemon();
