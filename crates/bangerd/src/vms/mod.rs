@@ -9,8 +9,10 @@
 //! VM are serialised by a per-VM lock; the host network is set up when a VM starts and torn down
 //! when the last running VM stops, so nothing of banger stays on the host while no VM runs.
 //!
-//! One file per operation: [`create`], [`start`] (and restart), [`stop`], [`delete`], [`exec`],
-//! [`ssh`], [`supervise`], [`reconcile`] and [`refresh_names`]; [`network`] and [`agent`] hold
+//! One file per operation: [`create`] (from an image, or `--from` a snapshot), [`start`] (and
+//! restart, and a restore from a snapshot), [`stop`], [`delete`], [`exec`], [`ssh`],
+//! [`snapshot`] (and snapshot list and delete), [`fork`], [`supervise`], [`reconcile`] and
+//! [`refresh_names`]; [`network`] and [`agent`] hold
 //! what several of them share (the network's lifetime, the guest agent). This file keeps the
 //! service itself and the queries every operation starts from.
 
