@@ -209,7 +209,7 @@ pub enum VmCmd {
     /// with a command (`-- make test`; exits with its status), or ephemeral (--rm).
     #[command(after_long_help = EXIT_CODES_HELP)]
     Run(cmd_run::RunArgs),
-    /// Create a VM from an image and boot it.
+    /// Create a VM from an image and boot it (or, with --from, from a snapshot).
     Create(CreateArgs),
     /// Boot a stopped VM.
     Start {

@@ -19,7 +19,7 @@ use serde::Deserialize;
 
 use crate::addr::Subnet;
 use crate::host::{Changes, HostNet, NetError};
-use crate::names::{BridgeName, TapName, BRIDGE_MARK, TAP_PREFIX};
+use crate::names::{BridgeName, TapName, TAP_PREFIX};
 use crate::names::{BridgeOwner, Ownership};
 use crate::nat::{self, NatRuleset, PortGuard, GUARD_FAMILY, NFT_FAMILY};
 use crate::privileged::{query, PrivilegedRunner};
@@ -124,19 +124,6 @@ impl HostNet for SystemHostNet {
             Some(link) if link.kind() == "bridge" => {
                 match self.owner.ownership(link.ifalias.as_deref()) {
                     Ownership::Mine => link,
-                    // Made by a banger that did not yet name the owner, or (no mark at all)
-                    // one that did not mark bridges, still carrying its taps: this daemon's
-                    // from now on.
-                    Ownership::Unclaimed | Ownership::Foreign
-                        if has_our_taps || link.ifalias.as_deref() == Some(BRIDGE_MARK) =>
-                    {
-                        self.ip(
-                            "mark bridge as banger's",
-                            &["link", "set", "dev", name, "alias", &alias],
-                        )?;
-                        changes.push(format!("marked {name} as this banger's"));
-                        link
-                    }
                     Ownership::Other(owner) => {
                         return Err(NetError::OtherDaemon {
                             name: name.to_owned(),
@@ -145,10 +132,21 @@ impl HostNet for SystemHostNet {
                     }
                     // Someone else's bridge (the host's `br0`, say): using it would put guests on
                     // that network, and tearing it down later would cut the host off it.
-                    Ownership::Unclaimed | Ownership::Foreign => {
+                    Ownership::Foreign if !has_our_taps => {
                         return Err(NetError::NotOurs {
                             name: name.to_owned(),
                         })
+                    }
+                    // Made by a banger that did not yet name the owner, or (no mark at all)
+                    // one that did not mark bridges, still carrying its taps: this daemon's
+                    // from now on.
+                    Ownership::Unclaimed | Ownership::Foreign => {
+                        self.ip(
+                            "mark bridge as banger's",
+                            &["link", "set", "dev", name, "alias", &alias],
+                        )?;
+                        changes.push(format!("marked {name} as this banger's"));
+                        link
                     }
                 }
             }

@@ -183,6 +183,19 @@ pub struct VmHandle {
     pub run_dir: PathBuf,
 }
 
+impl VmHandle {
+    /// The VMM's control socket (QEMU's QMP, Firecracker's API), which snapshots need; a
+    /// handle without one is refused naming the VM.
+    pub(crate) fn control_socket(&self) -> Result<&Path, VmmError> {
+        self.api_socket
+            .as_deref()
+            .ok_or_else(|| VmmError::InvalidConfig {
+                vm: self.name.clone(),
+                reason: format!("its handle names no {} control socket", self.backend),
+            })
+    }
+}
+
 /// One VMM backend: the whole of what the daemon needs from a VMM.
 pub trait Vmm: Send + Sync {
     fn kind(&self) -> BackendKind;

@@ -50,13 +50,7 @@ impl FirecrackerBackend {
                 source,
             }
         };
-        let socket = handle
-            .api_socket
-            .as_deref()
-            .ok_or_else(|| VmmError::InvalidConfig {
-                vm: vm.to_string(),
-                reason: "its handle names no API socket".into(),
-            })?;
+        let socket = handle.control_socket()?;
         require_fresh(dest, vm)?;
         let client = FirecrackerClient::new(socket).with_timeout(REQUEST_TIMEOUT);
         let config = client

@@ -56,13 +56,7 @@ impl QemuBackend {
                 source,
             }
         };
-        let socket = handle
-            .api_socket
-            .as_deref()
-            .ok_or_else(|| VmmError::InvalidConfig {
-                vm: vm.to_string(),
-                reason: "its handle names no QMP socket".into(),
-            })?;
+        let socket = handle.control_socket()?;
         require_fresh(dest, vm)?;
         let mut qmp = Qmp::connect(socket)
             .await

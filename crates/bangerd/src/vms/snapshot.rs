@@ -69,10 +69,11 @@ impl Vms {
                 .with_hint("pick another --name, or delete it with `banger snapshot delete`"))
             }
             Some(n) => n,
-            None => (1..)
+            // At most as many tries as there are snapshots, plus one.
+            None => (1..=existing.len() + 1)
                 .map(|i| format!("{vm}-{i}"))
                 .find(|n| !existing.iter().any(|s| &s.name == n))
-                .unwrap_or_else(|| format!("{vm}-snapshot")),
+                .unwrap_or_else(|| format!("{vm}-{}", existing.len() + 1)),
         };
         let dir = self.snapshot_dir(&name);
         if dir.exists() {

@@ -1090,7 +1090,7 @@ async fn a_fork_makes_running_children_named_after_the_parent_and_keeps_no_snaps
     // The next fork takes the next free names.
     let more = vms.fork("web", 1, Emitter::sink()).await.unwrap();
     assert_eq!(more[0].name, "web-3");
-    for bad in [0, MAX_FORKS_FOR_TEST + 1] {
+    for bad in [0, super::fork::MAX_FORKS + 1] {
         let err = vms.fork("web", bad, Emitter::sink()).await.unwrap_err();
         assert_eq!(err.code, ErrorCode::BadRequest);
     }
@@ -1098,8 +1098,6 @@ async fn a_fork_makes_running_children_named_after_the_parent_and_keeps_no_snaps
     let err = vms.fork("web", 1, Emitter::sink()).await.unwrap_err();
     assert_eq!(err.code, ErrorCode::InvalidState);
 }
-
-const MAX_FORKS_FOR_TEST: u32 = 16;
 
 #[tokio::test]
 async fn a_guest_that_never_becomes_ready_is_kept_for_inspection_until_deleted() {
