@@ -15,6 +15,7 @@ use tokio::net::UnixStream;
 use banger_hint::Hint;
 use nix::sys::signal::{signal, SigHandler, Signal};
 
+use crate::guest::identity::{Identity, IdentityControl};
 use crate::guest::power::PowerControl;
 use crate::guest::serve::{serve_session, FrameWriter, ServeConfig, BASE_ENV, BOOT_ID_PATH};
 use crate::host::{
@@ -103,23 +104,33 @@ impl Guest {
 
     /// Serves `stream` on a thread until it closes.
     fn serve(&self, stream: StdStream) -> thread::JoinHandle<()> {
-        let cfg = self.config();
-        thread::spawn(move || {
-            let writer = Arc::new(FrameWriter::new(stream.try_clone().unwrap()));
-            let _ = serve_session(&stream, &writer, &cfg);
-        })
+        serve_with(self.config(), stream)
     }
 
     /// A client connected to a fresh session of this guest, plus the guest's end of the
     /// socket (to cut the connection from the guest side).
     fn connect(&self) -> (AgentClient, StdStream) {
-        let (host, guest) = StdStream::pair().unwrap();
-        let guest_handle = guest.try_clone().unwrap();
-        self.serve(guest);
-        host.set_nonblocking(true).unwrap();
-        let client = AgentClient::new(VM, UnixStream::from_std(host).unwrap());
-        (client, guest_handle)
+        connect_with(self.config())
     }
+}
+
+/// Serves `stream` with `cfg` on a thread until it closes.
+fn serve_with(cfg: Arc<ServeConfig>, stream: StdStream) -> thread::JoinHandle<()> {
+    thread::spawn(move || {
+        let writer = Arc::new(FrameWriter::new(stream.try_clone().unwrap()));
+        let _ = serve_session(&stream, &writer, &cfg);
+    })
+}
+
+/// A client connected to a fresh session of a guest served with `cfg`, plus the guest's end
+/// of the socket.
+fn connect_with(cfg: Arc<ServeConfig>) -> (AgentClient, StdStream) {
+    let (host, guest) = StdStream::pair().unwrap();
+    let guest_handle = guest.try_clone().unwrap();
+    serve_with(cfg, guest);
+    host.set_nonblocking(true).unwrap();
+    let client = AgentClient::new(VM, UnixStream::from_std(host).unwrap());
+    (client, guest_handle)
 }
 
 fn sh(script: &str) -> ExecRequest {
@@ -504,6 +515,75 @@ async fn a_restored_guest_takes_on_the_identity_the_host_gives_it_or_says_why_no
         .unwrap_err();
     assert!(err.to_string().contains("is not a MAC address"), "{err}");
     assert_eq!(guest.identity.seen.lock().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn the_work_disk_is_unmounted_for_a_warm_snapshot_and_mounted_again_on_request() {
+    let guest = Guest::new();
+    let (client, _g) = guest.connect();
+    let ready = client
+        .work_disk(false, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(ready.capabilities.work_disk);
+    client
+        .work_disk(true, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(
+        *guest.identity.work_disk_calls.lock().unwrap(),
+        vec![false, true]
+    );
+    // The guest still serves commands afterwards, in its working directory.
+    let out = client
+        .exec(sh("pwd"))
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    assert_eq!(text(&out.stdout).trim(), guest.cwd.path().to_str().unwrap());
+}
+
+/// A guest whose `/root` is in use: it refuses to swap its work disk.
+struct BusyHome;
+
+impl IdentityControl for BusyHome {
+    fn become_vm(&self, _identity: &Identity) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn work_disk(&self, _mounted: bool) -> Result<(), String> {
+        Err("something still uses /root (a process's working directory or an open file)".into())
+    }
+}
+
+#[tokio::test]
+async fn a_work_disk_the_guest_cannot_swap_is_an_error_saying_why() {
+    let guest = Guest::new();
+    let cfg = Arc::new(ServeConfig {
+        identity: Arc::new(BusyHome),
+        ..Arc::try_unwrap(guest.config()).ok().unwrap()
+    });
+    let (client, _g) = connect_with(cfg);
+    let err = client
+        .work_disk(false, Duration::from_secs(5))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "VM test-vm: cannot unmount the work disk: something still uses /root (a process's \
+         working directory or an open file)"
+    );
+    let err = client
+        .work_disk(true, Duration::from_secs(5))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("VM test-vm: cannot mount the work disk: "),
+        "{err}"
+    );
 }
 
 /// Talks raw protocol to the guest: one line out, one line back.
@@ -1038,12 +1118,11 @@ async fn no_argv_runs_the_users_login_shell() {
     assert_eq!(out.status, ExitStatus::Code(3));
 }
 
-#[tokio::test]
-async fn an_agent_without_terminals_is_refused_clearly_for_a_tty_exec() {
-    let (host, fake_guest) = UnixStream::pair().unwrap();
-    let client = AgentClient::new(VM, host);
-    // An agent of the previous version: answers hello, knows nothing of tty or users.
-    let guest_task = tokio::spawn(async move {
+/// An agent of an earlier version, version 0.0.9, on the far end of `fake_guest`: it answers
+/// hello with `ready` and the capabilities `caps` (JSON object members, e.g.
+/// `"stdin_acks":true`) and nothing else; the task returns the ops it was sent.
+fn old_agent(fake_guest: UnixStream, caps: &'static str) -> tokio::task::JoinHandle<Vec<String>> {
+    tokio::spawn(async move {
         let (read, mut write) = fake_guest.into_split();
         let mut lines = tokio::io::BufReader::new(read).lines();
         let mut ops = Vec::new();
@@ -1055,14 +1134,22 @@ async fn an_agent_without_terminals_is_refused_clearly_for_a_tty_exec() {
             ops.push(msg["op"].as_str().unwrap().to_string());
             if msg["op"] == "hello" {
                 let ready = format!(
-                    "{{\"op\":\"ready\",\"id\":{},\"hostname\":\"h\",\"agent_version\":\"0.0.9\",\"boot_id\":\"b\",\"stdin_acks\":true}}\n",
+                    "{{\"op\":\"ready\",\"id\":{},\"hostname\":\"h\",\"agent_version\":\"0.0.9\",\"boot_id\":\"b\",{caps}}}\n",
                     msg["id"]
                 );
                 write.write_all(ready.as_bytes()).await.unwrap();
             }
         }
         ops
-    });
+    })
+}
+
+#[tokio::test]
+async fn an_agent_without_terminals_is_refused_clearly_for_a_tty_exec() {
+    let (host, fake_guest) = UnixStream::pair().unwrap();
+    let client = AgentClient::new(VM, host);
+    // An agent of the previous version: knows nothing of tty or users.
+    let guest_task = old_agent(fake_guest, "\"stdin_acks\":true");
     let err = client.exec(tty_sh("true")).await.unwrap_err();
     assert_eq!(
         err.to_string(),
@@ -1073,6 +1160,29 @@ async fn an_agent_without_terminals_is_refused_clearly_for_a_tty_exec() {
     assert!(matches!(err, AgentError::Unsupported { .. }), "{err}");
     drop(client);
     // One hello to learn what the agent can do, and no exec it would have misread.
+    assert_eq!(guest_task.await.unwrap(), vec!["hello"]);
+}
+
+#[tokio::test]
+async fn an_agent_without_work_disk_is_refused_before_anything_is_sent() {
+    let (host, fake_guest) = UnixStream::pair().unwrap();
+    let client = AgentClient::new(VM, host);
+    // An agent that restores (reidentify) but cannot swap its work disk.
+    let guest_task = old_agent(fake_guest, "\"stdin_acks\":true,\"reidentify\":true");
+    for mounted in [false, true] {
+        let err = client
+            .work_disk(mounted, Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, AgentError::Unsupported { .. }), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "the agent of VM test-vm (version 0.0.9) cannot mount or unmount the work disk \
+             (warm snapshots)"
+        );
+        assert!(err.hint().unwrap().contains("recreate the VM"));
+    }
+    drop(client);
     assert_eq!(guest_task.await.unwrap(), vec!["hello"]);
 }
 

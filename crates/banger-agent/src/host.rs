@@ -1,5 +1,6 @@
 //! The host side of the agent protocol: an async client the daemon uses to probe a guest's
-//! readiness, run commands in it and power it off (feature `host`, tokio).
+//! readiness, run commands in it, make a restored guest its own VM (its identity, its work
+//! disk) and power it off (feature `host`, tokio).
 //!
 //! One [`AgentClient`] owns one connection. A background task reads the guest's frames and
 //! hands each to the request it answers (by request id), so any number of commands can run at
@@ -9,7 +10,8 @@
 //! the VM.
 //!
 //! The agent's `ready` says what it can do; the client remembers it and refuses requests an
-//! older agent would misread (a terminal, another user) with [`AgentError::Unsupported`]
+//! older agent would misread or not know (a terminal, another user, a new identity, the work
+//! disk) with [`AgentError::Unsupported`]
 //! instead of letting them run differently from what was asked. If no `hello` was answered on
 //! the connection yet, such a request says `hello` first.
 //!
@@ -169,6 +171,8 @@ pub struct Capabilities {
     pub output_acks: bool,
     /// It takes on a new identity when asked (guests restored from a snapshot).
     pub reidentify: bool,
+    /// It unmounts and mounts the work disk when asked (warm snapshots).
+    pub work_disk: bool,
 }
 
 /// Who a guest restored from a snapshot becomes (see [`AgentClient::reidentify`]).
@@ -466,16 +470,7 @@ impl AgentClient {
         let (tx, rx) = oneshot::channel();
         let id = self.register(Pending::Hello(tx))?;
         self.send(&HostMessage::Hello { id }).await?;
-        match tokio::time::timeout(timeout, rx).await {
-            Ok(answer) => answer.unwrap_or_else(|_| Err(self.lost_now())),
-            Err(_) => {
-                lock(&self.inner.state).pending.remove(&id);
-                Err(AgentError::NoAnswer {
-                    vm: self.inner.vm.clone(),
-                    waited: timeout,
-                })
-            }
-        }
+        self.ready_answer(id, rx, timeout).await
     }
 
     /// Makes a guest restored from a snapshot the VM `identity` describes, and returns its
@@ -500,16 +495,23 @@ impl AgentClient {
             ssh_host_key: identity.ssh_host_key,
         })
         .await?;
-        match tokio::time::timeout(timeout, rx).await {
-            Ok(answer) => answer.unwrap_or_else(|_| Err(self.lost_now())),
-            Err(_) => {
-                lock(&self.inner.state).pending.remove(&id);
-                Err(AgentError::NoAnswer {
-                    vm: self.inner.vm.clone(),
-                    waited: timeout,
-                })
-            }
-        }
+        self.ready_answer(id, rx, timeout).await
+    }
+
+    /// Unmounts (`mounted: false`) or mounts (`true`) the guest's work disk at `/root`, and
+    /// returns the agent's answer once that is done: unmounted just before a warm snapshot is
+    /// taken (so its memory holds nothing of that disk), mounted again right after it, and in
+    /// each VM restored from it after [`AgentClient::reidentify`] (its `/dev/vdb` is then its
+    /// own disk). Needs an agent that advertised `work_disk`.
+    pub async fn work_disk(&self, mounted: bool, timeout: Duration) -> Result<Ready, AgentError> {
+        self.require("mount or unmount the work disk (warm snapshots)", |c| {
+            c.work_disk
+        })
+        .await?;
+        let (tx, rx) = oneshot::channel();
+        let id = self.register(Pending::Hello(tx))?;
+        self.send(&HostMessage::WorkDisk { id, mounted }).await?;
+        self.ready_answer(id, rx, timeout).await
     }
 
     /// Starts a command. Errors the agent reports for it (say, a program that does not exist)
@@ -576,6 +578,26 @@ impl AgentClient {
             cols: size.cols,
         })
         .await
+    }
+
+    /// Waits up to `timeout` for the `ready` that answers request `id`; a request that gets
+    /// none is forgotten, so a late answer is dropped.
+    async fn ready_answer(
+        &self,
+        id: RequestId,
+        rx: oneshot::Receiver<Result<Ready, AgentError>>,
+        timeout: Duration,
+    ) -> Result<Ready, AgentError> {
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(answer) => answer.unwrap_or_else(|_| Err(self.lost_now())),
+            Err(_) => {
+                lock(&self.inner.state).pending.remove(&id);
+                Err(AgentError::NoAnswer {
+                    vm: self.inner.vm.clone(),
+                    waited: timeout,
+                })
+            }
+        }
     }
 
     /// Fails unless the agent advertised what `has` looks for; asks `hello` first when no
@@ -920,6 +942,7 @@ fn dispatch(state: &Mutex<State>, vm: &str, msg: GuestMessage) -> Option<Deliver
             users,
             output_acks,
             reidentify,
+            work_disk,
             ..
         } => {
             st.agent = Some((
@@ -930,6 +953,7 @@ fn dispatch(state: &Mutex<State>, vm: &str, msg: GuestMessage) -> Option<Deliver
                     users: *users,
                     output_acks: *output_acks,
                     reidentify: *reidentify,
+                    work_disk: *work_disk,
                 },
             ))
         }
@@ -948,6 +972,7 @@ fn dispatch(state: &Mutex<State>, vm: &str, msg: GuestMessage) -> Option<Deliver
                 users,
                 output_acks,
                 reidentify,
+                work_disk,
                 ..
             },
         ) => drop(tx.send(Ok(Ready {
@@ -960,6 +985,7 @@ fn dispatch(state: &Mutex<State>, vm: &str, msg: GuestMessage) -> Option<Deliver
                 users,
                 output_acks,
                 reidentify,
+                work_disk,
             },
         }))),
         // The queue bounds frames, so each frame must be bounded too: the agent never sends

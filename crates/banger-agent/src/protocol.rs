@@ -15,7 +15,10 @@
 //!   `stdin`, `stdin_close` and `signal` for that id, `resize` when it asked for a terminal, and
 //!   `output_ack` for each output frame its reader took when it asked for acks (`output_acks`:
 //!   the agent then keeps at most [`OUTPUT_WINDOW`] frames of that command unacknowledged);
-//! - `poweroff` → `exit` (code 0 once the shutdown was started), after which the link drops.
+//! - `poweroff` → `exit` (code 0 once the shutdown was started), after which the link drops;
+//! - `reidentify` → `ready` (a guest restored from a snapshot became the VM the host names);
+//! - `work_disk` → `ready` (the work disk at `/root` was unmounted before a warm snapshot, or
+//!   mounted after one).
 //!
 //! An `error` ends the request it names: it answers a request the agent could not carry out
 //! (e.g. a program that does not exist). Frames for ids a side does not know are ignored, since
@@ -33,7 +36,8 @@
 //! Unknown fields are ignored so that a newer host can talk to an older agent and back; an
 //! unknown `op` with an id is answered with an `error`. Because an old agent would ignore `tty`
 //! and `user` rather than refuse them, `ready` advertises what the agent can do (`stdin_acks`,
-//! `tty`, `users`, `output_acks`) and the host refuses requests the agent would misread.
+//! `tty`, `users`, `output_acks`, `reidentify`, `work_disk`) and the host refuses requests the
+//! agent would misread or not understand.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -237,6 +241,11 @@ pub enum HostMessage {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         ssh_host_key: Option<SshHostKey>,
     },
+    /// Unmount (`mounted: false`) or mount (`true`) the work disk at /root: a VM kept as a
+    /// warm snapshot has none mounted, so each VM restored from it mounts its own. Answered by
+    /// `ready`, or `error` saying what failed (e.g. something still uses /root). Only agents
+    /// that advertise `work_disk`.
+    WorkDisk { id: RequestId, mounted: bool },
 }
 
 /// An SSH host key pair, as OpenSSH writes it (`ssh_host_ed25519_key` and its `.pub`).
@@ -266,7 +275,8 @@ impl HostMessage {
             | HostMessage::Signal { id, .. }
             | HostMessage::Resize { id, .. }
             | HostMessage::Poweroff { id }
-            | HostMessage::Reidentify { id, .. } => *id,
+            | HostMessage::Reidentify { id, .. }
+            | HostMessage::WorkDisk { id, .. } => *id,
         }
     }
 }
@@ -302,6 +312,9 @@ pub enum GuestMessage {
         /// The agent understands `reidentify`. Older agents omit it.
         #[serde(default)]
         reidentify: bool,
+        /// The agent understands `work_disk`. Older agents omit it.
+        #[serde(default)]
+        work_disk: bool,
     },
     /// One stdin chunk of the command was written to it (or dropped, with `closed`, because the
     /// command closed its stdin; later chunks are dropped too).
@@ -580,6 +593,14 @@ mod tests {
                     public: "ssh-ed25519 AAAA".into(),
                 }),
             },
+            HostMessage::WorkDisk {
+                id: RequestId(9),
+                mounted: false,
+            },
+            HostMessage::WorkDisk {
+                id: RequestId(10),
+                mounted: true,
+            },
         ];
         let ops = [
             "hello",
@@ -590,11 +611,17 @@ mod tests {
             "resize",
             "output_ack",
             "reidentify",
+            "work_disk",
+            "work_disk",
         ];
         for (msg, op) in all.iter().zip(ops) {
             assert_eq!(wire(msg)["op"], op);
             assert_eq!(&decode::<HostMessage>(&encode(msg)).unwrap(), msg);
         }
+        assert_eq!(
+            wire(&all[8]),
+            json!({"op": "work_disk", "id": 9, "mounted": false})
+        );
     }
 
     #[test]
@@ -610,6 +637,7 @@ mod tests {
                 users: true,
                 output_acks: true,
                 reidentify: true,
+                work_disk: true,
             },
             GuestMessage::StdinAck {
                 id: RequestId(5),
@@ -652,6 +680,7 @@ mod tests {
                 users: false,
                 output_acks: false,
                 reidentify: false,
+                work_disk: false,
                 ..
             }
         ));

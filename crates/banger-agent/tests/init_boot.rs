@@ -218,6 +218,46 @@ async fn the_agent_as_init_boots_an_image_without_init_serves_reaps_and_powers_o
     assert_ne!(first_agent, second_agent);
     assert!(second_agent.ends_with("\n700\n"), "{second_agent}");
 
+    // The work disk around a warm snapshot: not unmounted while something uses /root, then
+    // unmounted (nothing left mounted there) and mounted again with its files and modes.
+    let (sleeper, _) = sh(
+        &client,
+        "echo kept > /root/kept; cd /root && { sleep 120 </dev/null >/dev/null 2>&1 & echo $!; }",
+    )
+    .await;
+    let err = client
+        .work_disk(false, Duration::from_secs(30))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("something still uses /root"),
+        "{err}"
+    );
+    sh(&client, &format!("kill {}", sleeper.trim())).await;
+    // The sleeper lets go of /root as it exits, which may be a moment after the kill.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match client.work_disk(false, Duration::from_secs(30)).await {
+            Ok(_) => break,
+            Err(e) if Instant::now() < deadline && e.to_string().contains("still uses") => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("unmounting the work disk: {e}\nconsole:\n{}", console()),
+        }
+    }
+    let (mounts, _) = sh(&client, "cat /proc/mounts").await;
+    assert!(
+        !mounts.lines().any(|l| l.split(' ').nth(1) == Some("/root")),
+        "{mounts}"
+    );
+    assert_eq!(sh(&client, "ls -A /root").await.0, "");
+    client
+        .work_disk(true, Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|e| panic!("mounting the work disk: {e}\nconsole:\n{}", console()));
+    let (out, _) = sh(&client, "cat /root/kept; stat -c %a /root").await;
+    assert_eq!(out, "kept\n700\n");
+
     // Power-off: QEMU exits by itself and both disks are clean.
     let asked = Instant::now();
     client.poweroff().await.unwrap();

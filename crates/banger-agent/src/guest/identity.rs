@@ -9,13 +9,21 @@
 //! order that matters: clock and randomness first (what follows may use them), the network
 //! next (the old address must stop at once), then the names and keys. The first step that
 //! fails ends it with an error: a half-renamed guest is not to be used, and the host deletes
-//! it. Behind [`IdentityControl`] so the serve loop is tested without changing the test
-//! machine.
+//! it.
+//!
+//! The work disk is swapped here too (`work_disk`): a VM about to be kept as a warm snapshot
+//! unmounts its work disk at the host's request, and each VM restored from it (and the VM
+//! itself, once the snapshot is taken) mounts its own, the one now behind `/dev/vdb`
+//! ([`crate::guest::workdisk`]).
+//!
+//! Behind [`IdentityControl`] so the serve loop is tested without changing the test machine.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::cmdline::{self, BootSettings};
+use crate::guest::serve::{log, report};
+use crate::guest::workdisk::{self, MountOutcome, ReleaseOutcome};
 use crate::guest::{clock, dns, hostname, network, SetupConfig};
 use crate::protocol::SshHostKey;
 
@@ -116,12 +124,17 @@ fn parse_mac(text: &str) -> Option<[u8; 6]> {
 pub trait IdentityControl: Send + Sync {
     /// Applies `identity`, all of it, or says which step failed.
     fn become_vm(&self, identity: &Identity) -> Result<(), String>;
+    /// Unmounts (`mounted: false`) the work disk, leaving nothing of it in this guest, or
+    /// mounts (`true`) the one now behind its device; or says what failed.
+    fn work_disk(&self, mounted: bool) -> Result<(), String>;
 }
 
-/// A stand-in for tests: records what it was asked to become.
+/// A stand-in for tests: records what it was asked to become and do with the work disk.
 #[derive(Debug, Default)]
 pub struct RecordingIdentity {
     pub seen: std::sync::Mutex<Vec<Identity>>,
+    /// The `mounted` of each `work_disk` request, in order.
+    pub work_disk_calls: std::sync::Mutex<Vec<bool>>,
 }
 
 impl IdentityControl for RecordingIdentity {
@@ -130,6 +143,14 @@ impl IdentityControl for RecordingIdentity {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .push(identity.clone());
+        Ok(())
+    }
+
+    fn work_disk(&self, mounted: bool) -> Result<(), String> {
+        self.work_disk_calls
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(mounted);
         Ok(())
     }
 }
@@ -168,6 +189,31 @@ impl IdentityControl for SystemIdentity {
             .map_err(|e| fail("machine-id", &e))?;
         if let Some(key) = &identity.ssh_host_key {
             install_host_key(&self.setup.etc, key).map_err(|e| fail("ssh host key", &e))?;
+        }
+        Ok(())
+    }
+
+    fn work_disk(&self, mounted: bool) -> Result<(), String> {
+        let (device, home) = (&self.setup.work_device, &self.setup.home);
+        // Only what the host's answer does not tell is logged here: that there was nothing
+        // to do.
+        if mounted {
+            let outcome = workdisk::attach_work_disk(device, home, self.setup.device_wait)
+                .map_err(|e| report(&e))?;
+            if outcome == MountOutcome::AlreadyMounted {
+                log(format_args!(
+                    "work disk: {} already mounted; permissions fixed",
+                    home.display()
+                ));
+            }
+        } else {
+            let outcome = workdisk::release_work_disk(device, home).map_err(|e| report(&e))?;
+            if outcome == ReleaseOutcome::NotMounted {
+                log(format_args!(
+                    "work disk: nothing mounted at {}; nothing to unmount",
+                    home.display()
+                ));
+            }
         }
         Ok(())
     }

@@ -8,13 +8,14 @@
 //! [`FrameWriter`], which is also how the tests drive it over a socket pair.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
 
 use crate::guest::exec::{self, ExecSpec, ExecTable};
 use crate::guest::identity::{Identity, IdentityControl, SystemIdentity};
 use crate::guest::power::{PowerControl, SystemPower};
+use crate::image::DEFAULT_HOME;
 use crate::protocol::{
     decode, encode, is_blank, Frame, GuestMessage, HostMessage, LineAssembler, RequestId,
     WindowSize, AGENT_VERSION, MAX_LINE,
@@ -69,7 +70,8 @@ pub struct ServeConfig {
     /// The guest's `/etc`, where users and groups are looked up.
     pub etc: PathBuf,
     pub power: Arc<dyn PowerControl>,
-    /// How the guest takes on a new identity (`reidentify`, after a restore).
+    /// How the guest takes on a new identity (`reidentify`, after a restore) and swaps its
+    /// work disk (`work_disk`, around a warm snapshot).
     pub identity: Arc<dyn IdentityControl>,
 }
 
@@ -86,6 +88,24 @@ impl ServeConfig {
             etc: PathBuf::from("/etc"),
             power: Arc::new(SystemPower),
             identity: Arc::new(SystemIdentity::default()),
+        }
+    }
+
+    /// Creates the default working directory where it is missing, as Docker does for an
+    /// image's WorkingDir. Called whenever the work disk was mounted (at start, and after a
+    /// `work_disk` mount), since the directory may be on it; `/root` is the work disk's own
+    /// mount point, never made here.
+    pub(crate) fn create_working_dir(&self) {
+        let dir = &self.default_cwd;
+        if dir == Path::new(DEFAULT_HOME) || dir.is_dir() {
+            return;
+        }
+        match std::fs::create_dir_all(dir) {
+            Ok(()) => log(format_args!("working directory {} created", dir.display())),
+            Err(e) => log(format_args!(
+                "working directory {}: cannot create it: {e}",
+                dir.display()
+            )),
         }
     }
 }
@@ -221,6 +241,28 @@ fn handle(
                 }
             }
         }
+        HostMessage::WorkDisk { id, mounted } => {
+            let verb = if mounted { "mount" } else { "unmount" };
+            match cfg.identity.work_disk(mounted) {
+                Ok(()) => {
+                    log(format_args!("work disk: {verb}ed at the host's request"));
+                    if mounted {
+                        cfg.create_working_dir();
+                    }
+                    reply(writer, ready(id));
+                }
+                Err(message) => {
+                    log(format_args!("work disk: {verb}: FAILED: {message}"));
+                    reply(
+                        writer,
+                        GuestMessage::Error {
+                            id,
+                            message: format!("cannot {verb} the work disk: {message}"),
+                        },
+                    );
+                }
+            }
+        }
         HostMessage::Poweroff { id } => {
             log(format_args!("poweroff requested by the host"));
             let (writer, power) = (writer.clone(), cfg.power.clone());
@@ -259,6 +301,7 @@ fn ready(id: RequestId) -> GuestMessage {
         users: true,
         output_acks: true,
         reidentify: true,
+        work_disk: true,
     }
 }
 
@@ -332,6 +375,20 @@ mod tests {
                 Ok(b"abc".to_vec())
             ]
         );
+    }
+
+    #[test]
+    fn a_missing_working_directory_is_created() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = ServeConfig {
+            default_cwd: dir.path().join("srv/app"),
+            ..ServeConfig::guest()
+        };
+        cfg.create_working_dir();
+        assert!(cfg.default_cwd.is_dir());
+        // Already there: left alone.
+        cfg.create_working_dir();
+        assert!(cfg.default_cwd.is_dir());
     }
 
     #[test]

@@ -13,7 +13,7 @@ use crate::guest::init::supervisor::unblock_signals;
 use crate::guest::power::InitPower;
 use crate::guest::serve::{log, report, ServeConfig};
 use crate::guest::{hostname, read_boot_settings, setup, transport, SetupConfig};
-use crate::image::{ImageRuntime, DEFAULT_HOME};
+use crate::image::ImageRuntime;
 
 /// How commands run in this guest: the image's environment and working directory (Docker's
 /// defaults when it has none), power-off through PID 1. Returns warnings about the config.
@@ -71,10 +71,8 @@ fn run(runtime: Option<&ImageRuntime>) -> ! {
         Ok(false) => {}
         Err(e) => log(format_args!("hosts: FAILED: {}", report(&e))),
     }
-    // Docker creates a missing WorkingDir; so does this, once the work disk is in place.
-    if cfg.default_cwd != Path::new(DEFAULT_HOME) {
-        create_working_dir(&cfg.default_cwd);
-    }
+    // Once the work disk is in place: the working directory may be on it.
+    cfg.create_working_dir();
     transport::serve_forever(Arc::new(cfg))
 }
 
@@ -83,19 +81,6 @@ fn dir_step(path: &Path, mode: u32) {
         Ok(DirOutcome::Created) => log(format_args!("{}: created", path.display())),
         Ok(DirOutcome::Existed) => {}
         Err(e) => log(format_args!("{}: FAILED: {}", path.display(), report(&e))),
-    }
-}
-
-fn create_working_dir(dir: &Path) {
-    if dir.is_dir() {
-        return;
-    }
-    match std::fs::create_dir_all(dir) {
-        Ok(()) => log(format_args!("working directory {} created", dir.display())),
-        Err(e) => log(format_args!(
-            "working directory {}: cannot create it: {e}",
-            dir.display()
-        )),
     }
 }
 
