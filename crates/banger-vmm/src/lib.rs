@@ -240,6 +240,13 @@ pub trait Vmm: Send + Sync {
     /// stopped; `None` when there is none.
     fn leftover(&self, vm: &str, run_dir: &Path) -> Option<VmHandle>;
 
+    /// What a snapshot this backend takes depends on beyond the VM's shape: the program (its
+    /// path, size and modification time) and how it runs guests. The daemon keeps a warm
+    /// snapshot only while this stays the same: a new VMM may not load an older one's state.
+    fn fingerprint(&self) -> String {
+        self.kind().as_str().to_owned()
+    }
+
     /// True when the handle's VMM still runs. For a backend that runs a host process (both do),
     /// that is the same process (pid and start time) as when it started, not a zombie; a zombie
     /// child of ours is reaped. Blocking but quick (reads `/proc`).
@@ -270,6 +277,22 @@ pub trait Vmm: Send + Sync {
         handle: &'a VmHandle,
     ) -> BoxFuture<'a, Result<AgentStream, VmmError>> {
         Box::pin(connect_agent(&handle.agent))
+    }
+}
+
+/// `PATH SIZE MTIME` of a program, for [`Vmm::fingerprint`]; the path alone when it cannot be
+/// read (the VMM would not start either).
+pub(crate) fn program_stamp(path: &Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::metadata(path) {
+        Ok(m) => format!(
+            "{} {} {}.{}",
+            path.display(),
+            m.len(),
+            m.mtime(),
+            m.mtime_nsec()
+        ),
+        Err(_) => path.display().to_string(),
     }
 }
 

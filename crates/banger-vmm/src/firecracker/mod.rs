@@ -424,6 +424,10 @@ impl Vmm for FirecrackerBackend {
         BackendKind::Firecracker
     }
 
+    fn fingerprint(&self) -> String {
+        format!("firecracker {}", crate::program_stamp(&self.binary))
+    }
+
     fn start<'a>(&'a self, cfg: &'a VmConfig) -> BoxFuture<'a, Result<VmHandle, VmmError>> {
         Box::pin(self.start_vm(cfg))
     }

@@ -282,6 +282,15 @@ impl Vmm for QemuBackend {
         BackendKind::Qemu
     }
 
+    /// The program and the accelerator: a state saved under TCG is not one KVM loads.
+    fn fingerprint(&self) -> String {
+        format!(
+            "qemu {:?} {}",
+            self.accel,
+            crate::program_stamp(&self.binary)
+        )
+    }
+
     fn start<'a>(&'a self, cfg: &'a VmConfig) -> BoxFuture<'a, Result<VmHandle, VmmError>> {
         Box::pin(self.start_vm(cfg))
     }
