@@ -3,7 +3,9 @@
 //! goes on running; two VMs made from the snapshot run at once, each with its own address, MAC,
 //! name, machine-id, randomness and the host's clock; `vm fork` makes two children that have
 //! the parent's file and running process; the snapshot is listed with its files and deleted
-//! whole.
+//! whole. Warm starts: the first `vm run` of an image boots and keeps a warm snapshot, the next
+//! ones restore it (each with a work disk of its own), `--cold` boots, and a damaged snapshot
+//! is replaced by a cold boot that says so.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
 
 use std::path::PathBuf;
@@ -22,8 +24,9 @@ fn a_running_guest_is_snapshotted_and_runs_on() {
     );
     require_oci_tools();
     let env = Env::with_netns();
+    // Snapshots taken by hand only: the warm-start test below has those.
     env.write_config(
-        "vmm = \"qemu\"\n[vm_defaults]\nvcpu = 1\nmemory_mib = 256\ndisk_size = \"128M\"\n",
+        "vmm = \"qemu\"\nwarm_starts = false\n[vm_defaults]\nvcpu = 1\nmemory_mib = 256\ndisk_size = \"128M\"\n",
     );
     register_generic_kernel(&env);
     let registry = Registry::start(env.netns.as_ref(), None);
@@ -181,6 +184,149 @@ fn a_running_guest_is_snapshotted_and_runs_on() {
         serde_json::json!([])
     );
     for vm in ["bb", "c1", "c2", "bb-1", "bb-2"] {
+        env.ok(["vm", "delete", vm, "--force"]);
+    }
+    env.stop_daemon();
+}
+
+#[test]
+fn vm_run_starts_warm_from_a_snapshot_of_the_first_boot() {
+    if !e2e_enabled() {
+        return;
+    }
+    assert!(
+        agent_bin().is_some(),
+        "the static guest agent is missing: run `make agent` (make test does)"
+    );
+    require_oci_tools();
+    let env = Env::with_netns();
+    env.write_config(
+        "vmm = \"qemu\"\n[vm_defaults]\nvcpu = 1\nmemory_mib = 256\ndisk_size = \"128M\"\n",
+    );
+    register_generic_kernel(&env);
+    let registry = Registry::start(env.netns.as_ref(), None);
+    let image = busybox_image(&[]);
+    registry.push(&image.layout, &image.tag, "test/busybox:1", None);
+    let reference = format!("{}/test/busybox:1", registry.host());
+    env.ok(["image", "pull", &reference, "--name", "busybox"]);
+    let run = |extra: &[&str]| {
+        let mut args = vec!["vm", "run", "--image", "busybox", "--rm"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--", "true"]);
+        env.ok(args)
+    };
+
+    // The first boots and keeps a warm snapshot: memory, devices and the root disk, no work
+    // disk. It is listed, and counted in the image's space.
+    let first = run(&[]);
+    assert!(first.stderr.contains("(cold boot"), "{first}");
+    assert!(first.stderr.contains("kept warm snapshot"), "{first}");
+    let list = env.ok(["snapshot", "list", "--json"]).json();
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    let warm = &list[0];
+    assert_eq!(warm["warm"], true, "{list}");
+    assert_eq!(warm["image"], "busybox");
+    let name = warm["name"].as_str().unwrap().to_owned();
+    let dir = PathBuf::from(warm["dir"].as_str().unwrap());
+    assert!(dir.join("vm.state").is_file() && dir.join("root.ext4").is_file());
+    assert!(
+        !dir.join("work.ext4").exists(),
+        "a warm snapshot kept a work disk"
+    );
+    let images = env.ok(["image", "list", "--json"]).json();
+    assert_eq!(
+        images[0]["snapshot_bytes"].as_u64(),
+        warm["bytes"].as_u64(),
+        "{images}"
+    );
+    assert!(warm["bytes"].as_u64().unwrap() > 1_000_000, "{warm}");
+    let table = env.ok(["snapshot", "list"]).stdout;
+    assert!(table.contains("warm") && table.contains(&name), "{table}");
+
+    // The second is restored from it.
+    let second = run(&[]);
+    assert!(
+        second
+            .stderr
+            .contains(&format!("(warm start from snapshot {name}")),
+        "{second}"
+    );
+
+    // Each VM started warm has a work disk of its own at /root: what one writes there the
+    // next does not see, and the repo copied in lands on it.
+    env.ok(["vm", "create", "--image", "busybox", "--name", "a"]);
+    env.ok(["vm", "create", "--image", "busybox", "--name", "b"]);
+    for vm in ["a", "b"] {
+        let out = env.ok([
+            "vm",
+            "exec",
+            vm,
+            "--",
+            "sh",
+            "-c",
+            "grep ' /root ' /proc/mounts; hostname",
+        ]);
+        assert!(out.stdout.starts_with("/dev/vdb /root ext4"), "{vm}: {out}");
+        assert!(out.stdout.trim_end().ends_with(vm), "{vm}: {out}");
+    }
+    env.ok([
+        "vm",
+        "exec",
+        "a",
+        "--",
+        "sh",
+        "-c",
+        "echo mine > /root/mine",
+    ]);
+    let out = env.banger(["vm", "exec", "b", "--", "cat", "/root/mine"]);
+    assert!(!out.success(), "b sees a's file: {out}");
+    let repo = tempfile::tempdir().unwrap();
+    std::fs::write(repo.path().join("hello"), "warm world\n").unwrap();
+    let out = env.ok([
+        "vm",
+        "run",
+        "--image",
+        "busybox",
+        "--rm",
+        "--no-git",
+        repo.path().to_str().unwrap(),
+        "--",
+        "cat",
+        "hello",
+    ]);
+    assert!(out.stderr.contains("(warm start"), "{out}");
+    assert_eq!(out.stdout, "warm world\n", "{out}");
+
+    // `--cold` boots and keeps nothing new.
+    let cold = run(&["--cold"]);
+    assert!(cold.stderr.contains("(cold boot"), "{cold}");
+    assert!(!cold.stderr.contains("kept warm snapshot"), "{cold}");
+
+    // A damaged state file: that VM boots cold, says why, and keeps a new snapshot that the
+    // next one starts from.
+    let state = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("vm.state"))
+        .unwrap();
+    state.set_len(4096).unwrap();
+    drop(state);
+    let damaged = run(&[]);
+    assert!(
+        damaged
+            .stderr
+            .contains(&format!("warm snapshot {name} could not be restored")),
+        "{damaged}"
+    );
+    assert!(damaged.stderr.contains("(cold boot"), "{damaged}");
+    assert!(damaged.stderr.contains("kept warm snapshot"), "{damaged}");
+    assert!(!dir.exists(), "the damaged snapshot stayed");
+    let again = run(&[]);
+    assert!(
+        again.stderr.contains("(warm start from snapshot warm-"),
+        "{again}"
+    );
+
+    for vm in ["a", "b"] {
         env.ok(["vm", "delete", vm, "--force"]);
     }
     env.stop_daemon();

@@ -457,7 +457,40 @@ fn two_vms_reach_each_other_by_name_and_crashes_are_noticed_and_recovered() {
     let env = vm_env_with_resolv_conf(Some("nameserver 127.0.0.1\n"));
     let _upstream = FakeUpstream::start(&env);
     let a = create(&env, "alpha");
-    let b = create(&env, "beta");
+    // beta has alpha's image and shape, so it starts from the warm snapshot alpha's create
+    // kept: restored, not booted, yet a machine of its own, whose host key is its own and is
+    // the one pinned for it (ssh checks it).
+    let made = env.ok(small_vm("beta", "slim", &[]));
+    assert!(
+        made.stderr.contains("warm start from snapshot warm-"),
+        "{made}"
+    );
+    let b = env.ok(["vm", "show", "beta", "--json"]).json();
+    let facts = |vm: &str| {
+        env.ok([
+            "vm",
+            "ssh",
+            vm,
+            "--",
+            "cut -d' ' -f1,2 /etc/ssh/ssh_host_ed25519_key.pub; cat /etc/machine-id; hostname; findmnt -no SOURCE /root",
+        ])
+        .stdout
+    };
+    let (fa, fb) = (facts("alpha"), facts("beta"));
+    let (fa, fb): (Vec<&str>, Vec<&str>) = (fa.lines().collect(), fb.lines().collect());
+    assert_eq!(fb.len(), 4, "{fb:?}");
+    assert_ne!(fa[0], fb[0], "alpha and beta share a host key");
+    assert_ne!(fa[1], fb[1], "alpha and beta share a machine-id");
+    assert_eq!((fa[2], fb[2]), ("alpha", "beta"));
+    assert_eq!(
+        fb[3], "/dev/vdb",
+        "beta's work disk is not mounted at /root"
+    );
+    let pinned = std::fs::read_to_string(
+        std::path::Path::new(b["dir"].as_str().unwrap()).join("ssh_host_ed25519_key.pub"),
+    )
+    .unwrap();
+    assert!(pinned.starts_with(fb[0]), "{pinned} vs {}", fb[0]);
     assert_ne!(a["ip"], b["ip"]);
     let a_ip = a["ip"].as_str().unwrap();
     let b_ip = b["ip"].as_str().unwrap();

@@ -229,6 +229,9 @@ pub struct ImageInfo {
     /// Set for images pulled from an OCI registry.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oci: Option<OciOrigin>,
+    /// Bytes on disk of the snapshots taken of VMs of this image (warm ones included).
+    #[serde(default)]
+    pub snapshot_bytes: u64,
 }
 
 /// A kernel in the store (`GET /v1/kernels`).

@@ -28,4 +28,9 @@ pub struct SnapshotInfo {
     /// blocks with their source, so the file system may hold less).
     pub bytes: u64,
     pub dir: String,
+    /// A warm snapshot: kept by banger of a freshly booted VM of `image` with this shape, and
+    /// restored by `vm create` and `vm run` instead of booting (deleting it is safe: the next
+    /// cold boot makes another).
+    #[serde(default)]
+    pub warm: bool,
 }

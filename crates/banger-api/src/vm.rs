@@ -90,6 +90,10 @@ pub struct CreateVmRequest {
     /// at once, with an identity of its own. `image` and `spec` are then the snapshot's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from: Option<String>,
+    /// Boot the image (`--cold`), even where a warm snapshot of it could be restored; no warm
+    /// snapshot is made either.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cold: bool,
 }
 
 /// Where a VM may send traffic beyond the host, as `vm show` reports it.
@@ -149,6 +153,10 @@ pub struct VmInfo {
     /// daemon applies them at the VM's next start.
     #[serde(default)]
     pub egress: EgressInfo,
+    /// In the answer to a create that started the VM: the snapshot it was restored from (a
+    /// warm start, or `--from`). Absent after a cold boot, and in every other answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_from: Option<String>,
 }
 
 /// `POST /v1/vms/{name}/fork` (streamed; answers the new VMs)

@@ -70,6 +70,10 @@ pub async fn image(ctx: &Ctx, cmd: ImageCmd) -> Result<ExitCode, CliError> {
                             i.name.clone(),
                             i.source.to_string(),
                             human_bytes(i.size_bytes),
+                            match i.snapshot_bytes {
+                                0 => "-".to_owned(),
+                                n => human_bytes(n),
+                            },
                             i.kernel.clone(),
                             created_short(&i.created_at),
                             origin(i),
@@ -79,7 +83,15 @@ pub async fn image(ctx: &Ctx, cmd: ImageCmd) -> Result<ExitCode, CliError> {
                 print!(
                     "{}",
                     table(
-                        &["NAME", "SOURCE", "SIZE", "KERNEL", "CREATED", "ORIGIN"],
+                        &[
+                            "NAME",
+                            "SOURCE",
+                            "SIZE",
+                            "SNAPSHOTS",
+                            "KERNEL",
+                            "CREATED",
+                            "ORIGIN"
+                        ],
                         &rows
                     )
                 );

@@ -161,6 +161,7 @@ pub async fn run(ctx: &Ctx, args: RunArgs) -> Result<ExitCode, CliError> {
         allow_hosts: args.vm.allow_hosts.clone(),
         no_network: args.vm.no_network,
         from: None,
+        cold: args.vm.cold,
     };
     let mut renderer = Renderer::new(ctx.verbose);
     let created: Result<VmInfo, CliError> =
@@ -176,9 +177,10 @@ pub async fn run(ctx: &Ctx, args: RunArgs) -> Result<ExitCode, CliError> {
         }
     };
     eprintln!(
-        "VM {} is up at {} ({})",
+        "VM {} is up at {} ({}, {})",
         vm.name,
         vm.ip,
+        crate::cmd_vm::start_kind(&vm),
         human_duration(took)
     );
     // From here on Ctrl-C belongs to the session: ssh (in our process group) receives it and

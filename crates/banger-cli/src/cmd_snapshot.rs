@@ -48,10 +48,16 @@ pub async fn snapshot(ctx: &Ctx, cmd: SnapshotCmd) -> Result<ExitCode, CliError>
                     .map(|s| {
                         vec![
                             s.name.clone(),
+                            if s.warm { "warm" } else { "taken" }.to_owned(),
                             s.vm.clone(),
                             s.image.clone(),
                             s.vmm.clone(),
-                            format!("{} vCPU, {} MiB", s.spec.vcpu, s.spec.memory_mib),
+                            format!(
+                                "{} vCPU, {} MiB, {} disk",
+                                s.spec.vcpu,
+                                s.spec.memory_mib,
+                                human_bytes(s.spec.disk_bytes)
+                            ),
                             human_bytes(s.bytes),
                             crate::cmd_image::created_short(&s.created_at),
                         ]
@@ -60,7 +66,7 @@ pub async fn snapshot(ctx: &Ctx, cmd: SnapshotCmd) -> Result<ExitCode, CliError>
                 print!(
                     "{}",
                     table(
-                        &["NAME", "VM", "IMAGE", "VMM", "SHAPE", "SIZE", "CREATED"],
+                        &["NAME", "KIND", "VM", "IMAGE", "VMM", "SHAPE", "SIZE", "CREATED"],
                         &rows
                     )
                 );

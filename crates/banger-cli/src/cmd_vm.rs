@@ -19,6 +19,14 @@ use crate::session::Session;
 use crate::spec;
 use crate::{Ctx, VmCmd};
 
+/// How a VM just created started: `warm start from snapshot S` or `cold boot`.
+pub fn start_kind(vm: &VmInfo) -> String {
+    match &vm.started_from {
+        Some(snapshot) => format!("warm start from snapshot {snapshot}"),
+        None => "cold boot".to_owned(),
+    }
+}
+
 pub async fn vm(ctx: &Ctx, cmd: VmCmd) -> Result<ExitCode, CliError> {
     if let VmCmd::Run(args) = cmd {
         return crate::cmd_run::run(ctx, args).await;
@@ -52,11 +60,16 @@ pub async fn vm(ctx: &Ctx, cmd: VmCmd) -> Result<ExitCode, CliError> {
                 allow_hosts: args.vm.allow_hosts.clone(),
                 no_network: args.vm.no_network,
                 from: args.from,
+                cold: args.vm.cold,
             };
             let vm: VmInfo = streamed(ctx, &client, "/v1/vms", &req).await?;
             println!("{}", vm.name);
+            let how = match vm.state {
+                banger_api::vm::VmState::Running => format!(", {}", start_kind(&vm)),
+                _ => String::new(),
+            };
             eprintln!(
-                "VM {} is {} at {} (`banger vm ssh {}` to log in)",
+                "VM {} is {} at {}{how} (`banger vm ssh {}` to log in)",
                 vm.name, vm.state, vm.ip, vm.name
             );
         }

@@ -161,11 +161,19 @@ pub struct Config {
     pub file_sync: Vec<FileSync>,
     #[serde(default)]
     pub network: NetworkSection,
+    /// Keep a warm snapshot of the first VM of each image and shape and start later ones from
+    /// it (the default); `false` boots every VM.
+    pub warm_starts: Option<bool>,
 }
 
 pub const DEFAULT_IMAGE: &str = "debian-bookworm";
 
 impl Config {
+    /// Whether VMs start from warm snapshots (`warm_starts`, on unless set to false).
+    pub fn warm_starts(&self) -> bool {
+        self.warm_starts.unwrap_or(true)
+    }
+
     /// Reads the config file; a missing file is an empty config.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         match std::fs::read_to_string(path) {

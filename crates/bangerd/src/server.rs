@@ -142,6 +142,19 @@ impl Emitter {
         }
     }
 
+    /// An emitter whose events a test reads.
+    #[cfg(test)]
+    pub fn channel() -> (Self, mpsc::UnboundedReceiver<Event>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (
+            Self {
+                tx,
+                has_client: true,
+            },
+            rx,
+        )
+    }
+
     /// An emitter that drops everything (for internal callers).
     pub fn sink() -> Self {
         let (tx, _rx) = mpsc::unbounded_channel();

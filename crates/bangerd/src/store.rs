@@ -89,7 +89,14 @@ const MIGRATIONS: &[&str] = &[
         bytes       INTEGER NOT NULL,
         created_at  TEXT NOT NULL
     );",
+    // 8: warm snapshots (kept by banger of a freshly booted VM, restored instead of booting):
+    // what they were made from, as JSON (`vms::warm::WarmKey`); NULL for a user's snapshot.
+    "ALTER TABLE snapshots ADD COLUMN warm_key TEXT;",
 ];
+
+/// Every column of `images`, plus the bytes its snapshots hold.
+const IMAGE_COLUMNS: &str = "images.*, (SELECT COALESCE(SUM(s.bytes), 0) FROM snapshots s
+                                       WHERE s.image = images.name) AS snapshot_bytes";
 
 #[derive(Clone)]
 pub struct Store {
@@ -184,6 +191,7 @@ fn image_row(r: &Row<'_>) -> rusqlite::Result<ImageInfo> {
             (Some(reference), Some(digest)) => Some(OciOrigin { reference, digest }),
             _ => None,
         },
+        snapshot_bytes: u64::try_from(r.get::<_, i64>("snapshot_bytes")?).unwrap_or(0),
     })
 }
 
@@ -200,14 +208,18 @@ fn kernel_row(r: &Row<'_>) -> rusqlite::Result<KernelInfo> {
 }
 
 pub fn list_images(conn: &Connection) -> anyhow::Result<Vec<ImageInfo>> {
-    let mut stmt = conn.prepare("SELECT * FROM images ORDER BY name")?;
+    let mut stmt = conn.prepare(&format!("SELECT {IMAGE_COLUMNS} FROM images ORDER BY name"))?;
     let rows = stmt.query_map([], image_row)?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
 pub fn get_image(conn: &Connection, name: &str) -> anyhow::Result<Option<ImageInfo>> {
     Ok(conn
-        .query_row("SELECT * FROM images WHERE name = ?1", [name], image_row)
+        .query_row(
+            &format!("SELECT {IMAGE_COLUMNS} FROM images WHERE name = ?1"),
+            [name],
+            image_row,
+        )
         .optional()?)
 }
 
@@ -322,7 +334,9 @@ pub fn blobs_in_use(conn: &Connection) -> anyhow::Result<Vec<String>> {
 /// Images pulled from `reference` (normalised), newest first.
 pub fn images_from_reference(conn: &Connection, reference: &str) -> anyhow::Result<Vec<ImageInfo>> {
     let mut stmt = conn
-        .prepare("SELECT * FROM images WHERE oci_reference = ?1 ORDER BY created_at DESC, name")?;
+        .prepare(&format!(
+            "SELECT {IMAGE_COLUMNS} FROM images WHERE oci_reference = ?1 ORDER BY created_at DESC, name"
+        ))?;
     let rows = stmt.query_map([reference], image_row)?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
@@ -504,6 +518,8 @@ pub struct SnapshotRow {
     pub spec: VmSpec,
     pub bytes: u64,
     pub created_at: String,
+    /// What a warm snapshot was made from (JSON); `None` for a user's snapshot.
+    pub warm_key: Option<String>,
 }
 
 fn snapshot_row(r: &Row<'_>) -> rusqlite::Result<SnapshotRow> {
@@ -521,6 +537,7 @@ fn snapshot_row(r: &Row<'_>) -> rusqlite::Result<SnapshotRow> {
         },
         bytes: u64::try_from(r.get::<_, i64>("bytes")?).unwrap_or(0),
         created_at: r.get("created_at")?,
+        warm_key: r.get("warm_key")?,
     })
 }
 
@@ -543,8 +560,8 @@ pub fn get_snapshot(conn: &Connection, name: &str) -> anyhow::Result<Option<Snap
 pub fn insert_snapshot(conn: &Connection, s: &SnapshotRow) -> anyhow::Result<()> {
     conn.execute(
         "INSERT INTO snapshots (name, vm, image, kernel, boot, vmm, vcpu, memory_mib, disk_bytes,
-                                bytes, created_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                                bytes, created_at, warm_key)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
         params![
             s.name,
             s.vm,
@@ -556,10 +573,20 @@ pub fn insert_snapshot(conn: &Connection, s: &SnapshotRow) -> anyhow::Result<()>
             s.spec.memory_mib,
             i64::try_from(s.spec.disk_bytes).unwrap_or(i64::MAX),
             i64::try_from(s.bytes).unwrap_or(i64::MAX),
-            s.created_at
+            s.created_at,
+            s.warm_key
         ],
     )?;
     Ok(())
+}
+
+/// Deletes the rows of `image`'s warm snapshots; their names.
+pub fn delete_warm_snapshots_of(conn: &Connection, image: &str) -> anyhow::Result<Vec<String>> {
+    let mut stmt = conn.prepare(
+        "DELETE FROM snapshots WHERE image = ?1 AND warm_key IS NOT NULL RETURNING name",
+    )?;
+    let rows = stmt.query_map([image], |r| r.get(0))?;
+    Ok(rows.collect::<Result<_, _>>()?)
 }
 
 /// Deletes the snapshot's row; whether there was one.
@@ -603,6 +630,7 @@ mod tests {
             created_at: "2026-01-01T00:00:00Z".into(),
             boot: Boot::Systemd,
             oci: None,
+            snapshot_bytes: 0,
         };
         insert_image(&conn, &img).unwrap();
         assert_eq!(get_image(&conn, "i1").unwrap(), Some(img));
@@ -633,6 +661,7 @@ mod tests {
                 reference: "docker.io/library/alpine:3.20".into(),
                 digest: "sha256:aa".into(),
             }),
+            snapshot_bytes: 0,
         };
         let tx = conn.transaction().unwrap();
         for (name, blobs) in [
@@ -680,6 +709,7 @@ mod tests {
             created_at: "t".into(),
             boot: Boot::Systemd,
             oci: None,
+            snapshot_bytes: 0,
         };
         assert!(insert_image(&conn, &img).is_err());
     }

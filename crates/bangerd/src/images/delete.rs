@@ -1,5 +1,5 @@
-//! `image delete` and `image prune`: an image's row and files removed (never while a VM uses it
-//! or a VM is being made from it), and the OCI blob cache pruned of what no image needs.
+//! `image delete` and `image prune`: an image's row and files (and its warm snapshots) removed
+//! (never while a VM uses it or a VM is being made from it), and the OCI blob cache pruned of what no image needs.
 
 use banger_api::{ApiError, Deleted, ErrorCode, Pruned};
 
@@ -32,11 +32,14 @@ impl Images {
         let kernel = img.kernel.clone();
         let kernel_path = ker_path.clone();
         // Rows go first: a crash after this leaves only unreferenced files, swept at start-up.
-        let drop_kernel = self
+        let (drop_kernel, warm) = self
             .store
             .call(move |c| {
                 let tx = c.transaction()?;
                 store::delete_image(&tx, &n)?;
+                // Its warm snapshots are of no use without it (snapshots a user took stay:
+                // `vm create --from` says their image is gone).
+                let warm = store::delete_warm_snapshots_of(&tx, &n)?;
                 // The kernel an image brought goes with it unless another image uses it.
                 let drop_kernel =
                     kernel == n && store::images_using_kernel(&tx, &kernel)?.is_empty();
@@ -44,10 +47,14 @@ impl Images {
                     store::delete_kernel(&tx, &kernel)?;
                 }
                 tx.commit()?;
-                Ok(drop_kernel)
+                Ok((drop_kernel, warm))
             })
             .await
             .map_err(internal)?;
+        for snapshot in warm {
+            let dir = crate::vms::snapshot_dir(&self.paths, &snapshot);
+            let _ = tokio::fs::remove_dir_all(dir).await;
+        }
         {
             // Only now, with no VM being made from it, do the files go.
             let _w = self.image_locks.write(name).await;

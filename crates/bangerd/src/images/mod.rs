@@ -328,6 +328,7 @@ impl Images {
                 created_at,
                 boot: banger_api::Boot::Systemd,
                 oci: None,
+                snapshot_bytes: 0,
             };
             Ok((img, ker))
         })

@@ -218,6 +218,7 @@ impl Images {
                     reference: canonical,
                     digest,
                 }),
+                snapshot_bytes: 0,
             })
         })
         .await

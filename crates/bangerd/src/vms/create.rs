@@ -4,7 +4,7 @@
 //! failure before that removes everything the attempt made.
 
 use std::net::Ipv4Addr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -16,6 +16,8 @@ use crate::server::{internal, Emitter};
 use crate::store::{self, VmRow};
 use crate::{fsutil, names, now_rfc3339, sshkeys, vmdisk};
 
+use super::start::Restore;
+use super::warm::WarmPlan;
 use super::{api, Vms, IMAGE_RUNTIME_FILE};
 use crate::server::disk_error;
 
@@ -163,12 +165,33 @@ impl Vms {
         let _guard = lock.lock().await;
         progress.notice(&format!("VM {name}: {} ({})", row.ip, self.vmms.reason()));
 
-        let prepared = match &from {
-            None => {
-                self.prepare_disks(&row, Path::new(&image.rootfs), &agent_bin, &req, &progress)
+        // Warm starts: only for a VM made from an image and started now, or from a warm
+        // snapshot named with `--from`.
+        let (from, named_warm) = match from {
+            Some(s) if s.warm_key.is_some() => (None, Some(s)),
+            other => (other, None),
+        };
+        let warm = match (named_warm, &from, req.cold, req.start) {
+            (Some(named), ..) => WarmPlan::Restore(named, None),
+            (None, None, false, true) if self.config.warm_starts() => {
+                self.warm_plan(&image, &kernel, spec, &agent_bin, &progress)
                     .await
             }
-            Some(snap) => self.disks_from_snapshot(&row, snap, &progress).await,
+            _ => WarmPlan::Off,
+        };
+        let rootfs = Path::new(&image.rootfs);
+        let prepared = match (&from, &warm) {
+            (Some(snap), _) => self.disks_from_snapshot(&row, snap, &progress).await,
+            (None, WarmPlan::Restore(snap, _)) => {
+                let root = RootFrom::Warm(self.snapshot_dir(&snap.name).join("root.ext4"));
+                self.prepare_disks(&row, root, &agent_bin, &req, &progress)
+                    .await
+            }
+            (None, _) => {
+                let root = RootFrom::Image(rootfs.to_owned());
+                self.prepare_disks(&row, root, &agent_bin, &req, &progress)
+                    .await
+            }
         };
         drop(image_held);
         if let Err(e) = prepared {
@@ -178,22 +201,97 @@ impl Vms {
         self.set_state(&name, VmState::Stopped, None, None, None)
             .await?;
         self.refresh_names().await;
-        if req.start {
-            let restore = from
-                .as_ref()
-                .map(|s| banger_vmm::SnapshotPaths::new(self.snapshot_dir(&s.name)));
-            if let Err(e) = self.start_locked(&name, &progress, restore.as_ref()).await {
-                // A guest that booted but never became ready is kept for inspection; any other
-                // failure to start leaves no half-made VM behind.
-                if e.code != ErrorCode::BootTimeout {
-                    if let Ok(row) = self.row(&name).await {
-                        self.remove_everything(&row).await;
-                    }
+        if !req.start {
+            return self.show(&name).await;
+        }
+        let restore = match (&from, &warm) {
+            (Some(s), _) => Some((s.name.clone(), false)),
+            (None, WarmPlan::Restore(s, _)) => Some((s.name.clone(), true)),
+            (None, _) => None,
+        }
+        .map(|(snapshot, warm)| {
+            let paths = banger_vmm::SnapshotPaths::new(self.snapshot_dir(&snapshot));
+            (snapshot, Restore { paths, warm })
+        });
+        let mut started_from = restore.as_ref().map(|(s, _)| s.clone());
+        let mut started = self
+            .start_locked(&name, &progress, restore.as_ref().map(|(_, r)| r))
+            .await;
+        let (mut keep, restored) = match warm {
+            WarmPlan::Keep(key, claim) => (Some((key, claim)), None),
+            WarmPlan::Restore(snapshot, key) => (None, Some((snapshot, key))),
+            WarmPlan::Off => (None, None),
+        };
+        if let (Err(e), Some((snapshot, key))) = (&started, &restored) {
+            // A warm snapshot that does not restore (a damaged file, a guest that does not
+            // answer) is only a slower start: it goes, this VM boots, and keeps a new one.
+            progress.notice(&format!(
+                "warm snapshot {} could not be restored, so it is removed and VM {name} boots cold: {}",
+                snapshot.name,
+                e.message.lines().next().unwrap_or_default()
+            ));
+            self.remove_snapshot(&snapshot.name).await;
+            keep = key
+                .clone()
+                .and_then(|k| self.claim_slot_of(snapshot).map(|c| (k, c)));
+            started_from = None;
+            started = self.boot_after_failed_restore(&name, &progress).await;
+        }
+        if let Err(e) = started {
+            // A guest that booted but never became ready is kept for inspection; any other
+            // failure to start leaves no half-made VM behind.
+            if e.code != ErrorCode::BootTimeout {
+                if let Ok(row) = self.row(&name).await {
+                    self.remove_everything(&row).await;
+                }
+            }
+            return Err(e);
+        }
+        if let Some((key, _claim)) = &keep {
+            if let Err(e) = self.keep_warm(&name, key, &progress).await {
+                if let Ok(row) = self.row(&name).await {
+                    self.remove_everything(&row).await;
                 }
                 return Err(e);
             }
         }
-        self.show(&name).await
+        let mut info = self.show(&name).await?;
+        info.started_from = started_from;
+        Ok(info)
+    }
+
+    /// After a warm snapshot failed to restore for VM `name`: whatever of it runs is stopped,
+    /// its root disk is made again from its image, and it boots. Caller holds the VM lock.
+    async fn boot_after_failed_restore(
+        self: &Arc<Self>,
+        name: &str,
+        progress: &Emitter,
+    ) -> Result<(), ApiError> {
+        self.stop_locked(name, true).await?;
+        self.forget_agent(name);
+        let row = self.row(name).await?;
+        let held = self.image_locks.read(&row.image).await;
+        let (image, _) = crate::images::image_with_kernel(&self.store, &row.image).await?;
+        let agent_bin = self.agent_binary.find()?;
+        progress.phase("clone root disk");
+        let dir = self.vm_dir(name);
+        let (src, boot) = (std::path::PathBuf::from(&image.rootfs), row.boot);
+        tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            let root = dir.join("root.ext4");
+            let _ = std::fs::remove_file(&root);
+            fsutil::clone_file(&src, &root)?;
+            if boot == Boot::Systemd {
+                inject(&dir, &agent_bin)?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| internal(e.into()))?
+        .map_err(|e| disk_error(e, "cannot make the VM's root disk again from its image"))?;
+        drop(held);
+        self.set_state(name, VmState::Stopped, None, None, None)
+            .await?;
+        self.start_locked(name, progress, None).await
     }
 
     /// A VM's disks from a snapshot: its root and work disks cloned (reflinks where the file
@@ -247,10 +345,12 @@ impl Vms {
         .map_err(|e| disk_error(e, "cannot clone the snapshot's disks"))
     }
 
+    /// A VM's disks for a boot (or a warm start): its root disk cloned from `root` with banger's
+    /// files in it, a host key where the guest runs sshd, and its work disk.
     async fn prepare_disks(
         &self,
         row: &VmRow,
-        image_rootfs: &Path,
+        root: RootFrom,
         agent_bin: &Path,
         req: &CreateVmRequest,
         progress: &Emitter,
@@ -294,7 +394,12 @@ impl Vms {
         };
 
         progress.phase("clone root disk");
-        let (src, root) = (image_rootfs.to_owned(), dir.join("root.ext4"));
+        // A warm snapshot's root disk has banger's files in it already.
+        let (src, inject_files) = match root {
+            RootFrom::Image(p) => (p, runtime.is_none()),
+            RootFrom::Warm(p) => (p, false),
+        };
+        let root = dir.join("root.ext4");
         let kind = tokio::task::spawn_blocking(move || fsutil::clone_file(&src, &root))
             .await
             .map_err(|e| internal(e.into()))?
@@ -311,22 +416,13 @@ impl Vms {
             let staging = scratch.path().join("work");
             std::fs::create_dir(&staging)?;
             vmdisk::make_work_disk(&dir2.join("work.ext4"), size, &authorized, &sync, &staging)?;
-            match runtime {
-                None => vmdisk::inject(
-                    &dir2.join("root.ext4"),
-                    &vmdisk::Injection {
-                        agent_binary: &agent,
-                        unit_text: banger_agent::SYSTEMD_UNIT,
-                        host_key: &dir2.join("ssh_host_ed25519_key"),
-                        host_key_pub: &dir2.join("ssh_host_ed25519_key.pub"),
-                    },
-                    scratch.path(),
-                )?,
-                Some(json) => {
-                    let path = dir2.join(IMAGE_RUNTIME_FILE);
-                    std::fs::write(&path, json)
-                        .with_context(|| format!("cannot write {}", path.display()))?
-                }
+            if inject_files {
+                inject(&dir2, &agent)?;
+            }
+            if let Some(json) = runtime {
+                let path = dir2.join(IMAGE_RUNTIME_FILE);
+                std::fs::write(&path, json)
+                    .with_context(|| format!("cannot write {}", path.display()))?
             }
             Ok(())
         })
@@ -335,4 +431,28 @@ impl Vms {
         .map_err(|e| disk_error(e, "cannot prepare the VM's disks"))?;
         Ok(())
     }
+}
+
+/// Where a new VM's root disk is cloned from.
+enum RootFrom {
+    /// The image's root file system; banger's files are written into the clone.
+    Image(PathBuf),
+    /// A warm snapshot's root disk, which has them already.
+    Warm(PathBuf),
+}
+
+/// Writes banger's files into the root disk in `dir` of a guest that boots with systemd: the
+/// agent, its unit, and the VM's host key (made in `dir` before).
+fn inject(dir: &Path, agent: &Path) -> anyhow::Result<()> {
+    let scratch = tempfile::tempdir_in(dir)?;
+    vmdisk::inject(
+        &dir.join("root.ext4"),
+        &vmdisk::Injection {
+            agent_binary: agent,
+            unit_text: banger_agent::SYSTEMD_UNIT,
+            host_key: &dir.join("ssh_host_ed25519_key"),
+            host_key_pub: &dir.join("ssh_host_ed25519_key.pub"),
+        },
+        scratch.path(),
+    )
 }

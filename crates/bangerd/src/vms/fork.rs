@@ -87,6 +87,7 @@ impl Vms {
                 allow_hosts: Vec::new(),
                 no_network: false,
                 from: Some(snapshot.to_owned()),
+                cold: false,
             };
             match self.create(req, progress.clone()).await {
                 Ok(vm) => {

@@ -11,7 +11,7 @@
 //!
 //! One file per operation: [`create`] (from an image, or `--from` a snapshot), [`start`] (and
 //! restart, and a restore from a snapshot), [`stop`], [`delete`], [`exec`], [`ssh`],
-//! [`snapshot`] (and snapshot list and delete), [`fork`], [`supervise`], [`reconcile`] and
+//! [`snapshot`] (and snapshot list and delete), [`warm`] (warm starts), [`fork`], [`supervise`], [`reconcile`] and
 //! [`refresh_names`]; [`network`] and [`agent`] hold
 //! what several of them share (the network's lifetime, the guest agent). This file keeps the
 //! service itself and the queries every operation starts from.
@@ -49,8 +49,10 @@ mod stop;
 mod supervise;
 #[cfg(test)]
 mod tests;
+mod warm;
 
 pub use agent::AgentBinary;
+pub use snapshot::snapshot_dir;
 
 /// Exec events (output chunks of at most the agent's chunk size) the daemon holds for one
 /// client before it stops taking more from the guest.
@@ -134,6 +136,9 @@ pub struct Vms {
     starting: Registry<()>,
     /// Held for reading while a VM is made from an image (see `image_locks`).
     image_locks: crate::image_locks::ImageLocks,
+    /// Warm-snapshot slots (image, VMM, shape) a create is making a snapshot for right now.
+    warming: Registry<()>,
+    agent_digest: Arc<warm::AgentDigest>,
 }
 
 /// In the VM's directory: the image's runtime settings (Env, WorkingDir, User) as JSON, copied
@@ -177,6 +182,8 @@ impl Vms {
             exec_sessions: Registry::default(),
             starting: Registry::default(),
             image_locks,
+            warming: Registry::default(),
+            agent_digest: Arc::default(),
         }
     }
 
@@ -237,6 +244,7 @@ impl Vms {
                     hosts: e.hosts().iter().map(ToString::to_string).collect(),
                 }
             },
+            started_from: None,
         }
     }
 

@@ -21,8 +21,14 @@ use crate::store::{self, SnapshotRow};
 
 use super::{api, Vms};
 
-/// The disks of a VM, as a VM directory and a snapshot directory both name them.
-pub(super) const DISKS: [&str; 2] = ["root.ext4", "work.ext4"];
+/// The disks of a VM, as a VM directory and a snapshot directory both name them: the root
+/// disk first (the only one a warm snapshot holds).
+pub(super) static DISKS: [&str; 2] = ["root.ext4", "work.ext4"];
+
+/// Where snapshot `name` lives: `STATE/snapshots/NAME/`.
+pub fn snapshot_dir(paths: &banger_config::Paths, name: &str) -> PathBuf {
+    paths.state_dir.join("snapshots").join(name)
+}
 
 impl Vms {
     fn snapshots_dir(&self) -> PathBuf {
@@ -30,7 +36,7 @@ impl Vms {
     }
 
     pub(super) fn snapshot_dir(&self, name: &str) -> PathBuf {
-        self.snapshots_dir().join(name)
+        snapshot_dir(&self.paths, name)
     }
 
     /// Takes a snapshot of running VM `vm`, named `name` (else `VM-N`, the lowest free N).
@@ -40,6 +46,17 @@ impl Vms {
         }
         let lock = self.lock_for(vm);
         let _guard = lock.lock().await;
+        self.take_snapshot(vm, name, None).await
+    }
+
+    /// [`Vms::snapshot`], for a caller that holds the VM lock; `warm_key` makes it a warm
+    /// snapshot (see [`super::warm`]).
+    pub(super) async fn take_snapshot(
+        &self,
+        vm: &str,
+        name: Option<String>,
+        warm_key: Option<String>,
+    ) -> Result<SnapshotInfo, ApiError> {
         let row = self.row(vm).await?;
         let handle = match (&row.state, row.handle.as_deref()) {
             (VmState::Running, Some(h)) => serde_json::from_str::<VmHandle>(h)
@@ -95,8 +112,14 @@ impl Vms {
         let paths = SnapshotPaths::new(&partial);
         let vm_dir = self.vm_dir(vm);
         let copy_into = partial.clone();
+        // A warm snapshot's guest has its work disk unmounted: each VM made from it brings its
+        // own, so there is none to keep.
+        let disks: &'static [&'static str] = match warm_key {
+            Some(_) => &DISKS[..1],
+            None => &DISKS,
+        };
         let while_paused: banger_vmm::WhilePaused<'_> = Box::pin(async move {
-            tokio::task::spawn_blocking(move || copy_disks(&vm_dir, &copy_into))
+            tokio::task::spawn_blocking(move || copy_disks(&vm_dir, &copy_into, disks))
                 .await
                 .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)?
                 .map_err(|e| e.into())
@@ -125,6 +148,7 @@ impl Vms {
             spec: row.spec,
             bytes: dir_bytes(&dir),
             created_at: crate::now_rfc3339(),
+            warm_key,
         };
         let insert = snapshot.clone();
         if let Err(e) = self
@@ -190,12 +214,23 @@ impl Vms {
         Ok(Deleted { name: row.name })
     }
 
-    /// Removes what a snapshot interrupted by a crash left (`.NAME.partial`), and snapshot
-    /// directories no row names. Called at start-up.
+    /// Removes what a snapshot interrupted by a crash left (`.NAME.partial`), snapshot
+    /// directories no row names, and warm snapshots of images that are gone. Called at
+    /// start-up.
     pub(super) async fn sweep_snapshots(&self) {
-        let Ok(rows) = self.store.call(|c| store::list_snapshots(c)).await else {
+        let Ok((rows, images)) = self
+            .store
+            .call(|c| Ok((store::list_snapshots(c)?, store::list_images(c)?)))
+            .await
+        else {
             return;
         };
+        for row in &rows {
+            if row.warm_key.is_some() && !images.iter().any(|i| i.name == row.image) {
+                tracing::info!(snapshot = %row.name, image = %row.image, "removing a warm snapshot of an image that is gone");
+                self.remove_snapshot(&row.name).await;
+            }
+        }
         let Ok(entries) = std::fs::read_dir(self.snapshots_dir()) else {
             return;
         };
@@ -222,27 +257,30 @@ impl Vms {
             created_at: row.created_at.clone(),
             bytes: row.bytes,
             dir: self.snapshot_dir(&row.name).display().to_string(),
+            warm: row.warm_key.is_some(),
         }
     }
 }
 
-/// Copies the VM's disks into the snapshot (reflinks where the file system can).
-fn copy_disks(vm_dir: &Path, into: &Path) -> anyhow::Result<()> {
-    for disk in DISKS {
+/// Copies the VM's `disks` into the snapshot (reflinks where the file system can).
+fn copy_disks(vm_dir: &Path, into: &Path, disks: &[&str]) -> anyhow::Result<()> {
+    for disk in disks {
         fsutil::clone_file(&vm_dir.join(disk), &into.join(disk))?;
     }
     Ok(())
 }
 
-/// Bytes of the files in `dir` (as their sizes say; reflinked copies may share blocks).
+/// Bytes the files in `dir` take on disk, as `du` counts them: holes in sparse disk copies
+/// take none, blocks a reflinked copy shares with its source count for each.
 fn dir_bytes(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
     std::fs::read_dir(dir)
         .map(|entries| {
             entries
                 .flatten()
                 .filter_map(|e| e.metadata().ok())
                 .filter(|m| m.is_file())
-                .map(|m| m.len())
+                .map(|m| m.blocks() * 512)
                 .sum()
         })
         .unwrap_or(0)

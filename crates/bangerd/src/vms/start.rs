@@ -96,6 +96,24 @@ fn kernel_command_line(boot: Boot, settings: &BootSettings) -> String {
     format!("console=ttyS0 reboot=k panic=1 root=/dev/vda rw rootfstype=ext4{systemd} {settings}")
 }
 
+/// banger's kernel command line for an image that boots this way, without the settings of any
+/// one VM: what a warm snapshot's guest was booted with, as far as banger decides it.
+pub(super) fn boot_template(boot: Boot) -> String {
+    kernel_command_line(boot, &BootSettings::default())
+}
+
+/// A start from a snapshot rather than a boot.
+pub(super) struct Restore {
+    pub paths: banger_vmm::SnapshotPaths,
+    /// A warm snapshot: its guest has no work disk mounted, and mounts this VM's once it has
+    /// its new identity. Its agent is given less time to answer than a booting one (a
+    /// restored guest runs at once), so a damaged snapshot is found out soon.
+    pub warm: bool,
+}
+
+/// How long a guest restored from a warm snapshot has to answer.
+const WARM_AGENT_TIMEOUT: Duration = Duration::from_secs(60);
+
 impl Vms {
     pub async fn start(
         self: &Arc<Self>,
@@ -115,7 +133,7 @@ impl Vms {
         self: &Arc<Self>,
         name: &str,
         progress: &Emitter,
-        restore: Option<&banger_vmm::SnapshotPaths>,
+        restore: Option<&Restore>,
     ) -> Result<(), ApiError> {
         let row = self.row(name).await?;
         match row.state {
@@ -249,7 +267,7 @@ impl Vms {
             None => backend.start(&cfg).await,
             Some(snapshot) => {
                 progress.phase("restore");
-                backend.restore(&cfg, snapshot).await
+                backend.restore(&cfg, &snapshot.paths).await
             }
         };
         let handle = match started {
@@ -283,17 +301,24 @@ impl Vms {
         self.supervise(name.to_owned(), handle.clone());
 
         progress.phase("wait for agent");
-        let ready = self.wait_for_agent(name, &handle, self.timeouts.boot).await;
+        let wait = match restore {
+            Some(r) if r.warm => self.timeouts.boot.min(WARM_AGENT_TIMEOUT),
+            _ => self.timeouts.boot,
+        };
+        let ready = self.wait_for_agent(name, &handle, wait).await;
         let ready = match (ready, restore) {
-            (Ok((client, _)), Some(_)) => {
+            (Ok((client, _)), Some(restore)) => {
                 // Until this answers, the guest is a copy of the snapshot's: its packets, from
                 // the old address and MAC, go nowhere (the tap's guard knows only the new).
                 progress.phase("new identity");
                 let identity = self.identity(&row, settings.clone())?;
-                client
-                    .reidentify(identity, self.timeouts.boot)
-                    .await
-                    .map(|ready| (client, ready))
+                let ready = client.reidentify(identity, wait).await;
+                let ready = match ready {
+                    // The work disk under /dev/vdb is this VM's own, made as for a boot.
+                    Ok(_) if restore.warm => client.work_disk(true, wait).await,
+                    other => other,
+                };
+                ready.map(|ready| (client, ready))
             }
             (ready, _) => ready,
         };

@@ -294,6 +294,7 @@ impl Host {
             created_at: "2026-01-01T00:00:00Z".into(),
             boot,
             oci: None,
+            snapshot_bytes: 0,
         };
         let store = self.store();
         let conn = rusqlite::Connection::open(self.paths.database()).unwrap();
@@ -341,8 +342,10 @@ impl Host {
         self.daemon_with(agent)
     }
 
+    /// A daemon without warm starts: the lifecycle tests count VMMs, snapshots and boots that
+    /// warm snapshots would add to. The warm-start tests turn them on.
     fn daemon_with(&self, agent: AgentBinary) -> Arc<Vms> {
-        self.daemon_configured(agent, Config::default())
+        self.daemon_configured(agent, cold_config())
     }
 
     fn daemon_configured(&self, agent: AgentBinary, config: Config) -> Arc<Vms> {
@@ -446,6 +449,14 @@ impl Host {
     }
 }
 
+/// A config without warm starts (see `Host::daemon_with`).
+fn cold_config() -> Config {
+    Config {
+        warm_starts: Some(false),
+        ..Config::default()
+    }
+}
+
 fn request(name: &str, image: &str, start: bool) -> CreateVmRequest {
     CreateVmRequest {
         name: Some(name.into()),
@@ -461,6 +472,7 @@ fn request(name: &str, image: &str, start: bool) -> CreateVmRequest {
         allow_hosts: Vec::new(),
         no_network: false,
         from: None,
+        cold: false,
     }
 }
 
@@ -759,7 +771,7 @@ async fn egress_combines_the_vms_flags_with_the_config_and_reaches_its_tap_and_d
     let host = Host::new();
     let agent = || AgentBinary::At(host.dir.path().join("banger-agent"));
     let pattern = |s: &str| HostPattern::parse(s).unwrap();
-    let mut config = Config::default();
+    let mut config = cold_config();
     config.network.egress = Egress::Allow(vec![pattern("a.com")]);
     let vms = host.daemon_configured(agent(), config);
     let listed = create(&vms, "listed", "debian").await.unwrap();
@@ -849,7 +861,7 @@ async fn egress_combines_the_vms_flags_with_the_config_and_reaches_its_tap_and_d
     // tasks live on in this runtime, as a crashed daemon's VMMs do: nothing here stops a VM
     // under them.)
     drop(vms);
-    let vms = host.daemon_configured(agent(), Config::default());
+    let vms = host.daemon_configured(agent(), cold_config());
     vms.reconcile().await.unwrap();
     let guards = host.net.host().state().guards;
     assert_eq!(guards[&tap(&listed)].outbound, Outbound::Open);
@@ -1605,4 +1617,174 @@ async fn a_running_vms_console_log_is_capped_also_after_a_daemon_restart() {
     vms.restart("web", Emitter::sink()).await.unwrap();
     assert!(!older.exists(), "the last boot's older log is kept");
     assert_eq!(size(&log), 0);
+}
+
+/// Creates `name` from `image` on `vms`, and the notices it gave.
+async fn create_noting(
+    vms: &Arc<Vms>,
+    req: CreateVmRequest,
+) -> (Result<VmInfo, ApiError>, Vec<String>) {
+    let (progress, mut rx) = Emitter::channel();
+    let made = vms.create(req, progress).await;
+    let mut notices = Vec::new();
+    while let Ok(event) = rx.try_recv() {
+        if let banger_api::Event::Notice { message } = event {
+            notices.push(message);
+        }
+    }
+    (made, notices)
+}
+
+fn restores(vmm: &FakeVmm) -> Vec<PathBuf> {
+    vmm.calls()
+        .into_iter()
+        .filter_map(|c| match c {
+            banger_vmm::testkit::FakeCall::Restore { snapshot, .. } => Some(snapshot),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn the_first_vm_of_an_image_and_shape_leaves_a_warm_snapshot_that_later_ones_start_from() {
+    let host = Host::new();
+    let agent = AgentBinary::At(host.dir.path().join("banger-agent"));
+    let vms = host.daemon_configured(agent, Config::default());
+
+    // The first boots, and a warm snapshot of it is kept, taken with its work disk unmounted
+    // and mounted again after.
+    let (first, notices) = create_noting(&vms, request("first", "debian", true)).await;
+    let first = first.unwrap();
+    assert_eq!(first.started_from, None);
+    assert_eq!(first.state, VmState::Running);
+    let snapshots = vms.list_snapshots().await.unwrap();
+    assert_eq!(snapshots.len(), 1, "{snapshots:?}");
+    let warm = &snapshots[0];
+    assert!(warm.warm && warm.name.starts_with("warm-"), "{warm:?}");
+    assert_eq!((warm.image.as_str(), warm.spec), ("debian", first.spec));
+    assert!(
+        notices.iter().any(|n| n.contains("kept warm snapshot")),
+        "{notices:?}"
+    );
+    assert_eq!(
+        *host.guests.identities.work_disk_calls.lock().unwrap(),
+        [false, true]
+    );
+    assert!(restores(&host.vmm).is_empty());
+
+    // The next of the same image and shape is restored from it, made its own, and mounts
+    // its own work disk; its root disk is the snapshot's, its work disk its own.
+    let (second, notices) = create_noting(&vms, request("second", "debian", true)).await;
+    let second = second.unwrap();
+    assert_eq!(second.started_from.as_deref(), Some(warm.name.as_str()));
+    assert!(
+        notices.is_empty() || !notices.iter().any(|n| n.contains("kept")),
+        "{notices:?}"
+    );
+    assert_eq!(restores(&host.vmm).len(), 1);
+    assert_eq!(host.guests.identities.seen.lock().unwrap().len(), 1);
+    assert_eq!(
+        *host.guests.identities.work_disk_calls.lock().unwrap(),
+        [false, true, true]
+    );
+    let vm_file = |vm: &str, f: &str| {
+        std::fs::read(host.paths.state_dir.join("vms").join(vm).join(f)).unwrap()
+    };
+    assert_eq!(
+        vm_file("second", "root.ext4"),
+        std::fs::read(PathBuf::from(&warm.dir).join("root.ext4")).unwrap()
+    );
+    // No work disk in a warm snapshot: each VM has its own, with its own keys and files.
+    assert!(!PathBuf::from(&warm.dir).join("work.ext4").exists());
+    assert!(!vm_file("second", "work.ext4").is_empty());
+    assert_eq!(vms.list_snapshots().await.unwrap().len(), 1);
+
+    // `--cold` boots and keeps nothing; another shape boots and keeps its own.
+    let (cold, _) = create_noting(
+        &vms,
+        CreateVmRequest {
+            cold: true,
+            ..request("cold", "debian", true)
+        },
+    )
+    .await;
+    assert_eq!(cold.unwrap().started_from, None);
+    assert_eq!(restores(&host.vmm).len(), 1);
+    assert_eq!(vms.list_snapshots().await.unwrap().len(), 1);
+    let (bigger, _) = create_noting(
+        &vms,
+        CreateVmRequest {
+            spec: VmSpec {
+                vcpu: 2,
+                memory_mib: 128,
+                disk_bytes: 64 << 20,
+            },
+            ..request("bigger", "debian", true)
+        },
+    )
+    .await;
+    assert_eq!(bigger.unwrap().started_from, None);
+    assert_eq!(vms.list_snapshots().await.unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn a_warm_snapshot_goes_when_the_agent_changes_or_it_does_not_restore_and_with_its_image() {
+    let host = Host::new();
+    let agent_path = host.dir.path().join("banger-agent");
+    let vms = host.daemon_configured(AgentBinary::At(agent_path.clone()), Config::default());
+    create(&vms, "first", "debian").await.unwrap();
+    let old = vms.list_snapshots().await.unwrap().remove(0);
+
+    // A new agent: the snapshot is out of date, so it goes, this VM boots, and keeps a new one.
+    std::fs::write(&agent_path, b"#!/bin/sh\n# a newer agent\n").unwrap();
+    let (made, notices) = create_noting(&vms, request("second", "debian", true)).await;
+    assert_eq!(made.unwrap().started_from, None);
+    assert!(
+        notices
+            .iter()
+            .any(|n| n.contains(&old.name) && n.contains("out of date (the guest agent changed)")),
+        "{notices:?}"
+    );
+    assert!(!PathBuf::from(&old.dir).exists());
+    let new = vms.list_snapshots().await.unwrap();
+    assert_eq!(new.len(), 1);
+    assert_ne!(new[0].name, old.name);
+    assert!(restores(&host.vmm).is_empty());
+
+    // A damaged snapshot: the restore fails, the snapshot goes, the VM boots cold from its
+    // image (and keeps a fresh snapshot), and says so.
+    std::fs::write(
+        PathBuf::from(&new[0].dir).join("vm-snapshot.json"),
+        b"{garbage",
+    )
+    .unwrap();
+    let (made, notices) = create_noting(&vms, request("third", "debian", true)).await;
+    let made = made.unwrap();
+    assert_eq!(made.state, VmState::Running);
+    assert_eq!(made.started_from, None);
+    assert!(
+        notices
+            .iter()
+            .any(|n| n.contains(&new[0].name) && n.contains("could not be restored")),
+        "{notices:?}"
+    );
+    assert_eq!(restores(&host.vmm).len(), 1);
+    assert!(!PathBuf::from(&new[0].dir).exists());
+    assert_eq!(host.vmm.running().len(), 3, "{:?}", host.vmm.running());
+
+    // Deleting the image takes its warm snapshots with it (its VMs first).
+    for vm in ["first", "second", "third"] {
+        vms.delete(vm, true).await.unwrap();
+    }
+    let images = crate::images::Images::new(
+        host.paths.clone(),
+        host.store(),
+        Config::default(),
+        ImageLocks::default(),
+    );
+    let left = vms.list_snapshots().await.unwrap();
+    assert_eq!(left.len(), 1);
+    images.delete("debian").await.unwrap();
+    assert!(vms.list_snapshots().await.unwrap().is_empty());
+    assert!(!PathBuf::from(&left[0].dir).exists());
 }
