@@ -491,6 +491,20 @@ fn two_vms_reach_each_other_by_name_and_crashes_are_noticed_and_recovered() {
     )
     .unwrap();
     assert!(pinned.starts_with(fb[0]), "{pinned} vs {}", fb[0]);
+    // A snapshot taken by hand of a guest with sshd: the VM made from it answers ssh by its
+    // own name with its own pinned key, and is neither alpha nor beta.
+    env.ok(["vm", "snapshot", "alpha", "--name", "alpha-now"]);
+    env.ok(["vm", "create", "--from", "alpha-now", "--name", "gamma"]);
+    let fg = facts("gamma");
+    let fg: Vec<&str> = fg.lines().collect();
+    assert_eq!(fg.len(), 4, "{fg:?}");
+    assert_eq!(fg[2], "gamma");
+    for (other, f) in [("alpha", &fa), ("beta", &fb)] {
+        assert_ne!(fg[0], f[0], "gamma shares {other}'s host key");
+        assert_ne!(fg[1], f[1], "gamma shares {other}'s machine-id");
+    }
+    env.ok(["vm", "delete", "--force", "gamma"]);
+    env.ok(["snapshot", "delete", "alpha-now"]);
     assert_ne!(a["ip"], b["ip"]);
     let a_ip = a["ip"].as_str().unwrap();
     let b_ip = b["ip"].as_str().unwrap();

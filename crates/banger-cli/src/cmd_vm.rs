@@ -19,10 +19,12 @@ use crate::session::Session;
 use crate::spec;
 use crate::{Ctx, VmCmd};
 
-/// How a VM just created started: `warm start from snapshot S` or `cold boot`.
+/// How a VM just created started: `warm start from snapshot S` (banger's warm snapshots are
+/// named `warm-...`, a name users cannot take), `restored from snapshot S`, or `cold boot`.
 pub fn start_kind(vm: &VmInfo) -> String {
     match &vm.started_from {
-        Some(snapshot) => format!("warm start from snapshot {snapshot}"),
+        Some(s) if s.starts_with("warm-") => format!("warm start from snapshot {s}"),
+        Some(s) => format!("restored from snapshot {s}"),
         None => "cold boot".to_owned(),
     }
 }

@@ -190,6 +190,11 @@ impl IdentityControl for SystemIdentity {
         if let Some(key) = &identity.ssh_host_key {
             install_host_key(&self.setup.etc, key).map_err(|e| fail("ssh host key", &e))?;
         }
+        remember_settings(
+            Path::new(crate::guest::REIDENTIFIED_SETTINGS),
+            &identity.boot,
+        )
+        .map_err(|e| fail("remembering the settings", &e))?;
         Ok(())
     }
 
@@ -217,6 +222,17 @@ impl IdentityControl for SystemIdentity {
         }
         Ok(())
     }
+}
+
+/// Keeps the settings this guest now has in `path` for an agent that restarts during this
+/// boot (see [`crate::guest::read_boot_settings`]), written whole through a rename.
+pub fn remember_settings(path: &Path, settings: &BootSettings) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        fs_err::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    fs_err::write(&tmp, settings.to_string())?;
+    fs_err::rename(&tmp, path)
 }
 
 /// Mixes `seed` into the kernel's pool and, where the kernel allows, credits it and reseeds
@@ -312,6 +328,18 @@ mod tests {
 
     fn ok(mac: &str) -> Result<Identity, String> {
         Identity::from_request(BOOT, mac, ID, vec![1; 32], None)
+    }
+
+    #[test]
+    fn the_settings_a_guest_took_on_are_what_a_restarted_agent_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("banger-agent/boot-settings");
+        let id = ok("02:ba:ac:10:00:09").unwrap();
+        remember_settings(&path, &id.boot).unwrap();
+        let back = cmdline::parse(&std::fs::read_to_string(&path).unwrap());
+        assert!(back.warnings.is_empty(), "{:?}", back.warnings);
+        assert_eq!(back.settings, id.boot);
+        assert!(!path.with_extension("tmp").exists());
     }
 
     #[test]

@@ -80,16 +80,22 @@ pub fn run() -> ! {
     transport::serve_forever(Arc::new(serve::ServeConfig::guest()))
 }
 
-/// The `banger.*` settings on the kernel command line; none when it cannot be read.
+/// Where the settings a `reidentify` applied are kept for the rest of this boot (`/run` is a
+/// tmpfs). A guest restored from a snapshot inherited the command line of the VM that was
+/// snapshotted, so an agent restarted by systemd must not go back to those.
+pub(crate) const REIDENTIFIED_SETTINGS: &str = "/run/banger-agent/boot-settings";
+
+/// The `banger.*` settings of this VM: those a `reidentify` applied during this boot, else the
+/// kernel command line's; none when neither can be read.
 pub(crate) fn read_boot_settings() -> BootSettings {
+    if let Ok(line) = fs_err::read_to_string(REIDENTIFIED_SETTINGS) {
+        log(format_args!(
+            "settings: from {REIDENTIFIED_SETTINGS} (this guest was reidentified)"
+        ));
+        return settings_from(&line);
+    }
     match fs_err::read_to_string(PROC_CMDLINE) {
-        Ok(line) => {
-            let parsed = cmdline::parse(&line);
-            for w in &parsed.warnings {
-                log(format_args!("command line: {w}"));
-            }
-            parsed.settings
-        }
+        Ok(line) => settings_from(&line),
         Err(e) => {
             log(format_args!(
                 "command line: cannot read it, applying nothing: {e}"
@@ -97,6 +103,14 @@ pub(crate) fn read_boot_settings() -> BootSettings {
             BootSettings::default()
         }
     }
+}
+
+fn settings_from(line: &str) -> BootSettings {
+    let parsed = cmdline::parse(line);
+    for w in &parsed.warnings {
+        log(format_args!("command line: {w}"));
+    }
+    parsed.settings
 }
 
 /// Runs every setup step for `settings`, logging one line per step.

@@ -131,6 +131,12 @@ pub fn mount_work_disk(
 /// `target` ([`WorkDiskError::Busy`]).
 pub fn release_work_disk(device: &Path, target: &Path) -> Result<ReleaseOutcome, WorkDiskError> {
     if !is_mounted(target)? {
+        // Not at `target`, but it may be mounted elsewhere (an fstab entry, a service's own
+        // mount namespace): then its file system would live on in the snapshot. The same
+        // check as after an unmount, and its buffers go too.
+        if device.exists() {
+            flush_buffers(device)?;
+        }
         return Ok(ReleaseOutcome::NotMounted);
     }
     // Written out first, so the unmount has little left to write.
@@ -311,7 +317,7 @@ mod tests {
     #[test]
     fn nothing_mounted_is_nothing_to_release() {
         let dir = tempfile::tempdir().unwrap();
-        // Not even the device is looked at.
+        // And no device: nothing of it can be in a snapshot.
         assert_eq!(
             release_work_disk(Path::new("/dev/banger-no-such-disk"), dir.path()).unwrap(),
             ReleaseOutcome::NotMounted

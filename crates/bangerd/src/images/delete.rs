@@ -1,5 +1,5 @@
-//! `image delete` and `image prune`: an image's row and files (and its warm snapshots) removed
-//! (never while a VM uses it or a VM is being made from it), and the OCI blob cache pruned of what no image needs.
+//! `image delete` and `image prune`: an image's row and files (and its warm snapshots)
+//! removed (never while a VM uses it or a VM is being made from it), and the OCI blob cache pruned of what no image needs.
 
 use banger_api::{ApiError, Deleted, ErrorCode, Pruned};
 
@@ -51,13 +51,15 @@ impl Images {
             })
             .await
             .map_err(internal)?;
-        for snapshot in warm {
-            let dir = crate::vms::snapshot_dir(&self.paths, &snapshot);
-            let _ = tokio::fs::remove_dir_all(dir).await;
-        }
         {
             // Only now, with no VM being made from it, do the files go.
             let _w = self.image_locks.write(name).await;
+            for snapshot in warm {
+                let dir = crate::vms::snapshot_dir(&self.paths, &snapshot);
+                if let Err(e) = tokio::fs::remove_dir_all(&dir).await {
+                    tracing::warn!("cannot remove warm snapshot {}: {e}", dir.display());
+                }
+            }
             if let Some(dir) = store_dir(&self.images_dir(), &img.rootfs) {
                 let _ = tokio::fs::remove_dir_all(dir).await;
             }

@@ -16,7 +16,7 @@ use crate::server::{internal, Emitter};
 use crate::store::{self, VmRow};
 use crate::{fsutil, names, now_rfc3339, sshkeys, vmdisk};
 
-use super::start::Restore;
+use super::start::{Restore, StartError};
 use super::warm::WarmPlan;
 use super::{api, Vms, IMAGE_RUNTIME_FILE};
 use crate::server::disk_error;
@@ -65,6 +65,16 @@ impl Vms {
                         ),
                     )
                     .with_hint("delete the snapshot (`banger snapshot delete`), or pull or build the image again under its name"));
+                }
+                if snap.warm_key.is_some() && !req.start {
+                    return Err(api(
+                        ErrorCode::BadRequest,
+                        format!(
+                            "{} is a warm snapshot: it holds a VM only as it is running, so a VM made from it must start",
+                            snap.name
+                        ),
+                    )
+                    .with_hint("drop --no-start, or create the VM from its image"));
                 }
                 req.image = snap.image.clone();
                 req.spec = snap.spec;
@@ -171,7 +181,7 @@ impl Vms {
             Some(s) if s.warm_key.is_some() => (None, Some(s)),
             other => (other, None),
         };
-        let warm = match (named_warm, &from, req.cold, req.start) {
+        let mut warm = match (named_warm, &from, req.cold, req.start) {
             (Some(named), ..) => WarmPlan::Restore(named, None),
             (None, None, false, true) if self.config.warm_starts() => {
                 self.warm_plan(&image, &kernel, spec, &agent_bin, &progress)
@@ -179,8 +189,20 @@ impl Vms {
             }
             _ => WarmPlan::Off,
         };
-        let rootfs = Path::new(&image.rootfs);
-        let prepared = match (&from, &warm) {
+        // The snapshot restored is leased until its VMM has loaded it: deleting it (`snapshot
+        // delete`, or another create that found it out of date or broken) waits until then.
+        let mut lease = match (&from, &warm) {
+            (Some(s), _) | (None, WarmPlan::Restore(s, _)) => {
+                Some(self.snapshot_leases.read(&s.name).await)
+            }
+            _ => None,
+        };
+        let rootfs = Path::new(&image.rootfs).to_owned();
+        let from_image = |warm: &WarmPlan| RootFrom::Image {
+            rootfs: rootfs.clone(),
+            throwaway_key: matches!(warm, WarmPlan::Keep(..)),
+        };
+        let mut prepared = match (&from, &warm) {
             (Some(snap), _) => self.disks_from_snapshot(&row, snap, &progress).await,
             (None, WarmPlan::Restore(snap, _)) => {
                 let root = RootFrom::Warm(self.snapshot_dir(&snap.name).join("root.ext4"));
@@ -188,11 +210,21 @@ impl Vms {
                     .await
             }
             (None, _) => {
-                let root = RootFrom::Image(rootfs.to_owned());
-                self.prepare_disks(&row, root, &agent_bin, &req, &progress)
+                self.prepare_disks(&row, from_image(&warm), &agent_bin, &req, &progress)
                     .await
             }
         };
+        if let (Err(e), WarmPlan::Restore(snap, key)) = (&prepared, &warm) {
+            // Its files are missing or unreadable: this VM is made from the image instead.
+            drop(lease.take());
+            warm = self
+                .give_up_warm(snap, key.clone(), &name, &e.message, &progress)
+                .await;
+            let _ = std::fs::remove_dir_all(self.vm_dir(&name));
+            prepared = self
+                .prepare_disks(&row, from_image(&warm), &agent_bin, &req, &progress)
+                .await;
+        }
         drop(image_held);
         if let Err(e) = prepared {
             self.remove_everything(&row).await;
@@ -215,39 +247,34 @@ impl Vms {
         });
         let mut started_from = restore.as_ref().map(|(s, _)| s.clone());
         let mut started = self
-            .start_locked(&name, &progress, restore.as_ref().map(|(_, r)| r))
+            .start_until_agent(&name, &progress, restore.as_ref().map(|(_, r)| r))
             .await;
-        let (mut keep, restored) = match warm {
-            WarmPlan::Keep(key, claim) => (Some((key, claim)), None),
-            WarmPlan::Restore(snapshot, key) => (None, Some((snapshot, key))),
-            WarmPlan::Off => (None, None),
-        };
-        if let (Err(e), Some((snapshot, key))) = (&started, &restored) {
-            // A warm snapshot that does not restore (a damaged file, a guest that does not
-            // answer) is only a slower start: it goes, this VM boots, and keeps a new one.
-            progress.notice(&format!(
-                "warm snapshot {} could not be restored, so it is removed and VM {name} boots cold: {}",
-                snapshot.name,
-                e.message.lines().next().unwrap_or_default()
-            ));
-            self.remove_snapshot(&snapshot.name).await;
-            keep = key
-                .clone()
-                .and_then(|k| self.claim_slot_of(snapshot).map(|c| (k, c)));
-            started_from = None;
-            started = self.boot_after_failed_restore(&name, &progress).await;
+        if let (Err(e), WarmPlan::Restore(snap, key)) = (&started, &warm) {
+            if e.snapshot_at_fault {
+                // A damaged file, or a guest that never answered: only a slower start.
+                drop(lease.take());
+                warm = self
+                    .give_up_warm(snap, key.clone(), &name, &e.error.message, &progress)
+                    .await;
+                started_from = None;
+                let throwaway_key = matches!(warm, WarmPlan::Keep(..));
+                started = self
+                    .boot_after_failed_restore(&name, throwaway_key, &progress)
+                    .await;
+            }
         }
+        drop(lease);
         if let Err(e) = started {
             // A guest that booted but never became ready is kept for inspection; any other
             // failure to start leaves no half-made VM behind.
-            if e.code != ErrorCode::BootTimeout {
+            if e.error.code != ErrorCode::BootTimeout {
                 if let Ok(row) = self.row(&name).await {
                     self.remove_everything(&row).await;
                 }
             }
-            return Err(e);
+            return Err(e.error);
         }
-        if let Some((key, _claim)) = &keep {
+        if let WarmPlan::Keep(key, _claim) = &warm {
             if let Err(e) = self.keep_warm(&name, key, &progress).await {
                 if let Ok(row) = self.row(&name).await {
                     self.remove_everything(&row).await;
@@ -255,43 +282,38 @@ impl Vms {
                 return Err(e);
             }
         }
+        // A guest whose sshd does not answer is kept, as one whose agent did not.
+        self.wait_for_sshd(&name, &progress).await?;
         let mut info = self.show(&name).await?;
         info.started_from = started_from;
         Ok(info)
     }
 
     /// After a warm snapshot failed to restore for VM `name`: whatever of it runs is stopped,
-    /// its root disk is made again from its image, and it boots. Caller holds the VM lock.
+    /// its root disk is made again from its image (with a throwaway host key when a new warm
+    /// snapshot is to be kept), and it boots. Caller holds the VM lock.
     async fn boot_after_failed_restore(
         self: &Arc<Self>,
         name: &str,
+        throwaway_key: bool,
         progress: &Emitter,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), StartError> {
         self.stop_locked(name, true).await?;
         self.forget_agent(name);
         let row = self.row(name).await?;
         let held = self.image_locks.read(&row.image).await;
         let (image, _) = crate::images::image_with_kernel(&self.store, &row.image).await?;
         let agent_bin = self.agent_binary.find()?;
-        progress.phase("clone root disk");
-        let dir = self.vm_dir(name);
-        let (src, boot) = (std::path::PathBuf::from(&image.rootfs), row.boot);
-        tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-            let root = dir.join("root.ext4");
-            let _ = std::fs::remove_file(&root);
-            fsutil::clone_file(&src, &root)?;
-            if boot == Boot::Systemd {
-                inject(&dir, &agent_bin)?;
-            }
-            Ok(())
-        })
-        .await
-        .map_err(|e| internal(e.into()))?
-        .map_err(|e| disk_error(e, "cannot make the VM's root disk again from its image"))?;
+        let _ = std::fs::remove_file(self.vm_dir(name).join("root.ext4"));
+        let root = RootFrom::Image {
+            rootfs: PathBuf::from(&image.rootfs),
+            throwaway_key,
+        };
+        self.root_disk(&row, root, &agent_bin, progress).await?;
         drop(held);
         self.set_state(name, VmState::Stopped, None, None, None)
             .await?;
-        self.start_locked(name, progress, None).await
+        self.start_until_agent(name, progress, None).await
     }
 
     /// A VM's disks from a snapshot: its root and work disks cloned (reflinks where the file
@@ -393,22 +415,10 @@ impl Vms {
             }
         };
 
-        progress.phase("clone root disk");
-        // A warm snapshot's root disk has banger's files in it already.
-        let (src, inject_files) = match root {
-            RootFrom::Image(p) => (p, runtime.is_none()),
-            RootFrom::Warm(p) => (p, false),
-        };
-        let root = dir.join("root.ext4");
-        let kind = tokio::task::spawn_blocking(move || fsutil::clone_file(&src, &root))
-            .await
-            .map_err(|e| internal(e.into()))?
-            .map_err(|e| disk_error(e, "cannot clone the image into the VM's root disk"))?;
-        progress.log(&format!("root disk: {kind:?}"));
+        self.root_disk(row, root, agent_bin, progress).await?;
 
         progress.phase("prepare work disk");
         let dir2 = dir.clone();
-        let agent = agent_bin.to_owned();
         let sync = req.file_sync.clone();
         let size = req.spec.disk_bytes;
         tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
@@ -416,9 +426,6 @@ impl Vms {
             let staging = scratch.path().join("work");
             std::fs::create_dir(&staging)?;
             vmdisk::make_work_disk(&dir2.join("work.ext4"), size, &authorized, &sync, &staging)?;
-            if inject_files {
-                inject(&dir2, &agent)?;
-            }
             if let Some(json) = runtime {
                 let path = dir2.join(IMAGE_RUNTIME_FILE);
                 std::fs::write(&path, json)
@@ -431,27 +438,90 @@ impl Vms {
         .map_err(|e| disk_error(e, "cannot prepare the VM's disks"))?;
         Ok(())
     }
+
+    /// The VM's root disk (`root.ext4` in its directory, whose host key is made already):
+    /// cloned from `root`; from an image, with banger's files written into it for a guest that
+    /// boots with systemd.
+    async fn root_disk(
+        &self,
+        row: &VmRow,
+        root: RootFrom,
+        agent_bin: &Path,
+        progress: &Emitter,
+    ) -> Result<(), ApiError> {
+        progress.phase("clone root disk");
+        let dir = self.vm_dir(&row.name);
+        let what = match root {
+            RootFrom::Warm(_) => "cannot clone the warm snapshot's root disk into the VM's",
+            RootFrom::Image { .. } => "cannot clone the image into the VM's root disk",
+        };
+        let (src, key) = match root {
+            // A warm snapshot's root disk has banger's files in it already.
+            RootFrom::Warm(path) => (path, None),
+            RootFrom::Image { rootfs, .. } if row.boot != Boot::Systemd => (rootfs, None),
+            RootFrom::Image {
+                rootfs,
+                throwaway_key: false,
+            } => (rootfs, Some(HOST_KEY.to_owned())),
+            RootFrom::Image {
+                rootfs,
+                throwaway_key: true,
+            } => {
+                // The VM's own key must not reach the warm snapshot (every VM made from it
+                // could read it off its disk): it boots with this one, and is given its own
+                // right after the snapshot.
+                sshkeys::keygen(&dir.join(THROWAWAY_KEY), "banger-warm-snapshot").await?;
+                (rootfs, Some(THROWAWAY_KEY.to_owned()))
+            }
+        };
+        let agent = agent_bin.to_owned();
+        let kind = tokio::task::spawn_blocking(move || -> anyhow::Result<fsutil::CloneKind> {
+            let kind = fsutil::clone_file(&src, &dir.join("root.ext4"))?;
+            if let Some(key) = key {
+                inject(&dir, &agent, &key)?;
+                if key == THROWAWAY_KEY {
+                    std::fs::remove_file(dir.join(THROWAWAY_KEY))?;
+                    std::fs::remove_file(dir.join(format!("{THROWAWAY_KEY}.pub")))?;
+                }
+            }
+            Ok(kind)
+        })
+        .await
+        .map_err(|e| internal(e.into()))?
+        .map_err(|e| disk_error(e, what))?;
+        progress.log(&format!("root disk: {kind:?}"));
+        Ok(())
+    }
 }
+
+/// The VM's host key in its directory (pinned in known_hosts).
+const HOST_KEY: &str = "ssh_host_ed25519_key";
+/// A host key for a VM that a warm snapshot is taken of, made and removed in its directory.
+const THROWAWAY_KEY: &str = "warm_host_key";
 
 /// Where a new VM's root disk is cloned from.
 enum RootFrom {
-    /// The image's root file system; banger's files are written into the clone.
-    Image(PathBuf),
+    /// The image's root file system; banger's files are written into the clone, with a
+    /// throwaway host key when a warm snapshot will be taken of the VM.
+    Image {
+        rootfs: PathBuf,
+        throwaway_key: bool,
+    },
     /// A warm snapshot's root disk, which has them already.
     Warm(PathBuf),
 }
 
 /// Writes banger's files into the root disk in `dir` of a guest that boots with systemd: the
-/// agent, its unit, and the VM's host key (made in `dir` before).
-fn inject(dir: &Path, agent: &Path) -> anyhow::Result<()> {
+/// agent, its unit, and the host key `key` (a file in `dir`, with its `.pub`).
+fn inject(dir: &Path, agent: &Path, key: &str) -> anyhow::Result<()> {
     let scratch = tempfile::tempdir_in(dir)?;
     vmdisk::inject(
         &dir.join("root.ext4"),
         &vmdisk::Injection {
             agent_binary: agent,
             unit_text: banger_agent::SYSTEMD_UNIT,
-            host_key: &dir.join("ssh_host_ed25519_key"),
-            host_key_pub: &dir.join("ssh_host_ed25519_key.pub"),
+            host_key: &dir.join(key),
+            host_key_pub: &dir.join(format!("{key}.pub")),
         },
         scratch.path(),
     )

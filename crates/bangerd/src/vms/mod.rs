@@ -11,8 +11,8 @@
 //!
 //! One file per operation: [`create`] (from an image, or `--from` a snapshot), [`start`] (and
 //! restart, and a restore from a snapshot), [`stop`], [`delete`], [`exec`], [`ssh`],
-//! [`snapshot`] (and snapshot list and delete), [`warm`] (warm starts), [`fork`], [`supervise`], [`reconcile`] and
-//! [`refresh_names`]; [`network`] and [`agent`] hold
+//! [`snapshot`] (and snapshot list and delete), [`warm`] (warm starts), [`fork`],
+//! [`supervise`], [`reconcile`] and [`refresh_names`]; [`network`] and [`agent`] hold
 //! what several of them share (the network's lifetime, the guest agent). This file keeps the
 //! service itself and the queries every operation starts from.
 
@@ -138,6 +138,9 @@ pub struct Vms {
     image_locks: crate::image_locks::ImageLocks,
     /// Warm-snapshot slots (image, VMM, shape) a create is making a snapshot for right now.
     warming: Registry<()>,
+    /// Per-snapshot reader/writer locks (the same keyed lock images use): a create holds its
+    /// snapshot for reading until the VMM has loaded it, deleting one holds it for writing.
+    snapshot_leases: crate::image_locks::ImageLocks,
     agent_digest: Arc<warm::AgentDigest>,
 }
 
@@ -183,6 +186,7 @@ impl Vms {
             starting: Registry::default(),
             image_locks,
             warming: Registry::default(),
+            snapshot_leases: Default::default(),
             agent_digest: Arc::default(),
         }
     }

@@ -43,6 +43,16 @@ impl Vms {
     pub async fn snapshot(&self, vm: &str, name: Option<String>) -> Result<SnapshotInfo, ApiError> {
         if let Some(n) = &name {
             validate_name("snapshot", n)?;
+            if n.starts_with(super::warm::WARM_PREFIX) {
+                return Err(api(
+                    ErrorCode::BadRequest,
+                    format!(
+                        "snapshot names starting with {:?} are banger's own (warm snapshots)",
+                        super::warm::WARM_PREFIX
+                    ),
+                )
+                .with_hint("pick another --name"));
+            }
         }
         let lock = self.lock_for(vm);
         let _guard = lock.lock().await;
@@ -199,6 +209,8 @@ impl Vms {
     }
 
     pub async fn delete_snapshot(&self, name: &str) -> Result<Deleted, ApiError> {
+        // Not while a VM is being made from it.
+        let _lease = self.snapshot_leases.write(name).await;
         let row = self.snapshot_row(name).await?;
         let n = row.name.clone();
         self.store

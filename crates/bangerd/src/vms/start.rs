@@ -111,6 +111,30 @@ pub(super) struct Restore {
     pub warm: bool,
 }
 
+/// Why a start failed, and whether the snapshot it restored is to blame (its VMM would not
+/// load it, or the guest it held never answered or could not take on its identity), as
+/// opposed to the host (the network, the DNS port, a missing kernel).
+#[derive(Debug)]
+pub(super) struct StartError {
+    pub error: ApiError,
+    pub snapshot_at_fault: bool,
+}
+
+impl From<ApiError> for StartError {
+    fn from(error: ApiError) -> Self {
+        StartError {
+            error,
+            snapshot_at_fault: false,
+        }
+    }
+}
+
+impl From<StartError> for ApiError {
+    fn from(e: StartError) -> Self {
+        e.error
+    }
+}
+
 /// How long a guest restored from a warm snapshot has to answer.
 const WARM_AGENT_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -134,6 +158,36 @@ impl Vms {
         name: &str,
         progress: &Emitter,
         restore: Option<&Restore>,
+    ) -> Result<(), StartError> {
+        self.start_until_agent(name, progress, restore).await?;
+        Ok(self.wait_for_sshd(name, progress).await?)
+    }
+
+    /// [`Vms::start_locked`] up to the agent answering (and, after a restore, the guest having
+    /// taken on its identity), without waiting for sshd.
+    pub(super) async fn start_until_agent(
+        self: &Arc<Self>,
+        name: &str,
+        progress: &Emitter,
+        restore: Option<&Restore>,
+    ) -> Result<(), StartError> {
+        let mut snapshot_at_fault = false;
+        self.start_until_agent_inner(name, progress, restore, &mut snapshot_at_fault)
+            .await
+            .map_err(|error| StartError {
+                error,
+                snapshot_at_fault,
+            })
+    }
+
+    /// [`Vms::start_until_agent`]; sets `snapshot_at_fault` when it fails because of the
+    /// snapshot it restores.
+    async fn start_until_agent_inner(
+        self: &Arc<Self>,
+        name: &str,
+        progress: &Emitter,
+        restore: Option<&Restore>,
+        snapshot_at_fault: &mut bool,
     ) -> Result<(), ApiError> {
         let row = self.row(name).await?;
         match row.state {
@@ -287,6 +341,7 @@ impl Vms {
                     Some(&report.to_string()),
                 )
                 .await?;
+                *snapshot_at_fault = restore.is_some();
                 return Err(hints::api_error(ErrorCode::VmmFailed, report));
             }
         };
@@ -340,6 +395,7 @@ impl Vms {
                 let mut err = hints::api_error(ErrorCode::BootTimeout, report);
                 err.message
                     .push_str(&format!("\nlast lines of its console:\n{tail}"));
+                *snapshot_at_fault = restore.is_some();
                 return Err(err);
             }
         };
@@ -347,11 +403,21 @@ impl Vms {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(name.to_owned(), client);
+        Ok(())
+    }
 
+    /// Waits until the sshd of running VM `name` answers, for a guest that has one.
+    pub(super) async fn wait_for_sshd(
+        &self,
+        name: &str,
+        progress: &Emitter,
+    ) -> Result<(), ApiError> {
+        let row = self.row(name).await?;
         if row.boot != Boot::Systemd {
             // No sshd in this guest: the agent being up is what "up" means.
             return Ok(());
         }
+        let (ip, _) = addresses(&row)?;
         progress.phase("wait for ssh");
         let addr = format!("{}:22", row.ip);
         let deadline = tokio::time::Instant::now() + self.timeouts.sshd;
@@ -368,6 +434,18 @@ impl Vms {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         Ok(())
+    }
+
+    /// The identity VM `row` has now (its address, name, MAC, its own host key), with a new
+    /// machine-id and seed: given to the VM a warm snapshot was taken of, which booted with a
+    /// throwaway host key so that its own never reaches the snapshot.
+    pub(super) fn own_identity(
+        &self,
+        row: &VmRow,
+    ) -> Result<banger_agent::host::Identity, ApiError> {
+        let (ip, _) = addresses(row)?;
+        let settings = boot_settings(row, ip, &self.net.config().subnet)?;
+        self.identity(row, settings)
     }
 
     /// Who a guest restored from a snapshot becomes: this VM's address, name and clock

@@ -1682,7 +1682,45 @@ async fn the_first_vm_of_an_image_and_shape_leaves_a_warm_snapshot_that_later_on
         "{notices:?}"
     );
     assert_eq!(restores(&host.vmm).len(), 1);
-    assert_eq!(host.guests.identities.seen.lock().unwrap().len(), 1);
+    // The first took on its own host key after its snapshot (it booted with a throwaway one,
+    // which is all the snapshot holds), then the second took on its identity.
+    let seen = host.guests.identities.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2);
+    let own_key = |vm: &str| {
+        std::fs::read_to_string(
+            host.paths
+                .state_dir
+                .join("vms")
+                .join(vm)
+                .join("ssh_host_ed25519_key"),
+        )
+        .unwrap()
+    };
+    assert_eq!(
+        seen[0].ssh_host_key.as_ref().unwrap().private,
+        own_key("first")
+    );
+    assert_eq!(
+        seen[1].ssh_host_key.as_ref().unwrap().private,
+        own_key("second")
+    );
+    let snapshot_root = std::fs::read(PathBuf::from(&warm.dir).join("root.ext4")).unwrap();
+    for vm in ["first", "second"] {
+        let key = own_key(vm);
+        let secret = key.lines().nth(2).unwrap().as_bytes();
+        assert!(
+            !snapshot_root.windows(secret.len()).any(|w| w == secret),
+            "{vm}'s host key is in the warm snapshot"
+        );
+    }
+    assert!(
+        !host
+            .paths
+            .state_dir
+            .join("vms/first/warm_host_key")
+            .exists(),
+        "the throwaway key stayed"
+    );
     assert_eq!(
         *host.guests.identities.work_disk_calls.lock().unwrap(),
         [false, true, true]
@@ -1742,7 +1780,7 @@ async fn a_warm_snapshot_goes_when_the_agent_changes_or_it_does_not_restore_and_
     assert!(
         notices
             .iter()
-            .any(|n| n.contains(&old.name) && n.contains("out of date (the guest agent changed)")),
+            .any(|n| n.contains(&old.name) && n.contains("out of date: the guest agent changed")),
         "{notices:?}"
     );
     assert!(!PathBuf::from(&old.dir).exists());
@@ -1772,8 +1810,52 @@ async fn a_warm_snapshot_goes_when_the_agent_changes_or_it_does_not_restore_and_
     assert!(!PathBuf::from(&new[0].dir).exists());
     assert_eq!(host.vmm.running().len(), 3, "{:?}", host.vmm.running());
 
+    // A root disk gone from the snapshot: the same, found before anything starts.
+    let kept = vms.list_snapshots().await.unwrap().remove(0);
+    std::fs::remove_file(PathBuf::from(&kept.dir).join("root.ext4")).unwrap();
+    let (made, notices) = create_noting(&vms, request("fourth", "debian", true)).await;
+    assert_eq!(made.unwrap().started_from, None);
+    assert!(
+        notices
+            .iter()
+            .any(|n| n.contains(&kept.name) && n.contains("boots cold")),
+        "{notices:?}"
+    );
+    assert_eq!(restores(&host.vmm).len(), 1);
+    let kept = vms.list_snapshots().await.unwrap().remove(0);
+
+    // A warm snapshot only starts VMs; its prefix is banger's.
+    let err = vms
+        .create(
+            CreateVmRequest {
+                from: Some(kept.name.clone()),
+                ..request("fifth", "debian", false)
+            },
+            Emitter::sink(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::BadRequest, "{}", err.message);
+    let err = vms
+        .snapshot("first", Some("warm-mine".into()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::BadRequest, "{}", err.message);
+    // Named with --from, it starts a VM as a warm start would.
+    let named = vms
+        .create(
+            CreateVmRequest {
+                from: Some(kept.name.clone()),
+                ..request("fifth", "debian", true)
+            },
+            Emitter::sink(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(named.started_from.as_deref(), Some(kept.name.as_str()));
+
     // Deleting the image takes its warm snapshots with it (its VMs first).
-    for vm in ["first", "second", "third"] {
+    for vm in ["first", "second", "third", "fourth", "fifth"] {
         vms.delete(vm, true).await.unwrap();
     }
     let images = crate::images::Images::new(

@@ -6,7 +6,13 @@
 //! A warm snapshot holds memory, devices and the root disk, but no work disk: just before it
 //! is taken the guest unmounts `/root` (the agent's `work_disk` request), so each VM restored
 //! from it mounts a work disk of its own (its files, its `authorized_keys`), made as for a
-//! cold boot. The VM the snapshot was taken of mounts its own again at once.
+//! cold boot. The VM the snapshot was taken of mounts its own again at once. Nor does it hold
+//! that VM's SSH host key: the VM boots with a throwaway one and takes on its own after the
+//! snapshot, so no VM made from it can read another's key off its disk or memory. It is taken
+//! right after the agent answers, before anything of the user's runs in the guest.
+//!
+//! A create holds a lease (a read lock) on the snapshot it restores until the VMM has loaded
+//! it; removing a snapshot waits for those.
 //!
 //! A warm snapshot is only as good as what it was made from. [`WarmKey`] records that: the
 //! image (name, date, content digest), the kernel (digests), the guest agent (digest), the
@@ -20,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use banger_api::vm::VmSpec;
-use banger_api::{ApiError, ErrorCode, ImageInfo, KernelInfo};
+use banger_api::{ApiError, Boot, ErrorCode, ImageInfo, KernelInfo};
 use banger_image::Progress;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -34,6 +40,9 @@ use super::Vms;
 /// How banger makes warm snapshots. Bump it when that changes in a way older snapshots do not
 /// follow (what the guest does before the snapshot, say): every warm snapshot is then remade.
 pub const WARM_FORMAT: u32 = 1;
+
+/// How warm snapshots' names begin; users' snapshots may not.
+pub const WARM_PREFIX: &str = "warm-";
 
 /// How long the agent has to unmount or mount the work disk.
 const WORK_DISK_TIMEOUT: Duration = Duration::from_secs(30);
@@ -75,7 +84,13 @@ impl WarmKey {
             ),
             agent: agent_sha256.to_owned(),
             vmm: vmm.to_owned(),
-            boot: format!("format {WARM_FORMAT}: {command_line}"),
+            // What bangerd itself puts into a warm snapshot beyond the command line: the unit
+            // it injects and how it makes and restores snapshots (its version).
+            boot: format!(
+                "format {WARM_FORMAT}, bangerd {}, unit {}: {command_line}",
+                env!("CARGO_PKG_VERSION"),
+                hex::encode(Sha256::digest(banger_agent::SYSTEMD_UNIT.as_bytes()))
+            ),
         }
     }
 
@@ -200,19 +215,23 @@ impl Vms {
                 continue;
             }
             let theirs: Option<WarmKey> = serde_json::from_str(json).ok();
-            let changes = theirs
-                .as_ref()
-                .map(|t| t.changes(&key))
-                .unwrap_or_else(|| vec!["its record"]);
-            if changes.is_empty() && usable.is_none() && self.snapshot_dir(&row.name).is_dir() {
-                usable = Some(row);
-                continue;
-            }
+            let why = match theirs.as_ref().map(|t| t.changes(&key)) {
+                None => "its record is unreadable".to_owned(),
+                Some(changes) if !changes.is_empty() => {
+                    format!("it is out of date: {} changed", join_words(&changes))
+                }
+                Some(_) if usable.is_some() => "another one stands in for it".to_owned(),
+                Some(_) if !self.snapshot_dir(&row.name).is_dir() => {
+                    "its files are missing".to_owned()
+                }
+                Some(_) => {
+                    usable = Some(row);
+                    continue;
+                }
+            };
             progress.notice(&format!(
-                "warm snapshot {} of image {} is out of date ({} changed); removing it",
-                row.name,
-                image.name,
-                join_words(&changes)
+                "removing warm snapshot {} of image {}: {why}",
+                row.name, image.name
             ));
             self.remove_snapshot(&row.name).await;
         }
@@ -225,59 +244,86 @@ impl Vms {
         }
     }
 
-    /// Keeps a warm snapshot of VM `name`, freshly booted: the guest unmounts its work disk,
-    /// the snapshot is taken, and the guest mounts its work disk again. Not keeping one is
-    /// only a notice (the VM is fine); a guest that cannot mount its work disk again is an
-    /// error (the VM has no home). Caller holds the VM lock.
+    /// Keeps a warm snapshot of VM `name`, freshly booted with a throwaway host key: the guest
+    /// unmounts its work disk, the snapshot is taken (root disk only), the guest mounts its work
+    /// disk again and (with sshd) takes on its own host key. Not keeping a snapshot is only a
+    /// notice; a VM that cannot get its work disk or host key back is an error (it has no home,
+    /// or no key that ssh accepts). Caller holds the VM lock.
     pub(super) async fn keep_warm(
         self: &Arc<Self>,
         name: &str,
         key: &WarmKey,
         progress: &Emitter,
-    ) -> Result<Option<String>, ApiError> {
+    ) -> Result<(), ApiError> {
         progress.phase("keep warm snapshot");
+        let row = self.row(name).await?;
         let client = self.agent(name).await?;
-        if let Err(e) = client.work_disk(false, WORK_DISK_TIMEOUT).await {
-            progress.notice(&format!(
-                "no warm snapshot kept: {}",
-                crate::hints::report(&e)
+        let kept = match client.work_disk(false, WORK_DISK_TIMEOUT).await {
+            Err(e) => Err(crate::hints::report(&e).to_string()),
+            Ok(_) => {
+                let snapshot = format!("{WARM_PREFIX}{}", crate::names::short_id());
+                self.take_snapshot(name, Some(snapshot), Some(key.to_json()))
+                    .await
+                    .map_err(|e| e.message)
+            }
+        };
+        // Whatever happened above (an unmount that failed half-way, or that timed out and went
+        // on in the guest): mounting a work disk that is mounted does nothing.
+        let agent_failed = |what: &str, e: banger_agent::host::AgentError| {
+            crate::hints::failed(ErrorCode::Internal, format!("VM {name} {what}"), &e)
+                .with_hint(format!("see `banger vm logs {name}`"))
+        };
+        if let Err(e) = client.work_disk(true, WORK_DISK_TIMEOUT).await {
+            if let Ok(info) = &kept {
+                // Every VM made from it would fail the same way.
+                self.remove_snapshot(&info.name).await;
+            }
+            return Err(agent_failed(
+                "cannot mount its work disk again after its warm snapshot",
+                e,
             ));
-            return Ok(None);
         }
-        let snapshot = format!("warm-{}", crate::names::short_id());
-        let taken = self
-            .take_snapshot(name, Some(snapshot), Some(key.to_json()))
-            .await;
-        client
-            .work_disk(true, WORK_DISK_TIMEOUT)
-            .await
-            .map_err(|e| {
-                crate::hints::failed(
-                    ErrorCode::VmmFailed,
-                    format!("VM {name} cannot mount its work disk again after its warm snapshot"),
-                    &e,
-                )
-            })?;
-        match taken {
-            Ok(info) => {
-                progress.notice(&format!(
-                    "kept warm snapshot {} for the next VM of image {} with this shape",
-                    info.name, info.image
-                ));
-                Ok(Some(info.name))
-            }
-            Err(e) => {
-                progress.notice(&format!("no warm snapshot kept: {}", e.message));
-                Ok(None)
-            }
+        if row.boot == Boot::Systemd {
+            let identity = self.own_identity(&row)?;
+            client
+                .reidentify(identity, WORK_DISK_TIMEOUT)
+                .await
+                .map_err(|e| agent_failed("cannot take on its own SSH host key", e))?;
         }
+        match kept {
+            Ok(info) => progress.notice(&format!(
+                "kept warm snapshot {} for the next VM of image {} with this shape",
+                info.name, info.image
+            )),
+            Err(why) => progress.notice(&format!("no warm snapshot kept: {why}")),
+        }
+        Ok(())
     }
 
-    /// The slot of warm snapshot `row`, claimed for a create that replaces it; `None` while
-    /// another create makes that slot's snapshot.
-    pub(super) fn claim_slot_of(&self, row: &SnapshotRow) -> Option<Claim<()>> {
-        self.warming
-            .claim(&slot(&row.image, &row.vmm, row.spec), ())
+    /// Gives up warm snapshot `snapshot` for VM `name`, which could not be made from it
+    /// (`why`): it is removed, and the VM is to boot, keeping a new one under `key` where it can
+    /// (none for a snapshot named with `--from`, or while another create makes one). The caller
+    /// holds no lease on the snapshot.
+    pub(super) async fn give_up_warm(
+        &self,
+        snapshot: &SnapshotRow,
+        key: Option<WarmKey>,
+        name: &str,
+        why: &str,
+        progress: &Emitter,
+    ) -> WarmPlan {
+        progress.notice(&format!(
+            "warm snapshot {} could not be restored, so it is removed and VM {name} boots cold: {}",
+            snapshot.name,
+            why.lines().next().unwrap_or_default()
+        ));
+        self.remove_snapshot(&snapshot.name).await;
+        key.and_then(|k| {
+            self.warming
+                .claim(&slot(&snapshot.image, &snapshot.vmm, snapshot.spec), ())
+                .map(|claim| WarmPlan::Keep(k, claim))
+        })
+        .unwrap_or(WarmPlan::Off)
     }
 
     /// Removes a snapshot's row and files, logging (not failing) when that cannot be done.
