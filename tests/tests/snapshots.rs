@@ -3,7 +3,7 @@
 //! goes on running; two VMs made from the snapshot run at once, each with its own address, MAC,
 //! name, machine-id, randomness and the host's clock; `vm fork` makes two children that have
 //! the parent's file and running process; the snapshot is listed with its files and deleted
-//! whole. Warm starts: the first `vm run` of an image boots and keeps a warm snapshot, the next
+//! whole, and a snapshot whose image was deleted is refused. Warm starts: the first `vm run` of an image boots and keeps a warm snapshot, the next
 //! ones restore it (each with a work disk of its own), `--cold` boots, and a damaged snapshot
 //! is replaced by a cold boot that says so.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
@@ -177,15 +177,25 @@ fn a_running_guest_is_snapshotted_and_runs_on() {
         !err.success() && err.stderr.contains("already exists"),
         "{err}"
     );
+    for vm in ["bb", "c1", "c2", "bb-1", "bb-2"] {
+        env.ok(["vm", "delete", vm, "--force"]);
+    }
+    // A snapshot outlives its image (it was taken by hand), but no VM is made from it then.
+    env.ok(["image", "delete", "busybox"]);
+    let err = env.banger(["vm", "create", "--from", "base", "--name", "orphan"]);
+    assert!(
+        !err.success() && err.stderr.contains("which is no longer here"),
+        "{err}"
+    );
+    assert!(err.stderr.contains("snapshot delete"), "no hint: {err}");
+    let vms = env.ok(["vm", "list", "--json"]).json();
+    assert_eq!(vms, serde_json::json!([]), "a refused create left {vms}");
     env.ok(["snapshot", "delete", "base"]);
     assert!(!dir.exists(), "the snapshot's files stayed");
     assert_eq!(
         env.ok(["snapshot", "list", "--json"]).json(),
         serde_json::json!([])
     );
-    for vm in ["bb", "c1", "c2", "bb-1", "bb-2"] {
-        env.ok(["vm", "delete", vm, "--force"]);
-    }
     env.stop_daemon();
 }
 
