@@ -3,9 +3,10 @@
 //! goes on running; two VMs made from the snapshot run at once, each with its own address, MAC,
 //! name, machine-id, randomness and the host's clock; `vm fork` makes two children that have
 //! the parent's file and running process; the snapshot is listed with its files and deleted
-//! whole, and a snapshot whose image was deleted is refused. Warm starts: the first `vm run` of an image boots and keeps a warm snapshot, the next
-//! ones restore it (each with a work disk of its own), `--cold` boots, and a damaged snapshot
-//! is replaced by a cold boot that says so.
+//! whole, and a snapshot whose image was deleted is refused. Warm starts: the first `vm run`
+//! of an image boots and keeps a warm snapshot, the next ones restore it (each with a work
+//! disk of its own), `--cold` boots, and a damaged snapshot is replaced by a cold boot that
+//! says so.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure
 
 use std::path::PathBuf;
