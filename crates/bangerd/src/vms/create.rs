@@ -7,7 +7,6 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::Context;
 use banger_api::vm::{CreateVmRequest, VmInfo, VmState};
 use banger_api::{validate_name, ApiError, Boot, ErrorCode};
 use banger_image::Progress;
@@ -326,34 +325,7 @@ impl Vms {
         progress: &Emitter,
     ) -> Result<(), ApiError> {
         let dir = self.vm_dir(&row.name);
-        std::fs::create_dir_all(&dir).map_err(|e| {
-            api(
-                ErrorCode::Internal,
-                format!("cannot create {}: {e}", dir.display()),
-            )
-        })?;
-        match row.boot {
-            Boot::Systemd => {
-                let host_key = dir.join("ssh_host_ed25519_key");
-                sshkeys::keygen(&host_key, &format!("banger-{}", row.name)).await?;
-            }
-            Boot::Agent => {
-                let image = row.image.clone();
-                let json = self
-                    .store
-                    .call(move |c| store::image_runtime(c, &image))
-                    .await
-                    .map_err(internal)?
-                    .unwrap_or_else(|| "{}".to_owned());
-                let path = dir.join(IMAGE_RUNTIME_FILE);
-                std::fs::write(&path, json).map_err(|e| {
-                    api(
-                        ErrorCode::Internal,
-                        format!("cannot write {}: {e}", path.display()),
-                    )
-                })?;
-            }
-        }
+        self.vm_files(row).await?;
         progress.phase("clone snapshot disks");
         let from = self.snapshot_dir(&snap.name);
         tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
@@ -389,32 +361,7 @@ impl Vms {
                 format!("cannot read {}.pub: {e}", user_key.display()),
             )
         })?;
-        std::fs::create_dir_all(&dir).map_err(|e| {
-            api(
-                ErrorCode::Internal,
-                format!("cannot create {}: {e}", dir.display()),
-            )
-        })?;
-        // Only a guest with sshd needs a host key (pinned in known_hosts); the others hold the
-        // image's runtime settings for the agent, which runs as their PID 1.
-        let runtime = match row.boot {
-            Boot::Systemd => {
-                let host_key = dir.join("ssh_host_ed25519_key");
-                sshkeys::keygen(&host_key, &format!("banger-{}", row.name)).await?;
-                None
-            }
-            Boot::Agent => {
-                let image = row.image.clone();
-                let json = self
-                    .store
-                    .call(move |c| store::image_runtime(c, &image))
-                    .await
-                    .map_err(internal)?
-                    .unwrap_or_else(|| "{}".to_owned());
-                Some(json)
-            }
-        };
-
+        self.vm_files(row).await?;
         self.root_disk(row, root, agent_bin, progress).await?;
 
         progress.phase("prepare work disk");
@@ -426,17 +373,46 @@ impl Vms {
             let staging = scratch.path().join("work");
             std::fs::create_dir(&staging)?;
             vmdisk::make_work_disk(&dir2.join("work.ext4"), size, &authorized, &sync, &staging)?;
-            if let Some(json) = runtime {
-                let path = dir2.join(IMAGE_RUNTIME_FILE);
-                std::fs::write(&path, json)
-                    .with_context(|| format!("cannot write {}", path.display()))?
-            }
             Ok(())
         })
         .await
         .map_err(|e| internal(e.into()))?
         .map_err(|e| disk_error(e, "cannot prepare the VM's disks"))?;
         Ok(())
+    }
+
+    /// The VM's directory with what each VM has of its own besides disks: a host key for a
+    /// guest with sshd (pinned in known_hosts), the image's runtime settings for one whose
+    /// agent runs as PID 1 (handed to it in the initramfs at every start).
+    async fn vm_files(&self, row: &VmRow) -> Result<(), ApiError> {
+        let dir = self.vm_dir(&row.name);
+        std::fs::create_dir_all(&dir).map_err(|e| {
+            api(
+                ErrorCode::Internal,
+                format!("cannot create {}: {e}", dir.display()),
+            )
+        })?;
+        match row.boot {
+            Boot::Systemd => {
+                sshkeys::keygen(&dir.join(HOST_KEY), &format!("banger-{}", row.name)).await
+            }
+            Boot::Agent => {
+                let image = row.image.clone();
+                let json = self
+                    .store
+                    .call(move |c| store::image_runtime(c, &image))
+                    .await
+                    .map_err(internal)?
+                    .unwrap_or_else(|| "{}".to_owned());
+                let path = dir.join(IMAGE_RUNTIME_FILE);
+                std::fs::write(&path, json).map_err(|e| {
+                    api(
+                        ErrorCode::Internal,
+                        format!("cannot write {}: {e}", path.display()),
+                    )
+                })
+            }
+        }
     }
 
     /// The VM's root disk (`root.ext4` in its directory, whose host key is made already):
