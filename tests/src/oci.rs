@@ -342,3 +342,24 @@ pub fn register_generic_kernel(env: &Env) {
         k.initrd.as_os_str(),
     ]);
 }
+
+/// What the busybox guest tests share: checks that the static agent and the OCI tools are
+/// there, writes `config`, registers the generic kernel (which starts the daemon: anything the
+/// daemon must find, a resolv.conf say, goes in place before this), and pulls the busybox test
+/// image from a registry in `env`'s namespace as `busybox`. The registry is returned: it lives
+/// as long as the test holds it.
+pub fn pull_busybox(env: &Env, config: &str) -> Registry {
+    assert!(
+        crate::agent_bin().is_some(),
+        "the static guest agent is missing: run `make agent` (make test does)"
+    );
+    require_oci_tools();
+    env.write_config(config);
+    register_generic_kernel(env);
+    let registry = Registry::start(env.netns.as_ref(), None);
+    let image = busybox_image(&[]);
+    registry.push(&image.layout, &image.tag, "test/busybox:1", None);
+    let reference = format!("{}/test/busybox:1", registry.host());
+    env.ok(["image", "pull", &reference, "--name", "busybox"]);
+    registry
+}

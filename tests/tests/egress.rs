@@ -191,23 +191,12 @@ fn an_allow_list_lets_a_real_guest_reach_its_names_and_nothing_else() {
     if !e2e_enabled() {
         return;
     }
-    assert!(
-        agent_bin().is_some(),
-        "the static guest agent is missing: run `make agent` (make test does)"
-    );
-    require_oci_tools();
     let env = Env::with_netns();
     let host_ns = env.netns.as_ref().unwrap();
     let _internet = Internet::start(host_ns);
     // The daemon (started by the first command below) forwards names to "the internet".
     host_ns.set_resolv_conf("nameserver 10.99.0.53\n");
-    env.write_config(&config("[\"allowed.test\"]"));
-    register_generic_kernel(&env);
-    let registry = Registry::start(env.netns.as_ref(), None);
-    let image = busybox_image(&[]);
-    registry.push(&image.layout, &image.tag, "test/busybox:1", None);
-    let reference = format!("{}/test/busybox:1", registry.host());
-    env.ok(["image", "pull", &reference, "--name", "busybox"]);
+    let _registry = pull_busybox(&env, &config("[\"allowed.test\"]"));
     env.ok(["vm", "create", "--image", "busybox", "--name", "bb"]);
 
     let show = env.ok(["vm", "show", "bb"]).stdout;
@@ -345,20 +334,9 @@ fn three_thousand_connections_to_the_dns_port_leave_the_daemon_answering() {
     if !e2e_enabled() {
         return;
     }
-    assert!(
-        agent_bin().is_some(),
-        "the static guest agent is missing: run `make agent` (make test does)"
-    );
-    require_oci_tools();
     let env = Env::with_netns();
     let host_ns = env.netns.as_ref().unwrap();
-    env.write_config(&config("\"open\""));
-    register_generic_kernel(&env);
-    let registry = Registry::start(env.netns.as_ref(), None);
-    let image = busybox_image(&[]);
-    registry.push(&image.layout, &image.tag, "test/busybox:1", None);
-    let reference = format!("{}/test/busybox:1", registry.host());
-    env.ok(["image", "pull", &reference, "--name", "busybox"]);
+    let _registry = pull_busybox(&env, &config("\"open\""));
     env.ok(["vm", "create", "--image", "busybox", "--name", "bb"]);
     let daemon = env.daemon_pid().expect("the daemon runs");
     let before = sockets_of(daemon);

@@ -14,27 +14,21 @@ use std::path::PathBuf;
 use banger_e2e::oci::*;
 use banger_e2e::*;
 
+/// Small busybox guests on QEMU, with `top` (top-level keys) added.
+fn config(top: &str) -> String {
+    format!(
+        "vmm = \"qemu\"\n{top}[vm_defaults]\nvcpu = 1\nmemory_mib = 256\ndisk_size = \"128M\"\n"
+    )
+}
+
 #[test]
 fn a_running_guest_is_snapshotted_and_runs_on() {
     if !e2e_enabled() {
         return;
     }
-    assert!(
-        agent_bin().is_some(),
-        "the static guest agent is missing: run `make agent` (make test does)"
-    );
-    require_oci_tools();
     let env = Env::with_netns();
     // Snapshots taken by hand only: the warm-start test below has those.
-    env.write_config(
-        "vmm = \"qemu\"\nwarm_starts = false\n[vm_defaults]\nvcpu = 1\nmemory_mib = 256\ndisk_size = \"128M\"\n",
-    );
-    register_generic_kernel(&env);
-    let registry = Registry::start(env.netns.as_ref(), None);
-    let image = busybox_image(&[]);
-    registry.push(&image.layout, &image.tag, "test/busybox:1", None);
-    let reference = format!("{}/test/busybox:1", registry.host());
-    env.ok(["image", "pull", &reference, "--name", "busybox"]);
+    let _registry = pull_busybox(&env, &config("warm_starts = false\n"));
     env.ok(["vm", "create", "--image", "busybox", "--name", "bb"]);
     env.ok([
         "vm",
@@ -205,21 +199,8 @@ fn vm_run_starts_warm_from_a_snapshot_of_the_first_boot() {
     if !e2e_enabled() {
         return;
     }
-    assert!(
-        agent_bin().is_some(),
-        "the static guest agent is missing: run `make agent` (make test does)"
-    );
-    require_oci_tools();
     let env = Env::with_netns();
-    env.write_config(
-        "vmm = \"qemu\"\n[vm_defaults]\nvcpu = 1\nmemory_mib = 256\ndisk_size = \"128M\"\n",
-    );
-    register_generic_kernel(&env);
-    let registry = Registry::start(env.netns.as_ref(), None);
-    let image = busybox_image(&[]);
-    registry.push(&image.layout, &image.tag, "test/busybox:1", None);
-    let reference = format!("{}/test/busybox:1", registry.host());
-    env.ok(["image", "pull", &reference, "--name", "busybox"]);
+    let _registry = pull_busybox(&env, &config(""));
     let run = |extra: &[&str]| {
         let mut args = vec!["vm", "run", "--image", "busybox", "--rm"];
         args.extend_from_slice(extra);
