@@ -142,27 +142,6 @@ impl ConfigSocket {
         }
     }
 
-    fn set_up(&self, name: &IfName, label: &str) -> Result<(), NetError> {
-        let fail = |action: &'static str| {
-            move |source| NetError::Ioctl {
-                action: action.to_string(),
-                name: label.to_string(),
-                source,
-            }
-        };
-        let mut req = name.ifreq();
-        self.ifreq_ioctl(libc::SIOCGIFFLAGS, &mut req)
-            .map_err(fail("read the interface flags"))?;
-        // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
-        let flags = unsafe { req.ifr_ifru.ifru_flags };
-        if flags & libc::IFF_UP as libc::c_short != 0 {
-            return Ok(());
-        }
-        req.ifr_ifru.ifru_flags = flags | libc::IFF_UP as libc::c_short;
-        self.ifreq_ioctl(libc::SIOCSIFFLAGS, &mut req)
-            .map_err(fail("bring the interface up"))
-    }
-
     fn set_addr(&self, name: &IfName, label: &str, cidr: Ipv4Cidr) -> Result<(), NetError> {
         let fail = |action: String| {
             move |source| NetError::Ioctl {
@@ -217,9 +196,8 @@ impl ConfigSocket {
             }),
         }
     }
-}
 
-impl ConfigSocket {
+    /// Brings the interface up or takes it down; nothing to do when it already is.
     fn set_flags(&self, name: &IfName, label: &str, up: bool) -> Result<(), NetError> {
         let fail = |action: &'static str| {
             move |source| NetError::Ioctl {
@@ -234,6 +212,9 @@ impl ConfigSocket {
         // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
         let flags = unsafe { req.ifr_ifru.ifru_flags };
         let up_flag = libc::IFF_UP as libc::c_short;
+        if (flags & up_flag != 0) == up {
+            return Ok(());
+        }
         req.ifr_ifru.ifru_flags = if up {
             flags | up_flag
         } else {
@@ -299,7 +280,7 @@ pub fn readdress(
 /// Brings interface `name` up (loopback needs nothing more).
 pub fn set_link_up(name: &str) -> Result<(), NetError> {
     let ifname = IfName::new(name)?;
-    ConfigSocket::open()?.set_up(&ifname, name)
+    ConfigSocket::open()?.set_flags(&ifname, name, true)
 }
 
 /// Waits until interface `name` exists; its driver may still be loading when the agent starts.
@@ -325,7 +306,7 @@ pub fn configure(
     let ifname = IfName::new(name)?;
     let sock = ConfigSocket::open()?;
     sock.set_addr(&ifname, name, cidr)?;
-    sock.set_up(&ifname, name)?;
+    sock.set_flags(&ifname, name, true)?;
     match gateway {
         Some(gw) => sock.add_default_route(name, gw),
         None => Ok(RouteOutcome::NotRequested),
