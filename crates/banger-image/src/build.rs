@@ -939,60 +939,19 @@ mod tests {
         assert_eq!(fake.ops(), ["remove build tree", "remove build tree"]);
     }
 
-    /// The real runner, with debootstrap replaced by a stand-in script.
-    struct StandIn {
-        host: crate::privileged::HostPrivileged,
-        debootstrap: PathBuf,
-    }
-
-    impl Privileged for StandIn {
-        fn run_until<'a>(
-            &'a self,
-            cmd: &'a PrivCommand,
-            progress: &'a dyn Progress,
-            cancel: &'a CancellationToken,
-        ) -> futures_util::future::BoxFuture<'a, Result<PrivOutput, PrivError>> {
-            Box::pin(async move {
-                if cmd.op == "debootstrap" {
-                    let mut c = cmd.clone();
-                    c.program = self.debootstrap.clone();
-                    self.host.run_until(&c, progress, cancel).await
-                } else {
-                    self.host.run_until(cmd, progress, cancel).await
-                }
-            })
-        }
-
-        fn file_owner(&self) -> (u32, u32) {
-            self.host.file_owner()
-        }
-    }
-
     #[tokio::test]
     async fn cancelling_a_real_debootstrap_kills_it_and_its_children_and_unmounts_its_proc() {
-        use crate::testproc::{alive, gone_within, mounted_under, pids_in, MountGuard, Reaper};
-        use std::os::unix::fs::PermissionsExt;
+        use crate::testproc::{
+            alive, debootstrap_script, gone_within, mounted_under, pids_in, MountGuard, Reaper,
+            StandIn,
+        };
 
         let t = tempfile::tempdir().unwrap();
         let root = t.path().canonicalize().unwrap();
         let _mounts = MountGuard(root.clone());
         let reaper = Reaper::new();
         let pids = root.join("pids");
-        // Like debootstrap: writes root-owned files into the tree (its 6th argument), mounts
-        // a /proc there, and has a child of its own at work.
-        let script = root.join("debootstrap");
-        std::fs::write(
-            &script,
-            format!(
-                "#!/bin/sh\ntree=$6\nmkdir -p \"$tree/proc\" \"$tree/etc\"\n\
-                 echo x > \"$tree/etc/passwd\"\nmount -t tmpfs banger-test \"$tree/proc\"\n\
-                 sleep 1000 &\necho $$ $! > {p}.new\nmv {p}.new {p}\n\
-                 echo 'I: Retrieving InRelease'\nwait\n",
-                p = pids.display()
-            ),
-        )
-        .unwrap();
-        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let script = debootstrap_script(&root, &pids);
         let host = crate::privileged::HostPrivileged::detect().unwrap();
         let runner = StandIn {
             host,

@@ -29,8 +29,9 @@ pub mod privileged;
 pub mod progress;
 pub mod pull;
 pub mod recipe;
-#[cfg(test)]
-mod testproc;
+/// Helpers for tests with real processes and mounts, shared with the daemon's tests.
+#[cfg(any(test, feature = "testkit"))]
+pub mod testproc;
 #[cfg(test)]
 mod testutil;
 pub mod workdir;

@@ -305,7 +305,7 @@ mod tests {
     use super::*;
     use crate::privileged::{HostPrivileged, PrivOutput, RecordingPrivileged};
     use crate::progress::RecordingProgress;
-    use crate::testproc::{mounted_under, MountGuard};
+    use crate::testproc::{mount, mounted_under, MountGuard};
     use std::sync::{Arc, Mutex};
 
     /// A mount table the fake `umount` edits: each unmount removes the last line naming it.
@@ -550,16 +550,6 @@ mod tests {
             dir.join("tree/proc").exists(),
             "the user never walks into a mount"
         );
-    }
-
-    pub(crate) fn mount(args: &[&str], target: &Path) {
-        let ok = std::process::Command::new("mount")
-            .args(args)
-            .arg(target)
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "mount {args:?} {}", target.display());
     }
 
     #[tokio::test]

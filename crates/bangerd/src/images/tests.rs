@@ -5,105 +5,18 @@
 
 use super::*;
 use banger_api::BuildImageRequest;
-use banger_image::privileged::PrivOutput;
-use banger_image::{HostPrivileged, PrivCommand, PrivError};
-use futures_util::future::BoxFuture;
-use std::os::unix::fs::PermissionsExt;
-use std::sync::Mutex;
+use banger_image::testproc::{
+    alive, debootstrap_script, mount, mounted_under, pids_in, MountGuard, Reaper, StandIn,
+};
+use banger_image::HostPrivileged;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
-use tokio_util::sync::CancellationToken;
-
-/// The real runner, with debootstrap replaced by a stand-in script.
-struct StandIn {
-    host: HostPrivileged,
-    debootstrap: PathBuf,
-}
-
-impl Privileged for StandIn {
-    fn run_until<'a>(
-        &'a self,
-        cmd: &'a PrivCommand,
-        progress: &'a dyn Progress,
-        cancel: &'a CancellationToken,
-    ) -> BoxFuture<'a, Result<PrivOutput, PrivError>> {
-        Box::pin(async move {
-            if cmd.op == "debootstrap" {
-                let mut c = cmd.clone();
-                c.program = self.debootstrap.clone();
-                self.host.run_until(&c, progress, cancel).await
-            } else {
-                self.host.run_until(cmd, progress, cancel).await
-            }
-        })
-    }
-
-    fn file_owner(&self) -> (u32, u32) {
-        self.host.file_owner()
-    }
-}
-
-/// A debootstrap that writes into the tree (its 6th argument), mounts a /proc there like the
-/// real one, starts a child, records both pids in `pids` and waits.
-fn stand_in(dir: &Path, pids: &Path) -> PathBuf {
-    let script = dir.join("debootstrap");
-    std::fs::write(
-        &script,
-        format!(
-            "#!/bin/sh\ntree=$6\nmkdir -p \"$tree/proc\" \"$tree/etc\"\n\
-             echo x > \"$tree/etc/passwd\"\nmount -t tmpfs banger-test \"$tree/proc\"\n\
-             sleep 1000 &\necho $$ $! > {p}.new\nmv {p}.new {p}\nwait\n",
-            p = pids.display()
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
-    script
-}
-
-fn alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            let state = s.rsplit_once(") ")?.1.chars().next()?;
-            Some(state != 'Z' && state != 'X')
-        })
-        .unwrap_or(false)
-}
-
-fn mounted_under(dir: &Path) -> Vec<PathBuf> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    banger_image::workdir::mounts_under(&info, dir)
-}
 
 async fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !done() {
         assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Kills a test's processes and unmounts what it mounted, even when it fails half-way.
-struct Cleanup {
-    pids: Mutex<Vec<i32>>,
-    dir: PathBuf,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        for &pid in self.pids.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-            if alive(pid) {
-                // SAFETY: kill(2) has no memory effects; the pid is one this test saw start.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-        }
-        for point in mounted_under(&self.dir) {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(&point)
-                .status();
-        }
     }
 }
 
@@ -133,28 +46,17 @@ fn images(dir: &Path, privileged: Option<Arc<dyn Privileged>>) -> Images {
     }
 }
 
-fn mount(args: &[&str], target: &Path) {
-    let ok = std::process::Command::new("mount")
-        .args(args)
-        .arg(target)
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "mount {args:?} {}", target.display());
-}
-
 #[tokio::test]
 async fn a_build_whose_client_goes_away_is_cancelled_and_leaves_nothing_behind() {
     let t = tempfile::tempdir().unwrap();
     let root = t.path().canonicalize().unwrap();
-    let cleanup = Cleanup {
-        pids: Mutex::new(Vec::new()),
-        dir: root.clone(),
-    };
+    // Dropped in reverse: the processes are killed, then what they mounted goes.
+    let _mounts = MountGuard(root.clone());
+    let reaper = Reaper::new();
     let pids = root.join("pids");
     let runner = StandIn {
         host: HostPrivileged::detect().unwrap(),
-        debootstrap: stand_in(&root, &pids),
+        debootstrap: debootstrap_script(&root, &pids),
     };
     let images = Arc::new(images(&root, Some(Arc::new(runner))));
     // The daemon's build route, on a Unix socket of its own.
@@ -188,15 +90,8 @@ async fn a_build_whose_client_goes_away_is_cancelled_and_leaves_nothing_behind()
     client.write_all(head.as_bytes()).await.unwrap();
     client.write_all(&body).await.unwrap();
 
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let p: Vec<i32> = loop {
-        if let Ok(s) = std::fs::read_to_string(&pids) {
-            break s.split_whitespace().map(|p| p.parse().unwrap()).collect();
-        }
-        assert!(Instant::now() < deadline, "the stand-in never started");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    cleanup.pids.lock().unwrap().extend_from_slice(&p);
+    let p = pids_in(&pids).await;
+    reaper.add(&p);
     let tmp = root.join("state/tmp");
     assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 1);
     assert_eq!(mounted_under(&tmp).len(), 1, "the stand-in's /proc");
@@ -222,17 +117,13 @@ async fn a_build_whose_client_goes_away_is_cancelled_and_leaves_nothing_behind()
     .await;
     assert!(images.list().await.unwrap().is_empty());
     server.abort();
-    drop(cleanup);
 }
 
 #[tokio::test]
 async fn the_start_up_sweep_unmounts_and_removes_what_an_interrupted_build_left() {
     let t = tempfile::tempdir().unwrap();
     let root = t.path().canonicalize().unwrap();
-    let cleanup = Cleanup {
-        pids: Mutex::new(Vec::new()),
-        dir: root.clone(),
-    };
+    let _mounts = MountGuard(root.clone());
     let images = images(&root, None);
     let tmp = root.join("state/tmp");
     let tree = tmp.join("op-build/tree");
@@ -267,5 +158,4 @@ async fn the_start_up_sweep_unmounts_and_removes_what_an_interrupted_build_left(
         std::fs::read_to_string(host_dev.join("null")).unwrap(),
         "precious"
     );
-    drop(cleanup);
 }
