@@ -531,6 +531,7 @@ guest = "/root/.aws"
                 1,
                 "bridge_name",
             ),
+            ("vmm = \"qemu\"\nwarm_starts = \"yes\"\n", 2, "warm_starts"),
         ] {
             let err = parse(text).unwrap_err().to_string();
             assert!(
@@ -539,6 +540,13 @@ guest = "/root/.aws"
             );
             assert!(err.contains(&format!("key `{key}`")), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn warm_starts_are_on_unless_turned_off() {
+        assert!(parse("").unwrap().warm_starts());
+        assert!(parse("warm_starts = true\n").unwrap().warm_starts());
+        assert!(!parse("warm_starts = false\n").unwrap().warm_starts());
     }
 
     #[test]

@@ -135,6 +135,9 @@ pub struct RecordingIdentity {
     pub seen: std::sync::Mutex<Vec<Identity>>,
     /// The `mounted` of each `work_disk` request, in order.
     pub work_disk_calls: std::sync::Mutex<Vec<bool>>,
+    /// Refuse `work_disk` requests with this `mounted` (recorded all the same), as a guest
+    /// whose `/root` is busy, or whose disk will not mount, does.
+    pub refuse_work_disk: std::sync::Mutex<Option<bool>>,
 }
 
 impl IdentityControl for RecordingIdentity {
@@ -151,7 +154,21 @@ impl IdentityControl for RecordingIdentity {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .push(mounted);
-        Ok(())
+        let refuse = *self
+            .refuse_work_disk
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match refuse {
+            Some(m) if m == mounted => Err(format!(
+                "refused (a stand-in that {} the work disk)",
+                if mounted {
+                    "cannot mount"
+                } else {
+                    "cannot unmount"
+                }
+            )),
+            _ => Ok(()),
+        }
     }
 }
 

@@ -17,7 +17,7 @@ use crate::{fsutil, names, now_rfc3339, sshkeys, vmdisk};
 
 use super::start::{Restore, StartError};
 use super::warm::WarmPlan;
-use super::{api, Vms, IMAGE_RUNTIME_FILE};
+use super::{api, Vms, HOST_KEY, IMAGE_RUNTIME_FILE};
 use crate::server::disk_error;
 
 /// The VM's own egress flags, checked: names that parse, and no flags that contradict.
@@ -470,8 +470,6 @@ impl Vms {
     }
 }
 
-/// The VM's host key in its directory (pinned in known_hosts).
-const HOST_KEY: &str = "ssh_host_ed25519_key";
 /// A host key for a VM that a warm snapshot is taken of, made and removed in its directory.
 const THROWAWAY_KEY: &str = "warm_host_key";
 

@@ -148,6 +148,9 @@ pub struct Vms {
 /// from the image at create time and handed to the agent in the initramfs at every start.
 const IMAGE_RUNTIME_FILE: &str = "image-runtime.json";
 
+/// In the VM's directory: its SSH host key (and `.pub`), pinned in known_hosts.
+const HOST_KEY: &str = "ssh_host_ed25519_key";
+
 fn api(code: ErrorCode, msg: impl Into<String>) -> ApiError {
     ApiError::new(code, msg)
 }

@@ -42,7 +42,9 @@ impl Vms {
         let hosts: Vec<(String, String, std::path::PathBuf)> = made
             .iter()
             .map(|r| {
-                let key = self.vm_dir(&r.name).join("ssh_host_ed25519_key.pub");
+                let key = self
+                    .vm_dir(&r.name)
+                    .join(format!("{}.pub", super::HOST_KEY));
                 (r.name.clone(), r.ip.clone(), key)
             })
             .collect();

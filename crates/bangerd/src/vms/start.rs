@@ -21,7 +21,7 @@ use crate::hints;
 use crate::server::{internal, Emitter};
 use crate::store::{self, VmRow};
 
-use super::{api, Vms, IMAGE_RUNTIME_FILE};
+use super::{api, Vms, HOST_KEY, IMAGE_RUNTIME_FILE};
 use crate::server::disk_error;
 
 /// Whether a booted guest's sshd answers on `addr`, port 22: one quick attempt (the caller
@@ -471,8 +471,8 @@ impl Vms {
                     })
                 };
                 Some(banger_agent::protocol::SshHostKey {
-                    private: read("ssh_host_ed25519_key")?,
-                    public: read("ssh_host_ed25519_key.pub")?.trim_end().to_owned(),
+                    private: read(HOST_KEY)?,
+                    public: read(&format!("{HOST_KEY}.pub"))?.trim_end().to_owned(),
                 })
             }
         };

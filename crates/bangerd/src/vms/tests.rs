@@ -1870,3 +1870,43 @@ async fn a_warm_snapshot_goes_when_the_agent_changes_or_it_does_not_restore_and_
     assert!(vms.list_snapshots().await.unwrap().is_empty());
     assert!(!PathBuf::from(&left[0].dir).exists());
 }
+
+#[tokio::test]
+async fn a_guest_that_cannot_give_up_or_take_back_its_work_disk_gets_no_warm_snapshot() {
+    let host = Host::new();
+    let agent = AgentBinary::At(host.dir.path().join("banger-agent"));
+    let vms = host.daemon_configured(agent, Config::default());
+    let refuse = |m: Option<bool>| *host.guests.identities.refuse_work_disk.lock().unwrap() = m;
+
+    // `/root` busy: no snapshot, a notice why, and the VM is fine, its work disk (asked
+    // back all the same) mounted and its own host key in place.
+    refuse(Some(false));
+    let (made, notices) = create_noting(&vms, request("busy", "debian", true)).await;
+    assert_eq!(made.unwrap().state, VmState::Running);
+    assert!(
+        notices
+            .iter()
+            .any(|n| n.starts_with("no warm snapshot kept") && n.contains("cannot unmount")),
+        "{notices:?}"
+    );
+    assert!(vms.list_snapshots().await.unwrap().is_empty());
+    assert_eq!(
+        *host.guests.identities.work_disk_calls.lock().unwrap(),
+        [false, true]
+    );
+    assert_eq!(host.guests.identities.seen.lock().unwrap().len(), 1);
+    vms.delete("busy", true).await.unwrap();
+
+    // A guest that cannot mount its work disk again: the create fails and leaves neither the
+    // VM nor a snapshot that every later VM would fail on the same way.
+    refuse(Some(true));
+    let err = create(&vms, "nohome", "debian").await.unwrap_err();
+    assert!(
+        err.message.contains("cannot mount its work disk again"),
+        "{}",
+        err.message
+    );
+    assert!(!err.hints.is_empty());
+    host.assert_nothing_left(&vms, "nohome").await;
+    assert!(vms.list_snapshots().await.unwrap().is_empty());
+}
