@@ -342,3 +342,54 @@ fn join_words(words: &[&str]) -> String {
         [init @ .., last] => format!("{} and {last}", init.join(", ")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> WarmKey {
+        WarmKey {
+            image: "img 2026 sha256:a".into(),
+            kernel: "k sha256:b -".into(),
+            agent: "c".into(),
+            vmm: "qemu Tcg /usr/bin/qemu 1 2.3".into(),
+            boot: "format 1: console=ttyS0".into(),
+        }
+    }
+
+    #[test]
+    fn a_key_says_each_part_that_changed_and_round_trips_through_its_record() {
+        let k = key();
+        assert!(k.changes(&k).is_empty());
+        let other = WarmKey {
+            agent: "d".into(),
+            vmm: "qemu Kvm /usr/bin/qemu 1 2.3".into(),
+            ..key()
+        };
+        assert_eq!(k.changes(&other), ["the guest agent", "the VMM"]);
+        assert_eq!(
+            join_words(&k.changes(&other)),
+            "the guest agent and the VMM"
+        );
+        assert_eq!(join_words(&["a", "b", "c"]), "a, b and c");
+        assert_eq!(join_words(&["a"]), "a");
+        let back: WarmKey = serde_json::from_str(&k.to_json()).unwrap();
+        assert_eq!(back, k);
+    }
+
+    #[test]
+    fn the_agent_digest_is_the_files_and_follows_a_new_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("banger-agent");
+        std::fs::write(&path, b"one").unwrap();
+        let digests = AgentDigest::default();
+        let first = digests.get(&path).unwrap();
+        assert_eq!(first, hex::encode(Sha256::digest(b"one")));
+        assert_eq!(digests.get(&path).unwrap(), first);
+        std::fs::write(&path, b"two!").unwrap();
+        assert_eq!(
+            digests.get(&path).unwrap(),
+            hex::encode(Sha256::digest(b"two!"))
+        );
+    }
+}
